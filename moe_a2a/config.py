@@ -1,0 +1,151 @@
+"""Performance configs for the normal (high-throughput) kernels and the buffer size hints.
+
+A ``Config`` says how many SMs a kernel may use and how tokens are chunked through the ring buffers
+that live in the NVLink (``num_nvl_bytes``) and RDMA (``num_rdma_bytes``) buffers. The size hints say
+how large those buffers must be for a config, so ``Buffer(group, num_nvl_bytes=hint, ...)`` always
+fits the kernels. The default tables for each world size come from ``benchmarks/tune_intranode.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Ranks reachable over NVLink inside one node; larger groups are internode.
+NUM_MAX_NVL_PEERS = 8
+#: Largest top-k the ring buffers reserve space for (DeepSeek-V3 and Qwen3 use 8).
+NUM_MAX_TOPK = 16
+#: Channels of the FP8 scales: one float32 scale per 128 hidden elements.
+FP8_SCALE_BLOCK = 128
+#: Bytes of each per-channel counter (head, tail, start, end) in the ring buffers.
+COUNTER_BYTES = 4
+_ALIGN = 128
+
+
+def _align(n: int, a: int = _ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _bytes_per_buffered_token(hidden_bytes: int) -> int:
+    """Bytes one token occupies in a ring buffer: data, source index, top-k ids/weights, FP8 scales."""
+    num_scales = max(1, hidden_bytes // (2 * FP8_SCALE_BLOCK))  # hidden // 128 for BF16-sized rows
+    return hidden_bytes + 4 + NUM_MAX_TOPK * (8 + 4) + num_scales * 4
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resources and chunking of one normal-mode kernel launch (DeepEP's ``Config``).
+
+    Attributes:
+        num_sms: SMs the kernel uses; must be even (a sender/receiver pair of blocks per channel).
+        num_max_nvl_chunked_send_tokens: tokens a sender writes before publishing its tail.
+        num_max_nvl_chunked_recv_tokens: ring-buffer capacity per (channel, peer) in tokens.
+        num_max_rdma_chunked_send_tokens: like the NVL one, for the RDMA stage of internode kernels.
+        num_max_rdma_chunked_recv_tokens: like the NVL one, for the RDMA stage of internode kernels.
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self):
+        for name, value in self.__dict__.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Config.{name} must be a positive int, got {value!r}")
+        if self.num_sms % 2 != 0:
+            raise ValueError(f"Config.num_sms must be even (two blocks per channel), got {self.num_sms}")
+        if self.num_max_nvl_chunked_send_tokens > self.num_max_nvl_chunked_recv_tokens:
+            raise ValueError(
+                "Config.num_max_nvl_chunked_send_tokens must not exceed num_max_nvl_chunked_recv_tokens, got "
+                f"{self.num_max_nvl_chunked_send_tokens} > {self.num_max_nvl_chunked_recv_tokens}")
+        if self.num_max_rdma_chunked_send_tokens > self.num_max_rdma_chunked_recv_tokens:
+            raise ValueError(
+                "Config.num_max_rdma_chunked_send_tokens must not exceed num_max_rdma_chunked_recv_tokens, got "
+                f"{self.num_max_rdma_chunked_send_tokens} > {self.num_max_rdma_chunked_recv_tokens}")
+
+    @property
+    def num_channels(self) -> int:
+        """Channels the tokens of one rank are split into (one SM pair each)."""
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer the normal kernels need for rows of ``hidden_bytes`` and ``num_ranks`` ranks."""
+        _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks)
+        num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
+        # Counters: start/end/head/tail per (channel, peer), plus the rank and expert prefix matrices.
+        counters = num_nvl_ranks * (num_nvl_ranks + 1) * COUNTER_BYTES
+        counters += num_nvl_ranks * 4 * self.num_channels * COUNTER_BYTES
+        counters += num_nvl_ranks * 256 * COUNTER_BYTES  # per-expert counts, up to 256 local experts
+        ring = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
+        return _align(counters) + _align(ring * _bytes_per_buffered_token(hidden_bytes))
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of RDMA buffer the internode kernels need; 0 when the group fits in one node."""
+        _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks)
+        if num_ranks <= NUM_MAX_NVL_PEERS:
+            return 0
+        num_rdma_ranks = (num_ranks + NUM_MAX_NVL_PEERS - 1) // NUM_MAX_NVL_PEERS
+        counters = num_rdma_ranks * (NUM_MAX_NVL_PEERS * 2 + 2) * self.num_channels * COUNTER_BYTES * 2
+        ring = 2 * self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens
+        return _align(counters) + _align(ring * _bytes_per_buffered_token(hidden_bytes))
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# Chunking per world size: (nvl send, nvl recv, rdma send, rdma recv); num_sms comes from Buffer.num_sms.
+# Intranode rows are measured by benchmarks/tune_intranode.py; internode rows follow the same ring-buffer
+# capacity rule until real nodes can be measured.
+_DISPATCH_CHUNKS = {
+    1: (24, 256, 6, 128), 2: (24, 256, 6, 128), 3: (8, 256, 6, 128), 4: (6, 256, 6, 128),
+    5: (6, 256, 6, 128), 6: (6, 256, 6, 128), 7: (6, 256, 6, 128), 8: (6, 256, 6, 128),
+    16: (36, 288, 20, 128), 24: (8, 288, 32, 128), 32: (32, 288, 32, 128), 64: (20, 288, 28, 128),
+    128: (20, 560, 32, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128),
+}
+_COMBINE_CHUNKS = {
+    1: (10, 256, 6, 128), 2: (10, 256, 6, 128), 3: (9, 256, 6, 128), 4: (9, 256, 6, 128),
+    5: (6, 256, 6, 128), 6: (6, 256, 6, 128), 7: (4, 256, 6, 128), 8: (4, 256, 6, 128),
+    16: (4, 288, 12, 128), 24: (1, 288, 8, 128), 32: (1, 288, 8, 128), 64: (1, 288, 20, 128),
+    128: (1, 560, 12, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128),
+}
+
+
+def _lookup(table: dict, num_ranks: int, num_sms: int, what: str) -> Config:
+    if num_ranks not in table:
+        raise ValueError(f"no {what} config for {num_ranks} ranks; supported: {sorted(table)}")
+    return Config(num_sms, *table[num_ranks])
+
+
+def default_dispatch_config(num_ranks: int, num_sms: int) -> Config:
+    """The tuned dispatch config for ``num_ranks`` ranks using ``num_sms`` SMs."""
+    return _lookup(_DISPATCH_CHUNKS, num_ranks, num_sms, "dispatch")
+
+
+def default_combine_config(num_ranks: int, num_sms: int) -> Config:
+    """The tuned combine config for ``num_ranks`` ranks using ``num_sms`` SMs."""
+    return _lookup(_COMBINE_CHUNKS, num_ranks, num_sms, "combine")
+
+
+def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                   num_experts: int) -> int:
+    """Bytes of buffer the low-latency kernels need (BF16 sizing, two alternating buffer sets).
+
+    Each set holds a send area and a receive area. The dispatch receive area is
+    ``[num_local_experts, num_ranks, num_max_dispatch_tokens_per_rank]`` messages of one BF16 token plus a
+    16-byte header; the combine receive area is ``[num_topk_max, num_max_dispatch_tokens_per_rank]`` BF16
+    tokens per rank, bounded by the same count since every expert copy comes back once.
+    """
+    _check_positive(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                    num_ranks=num_ranks, num_experts=num_experts)
+    if num_experts % num_ranks != 0:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
+    num_local_experts = num_experts // num_ranks
+    msg_bytes = 16 + hidden * 2 + (hidden // FP8_SCALE_BLOCK) * 4
+    send = num_max_dispatch_tokens_per_rank * msg_bytes
+    recv = num_local_experts * num_ranks * num_max_dispatch_tokens_per_rank * msg_bytes
+    signals = num_local_experts * num_ranks * 8 * 2
+    per_set = _align(send) + _align(recv) + _align(signals)
+    return 2 * per_set
