@@ -55,7 +55,9 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     while not errors.empty():
         failures.append(errors.get())
     if failures:
-        rank, tb = sorted(failures)[0]
+        # A rank that crashed makes its peers fail with connection errors: report the crash itself.
+        root = [f for f in failures if "Connection closed" not in f[1] and "Connection reset" not in f[1]]
+        rank, tb = sorted(root or failures)[0]
         raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
     if hung:
         raise AssertionError(f"ranks {hung} of {world_size} did not finish within {timeout}s")

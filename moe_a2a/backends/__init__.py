@@ -1,0 +1,1 @@
+"""Backends behind ``moe_a2a.Buffer``: ``reference`` (torch.distributed) and ``intranode`` (CUDA kernels)."""

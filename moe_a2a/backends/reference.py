@@ -1,0 +1,255 @@
+"""Reference backend: dispatch and combine on ``torch.distributed.all_to_all_single``.
+
+Written for clarity, not speed: it is the oracle every kernel is tested against and the path for
+CPU tensors (gloo) or when the CUDA extension is missing (NCCL). Every payload travels as raw bytes,
+so any dtype (BF16, FP8, float64 for gradient checks) moves exactly.
+
+Received tokens are ordered by source rank, then by source token index, in every backend.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from ..event import EventHandle
+from ..handles import DispatchHandle
+from ..layout import compute_layout
+
+
+def _comm_device(group) -> torch.device:
+    """Where a collective of ``group`` can run: CUDA for NCCL groups, CPU otherwise."""
+    backend = dist.get_backend(group)
+    if "nccl" in str(backend).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """View ``[n, ...]`` as ``[n, row_bytes]`` uint8 (a copy only if ``t`` is not contiguous)."""
+    row_bytes = t.element_size() * (t[0].numel() if t.size(0) else int(torch.Size(t.shape[1:]).numel()))
+    if t.numel() == 0:  # empty tensors may carry strides that forbid a dtype view
+        return torch.empty(t.size(0), row_bytes, dtype=torch.uint8, device=t.device)
+    return t.contiguous().view(torch.uint8).reshape(t.size(0), row_bytes)
+
+
+class Exchanger:
+    """All-to-all of row blocks with known split sizes, over one process group."""
+
+    def __init__(self, group):
+        self.group = group
+        self.num_ranks = dist.get_world_size(group)
+        self.device = _comm_device(group)
+
+    def counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        """Exchange ``[num_ranks, k]`` int64 rows: row ``j`` goes to rank ``j``; returns row ``i`` from rank ``i``."""
+        send = send_counts.to(self.device, torch.int64).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.cpu()
+
+    def rows(self, tensors: Sequence[torch.Tensor], send_splits: List[int], recv_splits: List[int],
+             async_op: bool = False):
+        """Send ``tensors`` (same leading size, rows grouped by destination) with the given splits.
+
+        The tensors are packed side by side as bytes into one message per destination. Returns the
+        received tensors (and the pending work if ``async_op``), each with the dtype and trailing shape
+        of its input, on the input's device.
+        """
+        parts = [_as_bytes(t) for t in tensors]
+        widths = [p.size(1) for p in parts]
+        packed = torch.cat([p.to(self.device) for p in parts], dim=1) if parts else None
+        recv = torch.empty(sum(recv_splits), sum(widths), dtype=torch.uint8, device=self.device)
+        work = dist.all_to_all_single(recv, packed, recv_splits, send_splits, group=self.group, async_op=async_op)
+
+        def unpack() -> List[torch.Tensor]:
+            out, col = [], 0
+            for t, w in zip(tensors, widths):
+                # A fresh contiguous copy: its storage is aligned for a view as any dtype.
+                piece = torch.empty(recv.size(0), w, dtype=torch.uint8, device=t.device)
+                piece.copy_(recv[:, col:col + w])
+                out.append(piece.view(t.dtype).reshape(recv.size(0), *t.shape[1:]))
+                col += w
+            return out
+
+        return (unpack, work) if async_op else unpack()
+
+
+def _channel_prefix(is_token_in_rank: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """``[R, C]`` int32: tokens sent to each rank from channels ``0..c``, tokens split evenly into channels."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    per_channel = (num_tokens + num_channels - 1) // num_channels if num_tokens else 1
+    channel_of = torch.arange(num_tokens, device=is_token_in_rank.device) // per_channel
+    counts = torch.zeros(num_channels, num_ranks, dtype=torch.int64, device=is_token_in_rank.device)
+    counts.index_add_(0, channel_of, is_token_in_rank.to(torch.int64))
+    return counts.cumsum(0).t().contiguous().to(torch.int32)
+
+
+def _maybe_event(device: torch.device, async_finish: bool) -> Optional[EventHandle]:
+    return EventHandle(device=device) if async_finish and device.type == "cuda" else None
+
+
+class ReferenceBackend:
+    """Normal-mode dispatch/combine on ``all_to_all_single`` (any device, any group)."""
+
+    def __init__(self, rank: int, num_ranks: int, group, num_ranks_per_node: int):
+        self.rank = rank
+        self.num_ranks = num_ranks
+        self.group = group
+        self.num_ranks_per_node = num_ranks_per_node
+        self._exchanger = None
+
+    @property
+    def exchanger(self) -> Exchanger:
+        if self._exchanger is None:
+            self._exchanger = Exchanger(self.group)
+        return self._exchanger
+
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        layout = compute_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
+        return (*layout, _maybe_event(topk_idx.device, async_finish))
+
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
+                 num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 expert_alignment: int, num_worst_tokens: int, config: Config, previous_event=None,
+                 async_finish=False, allocate_on_comm_stream=False):
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        ex, me, num_ranks = self.exchanger, self.rank, self.num_ranks
+        device = x.device
+        cached = handle is not None
+        if cached:
+            is_token_in_rank = handle.is_token_in_rank
+            rank_prefix_matrix = handle.rank_prefix_matrix
+        send_mask = is_token_in_rank.t()  # [R, T]
+        send_counts = send_mask.sum(1).cpu()
+
+        if not cached:
+            # Counts to every destination, and per-expert counts of the destination's experts.
+            experts_per_rank = num_tokens_per_expert.numel() // num_ranks
+            # Row j goes to rank j: what it receives from us, our counts for its experts, and our whole
+            # send-count vector (so every rank learns the full rank-to-rank matrix).
+            counts = send_counts.to(torch.int64)
+            meta = torch.cat([counts.view(num_ranks, 1),
+                              num_tokens_per_expert.view(num_ranks, experts_per_rank).cpu().to(torch.int64),
+                              counts.view(1, num_ranks).expand(num_ranks, num_ranks)], 1)
+            recv_meta = ex.counts(meta)
+            recv_counts = recv_meta[:, 0]
+            per_expert = recv_meta[:, 1:1 + experts_per_rank].sum(0)
+            num_recv_tokens_per_expert_list = [
+                int((c + expert_alignment - 1) // expert_alignment * expert_alignment) for c in per_expert.tolist()]
+            all_counts = recv_meta[:, 1 + experts_per_rank:]  # [i, j] = tokens rank i sends to rank j
+            rank_prefix_matrix = all_counts.cumsum(0).to(torch.int32).to(device)
+        else:
+            column = rank_prefix_matrix[:, me].to(torch.int64).cpu()
+            recv_counts = torch.cat([column[:1], column[1:] - column[:-1]])
+        send_splits = send_counts.tolist()
+        recv_splits = recv_counts.tolist()
+        num_recv = sum(recv_splits)
+        if num_worst_tokens and num_recv > num_worst_tokens:
+            raise RuntimeError(f"rank {me} received {num_recv} tokens, more than num_worst_tokens={num_worst_tokens}")
+
+        # Rows in destination order: for each rank j, the tokens it receives, by increasing index.
+        dst_rank, src_token = send_mask.nonzero(as_tuple=True)
+        payload = [x[src_token]]
+        if x_scales is not None:
+            payload.append(x_scales[src_token])
+        if not cached:
+            payload.append(src_token.to(torch.int32).view(-1, 1))
+            if topk_idx is not None:
+                payload.append(topk_idx[src_token])
+            if topk_weights is not None:
+                payload.append(topk_weights[src_token])
+        received = ex.rows(payload, send_splits, recv_splits)
+        recv_x = received.pop(0)
+        recv_x_scales = received.pop(0) if x_scales is not None else None
+        recv_topk_idx = recv_topk_weights = None
+        if cached:
+            out_list, out_handle = None, None
+        else:
+            recv_src_idx = received.pop(0).view(-1)
+            if topk_idx is not None:
+                global_idx = received.pop(0)
+                first = me * experts_per_rank
+                local = (global_idx >= first) & (global_idx < first + experts_per_rank)
+                recv_topk_idx = torch.where(local, global_idx - first, torch.full_like(global_idx, -1))
+                if topk_weights is not None:
+                    recv_topk_weights = torch.where(local, received.pop(0), torch.zeros((), dtype=topk_weights.dtype,
+                                                                                    device=device))
+            channel_prefix = _channel_prefix(is_token_in_rank, config.num_channels)
+            recv_channel_prefix = ex.rows([channel_prefix.cpu()], [1] * num_ranks, [1] * num_ranks)[0].to(device)
+            send_head = torch.full(is_token_in_rank.shape, -1, dtype=torch.int32, device=device)
+            position = (is_token_in_rank.to(torch.int32).cumsum(0) - 1).to(torch.int32)
+            send_head = torch.where(is_token_in_rank, position, send_head)
+            out_handle = DispatchHandle(rank_prefix_matrix, channel_prefix, recv_channel_prefix,
+                                        recv_src_idx, is_token_in_rank, send_head)
+            out_list = num_recv_tokens_per_expert_list
+
+        if num_worst_tokens:
+            recv_x = _pad_rows(recv_x, num_worst_tokens, 0)
+            recv_x_scales = _pad_rows(recv_x_scales, num_worst_tokens, 0)
+            recv_topk_idx = _pad_rows(recv_topk_idx, num_worst_tokens, -1)
+            recv_topk_weights = _pad_rows(recv_topk_weights, num_worst_tokens, 0)
+            if out_handle is not None:
+                # Padding rows have no source (-1); combine takes its row count from the handle.
+                padded_src = _pad_rows(out_handle.recv_src_idx.view(-1, 1), num_worst_tokens, -1).view(-1)
+                out_handle = out_handle._replace(recv_src_idx=padded_src)
+                out_list = []
+        elif cached and handle.num_recv_tokens > num_recv:
+            # A handle from a num_worst_tokens dispatch: keep its padded row count.
+            recv_x = _pad_rows(recv_x, handle.num_recv_tokens, 0)
+            recv_x_scales = _pad_rows(recv_x_scales, handle.num_recv_tokens, 0)
+        return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, out_list, out_handle,
+                _maybe_event(device, async_finish))
+
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
+                bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config: Config,
+                previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        ex, me, num_ranks = self.exchanger, self.rank, self.num_ranks
+        device = x.device
+        column = handle.rank_prefix_matrix[:, me].to(torch.int64).cpu()
+        num_recv = int(column[-1])
+        x = x[:num_recv]  # rows past the received count are num_worst_tokens padding
+        back_splits = torch.cat([column[:1], column[1:] - column[:-1]]).tolist()
+        send_mask = handle.is_token_in_rank.t()
+        home_splits = send_mask.sum(1).cpu().tolist()
+        payload = [x]
+        if topk_weights is not None:
+            payload.append(topk_weights[:num_recv])
+        received = ex.rows(payload, back_splits, home_splits)
+        _, token = send_mask.nonzero(as_tuple=True)  # token of each returned row, in arrival order
+        num_tokens = handle.num_sent_tokens
+        acc = torch.zeros(num_tokens, *x.shape[1:], dtype=_acc_dtype(x.dtype), device=device)
+        acc.index_add_(0, token, received[0].to(acc.dtype))
+        for bias in (bias_0, bias_1):
+            if bias is not None:
+                acc += bias.to(acc.dtype)
+        combined_weights = None
+        if topk_weights is not None:
+            w = torch.zeros(num_tokens, topk_weights.size(1), dtype=_acc_dtype(topk_weights.dtype), device=device)
+            w.index_add_(0, token, received[1].to(w.dtype))
+            combined_weights = w.to(topk_weights.dtype)
+        return acc.to(x.dtype), combined_weights, _maybe_event(device, async_finish)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums run in float32, or float64 for float64 inputs (gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pad_rows(t: Optional[torch.Tensor], rows: int, value: int) -> Optional[torch.Tensor]:
+    """``t`` extended to ``rows`` rows, the new rows filled with ``value``."""
+    if t is None:
+        return None
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    if value:
+        out.fill_(value)
+    out[:t.size(0)] = t
+    return out

@@ -1,0 +1,583 @@
+"""``Buffer``: the expert-parallel communication buffer, with DeepEP's Python API.
+
+One ``Buffer`` per rank of an EP group. It validates every input on the calling rank, then runs the
+call on a backend:
+
+* ``cuda``: moe_a2a's own kernels (``moe_a2a._C``) for CUDA tensors inside one node, when built;
+* ``reference``: ``torch.distributed`` all-to-all (gloo for CPU tensors, NCCL for CUDA ones), the
+  oracle every kernel is tested against and the path whenever the kernels cannot serve a call.
+
+Received tokens are ordered by source rank, then by source token index, on every backend.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import checks
+from .backends import intranode
+from .backends.reference import ReferenceBackend
+from .backends.reference_low_latency import ReferenceLowLatency
+from .config import NUM_MAX_NVL_PEERS, Config, default_combine_config, default_dispatch_config
+from .config import get_low_latency_rdma_size_hint as _ll_size_hint
+from .event import EventHandle, EventOverlap
+from .handles import DispatchHandle, LowLatencyHandle
+
+Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+_FLOAT_TOKENS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_DEFAULT_TIMEOUT_S = 10.0
+
+
+class Buffer:
+    """Communication buffers for MoE expert parallelism: normal (high-throughput) and low-latency modes.
+
+    Attributes:
+        num_sms: SMs the normal kernels use (class-wide, see ``set_num_sms``).
+        rank: this rank's index in the group.
+        group_size: ranks in the group.
+        group: the ``torch.distributed`` process group.
+        num_nvl_bytes: bytes of the intranode (NVLink / CUDA IPC) buffer.
+        num_rdma_bytes: bytes of the internode and low-latency buffer.
+        num_ranks_per_node: ranks per NVLink domain; a larger group runs internode.
+        backend: ``"cuda"`` when the kernels serve CUDA tensors, else ``"reference"``.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 explicitly_destroy: bool = False, comm=None, *, num_ranks_per_node: Optional[int] = None,
+                 timeout_s: Optional[float] = None, backend: str = "auto") -> None:
+        """Create the buffer (collective: every rank of the group calls it with the same sizes).
+
+        Arguments:
+            group: the EP process group.
+            num_nvl_bytes: intranode buffer bytes; at least ``Config.get_nvl_buffer_size_hint`` for normal mode.
+            num_rdma_bytes: internode / low-latency buffer bytes; at least ``get_low_latency_rdma_size_hint``
+                for low-latency calls.
+            low_latency_mode: enable the low-latency entry points.
+            num_qps_per_rank: RDMA queue pairs per rank (internode low-latency kernels).
+            allow_nvlink_for_low_latency_mode: let low-latency traffic use NVLink inside a node.
+            allow_mnnvl: allow multi-node NVLink.
+            explicitly_destroy: resources are released by ``destroy()`` rather than by the destructor.
+            comm: an ``mpi4py`` communicator; only accepted together with ``group`` (collectives need it).
+            num_ranks_per_node: ranks per NVLink domain (default 8, or ``MOE_A2A_NUM_RANKS_PER_NODE``);
+                tests set it lower to form virtual nodes.
+            timeout_s: seconds a kernel waits on a peer before raising (default 10, or ``MOE_A2A_TIMEOUT_S``).
+            backend: ``"auto"`` (kernels where they apply), ``"reference"`` or ``"cuda"`` (kernels required).
+        """
+        if group is None:
+            if comm is not None:
+                raise NotImplementedError("Buffer(comm=...) needs a torch.distributed group as well: the "
+                                          "collectives run on a ProcessGroup")
+            raise ValueError("Buffer needs a process group: pass group=")
+        checks.positive_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
+        checks.positive_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
+        if backend not in ("auto", "reference", "cuda"):
+            raise ValueError(f"backend must be 'auto', 'reference' or 'cuda', got {backend!r}")
+        self.group = group
+        self.rank = group.rank()
+        self.group_size = group.size()
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+        self.allow_mnnvl = allow_mnnvl
+        self.explicitly_destroy = explicitly_destroy
+        if num_ranks_per_node is None:
+            num_ranks_per_node = int(os.environ.get("MOE_A2A_NUM_RANKS_PER_NODE", NUM_MAX_NVL_PEERS))
+        checks.positive_int("num_ranks_per_node", num_ranks_per_node)
+        if self.group_size > num_ranks_per_node and self.group_size % num_ranks_per_node:
+            raise ValueError(f"group size {self.group_size} must be a multiple of num_ranks_per_node "
+                             f"({num_ranks_per_node}) when the group spans several nodes")
+        self.num_ranks_per_node = min(num_ranks_per_node, self.group_size)
+        self.timeout_s = float(timeout_s if timeout_s is not None else
+                               os.environ.get("MOE_A2A_TIMEOUT_S", _DEFAULT_TIMEOUT_S))
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+        self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node)
+        self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group)
+        self._kernels = self._make_kernel_backend(backend)
+        self.backend = "cuda" if self._kernels is not None else "reference"
+        self._local_buffers = {}
+        self._ll_combine_buffers: List[Optional[torch.Tensor]] = [None, None]
+        self._ll_buffer_index = 0
+        self._destroyed = False
+
+    def _make_kernel_backend(self, backend: str):
+        if backend == "reference":
+            return None
+        reasons = []
+        if not intranode.extension_available():
+            reasons.append("the CUDA extension moe_a2a._C is not built")
+        elif not hasattr(intranode, "IntranodeBackend"):
+            reasons.append("this build has no intranode kernels")
+        if not torch.cuda.is_available():
+            reasons.append("no CUDA device is visible")
+        if self.group_size > self.num_ranks_per_node:
+            reasons.append("the group spans several nodes and the internode kernels are not built")
+        if self.num_nvl_bytes == 0:
+            reasons.append("num_nvl_bytes is 0")
+        if reasons:
+            if backend == "cuda":
+                raise NotImplementedError("backend='cuda' unavailable: " + "; ".join(reasons))
+            return None
+
+        def all_gather_object(obj):
+            objects = [None] * self.group_size
+            dist.all_gather_object(objects, obj, self.group)
+            return objects
+
+        return intranode.IntranodeBackend(self.rank, self.group_size, self.group, self.num_nvl_bytes,
+                                          all_gather_object, self.timeout_s)
+
+    # ------------------------------------------------------------------ resources
+    def destroy(self) -> None:
+        """Release the kernels' resources now (requires ``explicitly_destroy=True``)."""
+        if not self.explicitly_destroy:
+            raise ValueError("destroy() requires Buffer(..., explicitly_destroy=True)")
+        if self._kernels is not None:
+            self._kernels.destroy()
+        self._kernels = None
+        self._local_buffers.clear()
+        self._ll_combine_buffers = [None, None]
+        self._destroyed = True
+
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this Buffer was destroyed; create a new one")
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return intranode.extension_available()
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SMs used by the normal kernels (even: one sender and one receiver block per channel)."""
+        checks.positive_int("new_num_sms", new_num_sms, minimum=2)
+        if new_num_sms % 2:
+            raise ValueError(f"the SM count must be even, got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current CUDA stream (no event on a machine without CUDA)."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        """Bytes of ``num_rdma_bytes`` the low-latency kernels need (BF16 sizing)."""
+        return _ll_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """The tuned dispatch ``Config`` for ``num_ranks`` ranks at ``Buffer.num_sms`` SMs."""
+        return default_dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """The tuned combine ``Config`` for ``num_ranks`` ranks at ``Buffer.num_sms`` SMs."""
+        return default_combine_config(num_ranks, Buffer.num_sms)
+
+    def get_comm_stream(self) -> "torch.cuda.Stream":
+        """The stream the kernels communicate on."""
+        if self._kernels is not None:
+            return self._kernels.get_comm_stream()
+        if torch.cuda.is_available():
+            return torch.cuda.current_stream()  # the reference backend runs on the caller's stream
+        raise RuntimeError("no communication stream: this Buffer runs on CPU")
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """The raw local buffer (from element ``offset``) viewed as ``dtype``, optionally ``size``-shaped."""
+        self._check_alive()
+        if self._kernels is not None:
+            t = self._kernels.get_local_buffer_tensor(dtype, offset, use_rdma_buffer)
+        else:
+            num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+            raw = self._local_buffers.get(use_rdma_buffer)
+            if raw is None:
+                device = "cuda" if torch.cuda.is_available() and "nccl" in str(dist.get_backend(self.group)) \
+                    else "cpu"
+                raw = self._local_buffers[use_rdma_buffer] = torch.zeros(num_bytes, dtype=torch.uint8,
+                                                                         device=device)
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            t = raw[:num_bytes // itemsize * itemsize].view(dtype)[offset:]
+        if size is None:
+            return t
+        if t.numel() < size.numel():
+            raise ValueError(f"size {list(size)} needs {size.numel()} elements; the buffer has {t.numel()} "
+                             f"from offset {offset}")
+        return t[:size.numel()].view(size)
+
+    # ------------------------------------------------------------------ normal mode
+    def _backend_for(self, t: torch.Tensor):
+        if self._kernels is not None and t.is_cuda:
+            return self._kernels
+        return self._reference
+
+    @property
+    def num_rdma_ranks(self) -> int:
+        return self.group_size // self.num_ranks_per_node
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """Count what each rank and expert receives.
+
+        Arguments:
+            topk_idx: ``[num_tokens, num_topk]`` int64 expert ids, ``-1`` for none.
+            num_experts: experts in the group (divisible by the group size).
+
+        Returns:
+            num_tokens_per_rank: ``[num_ranks]`` int32.
+            num_tokens_per_rdma_rank: ``[num_nodes]`` int32, or ``None`` inside one node.
+            num_tokens_per_expert: ``[num_experts]`` int32.
+            is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
+            event: an ``EventOverlap`` (holding an event if ``async_finish``).
+        """
+        self._check_alive()
+        checks.tensor("topk_idx", topk_idx, (torch.int64,), (None, None))
+        checks.experts_divisible(num_experts, self.group_size)
+        checks.expert_ids("topk_idx", topk_idx, num_experts)
+        if topk_idx.is_cuda and intranode.extension_available():
+            if previous_event is not None:
+                previous_event.current_stream_wait()
+            layout = intranode.get_dispatch_layout(topk_idx, num_experts, self.group_size, self.num_ranks_per_node)
+            event = EventHandle() if async_finish else None
+        else:
+            *layout, event = self._reference.get_dispatch_layout(topk_idx, num_experts, previous_event,
+                                                                 async_finish, allocate_on_comm_stream)
+        return (*layout, EventOverlap(event))
+
+    def dispatch(self, x: Tokens, handle: Optional[DispatchHandle] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token to every rank that holds one of its experts.
+
+        Arguments:
+            x: ``[num_tokens, hidden]`` bf16, or a tuple of ``[num_tokens, hidden]`` float8_e4m3fn and
+                ``[num_tokens, hidden // 128]`` float32 scales. The reference backend also takes float16/32/64.
+            handle: a handle from an earlier dispatch with the same routing: skips the layout exchange
+                (then ``topk_idx``/``topk_weights`` must be None).
+            num_tokens_per_rank: ``[num_ranks]`` int32 (from ``get_dispatch_layout``).
+            num_tokens_per_rdma_rank: ``[num_nodes]`` int32, internode only.
+            is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
+            num_tokens_per_expert: ``[num_experts]`` int32.
+            topk_idx: ``[num_tokens, num_topk]`` int64 expert ids, ``-1`` for none.
+            topk_weights: ``[num_tokens, num_topk]`` float32.
+            expert_alignment: round each local expert's received count up to a multiple of this.
+            num_worst_tokens: if > 0, outputs are padded to this many rows and no count reaches the host
+                (intranode only; CUDA-graph safe on the kernels).
+            config: chunking config (default ``get_dispatch_config(group_size)``).
+            previous_event / async_finish / allocate_on_comm_stream: stream ordering, as in DeepEP.
+
+        Returns:
+            recv_x: received tokens (same form as ``x``), ordered by source rank then source index.
+            recv_topk_idx: ``[num_recv, num_topk]`` int64 local expert ids, ``-1`` where not local.
+            recv_topk_weights: ``[num_recv, num_topk]`` float32, 0 where the expert is not local.
+            num_recv_tokens_per_expert_list: ``[num_local_experts]`` Python ints, aligned (empty with
+                ``num_worst_tokens``).
+            handle: a ``DispatchHandle`` for combine and cached dispatch.
+            event: an ``EventOverlap``.
+        """
+        self._check_alive()
+        config = self.get_dispatch_config(self.group_size) if config is None else config
+        x, x_scales = self._check_tokens(x)
+        num_tokens, hidden = x.shape
+        device = x.device
+        checks.positive_int("expert_alignment", expert_alignment)
+        checks.positive_int("num_worst_tokens", num_worst_tokens, minimum=0)
+        internode = self.num_rdma_ranks > 1
+        if internode and num_worst_tokens:
+            raise ValueError("num_worst_tokens is intranode only; this group spans "
+                             f"{self.num_rdma_ranks} nodes")
+        self._check_buffer_sizes(config, x)
+        backend = self._backend_for(x)
+        if handle is not None:
+            if not isinstance(handle, DispatchHandle):
+                raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
+            if handle.num_sent_tokens != num_tokens:
+                raise ValueError(f"x has {num_tokens} tokens but the handle was made for {handle.num_sent_tokens}")
+            if handle.is_token_in_rank.device != device:
+                raise ValueError(f"the handle lives on {handle.is_token_in_rank.device}, x on {device}")
+        else:
+            if num_tokens_per_rank is None or is_token_in_rank is None or num_tokens_per_expert is None:
+                raise ValueError("dispatch without a handle needs num_tokens_per_rank, is_token_in_rank and "
+                                 "num_tokens_per_expert (from get_dispatch_layout)")
+            r = self.group_size
+            checks.tensor("num_tokens_per_rank", num_tokens_per_rank, (torch.int32,), (r,), device)
+            checks.tensor("is_token_in_rank", is_token_in_rank, (torch.bool,), (num_tokens, r), device)
+            checks.tensor("num_tokens_per_expert", num_tokens_per_expert, (torch.int32,), (None,), device)
+            num_experts = num_tokens_per_expert.numel()
+            checks.experts_divisible(num_experts, r)
+            if internode and num_tokens_per_rdma_rank is not None:
+                checks.tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, (torch.int32,),
+                              (self.num_rdma_ranks,), device)
+            if topk_weights is not None and topk_idx is None:
+                raise ValueError("topk_weights needs topk_idx")
+            if topk_idx is not None:
+                checks.tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, None), device)
+                checks.expert_ids("topk_idx", topk_idx, num_experts)
+                if topk_weights is not None:
+                    weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
+                    checks.tensor("topk_weights", topk_weights, weight_dtypes, tuple(topk_idx.shape), device)
+            if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+                sent = is_token_in_rank.sum(0, dtype=torch.int32)
+                if not torch.equal(sent, num_tokens_per_rank):
+                    raise ValueError(f"num_tokens_per_rank {num_tokens_per_rank.tolist()} disagrees with "
+                                     f"is_token_in_rank, which sends {sent.tolist()}")
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, new_handle, event = backend.dispatch(
+            x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+            topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
+            allocate_on_comm_stream)
+        recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+        if handle is not None:
+            return recv, None, None, None, None, EventOverlap(event)
+        return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, EventOverlap(event)
+
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Send each received token back to its source rank and sum the copies (no weights applied).
+
+        Arguments:
+            x: ``[num_recv, hidden]`` bf16 (the reference backend also takes float16/32/64), rows as dispatch
+                returned them.
+            handle: the ``DispatchHandle`` from ``dispatch``.
+            topk_weights: ``[num_recv, num_topk]`` float32, summed back like the tokens.
+            bias: ``[num_tokens, hidden]`` tensor, or a tuple of two, added to the result.
+            config: chunking config (default ``get_combine_config(group_size)``).
+
+        Returns:
+            combined_x: ``[num_tokens, hidden]``, the float32 sum of the copies, cast to ``x``'s dtype.
+            combined_topk_weights: ``[num_tokens, num_topk]`` float32 or ``None``.
+            event: an ``EventOverlap``.
+        """
+        self._check_alive()
+        config = self.get_combine_config(self.group_size) if config is None else config
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
+        backend = self._backend_for(x)
+        dtypes = (torch.bfloat16,) if backend is self._kernels else _FLOAT_TOKENS
+        checks.tensor("x", x, dtypes, (handle.num_recv_tokens, None), handle.recv_src_idx.device)
+        self._check_buffer_sizes(config, x)
+        if topk_weights is not None:
+            weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
+            checks.tensor("topk_weights", topk_weights, weight_dtypes, (handle.num_recv_tokens, None), x.device)
+        bias_0, bias_1 = bias if isinstance(bias, tuple) else (bias, None)
+        for name, b in (("bias[0]", bias_0), ("bias[1]", bias_1)):
+            if b is not None:
+                checks.tensor(name, b, (x.dtype,), (handle.num_sent_tokens, x.size(1)), x.device)
+        combined_x, combined_weights, event = backend.combine(x, handle, topk_weights, bias_0, bias_1, config,
+                                                              previous_event, async_finish,
+                                                              allocate_on_comm_stream)
+        return combined_x, combined_weights, EventOverlap(event)
+
+    def internode_dispatch(self, x: Tokens, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                           is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment: int = 1, config: Optional[Config] = None, previous_event=None,
+                           async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Dispatch across nodes (see ``dispatch``); ``num_worst_tokens`` is not available here."""
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, 0, config,
+                             previous_event, async_finish, allocate_on_comm_stream)
+
+    def internode_combine(self, x: torch.Tensor, handle, topk_weights=None, bias=None,
+                          config: Optional[Config] = None, previous_event=None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False):
+        """Combine across nodes (see ``combine``)."""
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    def _check_tokens(self, x: Tokens):
+        """Split ``x`` into tokens and optional FP8 scales, checking dtypes and shapes."""
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise ValueError(f"FP8 x must be a tuple (tokens, scales), got {len(x)} elements")
+            x, scales = x
+            checks.tensor("x[0]", x, (torch.float8_e4m3fn,), (None, None))
+            checks.hidden_divisible(x.size(1), 128, "FP8 tokens with per-128 scales")
+            checks.tensor("x[1] (scales)", scales, (torch.float32,), (x.size(0), x.size(1) // 128), x.device)
+            return x, scales
+        kernels = self._kernels is not None and isinstance(x, torch.Tensor) and x.is_cuda
+        checks.tensor("x", x, (torch.bfloat16,) if kernels else _FLOAT_TOKENS, (None, None))
+        return x, None
+
+    def _check_buffer_sizes(self, config: Config, x: torch.Tensor) -> None:
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a moe_a2a.Config, got {type(config).__name__}")
+        hidden_bytes = x.size(1) * max(x.element_size(), 2)
+        need = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        if self.num_nvl_bytes < need:
+            raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for hidden {x.size(1)} on "
+                             f"{self.group_size} ranks with {config}: need at least {need} "
+                             "(Config.get_nvl_buffer_size_hint)")
+        if self.num_rdma_ranks > 1:
+            need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size)
+            if self.num_rdma_bytes < need:
+                raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small: need at least {need} "
+                                 "(Config.get_rdma_buffer_size_hint)")
+
+    # ------------------------------------------------------------------ low-latency mode
+    def _check_low_latency(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        if not self.low_latency_mode:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        checks.positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        checks.experts_divisible(num_experts, self.group_size)
+        need = _ll_size_hint(num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < need:
+            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
+                             f"{num_max_dispatch_tokens_per_rank} tokens, hidden {hidden}, {num_experts} experts: "
+                             f"need at least {need} (Buffer.get_low_latency_rdma_size_hint)")
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset the low-latency receive state (needed after normal-mode use of the same memory)."""
+        self._check_alive()
+        self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        for b in self._ll_combine_buffers:
+            if b is not None:
+                b.zero_()
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Dispatch a small batch into fixed per-expert slots.
+
+        Arguments:
+            x: ``[num_tokens, hidden]`` bf16, ``num_tokens <= num_max_dispatch_tokens_per_rank``.
+            topk_idx: ``[num_tokens, num_topk]`` int64 expert ids, ``-1`` for none.
+            num_max_dispatch_tokens_per_rank: the same on every rank.
+            num_experts: experts in the group.
+            cumulative_local_expert_recv_stats: ``[num_local_experts]`` int32, incremented by the counts.
+            dispatch_wait_recv_cost_stats: ``[num_ranks, num_ranks]`` int64; row ``rank``, column ``src``
+                accumulates nanoseconds this rank waited for data from ``src``.
+            use_fp8: cast to FP8 e4m3 with per-128 scales on the fly.
+            round_scale: round scales up to powers of two.
+            use_ue8m0: pack the (rounded) scales as UE8M0 bytes, four per int32 (needs ``round_scale``).
+            async_finish: return an event instead of waiting on the current stream.
+            return_recv_hook: only issue the sends; the returned hook completes the receive.
+
+        Returns:
+            recv_x: ``[num_local_experts, num_max * num_ranks, hidden]`` bf16, or with ``use_fp8`` a tuple of
+                float8_e4m3fn tokens and scales ``[..., hidden // 128]`` float32 (``[..., hidden // 512]`` int32
+                with ``use_ue8m0``), the scales column-major in the last two dims.
+            recv_count: ``[num_local_experts]`` int32 valid rows per expert.
+            handle: a ``LowLatencyHandle`` for ``low_latency_combine``.
+            event: an ``EventOverlap``.
+            hook: call it to complete the receive (``return_recv_hook``), else ``None``.
+        """
+        self._check_alive()
+        checks.tensor("x", x, (torch.bfloat16,), (None, None))
+        num_tokens, hidden = x.shape
+        self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        checks.tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, None), x.device)
+        if num_tokens > num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
+                             f"{num_max_dispatch_tokens_per_rank}")
+        checks.expert_ids("topk_idx", topk_idx, num_experts)
+        if use_fp8:
+            checks.hidden_divisible(hidden, 128, "FP8 casting")
+        if use_ue8m0:
+            if not (use_fp8 and round_scale):
+                raise ValueError("use_ue8m0 needs use_fp8=True and round_scale=True")
+            checks.hidden_divisible(hidden, 512, "UE8M0 packed scales")
+        num_local_experts = num_experts // self.group_size
+        if cumulative_local_expert_recv_stats is not None:
+            checks.tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, (torch.int32,),
+                          (num_local_experts,), x.device)
+        if dispatch_wait_recv_cost_stats is not None:
+            checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, (torch.int64,),
+                          (self.group_size, self.group_size), x.device)
+        recv_x, recv_scales, recv_count, handle, hook = self._reference_ll.dispatch(
+            x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
+            num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook)
+        event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
+        recv = (recv_x, recv_scales) if use_fp8 else recv_x
+        tensors = (x, topk_idx, recv_x, recv_scales, recv_count, handle.src_info, handle.layout_range)
+        return recv, recv_count, handle, EventOverlap(event, tensors if async_finish else None), hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+        """Send expert outputs back and reduce them with the top-k weights (float32 accumulation).
+
+        Arguments:
+            x: ``[num_local_experts, num_max * num_ranks, hidden]`` bf16 expert outputs in dispatch's slots
+                (ignored with ``zero_copy``: the buffer from ``get_next_low_latency_combine_buffer`` is used).
+            topk_idx: ``[num_tokens, num_topk]`` int64, as given to ``low_latency_dispatch``.
+            topk_weights: ``[num_tokens, num_topk]`` float32.
+            handle: the ``LowLatencyHandle`` from ``low_latency_dispatch``.
+            out: optional ``[num_tokens, hidden]`` bf16 tensor written in place and returned.
+
+        Returns:
+            combined_x: ``[num_tokens, hidden]`` bf16; event: an ``EventOverlap``; hook: as in dispatch.
+        """
+        self._check_alive()
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle must be a LowLatencyHandle from low_latency_dispatch(), got "
+                            f"{type(handle).__name__}")
+        if use_logfmt:
+            raise NotImplementedError("use_logfmt (10-bit LogFMT combine) is not implemented; use BF16 combine")
+        self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        num_local_experts = handle.num_experts // self.group_size
+        slots = handle.num_max_dispatch_tokens_per_rank * self.group_size
+        if zero_copy:
+            x = self._ll_combine_buffers[self._ll_buffer_index]
+            if x is None:
+                raise ValueError("zero_copy=True needs get_next_low_latency_combine_buffer(handle) filled first")
+            self._ll_buffer_index ^= 1
+        checks.tensor("x", x, (torch.bfloat16,), (num_local_experts, slots, handle.hidden))
+        checks.tensor("topk_idx", topk_idx, (torch.int64,), (None, None), x.device)
+        if topk_idx.size(0) > handle.num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"topk_idx has {topk_idx.size(0)} tokens, more than num_max_dispatch_tokens_per_rank="
+                             f"{handle.num_max_dispatch_tokens_per_rank}")
+        checks.expert_ids("topk_idx", topk_idx, handle.num_experts)
+        checks.tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk_idx.shape), x.device)
+        if out is not None:
+            checks.tensor("out", out, (torch.bfloat16,), (topk_idx.size(0), handle.hidden), x.device)
+        if combine_wait_recv_cost_stats is not None:
+            checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, (torch.int64,),
+                          (self.group_size, self.group_size), x.device)
+        combined, hook = self._reference_ll.combine(x, topk_idx, topk_weights, handle, out,
+                                                    combine_wait_recv_cost_stats, return_recv_hook)
+        event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
+        tensors = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined)
+        return combined, EventOverlap(event, tensors if async_finish else None), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The buffer the next ``low_latency_combine(..., zero_copy=True)`` reads: fill it with expert outputs.
+
+        Returns ``[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden]`` bf16.
+        """
+        self._check_alive()
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
+        self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank,
+                 handle.hidden)
+        b = self._ll_combine_buffers[self._ll_buffer_index]
+        if b is None or tuple(b.shape) != shape or b.device != handle.src_info.device:
+            b = torch.zeros(shape, dtype=torch.bfloat16, device=handle.src_info.device)
+            self._ll_combine_buffers[self._ll_buffer_index] = b
+        return b
