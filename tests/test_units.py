@@ -1,0 +1,57 @@
+"""Single-process checks: configs, size hints, FP8 casts, layout definition."""
+import pytest
+import torch
+
+from moe_a2a import Buffer, Config
+from moe_a2a.fp8 import fp8_to_float, pack_ue8m0, per_token_cast_to_fp8, unpack_ue8m0
+from moe_a2a.layout import compute_layout
+
+
+def test_configs_and_hints():
+    for num_ranks in (1, 2, 4, 8, 16, 32, 64):
+        for get in (Buffer.get_dispatch_config, Buffer.get_combine_config):
+            config = get(num_ranks)
+            assert config.num_sms == Buffer.num_sms
+            nvl = config.get_nvl_buffer_size_hint(7168 * 2, num_ranks)
+            rdma = config.get_rdma_buffer_size_hint(7168 * 2, num_ranks)
+            assert nvl > config.num_channels * min(num_ranks, 8) * config.num_max_nvl_chunked_recv_tokens * 7168 * 2
+            assert (rdma > 0) == (num_ranks > 8)
+    with pytest.raises(ValueError, match="no dispatch config for 12 ranks"):
+        Buffer.get_dispatch_config(12)
+    with pytest.raises(ValueError, match="hidden_bytes must be a positive int"):
+        Config().get_nvl_buffer_size_hint(0, 8)
+    with pytest.raises(ValueError, match="must not exceed"):
+        Config(20, 300, 256)
+    assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) > 2 * 256 * 128 * 7168 * 2
+    with pytest.raises(ValueError, match="divisible by num_ranks"):
+        Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 100)
+
+
+def test_fp8_cast_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(33, 1024, generator=gen) * torch.logspace(-3, 3, 33).unsqueeze(1)).bfloat16()
+    x[3] = 0  # an all-zero token gets a finite scale
+    for round_scale in (False, True):
+        q, scales = per_token_cast_to_fp8(x, round_scale)
+        assert q.dtype == torch.float8_e4m3fn and scales.shape == (33, 8)
+        assert torch.isfinite(scales).all()
+        err = (fp8_to_float(q, scales) - x.float()).abs()
+        # e4m3 keeps 3 mantissa bits: relative error below 2^-4 of the block maximum (plus rounding of scales).
+        block_max = x.float().abs().view(33, 8, 128).amax(2).repeat_interleave(128, 1)
+        assert bool((err <= block_max * 2 ** -3 + 1e-6).all())
+        if round_scale:
+            assert torch.equal(torch.exp2(torch.log2(scales).round()), scales)
+            assert torch.equal(unpack_ue8m0(pack_ue8m0(scales)), scales)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        per_token_cast_to_fp8(x[:, :100])
+
+
+def test_layout_definition():
+    topk_idx = torch.tensor([[0, 5, -1], [7, 6, 5], [-1, -1, -1], [1, 0, 2]])
+    ntpr, ntprdma, ntpe, in_rank = compute_layout(topk_idx, 8, 4, 2)
+    assert in_rank.tolist() == [[True, False, True, False], [False, False, True, True],
+                                [False, False, False, False], [True, True, False, False]]
+    assert ntpr.tolist() == [2, 1, 2, 1]
+    assert ntprdma.tolist() == [2, 2]
+    assert ntpe.tolist() == [2, 1, 1, 0, 0, 2, 1, 1]
+    assert compute_layout(topk_idx, 8, 4, 8)[1] is None
