@@ -7,15 +7,33 @@ reference backend serves every entry point and GPU-only paths raise a clear erro
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
+
+
+def _find_cuda_home():
+    """Set CUDA_HOME when unset: torch guesses it from nvcc's directory, which is wrong for wrapper scripts
+    such as /usr/local/bin/nvcc; take the first candidate that has the CUDA headers."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def _extension_modules():
     if os.environ.get("MOE_A2A_SKIP_CUDA_BUILD", "0") == "1":
         print("moe_a2a: MOE_A2A_SKIP_CUDA_BUILD=1, building the pure-Python package", file=sys.stderr)
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -41,6 +59,9 @@ def _extension_modules():
 
     root = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")))
+    if not sources:
+        print("moe_a2a: no CUDA sources found, building the pure-Python package", file=sys.stderr)
+        return [], {}
     cccl = os.path.join(CUDA_HOME, "targets", "x86_64-linux", "include", "cccl")
     include_dirs = [os.path.join(root, "csrc")] + ([cccl] if os.path.isdir(cccl) else [])
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
