@@ -51,7 +51,7 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  explicitly_destroy: bool = False, comm=None, *, num_ranks_per_node: Optional[int] = None,
-                 timeout_s: Optional[float] = None, backend: str = "auto") -> None:
+                 timeout_s: Optional[float] = None, backend: str = "auto", check_values: bool = True) -> None:
         """Create the buffer (collective: every rank of the group calls it with the same sizes).
 
         Arguments:
@@ -69,6 +69,9 @@ class Buffer:
                 tests set it lower to form virtual nodes.
             timeout_s: seconds a kernel waits on a peer before raising (default 10, or ``MOE_A2A_TIMEOUT_S``).
             backend: ``"auto"`` (kernels where they apply), ``"reference"`` or ``"cuda"`` (kernels required).
+            check_values: also check tensor values (expert ids in range, counts agreeing with
+                ``is_token_in_rank``). These checks read device memory on the host, so they cost a sync per call;
+                they are skipped while a CUDA graph is captured. Shapes, dtypes and devices are always checked.
         """
         if group is None:
             if comm is not None:
@@ -89,6 +92,7 @@ class Buffer:
         self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
         self.allow_mnnvl = allow_mnnvl
         self.explicitly_destroy = explicitly_destroy
+        self.check_values = check_values
         if num_ranks_per_node is None:
             num_ranks_per_node = int(os.environ.get("MOE_A2A_NUM_RANKS_PER_NODE", NUM_MAX_NVL_PEERS))
         checks.positive_int("num_ranks_per_node", num_ranks_per_node)
@@ -246,7 +250,8 @@ class Buffer:
         self._check_alive()
         checks.tensor("topk_idx", topk_idx, (torch.int64,), (None, None))
         checks.experts_divisible(num_experts, self.group_size)
-        checks.expert_ids("topk_idx", topk_idx, num_experts)
+        if self.check_values:
+            checks.expert_ids("topk_idx", topk_idx, num_experts)
         if topk_idx.is_cuda and intranode.extension_available():
             if previous_event is not None:
                 previous_event.current_stream_wait()
@@ -333,11 +338,12 @@ class Buffer:
                 raise ValueError("topk_weights needs topk_idx")
             if topk_idx is not None:
                 checks.tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, None), device)
-                checks.expert_ids("topk_idx", topk_idx, num_experts)
+                if self.check_values:
+                    checks.expert_ids("topk_idx", topk_idx, num_experts)
                 if topk_weights is not None:
                     weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
                     checks.tensor("topk_weights", topk_weights, weight_dtypes, tuple(topk_idx.shape), device)
-            if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if self.check_values and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
                 sent = is_token_in_rank.sum(0, dtype=torch.int32)
                 if not torch.equal(sent, num_tokens_per_rank):
                     raise ValueError(f"num_tokens_per_rank {num_tokens_per_rank.tolist()} disagrees with "
@@ -493,7 +499,8 @@ class Buffer:
         if num_tokens > num_max_dispatch_tokens_per_rank:
             raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                              f"{num_max_dispatch_tokens_per_rank}")
-        checks.expert_ids("topk_idx", topk_idx, num_experts)
+        if self.check_values:
+            checks.expert_ids("topk_idx", topk_idx, num_experts)
         if use_fp8:
             checks.hidden_divisible(hidden, 128, "FP8 casting")
         if use_ue8m0:
@@ -552,7 +559,8 @@ class Buffer:
         if topk_idx.size(0) > handle.num_max_dispatch_tokens_per_rank:
             raise ValueError(f"topk_idx has {topk_idx.size(0)} tokens, more than num_max_dispatch_tokens_per_rank="
                              f"{handle.num_max_dispatch_tokens_per_rank}")
-        checks.expert_ids("topk_idx", topk_idx, handle.num_experts)
+        if self.check_values:
+            checks.expert_ids("topk_idx", topk_idx, handle.num_experts)
         checks.tensor("topk_weights", topk_weights, (torch.float32,), tuple(topk_idx.shape), x.device)
         if out is not None:
             checks.tensor("out", out, (torch.bfloat16,), (topk_idx.size(0), handle.hidden), x.device)
