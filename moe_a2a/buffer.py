@@ -222,8 +222,12 @@ class Buffer:
         return t[:size.numel()].view(size)
 
     # ------------------------------------------------------------------ normal mode
-    def _backend_for(self, t: torch.Tensor):
-        if self._kernels is not None and t.is_cuda:
+    def _backend_for(self, t: torch.Tensor, kernel_dtypes):
+        """The kernels for CUDA tensors of the dtypes they take, the reference backend otherwise.
+
+        Both backends read a ``DispatchHandle`` the same way, so a handle made by one serves the other.
+        """
+        if self._kernels is not None and t.is_cuda and t.dtype in kernel_dtypes:
             return self._kernels
         return self._reference
 
@@ -311,7 +315,7 @@ class Buffer:
             raise ValueError("num_worst_tokens is intranode only; this group spans "
                              f"{self.num_rdma_ranks} nodes")
         self._check_buffer_sizes(config, x)
-        backend = self._backend_for(x)
+        backend = self._backend_for(x, (torch.bfloat16, torch.float8_e4m3fn))
         if handle is not None:
             if not isinstance(handle, DispatchHandle):
                 raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
@@ -380,9 +384,8 @@ class Buffer:
         config = self.get_combine_config(self.group_size) if config is None else config
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
-        backend = self._backend_for(x)
-        dtypes = (torch.bfloat16,) if backend is self._kernels else _FLOAT_TOKENS
-        checks.tensor("x", x, dtypes, (handle.num_recv_tokens, None), handle.recv_src_idx.device)
+        checks.tensor("x", x, _FLOAT_TOKENS, (handle.num_recv_tokens, None), handle.recv_src_idx.device)
+        backend = self._backend_for(x, (torch.bfloat16,))
         self._check_buffer_sizes(config, x)
         if topk_weights is not None:
             weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
@@ -422,8 +425,7 @@ class Buffer:
             checks.hidden_divisible(x.size(1), 128, "FP8 tokens with per-128 scales")
             checks.tensor("x[1] (scales)", scales, (torch.float32,), (x.size(0), x.size(1) // 128), x.device)
             return x, scales
-        kernels = self._kernels is not None and isinstance(x, torch.Tensor) and x.is_cuda
-        checks.tensor("x", x, (torch.bfloat16,) if kernels else _FLOAT_TOKENS, (None, None))
+        checks.tensor("x", x, _FLOAT_TOKENS, (None, None))
         return x, None
 
     def _check_buffer_sizes(self, config: Config, x: torch.Tensor) -> None:
