@@ -71,7 +71,8 @@ class Buffer:
             backend: ``"auto"`` (kernels where they apply), ``"reference"`` or ``"cuda"`` (kernels required).
             check_values: also check tensor values (expert ids in range, counts agreeing with
                 ``is_token_in_rank``). These checks read device memory on the host, so they cost a sync per call;
-                they are skipped while a CUDA graph is captured. Shapes, dtypes and devices are always checked.
+                they are skipped while a CUDA graph is captured and on the ``num_worst_tokens`` path, which
+                promises no host sync. Shapes, dtypes and devices are always checked.
         """
         if group is None:
             if comm is not None:
@@ -222,6 +223,15 @@ class Buffer:
         return t[:size.numel()].view(size)
 
     # ------------------------------------------------------------------ normal mode
+    @staticmethod
+    def _event_to_wait(previous_event: Optional[EventOverlap]) -> Optional[EventOverlap]:
+        """``previous_event`` if it holds an event; an empty one (no ``async_finish``) means nothing to wait for."""
+        if previous_event is None or previous_event.event is None:
+            return None
+        if not isinstance(previous_event, EventOverlap):
+            raise TypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
+        return previous_event
+
     def _backend_for(self, t: torch.Tensor, kernel_dtypes):
         """The kernels for CUDA tensors of the dtypes they take, the reference backend otherwise.
 
@@ -256,6 +266,7 @@ class Buffer:
         checks.experts_divisible(num_experts, self.group_size)
         if self.check_values:
             checks.expert_ids("topk_idx", topk_idx, num_experts)
+        previous_event = self._event_to_wait(previous_event)
         if topk_idx.is_cuda and intranode.extension_available():
             if previous_event is not None:
                 previous_event.current_stream_wait()
@@ -340,21 +351,24 @@ class Buffer:
                               (self.num_rdma_ranks,), device)
             if topk_weights is not None and topk_idx is None:
                 raise ValueError("topk_weights needs topk_idx")
+            # num_worst_tokens promises no host sync, so value checks (which read device memory) are skipped.
+            check_values = self.check_values and not num_worst_tokens
             if topk_idx is not None:
                 checks.tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, None), device)
-                if self.check_values:
+                if check_values:
                     checks.expert_ids("topk_idx", topk_idx, num_experts)
                 if topk_weights is not None:
                     weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
                     checks.tensor("topk_weights", topk_weights, weight_dtypes, tuple(topk_idx.shape), device)
-            if self.check_values and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if check_values and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
                 sent = is_token_in_rank.sum(0, dtype=torch.int32)
                 if not torch.equal(sent, num_tokens_per_rank):
                     raise ValueError(f"num_tokens_per_rank {num_tokens_per_rank.tolist()} disagrees with "
                                      f"is_token_in_rank, which sends {sent.tolist()}")
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, new_handle, event = backend.dispatch(
             x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-            topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
+            topk_weights, expert_alignment, num_worst_tokens, config, self._event_to_wait(previous_event),
+            async_finish,
             allocate_on_comm_stream)
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
         if handle is not None:
@@ -395,7 +409,7 @@ class Buffer:
             if b is not None:
                 checks.tensor(name, b, (x.dtype,), (handle.num_sent_tokens, x.size(1)), x.device)
         combined_x, combined_weights, event = backend.combine(x, handle, topk_weights, bias_0, bias_1, config,
-                                                              previous_event, async_finish,
+                                                              self._event_to_wait(previous_event), async_finish,
                                                               allocate_on_comm_stream)
         return combined_x, combined_weights, EventOverlap(event)
 

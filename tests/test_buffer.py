@@ -76,7 +76,7 @@ def _normal_mode_body(rank, num_ranks):
         all_x, all_idx, all_w = gather_objects(x), gather_objects(topk_idx), gather_objects(topk_w)
 
         # Layout against a direct count.
-        ntpr, ntprdma, ntpe, in_rank = buffer.get_dispatch_layout(topk_idx, num_experts)[:4]
+        ntpr, ntprdma, ntpe, in_rank, layout_event = buffer.get_dispatch_layout(topk_idx, num_experts)
         assert ntprdma is None
         want_in_rank = torch.zeros(num_tokens, num_ranks, dtype=torch.bool)
         for t in range(num_tokens):
@@ -92,7 +92,8 @@ def _normal_mode_body(rank, num_ranks):
         for alignment in (1, 4):
             recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
                 x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
-                topk_idx=topk_idx, topk_weights=topk_w, expert_alignment=alignment)
+                topk_idx=topk_idx, topk_weights=topk_w, expert_alignment=alignment,
+                previous_event=layout_event)  # an empty event (no async_finish) means nothing to wait for
             assert torch.equal(recv_x, want_x)
             assert torch.equal(recv_idx, want_idx)
             assert torch.equal(recv_w, want_w)
