@@ -25,8 +25,9 @@ build: setup
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Trains recipes/tiny_moe_cpu.yaml from scratch on 4 CPU ranks (EP 4) and prints the validation loss.
 demo: build
-	$(PY) -m moe_a2a demo
+	$(PY) -m moe_a2a train recipes/tiny_moe_cpu.yaml train.resume=false
 
 bench: build
 	$(PY) -m moe_a2a bench intranode

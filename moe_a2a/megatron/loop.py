@@ -1,0 +1,368 @@
+"""The training loop of one rank: data, forward/backward, gradient sync, AdamW, eval, logs, checkpoints.
+
+Gradients are averaged the way megatron's DDP does it: dense parameters over the data-parallel group,
+expert parameters (``param.allreduce == False``) over the expert-data-parallel group, and parameters
+marked ``sequence_parallel`` summed over the tensor-parallel group first. bf16 runs keep float32
+master weights and Adam states.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from ..data import ByteCorpus, load_corpus
+from .recipe import output_dir
+
+
+# Recipe sections a checkpoint must agree with to be resumed (shapes and parallel layout).
+CHECKPOINT_KEYS = ("model", "moe", "parallel")
+
+
+def resume_mismatch(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Optional[str]:
+    """Why the latest checkpoint under the recipe's output dir cannot be resumed, or None.
+
+    Checked before any rank starts, from the small ``meta.json`` next to each saved step.
+    """
+    root = output_dir(recipe) / "checkpoints"
+    latest = root / "latest"
+    if not (recipe["train"]["resume"] and latest.is_file()):
+        return None
+    step = latest.read_text().strip()
+    meta_path = root / f"step_{int(step):07d}" / "meta.json" if step.isdigit() else None
+    if meta_path is None or not meta_path.is_file():
+        return f"checkpoint {latest} points at step {step!r}, which has no meta.json; set train.resume=false"
+    meta = json.loads(meta_path.read_text())
+    want = {"world": sizes["world"], **{k: v for k, v in sizes.items() if k != "world"}}
+    if meta["layout"] != want:
+        return (f"checkpoint {meta_path.parent} was written with parallel layout {meta['layout']}, the recipe "
+                f"gives {want}; use another output.dir or train.resume=false")
+    for section in ("model", "moe"):
+        for key, value in recipe[section].items():
+            if meta[section].get(key) != value:
+                return (f"{section}.{key}={value!r} differs from the checkpoint in {meta_path.parent} "
+                        f"({meta[section].get(key)!r}); use another output.dir or train.resume=false")
+    return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _allreduce(tensors: List[torch.Tensor], group, scale: float = 1.0) -> None:
+    if not tensors or dist.get_world_size(group) == 1:
+        if scale != 1.0:
+            for t in tensors:
+                t.mul_(scale)
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for t, synced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(synced)
+
+
+class Trainer:
+    """State of one rank's run; ``train()`` below drives it."""
+
+    def __init__(self, recipe: Dict[str, Any], sizes: Dict[str, int]):
+        from megatron.core import parallel_state as ps
+
+        from .model import build_model, initialize_parallel, transformer_config
+
+        self.recipe, self.sizes, self.ps = recipe, sizes, ps
+        tr = recipe["train"]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if tr["device"] == "cuda" \
+            else torch.device("cpu")
+        initialize_parallel(sizes, tr["seed"])
+        torch.manual_seed(tr["seed"])
+        self.config = transformer_config(recipe, sizes)
+        self.model = build_model(recipe, self.config, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # float32 master copies for bf16 models; the optimizer steps on these.
+        self.master = [p.detach().float().clone().requires_grad_(True) if p.dtype != torch.float32 else p
+                       for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master, lr=tr["lr"], betas=(tr["adam_beta1"], tr["adam_beta2"]),
+                                           weight_decay=tr["weight_decay"])
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.corpus = ByteCorpus(load_corpus(recipe["data"]["corpus"]), recipe["model"]["seq_length"],
+                                 recipe["data"]["valid_fraction"])
+        self.rank = dist.get_rank()
+        self.out = output_dir(recipe)
+        self.step = 0
+        self.history: Dict[str, list] = {"train": [], "valid": []}
+
+    # ------------------------------------------------------------------------------------ steps
+    def lr_at(self, step: int) -> float:
+        tr = self.recipe["train"]
+        if step <= tr["warmup_steps"]:
+            return tr["lr"] * step / max(1, tr["warmup_steps"])
+        progress = (step - tr["warmup_steps"]) / max(1, tr["steps"] - tr["warmup_steps"])
+        return tr["min_lr"] + 0.5 * (tr["lr"] - tr["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def _forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        tokens, labels = tokens.to(self.device), labels.to(self.device)
+        position_ids = torch.arange(tokens.size(1), device=self.device).unsqueeze(0).expand_as(tokens)
+        losses = self.model(tokens, position_ids, None, labels=labels)  # [b, s] float32
+        return losses.float().mean()
+
+    def _sync_grads(self) -> None:
+        ps = self.ps
+        dense, expert, seq_par = [], [], []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            (expert if getattr(p, "allreduce", True) is False else dense).append(p.grad)
+            if getattr(p, "sequence_parallel", False) and self.sizes["tp"] > 1:
+                seq_par.append(p.grad)
+        _allreduce(seq_par, ps.get_tensor_model_parallel_group())
+        _allreduce(dense, ps.get_data_parallel_group(), 1.0 / ps.get_data_parallel_world_size())
+        edp = ps.get_expert_data_parallel_group()
+        _allreduce(expert, edp, 1.0 / dist.get_world_size(edp))
+
+    def _grad_norm(self) -> float:
+        """L2 norm of the whole model's gradient, each shard counted once."""
+        ps = self.ps
+        dense = torch.zeros((), dtype=torch.float32, device=self.device)
+        expert = torch.zeros((), dtype=torch.float32, device=self.device)
+        tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+        for p in self.params:
+            sharded = getattr(p, "tensor_model_parallel", False)
+            if getattr(p, "allreduce", True) is False:
+                if sharded or etp_rank == 0:
+                    expert += p.grad.float().pow(2).sum()
+            elif sharded or tp_rank == 0:
+                dense += p.grad.float().pow(2).sum()
+        if self.sizes["tp"] > 1:
+            dist.all_reduce(dense, group=ps.get_tensor_model_parallel_group())
+        emp = ps.get_expert_tensor_and_model_parallel_group()
+        if dist.get_world_size(emp) > 1:
+            dist.all_reduce(expert, group=emp)
+        return float((dense + expert).sqrt())
+
+    def train_step(self) -> Dict[str, float]:
+        tr = self.recipe["train"]
+        self.model.train()
+        step = self.step + 1
+        start = time.perf_counter()
+        tokens, labels = self.corpus.train_batch(step, tr["micro_batch_size"], self.dp_rank, tr["seed"])
+        for p in self.params:
+            p.grad = None
+        loss = self._forward(tokens, labels)
+        loss.backward()
+        self._sync_grads()
+        norm = self._grad_norm()
+        clip = tr["grad_clip"]
+        scale = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
+        for p, m in zip(self.params, self.master):
+            if m is not p:
+                m.grad = p.grad.float()
+            if scale != 1.0:
+                m.grad.mul_(scale)
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, m in zip(self.params, self.master):
+                if m is not p:
+                    p.copy_(m)
+        loss_avg = loss.detach().clone()
+        dist.all_reduce(loss_avg, group=self.ps.get_data_parallel_group())
+        loss_avg = float(loss_avg) / self.dp_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        self.step = step
+        tokens_per_step = tokens.numel() * self.dp_size
+        record = {"step": step, "loss": loss_avg, "lr": lr, "grad_norm": norm,
+                  "tokens_per_s": tokens_per_step / elapsed, "time_s": elapsed}
+        self.history["train"].append(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        tr = self.recipe["train"]
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for tokens, labels in self.corpus.valid_batches(tr["micro_batch_size"], tr["eval_batches"],
+                                                       self.dp_rank, self.dp_size):
+            total += self._forward(tokens, labels).double()
+            count += 1
+        dist.all_reduce(total, group=self.ps.get_data_parallel_group())
+        value = float(total) / (count * self.dp_size)
+        self.history["valid"].append({"step": self.step, "loss": value})
+        return value
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def layout(self) -> Dict[str, int]:
+        return {"world": dist.get_world_size(), **{k: v for k, v in self.sizes.items() if k != "world"}}
+
+    def save(self) -> None:
+        from .cpu import _rng
+
+        step_dir = self._ckpt_root() / f"step_{self.step:07d}"
+        if self.rank == 0:
+            step_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        state = {"step": self.step, "layout": self.layout(), "model": self.model.state_dict(),
+                 "master": [m.detach() for m in self.master], "optimizer": self.optimizer.state_dict(),
+                 "rng_cpu": torch.get_rng_state(), "rng_device": _rng.get_state(), "history": self.history}
+        tmp = step_dir / f"rank_{self.rank:05d}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, step_dir / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            meta = {"step": self.step, "layout": self.layout(),
+                    **{k: self.recipe[k] for k in CHECKPOINT_KEYS}}
+            _write_atomic(step_dir / "meta.json", json.dumps(meta, indent=1).encode())
+        dist.barrier()  # every rank's file is complete before "latest" points at the step
+        if self.rank == 0:
+            _write_atomic(self._ckpt_root() / "latest", f"{self.step}\n".encode())
+
+    def maybe_resume(self) -> bool:
+        from .cpu import _rng
+
+        latest = self._ckpt_root() / "latest"
+        if not (self.recipe["train"]["resume"] and latest.is_file()):
+            return False
+        step = int(latest.read_text().strip())
+        path = self._ckpt_root() / f"step_{step:07d}" / f"rank_{self.rank:05d}.pt"
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["layout"] != self.layout():
+            raise RuntimeError(f"checkpoint {path} was written with parallel layout {state['layout']}, this run "
+                               f"has {self.layout()}; use a new output.dir or the same layout")
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for m, saved in zip(self.master, state["master"]):
+                m.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        _rng.set_state(state["rng_device"])
+        self.step, self.history = state["step"], state["history"]
+        return True
+
+    # ------------------------------------------------------------------------------------ outputs
+    def write_log(self, wall_s: float, final: bool) -> None:
+        if self.rank != 0:
+            return
+        log = {"recipe": self.recipe, "layout": self.layout(), "step": self.step, "final": final,
+               "wall_s": wall_s, "train": self.history["train"], "valid": self.history["valid"]}
+        _write_atomic(self.out / "log.json", json.dumps(log, indent=1, default=str).encode())
+
+    def plot(self) -> Optional[Path]:
+        if self.rank != 0 or not self.recipe["output"]["plot"]:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        train = self.history["train"]
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.6, label="train")
+        valid = self.history["valid"]
+        ax.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation (held out)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats per byte)")
+        disp = self.recipe["dispatcher"]
+        ax.set_title(f"{self.recipe['name']}: dispatcher {disp['type']}/{disp['backend']}, "
+                     f"EP {self.sizes['ep']} TP {self.sizes['tp']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.out / "loss.png"
+        fig.tight_layout()
+        fig.savefig(path.with_name("loss.png.tmp.png"), dpi=100)
+        os.replace(path.with_name("loss.png.tmp.png"), path)
+        plt.close(fig)
+        return path
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    """A tqdm bar on a terminal; logs (CI, files) get the periodic lines only."""
+    import sys
+
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def train(recipe: Dict[str, Any], sizes: Dict[str, int]) -> None:
+    """Run (or resume) the recipe on this rank."""
+    from . import install
+    from .cpu import cpu_context
+
+    tr = recipe["train"]
+    wall = time.perf_counter()
+    with cpu_context(enabled=tr["device"] == "cpu"):
+        install()
+        t = Trainer(recipe, sizes)
+        if t.rank == 0:
+            t.out.mkdir(parents=True, exist_ok=True)
+        resumed = t.maybe_resume()
+        say = print if t.rank == 0 else (lambda *a, **k: None)
+        disp = recipe["dispatcher"]
+        say(f"{recipe['name']}: {sizes['world']} ranks (TP {sizes['tp']}, EP {sizes['ep']}, DP {sizes['dp']}), "
+            f"dispatcher {disp['type']}/{disp['backend']} ({type(_dispatcher(t.model)).__name__}), "
+            f"{sum(p.numel() for p in t.params)} parameters on rank 0"
+            + (f"; resumed at step {t.step}" if resumed else ""), flush=True)
+        if not resumed:
+            say(f"step {0:>5d} | validation loss {t.evaluate():.4f}", flush=True)
+        elif t.step >= tr["steps"]:
+            say(f"already trained to step {t.step} in {t.out}; pass train.resume=false (or a larger "
+                f"train.steps) to train again", flush=True)
+        bar = _progress(t.rank == 0 and recipe["output"]["progress"], tr["steps"], t.step)
+        while t.step < tr["steps"]:
+            rec = t.train_step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            last = t.step == tr["steps"]
+            if t.step % tr["eval_interval"] == 0 or last:
+                val = t.evaluate()
+                window = t.history["train"][-tr["log_interval"]:]
+                tok_s = sum(r["tokens_per_s"] for r in window) / len(window)
+                line = (f"step {t.step:>5d} | train loss {rec['loss']:.4f} | validation loss {val:.4f} | "
+                        f"{tok_s:,.0f} tokens/s")
+                if bar is not None:
+                    bar.write(line)
+                else:
+                    say(line, flush=True)
+                t.write_log(time.perf_counter() - wall, final=False)
+            if (tr["checkpoint_interval"] and t.step % tr["checkpoint_interval"] == 0) or last:
+                t.save()
+        if bar is not None:
+            bar.close()
+        wall_s = time.perf_counter() - wall
+        t.write_log(wall_s, final=True)
+        png = t.plot()
+        valid = t.history["valid"]
+        if valid:
+            say(f"validation loss {valid[0]['loss']:.4f} (step {valid[0]['step']}) -> {valid[-1]['loss']:.4f} "
+                f"(step {valid[-1]['step']}); {wall_s:.1f} s from model build to end")
+        say(f"wrote {t.out / 'log.json'}" + (f", {png}" if png else "") + f", {t._ckpt_root()}", flush=True)
+        t.ps.destroy_model_parallel()
+
+
+def _dispatcher(model):
+    for module in model.modules():
+        if hasattr(module, "token_dispatcher"):
+            return module.token_dispatcher
+    return None

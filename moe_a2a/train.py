@@ -1,0 +1,181 @@
+"""Recipe runner: ``python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]``.
+
+Builds a megatron-core GPT model with MoE layers from a YAML recipe (``recipes/``), sets up the
+process groups, trains a byte-level language model on the shipped corpus and reports training loss,
+tokens/s and the loss on a held-out split. Writes, under ``output.dir`` (default ``runs/NAME``):
+``log.json`` (recipe, per-step loss and throughput, validation losses), ``loss.png`` and
+``checkpoints/`` (one file per rank per saved step; a rerun resumes from the latest).
+
+Launch: on CPU the runner spawns ``parallel.world_size`` gloo ranks itself; on GPUs run it under
+``torchrun --nproc-per-node N`` (or let it spawn one NCCL rank per visible GPU). Bad input (unknown
+key, sizes that do not divide, a dispatcher or device that cannot run here) exits with code 2 and a
+message naming the key, before anything is written.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from .megatron.recipe import RecipeError, describe, load, output_dir, parallel_sizes
+
+USAGE = "usage: python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]"
+
+
+# ----------------------------------------------------------------------------- checks before launch
+def runnable_here(recipe: Dict[str, Any], world_size: Optional[int] = None) -> Optional[str]:
+    """``None`` if this machine can run the recipe, else the reason (naming the key)."""
+    import torch
+
+    tr, disp = recipe["train"], recipe["dispatcher"]
+    sizes = parallel_sizes(recipe, world_size)
+    if tr["device"] == "cuda":
+        if not torch.cuda.is_available():
+            return "train.device='cuda' but no CUDA device is available here"
+        if "RANK" not in os.environ and torch.cuda.device_count() < sizes["world"]:
+            return (f"parallel.world_size={sizes['world']} needs {sizes['world']} GPUs on this node, found "
+                    f"{torch.cuda.device_count()}; launch multi-node runs with torchrun")
+    if tr["device"] == "cpu" and tr["dtype"] != "float32":
+        return f"train.dtype={tr['dtype']!r} on CPU: use float32 (CPU runs are for correctness, not speed)"
+    if importlib.util.find_spec("megatron.core") is None:
+        return "megatron-core is not installed (pip install megatron-core)"
+    if sizes["pp"] > 1:
+        return "parallel.pipeline > 1 is not supported by this runner (use Megatron-LM's pretrain_gpt.py)"
+    from .megatron.model import have_transformer_engine
+
+    if sizes["tp"] > 1 and not (tr["device"] == "cuda" and have_transformer_engine()):
+        return ("parallel.tensor > 1 needs Transformer Engine on GPU: megatron's local (torch) layer norms "
+                "do not support the sequence parallelism MoE layers require with tensor parallelism")
+    moe = recipe["moe"]
+    if (moe["grouped_gemm"] or moe["permute_fusion"]) and not have_transformer_engine():
+        key = "moe.grouped_gemm" if moe["grouped_gemm"] else "moe.permute_fusion"
+        return f"{key}=true needs Transformer Engine, which is not installed"
+    if disp["type"] in ("moe_a2a", "flex"):
+        try:
+            from . import fused_a2a  # noqa: F401
+        except ImportError as exc:
+            return f"dispatcher.type={disp['type']!r} needs moe_a2a.fused_a2a: {exc}"
+        if tr["device"] == "cuda" and importlib.util.find_spec("moe_a2a._C") is None:
+            return (f"dispatcher.type={disp['type']!r} on GPU needs the compiled moe_a2a._C extension "
+                    f"(pip install -e . where nvcc is found)")
+    return None
+
+
+def _parse_args(argv: List[str]):
+    dry_run = "--dry-run" in argv
+    rest = [a for a in argv if a != "--dry-run"]
+    if any(a in ("-h", "--help") for a in rest):
+        return None, [], dry_run
+    if not rest:
+        raise RecipeError(f"missing RECIPE argument\n{USAGE}")
+    flags = [a for a in rest[1:] if a.startswith("-")]
+    if flags or rest[0].startswith("-"):
+        raise RecipeError(f"unknown option {(flags or rest)[0]!r}\n{USAGE}")
+    return rest[0], rest[1:], dry_run
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        path, overrides, dry_run = _parse_args(argv)
+        if path is None:
+            print(__doc__.strip() + "\n\n" + USAGE)
+            return 0
+        recipe = load(path, overrides)
+        world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+        sizes = parallel_sizes(recipe, world)
+        reason = runnable_here(recipe, world)
+        if importlib.util.find_spec("megatron.core") is not None:
+            _quiet_imports()
+            from .megatron.model import megatron_rejects
+
+            rejected = megatron_rejects(recipe, sizes)
+            if rejected:
+                raise RecipeError(rejected)
+        if reason is None and not dry_run:
+            from .megatron.loop import resume_mismatch
+
+            reason = resume_mismatch(recipe, sizes)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(describe(recipe, world))
+        print(f"  runs here  {'yes' if reason is None else 'no: ' + reason}")
+        print(f"  output     {output_dir(recipe)} (not written by --dry-run)")
+        return 0
+    if reason is not None:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    if "RANK" in os.environ:  # launched by torchrun: this process is one rank
+        return _worker_main(int(os.environ["RANK"]), sizes["world"], recipe, None)
+    return _spawn(recipe, sizes["world"])
+
+
+def _spawn(recipe: Dict[str, Any], world: int) -> int:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(r, world, recipe, port)) for r in range(world)]
+    for p in procs:
+        p.start()
+    # A rank that fails leaves its peers blocked in a collective: stop them instead of waiting forever.
+    from multiprocessing.connection import wait
+
+    pending = {p.sentinel: p for p in procs}
+    failed = False
+    while pending:
+        for sentinel in wait(list(pending)):
+            proc = pending.pop(sentinel)
+            if proc.exitcode and not failed:
+                failed = True
+                for other in pending.values():
+                    other.terminate()
+    codes = [p.exitcode for p in procs]
+    if any(codes):
+        print(f"error: ranks exited with codes {codes}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_imports() -> None:
+    """Silence import-time notices of optional GPU packages (apex, TE, CUDA_HOME) on CPU runs;
+    every warning raised while training still shows."""
+    import logging
+    import warnings
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for pattern in ("Apex is not installed", ".*Transformer Engine.*", ".*all_gather_into_tensor.*",
+                    ".*moe_ffn_hidden_size is not set.*", ".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[int]) -> int:
+    import torch
+    import torch.distributed as dist
+
+    tr = recipe["train"]
+    _quiet_imports()
+    torch.set_num_threads(tr["threads_per_rank"])
+    if port is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    if tr["device"] == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("nccl" if tr["device"] == "cuda" else "gloo", rank=rank, world_size=world)
+    try:
+        from .megatron.loop import train
+
+        train(recipe, parallel_sizes(recipe, world))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+__all__ = ["main", "runnable_here"]
