@@ -64,12 +64,12 @@ def _extension_modules():
         return [], {}
     cccl = os.path.join(CUDA_HOME, "targets", "x86_64-linux", "include", "cccl")
     include_dirs = [os.path.join(root, "csrc")] + ([cccl] if os.path.isdir(cccl) else [])
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
+    nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"] + gencode
     ext = CUDAExtension(
         name="moe_a2a._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -1,12 +1,62 @@
-"""Intranode CUDA kernels (``moe_a2a._C``): layout now; the runtime and dispatch/combine kernels plug in here."""
+"""Intranode CUDA kernels (``moe_a2a._C``): routing layout, and dispatch/combine over CUDA IPC.
+
+Design: stage once, pull once
+-----------------------------
+Every rank owns one allocation of ``num_nvl_bytes`` (plus a 32 KiB header of counters) that all ranks
+of the group map over CUDA IPC. A dispatch or combine is one kernel of ``config.num_sms`` blocks that
+runs rounds of three steps:
+
+1. **stage**: the rank copies the rows it offers into its *own* buffer, once per row, however many
+   ranks want the row (dispatch: its input tokens with their ``send_head`` row, scales and top-k;
+   combine: its received rows, placed at ``[source rank, source token]``);
+2. **barrier**: a grid barrier whose last block meets every peer (epoch counters in device memory,
+   release/acquire at system scope, so the sequence also holds under CUDA-graph replay);
+3. **pull**: every rank reads, from the peers' buffers, exactly the rows it needs and writes them to
+   their final place: dispatch writes received row ``rank_prefix[src - 1, me] + send_head[t, me]``
+   (source-rank order, then source-token order); combine sums the copies of each of its tokens in
+   float32, in rank order, adds the biases and writes BF16.
+
+Bytes moved per rank, with ``T`` tokens in, ``S`` rows sent (a token counted once per destination) and
+``N`` rows received: dispatch reads ``T`` and writes ``T`` rows locally, then moves each received row
+once (read ``N`` over NVLink, write ``N``); combine stages ``N`` rows locally and pulls them once.
+A push design through per-peer ring buffers (DeepEP's) moves every sent row twice (into the ring, then
+out of it), ``T + 3S`` row transfers against ``2T + 2S`` here for dispatch; a token that goes to k
+ranks is read from the input once. Direct remote writes into the receiver's output are not possible
+because outputs are fresh tensors that no peer has mapped.
+
+When the rows do not fit the buffer in one go the kernel runs several rounds over windows of tokens
+(``capacity`` tokens per round, computed from ``num_nvl_bytes``), with one extra barrier per round; any
+token count works with any buffer that holds one row per rank.
+
+Handle fields as this backend uses them: ``rank_prefix_matrix[i, j]`` tokens ranks ``0..i`` send to
+``j`` (gives each source's first output row); ``send_head[t, j]`` position of token ``t`` among the
+tokens this rank sends to ``j`` (``-1`` if not sent; gives the output row); ``recv_src_idx[n]`` source
+token of received row ``n`` (``-1`` in ``num_worst_tokens`` padding; combine places row ``n`` by it);
+``channel_prefix_matrix`` / ``recv_channel_prefix_matrix`` follow the reference definition (tokens
+split evenly into ``config.num_channels`` channels) and are kept for compatibility only.
+
+Failures: every wait on a peer times out after ``timeout_s``; the kernel records the rank, the phase
+and the counter it waited for in pinned host memory, marks the buffer aborted, and the host raises a
+``RuntimeError`` naming them at the next host check (at once when the host waits for counts, otherwise
+at the next call). After that every call raises: the buffer must be rebuilt.
+"""
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
+
+from ..event import EventHandle
+from ..handles import DispatchHandle
 
 try:
     from .. import _C
 except ImportError:  # built without CUDA: the reference backend serves every call
     _C = None
+
+#: Ranks one intranode group may have (the peer table of the kernels).
+MAX_RANKS = 8
+_FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
 def extension_available() -> bool:
@@ -14,8 +64,276 @@ def extension_available() -> bool:
     return _C is not None
 
 
-def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int):
-    """The layout kernel (see ``moe_a2a.layout.compute_layout`` for the definition)."""
+def _require_extension() -> None:
     if _C is None:
-        raise RuntimeError("moe_a2a._C is not built: install with CUDA torch and nvcc available")
+        raise RuntimeError("moe_a2a._C is not built: install with a CUDA build of torch and nvcc available")
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int):
+    """The layout kernel on the current stream (definition: ``moe_a2a.layout.compute_layout``).
+
+    Args:
+        topk_idx: ``[num_tokens, num_topk]`` int64 CUDA tensor, ``-1`` for "no expert".
+
+    Returns:
+        ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [num_nodes] int32 or None,
+        num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)``.
+    """
+    _require_extension()
+    if not isinstance(topk_idx, torch.Tensor) or not topk_idx.is_cuda:
+        raise TypeError(f"topk_idx must be a CUDA tensor, got {type(topk_idx).__name__}"
+                        f"{'' if not isinstance(topk_idx, torch.Tensor) else ' on ' + str(topk_idx.device)}")
+    if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
+        raise TypeError(f"topk_idx must be [num_tokens, num_topk] int64, got {list(topk_idx.shape)} {topk_idx.dtype}")
+    for name, value in (("num_experts", num_experts), ("num_ranks", num_ranks),
+                        ("num_ranks_per_node", num_ranks_per_node)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_experts % num_ranks:
+        raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
+    if num_ranks > num_ranks_per_node and num_ranks % num_ranks_per_node:
+        raise ValueError(f"num_ranks ({num_ranks}) must be a multiple of num_ranks_per_node ({num_ranks_per_node})")
+    if num_experts > 8192:
+        raise ValueError(f"the layout kernel supports at most 8192 experts, got {num_experts}")
     return _C.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+
+
+def _check_cuda(name: str, t: torch.Tensor, dtype, dim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
+
+
+class IntranodeBackend:
+    """The normal-mode kernels of one rank; same interface as ``ReferenceBackend``."""
+
+    def __init__(self, rank: int, num_ranks: int, group, num_nvl_bytes: int, all_gather_object, timeout_s: float):
+        _require_extension()
+        if num_ranks > MAX_RANKS:
+            raise NotImplementedError(f"intranode kernels support up to {MAX_RANKS} ranks, got {num_ranks}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("intranode kernels need a CUDA device")
+        self.rank, self.num_ranks, self.group = rank, num_ranks, group
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        num_nvl_bytes = int(num_nvl_bytes) // 16 * 16
+        sizes = all_gather_object(num_nvl_bytes)
+        if len(set(sizes)) != 1:
+            raise ValueError(f"every rank must pass the same num_nvl_bytes, got {sizes}")
+        self.num_nvl_bytes = num_nvl_bytes
+        self.runtime = _C.Runtime(rank, num_ranks, num_nvl_bytes, float(timeout_s))
+        self.runtime.connect(all_gather_object(self.runtime.ipc_handle()))
+        self.comm_stream = torch.cuda.Stream(self.device)
+        self._seq = 0
+        self._error: Optional[str] = None
+
+    # ------------------------------------------------------------------ helpers
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        if not self.runtime.is_available():
+            raise RuntimeError("moe_a2a intranode: this buffer was destroyed")
+        self._poll()
+
+    def _poll(self) -> None:
+        """Raise the error a kernel recorded, if any, and remember it (the buffer stays unusable)."""
+        text = self.runtime.error()
+        if text:
+            self._error = f"moe_a2a intranode: {text}; the buffer cannot be used again: rebuild it"
+            raise RuntimeError(self._error)
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if a kernel of this buffer timed out or overflowed (no device sync)."""
+        self._check_usable()
+
+    def _start(self, previous_event) -> torch.cuda.Stream:
+        compute = torch.cuda.current_stream(self.device)
+        event = getattr(previous_event, "event", None)
+        if event is not None and getattr(event, "event", None) is not None:
+            self.comm_stream.wait_event(event.event)
+        else:
+            self.comm_stream.wait_stream(compute)
+        return compute
+
+    def _finish(self, compute, async_finish: bool, tensors) -> Optional[EventHandle]:
+        if async_finish:
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(self.comm_stream)
+            return EventHandle(stream=self.comm_stream, device=self.device)
+        compute.wait_stream(self.comm_stream)
+        return None
+
+    def _alloc_stream(self, compute, allocate_on_comm_stream: bool):
+        return self.comm_stream if allocate_on_comm_stream else compute
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
+                 num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 expert_alignment: int, num_worst_tokens: int, config, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
+
+        Returns ``(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)`` like ``ReferenceBackend.dispatch``.
+        """
+        self._check_usable()
+        dev, R = self.device, self.num_ranks
+        if x.dtype not in (torch.bfloat16, _FP8):
+            raise TypeError(f"intranode dispatch takes bfloat16 or float8_e4m3fn tokens, got {x.dtype}")
+        _check_cuda("x", x, x.dtype, 2, dev)
+        if (x_scales is not None) != (x.dtype == _FP8):
+            raise ValueError("x_scales must be given exactly when x is float8_e4m3fn")
+        if (x.size(1) * x.element_size()) % 16:
+            raise ValueError(f"hidden size {x.size(1)} * {x.element_size()} bytes must be a multiple of 16")
+        if x_scales is not None:
+            _check_cuda("x_scales", x_scales, torch.float32, 2, dev)
+            if x_scales.size(0) != x.size(0):
+                raise ValueError(f"x_scales has {x_scales.size(0)} rows, expected {x.size(0)}")
+        num_tokens = x.size(0)
+        cached = handle is not None
+        if cached:
+            is_token_in_rank = handle.is_token_in_rank
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
+        else:
+            _check_cuda("num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, dev)
+            if num_tokens_per_expert.numel() % R:
+                raise ValueError(f"num_tokens_per_expert has {num_tokens_per_expert.numel()} experts, "
+                                 f"not a multiple of {R} ranks")
+            if topk_idx is not None:
+                _check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
+                if topk_idx.size(0) != num_tokens or topk_idx.size(1) > 32:
+                    raise ValueError(f"topk_idx must be [{num_tokens}, <=32], got {list(topk_idx.shape)}")
+                if topk_weights is not None:
+                    _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
+                    if topk_weights.shape != topk_idx.shape:
+                        raise ValueError(f"topk_weights shape {list(topk_weights.shape)} != topk_idx shape "
+                                         f"{list(topk_idx.shape)}")
+        _check_cuda("is_token_in_rank", is_token_in_rank, torch.bool, 2, dev)
+        if tuple(is_token_in_rank.shape) != (num_tokens, R):
+            raise ValueError(f"is_token_in_rank must be [{num_tokens}, {R}], got {list(is_token_in_rank.shape)}")
+        if num_worst_tokens < 0:
+            raise ValueError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
+
+        x = x.contiguous()
+        x_scales = x_scales.contiguous() if x_scales is not None else None
+        topk_idx = topk_idx.contiguous() if topk_idx is not None and not cached else None
+        topk_weights = topk_weights.contiguous() if topk_weights is not None and topk_idx is not None else None
+        is_token_in_rank = is_token_in_rank.contiguous()
+        compute = self._start(previous_event)
+        alloc = self._alloc_stream(compute, allocate_on_comm_stream)
+        i32 = dict(dtype=torch.int32, device=dev)
+        num_experts = 0
+        with torch.cuda.stream(self.comm_stream):
+            if cached:
+                rank_prefix, send_head = handle.rank_prefix_matrix, handle.send_head
+                num_rows = num_worst_tokens or handle.recv_src_idx.size(0)
+                expert_list = None
+            else:
+                num_experts = num_tokens_per_expert.numel()
+                channels = config.num_channels
+                with torch.cuda.stream(alloc):
+                    send_head = torch.empty(num_tokens, R, **i32)
+                    channel_prefix = torch.empty(R, channels, **i32)
+                    rank_prefix = torch.empty(R, R, **i32)
+                    recv_channel_prefix = torch.empty(R, channels, **i32)
+                self._seq = self._seq % (1 << 30) + 1
+                self.runtime.notify(num_tokens_per_expert.contiguous(), is_token_in_rank, channels,
+                                    int(expert_alignment), int(num_worst_tokens), self._seq if not num_worst_tokens
+                                    else 0, send_head, channel_prefix, rank_prefix, recv_channel_prefix)
+                if num_worst_tokens:
+                    num_rows, expert_list = num_worst_tokens, []
+                else:
+                    num_rows, expert_list, error = self.runtime.wait_notify(self._seq, num_experts // R)
+                    if error:
+                        self._error = f"moe_a2a intranode: {error}; the buffer cannot be used again: rebuild it"
+                        raise RuntimeError(self._error)
+            with torch.cuda.stream(alloc):
+                recv_x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=dev)
+                recv_x_scales = (torch.empty(num_rows, x_scales.size(1), dtype=torch.float32, device=dev)
+                                 if x_scales is not None else None)
+                recv_topk_idx = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.int64, device=dev)
+                                 if topk_idx is not None else None)
+                recv_topk_weights = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=dev)
+                                     if topk_weights is not None else None)
+                recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
+            self.runtime.dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts,
+                                  config.num_sms, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                                  recv_src_idx)
+        if cached:
+            out_handle = None
+        else:
+            out_handle = DispatchHandle(rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx,
+                                        is_token_in_rank, send_head)
+        event = self._finish(compute, async_finish,
+                             (x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_head, rank_prefix, recv_x,
+                              recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
+        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, expert_list, out_handle, event
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
+                bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation).
+
+        Returns ``(combined_x [T, hidden] bf16, combined_topk_weights [T, K] f32 or None, event)``.
+        """
+        self._check_usable()
+        dev = self.device
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"intranode combine takes bfloat16 tokens, got {x.dtype}")
+        _check_cuda("x", x, torch.bfloat16, 2, dev)
+        if x.size(1) % 8:
+            raise ValueError(f"hidden size must be a multiple of 8, got {x.size(1)}")
+        num_rows = handle.recv_src_idx.size(0)
+        if x.size(0) < num_rows:
+            raise ValueError(f"x has {x.size(0)} rows, expected {num_rows} (the rows dispatch returned)")
+        num_tokens = handle.is_token_in_rank.size(0)
+        if topk_weights is not None:
+            _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
+            if topk_weights.size(0) != x.size(0) or topk_weights.size(1) > 32:
+                raise ValueError(f"topk_weights must be [{x.size(0)}, <=32], got {list(topk_weights.shape)}")
+        biases = []
+        for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
+            if b is not None:
+                _check_cuda(name, b, torch.bfloat16, 2, dev)
+                if tuple(b.shape) != (num_tokens, x.size(1)):
+                    raise ValueError(f"{name} must be [{num_tokens}, {x.size(1)}], got {list(b.shape)}")
+                b = b.contiguous()
+            biases.append(b)
+        x = x.contiguous()
+        topk_weights = topk_weights.contiguous() if topk_weights is not None else None
+        compute = self._start(previous_event)
+        alloc = self._alloc_stream(compute, allocate_on_comm_stream)
+        with torch.cuda.stream(self.comm_stream):
+            with torch.cuda.stream(alloc):
+                out = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=dev)
+                out_weights = (torch.empty(num_tokens, topk_weights.size(1), dtype=torch.float32, device=dev)
+                               if topk_weights is not None else None)
+            self.runtime.combine(x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
+                                 handle.is_token_in_rank.contiguous(), biases[0], biases[1], config.num_sms, out,
+                                 out_weights)
+        event = self._finish(compute, async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
+        return out, out_weights, event
+
+    # ------------------------------------------------------------------ resources
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        return self.comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, offset: int = 0, use_rdma_buffer: bool = False):
+        """The NVL staging area from ``offset`` bytes on, as a 1-D tensor of ``dtype`` (shared with the kernels)."""
+        if use_rdma_buffer:
+            raise NotImplementedError("intranode buffers have no RDMA part (num_rdma_bytes is for internode kernels)")
+        self._check_usable()
+        raw = self.runtime.local_buffer(int(offset))
+        size = torch.empty((), dtype=dtype).element_size()
+        return raw[: raw.numel() // size * size].view(dtype)
+
+    def destroy(self) -> None:
+        """Free the buffer and close the peers' mappings (waits for the device first)."""
+        self.runtime.destroy()

@@ -1,0 +1,105 @@
+// Kernel launchers of moe_a2a._C. Plain C++ types only: the .cu files do not include torch headers,
+// which keeps them fast to compile; csrc/bindings.cpp turns tensors into these arguments.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace moe_a2a {
+
+// ---------------------------------------------------------------- layout
+// topk_idx [T, K] int64 (-1 = none). Outputs must be zeroed by the caller except is_token_in_rank,
+// which the kernel writes completely. num_tokens_per_node may be null (intranode groups).
+void launch_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks,
+                            int num_ranks_per_node, int* num_tokens_per_rank, int* num_tokens_per_node,
+                            int* num_tokens_per_expert, bool* is_token_in_rank, cudaStream_t stream);
+
+}  // namespace moe_a2a
+
+namespace moe_a2a {
+
+// ---------------------------------------------------------------- intranode
+constexpr int kMaxRanks = 8;          // NVLink peers of one intranode group
+constexpr int kMaxChannels = 64;      // channels of channel_prefix_matrix (num_sms / 2)
+constexpr int kMaxExperts = 4096;     // experts whose counts the notify step exchanges
+constexpr int kMaxLocalExperts = 1024;
+constexpr int kDispatchThreads = 512;   // threads of a dispatch block (one block per SM, 128 registers each)
+constexpr int kCombineThreads = 512;    // combine keeps a register per rank and lane: fewer, fatter threads
+
+// Int offsets of the header at the start of every rank's NVL allocation (same layout on every rank).
+// Peers write only kSignal; everything else is written by the owner and read by peers after a barrier.
+namespace hdr {
+constexpr int kSignal = 0;            // [kMaxRanks] barrier epoch last signalled by each peer
+constexpr int kEpoch = 8;             // barriers this rank has entered
+constexpr int kGridArrive = 9;        // blocks arrived at the current grid barrier
+constexpr int kGridGen = 10;          // grid barrier generation
+constexpr int kAborted = 11;          // set on the first error: later kernels exit at once
+constexpr int kErrorClaim = 12;       // first error wins this flag and writes the host record
+constexpr int kNumTokens = 13;        // tokens of the current operation (dispatch: sent, combine: combined)
+constexpr int kSendCounts = 16;       // [kMaxRanks] tokens sent to each rank
+constexpr int kChannelPrefix = 32;    // [kMaxRanks][kMaxChannels] this rank's channel_prefix_matrix
+constexpr int kExpertCounts = 1024;   // [kMaxExperts] this rank's num_tokens_per_expert
+constexpr int kInts = 8192;           // header size in ints (32 KiB); the staging area follows
+}  // namespace hdr
+constexpr int64_t kHeaderBytes = hdr::kInts * 4;
+
+enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3 };
+enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStaged = 3, kPhaseCombineStart = 4,
+                   kPhaseCombineStaged = 5 };
+
+// Pinned, device-mapped host memory: what the host reads without a device synchronisation.
+struct HostInfo {
+    volatile int notify_seq;       // set to the launch's sequence number once the fields below are written
+    volatile int num_recv_tokens;
+    volatile int error_code;       // ErrorCode; written last, after the other error fields
+    volatile int error_peer;       // rank waited for (or -1)
+    volatile int error_phase;      // Phase
+    volatile int error_expected;   // counter value waited for (or rows allocated, for an overflow)
+    volatile int error_seen;       // counter value seen (or rows received)
+    volatile int error_round;
+    volatile int recv_tokens_per_expert[kMaxLocalExperts];
+};
+
+// What every intranode kernel needs to reach its peers; passed by value.
+struct PeerCtx {
+    int* peers[kMaxRanks];         // base of each rank's allocation (header first, then staging)
+    HostInfo* host;                // device pointer of this rank's HostInfo
+    uint64_t timeout_ns;
+    int rank;
+    int num_ranks;
+};
+
+void launch_notify(const PeerCtx& ctx, const int* num_tokens_per_expert, int num_experts, const bool* is_token_in_rank,
+                   int num_tokens, int num_channels, int expert_alignment, int num_worst_tokens, int seq,
+                   int* send_head, int* channel_prefix, int* rank_prefix, int* recv_channel_prefix,
+                   cudaStream_t stream);
+
+struct DispatchArgs {
+    const void* x; int hidden_int4;                 // [T, hidden] rows of hidden_int4 * 16 bytes
+    const float* x_scales; int num_scales;          // [T, num_scales] or null
+    const int64_t* topk_idx; const float* topk_weights; int num_topk;  // [T, K] or null
+    const int* send_head; const int* rank_prefix; int num_tokens;
+    void* recv_x; float* recv_x_scales; int64_t* recv_topk_idx; float* recv_topk_weights;
+    int* recv_src_idx;                              // null in cached mode
+    int num_alloc_rows;                             // rows of the outputs (received, or num_worst_tokens)
+    int num_experts_per_rank;
+    int capacity;                                   // tokens staged per round
+};
+
+void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream);
+int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_scales, int num_topk);
+
+struct CombineArgs {
+    const void* x; int hidden_int4;                 // [N, hidden] bf16
+    const float* topk_weights; int num_topk;        // [N, K] or null
+    const int* recv_src_idx; const int* rank_prefix;
+    const bool* is_token_in_rank; int num_tokens;   // [T, R]
+    const void* bias_0; const void* bias_1;         // [T, hidden] bf16 or null
+    void* out; float* out_weights;                  // [T, hidden], [T, K]
+    int capacity;                                   // tokens per source rank staged per round
+};
+
+void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream);
+int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk);
+
+}  // namespace moe_a2a

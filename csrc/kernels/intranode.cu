@@ -1,0 +1,516 @@
+// Intranode dispatch/combine: every rank stages its rows once in its own IPC-shared buffer, and every
+// receiver pulls the rows it needs straight into its outputs (see moe_a2a/backends/intranode.py for the
+// design and its cost). Each kernel runs rounds of "stage, barrier, pull" so any token count fits the
+// buffer; a barrier is a grid barrier whose last block also meets the peers.
+#include <cuda_bf16.h>
+
+#include "kernels/api.cuh"
+#include "kernels/utils.cuh"
+
+namespace moe_a2a {
+
+namespace {
+
+__device__ __forceinline__ int* header(const PeerCtx& c, int r) { return c.peers[r]; }
+
+__device__ __forceinline__ char* staging(const PeerCtx& c, int r) {
+    return reinterpret_cast<char*>(c.peers[r]) + kHeaderBytes;
+}
+
+// First error wins: it fills the host record (code written last) and marks the buffer aborted.
+__device__ void record_error(const PeerCtx& c, int code, int peer, int phase, int expected, int seen, int round) {
+    int* h = header(c, c.rank);
+    if (atomicCAS(h + hdr::kErrorClaim, 0, 1) == 0) {
+        c.host->error_peer = peer;
+        c.host->error_phase = phase;
+        c.host->error_expected = expected;
+        c.host->error_seen = seen;
+        c.host->error_round = round;
+        __threadfence_system();
+        c.host->error_code = code;
+    }
+    atomicExch(h + hdr::kAborted, 1);
+    __threadfence_system();
+}
+
+// One thread: tell every peer "I reached barrier e", then wait until every peer did. Epochs live in
+// device memory, so the sequence also holds under CUDA graph replay.
+__device__ bool rank_barrier(const PeerCtx& c, int phase, int round) {
+    int* h = header(c, c.rank);
+    const int e = h[hdr::kEpoch] + 1;
+    h[hdr::kEpoch] = e;
+    __threadfence_system();
+    for (int p = 0; p < c.num_ranks; ++p)
+        if (p != c.rank) st_release_sys(header(c, p) + hdr::kSignal + c.rank, e);
+    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
+    for (int p = 0; p < c.num_ranks; ++p) {
+        if (p == c.rank) continue;
+        int seen;
+        while (!counter_reached(seen = ld_acquire_sys(h + hdr::kSignal + p), e)) {
+            if (global_timer_ns() > deadline) {
+                record_error(c, kErrPeerTimeout, p, phase, e, seen, round);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+// Barrier of all blocks of this kernel (they are co-resident: one per SM), optionally joined with every
+// peer. Returns false (in every thread) once the buffer is aborted.
+__device__ bool grid_barrier(const PeerCtx& c, bool with_peers, int phase, int round) {
+    __shared__ int s_ok;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* h = header(c, c.rank);
+        bool ok = true;
+        const int gen = ld_acquire_gpu(h + hdr::kGridGen);
+        __threadfence_system();  // this block's staged rows are visible before it arrives
+        if (atomicAdd(h + hdr::kGridArrive, 1) == static_cast<int>(gridDim.x) - 1) {
+            atomicExch(h + hdr::kGridArrive, 0);
+            if (with_peers) ok = rank_barrier(c, phase, round);
+            __threadfence_system();
+            atomicAdd(h + hdr::kGridGen, 1);
+        } else {
+            // Longer than the peer timeout, so the peer wait reports first when a peer is missing.
+            const uint64_t deadline = global_timer_ns() + 2 * c.timeout_ns + 1000000000ull;
+            while (ld_acquire_gpu(h + hdr::kGridGen) == gen) {
+                if (global_timer_ns() > deadline) {
+                    record_error(c, kErrGridTimeout, -1, phase, gen + 1, gen, round);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        s_ok = ok && ld_volatile(h + hdr::kAborted) == 0;
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+__device__ __forceinline__ bool aborted(const PeerCtx& c) { return ld_volatile(header(c, c.rank) + hdr::kAborted) != 0; }
+
+// ------------------------------------------------------------------------------------------ notify
+// One block. Computes send_head and channel_prefix from is_token_in_rank, publishes this rank's counts,
+// meets the peers, then builds rank_prefix / recv_channel_prefix and the per-expert receive counts.
+constexpr int kNotifyThreads = 1024;
+
+__global__ void __launch_bounds__(kNotifyThreads, 1)
+notify_kernel(PeerCtx c, const int* __restrict__ num_tokens_per_expert, int num_experts,
+              const bool* __restrict__ is_token_in_rank, int num_tokens, int num_channels, int expert_alignment,
+              int num_worst_tokens, int seq, int* send_head, int* channel_prefix, int* rank_prefix,
+              int* recv_channel_prefix) {
+    __shared__ int s_thread_prefix[kMaxRanks][kNotifyThreads];
+    __shared__ int s_warp[kMaxRanks][32];
+    __shared__ int s_total[kMaxRanks];
+    const int R = c.num_ranks, me = c.rank, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    if (aborted(c)) return;
+
+    // Each thread owns a contiguous segment of tokens; a block scan gives its starting positions.
+    const int seg = (num_tokens + kNotifyThreads - 1) / kNotifyThreads;
+    const int t0 = min(num_tokens, tid * seg), t1 = min(num_tokens, t0 + seg);
+    int run[kMaxRanks];
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) run[r] = 0;
+    for (int t = t0; t < t1; ++t)
+#pragma unroll
+        for (int r = 0; r < kMaxRanks; ++r)
+            if (r < R) run[r] += is_token_in_rank[static_cast<int64_t>(t) * R + r];
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+        int incl = run[r];
+        for (int d = 1; d < 32; d <<= 1) {
+            const int v = __shfl_up_sync(0xffffffff, incl, d);
+            if (lane >= d) incl += v;
+        }
+        if (lane == 31) s_warp[r][warp] = incl;
+        run[r] = incl - run[r];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        for (int r = 0; r < R; ++r) {
+            const int w = s_warp[r][lane];
+            int incl = w;
+            for (int d = 1; d < 32; d <<= 1) {
+                const int v = __shfl_up_sync(0xffffffff, incl, d);
+                if (lane >= d) incl += v;
+            }
+            s_warp[r][lane] = incl - w;
+            if (lane == 31) s_total[r] = incl;
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+        if (r >= R) break;
+        run[r] += s_warp[r][warp];
+        s_thread_prefix[r][tid] = run[r];
+    }
+    for (int t = t0; t < t1; ++t)
+#pragma unroll
+        for (int r = 0; r < kMaxRanks; ++r)
+            if (r < R) {
+                const bool in = is_token_in_rank[static_cast<int64_t>(t) * R + r];
+                send_head[static_cast<int64_t>(t) * R + r] = in ? run[r]++ : -1;
+            }
+    __syncthreads();
+
+    // channel_prefix[r][ch] = tokens sent to r from channels 0..ch; channels split tokens evenly.
+    int* h = header(c, me);
+    const int per_channel = num_tokens > 0 ? (num_tokens + num_channels - 1) / num_channels : 1;
+    for (int i = tid; i < R * num_channels; i += kNotifyThreads) {
+        const int r = i / num_channels, ch = i % num_channels;
+        const int end = min(num_tokens, (ch + 1) * per_channel);
+        int value;
+        if (end >= num_tokens) {
+            value = s_total[r];
+        } else {
+            const int owner = end / seg;  // seg > 0 here since end < num_tokens
+            value = s_thread_prefix[r][owner];
+            for (int t = owner * seg; t < end; ++t) value += is_token_in_rank[static_cast<int64_t>(t) * R + r];
+        }
+        channel_prefix[i] = value;
+        h[hdr::kChannelPrefix + r * kMaxChannels + ch] = value;
+    }
+    for (int r = tid; r < R; r += kNotifyThreads) h[hdr::kSendCounts + r] = s_total[r];
+    for (int e = tid; e < num_experts; e += kNotifyThreads) h[hdr::kExpertCounts + e] = num_tokens_per_expert[e];
+    if (!grid_barrier(c, true, kPhaseNotify, 0)) return;
+
+    // Everything below reads what the peers published before the barrier.
+    for (int i = tid; i < R * R; i += kNotifyThreads) {
+        const int src = i / R, dst = i % R;
+        int sum = 0;
+        for (int s = 0; s <= src; ++s) sum += ld_cg(header(c, s) + hdr::kSendCounts + dst);
+        rank_prefix[i] = sum;
+    }
+    for (int i = tid; i < R * num_channels; i += kNotifyThreads) {
+        const int src = i / num_channels, ch = i % num_channels;
+        recv_channel_prefix[i] = ld_cg(header(c, src) + hdr::kChannelPrefix + me * kMaxChannels + ch);
+    }
+    const int experts_per_rank = num_experts / R;
+    for (int l = tid; l < experts_per_rank; l += kNotifyThreads) {
+        int sum = 0;
+        for (int s = 0; s < R; ++s) sum += ld_cg(header(c, s) + hdr::kExpertCounts + me * experts_per_rank + l);
+        c.host->recv_tokens_per_expert[l] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+    }
+    if (tid == 0) {
+        int num_recv = 0;
+        for (int s = 0; s < R; ++s) num_recv += ld_cg(header(c, s) + hdr::kSendCounts + me);
+        c.host->num_recv_tokens = num_recv;
+        if (num_worst_tokens > 0 && num_recv > num_worst_tokens)
+            record_error(c, kErrRecvOverflow, -1, kPhaseNotify, num_worst_tokens, num_recv, 0);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence_system();
+        c.host->notify_seq = seq;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+// Staging layout of one round (structure of arrays, each array 16-byte aligned):
+//   data [Q, hidden] | send_head [Q, R] int32 | scales [Q, S] f32 | topk_idx [Q, K] i64 | weights [Q, K] f32
+__host__ __device__ __forceinline__ int64_t align16(int64_t n) { return (n + 15) / 16 * 16; }
+
+struct DispatchLayout {
+    int64_t data, head, scales, idx, weights, end;
+    __host__ __device__ DispatchLayout(int q, int hidden_int4, int R, int S, int K) {
+        data = 0;
+        head = align16(data + static_cast<int64_t>(q) * hidden_int4 * 16);
+        scales = align16(head + static_cast<int64_t>(q) * R * 4);
+        idx = align16(scales + static_cast<int64_t>(q) * S * 4);
+        weights = align16(idx + static_cast<int64_t>(q) * K * 8);
+        end = align16(weights + static_cast<int64_t>(q) * K * 4);
+    }
+};
+
+// Grid-wide copy of `n` 16-byte words (stage a contiguous slice of a local input into the buffer).
+__device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64_t n) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        const int4 a = ld_nc_v4(src + i), b = ld_nc_v4(src + i + stride), d = ld_nc_v4(src + i + 2 * stride),
+                   e = ld_nc_v4(src + i + 3 * stride);
+        st_na_v4(dst + i, a);
+        st_na_v4(dst + i + stride, b);
+        st_na_v4(dst + i + 2 * stride, d);
+        st_na_v4(dst + i + 3 * stride, e);
+    }
+    for (; i < n; i += stride) st_na_v4(dst + i, ld_nc_v4(src + i));
+}
+
+__device__ __forceinline__ void grid_copy_words(int* dst, const int* src, int64_t n) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+        dst[i] = __ldg(src + i);
+}
+
+// Tokens of every rank (published in the header before the first barrier) and the largest of them.
+__device__ int load_peer_tokens(const PeerCtx& c, int* s_tokens) {
+    if (threadIdx.x < c.num_ranks) s_tokens[threadIdx.x] = ld_cg(header(c, threadIdx.x) + hdr::kNumTokens);
+    __syncthreads();
+    int most = 0;
+    for (int r = 0; r < c.num_ranks; ++r) most = max(most, s_tokens[r]);
+    return most;
+}
+
+__global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c, DispatchArgs a) {
+    __shared__ int s_tokens[kMaxRanks];
+    __shared__ int s_offset[kMaxRanks + 1];  // first output row of each source rank, then the total
+    const int R = c.num_ranks, me = c.rank, lane = threadIdx.x % 32;
+    if (aborted(c)) return;
+    if (blockIdx.x == 0 && threadIdx.x == 0) header(c, me)[hdr::kNumTokens] = a.num_tokens;
+    // Also guarantees that no peer still reads this buffer for an earlier operation.
+    if (!grid_barrier(c, true, kPhaseDispatchStart, 0)) return;
+
+    const int max_tokens = load_peer_tokens(c, s_tokens);
+    if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
+    __syncthreads();
+    const int num_recv = s_offset[R];
+    const int Q = a.capacity, S = a.num_scales, K = a.num_topk, H4 = a.hidden_int4;
+    const DispatchLayout L(Q, H4, R, S, K);
+    const int expert_begin = me * a.num_experts_per_rank;
+    const int num_warps = gridDim.x * (blockDim.x / 32);
+    const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int num_rounds = (max_tokens + Q - 1) / Q;
+
+    for (int round = 0; round < num_rounds; ++round) {
+        const int first = round * Q;
+        if (round > 0 && !grid_barrier(c, true, kPhaseDispatchStart, round)) return;
+        // Stage this rank's tokens [first, first + n) once; every receiver reads them from here.
+        const int n = max(0, min(Q, a.num_tokens - first));
+        char* mine = staging(c, me);
+        grid_copy_int4(reinterpret_cast<int4*>(mine + L.data),
+                       static_cast<const int4*>(a.x) + static_cast<int64_t>(first) * H4, static_cast<int64_t>(n) * H4);
+        grid_copy_words(reinterpret_cast<int*>(mine + L.head), a.send_head + static_cast<int64_t>(first) * R,
+                        static_cast<int64_t>(n) * R);
+        if (a.x_scales)
+            grid_copy_words(reinterpret_cast<int*>(mine + L.scales),
+                            reinterpret_cast<const int*>(a.x_scales) + static_cast<int64_t>(first) * S,
+                            static_cast<int64_t>(n) * S);
+        if (a.topk_idx) {
+            grid_copy_words(reinterpret_cast<int*>(mine + L.idx),
+                            reinterpret_cast<const int*>(a.topk_idx) + static_cast<int64_t>(first) * K * 2,
+                            static_cast<int64_t>(n) * K * 2);
+            if (a.topk_weights)
+                grid_copy_words(reinterpret_cast<int*>(mine + L.weights),
+                                reinterpret_cast<const int*>(a.topk_weights) + static_cast<int64_t>(first) * K,
+                                static_cast<int64_t>(n) * K);
+        }
+        if (!grid_barrier(c, true, kPhaseDispatchStaged, round)) return;
+
+        // Pull: batches of 32 staged slots per warp, over all sources; a slot is copied when the
+        // source sends that token here, to output row offset[source] + send_head.
+        int num_batches = 0;
+        for (int s = 0; s < R; ++s) num_batches += (max(0, min(Q, s_tokens[s] - first)) + 31) / 32;
+        for (int b = gwarp; b < num_batches; b += num_warps) {
+            int s = 0, local = b;
+            for (;; ++s) {
+                const int nb = (max(0, min(Q, s_tokens[s] - first)) + 31) / 32;
+                if (local < nb) break;
+                local -= nb;
+            }
+            const int ns = max(0, min(Q, s_tokens[s] - first));
+            const char* src = staging(c, s);
+            const int slot = local * 32 + lane;
+            const int head = slot < ns ? ld_cg(reinterpret_cast<const int*>(src + L.head) + slot * R + me) : -1;
+            unsigned mask = __ballot_sync(0xffffffff, head >= 0);
+            while (mask) {
+                const int l = __ffs(mask) - 1;
+                mask &= mask - 1;
+                const int i = local * 32 + l;
+                const int row = s_offset[s] + __shfl_sync(0xffffffff, head, l);
+                if (row >= a.num_alloc_rows) {
+                    if (lane == 0) record_error(c, kErrRecvOverflow, s, kPhaseDispatchStaged, a.num_alloc_rows, row + 1, round);
+                    continue;
+                }
+                warp_copy<true, 8>(static_cast<int4*>(a.recv_x) + static_cast<int64_t>(row) * H4,
+                                   reinterpret_cast<const int4*>(src + L.data) + static_cast<int64_t>(i) * H4, H4, lane);
+                if (a.recv_x_scales)
+                    warp_copy_words<true>(reinterpret_cast<int*>(a.recv_x_scales) + static_cast<int64_t>(row) * S,
+                                          reinterpret_cast<const int*>(src + L.scales) + static_cast<int64_t>(i) * S, S,
+                                          lane);
+                if (a.recv_topk_idx && lane < K) {
+                    const int64_t e = reinterpret_cast<const int64_t*>(src + L.idx)[static_cast<int64_t>(i) * K + lane];
+                    // Keep the expert only where it lives on this rank, as a local id; its weight likewise.
+                    const bool local_expert = e >= expert_begin && e < expert_begin + a.num_experts_per_rank;
+                    a.recv_topk_idx[static_cast<int64_t>(row) * K + lane] = local_expert ? e - expert_begin : -1;
+                    if (a.recv_topk_weights) {
+                        const float w = __int_as_float(
+                            ld_cg(reinterpret_cast<const int*>(src + L.weights) + static_cast<int64_t>(i) * K + lane));
+                        a.recv_topk_weights[static_cast<int64_t>(row) * K + lane] = local_expert ? w : 0.0f;
+                    }
+                }
+                if (a.recv_src_idx && lane == 0) a.recv_src_idx[row] = first + i;
+            }
+        }
+    }
+
+    // num_worst_tokens: rows past the received count are padding (zeros, expert -1, source -1).
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int pad_from = min(num_recv, a.num_alloc_rows);
+    const int64_t pad_rows = a.num_alloc_rows - pad_from;
+    for (int64_t i = tid; i < pad_rows * H4; i += stride)
+        static_cast<int4*>(a.recv_x)[static_cast<int64_t>(pad_from) * H4 + i] = make_int4(0, 0, 0, 0);
+    if (a.recv_x_scales)
+        for (int64_t i = tid; i < pad_rows * S; i += stride) a.recv_x_scales[static_cast<int64_t>(pad_from) * S + i] = 0.0f;
+    if (a.recv_topk_idx)
+        for (int64_t i = tid; i < pad_rows * K; i += stride) {
+            a.recv_topk_idx[static_cast<int64_t>(pad_from) * K + i] = -1;
+            if (a.recv_topk_weights) a.recv_topk_weights[static_cast<int64_t>(pad_from) * K + i] = 0.0f;
+        }
+    if (a.recv_src_idx)
+        for (int64_t i = tid; i < pad_rows; i += stride) a.recv_src_idx[pad_from + i] = -1;
+}
+
+// ------------------------------------------------------------------------------------------ combine
+// Staging layout of one round: for each source rank s, Q slots indexed by s's token index minus the
+// round's first token: data [R, Q, hidden] bf16 | weights [R, Q, K] f32.
+struct CombineLayout {
+    int64_t data, weights, end;
+    __host__ __device__ CombineLayout(int q, int hidden_int4, int R, int K) {
+        data = 0;
+        weights = align16(static_cast<int64_t>(R) * q * hidden_int4 * 16);
+        end = align16(weights + static_cast<int64_t>(R) * q * K * 4);
+    }
+};
+
+__device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(p[i]);
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+
+__global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, CombineArgs a) {
+    __shared__ int s_tokens[kMaxRanks];
+    __shared__ int s_offset[kMaxRanks + 1];
+    const int R = c.num_ranks, me = c.rank, lane = threadIdx.x % 32;
+    if (aborted(c)) return;
+    if (blockIdx.x == 0 && threadIdx.x == 0) header(c, me)[hdr::kNumTokens] = a.num_tokens;
+    if (!grid_barrier(c, true, kPhaseCombineStart, 0)) return;
+
+    const int max_tokens = load_peer_tokens(c, s_tokens);
+    if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
+    __syncthreads();
+    const int num_recv = s_offset[R];
+    const int Q = a.capacity, K = a.num_topk, H4 = a.hidden_int4;
+    const CombineLayout L(Q, H4, R, K);
+    const int num_warps = gridDim.x * (blockDim.x / 32);
+    const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int num_rounds = (max_tokens + Q - 1) / Q;
+
+    for (int round = 0; round < num_rounds; ++round) {
+        const int first = round * Q;
+        if (round > 0 && !grid_barrier(c, true, kPhaseCombineStart, round)) return;
+        // Stage: received row j (from source s, its token t) goes to slot [s, t - first] when t is in
+        // this round's window.
+        char* mine = staging(c, me);
+        for (int b = gwarp; b * 32 < num_recv; b += num_warps) {
+            const int j_lane = b * 32 + lane;
+            int slot = -1, src_rank = 0;
+            if (j_lane < num_recv) {
+                const int t = __ldg(a.recv_src_idx + j_lane);
+                while (src_rank + 1 < R && j_lane >= s_offset[src_rank + 1]) ++src_rank;
+                if (t >= first && t < first + Q) slot = src_rank * Q + (t - first);
+            }
+            unsigned mask = __ballot_sync(0xffffffff, slot >= 0);
+            while (mask) {
+                const int l = __ffs(mask) - 1;
+                mask &= mask - 1;
+                const int dst = __shfl_sync(0xffffffff, slot, l);
+                const int64_t j = b * 32 + l;
+                warp_copy_lean<false, 8>(reinterpret_cast<int4*>(mine + L.data) + static_cast<int64_t>(dst) * H4,
+                                    static_cast<const int4*>(a.x) + j * H4, H4, lane);
+                if (a.topk_weights && lane < K)
+                    reinterpret_cast<float*>(mine + L.weights)[static_cast<int64_t>(dst) * K + lane] =
+                        __ldg(a.topk_weights + j * K + lane);
+            }
+        }
+        if (!grid_barrier(c, true, kPhaseCombineStaged, round)) return;
+
+        // Pull: one warp per token of this round; copies from every rank it went to, summed in f32
+        // in rank order (the reference's order), plus the biases.
+        const int n = max(0, min(Q, a.num_tokens - first));
+        for (int i = gwarp; i < n; i += num_warps) {
+            const int64_t t = first + i;
+            const bool in = lane < R && a.is_token_in_rank[t * R + lane];
+            const unsigned ranks = __ballot_sync(0xffffffff, in);
+            const int64_t slot = static_cast<int64_t>(me) * Q + i;
+            // Two 16-byte chunks per lane and rank in flight: up to 2 * R loads before the first add.
+            for (int w = lane; w < H4; w += 64) {
+                const bool two = w + 32 < H4;
+                int4 v[kMaxRanks][2];
+#pragma unroll
+                for (int r = 0; r < kMaxRanks; ++r)
+                    if (ranks >> r & 1) {
+                        const int4* row = reinterpret_cast<const int4*>(staging(c, r) + L.data) + slot * H4;
+                        v[r][0] = ld_cg_v4(row + w);
+                        if (two) v[r][1] = ld_cg_v4(row + w + 32);
+                    }
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    if (half == 1 && !two) break;
+                    const int wi = w + 32 * half;
+                    float acc[8];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+                    for (int r = 0; r < kMaxRanks; ++r)
+                        if (ranks >> r & 1) add_bf16x8(acc, v[r][half]);
+                    if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + t * H4 + wi));
+                    if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + t * H4 + wi));
+                    int4 out;
+                    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+                    st_na_v4(static_cast<int4*>(a.out) + t * H4 + wi, out);
+                }
+            }
+            if (a.out_weights && lane < K) {
+                float sum = 0.0f;
+                for (int r = 0; r < R; ++r)
+                    if (ranks >> r & 1)
+                        sum += __int_as_float(
+                            ld_cg(reinterpret_cast<const int*>(staging(c, r) + L.weights) + slot * K + lane));
+                a.out_weights[t * K + lane] = sum;
+            }
+        }
+    }
+}
+
+}  // namespace
+
+int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_scales, int num_topk) {
+    return DispatchLayout(capacity, hidden_int4, num_ranks, num_scales, num_topk).end;
+}
+
+int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk) {
+    return CombineLayout(capacity, hidden_int4, num_ranks, num_topk).end;
+}
+
+void launch_notify(const PeerCtx& ctx, const int* num_tokens_per_expert, int num_experts, const bool* is_token_in_rank,
+                   int num_tokens, int num_channels, int expert_alignment, int num_worst_tokens, int seq,
+                   int* send_head, int* channel_prefix, int* rank_prefix, int* recv_channel_prefix,
+                   cudaStream_t stream) {
+    notify_kernel<<<1, kNotifyThreads, 0, stream>>>(ctx, num_tokens_per_expert, num_experts, is_token_in_rank,
+                                                     num_tokens, num_channels, expert_alignment, num_worst_tokens,
+                                                     seq, send_head, channel_prefix, rank_prefix, recv_channel_prefix);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream) {
+    dispatch_kernel<<<num_blocks, kDispatchThreads, 0, stream>>>(ctx, a);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream) {
+    combine_kernel<<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace moe_a2a

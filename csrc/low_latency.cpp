@@ -1,0 +1,331 @@
+// Low-latency runtime (see low_latency.h and kernels/low_latency.cuh for the buffer layout). Every launch
+// runs on the current CUDA stream and reads no device value on the host, so calls can be captured in a
+// CUDA graph. The Python backend alternates the buffer set between calls.
+#include "low_latency.h"
+
+#include <cstring>
+#include <atomic>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/low_latency.cuh"
+#include "kernels/utils.cuh"
+
+namespace moe_a2a {
+
+namespace {
+
+void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, std::vector<int64_t> shape) {
+    TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+    TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", c10::IntArrayRef(shape));
+}
+
+class LowLatencyRuntime {
+   public:
+    LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s)
+        : rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes) {
+        TORCH_CHECK(num_ranks >= 1 && num_ranks <= kLLMaxRanks, "low-latency groups have 1..", kLLMaxRanks,
+                    " ranks, got ", num_ranks);
+        TORCH_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range [0, ", num_ranks, ")");
+        TORCH_CHECK(num_bytes > kLLSignalBytes, "num_bytes must exceed ", kLLSignalBytes, ", got ", num_bytes);
+        TORCH_CHECK(timeout_s > 0, "timeout_s must be positive, got ", timeout_s);
+        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
+        set_bytes_ = ((num_bytes - kLLSignalBytes) / 2) / 128 * 128;
+        MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
+        MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_));
+        MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, num_bytes));
+        MOE_A2A_CUDA_CHECK(cudaMemset(local_, 0, num_bytes));
+        MOE_A2A_CUDA_CHECK(cudaMalloc(&workspace_, kLLWorkspaceInts * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaMemset(workspace_, 0, kLLWorkspaceInts * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
+        void* host = nullptr;
+        MOE_A2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(LLHostError), cudaHostAllocMapped));
+        std::memset(host, 0, sizeof(LLHostError));
+        host_ = static_cast<LLHostError*>(host);
+        void* host_dev = nullptr;
+        MOE_A2A_CUDA_CHECK(cudaHostGetDevicePointer(&host_dev, host, 0));
+        host_dev_ = static_cast<LLHostError*>(host_dev);
+        MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+
+    ~LowLatencyRuntime() { destroy(); }
+
+    // Bytes a buffer needs for calls of this shape: signals plus two sets of (send area, recv area).
+    static int64_t required_bytes(int64_t max_tokens, int64_t hidden, int64_t num_ranks, int64_t num_experts) {
+        return kLLSignalBytes + 2 * (ll_send_bytes(num_experts, max_tokens, hidden) +
+                                     ll_recv_bytes(num_experts, max_tokens, hidden));
+    }
+
+    pybind11::bytes ipc_handle() const {
+        return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
+    }
+
+    void connect(const std::vector<std::string>& handles) {
+        TORCH_CHECK(!destroyed_ && !connected_, "connect() needs a fresh runtime");
+        TORCH_CHECK(static_cast<int>(handles.size()) == num_ranks_, "expected ", num_ranks_, " IPC handles, got ",
+                    handles.size());
+        for (int r = 0; r < num_ranks_; ++r) {
+            if (r == rank_) {
+                peers_[r] = static_cast<char*>(local_);
+                continue;
+            }
+            TORCH_CHECK(handles[r].size() == sizeof(cudaIpcMemHandle_t), "bad IPC handle from rank ", r);
+            cudaIpcMemHandle_t h;
+            std::memcpy(&h, handles[r].data(), sizeof(h));
+            void* p = nullptr;
+            MOE_A2A_CUDA_CHECK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
+            peers_[r] = static_cast<char*>(p);
+        }
+        connected_ = true;
+    }
+
+    void destroy() {
+        if (destroyed_) return;
+        destroyed_ = true;
+        cudaDeviceSynchronize();
+        if (connected_)
+            for (int r = 0; r < num_ranks_; ++r)
+                if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
+        if (local_) cudaFree(local_);
+        if (workspace_) cudaFree(workspace_);
+        if (host_) cudaFreeHost(const_cast<LLHostError*>(host_));
+        local_ = nullptr;
+        workspace_ = nullptr;
+        host_ = nullptr;
+    }
+
+    int num_device_sms() const { return num_device_sms_; }
+    int64_t set_bytes() const { return set_bytes_; }
+
+    // The first timeout the kernels recorded: (code, phase, peer, index, set, call); code 0 while none. The
+    // message is built in Python.
+    std::tuple<int, int, int, int, int, int> error_record() const {
+        if (!host_) return {0, 0, 0, 0, 0, 0};
+        const int code = host_->code;
+        std::atomic_thread_fence(std::memory_order_acquire);
+        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call};
+    }
+
+    // Zero every flag and counter (collective: the caller synchronizes the ranks around it).
+    void clean() {
+        check_ready();
+        MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
+        MOE_A2A_CUDA_CHECK(cudaMemset(local_, 0, kLLSignalBytes));
+        MOE_A2A_CUDA_CHECK(cudaMemset(workspace_, 0, kLLWorkspaceInts * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+
+    void dispatch_send(const torch::Tensor& x, const torch::Tensor& topk_idx, int num_experts, int max_tokens,
+                       bool use_fp8, bool round_scale, int set, int num_sms, int call) {
+        const int T = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
+        check_shape(T, hidden, static_cast<int>(topk_idx.size(1)), num_experts, max_tokens, use_fp8);
+        check(x, "x", torch::kBFloat16, {T, hidden});
+        check(topk_idx, "topk_idx", torch::kInt64, {T, topk_idx.size(1)});
+        LLDispatchArgs a{};
+        a.x = x.data_ptr();
+        a.topk_idx = topk_idx.data_ptr<int64_t>();
+        fill_shape(a, T, static_cast<int>(topk_idx.size(1)), hidden, num_experts, max_tokens, use_fp8, round_scale, false);
+        const c10::cuda::CUDAGuard guard(x.device());
+        launch_ll_dispatch_send(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
+                                c10::cuda::getCurrentCUDAStream());
+    }
+
+    void dispatch_recv(int num_tokens, int num_topk, int hidden, int num_experts, int max_tokens, bool use_fp8,
+                       bool use_ue8m0, torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_scales,
+                       torch::Tensor& recv_count, torch::Tensor& src_info, torch::Tensor& layout_range,
+                       const std::optional<torch::Tensor>& cumulative_stats,
+                       const std::optional<torch::Tensor>& wait_stats, int set, int num_sms, int call) {
+        check_shape(num_tokens, hidden, num_topk, num_experts, max_tokens, use_fp8);
+        const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
+        check(recv_x, "recv_x", use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16, {L, RM, hidden});
+        TORCH_CHECK(use_fp8 == recv_scales.has_value(), "recv_scales must be given exactly with use_fp8");
+        if (use_fp8) {
+            TORCH_CHECK(!use_ue8m0 || hidden % 512 == 0, "UE8M0 scales need hidden divisible by 512, got ", hidden);
+            const int64_t cols = use_ue8m0 ? hidden / 512 : hidden / 128;
+            // Column-major in the last two dims: the storage is [L, cols, R * M].
+            const auto& s = *recv_scales;
+            TORCH_CHECK(s.is_cuda() && s.scalar_type() == (use_ue8m0 ? torch::kInt32 : torch::kFloat32) &&
+                            s.sizes().vec() == std::vector<int64_t>({L, RM, cols}) && s.stride(0) == cols * RM &&
+                            s.stride(1) == 1 && s.stride(2) == RM,
+                        "recv_scales must be a column-major [", L, ", ", RM, ", ", cols, "] ",
+                        use_ue8m0 ? "int32" : "float32", " tensor");
+        }
+        check(recv_count, "recv_count", torch::kInt32, {L});
+        check(src_info, "src_info", torch::kInt32, {L, RM});
+        check(layout_range, "layout_range", torch::kInt64, {L, num_ranks_});
+        if (cumulative_stats) check(*cumulative_stats, "cumulative_local_expert_recv_stats", torch::kInt32, {L});
+        if (wait_stats) check(*wait_stats, "dispatch_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
+        LLDispatchArgs a{};
+        fill_shape(a, num_tokens, num_topk, hidden, num_experts, max_tokens, use_fp8, false, use_ue8m0);
+        a.recv_x = recv_x.data_ptr();
+        a.recv_scales = recv_scales ? recv_scales->data_ptr() : nullptr;
+        a.recv_count = recv_count.data_ptr<int>();
+        a.src_info = src_info.data_ptr<int>();
+        a.layout_range = layout_range.data_ptr<int64_t>();
+        a.cumulative_stats = cumulative_stats ? cumulative_stats->data_ptr<int>() : nullptr;
+        a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
+        const c10::cuda::CUDAGuard guard(recv_x.device());
+        launch_ll_dispatch_recv(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
+                                c10::cuda::getCurrentCUDAStream());
+    }
+
+    void combine_send(const torch::Tensor& x, const torch::Tensor& src_info, const torch::Tensor& layout_range,
+                      int num_experts, int max_tokens, int set, int num_sms, int call) {
+        const int hidden = static_cast<int>(x.size(-1));
+        check_shape(0, hidden, 1, num_experts, max_tokens, false);
+        const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
+        check(x, "x", torch::kBFloat16, {L, RM, hidden});
+        check(src_info, "src_info", torch::kInt32, {L, RM});
+        check(layout_range, "layout_range", torch::kInt64, {L, num_ranks_});
+        LLCombineArgs a{};
+        a.x = x.data_ptr();
+        a.src_info = src_info.data_ptr<int>();
+        a.layout_range = layout_range.data_ptr<int64_t>();
+        a.hidden = hidden;
+        a.num_experts = num_experts;
+        a.max_tokens = max_tokens;
+        const c10::cuda::CUDAGuard guard(x.device());
+        launch_ll_combine_send(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
+                               c10::cuda::getCurrentCUDAStream());
+    }
+
+    void combine_recv(const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
+                      const std::optional<torch::Tensor>& wait_stats, int num_experts, int max_tokens, int set,
+                      int num_sms, int call) {
+        const int T = static_cast<int>(topk_idx.size(0)), K = static_cast<int>(topk_idx.size(1));
+        const int hidden = static_cast<int>(out.size(1));
+        check_shape(T, hidden, K, num_experts, max_tokens, false);
+        check(topk_idx, "topk_idx", torch::kInt64, {T, K});
+        check(topk_weights, "topk_weights", torch::kFloat32, {T, K});
+        check(out, "out", torch::kBFloat16, {T, hidden});
+        if (wait_stats) check(*wait_stats, "combine_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
+        LLCombineArgs a{};
+        a.topk_idx = topk_idx.data_ptr<int64_t>();
+        a.topk_weights = topk_weights.data_ptr<float>();
+        a.out = out.data_ptr();
+        a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
+        a.num_tokens = T;
+        a.num_topk = K;
+        a.hidden = hidden;
+        a.num_experts = num_experts;
+        a.max_tokens = max_tokens;
+        const c10::cuda::CUDAGuard guard(out.device());
+        launch_ll_combine_recv(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
+                               c10::cuda::getCurrentCUDAStream());
+    }
+
+    // The send area of `set` as the zero-copy combine input [L, R * M, hidden] bf16.
+    torch::Tensor send_buffer(int set, int num_experts, int max_tokens, int hidden) {
+        check_shape(0, hidden, 1, num_experts, max_tokens, false);
+        check_set(set);
+        ctx(set, num_experts, max_tokens, hidden, 0);  // checks the size
+        const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
+        auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA, device_);
+        char* base = static_cast<char*>(local_) + kLLSignalBytes + set * set_bytes_;
+        return torch::from_blob(base, {L, RM, hidden}, opts);
+    }
+
+   private:
+    void check_ready() const {
+        TORCH_CHECK(!destroyed_, "moe_a2a low-latency: the buffer was destroyed");
+        TORCH_CHECK(connected_, "moe_a2a low-latency: connect() was not called");
+        // The Python backend raises the detailed message before calling in; this is the backstop.
+        if (host_ && host_->code != 0)
+            throw std::runtime_error("moe_a2a low-latency: a kernel timed out earlier; the buffer cannot be used again");
+    }
+
+    void check_set(int set) const { TORCH_CHECK(set == 0 || set == 1, "buffer set must be 0 or 1, got ", set); }
+
+    void check_shape(int num_tokens, int hidden, int num_topk, int num_experts, int max_tokens, bool fp8) const {
+        check_ready();
+        TORCH_CHECK(num_experts > 0 && num_experts <= kLLMaxExperts && num_experts % num_ranks_ == 0,
+                    "num_experts must be a multiple of ", num_ranks_, " in [1, ", kLLMaxExperts, "], got ", num_experts);
+        TORCH_CHECK(num_topk >= 1 && num_topk <= kLLMaxTopk, "num_topk must be in [1, ", kLLMaxTopk, "], got ", num_topk);
+        TORCH_CHECK(max_tokens >= 1 && num_tokens >= 0 && num_tokens <= max_tokens, "num_tokens (", num_tokens,
+                    ") must be in [0, num_max_dispatch_tokens_per_rank=", max_tokens, "]");
+        TORCH_CHECK(hidden > 0 && hidden % (fp8 ? 128 : 8) == 0, "hidden must be a positive multiple of ",
+                    fp8 ? 128 : 8, ", got ", hidden);
+    }
+
+    int checked_sms(int num_sms) const {
+        TORCH_CHECK(num_sms >= 1 && num_sms <= num_device_sms_, "num_sms must be in [1, ", num_device_sms_, "], got ",
+                    num_sms);
+        return num_sms;
+    }
+
+    static void fill_shape(LLDispatchArgs& a, int T, int K, int hidden, int E, int M, bool fp8, bool round_scale,
+                           bool ue8m0) {
+        a.num_tokens = T;
+        a.num_topk = K;
+        a.hidden = hidden;
+        a.num_experts = E;
+        a.max_tokens = M;
+        a.fp8 = fp8;
+        a.round_scale = round_scale;
+        a.ue8m0 = ue8m0;
+    }
+
+    LLCtx ctx(int set, int num_experts, int max_tokens, int hidden, int call) const {
+        check_set(set);
+        const int64_t send = ll_send_bytes(num_experts, max_tokens, hidden);
+        const int64_t recv = ll_recv_bytes(num_experts, max_tokens, hidden);
+        TORCH_CHECK(send + recv <= set_bytes_, "moe_a2a low-latency: the buffer of ", num_bytes_, " bytes is too small for ",
+                    max_tokens, " tokens per rank, hidden ", hidden, ", ", num_experts, " experts: need ",
+                    required_bytes(max_tokens, hidden, num_ranks_, num_experts), " bytes");
+        LLCtx c{};
+        for (int r = 0; r < num_ranks_; ++r) c.peers[r] = peers_[r];
+        c.workspace = workspace_;
+        c.host = host_dev_;
+        c.timeout_ns = timeout_ns_;
+        c.set_bytes = set_bytes_;
+        c.recv_offset = send;
+        c.rank = rank_;
+        c.num_ranks = num_ranks_;
+        c.set = set;
+        c.call = call;
+        return c;
+    }
+
+    int rank_, num_ranks_;
+    int64_t num_bytes_, set_bytes_ = 0;
+    uint64_t timeout_ns_ = 0;
+    int device_ = 0, num_device_sms_ = 0;
+    void* local_ = nullptr;
+    int* workspace_ = nullptr;
+    char* peers_[kLLMaxRanks] = {};
+    cudaIpcMemHandle_t ipc_handle_{};
+    volatile LLHostError* host_ = nullptr;
+    LLHostError* host_dev_ = nullptr;
+    bool connected_ = false, destroyed_ = false;
+};
+
+}  // namespace
+
+void register_low_latency(pybind11::module_& m) {
+    namespace py = pybind11;
+    py::class_<LowLatencyRuntime>(m, "LowLatencyRuntime")
+        .def(py::init<int, int, int64_t, double>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_bytes"),
+             py::arg("timeout_s"))
+        .def_static("required_bytes", &LowLatencyRuntime::required_bytes, py::arg("max_tokens"), py::arg("hidden"),
+                    py::arg("num_ranks"), py::arg("num_experts"))
+        .def("ipc_handle", &LowLatencyRuntime::ipc_handle)
+        .def("connect", &LowLatencyRuntime::connect)
+        .def("destroy", &LowLatencyRuntime::destroy)
+        .def("num_device_sms", &LowLatencyRuntime::num_device_sms)
+        .def("set_bytes", &LowLatencyRuntime::set_bytes)
+        .def("error_record", &LowLatencyRuntime::error_record)
+        .def("clean", &LowLatencyRuntime::clean)
+        .def("dispatch_send", &LowLatencyRuntime::dispatch_send)
+        .def("dispatch_recv", &LowLatencyRuntime::dispatch_recv)
+        .def("combine_send", &LowLatencyRuntime::combine_send)
+        .def("combine_recv", &LowLatencyRuntime::combine_recv)
+        .def("send_buffer", &LowLatencyRuntime::send_buffer);
+}
+
+}  // namespace moe_a2a

@@ -1,0 +1,11 @@
+// Low-latency runtime of moe_a2a._C: its own IPC-shared buffer (two alternating sets), the peer pointer
+// table, a pinned host record for timeouts, and the launch wrappers for tensors.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace moe_a2a {
+
+void register_low_latency(pybind11::module_& m);
+
+}  // namespace moe_a2a

@@ -1,0 +1,367 @@
+// pybind11 module moe_a2a._C: the layout kernel and the per-rank intranode runtime (the IPC-shared NVL
+// allocation, the peer pointer table, the pinned host record the kernels report counts and errors
+// through, and launch wrappers taking tensors). Streams and events are handled in Python: every launch
+// runs on the current CUDA stream, which the backend sets to its communication stream. One translation
+// unit includes torch, which keeps the build short.
+#include <torch/extension.h>
+
+#include "low_latency.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "kernels/api.cuh"
+#include "kernels/utils.cuh"
+
+namespace moe_a2a {
+
+namespace {
+
+const char* phase_name(int phase) {
+    switch (phase) {
+        case kPhaseNotify: return "notify (count exchange)";
+        case kPhaseDispatchStart: return "dispatch (buffer free)";
+        case kPhaseDispatchStaged: return "dispatch (rows staged)";
+        case kPhaseCombineStart: return "combine (buffer free)";
+        case kPhaseCombineStaged: return "combine (rows staged)";
+        default: return "unknown";
+    }
+}
+
+void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int dim) {
+    TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+    TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+}
+
+template <typename T>
+T* opt_ptr(const std::optional<torch::Tensor>& t) {
+    return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor, torch::Tensor> get_dispatch_layout(
+    const torch::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t num_ranks_per_node) {
+    TORCH_CHECK(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor");
+    TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.scalar_type() == torch::kInt64,
+                "topk_idx must be [num_tokens, num_topk] int64");
+    TORCH_CHECK(num_ranks > 0 && num_experts > 0 && num_experts % num_ranks == 0,
+                "num_experts must be a positive multiple of num_ranks");
+    TORCH_CHECK(num_ranks_per_node > 0 && (num_ranks <= num_ranks_per_node || num_ranks % num_ranks_per_node == 0),
+                "num_ranks must be a multiple of num_ranks_per_node");
+    TORCH_CHECK(num_experts <= 8192, "the layout kernel supports at most 8192 experts");
+    const c10::cuda::CUDAGuard guard(topk_idx.device());
+    const auto idx = topk_idx.contiguous();
+    const int64_t num_tokens = idx.size(0);
+    const auto i32 = torch::TensorOptions().dtype(torch::kInt32).device(idx.device());
+    auto per_rank = torch::zeros({num_ranks}, i32);
+    auto per_expert = torch::zeros({num_experts}, i32);
+    std::optional<torch::Tensor> per_node;
+    if (num_ranks > num_ranks_per_node) per_node = torch::zeros({num_ranks / num_ranks_per_node}, i32);
+    auto in_rank = torch::empty({num_tokens, num_ranks}, i32.dtype(torch::kBool));
+    launch_dispatch_layout(idx.data_ptr<int64_t>(), static_cast<int>(num_tokens), static_cast<int>(idx.size(1)),
+                           static_cast<int>(num_experts), static_cast<int>(num_ranks),
+                           static_cast<int>(num_ranks_per_node), per_rank.data_ptr<int>(),
+                           per_node ? per_node->data_ptr<int>() : nullptr, per_expert.data_ptr<int>(),
+                           in_rank.data_ptr<bool>(), c10::cuda::getCurrentCUDAStream());
+    return {per_rank, per_node, per_expert, in_rank};
+}
+
+
+class Runtime {
+   public:
+    Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
+        : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes) {
+        TORCH_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "intranode groups have 1..", kMaxRanks,
+                    " ranks, got ", num_ranks);
+        TORCH_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range");
+        TORCH_CHECK(num_nvl_bytes >= 0 && num_nvl_bytes % 16 == 0, "num_nvl_bytes must be a multiple of 16");
+        TORCH_CHECK(timeout_s > 0, "timeout_s must be positive");
+        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
+        MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
+        MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_));
+        MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, kHeaderBytes + num_nvl_bytes));
+        MOE_A2A_CUDA_CHECK(cudaMemset(local_, 0, kHeaderBytes + num_nvl_bytes));
+        MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
+        void* host_raw = nullptr;
+        MOE_A2A_CUDA_CHECK(cudaHostAlloc(&host_raw, sizeof(HostInfo), cudaHostAllocMapped));
+        host_ = static_cast<HostInfo*>(host_raw);
+        std::memset(const_cast<HostInfo*>(host_), 0, sizeof(HostInfo));
+        MOE_A2A_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), const_cast<HostInfo*>(host_), 0));
+        MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+
+    ~Runtime() { destroy(); }
+
+    pybind11::bytes ipc_handle() const {
+        return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
+    }
+
+    // Open every peer's allocation; handles[r] is rank r's ipc_handle().
+    void connect(const std::vector<std::string>& handles) {
+        TORCH_CHECK(!destroyed_, "the runtime was destroyed");
+        TORCH_CHECK(!connected_, "connect() was already called");
+        TORCH_CHECK(static_cast<int>(handles.size()) == num_ranks_, "expected ", num_ranks_, " IPC handles");
+        for (int r = 0; r < num_ranks_; ++r) {
+            if (r == rank_) {
+                peers_[r] = local_;
+                continue;
+            }
+            TORCH_CHECK(handles[r].size() == sizeof(cudaIpcMemHandle_t), "bad IPC handle from rank ", r);
+            cudaIpcMemHandle_t h;
+            std::memcpy(&h, handles[r].data(), sizeof(h));
+            MOE_A2A_CUDA_CHECK(cudaIpcOpenMemHandle(&peers_[r], h, cudaIpcMemLazyEnablePeerAccess));
+        }
+        connected_ = true;
+    }
+
+    void destroy() {
+        if (destroyed_) return;
+        destroyed_ = true;
+        cudaDeviceSynchronize();
+        if (connected_)
+            for (int r = 0; r < num_ranks_; ++r)
+                if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
+        if (local_) cudaFree(local_);
+        if (host_) cudaFreeHost(const_cast<HostInfo*>(host_));
+        local_ = nullptr;
+        host_ = nullptr;
+    }
+
+    bool is_available() const { return connected_ && !destroyed_; }
+    int num_device_sms() const { return num_device_sms_; }
+    int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
+
+    // The error the kernels recorded, as text; empty while none.
+    // The error the kernels recorded, as text; empty while none. Built without iostreams on purpose:
+    // it runs on the error path only, where nothing else should be able to fail.
+    std::string error() const {
+        if (!host_ || host_->error_code == kErrNone) return "";
+        const int code = host_->error_code;
+        const std::string me = "rank " + std::to_string(rank_);
+        if (code == kErrPeerTimeout)
+            return me + " timed out after " + std::to_string(timeout_ns_ / 1000000) + " ms in " +
+                   phase_name(host_->error_phase) + " (round " + std::to_string(host_->error_round) +
+                   ") waiting for rank " + std::to_string(host_->error_peer) + ": barrier counter " +
+                   std::to_string(host_->error_expected) + " expected, " + std::to_string(host_->error_seen) + " seen";
+        if (code == kErrGridTimeout)
+            return me + " timed out in " + phase_name(host_->error_phase) + " waiting for its own blocks (grid barrier " +
+                   std::to_string(host_->error_expected) + "); are num_ranks * num_sms blocks co-resident on the device?";
+        if (code == kErrRecvOverflow)
+            return me + " received " + std::to_string(host_->error_seen) + " tokens but only " +
+                   std::to_string(host_->error_expected) + " rows were allocated (num_worst_tokens too small)";
+        return me + ": unknown error code " + std::to_string(code);
+    }
+
+    void raise_if_error() const {
+        const std::string e = error();
+        if (!e.empty()) throw std::runtime_error("moe_a2a intranode: " + e + "; the buffer cannot be used again");
+    }
+
+    // Exchange counts (see notify_kernel). Outputs are preallocated by the caller.
+    void notify(const torch::Tensor& num_tokens_per_expert, const torch::Tensor& is_token_in_rank, int num_channels,
+                int expert_alignment, int num_worst_tokens, int seq, torch::Tensor& send_head,
+                torch::Tensor& channel_prefix, torch::Tensor& rank_prefix, torch::Tensor& recv_channel_prefix) {
+        check_ready();
+        check_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32, 1);
+        check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool, 2);
+        const int num_experts = static_cast<int>(num_tokens_per_expert.size(0));
+        TORCH_CHECK(num_experts <= kMaxExperts && num_experts / num_ranks_ <= kMaxLocalExperts, "at most ",
+                    kMaxExperts, " experts");
+        TORCH_CHECK(num_channels >= 1 && num_channels <= kMaxChannels, "num_channels must be in [1, ", kMaxChannels, "]");
+        launch_notify(ctx(), num_tokens_per_expert.data_ptr<int>(), num_experts, is_token_in_rank.data_ptr<bool>(),
+                      static_cast<int>(is_token_in_rank.size(0)), num_channels, expert_alignment, num_worst_tokens, seq,
+                      send_head.data_ptr<int>(), channel_prefix.data_ptr<int>(), rank_prefix.data_ptr<int>(),
+                      recv_channel_prefix.data_ptr<int>(), c10::cuda::getCurrentCUDAStream());
+    }
+
+    // Wait (GIL released) until notify `seq` published its counts. Returns (num_recv, per-expert list,
+    // error text); the error text is empty on success, and the caller raises it.
+    std::tuple<int, std::vector<int>, std::string> wait_notify(int seq, int num_local_experts) const {
+        TORCH_CHECK(connected_ && !destroyed_, "moe_a2a intranode: the buffer is not connected or was destroyed");
+        const auto start = std::chrono::steady_clock::now();
+        const auto limit = std::chrono::nanoseconds(2 * timeout_ns_) + std::chrono::seconds(5);
+        {
+            pybind11::gil_scoped_release release;
+            while (host_->notify_seq != seq && host_->error_code == kErrNone) {
+                if (std::chrono::steady_clock::now() - start > limit) break;
+                std::this_thread::yield();
+            }
+        }
+        std::string err = error();
+        if (err.empty() && host_->notify_seq != seq)
+            err = "rank " + std::to_string(rank_) + " gave up waiting on the host for the notify kernel";
+        std::atomic_thread_fence(std::memory_order_acquire);
+        std::vector<int> per_expert(num_local_experts);
+        if (err.empty())
+            for (int i = 0; i < num_local_experts; ++i) per_expert[i] = host_->recv_tokens_per_expert[i];
+        return {err.empty() ? host_->num_recv_tokens : 0, per_expert, err};
+    }
+
+    int dispatch_capacity(int hidden_bytes, int num_scales, int num_topk) const {
+        const int h4 = hidden_bytes / 16;
+        const int64_t per = dispatch_staging_bytes(1, h4, num_ranks_, num_scales, num_topk);
+        int q = static_cast<int>(std::min<int64_t>(num_nvl_bytes_ / per, 1 << 30));
+        while (q > 0 && dispatch_staging_bytes(q, h4, num_ranks_, num_scales, num_topk) > num_nvl_bytes_) --q;
+        return q;
+    }
+
+    int combine_capacity(int hidden_bytes, int num_topk) const {
+        const int h4 = hidden_bytes / 16;
+        const int64_t per = combine_staging_bytes(1, h4, num_ranks_, num_topk);
+        int q = static_cast<int>(std::min<int64_t>(num_nvl_bytes_ / per, 1 << 30));
+        while (q > 0 && combine_staging_bytes(q, h4, num_ranks_, num_topk) > num_nvl_bytes_) --q;
+        return q;
+    }
+
+    void dispatch(const torch::Tensor& x, const std::optional<torch::Tensor>& x_scales,
+                  const std::optional<torch::Tensor>& topk_idx, const std::optional<torch::Tensor>& topk_weights,
+                  const torch::Tensor& send_head, const torch::Tensor& rank_prefix, int num_experts, int num_sms,
+                  torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
+                  const std::optional<torch::Tensor>& recv_topk_idx, const std::optional<torch::Tensor>& recv_topk_weights,
+                  const std::optional<torch::Tensor>& recv_src_idx) {
+        check_ready();
+        TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous [T, hidden] CUDA tensor");
+        const int hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
+        TORCH_CHECK(hidden_bytes % 16 == 0, "hidden * element size must be a multiple of 16 bytes, got ", hidden_bytes);
+        check_tensor(send_head, "send_head", torch::kInt32, 2);
+        check_tensor(rank_prefix, "rank_prefix_matrix", torch::kInt32, 2);
+        check_sms(num_sms);
+        const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
+        const int num_topk = topk_idx ? static_cast<int>(topk_idx->size(1)) : 0;
+        DispatchArgs a{};
+        a.x = x.data_ptr();
+        a.hidden_int4 = hidden_bytes / 16;
+        a.x_scales = opt_ptr<const float>(x_scales);
+        a.num_scales = num_scales;
+        a.topk_idx = opt_ptr<const int64_t>(topk_idx);
+        a.topk_weights = opt_ptr<const float>(topk_weights);
+        a.num_topk = num_topk;
+        a.send_head = send_head.data_ptr<int>();
+        a.rank_prefix = rank_prefix.data_ptr<int>();
+        a.num_tokens = static_cast<int>(x.size(0));
+        a.recv_x = recv_x.data_ptr();
+        a.recv_x_scales = opt_ptr<float>(recv_x_scales);
+        a.recv_topk_idx = opt_ptr<int64_t>(recv_topk_idx);
+        a.recv_topk_weights = opt_ptr<float>(recv_topk_weights);
+        a.recv_src_idx = opt_ptr<int>(recv_src_idx);
+        a.num_alloc_rows = static_cast<int>(recv_x.size(0));
+        a.num_experts_per_rank = num_experts / num_ranks_;
+        a.capacity = dispatch_capacity(hidden_bytes, num_scales, num_topk);
+        TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
+                    " bytes; use Config.get_nvl_buffer_size_hint");
+        launch_dispatch(ctx(), a, num_sms, c10::cuda::getCurrentCUDAStream());
+    }
+
+    void combine(const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights,
+                 const torch::Tensor& recv_src_idx, const torch::Tensor& rank_prefix,
+                 const torch::Tensor& is_token_in_rank, const std::optional<torch::Tensor>& bias_0,
+                 const std::optional<torch::Tensor>& bias_1, int num_sms, torch::Tensor& out,
+                 const std::optional<torch::Tensor>& out_weights) {
+        check_ready();
+        check_tensor(x, "x", torch::kBFloat16, 2);
+        check_tensor(recv_src_idx, "recv_src_idx", torch::kInt32, 1);
+        check_tensor(rank_prefix, "rank_prefix_matrix", torch::kInt32, 2);
+        check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool, 2);
+        check_sms(num_sms);
+        const int hidden_bytes = static_cast<int>(x.size(1) * 2);
+        TORCH_CHECK(hidden_bytes % 16 == 0, "hidden must be a multiple of 8, got ", x.size(1));
+        const int num_topk = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
+        CombineArgs a{};
+        a.x = x.data_ptr();
+        a.hidden_int4 = hidden_bytes / 16;
+        a.topk_weights = opt_ptr<const float>(topk_weights);
+        a.num_topk = num_topk;
+        a.recv_src_idx = recv_src_idx.data_ptr<int>();
+        a.rank_prefix = rank_prefix.data_ptr<int>();
+        a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+        a.num_tokens = static_cast<int>(is_token_in_rank.size(0));
+        a.bias_0 = bias_0 ? bias_0->data_ptr() : nullptr;
+        a.bias_1 = bias_1 ? bias_1->data_ptr() : nullptr;
+        a.out = out.data_ptr();
+        a.out_weights = opt_ptr<float>(out_weights);
+        a.capacity = combine_capacity(hidden_bytes, num_topk);
+        TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
+                    hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
+        launch_combine(ctx(), a, num_sms, c10::cuda::getCurrentCUDAStream());
+    }
+
+    // A view of the staging area (DeepEP's get_local_buffer_tensor): `offset` bytes in.
+    torch::Tensor local_buffer(int64_t offset) const {
+        check_ready();
+        TORCH_CHECK(offset >= 0 && offset <= num_nvl_bytes_, "offset ", offset, " outside [0, ", num_nvl_bytes_, "]");
+        auto opts = torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCUDA, device_);
+        return torch::from_blob(static_cast<char*>(local_) + kHeaderBytes + offset, {num_nvl_bytes_ - offset}, opts);
+    }
+
+   private:
+    PeerCtx ctx() const {
+        PeerCtx c{};
+        for (int r = 0; r < num_ranks_; ++r) c.peers[r] = static_cast<int*>(peers_[r]);
+        c.host = host_dev_;
+        c.timeout_ns = timeout_ns_;
+        c.rank = rank_;
+        c.num_ranks = num_ranks_;
+        return c;
+    }
+
+    void check_ready() const {
+        TORCH_CHECK(!destroyed_, "moe_a2a intranode: the buffer was destroyed");
+        TORCH_CHECK(connected_, "moe_a2a intranode: connect() was not called");
+        raise_if_error();
+    }
+
+    void check_sms(int num_sms) const {
+        TORCH_CHECK(num_sms >= 1 && num_sms <= num_device_sms_, "num_sms must be in [1, ", num_device_sms_,
+                    "] (one block per SM, all resident), got ", num_sms);
+    }
+
+    int rank_, num_ranks_;
+    int64_t num_nvl_bytes_;
+    uint64_t timeout_ns_ = 0;
+    int device_ = 0, num_device_sms_ = 0;
+    void* local_ = nullptr;
+    void* peers_[kMaxRanks] = {};
+    cudaIpcMemHandle_t ipc_handle_{};
+    volatile HostInfo* host_ = nullptr;
+    HostInfo* host_dev_ = nullptr;
+    bool connected_ = false, destroyed_ = false;
+};
+
+}  // namespace
+
+}  // namespace moe_a2a
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    namespace py = pybind11;
+    using moe_a2a::Runtime;
+    m.doc() = "moe_a2a CUDA kernels: routing layout and intranode dispatch/combine over CUDA IPC";
+    m.def("get_dispatch_layout", &moe_a2a::get_dispatch_layout, "Routing layout on the current stream",
+          py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_ranks"), py::arg("num_ranks_per_node"));
+    py::class_<Runtime>(m, "Runtime")
+        .def(py::init<int, int, int64_t, double>(), py::arg("rank"), py::arg("num_ranks"), py::arg("num_nvl_bytes"),
+             py::arg("timeout_s"))
+        .def("ipc_handle", &Runtime::ipc_handle)
+        .def("connect", &Runtime::connect)
+        .def("destroy", &Runtime::destroy)
+        .def("is_available", &Runtime::is_available)
+        .def("num_device_sms", &Runtime::num_device_sms)
+        .def("num_nvl_bytes", &Runtime::num_nvl_bytes)
+        .def("error", &Runtime::error)
+        .def("raise_if_error", &Runtime::raise_if_error)
+        .def("notify", &Runtime::notify)
+        .def("wait_notify", &Runtime::wait_notify)
+        .def("dispatch_capacity", &Runtime::dispatch_capacity)
+        .def("combine_capacity", &Runtime::combine_capacity)
+        .def("dispatch", &Runtime::dispatch)
+        .def("combine", &Runtime::combine)
+        .def("local_buffer", &Runtime::local_buffer);
+    moe_a2a::register_low_latency(m);
+}

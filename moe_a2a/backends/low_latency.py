@@ -1,0 +1,236 @@
+"""Low-latency dispatch/combine kernels inside one node over CUDA IPC (``moe_a2a._C.LowLatencyRuntime``).
+
+Fixed shapes, no host synchronization: a dispatch plus a combine can be captured in one CUDA graph.
+
+* Every rank owns one IPC-shared buffer with two alternating sets; each call uses the next set, so a
+  rank may run one call ahead of its peers without touching data they still read. With
+  ``return_recv_hook`` call each hook before issuing the call after next.
+* Dispatch: the send kernel casts each token once (FP8 e4m3 with per-128 scales on the fly, or BF16) and
+  stores it straight into its slot in every destination rank's buffer; per (expert, source) flags carry
+  the counts with release/acquire. The receive kernel waits for the flags and packs the tokens into
+  ``[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden]``, source rank by source
+  rank, each source's tokens by increasing index (the reference backend's order).
+* Combine: the send kernel stores every expert output row at (expert, source token) of its source rank;
+  the receive kernel waits for the flags of each token's experts and reduces with the top-k weights in
+  float32.
+* Hook mode: the call launches only the send kernel and returns; the hook launches the receive kernel,
+  so no SM waits on peers while compute runs in between.
+* Every wait times out after ``timeout_s``; the next call raises naming the rank, step and peer.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..handles import LowLatencyHandle
+
+try:
+    from .. import _C
+except ImportError:  # built without CUDA
+    _C = None
+
+_SIGNAL_BYTES = 2 * 2 * 1024 * 4  # two sets of dispatch + combine flags, 1024 ints each
+MAX_EXPERTS = 1024
+MAX_RANKS = 8
+MAX_TOPK = 32
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                             num_experts: int) -> int:
+    """Bytes of IPC buffer the kernels need for calls up to this shape (BF16 and FP8 alike).
+
+    Signals, then two sets of: a send area ``E * M * hidden * 2`` (the zero-copy combine input) and a
+    recv area ``E * M * align16(16 + 2 * hidden)`` (dispatch messages, or combine rows), each rounded up to
+    128 bytes, with ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``.
+    """
+    em = num_experts * num_max_dispatch_tokens_per_rank
+    send = _align(em * hidden * 2, 128)
+    recv = _align(em * _align(16 + 2 * hidden, 16), 128)
+    return _SIGNAL_BYTES + 2 * (send + recv)
+
+
+def available() -> bool:
+    """Whether the extension was built with the low-latency kernels."""
+    return _C is not None and hasattr(_C, "LowLatencyRuntime")
+
+
+def _device_id(device: torch.device) -> str:
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    return str(uuid) if uuid is not None else f"{props.name}:{getattr(props, 'pci_bus_id', device.index)}"
+
+
+class LowLatencyBackend:
+    """Low-latency kernels for one rank of an intranode group (all ranks construct it together).
+
+    Arguments:
+        rank, num_ranks: this rank and the group size (at most 8).
+        group: the process group (used by ``clean``).
+        num_rdma_bytes: bytes of the IPC buffer, at least ``low_latency_buffer_bytes(...)`` of the calls.
+        all_gather_object: ``obj -> [obj of rank 0, ..., obj of rank num_ranks - 1]`` over the group.
+        timeout_s: seconds a kernel waits for a peer before giving up and recording the error.
+        num_sms: blocks per kernel; default: the device's SMs divided by the ranks sharing the device, so
+            every rank's kernels are resident together.
+    """
+
+    def __init__(self, rank: int, num_ranks: int, group, num_rdma_bytes: int,
+                 all_gather_object: Callable[[object], List[object]], timeout_s: float,
+                 num_sms: Optional[int] = None) -> None:
+        if not available():
+            raise NotImplementedError("the low-latency kernels are not built: moe_a2a._C has no LowLatencyRuntime")
+        if not 1 <= num_ranks <= MAX_RANKS:
+            raise NotImplementedError(f"low-latency kernels run inside one node of at most {MAX_RANKS} ranks, "
+                                      f"got {num_ranks} ranks")
+        self.rank, self.num_ranks, self.group = rank, num_ranks, group
+        self.num_rdma_bytes, self.timeout_s = num_rdma_bytes, float(timeout_s)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self._rt = _C.LowLatencyRuntime(rank, num_ranks, num_rdma_bytes, float(timeout_s))
+        peers = all_gather_object((_device_id(self.device), self._rt.ipc_handle()))
+        sharing = sum(1 for dev, _ in peers if dev == peers[rank][0])
+        if num_sms is None:
+            num_sms = max(1, self._rt.num_device_sms() // sharing)
+        if not 1 <= num_sms <= self._rt.num_device_sms():
+            raise ValueError(f"num_sms must be in [1, {self._rt.num_device_sms()}], got {num_sms}")
+        self.num_sms = num_sms
+        self._rt.connect([h for _, h in peers])
+        self._set = 0
+        self._calls = 0
+
+    # ------------------------------------------------------------------ resources
+    def destroy(self) -> None:
+        """Free the buffer (views from ``get_next_combine_buffer`` become invalid)."""
+        self._rt.destroy()
+
+    def error(self) -> str:
+        """The first timeout a kernel recorded, as text; empty while none (reads pinned memory, no sync)."""
+        code, phase, peer, index, set_, call = self._rt.error_record()
+        if code == 0:
+            return ""
+        step, what = (("dispatch receive", "tokens for local expert") if phase == 1 else
+                      ("combine receive", "rows of expert"))
+        return (f"rank {self.rank} timed out after {self.timeout_s:g} s in low-latency {step} (call {call}, buffer "
+                f"set {set_}) waiting for rank {peer}'s {what} {index}")
+
+    def raise_if_error(self) -> None:
+        """Raise ``RuntimeError`` if a kernel of this rank timed out (the buffer is then unusable)."""
+        message = self.error()
+        if message:
+            raise RuntimeError(f"moe_a2a low-latency: {message}; the buffer cannot be used again")
+
+    def clean(self) -> None:
+        """Zero every flag and counter on all ranks (collective)."""
+        dist.barrier(self.group)
+        self._rt.clean()
+        self._set = 0
+        dist.barrier(self.group)
+
+    def _next_set(self):
+        self.raise_if_error()
+        s, call = self._set, self._calls
+        self._set ^= 1
+        self._calls += 1
+        return s, call
+
+    def _check_shape(self, num_tokens: int, num_max: int, num_experts: int, num_topk: int, hidden: int) -> None:
+        if num_experts % self.num_ranks or not 0 < num_experts <= MAX_EXPERTS:
+            raise ValueError(f"num_experts={num_experts}: expected a multiple of {self.num_ranks} in [1, {MAX_EXPERTS}]")
+        if not 1 <= num_topk <= MAX_TOPK:
+            raise ValueError(f"num_topk={num_topk}: expected 1..{MAX_TOPK}")
+        if num_tokens > num_max:
+            raise ValueError(f"{num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={num_max}")
+        need = low_latency_buffer_bytes(num_max, hidden, self.num_ranks, num_experts)
+        if need > self.num_rdma_bytes:
+            raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for {num_max} tokens per rank, "
+                             f"hidden {hidden}, {num_experts} experts: need {need}")
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, cumulative_local_expert_recv_stats,
+                 dispatch_wait_recv_cost_stats, num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                 use_fp8: bool, round_scale: bool, use_ue8m0: bool, return_recv_hook: bool):
+        """Returns ``(recv_x, recv_x_scales, recv_count, handle, hook)`` as ``ReferenceLowLatency.dispatch``.
+
+        ``recv_x``: ``[L, M * R, hidden]`` bf16 or float8_e4m3fn (rows past ``recv_count`` are undefined);
+        ``recv_x_scales``: ``[L, M * R, hidden // 128]`` float32 or ``[..., hidden // 512]`` int32 (UE8M0),
+        column-major in the last two dims, or None; ``recv_count``: ``[L]`` int32.
+        """
+        num_tokens, hidden = x.shape
+        num_max, R = num_max_dispatch_tokens_per_rank, self.num_ranks
+        self._check_shape(num_tokens, num_max, num_experts, topk_idx.size(1), hidden)
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError("use_ue8m0 needs use_fp8=True and round_scale=True")
+        L, slots = num_experts // R, num_max * R
+        x, topk_idx = x.contiguous(), topk_idx.contiguous()
+        set_, call = self._next_set()
+        self._rt.dispatch_send(x, topk_idx, num_experts, num_max, use_fp8, round_scale, set_, self.num_sms, call)
+
+        dev = x.device
+        recv_x = torch.empty((L, slots, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
+        recv_scales = None
+        if use_fp8:
+            cols = hidden // 512 if use_ue8m0 else hidden // 128
+            recv_scales = torch.empty((L, cols, slots), dtype=torch.int32 if use_ue8m0 else torch.float32,
+                                      device=dev).transpose(1, 2)
+        recv_count = torch.empty(L, dtype=torch.int32, device=dev)
+        src_info = torch.empty((L, slots), dtype=torch.int32, device=dev)
+        layout_range = torch.empty((L, R), dtype=torch.int64, device=dev)
+        handle = LowLatencyHandle(src_info, layout_range, num_max, hidden, num_experts)
+        num_topk = topk_idx.size(1)
+        pending = [True]
+
+        def receive() -> None:
+            if not pending:
+                raise RuntimeError("this low-latency dispatch hook was already called")
+            pending.clear()
+            self._rt.dispatch_recv(num_tokens, num_topk, hidden, num_experts, num_max, use_fp8, use_ue8m0, recv_x,
+                                   recv_scales, recv_count, src_info, layout_range, cumulative_local_expert_recv_stats,
+                                   dispatch_wait_recv_cost_stats, set_, self.num_sms, call)
+
+        if return_recv_hook:
+            return recv_x, recv_scales, recv_count, handle, receive
+        receive()
+        return recv_x, recv_scales, recv_count, handle, None
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
+                out: Optional[torch.Tensor], combine_wait_recv_cost_stats, return_recv_hook: bool):
+        """Weighted sum over experts of ``x`` ``[L, M * R, hidden]`` bf16; returns ``(combined_x, hook)``.
+
+        ``combined_x``: ``[num_tokens, hidden]`` bf16 (``out`` when given, written in place).
+        """
+        num_tokens, num_topk = topk_idx.shape
+        num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._check_shape(num_tokens, num_max, num_experts, num_topk, hidden)
+        if out is not None and not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+        x, topk_idx, topk_weights = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
+        set_, call = self._next_set()
+        self._rt.combine_send(x, handle.src_info, handle.layout_range, num_experts, num_max, set_, self.num_sms, call)
+        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
+                                                           device=x.device)
+        pending = [True]
+
+        def receive() -> None:
+            if not pending:
+                raise RuntimeError("this low-latency combine hook was already called")
+            pending.clear()
+            self._rt.combine_recv(topk_idx, topk_weights, combined, combine_wait_recv_cost_stats, num_experts,
+                                  num_max, set_, self.num_sms, call)
+
+        if return_recv_hook:
+            return combined, receive
+        receive()
+        return combined, None
+
+    def get_next_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """``[L, M * R, hidden]`` bf16 view of the registered buffer: fill it with the expert outputs and pass
+        it as ``x`` to ``combine`` (zero copy; valid until ``destroy``, refilled by the caller every time)."""
+        num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._check_shape(0, num_max, num_experts, 1, hidden)
+        self.raise_if_error()
+        return self._rt.send_buffer(self._set, num_experts, num_max, hidden)

@@ -1,0 +1,294 @@
+"""``python -m moe_a2a bench low-latency``: latency of the low-latency kernels and the copy-engine floor.
+
+For each EP size, ranks are spawned on the visible GPUs (ranks beyond the GPU count share a GPU: start a
+CUDA MPS daemon first so their kernels run together). Each rank routes ``--tokens`` random tokens to
+``--topk`` of ``--experts`` experts and runs, back to back, FP8 dispatch + BF16 combine (and BF16
+dispatch), timed per call with CUDA events; then hook mode, where the send and the receive kernels are
+timed separately (the receive launched once every rank's sends have landed). In the same run, a
+device-to-device ``cudaMemcpyAsync`` of the bytes the ranks sharing a GPU send (FP8 tokens with scales
+for dispatch, BF16 rows for combine) gives the floor. Results go to ``docs/perf/`` as JSON and Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stats(samples: List[float]) -> Dict[str, float]:
+    s = sorted(samples)
+    return {"median": statistics.median(s), "p99": s[min(len(s) - 1, int(0.99 * len(s)))], "samples": len(s)}
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sleep_us(us: float) -> None:
+    """Keep the stream busy so the host can queue what follows before it starts (about 2 cycles per ns)."""
+    torch.cuda._sleep(int(us * 2000))
+
+
+def _rank_main(rank: int, num_ranks: int, port: int, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
+    try:
+        result = _bench_rank(rank, num_ranks, args)
+        if rank == 0:
+            queue.put(result)
+    except BaseException as e:  # the parent reports it
+        queue.put({"error": f"rank {rank}: {type(e).__name__}: {e}"})
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _bench_rank(rank: int, num_ranks: int, args) -> dict:
+    from .backends.low_latency import LowLatencyBackend, low_latency_buffer_bytes
+
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    M, hidden, K, E = args.tokens, args.hidden, args.topk, args.experts
+    L = E // num_ranks
+    kern = LowLatencyBackend(rank, num_ranks, dist.group.WORLD, low_latency_buffer_bytes(M, hidden, num_ranks, E),
+                             _gather, args.timeout, args.num_sms)
+    gen = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(M, hidden, generator=gen).to(torch.bfloat16).to(device)
+    idx = torch.rand(M, E, generator=gen).topk(K, dim=1).indices.to(device)
+    w = torch.rand(M, K, generator=gen).to(device)
+    y = torch.randn(L, M * num_ranks, hidden, generator=gen).to(torch.bfloat16).to(device)
+
+    def pair(fp8: bool):
+        _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, fp8, False, False, False)
+        kern.combine(y, idx, w, handle, None, None, False)
+
+    for _ in range(args.warmup):
+        pair(True)
+    torch.cuda.synchronize()
+
+    # Back to back: FP8 dispatch, BF16 combine, BF16 dispatch, BF16 combine.
+    times = {"dispatch_fp8": [], "combine_bf16": [], "dispatch_bf16": []}
+    skip = 3  # the first calls of a batch absorb the ranks' start skew
+    for _ in range(args.batches):
+        dist.barrier()
+        torch.cuda.synchronize()
+        _sleep_us(400 * args.iters)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5 * args.iters)]
+        for i in range(args.iters):
+            e = ev[5 * i:5 * i + 5]
+            e[0].record()
+            _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, True, False, False, False)
+            e[1].record()
+            kern.combine(y, idx, w, handle, None, None, False)
+            e[2].record()
+            _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, False, False, False, False)
+            e[3].record()
+            kern.combine(y, idx, w, handle, None, None, False)
+            e[4].record()
+        torch.cuda.synchronize()
+        for i in range(skip, args.iters):
+            e = ev[5 * i:5 * i + 5]
+            times["dispatch_fp8"].append(e[0].elapsed_time(e[1]) * 1e3)
+            times["combine_bf16"].append(e[1].elapsed_time(e[2]) * 1e3)
+            times["dispatch_bf16"].append(e[2].elapsed_time(e[3]) * 1e3)
+
+    # Hook mode: send kernels alone, then receive kernels once all data has landed.
+    hook = {"dispatch_send": [], "dispatch_recv": [], "combine_send": [], "combine_recv": []}
+    for _ in range(args.hook_iters):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(8)]
+        dist.barrier()
+        _sleep_us(100)
+        ev[0].record()
+        _, _, _, handle, recv_hook = kern.dispatch(x, idx, None, None, M, E, True, False, False, True)
+        ev[1].record()
+        torch.cuda.synchronize()
+        dist.barrier()
+        _sleep_us(100)
+        ev[2].record()
+        recv_hook()
+        ev[3].record()
+        torch.cuda.synchronize()
+        dist.barrier()
+        _sleep_us(100)
+        ev[4].record()
+        _, recv_hook = kern.combine(y, idx, w, handle, None, None, True)
+        ev[5].record()
+        torch.cuda.synchronize()
+        dist.barrier()
+        _sleep_us(100)
+        ev[6].record()
+        recv_hook()
+        ev[7].record()
+        torch.cuda.synchronize()
+        for j, name in enumerate(hook):
+            hook[name].append(ev[2 * j].elapsed_time(ev[2 * j + 1]) * 1e3)
+    kern.raise_if_error()
+
+    pairs = int((idx >= 0).sum())
+    sent = {"dispatch_fp8": pairs * (hidden + hidden // 128 * 4), "dispatch_bf16": pairs * hidden * 2,
+            "combine_bf16": pairs * hidden * 2}
+    everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook})
+    same_gpu = [r for r in everyone if r["device"] == str(device)]
+    floor = {}
+    dist.barrier()
+    if rank == 0:
+        # The ranks sharing this GPU move all their bytes through its memory at once.
+        for name in sent:
+            floor[name] = _copy_floor_us(sum(r["sent"][name] for r in same_gpu), device, args.iters)
+    dist.barrier()
+    kern.destroy()
+    if rank != 0:
+        return {}
+    merged = {name: [t for r in everyone for t in r["times"][name]] for name in times}
+    merged_hook = {name: [t for r in everyone for t in r["hook"][name]] for name in hook}
+    row = {"num_ranks": num_ranks, "ranks_per_gpu": len(same_gpu), "num_sms": kern.num_sms, "tokens": M,
+           "hidden": hidden, "topk": K, "experts": E}
+    for name, samples in merged.items():
+        st = _stats(samples)
+        bytes_per_rank = statistics.mean(r["sent"][name] for r in everyone)
+        row[name] = {"latency_us": st, "bytes_per_rank": bytes_per_rank,
+                     "bandwidth_gbps": bytes_per_rank / st["median"] / 1e3,
+                     "copy_floor_us": floor[name], "ratio_to_floor": st["median"] / floor[name]}
+    row["hook"] = {name: _stats(samples) for name, samples in merged_hook.items()}
+    return row
+
+
+def _copy_floor_us(num_bytes: int, device, iters: int) -> float:
+    src = torch.empty(max(num_bytes, 16), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    _sleep_us(100)
+    ev[0].record()
+    for i in range(iters):
+        dst.copy_(src)
+        ev[i + 1].record()
+    torch.cuda.synchronize()
+    return statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(iters))
+
+
+def _run(num_ranks: int, args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, num_ranks, port, args, queue)) for r in range(num_ranks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(args.timeout * 20 + 300)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    results = []
+    while not queue.empty():
+        results.append(queue.get())
+    errors = [r["error"] for r in results if "error" in r]
+    if errors or not results:
+        raise RuntimeError(f"EP{num_ranks} failed: " + ("; ".join(errors) or "no result (ranks killed?)"))
+    return results[0]
+
+
+def _commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("MOE_A2A_COMMIT", "unknown")
+
+
+def _table(rows: List[dict]) -> str:
+    lines = ["| EP | ranks/GPU | SMs/rank | call | median us | p99 us | GB/s per rank | copy floor us | ratio |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for name in ("dispatch_fp8", "dispatch_bf16", "combine_bf16"):
+            m = r[name]
+            lines.append(f"| {r['num_ranks']} | {r['ranks_per_gpu']} | {r['num_sms']} | {name} | "
+                         f"{m['latency_us']['median']:.1f} | {m['latency_us']['p99']:.1f} | "
+                         f"{m['bandwidth_gbps']:.1f} | {m['copy_floor_us']:.1f} | {m['ratio_to_floor']:.2f} |")
+    lines += ["", "Hook mode (send kernel alone; receive kernel after every rank's sends landed):", "",
+              "| EP | dispatch send us | dispatch recv us | combine send us | combine recv us |",
+              "|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        h = r["hook"]
+        lines.append(f"| {r['num_ranks']} | " + " | ".join(
+            f"{h[n]['median']:.1f} (p99 {h[n]['p99']:.1f})"
+            for n in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moe_a2a bench low-latency", description=__doc__.splitlines()[0])
+    p.add_argument("--num-ranks", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--tokens", type=int, default=128, help="tokens per rank (num_max_dispatch_tokens_per_rank)")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--num-sms", type=int, default=None, help="blocks per kernel (default: SMs / ranks per GPU)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20, help="back-to-back calls per batch")
+    p.add_argument("--hook-iters", type=int, default=30)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--out", default="docs/perf", help="directory for the JSON and Markdown results ('' for none)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench low-latency needs a CUDA device", file=sys.stderr)
+        return 2
+    for n in args.num_ranks:
+        if args.experts % n:
+            p.error(f"--experts {args.experts} is not divisible by {n} ranks")
+        if n > torch.cuda.device_count() and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+            print(f"warning: {n} ranks on {torch.cuda.device_count()} GPU(s) without CUDA_MPS_PIPE_DIRECTORY set: "
+                  "ranks sharing a GPU need a running MPS daemon", file=sys.stderr)
+    rows = []
+    for n in args.num_ranks:
+        rows.append(_run(n, args))
+        print(json.dumps(rows[-1]), flush=True)
+    device = torch.cuda.get_device_name(0)
+    report = {"benchmark": "low_latency", "device": device, "gpus": torch.cuda.device_count(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": _commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "results": rows}
+    table = _table(rows)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, "low_latency_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_"))
+        with open(stem + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(f"# Low-latency kernels on {device}\n\n{report['gpus']} GPU(s), commit {report['commit']}, "
+                    f"torch {report['torch']}, {report['date']}. {rows[0]['tokens']} tokens per rank, hidden "
+                    f"{rows[0]['hidden']}, top-{rows[0]['topk']} of {rows[0]['experts']} experts. Ranks sharing a "
+                    "GPU run under CUDA MPS; the copy floor is one device-to-device copy of the bytes all ranks "
+                    "on that GPU send (read + write), measured in the same run.\n\n" + table + "\n")
+        print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Multi-rank GPU harness: N spawned ranks on the visible GPUs, sharing one GPU under CUDA MPS if needed.
+
+Ranks beyond the GPU count share ``cuda:0``. Their kernels spin on each other, so they must run at the
+same time: the harness starts an MPS control daemon (private pipe/log directories) when there are fewer
+GPUs than ranks, stops it afterwards, and gives each rank few enough SMs (``rank_num_sms``) that every
+rank's blocks are resident together. The kernels cannot tell this from N GPUs.
+"""
+from __future__ import annotations
+
+import faulthandler
+import shutil
+
+import torch
+
+from dist_utils import run_distributed
+from moe_a2a.backends import intranode
+from moe_a2a.bench import max_num_sms_per_rank, mps_if_needed
+
+
+def skip_reason(num_ranks: int = 1):
+    """Why the GPU tests cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not intranode.extension_available():
+        return "moe_a2a._C is not built"
+    if num_ranks > torch.cuda.device_count() and shutil.which("nvidia-cuda-mps-control") is None:
+        return f"{num_ranks} ranks on {torch.cuda.device_count()} GPU(s) need CUDA MPS (nvidia-cuda-mps-control)"
+    return None
+
+
+def rank_num_sms(num_ranks: int, most: int = 24) -> int:
+    """Even SM count per rank such that every rank's blocks fit on the GPUs at once."""
+    return max(2, min(most, max_num_sms_per_rank(num_ranks)) // 2 * 2)
+
+
+def set_rank_device(rank: int) -> torch.device:
+    faulthandler.enable()  # a rank that dies in native code still leaves a stack
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def run_ranks(fn, num_ranks: int, *args, timeout: float = 600.0) -> None:
+    """``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned ranks (gloo group), under MPS if needed."""
+    with mps_if_needed(num_ranks):
+        run_distributed(fn, num_ranks, *args, timeout=timeout)

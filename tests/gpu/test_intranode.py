@@ -1,0 +1,284 @@
+"""Intranode kernels against the reference backend, N = 2, 4, 8 ranks (one GPU under MPS, or N GPUs).
+
+Every rank runs the same cases in lockstep: the kernels on its GPU, the reference backend on CPU
+over the gloo group, then compares. Dispatch must be bit-exact; combine must match the reference's
+float32 sum to BF16 rounding.
+"""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import rank_num_sms, run_ranks, set_rank_device, skip_reason
+from moe_a2a.backends import intranode
+from moe_a2a.backends.reference import ReferenceBackend
+from moe_a2a.config import Config, default_combine_config, default_dispatch_config
+from moe_a2a.layout import compute_layout
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _routing(num_tokens, num_experts, topk, gen, mode):
+    """Top-k ids without repeats: skewed to low experts, with -1 slots; or everything to the last rank."""
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    if mode == "last_rank":
+        scores[:, -topk:] += 2.0
+    else:
+        scores += torch.linspace(1.0, 0.0, num_experts)
+    idx = scores.topk(topk, dim=1).indices
+    if mode != "last_rank":
+        idx[torch.rand(num_tokens, topk, generator=gen) < 0.15] = -1
+    return idx
+
+
+class Case:
+    """Per-rank inputs of one dispatch/combine round trip (identical on every backend)."""
+
+    def __init__(self, rank, num_ranks, seed, num_tokens, hidden, num_experts, topk, fp8=False, mode="skew"):
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.num_experts, self.fp8 = num_experts, fp8
+        self.topk_idx = _routing(num_tokens, num_experts, topk, gen, mode)
+        self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
+        x = torch.randn(num_tokens, hidden, generator=gen)
+        if fp8:
+            self.x = (x * 8).to(FP8)
+            self.x_scales = torch.rand(num_tokens, hidden // 128, generator=gen) + 0.5
+        else:
+            self.x = x.to(torch.bfloat16)
+            self.x_scales = None
+        self.layout = compute_layout(self.topk_idx, num_experts, num_ranks, num_ranks)
+        self.gen = gen
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8) if t.dtype == FP8 else t
+
+
+def _assert_equal(name, got, want):
+    assert got is not None and want is not None, f"{name}: one side is None"
+    got, want = _bytes(got.cpu()), _bytes(want.cpu())
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:5].tolist()
+        raise AssertionError(f"{name} differs at {bad}")
+
+
+def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0, num_bias=0, check_layout=True):
+    """Dispatch (plain and cached) and combine on both backends; assert they agree. Returns kernel outputs."""
+    dev = kern.device
+    layout_gpu = intranode.get_dispatch_layout(case.topk_idx.to(dev), case.num_experts, kern.num_ranks, kern.num_ranks)
+    if check_layout:
+        for name, w, g in zip(("per_rank", "per_node", "per_expert", "in_rank"), case.layout, layout_gpu):
+            if w is not None:
+                _assert_equal(f"layout.{name}", g, w)
+    per_rank, _, per_expert, in_rank = case.layout
+    want = ref.dispatch(_bytes(case.x), case.x_scales, None, per_rank, in_rank, per_expert, case.topk_idx,
+                        case.topk_weights, expert_alignment, num_worst_tokens, config)
+    got = kern.dispatch(case.x.to(dev), None if case.x_scales is None else case.x_scales.to(dev), None,
+                        layout_gpu[0], layout_gpu[3], layout_gpu[2], case.topk_idx.to(dev),
+                        case.topk_weights.to(dev), expert_alignment, num_worst_tokens, config)
+    torch.cuda.synchronize()
+    for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
+        if want[i] is None:
+            assert got[i] is None, name
+        else:
+            _assert_equal(name, got[i], want[i])
+    assert got[4] == want[4], f"num_recv_tokens_per_expert_list {got[4]} != {want[4]}"
+    gh, wh = got[5], want[5]
+    num_recv = wh.recv_src_idx.numel()
+    for name in ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "is_token_in_rank",
+                 "send_head"):
+        _assert_equal(f"handle.{name}", getattr(gh, name), getattr(wh, name))
+    _assert_equal("handle.recv_src_idx", gh.recv_src_idx[:num_recv], wh.recv_src_idx)
+    if num_worst_tokens:
+        assert (gh.recv_src_idx[num_recv:] == -1).all(), "padding of recv_src_idx must be -1"
+
+    # Cached dispatch reuses the handle: same rows again.
+    cached = kern.dispatch(case.x.to(dev), None if case.x_scales is None else case.x_scales.to(dev), gh, None, None,
+                           None, None, None, expert_alignment, num_worst_tokens, config)
+    torch.cuda.synchronize()
+    _assert_equal("cached recv_x", cached[0], got[0])
+    if case.x_scales is not None:
+        _assert_equal("cached recv_x_scales", cached[1], got[1])
+
+    # Combine BF16 rows derived from what arrived, with the received weights and 0-2 biases.
+    rows = got[0].size(0)
+    y = torch.randn(rows, case.x.size(1), generator=case.gen).to(torch.bfloat16)
+    biases = [torch.randn(case.x.size(0), case.x.size(1), generator=case.gen).to(torch.bfloat16)
+              for _ in range(num_bias)] + [None] * (2 - num_bias)
+    w_in = got[3].cpu() if got[3] is not None else None
+    want_c = ref.combine(y, wh, w_in, biases[0], biases[1], config)
+    got_c = kern.combine(y.to(dev), gh, None if w_in is None else w_in.to(dev),
+                         *[None if b is None else b.to(dev) for b in biases], config)
+    torch.cuda.synchronize()
+    gx, wx = got_c[0].cpu().float(), want_c[0].float()
+    assert gx.shape == wx.shape
+    # Same float32 sum in the same order, rounded once: at most one BF16 rounding step apart.
+    tol = wx.abs() * 2 ** -7 + 1e-6
+    assert ((gx - wx).abs() <= tol).all(), f"combine differs: max |diff| {(gx - wx).abs().max().item()}"
+    if want_c[1] is not None:
+        torch.testing.assert_close(got_c[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
+    return got, got_c
+
+
+def _cases(rank, num_ranks, seed):
+    """Shapes: token counts 0, 1, odd and large; hidden 2048/7168; topk 1..8; experts 8..256; skew."""
+    counts = torch.Generator().manual_seed(seed)
+    many = [int(v) for v in torch.randint(1, 700, (num_ranks,), generator=counts)]
+    zero_first = [0] + many[1:]
+    e_small = max(8, num_ranks)
+    return [
+        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8),
+        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8, fp8=True),
+        dict(num_tokens=zero_first[rank], hidden=2048, num_experts=e_small, topk=1),
+        dict(num_tokens=1 if rank else 0, hidden=4096, num_experts=e_small, topk=2),
+        dict(num_tokens=many[rank] // 2 + 1, hidden=2048, num_experts=64, topk=6, mode="last_rank"),
+        dict(num_tokens=4096 if rank == 0 else 37, hidden=7168, num_experts=256, topk=8),
+    ]
+
+
+def _correctness(rank, num_ranks):
+    device = set_rank_device(rank)
+    num_sms = rank_num_sms(num_ranks)
+    group = dist.group.WORLD
+    ref = ReferenceBackend(rank, num_ranks, group, num_ranks)
+    dcfg = default_dispatch_config(num_ranks, num_sms)
+    ccfg = default_combine_config(num_ranks, num_sms)
+    nvl = max(dcfg.get_nvl_buffer_size_hint(7168 * 2, num_ranks), ccfg.get_nvl_buffer_size_hint(7168 * 2, num_ranks))
+    kern = intranode.IntranodeBackend(rank, num_ranks, group, nvl, _gather, 30.0)
+    assert kern.device == device
+
+    for i, spec in enumerate(_cases(rank, num_ranks, 7)):
+        case = Case(rank, num_ranks, i, **spec)
+        for align, worst, bias in ((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2)):
+            _round_trip(kern, ref, case, dcfg, align, worst, bias)
+
+    # A buffer that holds a few tokens per round: many rounds, same answers.
+    small = intranode.IntranodeBackend(rank, num_ranks, group, 64 * 14336 * num_ranks // 4, _gather, 30.0)
+    case = Case(rank, num_ranks, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
+    _round_trip(small, ref, case, dcfg, 1, 0, 1)
+    case = Case(rank, num_ranks, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
+    _round_trip(small, ref, case, dcfg, 1, 1000 * num_ranks, 0)
+    small.destroy()
+
+    # Bad input raises before any communication (every rank raises the same error).
+    with pytest.raises(TypeError):
+        kern.dispatch(torch.zeros(4, 128, device=device), None, None, None, torch.zeros(4, num_ranks, dtype=torch.bool,
+                      device=device), torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 0,
+                      dcfg)
+
+    _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
+    kern.destroy()
+
+
+def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
+    """1000 round trips on the same buffer (no drift, no leak), then CUDA-graph capture of num_worst_tokens."""
+    dev = kern.device
+    case = Case(rank, num_ranks, 5, num_tokens=128 + rank, hidden=2048, num_experts=64, topk=4)
+    _round_trip(kern, ref, case, dcfg, 1, 0, 0)
+    x, idx, w = case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev)
+
+    def eager():
+        layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, num_ranks)
+        recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, 0, dcfg)
+        out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
+        return recv[0], out[0]
+
+    first_x, first_out = eager()
+    torch.cuda.synchronize()
+    mem = torch.cuda.memory_allocated()
+    for it in range(1000):
+        recv_x, out = eager()
+        if it % 250 == 249:
+            torch.cuda.synchronize()
+            assert torch.equal(recv_x, first_x), f"dispatch drifted at iteration {it}"
+            assert torch.equal(out, first_out), f"combine drifted at iteration {it}"
+    del recv_x, out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= mem, "device memory grew over repeated calls"
+
+    # CUDA graph: layout + dispatch(num_worst_tokens) + combine captured once, replayed on new data.
+    worst = 160 * num_ranks
+    stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream())
+
+    def step():
+        layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, num_ranks)
+        recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, worst, dcfg)
+        out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
+        return recv, out
+
+    with torch.cuda.stream(stream):
+        step()  # warm-up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recv, out = step()
+    for it in range(3):
+        new = Case(rank, num_ranks, 50 + it, num_tokens=128 + rank, hidden=2048, num_experts=64, topk=4)
+        x.copy_(new.x)
+        idx.copy_(new.topk_idx)
+        w.copy_(new.topk_weights)
+        graph.replay()
+        torch.cuda.synchronize()
+        per_rank, _, per_expert, in_rank = new.layout
+        want = ref.dispatch(new.x, None, None, per_rank, in_rank, per_expert, new.topk_idx, new.topk_weights, 1,
+                            worst, dcfg)
+        _assert_equal(f"graph replay {it} recv_x", recv[0], want[0])
+        _assert_equal(f"graph replay {it} recv_topk_idx", recv[2], want[2])
+        want_c = ref.combine(want[0], want[5], want[3], None, None, ccfg)
+        gx, wx = out[0].cpu().float(), want_c[0].float()
+        assert ((gx - wx).abs() <= wx.abs() * 2 ** -7 + 1e-6).all(), f"graph replay {it} combine differs"
+    del graph
+    kern.check()
+
+
+def _timeout(rank, num_ranks):
+    set_rank_device(rank)
+    group = dist.group.WORLD
+    cfg = Config(rank_num_sms(num_ranks))
+    kern = intranode.IntranodeBackend(rank, num_ranks, group, cfg.get_nvl_buffer_size_hint(4096, num_ranks), _gather,
+                                      2.0)
+    dev = kern.device
+    idx = torch.randint(0, 8 * num_ranks, (64, 2), device=dev)
+    x = torch.randn(64, 2048, device=dev).to(torch.bfloat16)
+    layout = intranode.get_dispatch_layout(idx, 8 * num_ranks, num_ranks, num_ranks)
+    args = (None, None, layout[0], layout[3], layout[2], idx, None, 1, 0, cfg)
+    kern.dispatch(x, *args)  # everyone present: fine
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank != num_ranks - 1:  # the last rank skips the call
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=rf"timed out .* waiting for rank {num_ranks - 1}"):
+            kern.dispatch(x, *args)
+        assert time.monotonic() - start < 2.0 * 2 + 10
+        with pytest.raises(RuntimeError, match="cannot be used again"):
+            kern.dispatch(x, *args)
+    dist.barrier()
+    torch.cuda.synchronize()
+    kern.destroy()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_intranode_matches_reference(num_ranks):
+    reason = skip_reason(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_correctness, num_ranks)
+
+
+def test_intranode_timeout_names_the_missing_rank():
+    reason = skip_reason(2)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_timeout, 2)
