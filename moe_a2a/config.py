@@ -18,6 +18,8 @@ FP8_SCALE_BLOCK = 128
 #: Bytes of each per-channel counter (head, tail, start, end) in the ring buffers.
 COUNTER_BYTES = 4
 _ALIGN = 128
+#: Flags of the low-latency kernels: two sets of dispatch and combine flags, 1024 int32 each.
+LOW_LATENCY_SIGNAL_BYTES = 2 * 2 * 1024 * 4
 
 
 def _align(n: int, a: int = _ALIGN) -> int:
@@ -133,19 +135,16 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
                                    num_experts: int) -> int:
     """Bytes of buffer the low-latency kernels need (BF16 sizing, two alternating buffer sets).
 
-    Each set holds a send area and a receive area. The dispatch receive area is
-    ``[num_local_experts, num_ranks, num_max_dispatch_tokens_per_rank]`` messages of one BF16 token plus a
-    16-byte header; the combine receive area is ``[num_topk_max, num_max_dispatch_tokens_per_rank]`` BF16
-    tokens per rank, bounded by the same count since every expert copy comes back once.
+    With ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``: per-(expert, source) signal
+    flags, then two sets of a send area ``E * M * hidden`` BF16 (also the zero-copy combine input
+    ``[num_local_experts, num_ranks * M, hidden]``) and a receive area of ``E * M`` messages, each one BF16
+    token (or an FP8 token with its scales, which is smaller) behind a 16-byte header.
     """
     _check_positive(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
                     num_ranks=num_ranks, num_experts=num_experts)
     if num_experts % num_ranks != 0:
         raise ValueError(f"num_experts ({num_experts}) must be divisible by num_ranks ({num_ranks})")
-    num_local_experts = num_experts // num_ranks
-    msg_bytes = 16 + hidden * 2 + (hidden // FP8_SCALE_BLOCK) * 4
-    send = num_max_dispatch_tokens_per_rank * msg_bytes
-    recv = num_local_experts * num_ranks * num_max_dispatch_tokens_per_rank * msg_bytes
-    signals = num_local_experts * num_ranks * 8 * 2
-    per_set = _align(send) + _align(recv) + _align(signals)
-    return 2 * per_set
+    slots = num_experts * num_max_dispatch_tokens_per_rank
+    send = _align(slots * hidden * 2)
+    recv = _align(slots * _align(16 + 2 * hidden, 16))
+    return LOW_LATENCY_SIGNAL_BYTES + 2 * (send + recv)
