@@ -1,9 +1,13 @@
 """Performance configs for the normal (high-throughput) kernels and the buffer size hints.
 
-A ``Config`` says how many SMs a kernel may use and how tokens are chunked through the ring buffers
-that live in the NVLink (``num_nvl_bytes``) and RDMA (``num_rdma_bytes``) buffers. The size hints say
-how large those buffers must be for a config, so ``Buffer(group, num_nvl_bytes=hint, ...)`` always
-fits the kernels. The default tables for each world size come from ``benchmarks/tune_intranode.py``.
+A ``Config`` says how many SMs a kernel may use and how many tokens are staged per chunk in the NVLink
+(``num_nvl_bytes``) and RDMA (``num_rdma_bytes``) buffers. The size hints say how large those buffers
+should be for a config, so ``Buffer(group, num_nvl_bytes=hint, ...)`` fits the kernels.
+
+The intranode kernels read only ``num_sms``: they stage rows in the buffer in rounds sized by
+``num_nvl_bytes`` (any buffer that holds one row per rank works; the hint gives one round for DeepEP's
+shapes), so the chunk fields matter there only through the size hint. The chunk tables below keep
+DeepEP's values per world size, so buffers sized from them match what DeepEP users allocate.
 """
 from __future__ import annotations
 
@@ -99,8 +103,6 @@ def _check_positive(**values: int) -> None:
 
 
 # Chunking per world size: (nvl send, nvl recv, rdma send, rdma recv); num_sms comes from Buffer.num_sms.
-# Intranode rows are measured by benchmarks/tune_intranode.py; internode rows follow the same ring-buffer
-# capacity rule until real nodes can be measured.
 _DISPATCH_CHUNKS = {
     1: (24, 256, 6, 128), 2: (24, 256, 6, 128), 3: (8, 256, 6, 128), 4: (6, 256, 6, 128),
     5: (6, 256, 6, 128), 6: (6, 256, 6, 128), 7: (6, 256, 6, 128), 8: (6, 256, 6, 128),
