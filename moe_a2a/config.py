@@ -5,8 +5,8 @@ A ``Config`` says how many SMs a kernel may use and how many tokens are staged p
 should be for a config, so ``Buffer(group, num_nvl_bytes=hint, ...)`` fits the kernels.
 
 The intranode kernels read only ``num_sms``: they stage rows in the buffer in rounds sized by
-``num_nvl_bytes`` (any buffer that holds one row per rank works; the hint gives one round for DeepEP's
-shapes), so the chunk fields matter there only through the size hint. The chunk tables below keep
+``num_nvl_bytes`` (any buffer that holds one row per rank works; a larger one needs fewer rounds),
+so the chunk fields matter there only through the size hint. The chunk tables below keep
 DeepEP's values per world size, so buffers sized from them match what DeepEP users allocate.
 """
 from __future__ import annotations
