@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .backends import intranode
+from .backends import intranode, low_latency
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
 from .config import NUM_MAX_NVL_PEERS, Config, default_combine_config, default_dispatch_config
@@ -109,47 +109,66 @@ class Buffer:
         self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node)
         self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group)
         self._kernels = self._make_kernel_backend(backend)
-        self.backend = "cuda" if self._kernels is not None else "reference"
+        self._ll_kernels = self._make_low_latency_backend(backend)
+        self.backend = "cuda" if self._kernels is not None or self._ll_kernels is not None else "reference"
         self._local_buffers = {}
         self._ll_combine_buffers: List[Optional[torch.Tensor]] = [None, None]
         self._ll_buffer_index = 0
         self._destroyed = False
 
-    def _make_kernel_backend(self, backend: str):
-        if backend == "reference":
-            return None
+    def _kernel_obstacles(self, num_bytes: int, bytes_name: str) -> List[str]:
+        """Why the CUDA kernels cannot serve this buffer (empty when they can)."""
         reasons = []
         if not intranode.extension_available():
             reasons.append("the CUDA extension moe_a2a._C is not built")
-        elif not hasattr(intranode, "IntranodeBackend"):
-            reasons.append("this build has no intranode kernels")
         if not torch.cuda.is_available():
             reasons.append("no CUDA device is visible")
         if self.group_size > self.num_ranks_per_node:
             reasons.append("the group spans several nodes and the internode kernels are not built")
-        if self.num_nvl_bytes == 0:
-            reasons.append("num_nvl_bytes is 0")
+        if num_bytes == 0:
+            reasons.append(f"{bytes_name} is 0")
+        return reasons
+
+    def _all_gather_object(self, obj) -> list:
+        objects = [None] * self.group_size
+        dist.all_gather_object(objects, obj, self.group)
+        return objects
+
+    def _make_kernel_backend(self, backend: str):
+        """The intranode kernels for normal mode, or None where the reference backend serves."""
+        if backend == "reference":
+            return None
+        reasons = self._kernel_obstacles(self.num_nvl_bytes, "num_nvl_bytes")
         if reasons:
-            if backend == "cuda":
+            if backend == "cuda" and not self.low_latency_mode:
                 raise NotImplementedError("backend='cuda' unavailable: " + "; ".join(reasons))
             return None
-
-        def all_gather_object(obj):
-            objects = [None] * self.group_size
-            dist.all_gather_object(objects, obj, self.group)
-            return objects
-
         return intranode.IntranodeBackend(self.rank, self.group_size, self.group, self.num_nvl_bytes,
-                                          all_gather_object, self.timeout_s)
+                                          self._all_gather_object, self.timeout_s)
+
+    def _make_low_latency_backend(self, backend: str):
+        """The low-latency kernels (``low_latency_mode``), or None where the reference backend serves."""
+        if backend == "reference" or not self.low_latency_mode:
+            return None
+        reasons = self._kernel_obstacles(self.num_rdma_bytes, "num_rdma_bytes")
+        if not reasons and not low_latency.available():
+            reasons.append("this build has no low-latency kernels")
+        if reasons:
+            if backend == "cuda":
+                raise NotImplementedError("backend='cuda' unavailable for low-latency mode: " + "; ".join(reasons))
+            return None
+        return low_latency.LowLatencyBackend(self.rank, self.group_size, self.group, self.num_rdma_bytes,
+                                             self._all_gather_object, self.timeout_s)
 
     # ------------------------------------------------------------------ resources
     def destroy(self) -> None:
         """Release the kernels' resources now (requires ``explicitly_destroy=True``)."""
         if not self.explicitly_destroy:
             raise ValueError("destroy() requires Buffer(..., explicitly_destroy=True)")
-        if self._kernels is not None:
-            self._kernels.destroy()
-        self._kernels = None
+        for kernels in (self._kernels, self._ll_kernels):
+            if kernels is not None:
+                kernels.destroy()
+        self._kernels = self._ll_kernels = None
         self._local_buffers.clear()
         self._ll_combine_buffers = [None, None]
         self._destroyed = True
@@ -473,6 +492,8 @@ class Buffer:
         """Reset the low-latency receive state (needed after normal-mode use of the same memory)."""
         self._check_alive()
         self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        if self._ll_kernels is not None:
+            self._ll_kernels.clean()
         for b in self._ll_combine_buffers:
             if b is not None:
                 b.zero_()
@@ -530,7 +551,8 @@ class Buffer:
         if dispatch_wait_recv_cost_stats is not None:
             checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
-        recv_x, recv_scales, recv_count, handle, hook = self._reference_ll.dispatch(
+        backend = self._ll_kernels if x.is_cuda and self._ll_kernels is not None else self._reference_ll
+        recv_x, recv_scales, recv_count, handle, hook = backend.dispatch(
             x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
             num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook)
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
@@ -565,11 +587,16 @@ class Buffer:
         self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         num_local_experts = handle.num_experts // self.group_size
         slots = handle.num_max_dispatch_tokens_per_rank * self.group_size
+        kernels = self._ll_kernels if handle.src_info.is_cuda and self._ll_kernels is not None else None
         if zero_copy:
-            x = self._ll_combine_buffers[self._ll_buffer_index]
-            if x is None:
-                raise ValueError("zero_copy=True needs get_next_low_latency_combine_buffer(handle) filled first")
-            self._ll_buffer_index ^= 1
+            # The expert outputs are already in the registered buffer of the next combine.
+            if kernels is not None:
+                x = kernels.get_next_combine_buffer(handle)
+            else:
+                x = self._ll_combine_buffers[self._ll_buffer_index]
+                if x is None:
+                    raise ValueError("zero_copy=True needs get_next_low_latency_combine_buffer(handle) filled first")
+                self._ll_buffer_index ^= 1
         checks.tensor("x", x, (torch.bfloat16,), (num_local_experts, slots, handle.hidden))
         checks.tensor("topk_idx", topk_idx, (torch.int64,), (None, None), x.device)
         if topk_idx.size(0) > handle.num_max_dispatch_tokens_per_rank:
@@ -583,8 +610,8 @@ class Buffer:
         if combine_wait_recv_cost_stats is not None:
             checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
-        combined, hook = self._reference_ll.combine(x, topk_idx, topk_weights, handle, out,
-                                                    combine_wait_recv_cost_stats, return_recv_hook)
+        combined, hook = (kernels or self._reference_ll).combine(x, topk_idx, topk_weights, handle, out,
+                                                                 combine_wait_recv_cost_stats, return_recv_hook)
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
         tensors = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined)
         return combined, EventOverlap(event, tensors if async_finish else None), hook
@@ -598,6 +625,8 @@ class Buffer:
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
         self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        if handle.src_info.is_cuda and self._ll_kernels is not None:
+            return self._ll_kernels.get_next_combine_buffer(handle)
         shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank,
                  handle.hidden)
         b = self._ll_combine_buffers[self._ll_buffer_index]
