@@ -172,20 +172,25 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     return row
 
 
-def _copy_floor_us(num_bytes: int, device, iters: int) -> float:
+def _copy_floor_us(num_bytes: int, device, iters: int, rounds: int = 3) -> float:
+    """Device-to-device copy time of ``num_bytes``: the lowest of ``rounds`` medians of ``iters`` copies
+    (a floor: a round slowed by clocks or a neighbour should not raise it)."""
     src = torch.empty(max(num_bytes, 16), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
     torch.cuda.synchronize()
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
-    _sleep_us(100)
-    ev[0].record()
-    for i in range(iters):
-        dst.copy_(src)
-        ev[i + 1].record()
-    torch.cuda.synchronize()
-    return statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(iters))
+    medians = []
+    for _ in range(rounds):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+        _sleep_us(100)
+        ev[0].record()
+        for i in range(iters):
+            dst.copy_(src)
+            ev[i + 1].record()
+        torch.cuda.synchronize()
+        medians.append(statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(iters)))
+    return min(medians)
 
 
 def _run(num_ranks: int, args) -> dict:
