@@ -21,7 +21,7 @@ def _normal(rank, num_ranks):
     Buffer.set_num_sms(rank_num_sms(num_ranks))
     hidden, num_experts, topk = 2048, 8 * num_ranks, 4
     config = Buffer.get_dispatch_config(num_ranks)
-    nvl = config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+    nvl = config.get_nvl_buffer_size_hint(hidden * 4, num_ranks)  # room for float32 rows too
     kernels = Buffer(dist.group.WORLD, nvl, backend="cuda")
     reference = Buffer(dist.group.WORLD, nvl, backend="reference")
     assert kernels.backend == "cuda" and reference.backend == "reference"
