@@ -12,7 +12,7 @@ Received tokens are ordered by source rank, then by source token index, on every
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist

@@ -5,7 +5,7 @@ Callers treat them as opaque; only the backend that made a handle reads its fiel
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 

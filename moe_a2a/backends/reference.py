@@ -8,7 +8,7 @@ Received tokens are ordered by source rank, then by source token index, in every
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -212,7 +212,7 @@ class ReferenceBackend:
                 previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         if previous_event is not None:
             previous_event.current_stream_wait()
-        ex, me, num_ranks = self.exchanger, self.rank, self.num_ranks
+        ex, me = self.exchanger, self.rank
         device = x.device
         column = handle.rank_prefix_matrix[:, me].to(torch.int64).cpu()
         num_recv = int(column[-1])

@@ -8,7 +8,7 @@ slots are filled source rank by source rank, each source's tokens by increasing 
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
