@@ -15,7 +15,7 @@ from setuptools import setup
 
 def _find_cuda_home():
     """Set CUDA_HOME when unset: torch guesses it from nvcc's directory, which is wrong for wrapper scripts
-    such as /usr/local/bin/nvcc; take the first candidate that has the CUDA headers."""
+    that stand outside the toolkit; take the first candidate that has the CUDA headers."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     candidates = []
