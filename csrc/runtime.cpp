@@ -154,6 +154,10 @@ class Runtime {
         if (code == kErrGridTimeout)
             return me + " timed out in " + phase_name(host_->error_phase) + " waiting for its own blocks (grid barrier " +
                    std::to_string(host_->error_expected) + "); are num_ranks * num_sms blocks co-resident on the device?";
+        if (code == kErrBadHandle)
+            return me + " combine: a token's copy on rank " + std::to_string(host_->error_peer) + " would be row " +
+                   std::to_string(host_->error_seen) + " of its " + std::to_string(host_->error_expected) +
+                   " staged rows (the handle does not match the dispatch that rank saw)";
         if (code == kErrRecvOverflow)
             return me + " received " + std::to_string(host_->error_seen) + " tokens but only " +
                    std::to_string(host_->error_expected) + " rows were allocated (num_worst_tokens too small)";
@@ -257,12 +261,23 @@ class Runtime {
         a.capacity = dispatch_capacity(hidden_bytes, num_scales, num_topk);
         TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
                     " bytes; use Config.get_nvl_buffer_size_hint");
-        launch_dispatch(ctx(), a, num_sms, c10::cuda::getCurrentCUDAStream());
+        const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+        launch_prologue(ctx(), a.num_tokens, -1, kPhaseDispatchStart, stream);
+        // When every token fits one round, the copy engine stages the rows (faster than SM copies; the size
+        // is the input's, known on the host, so this also holds under CUDA graph capture).
+        if (a.num_tokens > 0 && a.num_tokens <= a.capacity) {
+            MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
+                                               static_cast<size_t>(a.num_tokens) * hidden_bytes,
+                                               cudaMemcpyDeviceToDevice, stream));
+            a.data_staged = 1;
+        }
+        launch_dispatch(ctx(), a, num_sms, stream);
     }
 
     void combine(const torch::Tensor& x, const std::optional<torch::Tensor>& topk_weights,
                  const torch::Tensor& recv_src_idx, const torch::Tensor& rank_prefix,
-                 const torch::Tensor& is_token_in_rank, const std::optional<torch::Tensor>& bias_0,
+                 const torch::Tensor& is_token_in_rank, const torch::Tensor& send_head,
+                 const std::optional<torch::Tensor>& bias_0,
                  const std::optional<torch::Tensor>& bias_1, int num_sms, torch::Tensor& out,
                  const std::optional<torch::Tensor>& out_weights) {
         check_ready();
@@ -270,6 +285,9 @@ class Runtime {
         check_tensor(recv_src_idx, "recv_src_idx", torch::kInt32, 1);
         check_tensor(rank_prefix, "rank_prefix_matrix", torch::kInt32, 2);
         check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool, 2);
+        check_tensor(send_head, "send_head", torch::kInt32, 2);
+        TORCH_CHECK(send_head.size(0) == is_token_in_rank.size(0) && send_head.size(1) == num_ranks_,
+                    "send_head must be [", is_token_in_rank.size(0), ", ", num_ranks_, "]");
         check_sms(num_sms);
         const int hidden_bytes = static_cast<int>(x.size(1) * 2);
         TORCH_CHECK(hidden_bytes % 16 == 0, "hidden must be a multiple of 8, got ", x.size(1));
@@ -282,6 +300,7 @@ class Runtime {
         a.recv_src_idx = recv_src_idx.data_ptr<int>();
         a.rank_prefix = rank_prefix.data_ptr<int>();
         a.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+        a.send_head = send_head.data_ptr<int>();
         a.num_tokens = static_cast<int>(is_token_in_rank.size(0));
         a.bias_0 = bias_0 ? bias_0->data_ptr() : nullptr;
         a.bias_1 = bias_1 ? bias_1->data_ptr() : nullptr;
@@ -290,7 +309,25 @@ class Runtime {
         a.capacity = combine_capacity(hidden_bytes, num_topk);
         TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
-        launch_combine(ctx(), a, num_sms, c10::cuda::getCurrentCUDAStream());
+        // When all received rows (and their weights) fit the buffer, the copy engine stages them in arrival
+        // order with one copy each, and peers find a token's copy from rank_prefix and send_head. The row
+        // count is the handle's (padded to num_worst_tokens when that was used), known on the host, so
+        // this also holds under CUDA graph capture. Otherwise the kernel stages by slots, in rounds.
+        const int64_t rows = recv_src_idx.size(0);
+        const int64_t data_bytes = (rows * hidden_bytes + 15) / 16 * 16;
+        const bool flat = rows <= x.size(0) && data_bytes + (rows * num_topk * 4 + 15) / 16 * 16 <= num_nvl_bytes_;
+        a.staged_rows = flat ? static_cast<int>(rows) : -1;
+        const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+        launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
+        if (flat && rows > 0) {
+            MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(), static_cast<size_t>(rows) * hidden_bytes,
+                                               cudaMemcpyDeviceToDevice, stream));
+            if (num_topk > 0)
+                MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base() + data_bytes, topk_weights->data_ptr(),
+                                                   static_cast<size_t>(rows) * num_topk * 4, cudaMemcpyDeviceToDevice,
+                                                   stream));
+        }
+        launch_combine(ctx(), a, num_sms, stream);
     }
 
     // A view of the staging area (DeepEP's get_local_buffer_tensor): `offset` bytes in.
@@ -302,6 +339,8 @@ class Runtime {
     }
 
    private:
+    char* staging_base() const { return static_cast<char*>(local_) + kHeaderBytes; }
+
     PeerCtx ctx() const {
         PeerCtx c{};
         for (int r = 0; r < num_ranks_; ++r) c.peers[r] = static_cast<int*>(peers_[r]);

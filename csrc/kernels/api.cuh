@@ -36,6 +36,7 @@ constexpr int kGridGen = 10;          // grid barrier generation
 constexpr int kAborted = 11;          // set on the first error: later kernels exit at once
 constexpr int kErrorClaim = 12;       // first error wins this flag and writes the host record
 constexpr int kNumTokens = 13;        // tokens of the current operation (dispatch: sent, combine: combined)
+constexpr int kStagedRows = 14;       // combine: received rows staged in arrival order (copy engine), or -1
 constexpr int kSendCounts = 16;       // [kMaxRanks] tokens sent to each rank
 constexpr int kChannelPrefix = 32;    // [kMaxRanks][kMaxChannels] this rank's channel_prefix_matrix
 constexpr int kExpertCounts = 1024;   // [kMaxExperts] this rank's num_tokens_per_expert
@@ -43,7 +44,7 @@ constexpr int kInts = 8192;           // header size in ints (32 KiB); the stagi
 }  // namespace hdr
 constexpr int64_t kHeaderBytes = hdr::kInts * 4;
 
-enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3 };
+enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3, kErrBadHandle = 4 };
 enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStaged = 3, kPhaseCombineStart = 4,
                    kPhaseCombineStaged = 5 };
 
@@ -69,6 +70,10 @@ struct PeerCtx {
     int num_ranks;
 };
 
+// One block: publish this rank's token count (and, for combine, its staged rows), then meet every peer.
+// Runs before the host stages rows with the copy engine: no peer still reads the buffer afterwards.
+void launch_prologue(const PeerCtx& ctx, int num_tokens, int staged_rows, int phase, cudaStream_t stream);
+
 void launch_notify(const PeerCtx& ctx, const int* num_tokens_per_expert, int num_experts, const bool* is_token_in_rank,
                    int num_tokens, int num_channels, int expert_alignment, int num_worst_tokens, int seq,
                    int* send_head, int* channel_prefix, int* rank_prefix, int* recv_channel_prefix,
@@ -84,6 +89,7 @@ struct DispatchArgs {
     int num_alloc_rows;                             // rows of the outputs (received, or num_worst_tokens)
     int num_experts_per_rank;
     int capacity;                                   // tokens staged per round
+    int data_staged;                                // x already copied to the buffer (one round, copy engine)
 };
 
 void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream);
@@ -94,6 +100,8 @@ struct CombineArgs {
     const float* topk_weights; int num_topk;        // [N, K] or null
     const int* recv_src_idx; const int* rank_prefix;
     const bool* is_token_in_rank; int num_tokens;   // [T, R]
+    const int* send_head;                           // [T, R]: row of token t among those sent to r
+    int staged_rows;                                // >= 0: x's first rows already staged in arrival order
     const void* bias_0; const void* bias_1;         // [T, hidden] bf16 or null
     void* out; float* out_weights;                  // [T, hidden], [T, K]
     int capacity;                                   // tokens per source rank staged per round

@@ -90,6 +90,20 @@ __device__ bool grid_barrier(const PeerCtx& c, bool with_peers, int phase, int r
 
 __device__ __forceinline__ bool aborted(const PeerCtx& c) { return ld_volatile(header(c, c.rank) + hdr::kAborted) != 0; }
 
+// ------------------------------------------------------------------------------------------ prologue
+// The first barrier of a dispatch or combine, as its own kernel so the host can stage rows with the copy
+// engine between it and the main kernel: once every peer arrived here, none still reads this buffer for an
+// earlier operation. Publishes what the peers need to find this rank's rows.
+__global__ void prologue_kernel(PeerCtx c, int num_tokens, int staged_rows, int phase) {
+    // No early exit on an aborted buffer: the host stages rows after this kernel whatever happens, and
+    // must not overwrite rows a peer may still be reading; a missing peer ends the wait by the timeout.
+    if (threadIdx.x == 0) {
+        header(c, c.rank)[hdr::kNumTokens] = num_tokens;
+        header(c, c.rank)[hdr::kStagedRows] = staged_rows;
+    }
+    grid_barrier(c, true, phase, 0);
+}
+
 // ------------------------------------------------------------------------------------------ notify
 // One block. Computes send_head and channel_prefix from is_token_in_rank, publishes this rank's counts,
 // meets the peers, then builds rank_prefix / recv_channel_prefix and the per-expert receive counts.
@@ -258,10 +272,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
     __shared__ int s_tokens[kMaxRanks];
     __shared__ int s_offset[kMaxRanks + 1];  // first output row of each source rank, then the total
     const int R = c.num_ranks, me = c.rank, lane = threadIdx.x % 32;
+    // The prologue kernel published the token counts and met the peers: the buffer is free.
     if (aborted(c)) return;
-    if (blockIdx.x == 0 && threadIdx.x == 0) header(c, me)[hdr::kNumTokens] = a.num_tokens;
-    // Also guarantees that no peer still reads this buffer for an earlier operation.
-    if (!grid_barrier(c, true, kPhaseDispatchStart, 0)) return;
 
     const int max_tokens = load_peer_tokens(c, s_tokens);
     if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
@@ -280,8 +292,10 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
         // Stage this rank's tokens [first, first + n) once; every receiver reads them from here.
         const int n = max(0, min(Q, a.num_tokens - first));
         char* mine = staging(c, me);
-        grid_copy_int4(reinterpret_cast<int4*>(mine + L.data),
-                       static_cast<const int4*>(a.x) + static_cast<int64_t>(first) * H4, static_cast<int64_t>(n) * H4);
+        if (!a.data_staged)  // otherwise the copy engine staged all rows before this kernel
+            grid_copy_int4(reinterpret_cast<int4*>(mine + L.data),
+                           static_cast<const int4*>(a.x) + static_cast<int64_t>(first) * H4,
+                           static_cast<int64_t>(n) * H4);
         grid_copy_words(reinterpret_cast<int*>(mine + L.head), a.send_head + static_cast<int64_t>(first) * R,
                         static_cast<int64_t>(n) * R);
         if (a.x_scales)
@@ -389,28 +403,38 @@ __device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, CombineArgs a) {
     __shared__ int s_tokens[kMaxRanks];
     __shared__ int s_offset[kMaxRanks + 1];
+    __shared__ int s_rows[kMaxRanks];       // rows peer r staged in arrival order, or -1 (slot layout)
+    __shared__ int s_first[kMaxRanks];      // first row on peer r that came from this rank
+    __shared__ int64_t s_wbase[kMaxRanks];  // byte offset of peer r's staged weights
+    __shared__ const int4* s_row_ptr[kCombineThreads / 32][kMaxRanks];  // per warp: the copies of its token
     const int R = c.num_ranks, me = c.rank, lane = threadIdx.x % 32;
+    // The prologue kernel published the token counts and staged rows and met the peers.
     if (aborted(c)) return;
-    if (blockIdx.x == 0 && threadIdx.x == 0) header(c, me)[hdr::kNumTokens] = a.num_tokens;
-    if (!grid_barrier(c, true, kPhaseCombineStart, 0)) return;
 
     const int max_tokens = load_peer_tokens(c, s_tokens);
-    if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
-    __syncthreads();
-    const int num_recv = s_offset[R];
     const int Q = a.capacity, K = a.num_topk, H4 = a.hidden_int4;
     const CombineLayout L(Q, H4, R, K);
+    if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
+    if (threadIdx.x < R) {
+        const int r = threadIdx.x, rows = ld_cg(header(c, r) + hdr::kStagedRows);
+        s_rows[r] = rows;
+        s_first[r] = me == 0 ? 0 : a.rank_prefix[(me - 1) * R + r];
+        s_wbase[r] = rows >= 0 ? align16(static_cast<int64_t>(rows) * H4 * 16) : L.weights;
+    }
+    __syncthreads();
+    const int num_recv = s_offset[R];
     const int num_warps = gridDim.x * (blockDim.x / 32);
     const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int num_rounds = (max_tokens + Q - 1) / Q;
+    const int4** row_ptr = s_row_ptr[threadIdx.x / 32];
 
     for (int round = 0; round < num_rounds; ++round) {
         const int first = round * Q;
         if (round > 0 && !grid_barrier(c, true, kPhaseCombineStart, round)) return;
         // Stage: received row j (from source s, its token t) goes to slot [s, t - first] when t is in
-        // this round's window.
+        // this round's window, unless the copy engine staged every row in arrival order already.
         char* mine = staging(c, me);
-        for (int b = gwarp; b * 32 < num_recv; b += num_warps) {
+        for (int b = gwarp; a.staged_rows < 0 && b * 32 < num_recv; b += num_warps) {
             const int j_lane = b * 32 + lane;
             int slot = -1, src_rank = 0;
             if (j_lane < num_recv) {
@@ -434,13 +458,28 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
         if (!grid_barrier(c, true, kPhaseCombineStaged, round)) return;
 
         // Pull: one warp per token of this round; copies from every rank it went to, summed in f32
-        // in rank order (the reference's order), plus the biases.
+        // in rank order (the reference's order), plus the biases. A copy is at slot [me, i] of a
+        // peer that staged by slots, else at its arrival row s_first[r] + send_head[t, r].
         const int n = max(0, min(Q, a.num_tokens - first));
         for (int i = gwarp; i < n; i += num_warps) {
             const int64_t t = first + i;
-            const bool in = lane < R && a.is_token_in_rank[t * R + lane];
-            const unsigned ranks = __ballot_sync(0xffffffff, in);
-            const int64_t slot = static_cast<int64_t>(me) * Q + i;
+            __syncwarp();  // the previous token's row addresses are no longer read
+            int64_t my_row = -1;  // lane r < R: row of token t's copy in rank r's staging
+            if (lane < R && a.is_token_in_rank[t * R + lane]) {
+                if (s_rows[lane] < 0) {
+                    my_row = static_cast<int64_t>(me) * Q + i;
+                } else {
+                    const int head = __ldg(a.send_head + t * R + lane), row = s_first[lane] + head;
+                    if (head >= 0 && row < s_rows[lane])
+                        my_row = row;
+                    else
+                        record_error(c, kErrBadHandle, lane, kPhaseCombineStaged, s_rows[lane], row, round);
+                }
+            }
+            const unsigned ranks = __ballot_sync(0xffffffff, my_row >= 0);
+            // Row addresses in shared memory: kept in registers they would spill.
+            if (my_row >= 0) row_ptr[lane] = reinterpret_cast<const int4*>(staging(c, lane) + L.data) + my_row * H4;
+            __syncwarp();
             // Two 16-byte chunks per lane and rank in flight: up to 2 * R loads before the first add.
             for (int w = lane; w < H4; w += 64) {
                 const bool two = w + 32 < H4;
@@ -448,7 +487,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
 #pragma unroll
                 for (int r = 0; r < kMaxRanks; ++r)
                     if (ranks >> r & 1) {
-                        const int4* row = reinterpret_cast<const int4*>(staging(c, r) + L.data) + slot * H4;
+                        const int4* row = row_ptr[r];
                         v[r][0] = ld_cg_v4(row + w);
                         if (two) v[r][1] = ld_cg_v4(row + w + 32);
                     }
@@ -471,13 +510,15 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
                     st_na_v4(static_cast<int4*>(a.out) + t * H4 + wi, out);
                 }
             }
-            if (a.out_weights && lane < K) {
+            if (a.out_weights) {
                 float sum = 0.0f;
-                for (int r = 0; r < R; ++r)
-                    if (ranks >> r & 1)
+                for (int r = 0; r < R; ++r) {
+                    const int64_t row = __shfl_sync(0xffffffff, my_row, r);
+                    if ((ranks >> r & 1) && lane < K)
                         sum += __int_as_float(
-                            ld_cg(reinterpret_cast<const int*>(staging(c, r) + L.weights) + slot * K + lane));
-                a.out_weights[t * K + lane] = sum;
+                            ld_cg(reinterpret_cast<const int*>(staging(c, r) + s_wbase[r]) + row * K + lane));
+                }
+                if (lane < K) a.out_weights[t * K + lane] = sum;
             }
         }
     }
@@ -491,6 +532,11 @@ int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int
 
 int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk) {
     return CombineLayout(capacity, hidden_int4, num_ranks, num_topk).end;
+}
+
+void launch_prologue(const PeerCtx& ctx, int num_tokens, int staged_rows, int phase, cudaStream_t stream) {
+    prologue_kernel<<<1, 32, 0, stream>>>(ctx, num_tokens, staged_rows, phase);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_notify(const PeerCtx& ctx, const int* num_tokens_per_expert, int num_experts, const bool* is_token_in_rank,

@@ -3,18 +3,27 @@
 Design: stage once, pull once
 -----------------------------
 Every rank owns one allocation of ``num_nvl_bytes`` (plus a 32 KiB header of counters) that all ranks
-of the group map over CUDA IPC. A dispatch or combine is one kernel of ``config.num_sms`` blocks that
-runs rounds of three steps:
+of the group map over CUDA IPC. A dispatch or combine starts with a one-block prologue kernel (publish
+the token counts, meet every peer: from then on no peer reads this buffer for an earlier operation),
+then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
 
 1. **stage**: the rank copies the rows it offers into its *own* buffer, once per row, however many
    ranks want the row (dispatch: its input tokens with their ``send_head`` row, scales and top-k;
-   combine: its received rows, placed at ``[source rank, source token]``);
+   combine: its received rows). When everything fits one round, the bulk rows are staged by the copy
+   engine (one ``cudaMemcpyAsync`` between the prologue and the kernel, faster than SM copies), with
+   sizes known on the host, so CUDA-graph capture still holds: dispatch copies ``x`` as is; combine
+   copies its received rows (``recv_src_idx.size(0)`` of them, padding included after a
+   ``num_worst_tokens`` dispatch) and their weights in arrival order. Otherwise the kernel stages by
+   rounds; a combine then places rows at ``[source rank, source token]`` slots. Each rank publishes
+   which layout it used, so ranks may differ;
 2. **barrier**: a grid barrier whose last block meets every peer (epoch counters in device memory,
    release/acquire at system scope, so the sequence also holds under CUDA-graph replay);
 3. **pull**: every rank reads, from the peers' buffers, exactly the rows it needs and writes them to
    their final place: dispatch writes received row ``rank_prefix[src - 1, me] + send_head[t, me]``
    (source-rank order, then source-token order); combine sums the copies of each of its tokens in
-   float32, in rank order, adds the biases and writes BF16.
+   float32, in rank order, adds the biases and writes BF16. A copy staged in arrival order on rank
+   ``r`` is row ``rank_prefix[me - 1, r] + send_head[t, r]`` there (``send_head[t, r]`` for rank 0),
+   the row dispatch wrote it to.
 
 Bytes moved per rank, with ``T`` tokens in, ``S`` rows sent (a token counted once per destination) and
 ``N`` rows received: dispatch reads ``T`` and writes ``T`` rows locally, then moves each received row
@@ -294,6 +303,9 @@ class IntranodeBackend:
         if x.size(0) < num_rows:
             raise ValueError(f"x has {x.size(0)} rows, expected {num_rows} (the rows dispatch returned)")
         num_tokens = handle.is_token_in_rank.size(0)
+        if tuple(handle.send_head.shape) != (num_tokens, self.num_ranks) or handle.send_head.dtype != torch.int32:
+            raise ValueError(f"handle.send_head must be [{num_tokens}, {self.num_ranks}] int32, got "
+                             f"{list(handle.send_head.shape)} {handle.send_head.dtype}")
         if topk_weights is not None:
             _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
             if topk_weights.size(0) != x.size(0) or topk_weights.size(1) > 32:
@@ -316,7 +328,8 @@ class IntranodeBackend:
                 out_weights = (torch.empty(num_tokens, topk_weights.size(1), dtype=torch.float32, device=dev)
                                if topk_weights is not None else None)
             self.runtime.combine(x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
-                                 handle.is_token_in_rank.contiguous(), biases[0], biases[1], config.num_sms, out,
+                                 handle.is_token_in_rank.contiguous(), handle.send_head.contiguous(), biases[0],
+                                 biases[1], config.num_sms, out,
                                  out_weights)
         event = self._finish(compute, async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
         return out, out_weights, event
