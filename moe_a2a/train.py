@@ -4,7 +4,8 @@ Builds a megatron-core GPT model with MoE layers from a YAML recipe (``recipes/`
 process groups, trains a byte-level language model on the shipped corpus and reports training loss,
 tokens/s and the loss on a held-out split. Writes, under ``output.dir`` (default ``runs/NAME``):
 ``log.json`` (recipe, per-step loss and throughput, validation losses), ``loss.png`` and
-``checkpoints/`` (one file per rank per saved step; a rerun resumes from the latest).
+``checkpoints/`` (per saved step, a ``torch.distributed.checkpoint`` of the tensors under global keys
+plus a small file per rank; a rerun with the same layout resumes from the latest).
 
 Launch: on CPU the runner spawns ``parallel.world_size`` gloo ranks itself; on GPUs run it under
 ``torchrun --nproc-per-node N`` (or let it spawn one NCCL rank per visible GPU). Bad input (unknown

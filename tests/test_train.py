@@ -1,6 +1,7 @@
 """The tiny recipe trains on 2 gloo ranks (EP 2, the moe_a2a dispatcher): loss falls, outputs are
-written, a checkpoint that does not fit the recipe is refused, and resuming from a checkpoint gives
-the same next-step losses as the uninterrupted run."""
+written, the checkpoint's tensors carry global keys (experts by global index), a checkpoint that does
+not fit the recipe is refused, and resuming from a checkpoint gives the same next-step losses as the
+uninterrupted run."""
 from __future__ import annotations
 
 import json
@@ -35,12 +36,34 @@ def test_tiny_recipe_trains_and_resumes(tmp_path, capsys):
     assert (full / "loss.png").stat().st_size > 1000
     assert (full / "checkpoints" / "latest").read_text().strip() == "6"
 
+    # The tensors are one torch.distributed.checkpoint under global keys: the two ranks' 4 local experts
+    # appear as global experts 0-7 (under their local names, rank 1's experts would be deduplicated
+    # away as replicas of rank 0's), and Adam states sit under the key of the weight they belong to.
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = set(FileSystemReader(full / "checkpoints" / "step_0000006").read_metadata().state_dict_metadata)
+    experts = "model.decoder.layers.{}.mlp.experts.global_expert_{}.linear_fc{}.weight"
+    want = {experts.format(layer, e, fc) for layer in (0, 1) for e in range(8) for fc in (1, 2)}
+    assert {k for k in keys if ".experts." in k and k.startswith("model.")} == want
+    assert not any("local_experts" in k for k in keys)
+    for name in ("decoder.layers.1.mlp.router.weight", "embedding.word_embeddings.weight",
+                 experts.format(1, 7, 2)[len("model."):]):
+        assert {f"model.{name}", f"optimizer.exp_avg.{name}", f"optimizer.exp_avg_sq.{name}",
+                f"optimizer.step.{name}"} <= keys
+
     # A checkpoint that does not fit the recipe is refused before any rank starts.
     mtime = (full / "log.json").stat().st_mtime_ns
     for bad, key in ((["parallel.world_size=4", "parallel.expert=4"], "parallel layout"),
                      (["model.hidden_size=64"], "model.hidden_size=64")):
         assert main([str(TINY), *FAST, "train.steps=7", f"output.dir={full}", *bad]) == 2
         assert key in capsys.readouterr().err
+    # A step directory without a complete torch.distributed.checkpoint (an older format, or a copy
+    # that lost files) is refused the same way.
+    broken = tmp_path / "broken"
+    shutil.copytree(full / "checkpoints", broken / "checkpoints")
+    (broken / "checkpoints" / "step_0000006" / ".metadata").unlink()
+    assert main([str(TINY), *FAST, "train.steps=7", f"output.dir={broken}"]) == 2
+    assert "not a torch.distributed.checkpoint" in capsys.readouterr().err
     assert (full / "log.json").stat().st_mtime_ns == mtime
 
     # A run that stopped at step 3: its checkpoint, and nothing after.

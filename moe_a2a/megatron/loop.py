@@ -4,12 +4,21 @@ Gradients are averaged the way megatron's DDP does it: dense parameters over the
 expert parameters (``param.allreduce == False``) over the expert-data-parallel group, and parameters
 marked ``sequence_parallel`` summed over the tensor-parallel group first. bf16 runs keep float32
 master weights and Adam states.
+
+Checkpoints (``checkpoints/step_N/``) hold the tensors (weights, master weights, AdamW states) in
+``torch.distributed.checkpoint`` format under global keys: a tensor replicated over ranks has one key
+and is stored once, an expert's weights are keyed by its global expert index and a tensor-parallel
+shard by its TP rank, so no rank's distinct tensor is taken for another's. Step, history, RNG states
+and optimizer hyper-parameters go to a small ``rank_R.pt`` per rank; ``meta.json`` records the recipe
+and layout; ``checkpoints/latest`` is written once every rank has finished. A resume needs the same
+parallel layout.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,6 +33,8 @@ from .recipe import output_dir
 
 # Recipe sections a checkpoint must agree with to be resumed (shapes and parallel layout).
 CHECKPOINT_KEYS = ("model", "moe", "parallel")
+# meta.json's "format": tensors in torch.distributed.checkpoint under global keys, the rest per rank.
+CHECKPOINT_FORMAT = "dcp-global-keys-1"
 
 
 def resume_mismatch(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Optional[str]:
@@ -40,6 +51,9 @@ def resume_mismatch(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Optional[s
     if meta_path is None or not meta_path.is_file():
         return f"checkpoint {latest} points at step {step!r}, which has no meta.json; set train.resume=false"
     meta = json.loads(meta_path.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT or not (meta_path.parent / ".metadata").is_file():
+        return (f"checkpoint {meta_path.parent} is not a torch.distributed.checkpoint of format "
+                f"{CHECKPOINT_FORMAT!r} (an older or unfinished one); use another output.dir or train.resume=false")
     want = {"world": sizes["world"], **{k: v for k, v in sizes.items() if k != "world"}}
     if meta["layout"] != want:
         return (f"checkpoint {meta_path.parent} was written with parallel layout {meta['layout']}, the recipe "
@@ -127,8 +141,10 @@ class Trainer:
                 seq_par.append(p.grad)
         _allreduce(seq_par, ps.get_tensor_model_parallel_group())
         _allreduce(dense, ps.get_data_parallel_group(), 1.0 / ps.get_data_parallel_world_size())
-        edp = ps.get_expert_data_parallel_group()
-        _allreduce(expert, edp, 1.0 / dist.get_world_size(edp))
+        # Each expert's gradient already sums the tokens of every data-parallel rank that routed to it (the
+        # all-to-all brought them), so the mean over data-parallel replicas is a sum over the expert-data-
+        # parallel copies divided by the full data-parallel size, as Megatron's DDP scales it.
+        _allreduce(expert, ps.get_expert_data_parallel_group(), 1.0 / ps.get_data_parallel_world_size())
 
     def _grad_norm(self) -> float:
         """L2 norm of the whole model's gradient, each shard counted once."""
@@ -212,47 +228,161 @@ class Trainer:
     def layout(self) -> Dict[str, int]:
         return {"world": dist.get_world_size(), **{k: v for k, v in self.sizes.items() if k != "world"}}
 
-    def save(self) -> None:
+    def _global_keys(self) -> List[str]:
+        """The checkpoint key of each entry of ``self.params``: what the tensor holds, not where it lives.
+
+        Dense parameters replicated over ranks keep their module name (DCP stores one copy). A tensor
+        that differs between ranks gets a key no other rank's different tensor has: local expert ``i``
+        of an MoE layer becomes ``global_expert_{g}`` (``g`` from the layer's ``local_expert_indices``),
+        and a tensor-parallel shard (``tensor_model_parallel`` with TP > 1, or ETP > 1 for experts)
+        gains ``.tp{rank}of{size}`` / ``.etp{rank}of{size}``. An expert tensor of a form not recognized
+        here is keyed by its EP and ETP rank, which is exact for the same layout.
+        """
+        ps = self.ps
+        moe_prefixes = {f"{name}.experts.": list(module.local_expert_indices)
+                        for name, module in self.model.named_modules() if hasattr(module, "local_expert_indices")}
+        ep_rank, etp_rank = ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        keys = []
+        for p in self.params:
+            name = names[id(p)]
+            if getattr(p, "allreduce", True) is False:  # an expert parameter
+                prefix = next((pre for pre in moe_prefixes if name.startswith(pre)), None)
+                rest = name[len(prefix):] if prefix else ""
+                # SequentialMLP: local_experts.{i}.linear_fc1.weight; TEGroupedMLP: linear_fc1.weight{i}.
+                seq = re.fullmatch(r"local_experts\.(\d+)\.(.+)", rest)
+                grouped = re.fullmatch(r"(linear_fc[12]\.(?:weight|bias))(\d+)", rest)
+                if prefix and (seq or grouped):
+                    i, tail = (int(seq[1]), seq[2]) if seq else (int(grouped[2]), grouped[1])
+                    key = f"{prefix}global_expert_{moe_prefixes[prefix][i]}.{tail}"
+                elif prefix:  # GroupedMLP: one tensor holds all local experts
+                    idx = moe_prefixes[prefix]
+                    key = f"{prefix}global_experts_{idx[0]}_to_{idx[-1]}.{rest}"
+                else:
+                    key = f"{name}.ep{ep_rank}of{self.sizes['ep']}"
+                if getattr(p, "tensor_model_parallel", False) and self.sizes["etp"] > 1:
+                    key += f".etp{etp_rank}of{self.sizes['etp']}"
+            elif getattr(p, "tensor_model_parallel", False) and self.sizes["tp"] > 1:
+                key = f"{name}.tp{ps.get_tensor_model_parallel_rank()}of{self.sizes['tp']}"
+            else:
+                key = name
+            keys.append(key)
+        if len(set(keys)) != len(keys):
+            dups = sorted({k for k in keys if keys.count(k) > 1})
+            raise RuntimeError(f"checkpoint keys collide on rank {self.rank}: {dups}")
+        return keys
+
+    def _tensor_state(self) -> Dict[str, torch.Tensor]:
+        """The tensors to save under their global keys: weights, float32 master copies (bf16 runs) and
+        AdamW states. They alias the live tensors, so ``dcp.load`` writes straight into them."""
+        state: Dict[str, torch.Tensor] = {}
+        for key, p, m in zip(self._global_keys(), self.params, self.master):
+            state[f"model.{key}"] = p.detach()
+            if m is not p:
+                state[f"master.{key}"] = m.detach()
+            for name, value in self.optimizer.state.get(m, {}).items():
+                state[f"optimizer.{name}.{key}"] = value
+        return state
+
+    def _rank_state(self) -> Dict[str, Any]:
+        """What is not a model tensor: step, history, RNG states, optimizer hyper-parameters and the
+        model's non-parameter state (buffers, extra state), which may differ between ranks."""
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
         from .cpu import _rng
 
+        params = {n for n, _ in self.model.named_parameters()}
+        return {"step": self.step, "layout": self.layout(), "history": self.history,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_device": torch.cuda.get_rng_state() if self.device.type == "cuda" else _rng.get_state(),
+                "rng_tracker": get_cuda_rng_tracker().get_states(),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+                "model_extra": {k: v for k, v in self.model.state_dict().items() if k not in params}}
+
+    def save(self) -> None:
+        """Write ``checkpoints/step_N/``: a ``torch.distributed.checkpoint`` of the tensors (one copy of
+        each global key), ``rank_R.pt`` per rank for the rest, ``meta.json``; then ``latest`` -> N.
+
+        Everything goes to ``step_N.partial/`` first, renamed once every rank has finished, so a step
+        directory is always complete (a rerun with ``train.resume=false`` replaces the old one).
+        """
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
         step_dir = self._ckpt_root() / f"step_{self.step:07d}"
+        partial = step_dir.with_name(step_dir.name + ".partial")
         if self.rank == 0:
-            step_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a run that stopped while saving
+            partial.mkdir(parents=True)
         dist.barrier()
-        state = {"step": self.step, "layout": self.layout(), "model": self.model.state_dict(),
-                 "master": [m.detach() for m in self.master], "optimizer": self.optimizer.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "rng_device": _rng.get_state(), "history": self.history}
-        tmp = step_dir / f"rank_{self.rank:05d}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, step_dir / f"rank_{self.rank:05d}.pt")
+        # Plain tensors under one key on several ranks are replicas: DCP writes one of them.
+        dcp.save(self._tensor_state(), storage_writer=dcp.FileSystemWriter(partial))
+        torch.save(self._rank_state(), partial / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
-            meta = {"step": self.step, "layout": self.layout(),
+            meta = {"step": self.step, "layout": self.layout(), "format": CHECKPOINT_FORMAT,
                     **{k: self.recipe[k] for k in CHECKPOINT_KEYS}}
-            _write_atomic(step_dir / "meta.json", json.dumps(meta, indent=1).encode())
-        dist.barrier()  # every rank's file is complete before "latest" points at the step
+            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        dist.barrier()  # every rank's files are complete before the step is published
         if self.rank == 0:
+            if step_dir.exists():
+                shutil.rmtree(step_dir)
+            os.replace(partial, step_dir)
             _write_atomic(self._ckpt_root() / "latest", f"{self.step}\n".encode())
+        dist.barrier()  # no rank goes on (or resumes) before "latest" is written
 
     def maybe_resume(self) -> bool:
+        """Load the step ``latest`` names, if resuming; the layout was checked by ``resume_mismatch``."""
+        import torch.distributed.checkpoint as dcp
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
         from .cpu import _rng
 
         latest = self._ckpt_root() / "latest"
         if not (self.recipe["train"]["resume"] and latest.is_file()):
             return False
-        step = int(latest.read_text().strip())
-        path = self._ckpt_root() / f"step_{step:07d}" / f"rank_{self.rank:05d}.pt"
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["layout"] != self.layout():
-            raise RuntimeError(f"checkpoint {path} was written with parallel layout {state['layout']}, this run "
+        step_dir = self._ckpt_root() / f"step_{int(latest.read_text().strip()):07d}"
+        rank_path = step_dir / f"rank_{self.rank:05d}.pt"
+        extra = torch.load(rank_path, map_location="cpu", weights_only=False)
+        if extra["layout"] != self.layout():
+            raise RuntimeError(f"checkpoint {rank_path} was written with parallel layout {extra['layout']}, this run "
                                f"has {self.layout()}; use a new output.dir or the same layout")
-        self.model.load_state_dict(state["model"])
-        with torch.no_grad():
-            for m, saved in zip(self.master, state["master"]):
-                m.copy_(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        _rng.set_state(state["rng_device"])
-        self.step, self.history = state["step"], state["history"]
+        reader = dcp.FileSystemReader(step_dir)
+        saved = reader.read_metadata().state_dict_metadata
+        # AdamW creates its states at the first step: allocate them (as it does) to load into. Keys
+        # are optimizer.{state name}.{global key}; state names have no dots. "step" stays on the host
+        # unless the optimizer is capturable or fused.
+        step_on_host = not (self.optimizer.defaults.get("capturable") or self.optimizer.defaults.get("fused"))
+        optim_names: Dict[str, List[str]] = {}
+        for k in saved:
+            if k.startswith("optimizer."):
+                _, name, key = k.split(".", 2)
+                optim_names.setdefault(key, []).append(name)
+        for key, m in zip(self._global_keys(), self.master):
+            self.optimizer.state[m] = {
+                name: torch.empty(saved[f"optimizer.{name}.{key}"].size,
+                                  dtype=saved[f"optimizer.{name}.{key}"].properties.dtype,
+                                  device="cpu" if name == "step" and step_on_host else m.device)
+                for name in optim_names.get(key, [])}
+        state = self._tensor_state()
+        for key, value in state.items():
+            if key not in saved or tuple(saved[key].size) != tuple(value.shape):
+                found = "does not hold" if key not in saved else f"holds shape {tuple(saved[key].size)} for"
+                raise RuntimeError(f"checkpoint {step_dir} {found} {key}, which this run needs with shape "
+                                   f"{tuple(value.shape)}; use a new output.dir or the checkpoint's recipe")
+        dcp.load(state, storage_reader=reader)
+        model_state = self.model.state_dict()
+        model_state.update(extra["model_extra"])
+        self.model.load_state_dict(model_state)
+        for group, hyper in zip(self.optimizer.param_groups, extra["param_groups"]):
+            group.update(hyper)
+        torch.set_rng_state(extra["rng_cpu"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["rng_device"])
+        else:
+            _rng.set_state(extra["rng_device"])
+        get_cuda_rng_tracker().set_states(extra["rng_tracker"])
+        self.step, self.history = extra["step"], extra["history"]
         return True
 
     # ------------------------------------------------------------------------------------ outputs
