@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from moe_a2a import Buffer, Config
+from moe_a2a import Buffer, Config, EventOverlap
 from moe_a2a.fp8 import per_token_cast_to_fp8
 
 HIDDEN = 256
@@ -309,6 +309,35 @@ def _bad_input_body(rank, num_ranks):
     gone.destroy()
     with pytest.raises(RuntimeError, match="destroyed"):
         gone.get_dispatch_layout(idx, 4)
+
+
+def _resources_body(rank, num_ranks):
+    buffer = make_buffer()
+    raw = buffer.get_local_buffer_tensor(torch.float32)
+    assert raw.numel() == buffer.num_nvl_bytes // 4
+    view = buffer.get_local_buffer_tensor(torch.bfloat16, torch.Size([4, 8]), offset=16)
+    view.fill_(rank + 1)
+    again = buffer.get_local_buffer_tensor(torch.bfloat16)
+    assert bool((again[16:48] == rank + 1).all()) and bool((again[:16] == 0).all())
+    with pytest.raises(ValueError, match="needs .* elements"):
+        buffer.get_local_buffer_tensor(torch.uint8, torch.Size([buffer.num_nvl_bytes + 1]))
+    with pytest.raises(RuntimeError, match="no communication stream"):
+        buffer.get_comm_stream()
+    event = Buffer.capture()
+    assert event.event.event is None  # CPU: calls are synchronous, nothing to record
+    with event:
+        pass
+    event.current_stream_wait()
+    with pytest.raises(ValueError, match="holds no event"):
+        EventOverlap().current_stream_wait()
+    for name in ("FusedDispatch", "hybrid_ep_dispatch", "get_buffer", "set_deepep_num_sms"):
+        import moe_a2a
+        assert hasattr(moe_a2a, name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of streams and events")
+def test_local_buffer_stream_and_events():
+    run_distributed(_resources_body, 2)
 
 
 def test_bad_input():
