@@ -47,7 +47,7 @@ def expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
     """
     if topk_idx.numel() == 0 or (topk_idx.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    lo, hi = int(topk_idx.min()), int(topk_idx.max())
+    lo, hi = torch.stack(torch.aminmax(topk_idx)).tolist()  # one read back to the host
     if lo < -1 or hi >= num_experts:
         bad = lo if lo < -1 else hi
         raise ValueError(f"{name} holds expert id {bad}; expected -1 or an id in [0, {num_experts})")
