@@ -15,6 +15,7 @@
 
 #include "kernels/low_latency.cuh"
 #include "kernels/utils.cuh"
+#include "ipc.h"
 
 namespace moe_a2a {
 
@@ -68,20 +69,7 @@ class LowLatencyRuntime {
 
     void connect(const std::vector<std::string>& handles) {
         TORCH_CHECK(!destroyed_ && !connected_, "connect() needs a fresh runtime");
-        TORCH_CHECK(static_cast<int>(handles.size()) == num_ranks_, "expected ", num_ranks_, " IPC handles, got ",
-                    handles.size());
-        for (int r = 0; r < num_ranks_; ++r) {
-            if (r == rank_) {
-                peers_[r] = static_cast<char*>(local_);
-                continue;
-            }
-            TORCH_CHECK(handles[r].size() == sizeof(cudaIpcMemHandle_t), "bad IPC handle from rank ", r);
-            cudaIpcMemHandle_t h;
-            std::memcpy(&h, handles[r].data(), sizeof(h));
-            void* p = nullptr;
-            MOE_A2A_CUDA_CHECK(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
-            peers_[r] = static_cast<char*>(p);
-        }
+        open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
         connected_ = true;
     }
 
@@ -89,9 +77,7 @@ class LowLatencyRuntime {
         if (destroyed_) return;
         destroyed_ = true;
         cudaDeviceSynchronize();
-        if (connected_)
-            for (int r = 0; r < num_ranks_; ++r)
-                if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
+        if (connected_) close_ipc_peers(rank_, num_ranks_, peers_);
         if (local_) cudaFree(local_);
         if (workspace_) cudaFree(workspace_);
         if (host_) cudaFreeHost(const_cast<LLHostError*>(host_));

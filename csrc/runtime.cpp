@@ -20,6 +20,7 @@
 
 #include "kernels/api.cuh"
 #include "kernels/utils.cuh"
+#include "ipc.h"
 
 namespace moe_a2a {
 
@@ -108,17 +109,7 @@ class Runtime {
     void connect(const std::vector<std::string>& handles) {
         TORCH_CHECK(!destroyed_, "the runtime was destroyed");
         TORCH_CHECK(!connected_, "connect() was already called");
-        TORCH_CHECK(static_cast<int>(handles.size()) == num_ranks_, "expected ", num_ranks_, " IPC handles");
-        for (int r = 0; r < num_ranks_; ++r) {
-            if (r == rank_) {
-                peers_[r] = local_;
-                continue;
-            }
-            TORCH_CHECK(handles[r].size() == sizeof(cudaIpcMemHandle_t), "bad IPC handle from rank ", r);
-            cudaIpcMemHandle_t h;
-            std::memcpy(&h, handles[r].data(), sizeof(h));
-            MOE_A2A_CUDA_CHECK(cudaIpcOpenMemHandle(&peers_[r], h, cudaIpcMemLazyEnablePeerAccess));
-        }
+        open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
         connected_ = true;
     }
 
@@ -126,9 +117,7 @@ class Runtime {
         if (destroyed_) return;
         destroyed_ = true;
         cudaDeviceSynchronize();
-        if (connected_)
-            for (int r = 0; r < num_ranks_; ++r)
-                if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
+        if (connected_) close_ipc_peers(rank_, num_ranks_, peers_);
         if (local_) cudaFree(local_);
         if (host_) cudaFreeHost(const_cast<HostInfo*>(host_));
         local_ = nullptr;
@@ -139,7 +128,6 @@ class Runtime {
     int num_device_sms() const { return num_device_sms_; }
     int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
 
-    // The error the kernels recorded, as text; empty while none.
     // The error the kernels recorded, as text; empty while none. Built without iostreams on purpose:
     // it runs on the error path only, where nothing else should be able to fail.
     std::string error() const {
