@@ -48,6 +48,19 @@ def _sleep_us(us: float) -> None:
     torch.cuda._sleep(int(us * 2000))
 
 
+def _timed_alone(fn):
+    """Run ``fn`` once after every rank is idle (barrier, then a short device sleep so peers' work has landed);
+    returns ``(fn's result, its GPU time in us)``."""
+    dist.barrier()
+    _sleep_us(100)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return out, start.elapsed_time(end) * 1e3
+
+
 def _rank_main(rank: int, num_ranks: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
@@ -114,33 +127,15 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     # Hook mode: send kernels alone, then receive kernels once all data has landed.
     hook = {"dispatch_send": [], "dispatch_recv": [], "combine_send": [], "combine_recv": []}
     for _ in range(args.hook_iters):
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(8)]
-        dist.barrier()
-        _sleep_us(100)
-        ev[0].record()
-        _, _, _, handle, recv_hook = kern.dispatch(x, idx, None, None, M, E, True, False, False, True)
-        ev[1].record()
-        torch.cuda.synchronize()
-        dist.barrier()
-        _sleep_us(100)
-        ev[2].record()
-        recv_hook()
-        ev[3].record()
-        torch.cuda.synchronize()
-        dist.barrier()
-        _sleep_us(100)
-        ev[4].record()
-        _, recv_hook = kern.combine(y, idx, w, handle, None, None, True)
-        ev[5].record()
-        torch.cuda.synchronize()
-        dist.barrier()
-        _sleep_us(100)
-        ev[6].record()
-        recv_hook()
-        ev[7].record()
-        torch.cuda.synchronize()
-        for j, name in enumerate(hook):
-            hook[name].append(ev[2 * j].elapsed_time(ev[2 * j + 1]) * 1e3)
+        (_, _, _, handle, recv_hook), send_us = _timed_alone(
+            lambda: kern.dispatch(x, idx, None, None, M, E, True, False, False, True))
+        _, recv_us = _timed_alone(recv_hook)
+        hook["dispatch_send"].append(send_us)
+        hook["dispatch_recv"].append(recv_us)
+        (_, recv_hook), send_us = _timed_alone(lambda: kern.combine(y, idx, w, handle, None, None, True))
+        _, recv_us = _timed_alone(recv_hook)
+        hook["combine_send"].append(send_us)
+        hook["combine_recv"].append(recv_us)
     kern.raise_if_error()
 
     pairs = int((idx >= 0).sum())
