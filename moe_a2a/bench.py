@@ -6,8 +6,13 @@ kernels on DeepEP's shapes and reports, per shape and SM count:
 * ``dispatch``: the dispatch kernel alone (cached mode: same rows, no count exchange);
 * ``dispatch_full``: layout + count exchange (host sync) + dispatch, what a first call costs;
 * ``combine``: the combine kernel;
-* ``floor``: a device-to-device copy (copy engine) of every rank's bytes of that operation, measured in
-  the same run; ``x floor`` is the kernel time over it (ranks sharing one GPU share its memory);
+* ``floor``: the copy engine moving the same bytes, measured in the same run; ``x floor`` is the kernel
+  time over it. Ranks sharing one GPU: one device-to-device copy of every rank's bytes (they share its
+  memory). One rank per GPU: every rank copies, at once, the bytes it sends to each peer straight into
+  that peer's memory (one stream per peer), the NVLink roofline;
+* ``nccl``: with one rank per GPU, NCCL ``all_to_all_single`` on the same routing with the permutations
+  Megatron's ``alltoall`` dispatcher does around it (one row per (token, expert) pair, sorted by expert,
+  then chunks sorted by local expert; combine undoes both and sums with the top-k weights), BF16 only;
 * ``reference``: the reference backend (``all_to_all_single`` on gloo, CPU tensors) on small shapes.
 
 Bandwidth is counted as DeepEP counts it: bytes a rank receives in dispatch (FP8 rows count their
@@ -153,6 +158,95 @@ def _copy_floor_us(num_bytes: int, warmup: int = 2, loops: int = 5) -> float:
     return statistics.median(samples)
 
 
+def _one_rank_per_gpu(num_ranks: int) -> bool:
+    return 1 < num_ranks <= torch.cuda.device_count()
+
+
+def _peer_copy_floor_us(bytes_to: List[int], warmup: int = 2, loops: int = 5) -> float:
+    """Time for this rank to copy ``bytes_to[d]`` bytes into GPU ``d``'s memory for every ``d`` at once.
+
+    Called on every rank together (one rank per GPU), so all copies of the group overlap; the result
+    is the slowest rank's median wall time. Each peer gets its own stream; the local share is a local
+    copy. Host timing: copies that span GPUs cannot be timed by one device's events.
+    """
+    me = torch.cuda.current_device()
+    pairs = []
+    for d, num_bytes in enumerate(bytes_to):
+        if num_bytes:
+            src = torch.empty(num_bytes, dtype=torch.uint8, device=me)
+            dst = torch.empty(num_bytes, dtype=torch.uint8, device=d)
+            pairs.append((src, dst, torch.cuda.Stream(device=me)))
+    devices = sorted({me} | {dst.device.index for _, dst, _ in pairs})
+
+    def copy_all():
+        for src, dst, stream in pairs:
+            with torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+        for d in devices:
+            torch.cuda.synchronize(d)
+
+    for _ in range(warmup):
+        copy_all()
+    samples = []
+    for _ in range(loops):
+        dist.barrier()
+        start = time.perf_counter()
+        copy_all()
+        samples.append((time.perf_counter() - start) * 1e6)
+    slowest = _gather(statistics.median(samples))
+    del pairs
+    return max(slowest)
+
+
+class _MegatronAllToAll:
+    """NCCL all-to-all with the permutations of Megatron's ``alltoall`` token dispatcher (the baseline).
+
+    Dispatch: one row per (token, expert) pair sorted by expert (``permute``), ``all_to_all_single``,
+    then the received chunks reordered from (source rank, local expert) to (local expert, source rank).
+    Combine: the inverse reorder, ``all_to_all_single`` back, rows scaled by their top-k weight and
+    summed into their tokens (``unpermute``). Split sizes are computed once (cached routing).
+    """
+
+    def __init__(self, group, topk_idx, topk_weights, num_experts, num_ranks, hidden):
+        num_tokens, device = topk_idx.size(0), topk_idx.device
+        num_local = num_experts // num_ranks
+        # -1 entries go to a spare column that is dropped, so they cannot overwrite a real expert's entry.
+        column = torch.where(topk_idx >= 0, topk_idx, num_experts)
+        dense = torch.zeros(num_tokens, num_experts + 1, dtype=torch.bool, device=device)
+        dense = dense.scatter_(1, column, True)[:, :num_experts]
+        probs = torch.zeros(num_tokens, num_experts + 1, device=device)
+        probs = probs.scatter_(1, column, topk_weights.float())[:, :num_experts]
+        self.token_idx = dense.t().nonzero(as_tuple=True)[1]  # expert-major, as Megatron's permute
+        self.probs = probs.t()[dense.t()]
+        per_expert = dense.sum(0)
+        self.input_splits = per_expert.view(num_ranks, num_local).sum(1).tolist()
+        recv_counts = torch.empty_like(per_expert)
+        dist.all_to_all_single(recv_counts, per_expert, group=group)  # [source rank * local expert]
+        recv_counts = recv_counts.view(num_ranks, num_local)
+        self.output_splits = recv_counts.sum(1).tolist()
+        starts = torch.cumsum(recv_counts.flatten(), 0) - recv_counts.flatten()
+        order = torch.arange(num_ranks * num_local, device=device).view(num_ranks, num_local).t().flatten()
+        self.chunk_perm = torch.cat([torch.arange(int(starts[c]), int(starts[c] + recv_counts.flatten()[c]),
+                                                  device=device) for c in order.tolist()])
+        self.chunk_inverse = torch.empty_like(self.chunk_perm)
+        self.chunk_inverse[self.chunk_perm] = torch.arange(self.chunk_perm.numel(), device=device)
+        self.group, self.num_tokens, self.hidden = group, num_tokens, hidden
+
+    def dispatch(self, x):
+        permuted = x.index_select(0, self.token_idx)
+        out = x.new_empty(sum(self.output_splits), self.hidden)
+        dist.all_to_all_single(out, permuted, self.output_splits, self.input_splits, group=self.group)
+        return out.index_select(0, self.chunk_perm)
+
+    def combine(self, y):
+        back = y.index_select(0, self.chunk_inverse)
+        out = y.new_empty(self.token_idx.numel(), self.hidden)
+        dist.all_to_all_single(out, back, self.input_splits, self.output_splits, group=self.group)
+        weighted = (out * self.probs.unsqueeze(1)).to(y.dtype)
+        return torch.zeros(self.num_tokens, self.hidden, dtype=y.dtype, device=y.device).index_add_(
+            0, self.token_idx, weighted)
+
+
 # ---------------------------------------------------------------------------- intranode
 def _gather(obj):
     out = [None] * dist.get_world_size()
@@ -187,6 +281,8 @@ def _intranode_worker(rank, num_ranks, opts):
     ref = ReferenceBackend(rank, num_ranks, dist.group.WORLD, num_ranks)
     num_experts, topk = opts["experts"], opts["topk"]
     w, loops, iters = opts["warmup"], opts["loops"], opts["iters"]
+    per_gpu = _one_rank_per_gpu(num_ranks)
+    nccl = dist.new_group(backend="nccl") if per_gpu else None
     rows: List[Dict] = []
     for hidden in opts["hidden"]:
         for num_tokens in opts["tokens"]:
@@ -196,6 +292,7 @@ def _intranode_worker(rank, num_ranks, opts):
                 layout = intranode.get_dispatch_layout(idx, num_experts, num_ranks, num_ranks)
                 for num_sms in opts["sms"]:
                     cfg = Config(num_sms)
+                    row_bytes = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
                     recv = kern.dispatch(x, scales, None, layout[0], layout[3], layout[2], idx, weights, 1, 0, cfg)
                     handle = recv[5]
                     num_recv = handle.recv_src_idx.numel()
@@ -209,14 +306,22 @@ def _intranode_worker(rank, num_ranks, opts):
                     t_disp = _time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg),
                                       w, loops, iters)
                     t_comb = _time_us(lambda: kern.combine(y, handle, recv[3], None, None, cfg), w, loops, iters)
-                    row_bytes = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
                     mine = dict(num_recv=num_recv, dispatch_bytes=num_recv * row_bytes, combine_bytes=num_recv * hidden * 2,
                                 dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
                     everyone = _gather(mine)
                     floors = {}
-                    if rank == 0:
+                    if per_gpu:
+                        # Rows this rank sends to each peer: dispatch pushes them there, combine brings them back.
+                        send_rows = _gather(layout[0].tolist())
+                        floors["dispatch"] = _peer_copy_floor_us([n * row_bytes for n in send_rows[rank]])
+                        floors["combine"] = _peer_copy_floor_us([send_rows[d][rank] * hidden * 2
+                                                                 for d in range(num_ranks)])
+                    elif rank == 0:
                         floors["dispatch"] = _copy_floor_us(sum(m["dispatch_bytes"] for m in everyone))
                         floors["combine"] = _copy_floor_us(sum(m["combine_bytes"] for m in everyone))
+                    if per_gpu and not fp8 and num_sms == opts["sms"][0]:
+                        floors.update(_time_megatron_alltoall(nccl, x, idx, weights, num_experts, num_ranks,
+                                                              w, loops, iters))
                     dist.barrier()
                     ref_us = None
                     if num_tokens <= opts["reference_max_tokens"] and num_sms == opts["sms"][0]:
@@ -227,6 +332,15 @@ def _intranode_worker(rank, num_ranks, opts):
                     del recv, handle, y
     kern.destroy()
     return rows
+
+
+def _time_megatron_alltoall(group, x, idx, weights, num_experts, num_ranks, warmup, loops, iters) -> Dict:
+    """Slowest rank's dispatch and combine time of the NCCL baseline (``_MegatronAllToAll``)."""
+    base = _MegatronAllToAll(group, idx, weights, num_experts, num_ranks, x.size(1))
+    y = base.dispatch(x)
+    times = dict(nccl_dispatch=_time_us(lambda: base.dispatch(x), warmup, loops, iters),
+                 nccl_combine=_time_us(lambda: base.combine(y), warmup, loops, iters))
+    return {k: max(v) for k, v in zip(times, zip(*_gather(list(times.values()))))}
 
 
 def _time_reference(ref, rank, num_ranks, x, scales, idx, weights, layout, cfg) -> float:
@@ -251,21 +365,25 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         slowest = max(m[key] for m in everyone)
         bw = statistics.mean(m[bytes_key] / m[key] / 1e3 for m in everyone)  # GB/s per rank
         floor = floors["combine" if op == "combine" else "dispatch"]
+        nccl = floors.get("nccl_combine" if op == "combine" else "nccl_dispatch")
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1), floor_us=round(floor, 1),
                         x_floor=round(slowest / floor, 3) if floor > 0 else None,
+                        nccl_us=round(nccl, 1) if nccl is not None else None,
                         reference_us=round(ref_us, 1) if (ref_us is not None and op == "dispatch") else None,
                         recv_rows_per_rank=[m["num_recv"] for m in everyone]))
     return out
 
 
 def _format_rows(rows) -> str:
-    head = "| ranks | dtype | hidden | tokens | SMs | op | time (us) | algbw/rank (GB/s) | floor (us) | x floor | reference (us) |"
-    lines = [head, "|" + "---|" * 11]
+    head = ("| ranks | dtype | hidden | tokens | SMs | op | time (us) | algbw/rank (GB/s) | floor (us) | x floor | "
+            "NCCL+permute (us) | reference (us) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
+        nccl = r.get("nccl_us")
         lines.append(f"| {r['ranks']} | {r['dtype']} | {r['hidden']} | {r['tokens']} | {r['num_sms']} | {r['op']} | "
                      f"{r['time_us']} | {r['algbw_gbps']} | {r['floor_us']} | {r['x_floor']} | "
-                     f"{'' if r['reference_us'] is None else r['reference_us']} |")
+                     f"{'' if nccl is None else nccl} | {'' if r['reference_us'] is None else r['reference_us']} |")
     return "\n".join(lines)
 
 
@@ -354,7 +472,9 @@ def intranode_main(argv) -> int:
     report = dict(device=device, num_gpus=torch.cuda.device_count(), torch=torch.__version__, commit=_commit(),
                   command="python -m moe_a2a bench intranode " + " ".join(argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  shared_gpu=torch.cuda.device_count() < max(_ints(args.ranks)), results=all_rows)
+                  shared_gpu=torch.cuda.device_count() < max(_ints(args.ranks)),
+                  floor="copy engine: one device-to-device copy on the shared GPU, or, with one rank per GPU, "
+                        "every rank's peer copies at once (NVLink)", results=all_rows)
     out = args.out or os.path.join("docs", "perf", f"intranode_{device.replace(' ', '_')}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -16,14 +16,16 @@ def _routing(num_tokens, num_experts, topk, gen, device):
     return idx.to(device), torch.rand(num_tokens, topk, generator=gen).to(device)
 
 
-def _normal(rank, num_ranks):
+def _normal(rank, num_ranks, use_nccl=False):
     device = set_rank_device(rank)
+    # One rank per GPU: the handles travel over NCCL and the reference runs NCCL's all-to-all on the GPUs.
+    group = dist.new_group(backend="nccl") if use_nccl else dist.group.WORLD
     Buffer.set_num_sms(rank_num_sms(num_ranks))
     hidden, num_experts, topk = 2048, 8 * num_ranks, 4
     config = Buffer.get_dispatch_config(num_ranks)
     nvl = config.get_nvl_buffer_size_hint(hidden * 4, num_ranks)  # room for float32 rows too
-    kernels = Buffer(dist.group.WORLD, nvl, backend="cuda")
-    reference = Buffer(dist.group.WORLD, nvl, backend="reference")
+    kernels = Buffer(group, nvl, backend="cuda")
+    reference = Buffer(group, nvl, backend="reference")
     assert kernels.backend == "cuda" and reference.backend == "reference"
     gen = torch.Generator().manual_seed(rank)
     for num_tokens in (0 if rank == 1 else 300, 1, 1024):
@@ -62,10 +64,9 @@ def _normal(rank, num_ranks):
     for group_backend in ("cuda", "reference"):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
         if group_backend == "reference":
-            fused_a2a._buffers[dist.group.WORLD] = reference  # same sizes, so get_buffer keeps it
-        recv_x, recv_idx, recv_w, tokens_per_expert, handle = fused_dispatch(xs, idx, ws, num_experts,
-                                                                             dist.group.WORLD)
-        out, _ = fused_combine(recv_x * (recv_w.sum(1, keepdim=True) + 1).bfloat16(), dist.group.WORLD, handle)
+            fused_a2a._buffers[group] = reference  # same sizes, so get_buffer keeps it
+        recv_x, recv_idx, recv_w, tokens_per_expert, handle = fused_dispatch(xs, idx, ws, num_experts, group)
+        out, _ = fused_combine(recv_x * (recv_w.sum(1, keepdim=True) + 1).bfloat16(), group, handle)
         out.float().square().sum().backward()
         grads.append((out.detach(), xs.grad, ws.grad))
     for a, b in zip(*grads):
@@ -118,6 +119,17 @@ def test_buffer_on_kernels(num_ranks):
     if reason:
         pytest.skip(reason)
     run_ranks(_normal, num_ranks)
+
+
+def test_buffer_on_kernels_nccl_group():
+    """One rank per GPU with an NCCL group, as on a real node."""
+    num_ranks = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_ranks < 2:
+        pytest.skip("needs two or more GPUs (NCCL puts one rank on each)")
+    reason = skip_reason(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_normal, min(num_ranks, 8), True)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4])
