@@ -194,7 +194,6 @@ def _peer_copy_floor_us(bytes_to: List[int], warmup: int = 2, loops: int = 5) ->
         copy_all()
         samples.append((time.perf_counter() - start) * 1e6)
     slowest = _gather(statistics.median(samples))
-    del pairs
     return max(slowest)
 
 
