@@ -166,35 +166,38 @@ def _peer_copy_floor_us(bytes_to: List[int], warmup: int = 2, loops: int = 5) ->
     """Time for this rank to copy ``bytes_to[d]`` bytes into GPU ``d``'s memory for every ``d`` at once.
 
     Called on every rank together (one rank per GPU), so all copies of the group overlap; the result
-    is the slowest rank's median wall time. Each peer gets its own stream; the local share is a local
-    copy. Host timing: copies that span GPUs cannot be timed by one device's events.
+    is the slowest rank's median. Each peer gets its own stream (the local share is a local copy); CUDA
+    events on this rank's GPU bracket them all: a start event every copy stream waits on, and an end
+    event recorded once every copy stream is done.
     """
     me = torch.cuda.current_device()
+    main = torch.cuda.current_stream()
     pairs = []
     for d, num_bytes in enumerate(bytes_to):
         if num_bytes:
             src = torch.empty(num_bytes, dtype=torch.uint8, device=me)
             dst = torch.empty(num_bytes, dtype=torch.uint8, device=d)
             pairs.append((src, dst, torch.cuda.Stream(device=me)))
-    devices = sorted({me} | {dst.device.index for _, dst, _ in pairs})
 
-    def copy_all():
+    def copy_all() -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(main)
         for src, dst, stream in pairs:
+            stream.wait_event(start)
             with torch.cuda.stream(stream):
                 dst.copy_(src, non_blocking=True)
-        for d in devices:
-            torch.cuda.synchronize(d)
+            main.wait_stream(stream)
+        end.record(main)
+        end.synchronize()
+        return start.elapsed_time(end) * 1000.0
 
     for _ in range(warmup):
         copy_all()
     samples = []
     for _ in range(loops):
         dist.barrier()
-        start = time.perf_counter()
-        copy_all()
-        samples.append((time.perf_counter() - start) * 1e6)
-    slowest = _gather(statistics.median(samples))
-    return max(slowest)
+        samples.append(copy_all())
+    return max(_gather(statistics.median(samples)))
 
 
 class _MegatronAllToAll:
