@@ -25,6 +25,7 @@ from .config import NUM_MAX_NVL_PEERS, Config, default_combine_config, default_d
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handles import DispatchHandle, LowLatencyHandle
+from .tuning import tuned_num_sms
 
 Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
 _FLOAT_TOKENS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -202,13 +203,14 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """The tuned dispatch ``Config`` for ``num_ranks`` ranks at ``Buffer.num_sms`` SMs."""
-        return default_dispatch_config(num_ranks, Buffer.num_sms)
+        """The tuned dispatch ``Config`` for ``num_ranks`` ranks: ``Buffer.num_sms`` SMs, or fewer where
+        measurements showed no gain from more (``moe_a2a.tuning``)."""
+        return default_dispatch_config(num_ranks, _capped_num_sms("dispatch", num_ranks))
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """The tuned combine ``Config`` for ``num_ranks`` ranks at ``Buffer.num_sms`` SMs."""
-        return default_combine_config(num_ranks, Buffer.num_sms)
+        """The tuned combine ``Config`` for ``num_ranks`` ranks (SMs as in ``get_dispatch_config``)."""
+        return default_combine_config(num_ranks, _capped_num_sms("combine", num_ranks))
 
     def get_comm_stream(self) -> "torch.cuda.Stream":
         """The stream the kernels communicate on."""
@@ -634,3 +636,8 @@ class Buffer:
             b = torch.zeros(shape, dtype=torch.bfloat16, device=handle.src_info.device)
             self._ll_combine_buffers[self._ll_buffer_index] = b
         return b
+
+
+def _capped_num_sms(op: str, num_ranks: int) -> int:
+    tuned = tuned_num_sms(op, num_ranks)
+    return Buffer.num_sms if tuned is None else min(Buffer.num_sms, tuned)

@@ -55,3 +55,24 @@ def test_layout_definition():
     assert ntprdma.tolist() == [2, 2]
     assert ntpe.tolist() == [2, 1, 1, 0, 0, 2, 1, 1]
     assert compute_layout(topk_idx, 8, 4, 8)[1] is None
+
+
+def test_tuned_num_sms_caps_default_configs(tmp_path, monkeypatch):
+    import json
+
+    from moe_a2a import tuning
+
+    assert tuning.choose({8: 440.0, 16: 294.0, 24: 300.0}, 0.05) == 16
+    assert tuning.choose({8: 896.0, 16: 524.0, 24: 419.0}, 0.05) == 24
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": {"2": {"dispatch": 16, "combine": 24}}}))
+    monkeypatch.setattr(tuning, "TABLE_PATH", str(path))
+    try:
+        monkeypatch.setattr(Buffer, "num_sms", 20)
+        assert Buffer.get_dispatch_config(2).num_sms == 16  # more did not help
+        assert Buffer.get_combine_config(2).num_sms == 20  # tuned 24, capped by Buffer.num_sms
+        assert Buffer.get_dispatch_config(4).num_sms == 20  # not measured: Buffer.num_sms
+        with pytest.raises(ValueError, match="op must be"):
+            tuning.tuned_num_sms("notify", 2)
+    finally:
+        tuning._read.cache_clear()
