@@ -55,7 +55,7 @@ def _timed_alone(fn):
     """Run ``fn`` once after every rank is idle (barrier, then a short device sleep so peers' work has landed);
     returns ``(fn's result, its GPU time in us)``."""
     dist.barrier()
-    _sleep_us(1000)  # longer than the host takes to queue fn, so only GPU time is measured
+    _sleep_us(100)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = fn()
@@ -108,7 +108,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     for _ in range(args.batches):
         dist.barrier()
         torch.cuda.synchronize()
-        _sleep_us(1500 * args.iters)  # the host queues every call of the batch before the first starts
+        _sleep_us(400 * args.iters)
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(5 * args.iters)]
         for i in range(args.iters):
             e = ev[5 * i:5 * i + 5]
@@ -185,7 +185,7 @@ def _probes(kern, rank: int, num_ranks: int, iters: int) -> dict:
     out = {}
     dist.barrier()
     torch.cuda.synchronize()
-    _sleep_us(200 * iters)
+    _sleep_us(20 * iters)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
     ev[0].record()
     for i in range(iters):
