@@ -1,6 +1,7 @@
 // Low-latency runtime (see low_latency.h and kernels/low_latency.cuh for the buffer layout). Every launch
 // runs on the current CUDA stream and reads no device value on the host, so calls can be captured in a
-// CUDA graph. The Python backend alternates the buffer set between calls.
+// CUDA graph. The Python backend alternates the buffer set between calls. Validation lives in the Python
+// backend; the checks here are a backstop.
 #include "low_latency.h"
 
 #include <cstring>
@@ -107,27 +108,20 @@ class LowLatencyRuntime {
         MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
     }
 
-    void dispatch_send(const torch::Tensor& x, const torch::Tensor& topk_idx, int num_experts, int max_tokens,
-                       bool use_fp8, bool round_scale, int set, int num_sms, int call) {
+    // phases: 1 send (stage the tokens, release), 2 receive (wait, pull into the outputs), 3 both in one
+    // kernel. Every phase gets the same tensors; the send phase reads x and topk_idx, the receive phase
+    // writes the rest.
+    void dispatch(const torch::Tensor& x, const torch::Tensor& topk_idx, int num_experts, int max_tokens, bool use_fp8,
+                  bool round_scale, bool use_ue8m0, torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_scales,
+                  torch::Tensor& recv_count, torch::Tensor& src_info, torch::Tensor& layout_range,
+                  const std::optional<torch::Tensor>& cumulative_stats, const std::optional<torch::Tensor>& wait_stats,
+                  int set, int num_sms, int call, int phases) {
         const int T = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
-        check_shape(T, hidden, static_cast<int>(topk_idx.size(1)), num_experts, max_tokens, use_fp8);
+        const int K = static_cast<int>(topk_idx.size(1));
+        check_shape(T, hidden, K, num_experts, max_tokens, use_fp8);
+        check_phases(phases);
         check(x, "x", torch::kBFloat16, {T, hidden});
-        check(topk_idx, "topk_idx", torch::kInt64, {T, topk_idx.size(1)});
-        LLDispatchArgs a{};
-        a.x = x.data_ptr();
-        a.topk_idx = topk_idx.data_ptr<int64_t>();
-        fill_shape(a, T, static_cast<int>(topk_idx.size(1)), hidden, num_experts, max_tokens, use_fp8, round_scale, false);
-        const c10::cuda::CUDAGuard guard(x.device());
-        launch_ll_dispatch_send(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
-                                c10::cuda::getCurrentCUDAStream());
-    }
-
-    void dispatch_recv(int num_tokens, int num_topk, int hidden, int num_experts, int max_tokens, bool use_fp8,
-                       bool use_ue8m0, torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_scales,
-                       torch::Tensor& recv_count, torch::Tensor& src_info, torch::Tensor& layout_range,
-                       const std::optional<torch::Tensor>& cumulative_stats,
-                       const std::optional<torch::Tensor>& wait_stats, int set, int num_sms, int call) {
-        check_shape(num_tokens, hidden, num_topk, num_experts, max_tokens, use_fp8);
+        check(topk_idx, "topk_idx", torch::kInt64, {T, K});
         const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
         check(recv_x, "recv_x", use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16, {L, RM, hidden});
         TORCH_CHECK(use_fp8 == recv_scales.has_value(), "recv_scales must be given exactly with use_fp8");
@@ -148,7 +142,16 @@ class LowLatencyRuntime {
         if (cumulative_stats) check(*cumulative_stats, "cumulative_local_expert_recv_stats", torch::kInt32, {L});
         if (wait_stats) check(*wait_stats, "dispatch_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
         LLDispatchArgs a{};
-        fill_shape(a, num_tokens, num_topk, hidden, num_experts, max_tokens, use_fp8, false, use_ue8m0);
+        a.x = x.data_ptr();
+        a.topk_idx = topk_idx.data_ptr<int64_t>();
+        a.num_tokens = T;
+        a.num_topk = K;
+        a.hidden = hidden;
+        a.num_experts = num_experts;
+        a.max_tokens = max_tokens;
+        a.fp8 = use_fp8;
+        a.round_scale = round_scale;
+        a.ue8m0 = use_ue8m0;
         a.recv_x = recv_x.data_ptr();
         a.recv_scales = recv_scales ? recv_scales->data_ptr() : nullptr;
         a.recv_count = recv_count.data_ptr<int>();
@@ -157,41 +160,31 @@ class LowLatencyRuntime {
         a.cumulative_stats = cumulative_stats ? cumulative_stats->data_ptr<int>() : nullptr;
         a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
         const c10::cuda::CUDAGuard guard(recv_x.device());
-        launch_ll_dispatch_recv(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
-                                c10::cuda::getCurrentCUDAStream());
+        launch_ll_dispatch(ctx(set, num_experts, max_tokens, hidden, call), a, phases, checked_sms(num_sms),
+                           c10::cuda::getCurrentCUDAStream());
     }
 
-    void combine_send(const torch::Tensor& x, const torch::Tensor& src_info, const torch::Tensor& layout_range,
-                      int num_experts, int max_tokens, int set, int num_sms, int call) {
+    // phases as for dispatch: the send phase reads x and layout_range, the receive phase topk_idx,
+    // topk_weights and writes out. x may be the send area of `set` (zero copy).
+    void combine(const torch::Tensor& x, const torch::Tensor& layout_range, const torch::Tensor& topk_idx,
+                 const torch::Tensor& topk_weights, torch::Tensor& out, const std::optional<torch::Tensor>& wait_stats,
+                 int num_experts, int max_tokens, int set, int num_sms, int call, int phases) {
+        const int T = static_cast<int>(topk_idx.size(0)), K = static_cast<int>(topk_idx.size(1));
         const int hidden = static_cast<int>(x.size(-1));
-        check_shape(0, hidden, 1, num_experts, max_tokens, false);
+        check_shape(T, hidden, K, num_experts, max_tokens, false);
+        check_phases(phases);
         const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
         check(x, "x", torch::kBFloat16, {L, RM, hidden});
-        check(src_info, "src_info", torch::kInt32, {L, RM});
         check(layout_range, "layout_range", torch::kInt64, {L, num_ranks_});
-        LLCombineArgs a{};
-        a.x = x.data_ptr();
-        a.src_info = src_info.data_ptr<int>();
-        a.layout_range = layout_range.data_ptr<int64_t>();
-        a.hidden = hidden;
-        a.num_experts = num_experts;
-        a.max_tokens = max_tokens;
-        const c10::cuda::CUDAGuard guard(x.device());
-        launch_ll_combine_send(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
-                               c10::cuda::getCurrentCUDAStream());
-    }
-
-    void combine_recv(const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
-                      const std::optional<torch::Tensor>& wait_stats, int num_experts, int max_tokens, int set,
-                      int num_sms, int call) {
-        const int T = static_cast<int>(topk_idx.size(0)), K = static_cast<int>(topk_idx.size(1));
-        const int hidden = static_cast<int>(out.size(1));
-        check_shape(T, hidden, K, num_experts, max_tokens, false);
         check(topk_idx, "topk_idx", torch::kInt64, {T, K});
         check(topk_weights, "topk_weights", torch::kFloat32, {T, K});
         check(out, "out", torch::kBFloat16, {T, hidden});
         if (wait_stats) check(*wait_stats, "combine_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
+        const LLCtx c = ctx(set, num_experts, max_tokens, hidden, call);
         LLCombineArgs a{};
+        a.x = x.data_ptr();
+        a.copy_rows = x.data_ptr() != static_cast<void*>(send_base(set));
+        a.layout_range = layout_range.data_ptr<int64_t>();
         a.topk_idx = topk_idx.data_ptr<int64_t>();
         a.topk_weights = topk_weights.data_ptr<float>();
         a.out = out.data_ptr();
@@ -202,8 +195,23 @@ class LowLatencyRuntime {
         a.num_experts = num_experts;
         a.max_tokens = max_tokens;
         const c10::cuda::CUDAGuard guard(out.device());
-        launch_ll_combine_recv(ctx(set, num_experts, max_tokens, hidden, call), a, checked_sms(num_sms),
-                               c10::cuda::getCurrentCUDAStream());
+        launch_ll_combine(c, a, phases, checked_sms(num_sms), c10::cuda::getCurrentCUDAStream());
+    }
+
+    // Probes for the benchmark, on the current stream: an empty kernel of the kernels' launch shape, and
+    // `iters` flag round trips with `peer` (which must call it too); out_ns: [2] int64 CUDA tensor.
+    void empty_kernel(int num_sms) {
+        check_ready();
+        launch_ll_empty(checked_sms(num_sms), c10::cuda::getCurrentCUDAStream());
+    }
+
+    void ping(int peer, int iters, int warmup, torch::Tensor& out_ns) {
+        check_ready();
+        TORCH_CHECK(peer >= 0 && peer < num_ranks_ && peer != rank_, "peer must be another rank, got ", peer);
+        TORCH_CHECK(iters > warmup && warmup >= 0, "need iters > warmup >= 0, got ", iters, ", ", warmup);
+        check(out_ns, "out_ns", torch::kInt64, {2});
+        LLCtx c = ctx(0, num_ranks_, 1, 8, 0);
+        launch_ll_ping(c, peer, iters, warmup, out_ns.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
     }
 
     // The send area of `set` as the zero-copy combine input [L, R * M, hidden] bf16.
@@ -213,8 +221,7 @@ class LowLatencyRuntime {
         ctx(set, num_experts, max_tokens, hidden, 0);  // checks the size
         const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
         auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA, device_);
-        char* base = static_cast<char*>(local_) + kLLSignalBytes + set * set_bytes_;
-        return torch::from_blob(base, {L, RM, hidden}, opts);
+        return torch::from_blob(send_base(set), {L, RM, hidden}, opts);
     }
 
    private:
@@ -224,6 +231,12 @@ class LowLatencyRuntime {
         // The Python backend raises the detailed message before calling in; this is the backstop.
         if (host_ && host_->code != 0)
             throw std::runtime_error("moe_a2a low-latency: a kernel timed out earlier; the buffer cannot be used again");
+    }
+
+    char* send_base(int set) const { return static_cast<char*>(local_) + kLLSignalBytes + set * set_bytes_; }
+
+    void check_phases(int phases) const {
+        TORCH_CHECK(phases >= 1 && phases <= 3, "phases must be 1 (send), 2 (receive) or 3 (both), got ", phases);
     }
 
     void check_set(int set) const { TORCH_CHECK(set == 0 || set == 1, "buffer set must be 0 or 1, got ", set); }
@@ -245,18 +258,6 @@ class LowLatencyRuntime {
         return num_sms;
     }
 
-    static void fill_shape(LLDispatchArgs& a, int T, int K, int hidden, int E, int M, bool fp8, bool round_scale,
-                           bool ue8m0) {
-        a.num_tokens = T;
-        a.num_topk = K;
-        a.hidden = hidden;
-        a.num_experts = E;
-        a.max_tokens = M;
-        a.fp8 = fp8;
-        a.round_scale = round_scale;
-        a.ue8m0 = ue8m0;
-    }
-
     LLCtx ctx(int set, int num_experts, int max_tokens, int hidden, int call) const {
         check_set(set);
         const int64_t send = ll_send_bytes(num_experts, max_tokens, hidden);
@@ -270,7 +271,7 @@ class LowLatencyRuntime {
         c.host = host_dev_;
         c.timeout_ns = timeout_ns_;
         c.set_bytes = set_bytes_;
-        c.recv_offset = send;
+        c.stage_offset = send;
         c.rank = rank_;
         c.num_ranks = num_ranks_;
         c.set = set;
@@ -307,10 +308,10 @@ void register_low_latency(pybind11::module_& m) {
         .def("set_bytes", &LowLatencyRuntime::set_bytes)
         .def("error_record", &LowLatencyRuntime::error_record)
         .def("clean", &LowLatencyRuntime::clean)
-        .def("dispatch_send", &LowLatencyRuntime::dispatch_send)
-        .def("dispatch_recv", &LowLatencyRuntime::dispatch_recv)
-        .def("combine_send", &LowLatencyRuntime::combine_send)
-        .def("combine_recv", &LowLatencyRuntime::combine_recv)
+        .def("dispatch", &LowLatencyRuntime::dispatch)
+        .def("combine", &LowLatencyRuntime::combine)
+        .def("empty_kernel", &LowLatencyRuntime::empty_kernel)
+        .def("ping", &LowLatencyRuntime::ping)
         .def("send_buffer", &LowLatencyRuntime::send_buffer);
 }
 

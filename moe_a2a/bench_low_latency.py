@@ -1,12 +1,15 @@
 """``python -m moe_a2a bench low-latency``: latency of the low-latency kernels and the copy-engine floor.
 
-For each EP size, ranks are spawned on the visible GPUs (ranks beyond the GPU count share a GPU: start a
-CUDA MPS daemon first so their kernels run together). Each rank routes ``--tokens`` random tokens to
+For each EP size, ranks are spawned on the visible GPUs (ranks beyond the GPU count share a GPU; a private
+CUDA MPS daemon is started for them unless one is set up already, so their kernels run together). Each rank routes ``--tokens`` random tokens to
 ``--topk`` of ``--experts`` experts and runs, back to back, FP8 dispatch + BF16 combine (and BF16
-dispatch), timed per call with CUDA events; then hook mode, where the send and the receive kernels are
-timed separately (the receive launched once every rank's sends have landed). In the same run, a
-device-to-device ``cudaMemcpyAsync`` of the bytes the ranks sharing a GPU send (FP8 tokens with scales
-for dispatch, BF16 rows for combine) gives the floor. Results go to ``docs/perf/`` as JSON and Markdown.
+dispatch + zero-copy BF16 combine), timed per call with CUDA events; then hook mode, where the send and
+the receive kernels are timed separately (the receive launched once every rank's sends have landed).
+In the same run, a device-to-device ``cudaMemcpyAsync`` of the bytes the ranks sharing a GPU send (FP8
+tokens with scales for dispatch, BF16 rows for combine) gives the floor. Overheads that show at this
+size are measured too: an empty kernel of the kernels' launch shape (back to back, and alone between two
+events) and a flag round trip between ranks 0 and 1 (release store, acquire spin; others idle).
+Results go to ``docs/perf/`` as JSON and Markdown.
 """
 from __future__ import annotations
 
@@ -98,8 +101,9 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
         pair(True)
     torch.cuda.synchronize()
 
-    # Back to back: FP8 dispatch, BF16 combine, BF16 dispatch, BF16 combine.
-    times = {"dispatch_fp8": [], "combine_bf16": [], "dispatch_bf16": []}
+    # Back to back: FP8 dispatch, BF16 combine, BF16 dispatch, zero-copy BF16 combine (its buffer holds the
+    # rows the BF16 combine two calls earlier copied there: same routing, same layout).
+    times = {"dispatch_fp8": [], "combine_bf16": [], "dispatch_bf16": [], "combine_bf16_zero_copy": []}
     skip = 3  # the first calls of a batch absorb the ranks' start skew
     for _ in range(args.batches):
         dist.barrier()
@@ -114,8 +118,9 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
             kern.combine(y, idx, w, handle, None, None, False)
             e[2].record()
             _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, False, False, False, False)
+            buf = kern.get_next_combine_buffer(handle)
             e[3].record()
-            kern.combine(y, idx, w, handle, None, None, False)
+            kern.combine(buf, idx, w, handle, None, None, False)
             e[4].record()
         torch.cuda.synchronize()
         for i in range(skip, args.iters):
@@ -123,6 +128,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
             times["dispatch_fp8"].append(e[0].elapsed_time(e[1]) * 1e3)
             times["combine_bf16"].append(e[1].elapsed_time(e[2]) * 1e3)
             times["dispatch_bf16"].append(e[2].elapsed_time(e[3]) * 1e3)
+            times["combine_bf16_zero_copy"].append(e[3].elapsed_time(e[4]) * 1e3)
 
     # Hook mode: send kernels alone, then receive kernels once all data has landed.
     hook = {"dispatch_send": [], "dispatch_recv": [], "combine_send": [], "combine_recv": []}
@@ -137,11 +143,12 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
         hook["combine_send"].append(send_us)
         hook["combine_recv"].append(recv_us)
     kern.raise_if_error()
+    probes = _probes(kern, rank, num_ranks, args.iters)
 
     pairs = int((idx >= 0).sum())
     sent = {"dispatch_fp8": pairs * (hidden + hidden // 128 * 4), "dispatch_bf16": pairs * hidden * 2,
-            "combine_bf16": pairs * hidden * 2}
-    everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook})
+            "combine_bf16": pairs * hidden * 2, "combine_bf16_zero_copy": pairs * hidden * 2}
+    everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook, "probes": probes})
     same_gpu = [r for r in everyone if r["device"] == str(device)]
     floor = {}
     dist.barrier()
@@ -164,7 +171,38 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
                      "bandwidth_gbps": bytes_per_rank / st["median"] / 1e3,
                      "copy_floor_us": floor[name], "ratio_to_floor": st["median"] / floor[name]}
     row["hook"] = {name: _stats(samples) for name, samples in merged_hook.items()}
+    row["overheads_us"] = {
+        "empty_kernel_back_to_back": statistics.median(r["probes"]["empty_back_to_back"] for r in everyone),
+        "empty_kernel_alone": statistics.median(r["probes"]["empty_alone"] for r in everyone),
+        "flag_round_trip": everyone[0]["probes"].get("flag_round_trip")}
     return row
+
+
+def _probes(kern, rank: int, num_ranks: int, iters: int) -> dict:
+    """Launch and signalling costs on every rank at once: an empty kernel of the kernels' launch shape,
+    back to back (per launch) and alone between two events; then ``iters * 50`` flag round trips between
+    ranks 0 and 1 (timed on the device) while the other ranks idle."""
+    out = {}
+    dist.barrier()
+    torch.cuda.synchronize()
+    _sleep_us(20 * iters)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    ev[0].record()
+    for i in range(iters):
+        kern.empty_kernel()
+        ev[i + 1].record()
+    torch.cuda.synchronize()
+    out["empty_back_to_back"] = statistics.median(ev[i].elapsed_time(ev[i + 1]) * 1e3 for i in range(iters))
+    out["empty_alone"] = statistics.median(_timed_alone(kern.empty_kernel)[1] for _ in range(5))
+    dist.barrier()
+    if num_ranks > 1 and rank < 2:
+        ns = kern.flag_round_trip(1 - rank, iters * 50, iters * 5)
+        torch.cuda.synchronize()
+        ns = ns.tolist()
+        out["flag_round_trip"] = ns[0] / max(ns[1], 1) / 1e3
+    dist.barrier()
+    kern.raise_if_error()
+    return out
 
 
 def _copy_floor_us(num_bytes: int, device, iters: int, rounds: int = 3) -> float:
@@ -189,6 +227,13 @@ def _copy_floor_us(num_bytes: int, device, iters: int, rounds: int = 3) -> float
 
 
 def _run(num_ranks: int, args) -> dict:
+    from .bench import mps_if_needed
+
+    with mps_if_needed(num_ranks):
+        return _run_ranks(num_ranks, args)
+
+
+def _run_ranks(num_ranks: int, args) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = _free_port()
@@ -210,6 +255,8 @@ def _run(num_ranks: int, args) -> dict:
 
 
 def _commit() -> str:
+    if os.environ.get("MOE_A2A_COMMIT"):  # a copy of the tree without its own git metadata
+        return os.environ["MOE_A2A_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -225,7 +272,7 @@ def _table(rows: List[dict]) -> str:
     lines = ["| EP | ranks/GPU | SMs/rank | call | median us | p99 us | GB/s per rank | copy floor us | ratio |",
              "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for name in ("dispatch_fp8", "dispatch_bf16", "combine_bf16"):
+        for name in ("dispatch_fp8", "dispatch_bf16", "combine_bf16", "combine_bf16_zero_copy"):
             m = r[name]
             lines.append(f"| {r['num_ranks']} | {r['ranks_per_gpu']} | {r['num_sms']} | {name} | "
                          f"{m['latency_us']['median']:.1f} | {m['latency_us']['p99']:.1f} | "
@@ -238,6 +285,14 @@ def _table(rows: List[dict]) -> str:
         lines.append(f"| {r['num_ranks']} | " + " | ".join(
             f"{h[n]['median']:.1f} (p99 {h[n]['p99']:.1f})"
             for n in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")) + " |")
+    lines += ["", "Overheads (every rank at once; round trip between ranks 0 and 1, the others idle):", "",
+              "| EP | empty kernel back to back us | empty kernel alone us | flag round trip us |",
+              "|---:|---:|---:|---:|"]
+    for r in rows:
+        o = r["overheads_us"]
+        trip = "-" if o["flag_round_trip"] is None else f"{o['flag_round_trip']:.2f}"
+        lines.append(f"| {r['num_ranks']} | {o['empty_kernel_back_to_back']:.1f} | {o['empty_kernel_alone']:.1f} | "
+                     f"{trip} |")
     return "\n".join(lines)
 
 
@@ -262,9 +317,6 @@ def main(argv=None) -> int:
     for n in args.num_ranks:
         if args.experts % n:
             p.error(f"--experts {args.experts} is not divisible by {n} ranks")
-        if n > torch.cuda.device_count() and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
-            print(f"warning: {n} ranks on {torch.cuda.device_count()} GPU(s) without CUDA_MPS_PIPE_DIRECTORY set: "
-                  "ranks sharing a GPU need a running MPS daemon", file=sys.stderr)
     rows = []
     for n in args.num_ranks:
         rows.append(_run(n, args))

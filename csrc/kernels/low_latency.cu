@@ -1,17 +1,19 @@
-// Low-latency dispatch/combine over CUDA IPC (layout in low_latency.cuh).
+// Low-latency dispatch/combine over CUDA IPC (layout in low_latency.cuh). Receivers pull.
 //
-// Dispatch send: each block loads the routing into shared memory, counts tokens per expert, gives every
-// (token, top-k slot) pair its position inside its (expert, source) block (pairs ordered by token, then
-// slot, as the reference orders them), casts each of its tokens once (FP8 on the fly) and stores it
-// straight into the receivers' message slots. Once a block has stored all its tokens it counts them per
-// expert, and the thread completing an expert (over all blocks) releases that expert's flag with the
-// count; experts with no token are released at once. No wait on any peer or other block.
-// Dispatch recv: one block per local expert waits for the R flags (acquire), packs the messages source by
-// source into the output slots and writes recv_count, layout_range and src_info.
-// Combine send: one block per local expert stores every row into its source rank's [E][M] row table at
-// (expert, source token), then releases one flag per (expert, source rank).
-// Combine recv: one block per token waits for the flags of its experts and sums the weighted rows in
-// float32; the last block to finish waits for every flag and clears them.
+// Dispatch send: every block loads the routing into shared memory; warps build, one global expert each,
+// the list of this rank's tokens routed to it (by token, then top-k slot); blocks cast their tokens once
+// (FP8 with per-128 scales, or BF16) into this rank's stage area. The last block to finish releases one
+// flag per destination rank. No per-token flag and no system fence per token.
+// Dispatch receive: every block waits for the R flags, reads the counts of its local experts from every
+// source, scans them into the packed slot layout ([expert][source][token]), then copies a contiguous share
+// of all received rows (16-byte loads, many in flight per thread) from the sources' stage areas straight
+// to their final slots, and the scales into their column-major slots.
+// Combine send: copy the valid rows of the expert outputs into this rank's send area unless the caller
+// wrote them there (zero copy), publish each (expert, source) first slot, release one flag per rank.
+// Combine receive: every block waits for the R flags, finds the slot of each of its (token, top-k) pairs
+// (the rank of the pair among this rank's pairs to that expert, plus the published first slot) and sums the
+// weighted rows in float32 straight from the experts' send areas, all top-k loads of a chunk in flight.
+// Without a hook, send and receive run as one kernel (one launch, no drain in between).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
@@ -24,18 +26,19 @@ namespace {
 
 constexpr float kFp8Max = 448.0f;
 constexpr float kMinAmax = 1e-4f;
+constexpr int kWarps = kLLThreads / 32;
 
-__device__ __forceinline__ int* dispatch_flags(const LLCtx& c, int r) {
+__device__ __forceinline__ int* signals(const LLCtx& c, int r) {
     return reinterpret_cast<int*>(c.peers[r]) + c.set * kLLSetSignalInts;
 }
-
-__device__ __forceinline__ int* combine_flags(const LLCtx& c, int r) { return dispatch_flags(c, r) + kLLMaxExperts; }
 
 __device__ __forceinline__ char* set_base(const LLCtx& c, int r) {
     return c.peers[r] + kLLSignalBytes + static_cast<int64_t>(c.set) * c.set_bytes;
 }
 
-__device__ __forceinline__ char* recv_area(const LLCtx& c, int r) { return set_base(c, r) + c.recv_offset; }
+__device__ __forceinline__ char* stage_area(const LLCtx& c, int r) { return set_base(c, r) + c.stage_offset; }
+
+__device__ __forceinline__ int* set_workspace(const LLCtx& c) { return c.workspace + c.set * kLLWorkspaceSetInts; }
 
 // First timeout wins: it fills the host record (code last) and aborts later waits of this rank.
 __device__ void record_timeout(const LLCtx& c, int phase, int peer, int index) {
@@ -53,27 +56,27 @@ __device__ void record_timeout(const LLCtx& c, int phase, int peer, int index) {
     __threadfence_system();
 }
 
-// Waits (one thread) until *flag != 0 and returns it; 0 after a timeout or once this rank aborted.
-// Adds the nanoseconds waited to *wait_ns when given.
-__device__ int wait_flag(const LLCtx& c, const int* flag, int phase, int peer, int index,
+// Waits (one thread) until *flag has reached `tag` (wrap-safe); false after a timeout or once this rank
+// aborted. Adds the nanoseconds waited to *wait_ns when given.
+__device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, int peer,
                          unsigned long long* wait_ns) {
-    int v = ld_acquire_sys(flag);
-    if (v != 0) return v;
+    if (counter_reached(ld_acquire_sys(flag), tag)) return true;
     const uint64_t start = global_timer_ns();
     uint64_t now = start;
+    bool ok = false;
     while (true) {
 #pragma unroll 1
-        for (int i = 0; i < 64 && v == 0; ++i) v = ld_acquire_sys(flag);
+        for (int i = 0; i < 64 && !ok; ++i) ok = counter_reached(ld_acquire_sys(flag), tag);
         now = global_timer_ns();
-        if (v != 0) break;
-        if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return 0;
+        if (ok) break;
+        if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return false;
         if (now - start > c.timeout_ns) {
-            record_timeout(c, phase, peer, index);
-            return 0;
+            record_timeout(c, phase, peer, tag);
+            return false;
         }
     }
     if (wait_ns != nullptr) atomicAdd(wait_ns, static_cast<unsigned long long>(now - start));
-    return v;
+    return true;
 }
 
 // Smallest power of two >= s (s positive and normal): the UE8M0-representable scale.
@@ -83,65 +86,141 @@ __device__ __forceinline__ float round_up_pow2(float s) {
     return __uint_as_float(bits);
 }
 
-__device__ __forceinline__ int warp_count(bool pred) { return __popc(__ballot_sync(0xFFFFFFFFu, pred)); }
+__device__ __forceinline__ int lanemask_lt() {
+    int m;
+    asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+    return m;
+}
 
-// ------------------------------------------------------------------------------------------ dispatch
-template <bool kFp8>
-__global__ void __launch_bounds__(kLLThreads, 1) dispatch_send_kernel(LLCtx c, LLDispatchArgs a) {
-    extern __shared__ int smem[];
-    const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, R = c.num_ranks, L = E / R;
-    const int n = T * K;
-    int* s_idx = smem;       // [T * K] expert ids
-    int* s_hist = smem + n;  // [E] pairs per expert
-    // [tokens of this block * K] message address of each of this block's pairs (null for -1 slots)
-    char** s_msg = reinterpret_cast<char**>(smem + ((n + E + 1) & ~1));
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, num_warps = blockDim.x >> 5;
-    const int64_t msg_bytes = ll_msg_bytes(a.hidden, kFp8);
-
-    for (int i = tid; i < n; i += blockDim.x) s_idx[i] = static_cast<int>(__ldg(a.topk_idx + i));
-    for (int e = tid; e < E; e += blockDim.x) s_hist[e] = 0;
+// Exclusive prefix sum of one value per thread over the block; *total gets the sum. s_warp: 32 ints.
+__device__ int block_exclusive_scan(int v, int* s_warp, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xFFFFFFFFu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) s_warp[warp] = x;
     __syncthreads();
-    for (int i = tid; i < n; i += blockDim.x)
-        if (s_idx[i] >= 0) atomicAdd(s_hist + s_idx[i], 1);
-    const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
-    // Position of pair (t, k) = pairs before it (by token, then slot) that chose the same expert.
-    for (int p = warp; p < my_tokens * K; p += num_warps) {
-        const int t = blockIdx.x + (p / K) * gridDim.x, flat = t * K + p % K, e = s_idx[flat];
-        int count = 0;
-        if (e >= 0)
-            for (int base = 0; base < flat; base += 32) count += warp_count(base + lane < flat && s_idx[base + lane] == e);
-        if (lane == 0)
-            s_msg[p] = e < 0 ? nullptr
-                             : recv_area(c, e / L) +
-                                   ((static_cast<int64_t>(e % L) * R + c.rank) * a.max_tokens + count) * msg_bytes;
+    if (warp == 0) {
+        int w = lane < num_warps ? s_warp[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
+            if (lane >= o) w += y;
+        }
+        s_warp[lane] = w;
     }
     __syncthreads();
-    // Experts nobody here routes to: release their flags now with a count of 0.
-    for (int e = blockIdx.x + gridDim.x * tid; e < E; e += gridDim.x * blockDim.x)
-        if (s_hist[e] == 0) st_release_sys(dispatch_flags(c, e / L) + (e % L) * R + c.rank, -1);
+    const int out = x - v + (warp > 0 ? s_warp[warp - 1] : 0);
+    *total = s_warp[num_warps - 1];
+    __syncthreads();  // s_warp may be reused right away
+    return out;
+}
 
-    // Each thread owns one 16-byte chunk (8 channels) of every token of this block; the next token's chunk
-    // is loaded before the current one is stored, so loads overlap the remote stores.
+// Largest i in [0, n) with scan[i] <= w, for scan[0] <= w < scan[n] (the range holding item w).
+__device__ __forceinline__ int find_range(const int* scan, int n, int w) {
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (scan[mid] <= w) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// Block-wide: all of this block's stores are fenced, then one arrival; true in the last block of the grid
+// (which resets the counter and sees every block's stores). `tag` goes to `epoch` there.
+__device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int last = atomicAdd(arrive, 1) == static_cast<int>(gridDim.x) - 1;
+        if (last) {
+            __threadfence_system();  // pairs with the other blocks' fences before their arrivals
+            *arrive = 0;
+            *epoch = tag;
+        }
+        *s_flag = last;
+    }
+    __syncthreads();
+    const bool last = *s_flag != 0;
+    if (last) __threadfence_system();
+    return last;
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+struct DispatchShared {
+    int scan[kLLMaxExperts + 1];   // received rows before (local expert, source) pair i, then the total
+    int warp[32];
+    int ok[kLLMaxRanks];
+    int flag;
+    const char* src[kLLThreads];   // staged row of each row of a round
+    int dst[kLLThreads];           // its slot l * R * M + j
+};
+
+template <bool kFp8>
+__device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, int* s_idx, int* s_flag) {
+    const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, M = a.max_tokens, n = T * K;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    char* stage = stage_area(c, c.rank);
+    int* lists = reinterpret_cast<int*>(stage + ll_lists_offset(M, a.hidden));
+    const int64_t row_bytes = ll_stage_row_bytes(a.hidden, kFp8);
+
+    for (int i = tid; i < n; i += blockDim.x) {
+        const int64_t e = __ldg(a.topk_idx + i);
+        s_idx[i] = e >= 0 && e < E ? static_cast<int>(e) : -1;
+    }
+    __syncthreads();
+    // One warp per global expert: the sources' tokens routed to it, in (token, slot) order.
+    for (int e = blockIdx.x * kWarps + warp; e < E; e += gridDim.x * kWarps) {
+        int* list = lists + static_cast<int64_t>(e) * (M + 1);
+        int count = 0;
+        for (int base = 0; base < n; base += 32) {
+            const bool hit = base + lane < n && s_idx[base + lane] == e;
+            const unsigned mask = __ballot_sync(0xFFFFFFFFu, hit);
+            if (hit) {
+                const int pos = count + __popc(mask & lanemask_lt());
+                if (pos < M) list[1 + pos] = (base + lane) / K;
+            }
+            count += __popc(mask);
+        }
+        if (lane == 0) list[0] = min(count, M);
+    }
+
+    // Tokens of this block (t = blockIdx.x + q * gridDim.x), 16-byte chunks flattened over (q, chunk) so
+    // every thread has four loads in flight.
     const int chunks = a.hidden / 8;
+    const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+    const int total = my_tokens * chunks;
     const int4* x = reinterpret_cast<const int4*>(a.x);
-    const int4 zero = make_int4(0, 0, 0, 0);
-    if constexpr (kFp8) {
-        // 16 lanes hold one 128-channel block: reduce amax among them, cast, store 8 bytes per lane.
-        for (int base = warp * 32; base < chunks; base += num_warps * 32) {
-            const int ch = base + lane;
-            const bool active = ch < chunks;
-            int4 next = active && my_tokens > 0 ? ld_nc_v4(x + static_cast<int64_t>(blockIdx.x) * chunks + ch) : zero;
-            for (int q = 0; q < my_tokens; ++q) {
-                const int4 v = next;
-                if (active && q + 1 < my_tokens)
-                    next = ld_nc_v4(x + static_cast<int64_t>(blockIdx.x + (q + 1) * gridDim.x) * chunks + ch);
-                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+    constexpr int kU = 4;
+    // Uniform trip count: the FP8 path shuffles across lanes.
+    for (int i0 = 0; i0 < total; i0 += kU * blockDim.x) {
+        int4 v[kU];
+        int t[kU], ch[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int i = i0 + u * blockDim.x + tid;
+            const int q = i / chunks;
+            t[u] = blockIdx.x + q * gridDim.x;
+            ch[u] = i - q * chunks;
+            v[u] = i < total ? ld_nc_v4(x + static_cast<int64_t>(t[u]) * chunks + ch[u]) : make_int4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const bool active = i0 + u * blockDim.x + tid < total;
+            char* row = stage + t[u] * row_bytes;
+            if constexpr (kFp8) {
+                // 16 lanes hold one 128-channel block (chunks is a multiple of 16).
+                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
                 float f[8];
                 float amax = 0.0f;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    f[i] = __bfloat162float(h[i]);
-                    amax = fmaxf(amax, fabsf(f[i]));
+                for (int k = 0; k < 8; ++k) {
+                    f[k] = __bfloat162float(h[k]);
+                    amax = fmaxf(amax, fabsf(f[k]));
                 }
 #pragma unroll
                 for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
@@ -150,283 +229,358 @@ __global__ void __launch_bounds__(kLLThreads, 1) dispatch_send_kernel(LLCtx c, L
                 const float inv = 1.0f / scale;
                 uint32_t packed[2];
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * i] * inv, f[4 * i + 1] * inv),
+                for (int k = 0; k < 2; ++k) {
+                    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k] * inv, f[4 * k + 1] * inv),
                                                                  __NV_SATFINITE, __NV_E4M3);
-                    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * i + 2] * inv, f[4 * i + 3] * inv),
-                                                                 __NV_SATFINITE, __NV_E4M3);
-                    packed[i] = lo | (hi << 16);
+                    const uint32_t hi = __nv_cvt_float2_to_fp8x2(
+                        make_float2(f[4 * k + 2] * inv, f[4 * k + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+                    packed[k] = lo | (hi << 16);
                 }
-                if (!active) continue;
-                for (int k = 0; k < K; ++k) {
-                    char* msg = s_msg[q * K + k];
-                    if (msg == nullptr) continue;
-                    *reinterpret_cast<uint2*>(msg + 16 + ch * 8) = make_uint2(packed[0], packed[1]);
-                    if ((lane & 15) == 0) reinterpret_cast<float*>(msg + 16 + a.hidden)[ch / 16] = scale;
+                if (active) {
+                    *reinterpret_cast<uint2*>(row + ch[u] * 8) = make_uint2(packed[0], packed[1]);
+                    if ((lane & 15) == 0) reinterpret_cast<float*>(row + a.hidden)[ch[u] / 16] = scale;
                 }
-            }
-        }
-    } else {
-        for (int ch = tid; ch < chunks; ch += blockDim.x) {
-            int4 next = my_tokens > 0 ? ld_nc_v4(x + static_cast<int64_t>(blockIdx.x) * chunks + ch) : zero;
-            for (int q = 0; q < my_tokens; ++q) {
-                const int4 v = next;
-                if (q + 1 < my_tokens)
-                    next = ld_nc_v4(x + static_cast<int64_t>(blockIdx.x + (q + 1) * gridDim.x) * chunks + ch);
-                for (int k = 0; k < K; ++k) {
-                    char* msg = s_msg[q * K + k];
-                    if (msg != nullptr) st_na_v4(reinterpret_cast<int4*>(msg + 16) + ch, v);
-                }
+            } else {
+                if (active) st_na_v4(reinterpret_cast<int4*>(row) + ch[u], v[u]);
             }
         }
     }
-    for (int p = tid; p < my_tokens * K; p += blockDim.x)
-        if (s_msg[p] != nullptr)
-            *reinterpret_cast<int4*>(s_msg[p]) = make_int4(static_cast<int>(blockIdx.x + (p / K) * gridDim.x), 0, 0, 0);
 
-    // All of this block's tokens are stored: count them per expert; the thread that completes an expert
-    // (over all blocks) releases its flag with the count.
-    int* finished = c.workspace + c.set * kLLWorkspaceSetInts;
-    __threadfence_system();
-    __syncthreads();
-    for (int p = tid; p < my_tokens * K; p += blockDim.x) {
-        const int e = s_idx[(blockIdx.x + (p / K) * gridDim.x) * K + p % K];
-        if (e < 0) continue;
-        __threadfence_system();
-        if (atomicAdd(finished + e, 1) + 1 == s_hist[e]) {
-            finished[e] = 0;
-            __threadfence_system();
-            st_release_sys(dispatch_flags(c, e / L) + (e % L) * R + c.rank, -s_hist[e] - 1);
-        }
-    }
+    // Everything of this rank is staged once the last block arrives: it tells every rank.
+    int* ws = set_workspace(c);
+    if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, s_flag) && tid < c.num_ranks)
+        st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
 }
 
-__global__ void __launch_bounds__(kLLThreads, 1) dispatch_recv_kernel(LLCtx c, LLDispatchArgs a) {
-    __shared__ int s_count[kLLMaxRanks], s_begin[kLLMaxRanks + 1];
-    const int R = c.num_ranks, L = a.num_experts / R, M = a.max_tokens, RM = R * M;
-    const int tid = threadIdx.x;
-    const int64_t msg_bytes = ll_msg_bytes(a.hidden, a.fp8);
+__device__ void dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int tag, DispatchShared& sh) {
+    const int R = c.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, RM = R * M;
+    const int tid = threadIdx.x, G = gridDim.x;
+    if (tid < R) {
+        unsigned long long* stat =
+            blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr;
+        sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigDispatch + tid, tag, kLLPhaseDispatchRecv, tid, stat);
+    }
+    __syncthreads();
+    // Pair i = l * R + s: rows of source s for local expert l (0 for a source that timed out).
+    int count = 0;
+    if (tid < E) {
+        const int l = tid / R, s = tid - (tid / R) * R;
+        if (sh.ok[s]) {
+            const int* lists = reinterpret_cast<const int*>(stage_area(c, s) + ll_lists_offset(M, a.hidden));
+            count = min(max(ld_cg(lists + static_cast<int64_t>(c.rank * L + l) * (M + 1)), 0), M);
+        }
+    }
+    int num_rows;
+    const int before = block_exclusive_scan(count, sh.warp, &num_rows);
+    if (tid <= E) sh.scan[tid] = tid < E ? before : num_rows;
+    __syncthreads();
+    if (blockIdx.x == 0) {
+        if (tid < E) {
+            const int l = tid / R;
+            a.layout_range[tid] = (static_cast<int64_t>(before - sh.scan[l * R]) << 32) | static_cast<int64_t>(count);
+        }
+        if (tid < L) {
+            const int n = sh.scan[(tid + 1) * R] - sh.scan[tid * R];
+            a.recv_count[tid] = n;
+            if (a.cumulative_stats) atomicAdd(a.cumulative_stats + tid, n);
+        }
+    }
+    for (int i = blockIdx.x * blockDim.x + tid; i < L * RM; i += G * blockDim.x) {
+        const int l = i / RM, j = i - l * RM;
+        if (j >= sh.scan[(l + 1) * R] - sh.scan[l * R]) a.src_info[i] = -1;
+    }
+
+    // This block's contiguous share of the rows, in rounds of one row per thread.
+    const int per = (num_rows + G - 1) / G;
+    const int first = min(num_rows, static_cast<int>(blockIdx.x) * per), last = min(num_rows, first + per);
+    const int64_t row_bytes = ll_stage_row_bytes(a.hidden, a.fp8);
     const int row_int4 = a.fp8 ? a.hidden / 16 : a.hidden / 8;
     const int num_scales = a.hidden / 128, cols = a.ue8m0 ? num_scales / 4 : num_scales;
-    int* flags = dispatch_flags(c, c.rank);
-    const char* staging = recv_area(c, c.rank);
-    for (int l = blockIdx.x; l < L; l += gridDim.x) {
-        if (tid < R) {
-            int* flag = flags + l * R + tid;
-            const int v = wait_flag(c, flag, kLLPhaseDispatchRecv, tid, l,
-                                    a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr);
-            *flag = 0;
-            s_count[tid] = v < 0 ? -v - 1 : 0;
+    for (int r0 = first; r0 < last; r0 += blockDim.x) {
+        const int n = min(static_cast<int>(blockDim.x), last - r0);
+        if (tid < n) {
+            const int w = r0 + tid;
+            const int p = find_range(sh.scan, E, w);
+            const int l = p / R, s = p - (p / R) * R, j = w - sh.scan[p];
+            const int* lists = reinterpret_cast<const int*>(stage_area(c, s) + ll_lists_offset(M, a.hidden));
+            const int t = min(max(ld_cg(lists + static_cast<int64_t>(c.rank * L + l) * (M + 1) + 1 + j), 0), M - 1);
+            const int slot = sh.scan[p] - sh.scan[l * R] + j;
+            a.src_info[static_cast<int64_t>(l) * RM + slot] = t;
+            sh.src[tid] = stage_area(c, s) + t * row_bytes;
+            sh.dst[tid] = l * RM + slot;
         }
         __syncthreads();
-        if (tid == 0) {
-            int total = 0;
-            for (int s = 0; s < R; ++s) {
-                s_begin[s] = total;
-                total += s_count[s];
-            }
-            s_begin[R] = total;
-            a.recv_count[l] = total;
-            if (a.cumulative_stats) atomicAdd(a.cumulative_stats + l, total);
-        }
-        __syncthreads();
-        if (tid < R)
-            a.layout_range[l * R + tid] = (static_cast<int64_t>(s_begin[tid]) << 32) | static_cast<int64_t>(s_count[tid]);
-        const int total = s_begin[R];
-        const int64_t first_slot = static_cast<int64_t>(l) * RM;
-        // Message of output slot j: source s with s_begin[s] <= j < s_begin[s + 1].
-        auto message = [&](int j) {
-            int s = 0;
-            while (s + 1 < R && j >= s_begin[s + 1]) ++s;
-            return staging + ((static_cast<int64_t>(l) * R + s) * M + (j - s_begin[s])) * msg_bytes;
-        };
-        for (int j = tid; j < RM; j += blockDim.x)
-            a.src_info[first_slot + j] = j < total ? ld_cg(reinterpret_cast<const int*>(message(j))) : -1;
-        // Rows: the whole block copies 16-byte words, four loads in flight per thread.
-        const int num_words = total * row_int4;
-        int4* out = static_cast<int4*>(a.recv_x) + first_slot * row_int4;
-        for (int i0 = tid; i0 < num_words; i0 += 4 * blockDim.x) {
-            int4 v[4];
+        // Rows: 16-byte words flattened over (row, word), eight loads in flight per thread.
+        const int words = n * row_int4;
+        int4* out = static_cast<int4*>(a.recv_x);
+        constexpr int kU = 8;
+        for (int i0 = tid; i0 < words; i0 += kU * blockDim.x) {
+            int4 v[kU];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < kU; ++u) {
                 const int i = i0 + u * blockDim.x;
-                if (i < num_words) {
-                    const int j = i / row_int4;
-                    v[u] = ld_cg_v4(reinterpret_cast<const int4*>(message(j) + 16) + (i - j * row_int4));
+                if (i < words) {
+                    const int q = i / row_int4;
+                    v[u] = ld_cg_v4(reinterpret_cast<const int4*>(sh.src[q]) + (i - q * row_int4));
                 }
             }
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
+            for (int u = 0; u < kU; ++u) {
                 const int i = i0 + u * blockDim.x;
-                if (i < num_words) st_na_v4(out + i, v[u]);
+                if (i < words) {
+                    const int q = i / row_int4;
+                    st_na_v4(out + static_cast<int64_t>(sh.dst[q]) * row_int4 + (i - q * row_int4), v[u]);
+                }
             }
         }
         if (a.fp8) {
-            // Column-major scales: [L, cols, R * M] in memory; j fastest for coalesced stores.
-            for (int i = tid; i < total * cols; i += blockDim.x) {
-                const int g = i / total, j = i - g * total;
-                const int* scales = reinterpret_cast<const int*>(message(j) + 16 + a.hidden);
+            // Column-major scales [L, cols, R * M]: rows fastest, so consecutive slots store together.
+            for (int i = tid; i < n * cols; i += blockDim.x) {
+                const int g = i / n, q = i - g * n;
+                const int slot_index = sh.dst[q], l = slot_index / RM, slot = slot_index - l * RM;
+                const char* scales = sh.src[q] + a.hidden;
                 int value;
                 if (a.ue8m0) {
-                    uint32_t word = 0;
-#pragma unroll
-                    for (int b = 0; b < 4; ++b)
-                        word |= ((static_cast<uint32_t>(ld_cg(scales + 4 * g + b)) >> 23) & 0xFFu) << (8 * b);
-                    value = static_cast<int>(word);
+                    const int4 f = ld_cg_v4(reinterpret_cast<const int4*>(scales) + g);
+                    const uint32_t b0 = (static_cast<uint32_t>(f.x) >> 23) & 0xFFu, b1 = (static_cast<uint32_t>(f.y) >> 23) & 0xFFu;
+                    const uint32_t b2 = (static_cast<uint32_t>(f.z) >> 23) & 0xFFu, b3 = (static_cast<uint32_t>(f.w) >> 23) & 0xFFu;
+                    value = static_cast<int>(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24));
                 } else {
-                    value = ld_cg(scales + g);
+                    value = ld_cg(reinterpret_cast<const int*>(scales) + g);
                 }
-                static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * cols + g) * RM + j] = value;
+                static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * cols + g) * RM + slot] = value;
             }
         }
-        __syncthreads();  // s_count / s_begin are reused by the next expert
+        __syncthreads();  // sh.src / sh.dst are refilled by the next round
     }
+}
+
+template <bool kFp8, int kPhases>
+__global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(LLCtx c, LLDispatchArgs a) {
+    extern __shared__ int s_idx[];  // [T * K] expert ids (send phase)
+    __shared__ DispatchShared sh;
+    const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
+    // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
+    const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
+    if constexpr ((kPhases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, &sh.flag);
+    if constexpr ((kPhases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
 }
 
 // ------------------------------------------------------------------------------------------ combine
-__global__ void __launch_bounds__(kLLThreads, 1) combine_send_kernel(LLCtx c, LLCombineArgs a) {
-    __shared__ int s_count[kLLMaxRanks], s_begin[kLLMaxRanks];
-    const int R = c.num_ranks, L = a.num_experts / R, M = a.max_tokens, RM = R * M;
-    const int tid = threadIdx.x;
-    const int row_int4 = a.hidden / 8;
-    const int4* x = reinterpret_cast<const int4*>(a.x);
-    for (int l = blockIdx.x; l < L; l += gridDim.x) {
-        if (tid < R) {
-            const int64_t range = a.layout_range[l * R + tid];
-            s_begin[tid] = static_cast<int>(range >> 32);
-            s_count[tid] = static_cast<int>(range & 0xFFFFFFFFLL);
+struct CombineShared {
+    int scan[kLLMaxExperts + 1];   // send: valid rows before local expert l; receive: first slot per expert
+    int warp[32];
+    int ok[kLLMaxRanks];
+    int flag;
+    int off[kLLThreads];           // send: row offset l * R * M + j of each row of a round
+};
+
+__device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh) {
+    const int R = c.num_ranks, E = a.num_experts, L = E / R, RM = R * a.max_tokens;
+    const int tid = threadIdx.x, G = gridDim.x;
+    // Publish where each source's rows start in every local expert (read by the token owners).
+    if (blockIdx.x == 0 && tid < E)
+        signals(c, c.rank)[kLLSigBegins + tid] = static_cast<int>(__ldg(a.layout_range + tid) >> 32);
+    if (a.copy_rows) {
+        int rows = 0;
+        if (tid < L) {
+            const int64_t range = __ldg(a.layout_range + tid * R + R - 1);
+            rows = min(max(static_cast<int>(range >> 32) + static_cast<int>(range & 0xFFFFFFFFLL), 0), RM);
         }
+        int num_rows;
+        const int before = block_exclusive_scan(rows, sh.warp, &num_rows);
+        if (tid <= L) sh.scan[tid] = tid < L ? before : num_rows;
         __syncthreads();
-        const int total = s_begin[R - 1] + s_count[R - 1];
-        const int e = c.rank * L + l;
-        const int64_t first_slot = static_cast<int64_t>(l) * RM;
-        // Destination row of slot j: its source rank's table at (expert e, source token).
-        auto destination = [&](int j) {
-            int s = 0;
-            while (s + 1 < R && j >= s_begin[s + 1]) ++s;
-            const int t = __ldg(a.src_info + first_slot + j);
-            return reinterpret_cast<int4*>(recv_area(c, s)) + (static_cast<int64_t>(e) * M + t) * row_int4;
-        };
-        // The whole block copies 16-byte words, four loads in flight per thread.
-        const int num_words = total * row_int4;
-        for (int i0 = tid; i0 < num_words; i0 += 4 * blockDim.x) {
-            int4 v[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * blockDim.x;
-                if (i < num_words) v[u] = ld_nc_v4(x + first_slot * row_int4 + i);
+        const int per = (num_rows + G - 1) / G;
+        const int first = min(num_rows, static_cast<int>(blockIdx.x) * per), last = min(num_rows, first + per);
+        const int row_int4 = a.hidden / 8;
+        const int4* src = static_cast<const int4*>(a.x);
+        int4* dst = reinterpret_cast<int4*>(set_base(c, c.rank));
+        for (int r0 = first; r0 < last; r0 += blockDim.x) {
+            const int n = min(static_cast<int>(blockDim.x), last - r0);
+            if (tid < n) {
+                const int w = r0 + tid, l = find_range(sh.scan, L, w);
+                sh.off[tid] = l * RM + (w - sh.scan[l]);
             }
+            __syncthreads();
+            const int words = n * row_int4;
+            constexpr int kU = 8;
+            for (int i0 = tid; i0 < words; i0 += kU * blockDim.x) {
+                int4 v[kU];
+                int64_t at[kU];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int i = i0 + u * blockDim.x;
-                if (i < num_words) {
-                    const int j = i / row_int4;
-                    st_na_v4(destination(j) + (i - j * row_int4), v[u]);
+                for (int u = 0; u < kU; ++u) {
+                    const int i = i0 + u * blockDim.x;
+                    if (i < words) {
+                        const int q = i / row_int4;
+                        at[u] = static_cast<int64_t>(sh.off[q]) * row_int4 + (i - q * row_int4);
+                        v[u] = ld_nc_v4(src + at[u]);
+                    }
                 }
+#pragma unroll
+                for (int u = 0; u < kU; ++u)
+                    if (i0 + u * blockDim.x < words) st_na_v4(dst + at[u], v[u]);
             }
+            __syncthreads();
         }
-        __threadfence_system();
-        __syncthreads();
-        if (tid < R) {
-            __threadfence_system();
-            st_release_sys(combine_flags(c, tid) + e, 1);
-        }
-        __syncthreads();
     }
+    int* ws = set_workspace(c);
+    if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag) && tid < R)
+        st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
 }
 
-__global__ void __launch_bounds__(kLLThreads, 1) combine_recv_kernel(LLCtx c, LLCombineArgs a) {
-    __shared__ int s_expert[kLLMaxTopk];
-    __shared__ float s_weight[kLLMaxTopk];
-    __shared__ int s_last;
+__device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh, int* dyn) {
     const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, R = c.num_ranks, L = E / R, M = a.max_tokens;
-    const int tid = threadIdx.x;
-    const int row_int4 = a.hidden / 8;
-    int* flags = combine_flags(c, c.rank);
-    const int4* rows = reinterpret_cast<const int4*>(recv_area(c, c.rank));
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        if (tid < K) {
-            const int e = static_cast<int>(__ldg(a.topk_idx + static_cast<int64_t>(t) * K + tid));
-            s_expert[tid] = e;
-            s_weight[tid] = __ldg(a.topk_weights + static_cast<int64_t>(t) * K + tid);
-            if (e >= 0)
-                wait_flag(c, flags + e, kLLPhaseCombineRecv, e / L, e,
-                          a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + e / L) : nullptr);
-        }
-        __syncthreads();
-        for (int ch = tid; ch < row_int4; ch += blockDim.x) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            // Four rows in flight per thread; the sum still runs in top-k order.
-            for (int k0 = 0; k0 < K; k0 += 4) {
-                int4 v[4];
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    const int e = k0 + u < K ? s_expert[k0 + u] : -1;
-                    if (e >= 0) v[u] = ld_cg_v4(rows + (static_cast<int64_t>(e) * M + t) * row_int4 + ch);
-                }
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    if (k0 + u >= K || s_expert[k0 + u] < 0) continue;
-                    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
-                    const float w = s_weight[k0 + u];
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) acc[i] += w * __bfloat162float(h[i]);
-                }
-            }
-            int4 o;
-            __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) oh[i] = __float2bfloat16_rn(acc[i]);
-            reinterpret_cast<int4*>(a.out)[static_cast<int64_t>(t) * row_int4 + ch] = o;
-        }
-        __syncthreads();
+    const int RM = R * M, n = T * K, G = gridDim.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + G - 1) / G : 0;
+    int* s_idx = dyn;                                                     // [T * K]
+    float* s_w = reinterpret_cast<float*>(dyn + n);                       // [my_tokens * K]
+    const int4** s_row = reinterpret_cast<const int4**>(dyn + ((n + my_tokens * K + 1) & ~1));  // [my_tokens * K]
+    if (tid < R) {
+        unsigned long long* stat =
+            blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr;
+        sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigCombine + tid, tag, kLLPhaseCombineRecv, tid, stat);
     }
-    // Every expert released a flag here, whether or not a token of this rank chose it: the last block
-    // waits for all of them and clears them for the next use of this set.
-    int* done = c.workspace + c.set * kLLWorkspaceSetInts + kLLMaxExperts;
-    if (tid == 0) {
-        __threadfence();
-        s_last = atomicAdd(done, 1) == static_cast<int>(gridDim.x) - 1;
+    if (my_tokens == 0) return;  // no block-wide sync follows for this block
+    for (int i = tid; i < n; i += blockDim.x) {
+        const int64_t e = __ldg(a.topk_idx + i);
+        s_idx[i] = e >= 0 && e < E ? static_cast<int>(e) : -1;
     }
     __syncthreads();
-    if (s_last) {
-        __threadfence();
-        for (int e = tid; e < E; e += blockDim.x) {
-            wait_flag(c, flags + e, kLLPhaseCombineRecv, e / L, e, nullptr);
-            flags[e] = 0;
+    // First slot of this rank's rows in every expert, as its rank published it (-1: that rank timed out).
+    for (int e = tid; e < E; e += blockDim.x) {
+        const int r = e / L;
+        sh.scan[e] = sh.ok[r] ? ld_cg(signals(c, r) + kLLSigBegins + (e - r * L) * R + c.rank) : -1;
+    }
+    __syncthreads();
+    // Pair (q, k) of token t = blockIdx.x + q * G: its row is the rank of the pair among this rank's pairs
+    // to the same expert (by token, then slot), past the expert's first slot for this rank.
+    for (int p = warp; p < my_tokens * K; p += kWarps) {
+        const int q = p / K, k = p - q * K, flat = (blockIdx.x + q * G) * K + k, e = s_idx[flat];
+        int pos = 0;
+        if (e >= 0)
+            for (int base = 0; base < flat; base += 32)
+                pos += __popc(__ballot_sync(0xFFFFFFFFu, base + lane < flat && s_idx[base + lane] == e));
+        if (lane == 0) {
+            const int begin = e >= 0 ? sh.scan[e] : -1;
+            const int slot = begin + pos;
+            const bool valid = begin >= 0 && pos < M && slot < RM;
+            s_row[p] = valid ? reinterpret_cast<const int4*>(set_base(c, e / L)) +
+                                   (static_cast<int64_t>(e % L) * RM + slot) * (a.hidden / 8)
+                             : nullptr;
+            s_w[p] = __ldg(a.topk_weights + flat);
         }
-        if (tid == 0) *done = 0;
+    }
+    __syncthreads();
+    // 16-byte chunks flattened over (token, chunk); all top-k loads of a chunk in flight, summed in slot order.
+    const int row_int4 = a.hidden / 8;
+    int4* out = static_cast<int4*>(a.out);
+    constexpr int kU = 8;
+    for (int i = tid; i < my_tokens * row_int4; i += blockDim.x) {
+        const int q = i / row_int4, ch = i - q * row_int4;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k0 = 0; k0 < K; k0 += kU) {
+            int4 v[kU];
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const int4* row = k0 + u < K ? s_row[q * K + k0 + u] : nullptr;
+                if (row != nullptr) v[u] = ld_cg_v4(row + ch);
+            }
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                if (k0 + u >= K || s_row[q * K + k0 + u] == nullptr) continue;
+                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
+                const float w = s_w[q * K + k0 + u];
+#pragma unroll
+                for (int m = 0; m < 8; ++m) acc[m] += w * __bfloat162float(h[m]);
+            }
+        }
+        int4 o;
+        __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) oh[m] = __float2bfloat16_rn(acc[m]);
+        out[static_cast<int64_t>(blockIdx.x + q * G) * row_int4 + ch] = o;
     }
 }
 
-int grid_for(int num_sms, int work) { return work < 1 ? 1 : (work < num_sms ? work : num_sms); }
+template <int kPhases>
+__global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(LLCtx c, LLCombineArgs a) {
+    extern __shared__ int dyn[];
+    __shared__ CombineShared sh;
+    const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
+    const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
+    if constexpr ((kPhases & kLLSend) != 0) combine_send(c, a, tag, sh);
+    if constexpr ((kPhases & kLLRecv) != 0) combine_recv(c, a, tag, sh, dyn);
+}
+
+// ------------------------------------------------------------------------------------------ probes
+__global__ void __launch_bounds__(kLLThreads, 1) empty_kernel() {}
+
+__global__ void ping_kernel(LLCtx c, int peer, int iters, int warmup, int64_t* out_ns) {
+    int* mine = reinterpret_cast<int*>(c.peers[c.rank]) + kLLSigPing;
+    int* theirs = reinterpret_cast<int*>(c.peers[peer]) + kLLSigPing;
+    const int base = c.workspace[kLLWorkspacePing];
+    const bool first = c.rank < peer;
+    uint64_t start = global_timer_ns();
+    int done = 0;
+    for (int i = 1; i <= iters; ++i) {
+        if (i == warmup + 1) start = global_timer_ns();
+        const int v = base + i;
+        if (first) st_release_sys(theirs, v);
+        if (!wait_tag(c, mine, v, kLLPhasePing, peer, nullptr)) break;
+        if (!first) st_release_sys(theirs, v);
+        done = i;
+    }
+    const uint64_t end = global_timer_ns();
+    c.workspace[kLLWorkspacePing] = base + iters;
+    out_ns[0] = static_cast<int64_t>(end - start);
+    out_ns[1] = done > warmup ? done - warmup : 0;
+}
+
+int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Dynamic shared memory beyond what fits next to the static part without opting in.
+void allow_smem(const void* kernel, size_t smem) {
+    if (smem > 16 * 1024)
+        MOE_A2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+}
 
 }  // namespace
 
-void launch_ll_dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int num_sms, cudaStream_t stream) {
-    const int grid = grid_for(num_sms, a.num_tokens);
-    const int per_block = (a.num_tokens + grid - 1) / grid;
-    const size_t ints = (static_cast<size_t>(a.num_tokens) * a.num_topk + a.num_experts + 1) & ~static_cast<size_t>(1);
-    const size_t smem = sizeof(int) * ints + sizeof(char*) * static_cast<size_t>(per_block) * a.num_topk;
-    auto kernel = a.fp8 ? dispatch_send_kernel<true> : dispatch_send_kernel<false>;
-    if (smem > 48 * 1024)
-        MOE_A2A_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<grid, kLLThreads, smem, stream>>>(c, a);
+void launch_ll_dispatch(const LLCtx& c, const LLDispatchArgs& a, int phases, int num_sms, cudaStream_t stream) {
+    const size_t smem = (phases & kLLSend) ? sizeof(int) * static_cast<size_t>(a.num_tokens) * a.num_topk : 0;
+    void (*kernel)(LLCtx, LLDispatchArgs) = nullptr;
+    if (phases == (kLLSend | kLLRecv)) kernel = a.fp8 ? dispatch_kernel<true, 3> : dispatch_kernel<false, 3>;
+    else if (phases == kLLSend) kernel = a.fp8 ? dispatch_kernel<true, 1> : dispatch_kernel<false, 1>;
+    else kernel = dispatch_kernel<false, 2>;  // the receive phase reads the format from the arguments
+    allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<num_sms, kLLThreads, smem, stream>>>(c, a);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_ll_dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int num_sms, cudaStream_t stream) {
-    dispatch_recv_kernel<<<grid_for(num_sms, a.num_experts / c.num_ranks), kLLThreads, 0, stream>>>(c, a);
+void launch_ll_combine(const LLCtx& c, const LLCombineArgs& a, int phases, int num_sms, cudaStream_t stream) {
+    size_t smem = 0;
+    if (phases & kLLRecv) {
+        const size_t n = static_cast<size_t>(a.num_tokens) * a.num_topk;
+        const size_t pairs = static_cast<size_t>(ceil_div(a.num_tokens, num_sms)) * a.num_topk;
+        smem = sizeof(int) * ((n + pairs + 1) & ~static_cast<size_t>(1)) + sizeof(void*) * pairs;
+    }
+    void (*kernel)(LLCtx, LLCombineArgs) = phases == (kLLSend | kLLRecv) ? combine_kernel<3>
+                                           : phases == kLLSend          ? combine_kernel<1>
+                                                                        : combine_kernel<2>;
+    allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<num_sms, kLLThreads, smem, stream>>>(c, a);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_ll_combine_send(const LLCtx& c, const LLCombineArgs& a, int num_sms, cudaStream_t stream) {
-    combine_send_kernel<<<grid_for(num_sms, a.num_experts / c.num_ranks), kLLThreads, 0, stream>>>(c, a);
+void launch_ll_empty(int num_sms, cudaStream_t stream) {
+    empty_kernel<<<num_sms, kLLThreads, 0, stream>>>();
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_ll_combine_recv(const LLCtx& c, const LLCombineArgs& a, int num_sms, cudaStream_t stream) {
-    combine_recv_kernel<<<grid_for(num_sms, a.num_tokens), kLLThreads, 0, stream>>>(c, a);
+void launch_ll_ping(const LLCtx& c, int peer, int iters, int warmup, int64_t* out_ns, cudaStream_t stream) {
+    ping_kernel<<<1, 1, 0, stream>>>(c, peer, iters, warmup, out_ns);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -2,16 +2,25 @@
 //
 // Every rank owns one IPC-shared allocation, the same layout on every rank:
 //
-//   [signals: kLLSignalBytes]  [set 0: send area | recv area]  [set 1: send area | recv area]
+//   [signals: kLLSignalBytes]  [set 0: send area | stage area]  [set 1: send area | stage area]
 //
-// Signals of set b: dispatch flags [kLLMaxExperts] ints at b * kLLSetSignalInts, indexed
-// (local expert * num_ranks + source rank), and combine flags [kLLMaxExperts] ints after them, indexed by
-// global expert. A flag is 0 while empty; writers store with release, the one reader that consumes it
-// waits with acquire and stores 0 again, so a set is clean for its next use two calls later.
+// Receivers pull: each rank stages what it sends in its own allocation once, and every rank that needs a
+// piece copies it straight into its output (dispatch) or reduces it into its output (combine).
 //
-// Send area (local only): the zero-copy combine input [L, R * M, hidden] bf16.
-// Recv area (written by peers): dispatch messages [L][R][M] of msg_bytes (16-byte header holding the
-// source token index, then the token, then FP8 scales), or combine rows [E][M][hidden] bf16.
+// Signals of set b (kLLSetSignalInts ints at b * kLLSetSignalInts), all written by peers:
+//   [kLLSigDispatch + s]  dispatch flag of source rank s: its tokens and lists of this set are staged
+//   [kLLSigCombine + r]   combine flag of rank r: its expert outputs of this set are ready
+//   [kLLSigPing]          flag round-trip probe (set 0 only)
+//   [kLLSigBegins + l * R + s]  written by this rank's combine: first slot of source s in local expert l
+// A flag holds the tag of the last call that released it: the number of calls of its kind on that set
+// since the last clean, which every rank counts alike (local workspace epochs, so graph replays count).
+// A waiter waits for its own epoch; nothing is reset, so many blocks may wait on one flag.
+//
+// Send area (local, read by peers): the combine input [L, R * M, hidden] bf16 (zero copy when the caller
+// filled it; else combine copies the valid rows there first).
+// Stage area (local, read by peers): dispatch tokens [M][stage row] (BF16, or FP8 then float scales),
+// then per global expert e the list [E][M + 1] ints: count, then the source token of each pair routed
+// to e in (token, top-k slot) order, which is also the order of that source's slots in the expert.
 #pragma once
 
 #include <cstdint>
@@ -31,21 +40,34 @@ constexpr int kLLMaxTopk = 32;
 constexpr int kLLThreads = 1024;
 constexpr int kLLSetSignalInts = 2 * kLLMaxExperts;
 constexpr int64_t kLLSignalBytes = 2LL * kLLSetSignalInts * 4;
-// Local (not shared) workspace ints: per set a finished counter per expert and a done counter, then
-// the abort flag and the error claim.
-constexpr int kLLWorkspaceSetInts = kLLMaxExperts + 32;
+constexpr int kLLSigDispatch = 0;
+constexpr int kLLSigCombine = kLLMaxRanks;
+constexpr int kLLSigPing = 2 * kLLMaxRanks;
+constexpr int kLLSigBegins = kLLMaxExperts;
+// Local (not shared) workspace ints: per set the dispatch and combine epochs and the arrival counters of
+// their send phases, then the abort flag, the error claim and the ping epoch.
+constexpr int kLLWsDispatchEpoch = 0;
+constexpr int kLLWsCombineEpoch = 1;
+constexpr int kLLWsDispatchArrive = 2;
+constexpr int kLLWsCombineArrive = 3;
+constexpr int kLLWorkspaceSetInts = 8;
 constexpr int kLLWorkspaceAbort = 2 * kLLWorkspaceSetInts;
 constexpr int kLLWorkspaceClaim = kLLWorkspaceAbort + 1;
-constexpr int kLLWorkspaceInts = kLLWorkspaceClaim + 31;
+constexpr int kLLWorkspacePing = kLLWorkspaceAbort + 2;
+constexpr int kLLWorkspaceInts = kLLWorkspaceAbort + 16;
 
-enum LLPhase : int { kLLPhaseDispatchRecv = 1, kLLPhaseCombineRecv = 2 };
+// Phases of a launch: send (stage and release), receive (wait and pull), or both in one kernel.
+constexpr int kLLSend = 1;
+constexpr int kLLRecv = 2;
+
+enum LLPhase : int { kLLPhaseDispatchRecv = 1, kLLPhaseCombineRecv = 2, kLLPhasePing = 3 };
 
 // Pinned, device-mapped host record of the first timeout.
 struct LLHostError {
     volatile int code;      // 0 none, 1 peer timeout; written last
     volatile int phase;     // LLPhase
     volatile int peer;      // rank waited for
-    volatile int index;     // local expert (dispatch) or global expert (combine) whose flag was missing
+    volatile int index;     // flag tag waited for
     volatile int set;       // buffer set
     volatile int call;      // host call number of the launch (repeats under graph replay)
 };
@@ -55,32 +77,44 @@ struct LLCtx {
     int* workspace;            // this rank's local workspace (kLLWorkspaceInts)
     LLHostError* host;         // device pointer of the host record
     uint64_t timeout_ns;
-    int64_t set_bytes;         // bytes of one set (send + recv area)
-    int64_t recv_offset;       // offset of the recv area inside a set
+    int64_t set_bytes;         // bytes of one set (send + stage area)
+    int64_t stage_offset;      // offset of the stage area inside a set
     int rank, num_ranks, set, call;
 };
 
-// Bytes of a dispatch message: header, token (bf16 or FP8), FP8 scales.
+// Bytes of the old message format (16-byte header, token, FP8 scales): sizes the stage area, which keeps
+// the buffer size of earlier releases (config.get_low_latency_rdma_size_hint).
 MOE_A2A_LL_HD inline int64_t ll_msg_bytes(int hidden, bool fp8) {
     const int64_t payload = fp8 ? hidden + (hidden / 128) * 4 : 2LL * hidden;
     return (16 + payload + 15) / 16 * 16;
 }
 
+// Bytes of one staged token: BF16, or FP8 followed by its float scales, padded to 16.
+MOE_A2A_LL_HD inline int64_t ll_stage_row_bytes(int hidden, bool fp8) {
+    return fp8 ? (hidden + (hidden / 128) * 4 + 15) / 16 * 16 : 2LL * hidden;
+}
+
+// Offset of the expert lists inside the stage area (after M BF16-sized token rows).
+MOE_A2A_LL_HD inline int64_t ll_lists_offset(int64_t max_tokens, int64_t hidden) { return max_tokens * hidden * 2; }
+
 MOE_A2A_LL_HD inline int64_t ll_align(int64_t n) { return (n + 127) / 128 * 128; }
 
-// Send and recv area sizes of one set for a call shape.
+// Send and stage area sizes of one set for a call shape. The stage area needs
+// M * 2 * hidden + E * (M + 1) * 4 bytes, which the old receive-area size always covers.
 MOE_A2A_LL_HD inline int64_t ll_send_bytes(int64_t num_experts, int64_t max_tokens, int64_t hidden) {
     return ll_align(num_experts * max_tokens * hidden * 2);
 }
 MOE_A2A_LL_HD inline int64_t ll_recv_bytes(int64_t num_experts, int64_t max_tokens, int64_t hidden) {
     const int64_t dispatch = num_experts * max_tokens * ll_msg_bytes(static_cast<int>(hidden), false);
     const int64_t combine = num_experts * max_tokens * hidden * 2;
-    return ll_align(dispatch > combine ? dispatch : combine);
+    const int64_t stage = ll_lists_offset(max_tokens, hidden) + num_experts * (max_tokens + 1) * 4;
+    const int64_t most = dispatch > combine ? dispatch : combine;
+    return ll_align(most > stage ? most : stage);
 }
 
 struct LLDispatchArgs {
-    const void* x;             // [T, hidden] bf16
-    const int64_t* topk_idx;   // [T, K]
+    const void* x;             // [T, hidden] bf16 (send phase)
+    const int64_t* topk_idx;   // [T, K] (send phase)
     int num_tokens, num_topk, hidden, num_experts, max_tokens;
     bool fp8, round_scale, ue8m0;
     // Receive side
@@ -94,19 +128,22 @@ struct LLDispatchArgs {
 };
 
 struct LLCombineArgs {
-    const void* x;             // [L, R * M, hidden] bf16
-    const int* src_info;       // [L, R * M]
-    const int64_t* layout_range;  // [L, R]
-    const int64_t* topk_idx;   // [T, K]
+    const void* x;             // [L, R * M, hidden] bf16 (send phase)
+    bool copy_rows;            // x is not this set's send area: copy the valid rows there first
+    const int64_t* layout_range;  // [L, R] (send phase)
+    const int64_t* topk_idx;   // [T, K] (receive phase)
     const float* topk_weights; // [T, K]
     void* out;                 // [T, hidden] bf16
     int64_t* wait_stats;       // [R] or null
     int num_tokens, num_topk, hidden, num_experts, max_tokens;
 };
 
-void launch_ll_dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int num_sms, cudaStream_t stream);
-void launch_ll_dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int num_sms, cudaStream_t stream);
-void launch_ll_combine_send(const LLCtx& c, const LLCombineArgs& a, int num_sms, cudaStream_t stream);
-void launch_ll_combine_recv(const LLCtx& c, const LLCombineArgs& a, int num_sms, cudaStream_t stream);
+// `phases`: kLLSend, kLLRecv or both (one kernel: its blocks wait for the other ranks in between).
+void launch_ll_dispatch(const LLCtx& c, const LLDispatchArgs& a, int phases, int num_sms, cudaStream_t stream);
+void launch_ll_combine(const LLCtx& c, const LLCombineArgs& a, int phases, int num_sms, cudaStream_t stream);
+// Probes for the benchmark: an empty kernel of the dispatch shape, and `iters` flag round trips with
+// `peer` (both ranks call it; out_ns[0] = ns over the rounds after `warmup`, out_ns[1] = those rounds).
+void launch_ll_empty(int num_sms, cudaStream_t stream);
+void launch_ll_ping(const LLCtx& c, int peer, int iters, int warmup, int64_t* out_ns, cudaStream_t stream);
 
 }  // namespace moe_a2a

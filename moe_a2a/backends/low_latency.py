@@ -5,16 +5,17 @@ Fixed shapes, no host synchronization: a dispatch plus a combine can be captured
 * Every rank owns one IPC-shared buffer with two alternating sets; each call uses the next set, so a
   rank may run one call ahead of its peers without touching data they still read. With
   ``return_recv_hook`` call each hook before issuing the call after next.
-* Dispatch: the send kernel casts each token once (FP8 e4m3 with per-128 scales on the fly, or BF16) and
-  stores it straight into its slot in every destination rank's buffer; per (expert, source) flags carry
-  the counts with release/acquire. The receive kernel waits for the flags and packs the tokens into
-  ``[num_local_experts, num_max_dispatch_tokens_per_rank * num_ranks, hidden]``, source rank by source
-  rank, each source's tokens by increasing index (the reference backend's order).
-* Combine: the send kernel stores every expert output row at (expert, source token) of its source rank;
-  the receive kernel waits for the flags of each token's experts and reduces with the top-k weights in
-  float32.
-* Hook mode: the call launches only the send kernel and returns; the hook launches the receive kernel,
-  so no SM waits on peers while compute runs in between.
+* Receivers pull. Dispatch: the send phase casts each token once (FP8 e4m3 with per-128 scales on the
+  fly, or BF16) into this rank's own buffer, with one list per expert of the tokens routed to it, and
+  releases one flag per rank. The receive phase waits for the flags and copies every received token
+  straight from its source's buffer into its final slot of ``[num_local_experts,
+  num_max_dispatch_tokens_per_rank * num_ranks, hidden]``, source rank by source rank, each source's tokens
+  by increasing index (the reference backend's order).
+* Combine: the send phase puts the expert outputs in this rank's buffer (nothing to do for zero-copy
+  combine) and publishes where each source's rows start; the receive phase reads each token's top-k rows
+  straight from the experts' buffers and reduces them with the top-k weights in float32.
+* Without a hook both phases run in one kernel. Hook mode: the call launches only the send phase and
+  returns; the hook launches the receive phase, so no SM waits on peers while compute runs in between.
 * Every wait times out after ``timeout_s``; the next call raises naming the rank, step and peer.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ _SIGNAL_BYTES = 2 * 2 * 1024 * 4  # two sets of dispatch + combine flags, 1024 i
 MAX_EXPERTS = 1024
 MAX_RANKS = 8
 MAX_TOPK = 32
+_SEND, _RECV = 1, 2  # kernel phases (csrc/kernels/low_latency.cuh)
 
 
 def _align(n: int, a: int) -> int:
@@ -45,9 +47,10 @@ def low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int,
                              num_experts: int) -> int:
     """Bytes of IPC buffer the kernels need for calls up to this shape (BF16 and FP8 alike).
 
-    Signals, then two sets of: a send area ``E * M * hidden * 2`` (the zero-copy combine input) and a
-    recv area ``E * M * align16(16 + 2 * hidden)`` (dispatch messages, or combine rows), each rounded up to
-    128 bytes, with ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``.
+    Signals, then two sets of: a send area ``E * M * hidden * 2`` (the combine input, zero copy or copied
+    there) and a stage area ``E * M * align16(16 + 2 * hidden)`` (staged dispatch tokens and per-expert token
+    lists, which need far less; the size matches ``config.get_low_latency_rdma_size_hint``), each rounded up
+    to 128 bytes, with ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``.
     """
     em = num_experts * num_max_dispatch_tokens_per_rank
     send = _align(em * hidden * 2, 128)
@@ -112,10 +115,10 @@ class LowLatencyBackend:
         code, phase, peer, index, set_, call = self._rt.error_record()
         if code == 0:
             return ""
-        step, what = (("dispatch receive", "tokens for local expert") if phase == 1 else
-                      ("combine receive", "rows of expert"))
+        step, what = {1: ("dispatch receive", "tokens"), 2: ("combine receive", "expert outputs")}.get(
+            phase, ("flag round trip", "flag"))
         return (f"rank {self.rank} timed out after {self.timeout_s:g} s in low-latency {step} (call {call}, buffer "
-                f"set {set_}) waiting for rank {peer}'s {what} {index}")
+                f"set {set_}) waiting for rank {peer}'s {what} (tag {index})")
 
     def raise_if_error(self) -> None:
         """Raise ``RuntimeError`` if a kernel of this rank timed out (the buffer is then unusable)."""
@@ -167,8 +170,6 @@ class LowLatencyBackend:
         L, slots = num_experts // R, num_max * R
         x, topk_idx = x.contiguous(), topk_idx.contiguous()
         set_, call = self._next_set()
-        self._rt.dispatch_send(x, topk_idx, num_experts, num_max, use_fp8, round_scale, set_, self.num_sms, call)
-
         dev = x.device
         recv_x = torch.empty((L, slots, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
         recv_scales = None
@@ -180,21 +181,25 @@ class LowLatencyBackend:
         src_info = torch.empty((L, slots), dtype=torch.int32, device=dev)
         layout_range = torch.empty((L, R), dtype=torch.int64, device=dev)
         handle = LowLatencyHandle(src_info, layout_range, num_max, hidden, num_experts)
-        num_topk = topk_idx.size(1)
+
+        def launch(phases: int) -> None:
+            self._rt.dispatch(x, topk_idx, num_experts, num_max, use_fp8, round_scale, use_ue8m0, recv_x, recv_scales,
+                              recv_count, src_info, layout_range, cumulative_local_expert_recv_stats,
+                              dispatch_wait_recv_cost_stats, set_, self.num_sms, call, phases)
+
+        if not return_recv_hook:
+            launch(_SEND | _RECV)
+            return recv_x, recv_scales, recv_count, handle, None
+        launch(_SEND)
         pending = [True]
 
         def receive() -> None:
             if not pending:
                 raise RuntimeError("this low-latency dispatch hook was already called")
             pending.clear()
-            self._rt.dispatch_recv(num_tokens, num_topk, hidden, num_experts, num_max, use_fp8, use_ue8m0, recv_x,
-                                   recv_scales, recv_count, src_info, layout_range, cumulative_local_expert_recv_stats,
-                                   dispatch_wait_recv_cost_stats, set_, self.num_sms, call)
+            launch(_RECV)
 
-        if return_recv_hook:
-            return recv_x, recv_scales, recv_count, handle, receive
-        receive()
-        return recv_x, recv_scales, recv_count, handle, None
+        return recv_x, recv_scales, recv_count, handle, receive
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
@@ -210,22 +215,45 @@ class LowLatencyBackend:
             raise ValueError("out must be contiguous")
         x, topk_idx, topk_weights = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
         set_, call = self._next_set()
-        self._rt.combine_send(x, handle.src_info, handle.layout_range, num_experts, num_max, set_, self.num_sms, call)
         combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
                                                            device=x.device)
+
+        def launch(phases: int) -> None:
+            self._rt.combine(x, handle.layout_range, topk_idx, topk_weights, combined, combine_wait_recv_cost_stats,
+                             num_experts, num_max, set_, self.num_sms, call, phases)
+
+        if not return_recv_hook:
+            launch(_SEND | _RECV)
+            return combined, None
+        launch(_SEND)
         pending = [True]
 
         def receive() -> None:
             if not pending:
                 raise RuntimeError("this low-latency combine hook was already called")
             pending.clear()
-            self._rt.combine_recv(topk_idx, topk_weights, combined, combine_wait_recv_cost_stats, num_experts,
-                                  num_max, set_, self.num_sms, call)
+            launch(_RECV)
 
-        if return_recv_hook:
-            return combined, receive
-        receive()
-        return combined, None
+        return combined, receive
+
+    # ------------------------------------------------------------------ probes (benchmark)
+    def empty_kernel(self) -> None:
+        """Launch an empty kernel of the kernels' launch shape (``num_sms`` blocks) on the current stream."""
+        self.raise_if_error()
+        self._rt.empty_kernel(self.num_sms)
+
+    def flag_round_trip(self, peer: int, iters: int = 1000, warmup: int = 100) -> torch.Tensor:
+        """Launch ``iters`` flag round trips with ``peer`` (which must call this at the same time, with the
+        same counts) on the current stream; returns a ``[2]`` int64 device tensor: nanoseconds over the
+        rounds after ``warmup``, and that number of rounds."""
+        if not (0 <= peer < self.num_ranks and peer != self.rank):
+            raise ValueError(f"peer={peer}: expected another rank in [0, {self.num_ranks})")
+        if not 0 <= warmup < iters:
+            raise ValueError(f"need 0 <= warmup < iters, got warmup={warmup}, iters={iters}")
+        self.raise_if_error()
+        out = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._rt.ping(peer, iters, warmup, out)
+        return out
 
     def get_next_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """``[L, M * R, hidden]`` bf16 view of the registered buffer: fill it with the expert outputs and pass

@@ -218,6 +218,7 @@ def _correctness(rank, num_ranks):
                       False, False, False)
     _graph(rank, num_ranks, kern, ref)
     _many_calls(rank, num_ranks, kern)
+    _probes(rank, num_ranks, kern)
     dist.barrier()
     kern.clean()
     _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
@@ -301,6 +302,22 @@ def _many_calls(rank, num_ranks, kern, num_pairs=5000):
     kern.raise_if_error()
     assert int(bad) == 0, f"{int(bad)} dispatch values changed over {2 * num_pairs} calls"
     assert float(drift) == 0.0, f"combine drifted by {float(drift)} over {2 * num_pairs} calls"
+
+
+def _probes(rank, num_ranks, kern):
+    """The benchmark's probes: an empty kernel, and flag round trips between ranks 0 and 1 (twice, so the
+    second run starts from the first one's flag values)."""
+    kern.empty_kernel()
+    dist.barrier()
+    if rank < 2:
+        for _ in range(2):
+            ns = kern.flag_round_trip(1 - rank, 200, 20).cpu().tolist()
+            assert ns[1] == 180 and ns[0] > 0, f"flag round trip returned {ns}"
+    with pytest.raises(ValueError, match="peer"):
+        kern.flag_round_trip(rank)
+    torch.cuda.synchronize()
+    kern.raise_if_error()
+    dist.barrier()
 
 
 def _timeout(rank, num_ranks):
