@@ -6,6 +6,7 @@ the ranks of a node. Every rank runs the same cases in lockstep: kernels on its 
 on CPU over gloo. Dispatch must be bit-exact, in the reference's row order; combine may differ from the
 reference's single float32 sum by one BF16 rounding of each node-level partial sum.
 """
+import faulthandler
 import os
 import time
 
@@ -34,10 +35,25 @@ def _skip(num_ranks):
 
 
 def _nvshmem_env():
-    """All virtual nodes share one host: peer-to-peer transport only, bootstrap over loopback."""
+    """All virtual nodes share one host: peer-to-peer transport only, bootstrap over loopback.
+
+    ``MOE_A2A_TEST_WATCHDOG=S`` dumps every rank's Python stack after S seconds (to find a stuck rank);
+    ``MOE_A2A_TEST_VERBOSE=1`` prints rank 0's progress.
+    """
     os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
     os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    watchdog = float(os.environ.get("MOE_A2A_TEST_WATCHDOG", "0"))
+    if watchdog > 0:
+        faulthandler.dump_traceback_later(watchdog, exit=False)
+
+
+_START = time.monotonic()
+
+
+def _progress(rank, what):
+    if rank == 0 and os.environ.get("MOE_A2A_TEST_VERBOSE") == "1":
+        print(f"[rank 0, {time.monotonic() - _START:.1f} s] {what}", flush=True)
 
 
 def _gather(obj):
@@ -179,13 +195,16 @@ def _correctness(rank, num_ranks, per_node):
     ref = ReferenceBackend(rank, num_ranks, group, per_node)
     dcfg, ccfg, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms)
     assert rdma > 0
+    _progress(rank, "start")
     kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 30.0)
     assert kern.device == device
+    _progress(rank, "buffer ready")
 
     for i, spec in enumerate(_cases(rank, num_ranks, 7)):
         case = Case(rank, num_ranks, per_node, i, **spec)
         for align, bias in ((1, 0), (128, 2)):
             _round_trip(kern, ref, case, dcfg, align, bias)
+            _progress(rank, f"case {i} {spec} alignment {align} biases {bias} ok")
 
     # An RDMA buffer of a few rows per node: many rounds, same answers.
     small = internode.InternodeBackend(rank, num_ranks, per_node, nvl, 2 * (num_ranks // per_node) * 5 * 15 * 1024,
@@ -195,6 +214,7 @@ def _correctness(rank, num_ranks, per_node):
     case = Case(rank, num_ranks, per_node, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
     _round_trip(small, ref, case, dcfg, 1, 0)
     small.destroy()
+    _progress(rank, "small RDMA buffer ok")
 
     # Bad input raises before any communication (every rank raises the same error).
     with pytest.raises(TypeError):
@@ -209,7 +229,9 @@ def _correctness(rank, num_ranks, per_node):
     _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg)
     kern.check()
     kern.destroy()
+    _progress(rank, "repeat ok")
     _public_api(rank, num_ranks, per_node, num_sms, ref)
+    _progress(rank, "public API ok")
 
 
 def _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg):
