@@ -41,6 +41,7 @@ team; later buffers must have the same team (their symmetric buffers come from t
 from __future__ import annotations
 
 import os
+import socket
 from typing import List, Optional
 
 import torch
@@ -79,7 +80,19 @@ def _init_nvshmem(team: List[int], team_index: int, all_gather_object, heap_byte
         raise RuntimeError("moe_a2a internode: NVSHMEM runs in some processes of the group but not in others")
     # The symmetric heap is reserved at start-up: leave room for a few buffers unless the user chose.
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(max(1 << 30, 2 * heap_bytes + (256 << 20))))
-    err = _nvshmem.init(ids[team[0]][1], team_index, len(team))
+    uid = ids[team[0]][1]
+    # Teams whose PEs share GPUs (virtual nodes under MPS) start one after the other: starting four
+    # NVSHMEM jobs on one GPU at once failed in NVSHMEM's bootstrap (multi-PE-per-GPU detection).
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    gpus = all_gather_object((socket.gethostname(), str(getattr(props, "uuid", torch.cuda.current_device()))))
+    num_teams = len(gpus) // len(team)
+    turns = range(num_teams) if len(set(gpus)) < len(gpus) else [None]
+    err = ""
+    for turn in turns:
+        if turn is None or turn == team[0]:
+            err = _nvshmem.init(uid, team_index, len(team))
+        if turn is not None:
+            all_gather_object(None)  # the next team starts once this one is up
     if err:
         raise RuntimeError(f"moe_a2a internode: NVSHMEM initialisation failed: {err}")
     _TEAM = (team, team_index)
