@@ -4,6 +4,10 @@ It is compiled when torch was built with CUDA and nvcc is found, unless ``MOE_A2
 Architectures come from ``TORCH_CUDA_ARCH_LIST`` (for example ``"9.0"``); the default is sm_90 only,
 which keeps the build short. Without the extension the package still installs and imports: the
 reference backend serves every entry point and GPU-only paths raise a clear error.
+
+The internode extension ``moe_a2a._nvshmem`` (NVSHMEM RDMA kernels, relocatable device code linked
+against ``libnvshmem_device.a``) is built as well when NVSHMEM is found: ``NVSHMEM_HOME``, or the
+``nvidia-nvshmem-cu13`` wheel that CUDA builds of torch install. ``MOE_A2A_SKIP_NVSHMEM_BUILD=1`` skips it.
 """
 import glob
 import os
@@ -27,6 +31,50 @@ def _find_cuda_home():
         if os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
             os.environ["CUDA_HOME"] = home
             return
+
+
+def _find_nvshmem():
+    """The NVSHMEM root (with include/nvshmem.h and lib/libnvshmem_device.a), or None."""
+    candidates = [os.environ.get("NVSHMEM_HOME", "")]
+    candidates += [os.path.join(p, "nvidia", "nvshmem") for p in sys.path if p]
+    for root in candidates:
+        if root and os.path.isfile(os.path.join(root, "include", "nvshmem.h")) and \
+                os.path.isfile(os.path.join(root, "lib", "libnvshmem_device.a")):
+            return os.path.abspath(root)
+    return None
+
+
+# Relocatable device code for NVSHMEM's device library; torch's defines that hide the half/bfloat16
+# operators break NVSHMEM's reduction headers, so they are undone for this module; the deprecation
+# warnings silenced come from those headers under C++20.
+_NVSHMEM_NVCC_FLAGS = ["-rdc=true", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                       "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+                       "-diag-suppress=3012,3013"]
+
+
+def _nvshmem_extension(CUDAExtension, include_dirs, nvcc_flags):
+    """``moe_a2a._nvshmem`` when NVSHMEM is found, else None (the internode kernels are then unavailable)."""
+    if os.environ.get("MOE_A2A_SKIP_NVSHMEM_BUILD", "0") == "1":
+        print("moe_a2a: MOE_A2A_SKIP_NVSHMEM_BUILD=1, not building the internode kernels", file=sys.stderr)
+        return None
+    root = _find_nvshmem()
+    if root is None:
+        print("moe_a2a: NVSHMEM not found (set NVSHMEM_HOME), not building the internode kernels", file=sys.stderr)
+        return None
+    lib = os.path.join(root, "lib")
+    # The wheel ships only the versioned host library; link it by file name.
+    host_lib = "libnvshmem_host.so" if os.path.exists(os.path.join(lib, "libnvshmem_host.so")) else \
+        "libnvshmem_host.so.3"
+    return CUDAExtension(
+        name="moe_a2a._nvshmem",
+        sources=[os.path.join("csrc", "nvshmem", "bindings.cpp"), os.path.join("csrc", "nvshmem", "internode.cu")],
+        include_dirs=include_dirs + [os.path.join(root, "include")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags + _NVSHMEM_NVCC_FLAGS,
+                            # Device link against NVSHMEM's device library. Not through dlink=True: torch adds
+                            # -dlto there, which the library (no LTO IR) cannot take.
+                            "nvcc_dlink": ["-dlink", f"-L{lib}", "-lnvshmem_device"]},
+        extra_link_args=[f"-L{lib}", f"-l:{host_lib}", "-l:libnvshmem_device.a", f"-Wl,-rpath,{lib}"],
+    )
 
 
 def _extension_modules():
@@ -71,7 +119,8 @@ def _extension_modules():
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags},
     )
-    return [ext], {"build_ext": BuildExtension}
+    nvshmem = _nvshmem_extension(CUDAExtension, include_dirs, nvcc_flags)
+    return [ext] + ([nvshmem] if nvshmem is not None else []), {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = _extension_modules()

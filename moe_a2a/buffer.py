@@ -3,7 +3,8 @@
 One ``Buffer`` per rank of an EP group. It validates every input on the calling rank, then runs the
 call on a backend:
 
-* ``cuda``: moe_a2a's own kernels (``moe_a2a._C``) for CUDA tensors inside one node, when built;
+* ``cuda``: moe_a2a's own kernels for CUDA tensors, when built: ``moe_a2a._C`` inside one node,
+  ``moe_a2a._nvshmem`` + ``moe_a2a._C`` across nodes (normal mode; ``InternodeHandle``);
 * ``reference``: ``torch.distributed`` all-to-all (gloo for CPU tensors, NCCL for CUDA ones), the
   oracle every kernel is tested against and the path whenever the kernels cannot serve a call.
 
@@ -18,13 +19,13 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .backends import intranode, low_latency
+from .backends import internode, intranode, low_latency
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
 from .config import NUM_MAX_NVL_PEERS, Config, default_combine_config, default_dispatch_config
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
-from .handles import DispatchHandle, LowLatencyHandle
+from .handles import DispatchHandle, InternodeHandle, LowLatencyHandle
 from .tuning import tuned_num_sms
 
 Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -117,15 +118,24 @@ class Buffer:
         self._ll_buffer_index = 0
         self._destroyed = False
 
-    def _kernel_obstacles(self, num_bytes: int, bytes_name: str) -> List[str]:
-        """Why the CUDA kernels cannot serve this buffer (empty when they can)."""
+    def _kernel_obstacles(self, num_bytes: int, bytes_name: str, internode_kernels: bool = False) -> List[str]:
+        """Why the CUDA kernels cannot serve this buffer (empty when they can).
+
+        ``internode_kernels``: the caller has kernels for groups spanning several nodes (normal mode).
+        """
         reasons = []
         if not intranode.extension_available():
             reasons.append("the CUDA extension moe_a2a._C is not built")
         if not torch.cuda.is_available():
             reasons.append("no CUDA device is visible")
         if self.group_size > self.num_ranks_per_node:
-            reasons.append("the group spans several nodes and the internode kernels are not built")
+            if not internode_kernels:
+                reasons.append("the group spans several nodes and these kernels are intranode only")
+            elif not internode.available():
+                reasons.append("the group spans several nodes and the internode kernels (moe_a2a._nvshmem) are not "
+                               "built: build with NVSHMEM headers (nvidia-nvshmem-cu13 or NVSHMEM_HOME)")
+            if internode_kernels and self.num_rdma_bytes == 0:
+                reasons.append("num_rdma_bytes is 0 (internode kernels need Config.get_rdma_buffer_size_hint)")
         if num_bytes == 0:
             reasons.append(f"{bytes_name} is 0")
         return reasons
@@ -139,11 +149,14 @@ class Buffer:
         """The intranode kernels for normal mode, or None where the reference backend serves."""
         if backend == "reference":
             return None
-        reasons = self._kernel_obstacles(self.num_nvl_bytes, "num_nvl_bytes")
+        reasons = self._kernel_obstacles(self.num_nvl_bytes, "num_nvl_bytes", internode_kernels=True)
         if reasons:
             if backend == "cuda" and not self.low_latency_mode:
                 raise NotImplementedError("backend='cuda' unavailable: " + "; ".join(reasons))
             return None
+        if self.group_size > self.num_ranks_per_node:
+            return internode.InternodeBackend(self.rank, self.group_size, self.num_ranks_per_node, self.num_nvl_bytes,
+                                              self.num_rdma_bytes, self._all_gather_object, self.timeout_s)
         return intranode.IntranodeBackend(self.rank, self.group_size, self.group, self.num_nvl_bytes,
                                           self._all_gather_object, self.timeout_s)
 
@@ -262,6 +275,18 @@ class Buffer:
             return self._kernels
         return self._reference
 
+    def _check_handle(self, handle, backend) -> None:
+        """A handle serves the backend kind that made it: internode kernels make ``InternodeHandle``s."""
+        if not isinstance(handle, (DispatchHandle, InternodeHandle)):
+            raise TypeError(f"handle must be a handle from dispatch(), got {type(handle).__name__}")
+        made_by_internode = isinstance(handle, InternodeHandle)
+        for_internode = isinstance(backend, internode.InternodeBackend)
+        if made_by_internode != for_internode:
+            raise ValueError("this handle comes from the " + ("internode kernels" if made_by_internode else
+                             "reference backend") + " but the call runs on the " +
+                             ("internode kernels" if for_internode else "reference backend") +
+                             ": pass tensors of the same device and dtype kind (CUDA bf16/fp8) as the dispatch")
+
     @property
     def num_rdma_ranks(self) -> int:
         return self.group_size // self.num_ranks_per_node
@@ -342,15 +367,14 @@ class Buffer:
         device = x.device
         checks.positive_int("expert_alignment", expert_alignment)
         checks.positive_int("num_worst_tokens", num_worst_tokens, minimum=0)
-        internode = self.num_rdma_ranks > 1
-        if internode and num_worst_tokens:
+        multi_node = self.num_rdma_ranks > 1
+        if multi_node and num_worst_tokens:
             raise ValueError("num_worst_tokens is intranode only; this group spans "
                              f"{self.num_rdma_ranks} nodes")
         self._check_buffer_sizes(config, x)
         backend = self._backend_for(x, (torch.bfloat16, torch.float8_e4m3fn))
         if handle is not None:
-            if not isinstance(handle, DispatchHandle):
-                raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
+            self._check_handle(handle, backend)
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
             if handle.num_sent_tokens != num_tokens:
@@ -367,7 +391,7 @@ class Buffer:
             checks.tensor("num_tokens_per_expert", num_tokens_per_expert, (torch.int32,), (None,), device)
             num_experts = num_tokens_per_expert.numel()
             checks.experts_divisible(num_experts, r)
-            if internode and num_tokens_per_rdma_rank is not None:
+            if multi_node and num_tokens_per_rdma_rank is not None:
                 checks.tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, (torch.int32,),
                               (self.num_rdma_ranks,), device)
             if topk_weights is not None and topk_idx is None:
@@ -417,10 +441,11 @@ class Buffer:
         """
         self._check_alive()
         config = self.get_combine_config(self.group_size) if config is None else config
-        if not isinstance(handle, DispatchHandle):
+        if not isinstance(handle, (DispatchHandle, InternodeHandle)):
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
         checks.tensor("x", x, _FLOAT_TOKENS, (handle.num_recv_tokens, None), handle.recv_src_idx.device)
         backend = self._backend_for(x, (torch.bfloat16,))
+        self._check_handle(handle, backend)
         self._check_buffer_sizes(config, x)
         if topk_weights is not None:
             weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
@@ -473,7 +498,10 @@ class Buffer:
                              f"{self.group_size} ranks with {config}: need at least {need} "
                              "(Config.get_nvl_buffer_size_hint)")
         if self.num_rdma_ranks > 1:
-            need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size)
+            # The internode kernels size their rounds by the real node size; the reference needs no buffer.
+            per_node = self.num_ranks_per_node if isinstance(self._kernels, internode.InternodeBackend) else \
+                NUM_MAX_NVL_PEERS
+            need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size, per_node)
             if self.num_rdma_bytes < need:
                 raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small: need at least {need} "
                                  "(Config.get_rdma_buffer_size_hint)")

@@ -85,15 +85,29 @@ class Config:
         ring = self.num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
         return _align(counters) + _align(ring * _bytes_per_buffered_token(hidden_bytes))
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA buffer the internode kernels need; 0 when the group fits in one node."""
-        _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks)
-        if num_ranks <= NUM_MAX_NVL_PEERS:
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
+                                  num_ranks_per_node: int = NUM_MAX_NVL_PEERS) -> int:
+        """Bytes of RDMA buffer the internode kernels need; 0 when the group fits in one node.
+
+        The internode kernels move rows in rounds through a send and a receive area of
+        ``num_nodes * window`` slots each (one slot per node and position); this hint gives a window of
+        ``num_channels * num_max_rdma_chunked_recv_tokens`` rows. Any buffer that holds one slot per node
+        and direction works; a smaller one needs more rounds. ``num_ranks_per_node`` sets the node size
+        (lower for virtual nodes in tests).
+        """
+        _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks, num_ranks_per_node=num_ranks_per_node)
+        if num_ranks <= num_ranks_per_node:
             return 0
-        num_rdma_ranks = (num_ranks + NUM_MAX_NVL_PEERS - 1) // NUM_MAX_NVL_PEERS
-        counters = num_rdma_ranks * (NUM_MAX_NVL_PEERS * 2 + 2) * self.num_channels * COUNTER_BYTES * 2
-        ring = 2 * self.num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens
-        return _align(counters) + _align(ring * _bytes_per_buffered_token(hidden_bytes))
+        num_rdma_ranks = (num_ranks + num_ranks_per_node - 1) // num_ranks_per_node
+        window = self.num_channels * self.num_max_rdma_chunked_recv_tokens
+        return _align(2 * num_rdma_ranks * window * _rdma_slot_bytes(hidden_bytes))
+
+
+def _rdma_slot_bytes(hidden_bytes: int) -> int:
+    """Bytes of one RDMA slot: the row, FP8 scales, top-k ids and weights, source index and node mask."""
+    num_scales = max(1, hidden_bytes // (2 * FP8_SCALE_BLOCK))
+    return (_align(hidden_bytes, 16) + _align(num_scales * 4, 16) + NUM_MAX_TOPK * (8 + 4)
+            + _align(4 + NUM_MAX_NVL_PEERS, 16))
 
 
 def _check_positive(**values: int) -> None:

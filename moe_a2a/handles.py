@@ -62,3 +62,42 @@ def unpack_layout_range(layout_range: torch.Tensor):
     """Split a ``layout_range`` into ``(begin, count)`` int64 tensors of the same shape."""
     return layout_range >> 32, layout_range & 0xFFFFFFFF
 
+
+
+class InternodeHandle(NamedTuple):
+    """What combine and cached dispatch need from an internode dispatch (RDMA stage, then NVLink stage).
+
+    Fields (T = tokens sent, N = nodes, M = rows this rank received over RDMA and forwarded, n = rows
+    received in the end):
+        is_token_in_rank: ``[T, R]`` bool; whether each sent token went to each rank.
+        send_pos: ``[T, N]`` int32; position of token ``t`` among the tokens this rank sends to node ``b``,
+            ``-1`` where it is not sent there.
+        rdma_counts: ``N x N`` nested tuple of ints; ``[a][b]`` = tokens the rank of this rank's local index
+            on node ``a`` sends to node ``b``.
+        team_num_tokens: ``N`` ints; tokens of the rank of this rank's local index on each node.
+        rdma_origin: ``[M, 4]`` int32; per forwarded row: source rank, source token, source node, 0.
+        intra_handle: the ``DispatchHandle`` of the NVLink stage over this node's ranks.
+        recv_perm: ``[n]`` int64; received row ``i`` is row ``recv_perm[i]`` of the NVLink stage.
+        recv_inv_perm: ``[n]`` int64; the inverse permutation.
+        recv_src_idx: ``[n]`` int32; index of each received token in its source rank's input.
+        recv_src_rank: ``[n]`` int32; source rank of each received token.
+    """
+
+    is_token_in_rank: torch.Tensor
+    send_pos: torch.Tensor
+    rdma_counts: tuple
+    team_num_tokens: tuple
+    rdma_origin: torch.Tensor
+    intra_handle: DispatchHandle
+    recv_perm: torch.Tensor
+    recv_inv_perm: torch.Tensor
+    recv_src_idx: torch.Tensor
+    recv_src_rank: torch.Tensor
+
+    @property
+    def num_recv_tokens(self) -> int:
+        return self.recv_src_idx.size(0)
+
+    @property
+    def num_sent_tokens(self) -> int:
+        return self.is_token_in_rank.size(0)

@@ -1,0 +1,267 @@
+// pybind11 module moe_a2a._nvshmem: NVSHMEM bootstrap by unique id and the per-rank internode runtime
+// (symmetric buffer, signal counters, error record). Tensor checks are done in Python before any call;
+// nothing here throws into Python: failures come back as a non-empty message string.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "internode.cuh"
+
+namespace moe_a2a::internode {
+
+namespace {
+
+template <typename T>
+T* ptr(const std::optional<torch::Tensor>& t) {
+    return t.has_value() && t->numel() > 0 ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) {
+    return t.numel() > 0 ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+const char* phase_name(int phase) {
+    switch (phase) {
+        case kPhaseNotify: return "notify (count exchange)";
+        case kPhaseDispatchBarrier: return "dispatch (slots free)";
+        case kPhaseDispatchData: return "dispatch (rows sent)";
+        case kPhaseCombineBarrier: return "combine (slots free)";
+        case kPhaseCombineData: return "combine (rows sent)";
+        default: return "unknown";
+    }
+}
+
+pybind11::tuple unique_id() {
+    std::string id;
+    const std::string err = get_unique_id(&id);
+    return pybind11::make_tuple(pybind11::bytes(id), err);
+}
+
+std::string init_py(pybind11::bytes id, int rank, int num_ranks) { return init(std::string(id), rank, num_ranks); }
+
+int64_t dispatch_slot_bytes(int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_local_ranks) {
+    return dispatch_layout(static_cast<int>(row_bytes), static_cast<int>(num_scales), static_cast<int>(num_topk),
+                           static_cast<int>(num_local_ranks)).stride;
+}
+
+int64_t combine_weights_offset(int64_t hidden) { return (hidden * 2 + 15) / 16 * 16; }
+
+int64_t combine_slot_bytes(int64_t hidden, int64_t num_topk) {
+    return combine_weights_offset(hidden) + (num_topk * 4 + 15) / 16 * 16;
+}
+
+}  // namespace
+
+class Runtime {
+   public:
+    Runtime() = default;
+    // Freeing symmetric memory is collective over the team, so only destroy() does it; a runtime dropped
+    // without destroy() keeps its symmetric buffer until the process exits.
+    ~Runtime() {
+        if (host_) cudaFreeHost(const_cast<ErrorRecord*>(host_));
+    }
+
+    // Collective over the team: every member calls it with the same slot_bytes.
+    std::string allocate(int rank, int num_nodes, int node, int local_rank, int num_local_ranks, int64_t slot_bytes,
+                         double timeout_s) {
+        if (sym_) return "already allocated";
+        rank_ = rank;
+        num_nodes_ = num_nodes;
+        node_ = node;
+        local_rank_ = local_rank;
+        num_local_ranks_ = num_local_ranks;
+        slot_bytes_ = slot_bytes;
+        timeout_ns_ = static_cast<unsigned long long>(timeout_s * 1e9);
+        void* host = nullptr;
+        if (cudaHostAlloc(&host, sizeof(ErrorRecord), cudaHostAllocMapped) != cudaSuccess)
+            return "cudaHostAlloc of the error record failed";
+        host_ = static_cast<ErrorRecord*>(host);
+        std::memset(host, 0, sizeof(ErrorRecord));
+        if (cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host, 0) != cudaSuccess)
+            return "cudaHostGetDevicePointer failed";
+        void* sym = nullptr;
+        const std::string err = sym_malloc(kHeaderBytes + static_cast<size_t>(slot_bytes), &sym);
+        if (!err.empty()) return err;
+        sym_ = static_cast<char*>(sym);
+        return "";
+    }
+
+    bool is_available() const { return sym_ != nullptr; }
+    int64_t slot_bytes() const { return slot_bytes_; }
+
+    std::string error() const {
+        if (!host_ || host_->code == kErrNone) return "";
+        const int peer = host_->peer * num_local_ranks_ + local_rank_;
+        return "rank " + std::to_string(rank_) + " timed out after " + std::to_string(timeout_ns_ / 1000000) +
+               " ms in internode " + phase_name(host_->phase) + " (round " + std::to_string(host_->round) +
+               ") waiting for rank " + std::to_string(peer) + " (node " + std::to_string(host_->peer) +
+               "): signal " + std::to_string(host_->seen) + " of " + std::to_string(host_->expected);
+    }
+
+    // records/out: [num_nodes, record_ints] int32 contiguous CUDA tensors.
+    std::string notify(const torch::Tensor& records, torch::Tensor& out, int64_t record_ints) {
+        if (!sym_) return "the internode buffer is not allocated";
+        if (record_ints * num_nodes_ > kNotifyInts) return "notify record too large";
+        NotifyArgs a{};
+        a.sym = sym_;
+        a.me = node_;
+        a.num_nodes = num_nodes_;
+        a.record_ints = static_cast<int>(record_ints);
+        a.parity = static_cast<int>(notify_count_ & 1);
+        a.expect = ++notify_count_;
+        a.records = ptr<const int>(records);
+        a.out = ptr<int>(out);
+        a.err = host_dev_;
+        a.timeout_ns = timeout_ns_;
+        return launch_notify(a, c10::cuda::getCurrentCUDAStream());
+    }
+
+    std::string dispatch_round(const torch::Tensor& x, int64_t row_bytes, const std::optional<torch::Tensor>& scales,
+                               int64_t num_scales, const std::optional<torch::Tensor>& topk_idx,
+                               const std::optional<torch::Tensor>& topk_weights, int64_t num_topk,
+                               const torch::Tensor& is_token_in_rank, const torch::Tensor& send_pos,
+                               const std::vector<int64_t>& recv_count, const std::vector<int64_t>& out_prefix,
+                               int64_t node_expert_first, int64_t num_node_experts, int64_t round, int64_t lo,
+                               int64_t window, int64_t num_blocks, torch::Tensor& out_x,
+                               const std::optional<torch::Tensor>& out_scales,
+                               const std::optional<torch::Tensor>& out_topk_idx,
+                               const std::optional<torch::Tensor>& out_topk_weights,
+                               const std::optional<torch::Tensor>& out_origin,
+                               const std::optional<torch::Tensor>& out_in_rank) {
+        if (!sym_) return "the internode buffer is not allocated";
+        if (static_cast<int>(recv_count.size()) != num_nodes_ || static_cast<int>(out_prefix.size()) != num_nodes_)
+            return "recv_count/out_prefix must have one entry per node";
+        DispatchArgs a{};
+        a.l = dispatch_layout(static_cast<int>(row_bytes), static_cast<int>(num_scales), static_cast<int>(num_topk),
+                              num_local_ranks_);
+        if (!fill_common(a.c, a.l.stride, round, lo, window, num_blocks)) return "window too large for the buffer";
+        a.num_ranks = num_nodes_ * num_local_ranks_;
+        a.local_rank = local_rank_;
+        a.num_tokens = static_cast<int>(x.size(0));
+        a.x = ptr<const char>(x);
+        a.scales = ptr<const float>(scales);
+        a.topk_idx = ptr<const int64_t>(topk_idx);
+        a.topk_weights = ptr<const float>(topk_weights);
+        a.is_token_in_rank = ptr<const bool>(is_token_in_rank);
+        a.send_pos = ptr<const int>(send_pos);
+        for (int m = 0; m < num_nodes_; ++m) {
+            a.recv_count[m] = static_cast<int>(recv_count[m]);
+            a.out_prefix[m] = static_cast<int>(out_prefix[m]);
+        }
+        a.node_expert_first = node_expert_first;
+        a.num_node_experts = num_node_experts;
+        a.out_x = ptr<char>(out_x);
+        a.out_scales = ptr<float>(out_scales);
+        a.out_topk_idx = ptr<int64_t>(out_topk_idx);
+        a.out_topk_weights = ptr<float>(out_topk_weights);
+        a.out_origin = ptr<int>(out_origin);
+        a.out_in_rank = ptr<bool>(out_in_rank);
+        return launch_dispatch_round(a, static_cast<int>(num_blocks), c10::cuda::getCurrentCUDAStream());
+    }
+
+    std::string combine_round(const torch::Tensor& x, const std::optional<torch::Tensor>& weights, int64_t num_topk,
+                              const torch::Tensor& origin, const torch::Tensor& send_pos,
+                              const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
+                              int64_t round, int64_t lo, int64_t window, int64_t num_blocks, torch::Tensor& out,
+                              const std::optional<torch::Tensor>& out_weights) {
+        if (!sym_) return "the internode buffer is not allocated";
+        CombineArgs a{};
+        const int64_t hidden = x.size(1);
+        if (!fill_common(a.c, combine_slot_bytes(hidden, num_topk), round, lo, window, num_blocks))
+            return "window too large for the buffer";
+        a.hidden = static_cast<int>(hidden);
+        a.num_topk = static_cast<int>(num_topk);
+        a.off_weights = static_cast<int>(combine_weights_offset(hidden));
+        a.num_recv_rows = static_cast<int>(x.size(0));
+        a.x = ptr<const uint16_t>(x);
+        a.weights = ptr<const float>(weights);
+        a.origin = ptr<const int>(origin);
+        a.num_tokens = static_cast<int>(out.size(0));
+        a.send_pos = ptr<const int>(send_pos);
+        a.bias0 = ptr<const uint16_t>(bias0);
+        a.bias1 = ptr<const uint16_t>(bias1);
+        a.out = ptr<uint16_t>(out);
+        a.out_weights = ptr<float>(out_weights);
+        return launch_combine_round(a, static_cast<int>(num_blocks), c10::cuda::getCurrentCUDAStream());
+    }
+
+    // The slot area (DeepEP's RDMA buffer) from `offset` bytes on, as uint8.
+    torch::Tensor local_buffer(int64_t offset) const {
+        auto opts = torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCUDA, device());
+        return torch::from_blob(sym_ + kHeaderBytes + offset, {slot_bytes_ - offset}, opts);
+    }
+
+    void destroy() {
+        if (sym_) sym_free(sym_);
+        if (host_) cudaFreeHost(const_cast<ErrorRecord*>(host_));
+        sym_ = nullptr;
+        host_ = nullptr;
+    }
+
+   private:
+    static int device() {
+        int d = 0;
+        cudaGetDevice(&d);
+        return d;
+    }
+
+    bool fill_common(Common& c, int64_t stride, int64_t round, int64_t lo, int64_t window, int64_t num_blocks) {
+        if (window <= 0 || 2 * num_nodes_ * window * stride > slot_bytes_) return false;
+        c.sym = sym_;
+        c.me = node_;
+        c.num_nodes = num_nodes_;
+        c.window = static_cast<int>(window);
+        c.stride = static_cast<int>(stride);
+        c.lo = static_cast<int>(lo);
+        c.round = static_cast<int>(round);
+        c.arrive_expect = ++arrive_count_;
+        data_count_ += static_cast<unsigned long long>(num_blocks);
+        c.data_expect = data_count_;
+        c.err = host_dev_;
+        c.timeout_ns = timeout_ns_;
+        return true;
+    }
+
+    char* sym_ = nullptr;
+    ErrorRecord* host_ = nullptr;
+    ErrorRecord* host_dev_ = nullptr;
+    int rank_ = 0, num_nodes_ = 0, node_ = 0, local_rank_ = 0, num_local_ranks_ = 0;
+    int64_t slot_bytes_ = 0;
+    unsigned long long timeout_ns_ = 0, notify_count_ = 0, arrive_count_ = 0, data_count_ = 0;
+};
+
+}  // namespace moe_a2a::internode
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    namespace py = pybind11;
+    using moe_a2a::internode::Runtime;
+    m.doc() = "moe_a2a internode kernels over NVSHMEM";
+    m.attr("max_nodes") = moe_a2a::internode::kMaxNodes;
+    m.attr("max_local_ranks") = moe_a2a::internode::kMaxLocalRanks;
+    m.attr("max_topk") = moe_a2a::internode::kMaxTopk;
+    m.attr("max_notify_ints") = moe_a2a::internode::kNotifyInts;
+    m.def("unique_id", &moe_a2a::internode::unique_id, "(id bytes, error) from nvshmemx_get_uniqueid");
+    m.def("init", &moe_a2a::internode::init_py, "Initialise NVSHMEM by unique id; returns an error or ''");
+    m.def("is_initialized", &moe_a2a::internode::is_initialized);
+    m.def("my_pe", &moe_a2a::internode::my_pe);
+    m.def("num_pes", &moe_a2a::internode::num_pes);
+    m.def("dispatch_slot_bytes", &moe_a2a::internode::dispatch_slot_bytes);
+    m.def("combine_slot_bytes", &moe_a2a::internode::combine_slot_bytes);
+    py::class_<Runtime>(m, "Runtime")
+        .def(py::init<>())
+        .def("allocate", &Runtime::allocate)
+        .def("is_available", &Runtime::is_available)
+        .def("slot_bytes", &Runtime::slot_bytes)
+        .def("error", &Runtime::error)
+        .def("notify", &Runtime::notify)
+        .def("dispatch_round", &Runtime::dispatch_round)
+        .def("combine_round", &Runtime::combine_round)
+        .def("local_buffer", &Runtime::local_buffer)
+        .def("destroy", &Runtime::destroy);
+}

@@ -1,0 +1,425 @@
+"""Internode kernels: NVSHMEM (RDMA) between nodes, then the intranode kernels (NVLink) inside each node.
+
+Design: two stages, each token crosses the network once
+-------------------------------------------------------
+A group of ``R = num_nodes * L`` ranks (``L = num_ranks_per_node``) splits into *teams*: the ranks with
+the same local index ``l``, one per node. NVSHMEM runs over the team (``moe_a2a._nvshmem``, bootstrapped
+by NVSHMEM's unique id over the Buffer's group), as in DeepEP's internode mode: a token crosses the
+network once per destination node, to the rank with its own local index there, which forwards it over
+NVLink to the ranks of its node that hold its experts.
+
+1. **RDMA stage** (``_nvshmem``): notify puts each rank's token count, per-node counts and per-expert
+   counts of the node's experts to every team peer, so every member knows the team's count matrix. Then
+   rounds of at most ``window`` rows per (source node, destination node) move each token once to every
+   node that holds one of its experts, packed with its FP8 scales, top-k ids and weights, source index
+   and the node's slice of ``is_token_in_rank``. A receiver writes the rows in (source node, source
+   token) order and maps top-k ids to node-local ids (-1 for other nodes).
+2. **NVLink stage**: the received rows go through ``IntranodeBackend`` over the node's ``L`` ranks,
+   routed by the carried ``is_token_in_rank`` slice; its per-expert counts are the sums of the team's
+   counts, so ``num_recv_tokens_per_expert_list`` is what the reference gives.
+3. **Order**: the NVLink stage delivers rows by forwarder, then (source node, token); the project's
+   contract is (source rank, token). A cached NVLink dispatch of one 16-byte row per token carries each
+   row's origin (source rank, source token); a sort gives the permutation, kept in the handle.
+   This costs one extra local pass over the received rows; dispatching into final positions
+   directly needs the intranode kernels to take output offsets.
+
+Combine runs the stages backwards: the intranode combine sums each token's copies inside a node
+(float32, rounded to BF16: a node-level partial, as DeepEP sends), the RDMA stage puts each partial
+back to its source rank into the slot of its source token, and the source sums the node partials in
+float32, adds the biases and writes BF16. Results therefore differ from the reference's single float32
+sum by at most one BF16 rounding of each node partial. ``topk_weights`` are summed the same way (exact:
+each (token, k) is non-zero on one rank only).
+
+All internode calls run on the caller's stream (the NVLink stage uses the intranode comm stream and
+joins back). Dispatch reads the count matrix on the host (as DeepEP's non-cached dispatch does);
+``num_worst_tokens`` is intranode only. Every wait times out after ``timeout_s`` and names the rank,
+step and round; the buffer then refuses further calls.
+
+NVSHMEM is one runtime per process: the first internode buffer of a process initialises it for its
+team; later buffers must have the same team (their symmetric buffers come from the same heap).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import List, Optional
+
+import torch
+
+from ..event import EventHandle
+from ..handles import InternodeHandle
+from . import intranode
+
+try:
+    from .. import _nvshmem
+except ImportError:  # built without NVSHMEM: the reference backend serves internode calls
+    _nvshmem = None
+
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+_TEAM = None  # the NVSHMEM team of this process: (group ranks of the team, this rank's index in it)
+
+
+def available() -> bool:
+    """Whether ``moe_a2a._nvshmem`` (internode kernels) and ``moe_a2a._C`` (NVLink stage) are importable."""
+    return _nvshmem is not None and intranode.extension_available()
+
+
+def _init_nvshmem(team: List[int], team_index: int, all_gather_object, heap_bytes: int) -> None:
+    """Start NVSHMEM over ``team`` (collective over the whole group: every rank joins the exchange)."""
+    global _TEAM
+    uid, err = _nvshmem.unique_id() if team_index == 0 and _TEAM is None else (None, "")
+    if err:
+        raise RuntimeError(f"moe_a2a internode: {err}")
+    ids = all_gather_object((_TEAM is None, uid))
+    if _TEAM is not None:
+        if any(fresh for fresh, _ in ids) or _TEAM != (team, team_index):
+            raise RuntimeError(f"moe_a2a internode: NVSHMEM already runs in this process over team {_TEAM[0]}; "
+                               f"a buffer over team {team} needs a new process")
+        return
+    if not all(fresh for fresh, _ in ids):
+        raise RuntimeError("moe_a2a internode: NVSHMEM runs in some processes of the group but not in others")
+    # The symmetric heap is reserved at start-up: leave room for a few buffers unless the user chose.
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(max(1 << 30, 2 * heap_bytes + (256 << 20))))
+    uid = ids[team[0]][1]
+    # Teams whose PEs share GPUs (virtual nodes under MPS) start one after the other: starting four
+    # NVSHMEM jobs on one GPU at once failed in NVSHMEM's bootstrap (multi-PE-per-GPU detection).
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    gpus = all_gather_object((socket.gethostname(), str(getattr(props, "uuid", torch.cuda.current_device()))))
+    num_teams = len(gpus) // len(team)
+    turns = range(num_teams) if len(set(gpus)) < len(gpus) else [None]
+    err = ""
+    for turn in turns:
+        if turn is None or turn == team[0]:
+            err = _nvshmem.init(uid, team_index, len(team))
+        if turn is not None:
+            all_gather_object(None)  # the next team starts once this one is up
+    if err:
+        raise RuntimeError(f"moe_a2a internode: NVSHMEM initialisation failed: {err}")
+    _TEAM = (team, team_index)
+
+
+def _exclusive_prefix(values: List[int]) -> List[int]:
+    out, acc = [], 0
+    for v in values:
+        out.append(acc)
+        acc += v
+    return out
+
+
+class InternodeBackend:
+    """Normal-mode kernels across nodes; same interface as ``ReferenceBackend`` and ``IntranodeBackend``."""
+
+    def __init__(self, rank: int, num_ranks: int, num_ranks_per_node: int, num_nvl_bytes: int, num_rdma_bytes: int,
+                 all_gather_object, timeout_s: float):
+        if not available():
+            raise RuntimeError("moe_a2a internode kernels are not built: they need NVSHMEM headers at build time "
+                               "(nvidia-nvshmem-cu13 or NVSHMEM_HOME) and the CUDA extension moe_a2a._C")
+        L = num_ranks_per_node
+        if num_ranks % L or num_ranks // L < 2:
+            raise ValueError(f"internode kernels need a group of several nodes: {num_ranks} ranks, {L} per node")
+        if L > _nvshmem.max_local_ranks:
+            raise NotImplementedError(f"internode kernels support up to {_nvshmem.max_local_ranks} ranks per node, "
+                                      f"got {L}")
+        if num_ranks // L > _nvshmem.max_nodes:
+            raise NotImplementedError(f"internode kernels support up to {_nvshmem.max_nodes} nodes, "
+                                      f"got {num_ranks // L}")
+        sizes = all_gather_object((int(num_nvl_bytes), int(num_rdma_bytes)))
+        if len(set(sizes)) != 1:
+            raise ValueError(f"every rank must pass the same num_nvl_bytes and num_rdma_bytes, got {sizes}")
+        if num_rdma_bytes <= 0:
+            raise ValueError("internode kernels need num_rdma_bytes > 0 (Config.get_rdma_buffer_size_hint)")
+        self.rank, self.num_ranks, self.num_local_ranks = rank, num_ranks, L
+        self.num_nodes = num_ranks // L
+        self.node, self.local_rank = divmod(rank, L)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.timeout_s = float(timeout_s)
+        team = [m * L + self.local_rank for m in range(self.num_nodes)]
+        slot_bytes = int(num_rdma_bytes) // 16 * 16
+        _init_nvshmem(team, self.node, all_gather_object, slot_bytes)
+        self.runtime = _nvshmem.Runtime()
+        err = self.runtime.allocate(rank, self.num_nodes, self.node, self.local_rank, L, slot_bytes, self.timeout_s)
+        if err:
+            raise RuntimeError(f"moe_a2a internode: rank {rank}: {err}")
+        self.slot_bytes = slot_bytes
+        first = self.node * L
+
+        def node_gather(obj):
+            return all_gather_object(obj)[first:first + L]
+
+        self.intra = intranode.IntranodeBackend(self.local_rank, L, None, num_nvl_bytes, node_gather, timeout_s)
+        self._error: Optional[str] = None
+
+    # ------------------------------------------------------------------ helpers
+    def _poll(self) -> None:
+        text = self.runtime.error()
+        if text:
+            self._error = f"moe_a2a internode: {text}; the buffer cannot be used again: rebuild it"
+            raise RuntimeError(self._error)
+
+    def _check_usable(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(self._error)
+        if not self.runtime.is_available():
+            raise RuntimeError("moe_a2a internode: this buffer was destroyed")
+        self._poll()
+
+    def check(self) -> None:
+        """Raise ``RuntimeError`` if a kernel of this buffer timed out (no device sync)."""
+        self._check_usable()
+        self.intra.check()
+
+    def _nvlink(self, fn, *args):
+        """Run an NVLink-stage call, naming the global ranks in its errors."""
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            first = self.node * self.num_local_ranks
+            self._error = (f"moe_a2a internode, NVLink stage of node {self.node} (local rank i is rank {first} + i): "
+                           f"{e}")
+            raise RuntimeError(self._error) from None
+
+    def _window(self, stride: int) -> int:
+        window = self.slot_bytes // (2 * self.num_nodes * stride)
+        if window < 1:
+            raise ValueError(f"num_rdma_bytes={self.slot_bytes} cannot hold one {stride}-byte row per node and "
+                             f"direction ({self.num_nodes} nodes); use Config.get_rdma_buffer_size_hint")
+        return window
+
+    @staticmethod
+    def _check_cuda(name, t, dtype, dim, device):
+        intranode._check_cuda(name, t, dtype, dim, device)
+
+    def _error_check(self, err: str) -> None:
+        if err:
+            self._error = f"moe_a2a internode: {err}"
+            raise RuntimeError(self._error)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[InternodeHandle],
+                 num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 expert_alignment: int, num_worst_tokens: int, config, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False):
+        """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
+
+        Returns ``(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
+        handle, event)`` like ``ReferenceBackend.dispatch``, in the same row order.
+        """
+        self._check_usable()
+        dev, R, N, L = self.device, self.num_ranks, self.num_nodes, self.num_local_ranks
+        if x.dtype not in (torch.bfloat16, _FP8):
+            raise TypeError(f"internode dispatch takes bfloat16 or float8_e4m3fn tokens, got {x.dtype}")
+        self._check_cuda("x", x, x.dtype, 2, dev)
+        if (x_scales is not None) != (x.dtype == _FP8):
+            raise ValueError("x_scales must be given exactly when x is float8_e4m3fn")
+        row_bytes = x.size(1) * x.element_size()
+        if row_bytes % 16:
+            raise ValueError(f"hidden size {x.size(1)} * {x.element_size()} bytes must be a multiple of 16")
+        if num_worst_tokens:
+            raise ValueError("num_worst_tokens is intranode only")
+        num_scales = 0
+        if x_scales is not None:
+            self._check_cuda("x_scales", x_scales, torch.float32, 2, dev)
+            if x_scales.size(0) != x.size(0):
+                raise ValueError(f"x_scales has {x_scales.size(0)} rows, expected {x.size(0)}")
+            num_scales = x_scales.size(1)
+        T = x.size(0)
+        cached = handle is not None
+        if cached:
+            if not isinstance(handle, InternodeHandle):
+                raise TypeError(f"handle must be an InternodeHandle, got {type(handle).__name__}")
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
+            if handle.num_sent_tokens != T:
+                raise ValueError(f"x has {T} tokens but the handle was made for {handle.num_sent_tokens}")
+            is_token_in_rank = handle.is_token_in_rank
+            topk_idx = topk_weights = None
+        else:
+            self._check_cuda("is_token_in_rank", is_token_in_rank, torch.bool, 2, dev)
+            if tuple(is_token_in_rank.shape) != (T, R):
+                raise ValueError(f"is_token_in_rank must be [{T}, {R}], got {list(is_token_in_rank.shape)}")
+            self._check_cuda("num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, dev)
+            num_experts = num_tokens_per_expert.numel()
+            if num_experts % R:
+                raise ValueError(f"num_tokens_per_expert has {num_experts} experts, not a multiple of {R} ranks")
+            if 1 + N + num_experts // N > _nvshmem.max_notify_ints // N:
+                raise ValueError(f"{num_experts} experts on {N} nodes exceed the notify area")
+            if topk_idx is not None:
+                self._check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
+                if topk_idx.size(0) != T or topk_idx.size(1) > _nvshmem.max_topk:
+                    raise ValueError(f"topk_idx must be [{T}, <={_nvshmem.max_topk}], got {list(topk_idx.shape)}")
+                if topk_weights is not None:
+                    self._check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
+                    if topk_weights.shape != topk_idx.shape:
+                        raise ValueError(f"topk_weights shape {list(topk_weights.shape)} != topk_idx shape "
+                                         f"{list(topk_idx.shape)}")
+            elif topk_weights is not None:
+                raise ValueError("topk_weights needs topk_idx")
+        num_topk = topk_idx.size(1) if topk_idx is not None else 0
+        stride = _nvshmem.dispatch_slot_bytes(row_bytes, num_scales, num_topk, L)
+        window = self._window(stride)
+
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+        x = x.contiguous()
+        x_scales = x_scales.contiguous() if x_scales is not None else None
+        i32 = dict(dtype=torch.int32, device=dev)
+        if cached:
+            send_pos, counts, team_tokens = handle.send_pos, handle.rdma_counts, handle.team_num_tokens
+            per_expert2 = None
+        else:
+            topk_idx = topk_idx.contiguous() if topk_idx is not None else None
+            topk_weights = topk_weights.contiguous() if topk_weights is not None else None
+            is_token_in_rank = is_token_in_rank.contiguous()
+            in_node = is_token_in_rank.view(T, N, L).any(2)
+            position = in_node.to(torch.int32).cumsum(0, dtype=torch.int32) - 1
+            send_pos = torch.where(in_node, position, torch.full_like(position, -1)).contiguous()
+            e2 = num_experts // N
+            records = torch.empty(N, 1 + N + e2, **i32)
+            records[:, 0] = T
+            records[:, 1:1 + N] = in_node.sum(0, dtype=torch.int32).view(1, N)
+            records[:, 1 + N:] = num_tokens_per_expert.view(N, e2)
+            received = torch.empty_like(records)
+            self._error_check(self.runtime.notify(records, received, records.size(1)))
+            host = received.cpu()  # waits for the count exchange (or its timeout)
+            self._poll()
+            team_tokens = tuple(int(v) for v in host[:, 0].tolist())
+            counts = tuple(tuple(int(v) for v in row) for row in host[:, 1:1 + N].tolist())
+            per_expert2 = received[:, 1 + N:].sum(0, dtype=torch.int32)
+        recv_count = [counts[m][self.node] for m in range(N)]
+        out_prefix = _exclusive_prefix(recv_count)
+        num_rows = sum(recv_count)
+        num_rounds = max(1, -(-max(max(row) for row in counts) // window))
+
+        # Stage 1: one round per window of positions.
+        rx = torch.empty(num_rows, row_bytes, dtype=torch.uint8, device=dev)
+        rscales = torch.empty(num_rows, num_scales, dtype=torch.float32, device=dev) if x_scales is not None else None
+        rtopk = rweights = origin = rin_rank = None
+        if not cached:
+            rtopk = torch.empty(num_rows, num_topk, dtype=torch.int64, device=dev) if topk_idx is not None else None
+            rweights = (torch.empty(num_rows, num_topk, dtype=torch.float32, device=dev)
+                        if topk_weights is not None else None)
+            origin = torch.empty(num_rows, 4, **i32)
+            rin_rank = torch.empty(num_rows, L, dtype=torch.bool, device=dev)
+        experts_per_node = num_experts // N if not cached else 0
+        x_bytes = x.view(torch.uint8) if x.numel() else torch.empty(T, row_bytes, dtype=torch.uint8, device=dev)
+        for k in range(num_rounds):
+            self._error_check(self.runtime.dispatch_round(
+                x_bytes, row_bytes, x_scales, num_scales, topk_idx, topk_weights, num_topk, is_token_in_rank,
+                send_pos, recv_count, out_prefix, self.node * experts_per_node, experts_per_node, k, k * window,
+                window, config.num_sms, rx, rscales, rtopk, rweights, origin, rin_rank))
+        torch.cuda.current_stream(dev).synchronize()  # a timed-out RDMA stage must not feed the NVLink stage
+        self._poll()
+
+        # Stage 2: forward inside the node.
+        rx_tokens = rx.view(x.dtype) if num_rows else torch.empty(0, x.size(1), dtype=x.dtype, device=dev)
+        if cached:
+            recv2 = self._nvlink(self.intra.dispatch, rx_tokens, rscales, handle.intra_handle, None, None, None, None,
+                                 None, 1, 0, config)
+            perm, out_handle, expert_list = handle.recv_perm, None, None
+        else:
+            per_rank2 = rin_rank.sum(0, dtype=torch.int32)
+            recv2 = self._nvlink(self.intra.dispatch, rx_tokens, rscales, None, per_rank2, rin_rank, per_expert2,
+                                 rtopk, rweights, expert_alignment, 0, config)
+            h2 = recv2[5]
+            origin_rows = origin.view(torch.bfloat16) if num_rows else torch.empty(0, 8, dtype=torch.bfloat16,
+                                                                                     device=dev)
+            origin2 = self._nvlink(self.intra.dispatch, origin_rows, None, h2, None, None, None, None, None, 1, 0,
+                                   config)[0].view(torch.int32).view(-1, 4)
+            key = (origin2[:, 0].to(torch.int64) << 32) | origin2[:, 1].to(torch.int64)
+            perm = torch.argsort(key)
+            inv_perm = torch.empty_like(perm)
+            inv_perm[perm] = torch.arange(perm.numel(), device=dev)
+            recv_src_idx = origin2[:, 1].index_select(0, perm).contiguous()
+            recv_src_rank = origin2[:, 0].index_select(0, perm).contiguous()
+            out_handle = InternodeHandle(is_token_in_rank, send_pos, counts, team_tokens, origin, h2, perm, inv_perm,
+                                         recv_src_idx, recv_src_rank)
+            expert_list = recv2[4]
+
+        def reorder(t):
+            if t is None:
+                return None
+            if t.dtype == _FP8:
+                return t.view(torch.uint8).index_select(0, perm).view(_FP8)
+            return t.index_select(0, perm)
+
+        recv_x, recv_scales = reorder(recv2[0]), reorder(recv2[1])
+        recv_topk_idx, recv_topk_weights = (None, None) if cached else (reorder(recv2[2]), reorder(recv2[3]))
+        event = EventHandle(device=dev) if async_finish else None
+        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, expert_list, out_handle, event
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x: torch.Tensor, handle: InternodeHandle, topk_weights: Optional[torch.Tensor],
+                bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation).
+
+        Returns ``(combined_x [T, hidden] bf16, combined_topk_weights [T, K] f32 or None, event)``.
+        """
+        self._check_usable()
+        dev = self.device
+        if not isinstance(handle, InternodeHandle):
+            raise TypeError(f"handle must be an InternodeHandle from an internode dispatch, got {type(handle).__name__}")
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"internode combine takes bfloat16 tokens, got {x.dtype}")
+        self._check_cuda("x", x, torch.bfloat16, 2, dev)
+        hidden = x.size(1)
+        if hidden % 8:
+            raise ValueError(f"hidden size must be a multiple of 8, got {hidden}")
+        num_recv = handle.num_recv_tokens
+        if x.size(0) != num_recv:
+            raise ValueError(f"x has {x.size(0)} rows, expected {num_recv} (the rows dispatch returned)")
+        T = handle.num_sent_tokens
+        num_topk = 0
+        if topk_weights is not None:
+            self._check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
+            if topk_weights.size(0) != num_recv or topk_weights.size(1) > _nvshmem.max_topk:
+                raise ValueError(f"topk_weights must be [{num_recv}, <={_nvshmem.max_topk}], got "
+                                 f"{list(topk_weights.shape)}")
+            num_topk = topk_weights.size(1)
+        biases = []
+        for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
+            if b is not None:
+                self._check_cuda(name, b, torch.bfloat16, 2, dev)
+                if tuple(b.shape) != (T, hidden):
+                    raise ValueError(f"{name} must be [{T}, {hidden}], got {list(b.shape)}")
+                b = b.contiguous()
+            biases.append(b)
+        window = self._window(_nvshmem.combine_slot_bytes(hidden, num_topk))
+        if previous_event is not None:
+            previous_event.current_stream_wait()
+
+        # Stage 2 backwards: rows back into the NVLink stage's order, node-level partial sums on the forwarders.
+        x2 = x.index_select(0, handle.recv_inv_perm)
+        w2 = topk_weights.index_select(0, handle.recv_inv_perm) if topk_weights is not None else None
+        partial, partial_w, _ = self._nvlink(self.intra.combine, x2, handle.intra_handle, w2, None, None, config)
+        partial = partial.contiguous()
+        partial_w = partial_w.contiguous() if partial_w is not None else None
+
+        # Stage 1 backwards: partials to their source rank, summed per token there.
+        out = torch.empty(T, hidden, dtype=torch.bfloat16, device=dev)
+        out_w = torch.empty(T, num_topk, dtype=torch.float32, device=dev) if topk_weights is not None else None
+        num_rounds = max(1, -(-max(handle.team_num_tokens) // window))
+        for k in range(num_rounds):
+            self._error_check(self.runtime.combine_round(
+                partial, partial_w, num_topk, handle.rdma_origin, handle.send_pos, biases[0], biases[1], k,
+                k * window, window, config.num_sms, out, out_w))
+        event = EventHandle(device=dev) if async_finish else None
+        return out, out_w, event
+
+    # ------------------------------------------------------------------ resources
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, offset: int = 0, use_rdma_buffer: bool = False):
+        """The NVL staging area (or, with ``use_rdma_buffer``, the RDMA slot area) from ``offset`` bytes on."""
+        if not use_rdma_buffer:
+            return self.intra.get_local_buffer_tensor(dtype, offset, False)
+        self._check_usable()
+        raw = self.runtime.local_buffer(int(offset))
+        size = torch.empty((), dtype=dtype).element_size()
+        return raw[: raw.numel() // size * size].view(dtype)
+
+    def destroy(self) -> None:
+        """Free both stages' buffers (collective over the team: NVSHMEM frees with a barrier)."""
+        self.intra.destroy()
+        self.runtime.destroy()

@@ -1,0 +1,171 @@
+"""Internode benchmark: ``python -m moe_a2a.bench_internode [options]`` (``bench internode``).
+
+Spawns ``nodes * ranks_per_node`` ranks as virtual nodes (sharing GPU 0 under CUDA MPS when there are
+fewer GPUs than ranks): NVSHMEM between the ranks of one local index, the intranode kernels inside each
+node. Reports per shape and SM count, as ``bench intranode`` does:
+
+* ``dispatch``: cached dispatch (both stages, no count exchange);
+* ``dispatch_full``: layout + count exchange (host sync) + both stages;
+* ``combine``: both stages backwards;
+* ``floor``: a device-to-device copy of every rank's received (dispatch) or sent (combine) bytes, in the
+  same run; ``x floor`` is the kernel time over it. On one GPU the "RDMA" puts are copies through the
+  same memory, so this measures the kernels' overheads, not a network.
+
+``rdma_rows`` counts the rows each rank received over the RDMA stage from other nodes (a token once
+per node, however many ranks of the node want it).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _time_us, max_num_sms_per_rank,
+                    mps_if_needed)
+
+
+def _worker(rank, num_ranks, opts):
+    from .backends import internode, intranode
+    from .config import Config
+
+    for key, value in (("NVSHMEM_REMOTE_TRANSPORT", "none"), ("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo"),
+                       ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(key, value)
+    device = torch.device("cuda", torch.cuda.current_device())
+    per_node = opts["per_node"]
+    hint = Config(max(opts["sms"]))
+    hidden_bytes = max(opts["hidden"]) * 2
+    nvl = hint.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
+    rdma = hint.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, per_node)
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 60.0)
+    num_experts, topk = opts["experts"], opts["topk"]
+    w, loops, iters = opts["warmup"], opts["loops"], opts["iters"]
+    rows: List[Dict] = []
+    for hidden in opts["hidden"]:
+        for num_tokens in opts["tokens"]:
+            for dtype in opts["dtypes"]:
+                fp8 = dtype == "fp8"
+                x, scales, idx, weights = _inputs(rank, num_tokens, hidden, num_experts, topk, fp8, device)
+                layout = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
+                for num_sms in opts["sms"]:
+                    cfg = Config(num_sms)
+                    recv = kern.dispatch(x, scales, None, layout[0], layout[3], layout[2], idx, weights, 1, 0, cfg)
+                    handle = recv[5]
+                    num_recv = handle.num_recv_tokens
+                    y = torch.randn(num_recv, hidden, device=device).to(torch.bfloat16)
+
+                    def full():
+                        lay = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
+                        kern.dispatch(x, scales, None, lay[0], lay[3], lay[2], idx, weights, 1, 0, cfg)
+
+                    t_full = _time_us(full, w, loops, max(1, iters // 2))
+                    t_disp = _time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg),
+                                      w, loops, iters)
+                    t_comb = _time_us(lambda: kern.combine(y, handle, recv[3], None, None, cfg), w, loops, iters)
+                    row_bytes = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
+                    rdma_rows = sum(row[kern.node] for m, row in enumerate(handle.rdma_counts) if m != kern.node)
+                    mine = dict(num_recv=num_recv, rdma_rows=rdma_rows, dispatch_bytes=num_recv * row_bytes,
+                                combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full,
+                                combine_us=t_comb)
+                    everyone = _gather(mine)
+                    floors = {}
+                    if rank == 0:
+                        floors["dispatch"] = _copy_floor_us(sum(m["dispatch_bytes"] for m in everyone))
+                        floors["combine"] = _copy_floor_us(sum(m["combine_bytes"] for m in everyone))
+                    dist.barrier()
+                    if rank == 0:
+                        rows.extend(_rows(num_ranks, per_node, dtype, hidden, num_tokens, num_sms, everyone, floors))
+                        print(_format_rows(rows[-3:]), flush=True)
+    kern.check()
+    kern.destroy()
+    return rows
+
+
+def _rows(num_ranks, per_node, dtype, hidden, num_tokens, num_sms, everyone, floors):
+    out = []
+    for op, key, bytes_key in (("dispatch", "dispatch_us", "dispatch_bytes"),
+                               ("dispatch_full", "dispatch_full_us", "dispatch_bytes"),
+                               ("combine", "combine_us", "combine_bytes")):
+        slowest = max(m[key] for m in everyone)
+        bw = statistics.mean(m[bytes_key] / m[key] / 1e3 for m in everyone)  # GB/s per rank
+        floor = floors["combine" if op == "combine" else "dispatch"]
+        out.append(dict(ranks=num_ranks, nodes=num_ranks // per_node, dtype=dtype, hidden=hidden, tokens=num_tokens,
+                        num_sms=num_sms, op=op, time_us=round(slowest, 1), algbw_gbps=round(bw, 1),
+                        floor_us=round(floor, 1), x_floor=round(slowest / floor, 3) if floor > 0 else None,
+                        recv_rows_per_rank=[m["num_recv"] for m in everyone],
+                        rdma_rows_per_rank=[m["rdma_rows"] for m in everyone]))
+    return out
+
+
+def _format_rows(rows) -> str:
+    head = "| ranks | nodes | dtype | hidden | tokens | SMs | op | time (us) | algbw/rank (GB/s) | floor (us) | x floor |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['ranks']} | {r['nodes']} | {r['dtype']} | {r['hidden']} | {r['tokens']} | {r['num_sms']} | "
+                     f"{r['op']} | {r['time_us']} | {r['algbw_gbps']} | {r['floor_us']} | {r['x_floor']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moe_a2a bench internode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--topology", default="2x4", help="comma-separated NODESxRANKS_PER_NODE (default 2x4)")
+    p.add_argument("--tokens", default="4096", help="tokens per rank, comma-separated")
+    p.add_argument("--hidden", default="7168")
+    p.add_argument("--sms", default="8,16", help="SMs per rank; counts that cannot be co-resident are skipped")
+    p.add_argument("--dtypes", default="bf16,fp8")
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--loops", type=int, default=5)
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--out", default=None, help="JSON path (default docs/perf/internode_<device>.json)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available():
+        print("bench internode needs a CUDA device", file=sys.stderr)
+        return 2
+    from .backends import internode
+    if not internode.available():
+        print("bench internode needs the compiled extensions moe_a2a._C and moe_a2a._nvshmem", file=sys.stderr)
+        return 2
+    all_rows: List[Dict] = []
+    for topo in args.topology.split(","):
+        nodes, per_node = (int(v) for v in topo.lower().split("x"))
+        num_ranks = nodes * per_node
+        fit = max_num_sms_per_rank(num_ranks)
+        sms = [s for s in _ints(args.sms) if s <= fit]
+        if not sms:
+            print(f"{topo}: no SM count of {args.sms} fits ({fit} per rank)")
+            continue
+        opts = dict(per_node=per_node, tokens=_ints(args.tokens), hidden=_ints(args.hidden), sms=sms,
+                    dtypes=args.dtypes.split(","), experts=args.experts, topk=args.topk, warmup=args.warmup,
+                    loops=args.loops, iters=args.iters)
+        with mps_if_needed(num_ranks):
+            results = _spawn(_worker, num_ranks, opts)
+        all_rows.extend(results[0])
+    device = torch.cuda.get_device_name(0)
+    report = dict(device=device, num_gpus=torch.cuda.device_count(), torch=torch.__version__, commit=_commit(),
+                  command="python -m moe_a2a bench internode " + " ".join(argv or sys.argv[1:]),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  virtual_nodes=True, results=all_rows)
+    out = args.out or os.path.join("docs", "perf", f"internode_{device.replace(' ', '_')}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    table = _format_rows(all_rows)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(f"# internode (virtual nodes) on {device}\n\ncommit `{report['commit']}`, {report['date']}\n\n"
+                f"`{report['command']}`\n\n{table}\n")
+    print(table)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Internode kernels (NVSHMEM between nodes, NVLink inside) against the reference backend.
+
+Virtual nodes on one GPU: 2 nodes of 2 ranks and 2 nodes of 4 ranks (``num_ranks_per_node``), every rank
+a process under CUDA MPS. NVSHMEM joins the ranks with the same local index; the intranode kernels join
+the ranks of a node. Every rank runs the same cases in lockstep: kernels on its GPU, the reference backend
+on CPU over gloo. Dispatch must be bit-exact, in the reference's row order; combine may differ from the
+reference's single float32 sum by one BF16 rounding of each node-level partial sum.
+"""
+import faulthandler
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import rank_num_sms, run_ranks, set_rank_device, skip_reason
+from moe_a2a import Buffer
+from moe_a2a.backends import internode, intranode
+from moe_a2a.backends.reference import ReferenceBackend
+from moe_a2a.config import default_combine_config, default_dispatch_config
+from moe_a2a.handles import InternodeHandle
+from moe_a2a.layout import compute_layout
+
+pytestmark = pytest.mark.gpu
+
+FP8 = torch.float8_e4m3fn
+
+
+def _skip(num_ranks):
+    reason = skip_reason(num_ranks)
+    if reason is None and not internode.available():
+        reason = "moe_a2a._nvshmem is not built (no NVSHMEM headers at build time)"
+    return reason
+
+
+def _nvshmem_env():
+    """All virtual nodes share one host: peer-to-peer transport only, bootstrap over loopback.
+
+    ``MOE_A2A_TEST_WATCHDOG=S`` dumps every rank's Python stack after S seconds (to find a stuck rank);
+    ``MOE_A2A_TEST_VERBOSE=1`` prints rank 0's progress.
+    """
+    os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
+    os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    watchdog = float(os.environ.get("MOE_A2A_TEST_WATCHDOG", "0"))
+    if watchdog > 0:
+        faulthandler.dump_traceback_later(watchdog, exit=False)
+
+
+_START = time.monotonic()
+
+
+def _progress(rank, what):
+    if rank == 0 and os.environ.get("MOE_A2A_TEST_VERBOSE") == "1":
+        print(f"[rank 0, {time.monotonic() - _START:.1f} s] {what}", flush=True)
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _routing(num_tokens, num_experts, topk, gen, mode):
+    """Top-k ids without repeats: skewed to low experts with -1 slots; or everything to the last rank."""
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    if mode == "last_rank":
+        scores[:, -topk:] += 2.0
+    else:
+        scores += torch.linspace(1.0, 0.0, num_experts)
+    idx = scores.topk(topk, dim=1).indices
+    if mode != "last_rank":
+        idx[torch.rand(num_tokens, topk, generator=gen) < 0.15] = -1
+    return idx
+
+
+class Case:
+    def __init__(self, rank, num_ranks, per_node, seed, num_tokens, hidden, num_experts, topk, fp8=False,
+                 mode="skew"):
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.num_experts, self.per_node = num_experts, per_node
+        self.topk_idx = _routing(num_tokens, num_experts, topk, gen, mode)
+        self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
+        x = torch.randn(num_tokens, hidden, generator=gen)
+        if fp8:
+            self.x = (x * 8).to(FP8)
+            self.x_scales = torch.rand(num_tokens, hidden // 128, generator=gen) + 0.5
+        else:
+            self.x, self.x_scales = x.to(torch.bfloat16), None
+        self.layout = compute_layout(self.topk_idx, num_experts, num_ranks, per_node)
+        self.gen = gen
+
+
+def _bytes(t):
+    return t.contiguous().view(torch.uint8) if t.dtype == FP8 else t
+
+
+def _assert_equal(name, got, want):
+    assert got is not None and want is not None, f"{name}: one side is None"
+    got, want = _bytes(got.cpu()), _bytes(want.cpu())
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:5].tolist()
+        raise AssertionError(f"{name} differs at {bad}")
+
+
+def _assert_combine_close(name, got, want, magnitude):
+    """Within one BF16 rounding of each node partial (bounded by the sum of |copies|) and of the result."""
+    g, w = got.cpu().float(), want.float()
+    assert g.shape == w.shape, f"{name}: {g.shape} vs {w.shape}"
+    tol = (w.abs() + magnitude.float()) * 2 ** -7 + 1e-6
+    bad = (g - w).abs() > tol
+    assert not bad.any(), f"{name} differs at {bad.nonzero()[:5].tolist()}: max |diff| {(g - w).abs().max().item()}"
+
+
+def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
+    dev = kern.device
+    R, L = kern.num_ranks, kern.num_local_ranks
+    layout_gpu = intranode.get_dispatch_layout(case.topk_idx.to(dev), case.num_experts, R, L)
+    for name, w, g in zip(("per_rank", "per_node", "per_expert", "in_rank"), case.layout, layout_gpu):
+        _assert_equal(f"layout.{name}", g, w)
+    per_rank, _, per_expert, in_rank = case.layout
+    want = ref.dispatch(_bytes(case.x), case.x_scales, None, per_rank, in_rank, per_expert, case.topk_idx,
+                        case.topk_weights, expert_alignment, 0, config)
+    xs = None if case.x_scales is None else case.x_scales.to(dev)
+    got = kern.dispatch(case.x.to(dev), xs, None, layout_gpu[0], layout_gpu[3], layout_gpu[2],
+                        case.topk_idx.to(dev), case.topk_weights.to(dev), expert_alignment, 0, config)
+    torch.cuda.synchronize()
+    for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
+        if want[i] is None:
+            assert got[i] is None, name
+        else:
+            _assert_equal(name, got[i], want[i])
+    assert got[4] == want[4], f"num_recv_tokens_per_expert_list {got[4]} != {want[4]}"
+    gh, wh = got[5], want[5]
+    assert isinstance(gh, InternodeHandle)
+    _assert_equal("handle.recv_src_idx", gh.recv_src_idx, wh.recv_src_idx)
+    column = wh.rank_prefix_matrix[:, kern.rank].to(torch.int64)
+    counts = torch.cat([column[:1], column[1:] - column[:-1]])
+    _assert_equal("handle.recv_src_rank", gh.recv_src_rank.to(torch.int64),
+                  torch.repeat_interleave(torch.arange(R), counts))
+
+    cached = kern.dispatch(case.x.to(dev), xs, gh, None, None, None, None, None, expert_alignment, 0, config)
+    torch.cuda.synchronize()
+    _assert_equal("cached recv_x", cached[0], got[0])
+    if xs is not None:
+        _assert_equal("cached recv_x_scales", cached[1], got[1])
+    assert cached[5] is None
+
+    rows = got[0].size(0)
+    y = torch.randn(rows, case.x.size(1), generator=case.gen).to(torch.bfloat16)
+    biases = [torch.randn(case.x.size(0), case.x.size(1), generator=case.gen).to(torch.bfloat16)
+              for _ in range(num_bias)] + [None] * (2 - num_bias)
+    w_in = got[3].cpu() if got[3] is not None else None
+    want_c = ref.combine(y, wh, w_in, biases[0], biases[1], config)
+    magnitude = ref.combine(y.float().abs(), wh, None, None, None, config)[0]
+    got_c = kern.combine(y.to(dev), gh, None if w_in is None else w_in.to(dev),
+                         *[None if b is None else b.to(dev) for b in biases], config)
+    torch.cuda.synchronize()
+    _assert_combine_close("combine", got_c[0], want_c[0], magnitude)
+    if want_c[1] is not None:
+        torch.testing.assert_close(got_c[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
+    return got, got_c
+
+
+def _cases(rank, num_ranks, seed):
+    counts = torch.Generator().manual_seed(seed)
+    many = [int(v) for v in torch.randint(1, 700, (num_ranks,), generator=counts)]
+    zero_first = [0] + many[1:]
+    e_small = max(8, num_ranks)
+    return [
+        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8),
+        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8, fp8=True),
+        dict(num_tokens=zero_first[rank], hidden=2048, num_experts=e_small, topk=1),
+        dict(num_tokens=1 if rank else 0, hidden=4096, num_experts=e_small, topk=2),
+        dict(num_tokens=many[rank] // 2 + 1, hidden=2048, num_experts=64, topk=6, mode="last_rank"),
+        dict(num_tokens=3000 if rank == 0 else 37, hidden=7168, num_experts=256, topk=8),
+    ]
+
+
+def _buffer_bytes(num_ranks, per_node, num_sms, hidden_bytes=7168 * 2):
+    dcfg, ccfg = default_dispatch_config(num_ranks, num_sms), default_combine_config(num_ranks, num_sms)
+    nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in (dcfg, ccfg))
+    rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, per_node) for c in (dcfg, ccfg))
+    return dcfg, ccfg, nvl, rdma
+
+
+def _correctness(rank, num_ranks, per_node):
+    _nvshmem_env()
+    device = set_rank_device(rank)
+    num_sms = rank_num_sms(num_ranks)
+    group = dist.group.WORLD
+    ref = ReferenceBackend(rank, num_ranks, group, per_node)
+    dcfg, ccfg, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms)
+    assert rdma > 0
+    _progress(rank, "start")
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 30.0)
+    assert kern.device == device
+    _progress(rank, "buffer ready")
+
+    for i, spec in enumerate(_cases(rank, num_ranks, 7)):
+        case = Case(rank, num_ranks, per_node, i, **spec)
+        for align, bias in ((1, 0), (128, 2)):
+            _round_trip(kern, ref, case, dcfg, align, bias)
+            _progress(rank, f"case {i} {spec} alignment {align} biases {bias} ok")
+
+    # An RDMA buffer of a few rows per node: many rounds, same answers.
+    small = internode.InternodeBackend(rank, num_ranks, per_node, nvl, 2 * (num_ranks // per_node) * 5 * 15 * 1024,
+                                       _gather, 30.0)
+    case = Case(rank, num_ranks, per_node, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
+    _round_trip(small, ref, case, dcfg, 1, 1)
+    case = Case(rank, num_ranks, per_node, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
+    _round_trip(small, ref, case, dcfg, 1, 0)
+    small.destroy()
+    _progress(rank, "small RDMA buffer ok")
+
+    # Bad input raises before any communication (every rank raises the same error).
+    with pytest.raises(TypeError):
+        kern.dispatch(torch.zeros(4, 128, device=device), None, None, None,
+                      torch.zeros(4, num_ranks, dtype=torch.bool, device=device),
+                      torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 0, dcfg)
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        kern.dispatch(torch.zeros(4, 128, dtype=torch.bfloat16, device=device), None, None, None,
+                      torch.zeros(4, num_ranks, dtype=torch.bool, device=device),
+                      torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 64, dcfg)
+
+    _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg)
+    kern.check()
+    kern.destroy()
+    _progress(rank, "repeat ok")
+    _public_api(rank, num_ranks, per_node, num_sms, ref)
+    _progress(rank, "public API ok")
+
+
+def _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg):
+    """Repeated round trips on one buffer: no drift, no device memory growth."""
+    dev = kern.device
+    case = Case(rank, num_ranks, per_node, 5, num_tokens=128 + rank, hidden=2048, num_experts=64, topk=4)
+    _round_trip(kern, ref, case, dcfg)
+    x, idx, w = case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev)
+
+    def once():
+        layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, per_node)
+        recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, 0, dcfg)
+        out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
+        return recv[0], out[0]
+
+    first_x, first_out = once()
+    torch.cuda.synchronize()
+    mem = torch.cuda.memory_allocated()
+    for it in range(200):
+        recv_x, out = once()
+        if it % 50 == 49:
+            torch.cuda.synchronize()
+            assert torch.equal(recv_x, first_x), f"dispatch drifted at iteration {it}"
+            assert torch.equal(out, first_out), f"combine drifted at iteration {it}"
+    del recv_x, out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= mem, "device memory grew over repeated calls"
+
+
+def _public_api(rank, num_ranks, per_node, num_sms, ref):
+    """Buffer routes CUDA tensors of a multi-node group to the internode kernels."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    Buffer.set_num_sms(num_sms)
+    _, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms)
+    buf = Buffer(dist.group.WORLD, nvl, rdma, num_ranks_per_node=per_node, explicitly_destroy=True, timeout_s=30.0)
+    assert buf.backend == "cuda" and isinstance(buf._kernels, internode.InternodeBackend)
+    case = Case(rank, num_ranks, per_node, 11, num_tokens=257 + 3 * rank, hidden=4096, num_experts=128, topk=8)
+    idx, w, x = case.topk_idx.to(dev), case.topk_weights.to(dev), case.x.to(dev)
+    per_rank, per_node_counts, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
+    _assert_equal("num_tokens_per_rdma_rank", per_node_counts, case.layout[1])
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.internode_dispatch(
+        x, None, per_rank, per_node_counts, in_rank, per_expert, idx, w)
+    want = ref.dispatch(case.x, None, None, case.layout[0], case.layout[3], case.layout[2], case.topk_idx,
+                        case.topk_weights, 1, 0, buf.get_dispatch_config(num_ranks))
+    _assert_equal("Buffer recv_x", recv_x, want[0])
+    _assert_equal("Buffer recv_topk_idx", recv_idx, want[2])
+    assert counts == want[4]
+    again = buf.dispatch(x, handle=handle)[0]
+    _assert_equal("Buffer cached recv_x", again, recv_x)
+    y = recv_x * 2
+    combined, combined_w, _ = buf.internode_combine(y, handle, recv_w)
+    want_c = ref.combine(y.cpu(), want[5], want[3], None, None, buf.get_combine_config(num_ranks))
+    magnitude = ref.combine(y.cpu().float().abs(), want[5], None, None, None, buf.get_combine_config(num_ranks))[0]
+    _assert_combine_close("Buffer combine", combined, want_c[0], magnitude)
+    torch.testing.assert_close(combined_w.cpu(), want_c[1], rtol=1e-6, atol=1e-6)
+    # float32 tokens run on the reference path; an internode handle does not serve it.
+    with pytest.raises(ValueError, match="internode kernels"):
+        buf.combine(y.float(), handle)
+    buf.destroy()
+
+
+def _timeout(rank, num_ranks, per_node):
+    _nvshmem_env()
+    set_rank_device(rank)
+    num_sms = rank_num_sms(num_ranks)
+    dcfg, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms, 2048 * 2)
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 2.0)
+    dev = kern.device
+    idx = torch.randint(0, 8 * num_ranks, (64, 2), device=dev)
+    x = torch.randn(64, 2048, device=dev).to(torch.bfloat16)
+    layout = intranode.get_dispatch_layout(idx, 8 * num_ranks, num_ranks, per_node)
+    args = (None, None, layout[0], layout[3], layout[2], idx, None, 1, 0, dcfg)
+    kern.dispatch(x, *args)  # everyone present: fine
+    torch.cuda.synchronize()
+    dist.barrier()
+    missing = num_ranks - 1
+    if rank != missing:
+        start = time.monotonic()
+        # The missing rank's team waits for it over RDMA; its node waits for it over NVLink; every other
+        # rank then waits for a rank that gave up. Every rank raises, naming a rank it waited for.
+        with pytest.raises(RuntimeError, match=r"timed out .* waiting for rank \d+"):
+            kern.dispatch(x, *args)
+        assert time.monotonic() - start < 3 * 2.0 + 10
+        if rank % per_node == missing % per_node:
+            assert f"waiting for rank {missing}" in str(kern._error)
+        with pytest.raises(RuntimeError, match="cannot be used again|NVLink stage"):
+            kern.dispatch(x, *args)
+    dist.barrier()
+    torch.cuda.synchronize()
+    kern.destroy()
+
+
+@pytest.mark.parametrize("num_ranks,per_node", [(4, 2), (8, 4)])
+def test_internode_matches_reference(num_ranks, per_node):
+    reason = _skip(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_correctness, num_ranks, per_node)
+
+
+def test_internode_timeout_names_the_missing_rank():
+    reason = _skip(4)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_timeout, 4, 2)
