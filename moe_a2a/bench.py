@@ -495,14 +495,17 @@ def intranode_main(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m moe_a2a bench {intranode,low-latency} [options]   (see: bench intranode --help)")
+        print("usage: python -m moe_a2a bench {intranode,low-latency,internode} [options]   (see: bench intranode --help)")
         return 0 if argv else 2
     if argv[0] == "intranode":
         return intranode_main(argv[1:])
     if argv[0] == "low-latency":
         from . import bench_low_latency
         return int(bench_low_latency.main(argv[1:]) or 0)
-    raise NotImplementedError(f"bench {argv[0]!r}: 'intranode' and 'low-latency' are implemented")
+    if argv[0] == "internode":
+        from . import bench_internode
+        return int(bench_internode.main(argv[1:]) or 0)
+    raise ValueError(f"bench {argv[0]!r}: choose 'intranode', 'low-latency' or 'internode'")
 
 
 if __name__ == "__main__":
