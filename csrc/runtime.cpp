@@ -146,6 +146,9 @@ class Runtime {
             return me + " combine: a token's copy on rank " + std::to_string(host_->error_peer) + " would be row " +
                    std::to_string(host_->error_seen) + " of its " + std::to_string(host_->error_expected) +
                    " staged rows (the handle does not match the dispatch that rank saw)";
+        if (code == kErrCopyTimeout)
+            return me + " timed out in " + std::string(phase_name(host_->error_phase)) + " (round " +
+                   std::to_string(host_->error_round) + ") waiting for a bulk copy of its own to complete";
         if (code == kErrRecvOverflow)
             return me + " received " + std::to_string(host_->error_seen) + " tokens but only " +
                    std::to_string(host_->error_expected) + " rows were allocated (num_worst_tokens too small)";
@@ -218,7 +221,7 @@ class Runtime {
                   const torch::Tensor& send_head, const torch::Tensor& rank_prefix, int num_experts, int num_sms,
                   torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
                   const std::optional<torch::Tensor>& recv_topk_idx, const std::optional<torch::Tensor>& recv_topk_weights,
-                  const std::optional<torch::Tensor>& recv_src_idx) {
+                  const std::optional<torch::Tensor>& recv_src_idx, bool after_notify) {
         check_ready();
         TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous [T, hidden] CUDA tensor");
         const int hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
@@ -245,12 +248,15 @@ class Runtime {
         a.recv_topk_weights = opt_ptr<float>(recv_topk_weights);
         a.recv_src_idx = opt_ptr<int>(recv_src_idx);
         a.num_alloc_rows = static_cast<int>(recv_x.size(0));
+        a.bulk = a.num_alloc_rows >= bulk_min_rows_;
         a.num_experts_per_rank = num_experts / num_ranks_;
         a.capacity = dispatch_capacity(hidden_bytes, num_scales, num_topk);
         TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
                     " bytes; use Config.get_nvl_buffer_size_hint");
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-        launch_prologue(ctx(), a.num_tokens, -1, kPhaseDispatchStart, stream);
+        // After a notify on this stream the buffer is free already: every peer passed the notify's barrier,
+        // so finished its earlier operations, and the notify published this rank's token count.
+        if (!after_notify) launch_prologue(ctx(), a.num_tokens, -1, kPhaseDispatchStart, stream);
         // When every token fits one round, the copy engine stages the rows (faster than SM copies; the size
         // is the input's, known on the host, so this also holds under CUDA graph capture).
         if (a.num_tokens > 0 && a.num_tokens <= a.capacity) {
@@ -318,6 +324,13 @@ class Runtime {
         launch_combine(ctx(), a, num_sms, stream);
     }
 
+    // Dispatches that receive at least this many rows pull them with bulk copies through shared memory
+    // (faster on large batches); smaller ones copy through registers.
+    void set_bulk_min_rows(int64_t rows) {
+        TORCH_CHECK(rows >= 0, "bulk_min_rows must be >= 0, got ", rows);
+        bulk_min_rows_ = rows;
+    }
+
     // A view of the staging area (DeepEP's get_local_buffer_tensor): `offset` bytes in.
     torch::Tensor local_buffer(int64_t offset) const {
         check_ready();
@@ -360,6 +373,7 @@ class Runtime {
     volatile HostInfo* host_ = nullptr;
     HostInfo* host_dev_ = nullptr;
     bool connected_ = false, destroyed_ = false;
+    int64_t bulk_min_rows_ = 8192;
 };
 
 }  // namespace
@@ -389,6 +403,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("combine_capacity", &Runtime::combine_capacity)
         .def("dispatch", &Runtime::dispatch)
         .def("combine", &Runtime::combine)
+        .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
         .def("local_buffer", &Runtime::local_buffer);
     moe_a2a::register_low_latency(m);
 }

@@ -25,6 +25,10 @@ constexpr int kMaxExperts = 4096;     // experts whose counts the notify step ex
 constexpr int kMaxLocalExperts = 1024;
 constexpr int kDispatchThreads = 512;   // threads of a dispatch block (one block per SM, 128 registers each)
 constexpr int kCombineThreads = 512;    // combine keeps a register per rank and lane: fewer, fatter threads
+// Dispatch's bulk pull: rows move global -> shared -> global by bulk copies (TMA), never through
+// registers, so a block keeps about as many bytes in flight as kBulkSmemBytes.
+constexpr int kBulkSmemBytes = 192 * 1024;
+constexpr int kDispatchBulkSlots = 4;     // per warp: ring of row pieces (loads in flight, then stored)
 
 // Int offsets of the header at the start of every rank's NVL allocation (same layout on every rank).
 // Peers write only kSignal; everything else is written by the owner and read by peers after a barrier.
@@ -44,7 +48,8 @@ constexpr int kInts = 8192;           // header size in ints (32 KiB); the stagi
 }  // namespace hdr
 constexpr int64_t kHeaderBytes = hdr::kInts * 4;
 
-enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3, kErrBadHandle = 4 };
+enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3, kErrBadHandle = 4,
+                        kErrCopyTimeout = 5 };
 enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStaged = 3, kPhaseCombineStart = 4,
                    kPhaseCombineStaged = 5 };
 
@@ -90,6 +95,7 @@ struct DispatchArgs {
     int num_experts_per_rank;
     int capacity;                                   // tokens staged per round
     int data_staged;                                // x already copied to the buffer (one round, copy engine)
+    int bulk;                                       // pull rows with bulk copies through shared memory
 };
 
 void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream);

@@ -90,6 +90,75 @@ __device__ bool grid_barrier(const PeerCtx& c, bool with_peers, int phase, int r
 
 __device__ __forceinline__ bool aborted(const PeerCtx& c) { return ld_volatile(header(c, c.rank) + hdr::kAborted) != 0; }
 
+// Wait for phase `parity` of a bulk-copy mbarrier; false (error recorded) after the timeout.
+__device__ bool mbar_wait(const PeerCtx& c, uint64_t* bar, uint32_t parity, int phase, int round) {
+    if (mbar_try_wait(bar, parity)) return true;
+    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
+    while (!mbar_try_wait(bar, parity))
+        if (global_timer_ns() > deadline) {
+            record_error(c, kErrCopyTimeout, -1, phase, 0, 0, round);
+            return false;
+        }
+    return true;
+}
+
+// Dynamic shared memory of the bulk pulls: mbarriers first, then the data slots.
+constexpr int kBulkBarBytes = 1024;
+constexpr int kBulkDynSmem = kBulkBarBytes + kBulkSmemBytes;
+extern __shared__ __align__(128) char s_dyn[];
+
+// One warp's ring of row pieces, driven by its lane 0: a piece is loaded into a free slot (bulk copy,
+// completing on the slot's mbarrier), and stored to its destination once it landed. Up to kBulkLag + 1
+// loads are in flight; a slot is reloaded only after its previous store finished reading it.
+constexpr int kBulkLag = kDispatchBulkSlots - 2;
+
+struct BulkRing {
+    char* slots;
+    uint64_t* bars;
+    char** dst;
+    int* len;
+    int slot_bytes;
+    uint32_t issued, done;
+    bool ok;
+
+    __device__ void init(char* slots_, uint64_t* bars_, char** dst_, int* len_, int slot_bytes_) {
+        slots = slots_, bars = bars_, dst = dst_, len = len_, slot_bytes = slot_bytes_;
+        issued = done = 0;
+        ok = true;
+        for (int k = 0; k < kDispatchBulkSlots; ++k) mbar_init(bars + k, 1);
+        fence_mbar_init();
+    }
+
+    __device__ void complete_one(const PeerCtx& c, int phase, int round) {
+        const int s = done % kDispatchBulkSlots;
+        if (ok) ok = mbar_wait(c, bars + s, (done / kDispatchBulkSlots) & 1, phase, round);
+        if (ok) {
+            bulk_store(dst[s], slots + s * slot_bytes, len[s]);
+            bulk_commit();
+        }
+        ++done;
+    }
+
+    __device__ void push(void* d, const void* src, int n, const PeerCtx& c, int phase, int round) {
+        while (issued - done > kBulkLag) complete_one(c, phase, round);
+        if (!ok) return;
+        const int s = issued % kDispatchBulkSlots;
+        // The slot's previous piece was stored at least kDispatchBulkSlots - kBulkLag - 1 groups ago.
+        if (issued >= kDispatchBulkSlots) bulk_wait_read<kDispatchBulkSlots - kBulkLag - 1>();
+        mbar_arrive_expect_tx(bars + s, n);
+        bulk_load(slots + s * slot_bytes, src, n, bars + s);
+        dst[s] = static_cast<char*>(d);
+        len[s] = n;
+        ++issued;
+    }
+
+    // Every piece stored and written (before a barrier that lets peers reuse their rows, and at exit).
+    __device__ void drain(const PeerCtx& c, int phase, int round) {
+        while (done < issued) complete_one(c, phase, round);
+        bulk_wait<0>();
+    }
+};
+
 // ------------------------------------------------------------------------------------------ prologue
 // The first barrier of a dispatch or combine, as its own kernel so the host can stage rows with the copy
 // engine between it and the main kernel: once every peer arrived here, none still reads this buffer for an
@@ -187,6 +256,8 @@ notify_kernel(PeerCtx c, const int* __restrict__ num_tokens_per_expert, int num_
         h[hdr::kChannelPrefix + r * kMaxChannels + ch] = value;
     }
     for (int r = tid; r < R; r += kNotifyThreads) h[hdr::kSendCounts + r] = s_total[r];
+    // The dispatch that follows reads this instead of running its own first barrier (see launch_dispatch).
+    if (tid == 0) h[hdr::kNumTokens] = num_tokens;
     for (int e = tid; e < num_experts; e += kNotifyThreads) h[hdr::kExpertCounts + e] = num_tokens_per_expert[e];
     if (!grid_barrier(c, true, kPhaseNotify, 0)) return;
 
@@ -285,6 +356,22 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
     const int num_warps = gridDim.x * (blockDim.x / 32);
     const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int num_rounds = (max_tokens + Q - 1) / Q;
+    const bool bulk = a.bulk != 0;
+    const int warp = threadIdx.x / 32, row_bytes = H4 * 16;
+    __shared__ char* s_bulk_dst[kDispatchThreads / 32][kDispatchBulkSlots];
+    __shared__ int s_bulk_len[kDispatchThreads / 32][kDispatchBulkSlots];
+    BulkRing ring;
+    int piece_bytes = row_bytes;
+    if (bulk) {
+        const int slot_bytes = kBulkSmemBytes / (kDispatchThreads / 32) / kDispatchBulkSlots / 16 * 16;
+        const int pieces = (row_bytes + slot_bytes - 1) / slot_bytes;
+        piece_bytes = static_cast<int>(align16((row_bytes + pieces - 1) / pieces));
+        if (lane == 0)
+            ring.init(s_dyn + kBulkBarBytes + warp * kDispatchBulkSlots * slot_bytes,
+                      reinterpret_cast<uint64_t*>(s_dyn) + warp * kDispatchBulkSlots, s_bulk_dst[warp],
+                      s_bulk_len[warp], slot_bytes);
+        __syncwarp();
+    }
 
     for (int round = 0; round < num_rounds; ++round) {
         const int first = round * Q;
@@ -312,6 +399,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                                 static_cast<int64_t>(n) * K);
         }
         if (!grid_barrier(c, true, kPhaseDispatchStaged, round)) return;
+        if (bulk && lane == 0) fence_proxy_async_global();
 
         // Pull: batches of 32 staged slots per warp, over all sources; a slot is copied when the
         // source sends that token here, to output row offset[source] + send_head.
@@ -338,8 +426,19 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                     if (lane == 0) record_error(c, kErrRecvOverflow, s, kPhaseDispatchStaged, a.num_alloc_rows, row + 1, round);
                     continue;
                 }
-                warp_copy<true, 8>(static_cast<int4*>(a.recv_x) + static_cast<int64_t>(row) * H4,
-                                   reinterpret_cast<const int4*>(src + L.data) + static_cast<int64_t>(i) * H4, H4, lane);
+                if (bulk) {
+                    if (lane == 0) {
+                        char* dst = static_cast<char*>(a.recv_x) + static_cast<int64_t>(row) * row_bytes;
+                        const char* from = src + L.data + static_cast<int64_t>(i) * row_bytes;
+                        for (int off = 0; off < row_bytes; off += piece_bytes)
+                            ring.push(dst + off, from + off, min(piece_bytes, row_bytes - off), c,
+                                      kPhaseDispatchStaged, round);
+                    }
+                } else {
+                    warp_copy<true, 8>(static_cast<int4*>(a.recv_x) + static_cast<int64_t>(row) * H4,
+                                       reinterpret_cast<const int4*>(src + L.data) + static_cast<int64_t>(i) * H4, H4,
+                                       lane);
+                }
                 if (a.recv_x_scales)
                     warp_copy_words<true>(reinterpret_cast<int*>(a.recv_x_scales) + static_cast<int64_t>(row) * S,
                                           reinterpret_cast<const int*>(src + L.scales) + static_cast<int64_t>(i) * S, S,
@@ -358,6 +457,8 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                 if (a.recv_src_idx && lane == 0) a.recv_src_idx[row] = first + i;
             }
         }
+        // Every row of this round landed before the next barrier lets the peers restage.
+        if (bulk && lane == 0) ring.drain(c, kPhaseDispatchStaged, round);
     }
 
     // num_worst_tokens: rows past the received count are padding (zeros, expert -1, source -1).
@@ -550,7 +651,17 @@ void launch_notify(const PeerCtx& ctx, const int* num_tokens_per_expert, int num
 }
 
 void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream) {
-    dispatch_kernel<<<num_blocks, kDispatchThreads, 0, stream>>>(ctx, a);
+    int smem = 0;
+    if (a.bulk) {
+        smem = kBulkDynSmem;
+        static const bool once = [] {  // an attribute of the function: set once, before the first launch
+            MOE_A2A_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    kBulkDynSmem));
+            return true;
+        }();
+        (void)once;
+    }
+    dispatch_kernel<<<num_blocks, kDispatchThreads, smem, stream>>>(ctx, a);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -23,7 +23,14 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
    (source-rank order, then source-token order); combine sums the copies of each of its tokens in
    float32, in rank order, adds the biases and writes BF16. A copy staged in arrival order on rank
    ``r`` is row ``rank_prefix[me - 1, r] + send_head[t, r]`` there (``send_head[t, r]`` for rank 0),
-   the row dispatch wrote it to.
+   the row dispatch wrote it to. Dispatch moves rows either through registers (16-byte loads, eight in
+   flight per lane) or, when it receives at least ``BULK_MIN_ROWS`` rows, with Hopper bulk copies
+   (``cp.async.bulk``, the TMA unit): one lane per warp loads row pieces into a ring of shared-memory
+   slots and stores each back out once it landed, so a block keeps about 192 KiB in flight instead of
+   what its registers hold, and the other lanes copy the small per-row fields.
+
+A non-cached dispatch needs no prologue kernel: its notify step already met every peer after they
+finished their earlier operations, and published this rank's token count.
 
 Bytes moved per rank, with ``T`` tokens in, ``S`` rows sent (a token counted once per destination) and
 ``N`` rows received: dispatch reads ``T`` and writes ``T`` rows locally, then moves each received row
@@ -51,6 +58,7 @@ at the next call). After that every call raises: the buffer must be rebuilt.
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -65,6 +73,8 @@ except ImportError:  # built without CUDA: the reference backend serves every ca
 
 #: Ranks one intranode group may have (the peer table of the kernels).
 MAX_RANKS = 8
+#: Received rows from which dispatch pulls with bulk copies (override: ``MOE_A2A_BULK_MIN_ROWS``).
+BULK_MIN_ROWS = 8192
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
@@ -137,8 +147,15 @@ class IntranodeBackend:
         self.runtime = _C.Runtime(rank, num_ranks, num_nvl_bytes, float(timeout_s))
         self.runtime.connect(all_gather_object(self.runtime.ipc_handle()))
         self.comm_stream = torch.cuda.Stream(self.device)
+        self.set_bulk_min_rows(int(os.environ.get("MOE_A2A_BULK_MIN_ROWS", BULK_MIN_ROWS)))
         self._seq = 0
         self._error: Optional[str] = None
+
+    def set_bulk_min_rows(self, rows: int) -> None:
+        """Dispatches receiving at least ``rows`` rows pull them with bulk copies (0: always, large: never)."""
+        if not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"bulk_min_rows must be an int >= 0, got {rows!r}")
+        self.runtime.set_bulk_min_rows(rows)
 
     # ------------------------------------------------------------------ helpers
     def _check_usable(self) -> None:
@@ -273,7 +290,7 @@ class IntranodeBackend:
                 recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
             self.runtime.dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts,
                                   config.num_sms, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                                  recv_src_idx)
+                                  recv_src_idx, not cached)
         if cached:
             out_handle = None
         else:

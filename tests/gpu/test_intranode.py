@@ -157,15 +157,22 @@ def _correctness(rank, num_ranks):
     kern = intranode.IntranodeBackend(rank, num_ranks, group, nvl, _gather, 30.0)
     assert kern.device == device
 
+    # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
+    # shared memory: the middle configuration of every case takes the bulk path whatever its size.
     for i, spec in enumerate(_cases(rank, num_ranks, 7)):
         case = Case(rank, num_ranks, i, **spec)
-        for align, worst, bias in ((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2)):
+        for j, (align, worst, bias) in enumerate(((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2))):
+            kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
+    with pytest.raises(ValueError):
+        kern.set_bulk_min_rows(-1)
 
-    # A buffer that holds a few tokens per round: many rounds, same answers.
+    # A buffer that holds a few tokens per round: many rounds, same answers (bulk pull, then registers).
     small = intranode.IntranodeBackend(rank, num_ranks, group, 64 * 14336 * num_ranks // 4, _gather, 30.0)
+    small.set_bulk_min_rows(0)
     case = Case(rank, num_ranks, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
     _round_trip(small, ref, case, dcfg, 1, 0, 1)
+    small.set_bulk_min_rows(1 << 30)
     case = Case(rank, num_ranks, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
     _round_trip(small, ref, case, dcfg, 1, 1000 * num_ranks, 0)
     small.destroy()
@@ -176,6 +183,7 @@ def _correctness(rank, num_ranks):
                       device=device), torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 0,
                       dcfg)
 
+    kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
     kern.destroy()
 
