@@ -390,9 +390,14 @@ def _format_rows(rows) -> str:
 
 
 def _commit() -> str:
+    """The commit measured: ``MOE_A2A_COMMIT`` when set (a copy of the tree whose git metadata is not its
+    own), else git's HEAD, with ``+dirty`` when tracked files differ from it."""
+    if os.environ.get("MOE_A2A_COMMIT"):
+        return os.environ["MOE_A2A_COMMIT"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")

@@ -20,13 +20,14 @@ import os
 import re
 import socket
 import statistics
-import subprocess
 import sys
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from . import bench
 
 
 def _free_port() -> int:
@@ -254,20 +255,6 @@ def _run_ranks(num_ranks: int, args) -> dict:
     return results[0]
 
 
-def _commit() -> str:
-    if os.environ.get("MOE_A2A_COMMIT"):  # a copy of the tree without its own git metadata
-        return os.environ["MOE_A2A_COMMIT"]
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MOE_A2A_COMMIT", "unknown")
-
-
 def _table(rows: List[dict]) -> str:
     lines = ["| EP | ranks/GPU | SMs/rank | call | median us | p99 us | GB/s per rank | copy floor us | ratio |",
              "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -323,7 +310,7 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name(0)
     report = {"benchmark": "low_latency", "device": device, "gpus": torch.cuda.device_count(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": _commit(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": bench._commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "results": rows}
     table = _table(rows)
     print(table)
