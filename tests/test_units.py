@@ -2,16 +2,17 @@
 import pytest
 import torch
 
-from moe_a2a import Buffer, Config
+from moe_a2a import Buffer, Config, tuning
 from moe_a2a.fp8 import fp8_to_float, pack_ue8m0, per_token_cast_to_fp8, unpack_ue8m0
 from moe_a2a.layout import compute_layout
 
 
 def test_configs_and_hints():
     for num_ranks in (1, 2, 4, 8, 16, 32, 64):
-        for get in (Buffer.get_dispatch_config, Buffer.get_combine_config):
+        for op, get in (("dispatch", Buffer.get_dispatch_config), ("combine", Buffer.get_combine_config)):
             config = get(num_ranks)
-            assert config.num_sms == Buffer.num_sms
+            tuned = tuning.tuned_num_sms(op, num_ranks)
+            assert config.num_sms == (Buffer.num_sms if tuned is None else min(tuned, Buffer.num_sms))
             nvl = config.get_nvl_buffer_size_hint(7168 * 2, num_ranks)
             rdma = config.get_rdma_buffer_size_hint(7168 * 2, num_ranks)
             assert nvl > config.num_channels * min(num_ranks, 8) * config.num_max_nvl_chunked_recv_tokens * 7168 * 2
@@ -59,8 +60,6 @@ def test_layout_definition():
 
 def test_tuned_num_sms_caps_default_configs(tmp_path, monkeypatch):
     import json
-
-    from moe_a2a import tuning
 
     assert tuning.choose({8: 440.0, 16: 294.0, 24: 300.0}, 0.05) == 16
     assert tuning.choose({8: 896.0, 16: 524.0, 24: 419.0}, 0.05) == 24
