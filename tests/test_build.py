@@ -29,3 +29,17 @@ def test_extension_was_built():
 def test_import_never_needs_the_extension():
     # The backend module imports either way and says whether the kernels are there.
     assert isinstance(intranode.extension_available(), bool)
+
+
+@pytest.mark.skipif(_can_build() is not None, reason=str(_can_build()))
+def test_internode_extension_was_built_where_nvshmem_is_found():
+    import importlib.util
+    import sys
+
+    found = any(os.path.isfile(os.path.join(p, "nvidia", "nvshmem", "include", "nvshmem.h")) for p in sys.path if p)
+    if os.environ.get("MOE_A2A_SKIP_NVSHMEM_BUILD", "0") == "1" or not (found or os.environ.get("NVSHMEM_HOME")):
+        pytest.skip("NVSHMEM not found or its build skipped")
+    assert importlib.util.find_spec("moe_a2a._nvshmem") is not None, \
+        "NVSHMEM is installed but moe_a2a._nvshmem (the internode kernels) was not built"
+    from moe_a2a import _nvshmem  # loads NVSHMEM's host library; no GPU needed
+    assert _nvshmem is not None
