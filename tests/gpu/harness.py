@@ -11,6 +11,7 @@ import faulthandler
 import shutil
 
 import torch
+import torch.distributed as dist
 
 from dist_utils import run_distributed
 from moe_a2a.backends import intranode
@@ -44,3 +45,24 @@ def run_ranks(fn, num_ranks: int, *args, timeout: float = 600.0) -> None:
     """``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned ranks (gloo group), under MPS if needed."""
     with mps_if_needed(num_ranks):
         run_distributed(fn, num_ranks, *args, timeout=timeout)
+
+
+def gather(obj) -> list:
+    """``obj`` of every rank of the default group (what the backends take as ``all_gather_object``)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def routing(num_tokens, num_experts, topk, gen, mode="skew") -> torch.Tensor:
+    """Top-k ids without repeats: skewed to low experts, with -1 slots; or (``mode="last_rank"``) every
+    token to the last experts."""
+    scores = torch.rand(num_tokens, num_experts, generator=gen)
+    if mode == "last_rank":
+        scores[:, -topk:] += 2.0
+    else:
+        scores += torch.linspace(1.0, 0.0, num_experts)
+    idx = scores.topk(topk, dim=1).indices
+    if mode != "last_rank":
+        idx[torch.rand(num_tokens, topk, generator=gen) < 0.15] = -1
+    return idx

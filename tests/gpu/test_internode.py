@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import rank_num_sms, run_ranks, set_rank_device, skip_reason
+from harness import gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, intranode
 from moe_a2a.backends.reference import ReferenceBackend
@@ -56,31 +56,12 @@ def _progress(rank, what):
         print(f"[rank 0, {time.monotonic() - _START:.1f} s] {what}", flush=True)
 
 
-def _gather(obj):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _routing(num_tokens, num_experts, topk, gen, mode):
-    """Top-k ids without repeats: skewed to low experts with -1 slots; or everything to the last rank."""
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
-    if mode == "last_rank":
-        scores[:, -topk:] += 2.0
-    else:
-        scores += torch.linspace(1.0, 0.0, num_experts)
-    idx = scores.topk(topk, dim=1).indices
-    if mode != "last_rank":
-        idx[torch.rand(num_tokens, topk, generator=gen) < 0.15] = -1
-    return idx
-
-
 class Case:
     def __init__(self, rank, num_ranks, per_node, seed, num_tokens, hidden, num_experts, topk, fp8=False,
                  mode="skew"):
         gen = torch.Generator().manual_seed(seed * 1000 + rank)
         self.num_experts, self.per_node = num_experts, per_node
-        self.topk_idx = _routing(num_tokens, num_experts, topk, gen, mode)
+        self.topk_idx = routing(num_tokens, num_experts, topk, gen, mode)
         self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
         x = torch.randn(num_tokens, hidden, generator=gen)
         if fp8:
@@ -196,7 +177,7 @@ def _correctness(rank, num_ranks, per_node):
     dcfg, ccfg, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms)
     assert rdma > 0
     _progress(rank, "start")
-    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 30.0)
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, gather, 30.0)
     assert kern.device == device
     _progress(rank, "buffer ready")
 
@@ -208,7 +189,7 @@ def _correctness(rank, num_ranks, per_node):
 
     # An RDMA buffer of a few rows per node: many rounds, same answers.
     small = internode.InternodeBackend(rank, num_ranks, per_node, nvl, 2 * (num_ranks // per_node) * 5 * 15 * 1024,
-                                       _gather, 30.0)
+                                       gather, 30.0)
     case = Case(rank, num_ranks, per_node, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
     _round_trip(small, ref, case, dcfg, 1, 1)
     case = Case(rank, num_ranks, per_node, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
@@ -298,7 +279,7 @@ def _timeout(rank, num_ranks, per_node):
     set_rank_device(rank)
     num_sms = rank_num_sms(num_ranks)
     dcfg, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms, 2048 * 2)
-    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 2.0)
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, gather, 2.0)
     dev = kern.device
     idx = torch.randint(0, 8 * num_ranks, (64, 2), device=dev)
     x = torch.randn(64, 2048, device=dev).to(torch.bfloat16)

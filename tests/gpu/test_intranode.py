@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import rank_num_sms, run_ranks, set_rank_device, skip_reason
+from harness import gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
 from moe_a2a.backends import intranode
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import Config, default_combine_config, default_dispatch_config
@@ -21,32 +21,13 @@ pytestmark = pytest.mark.gpu
 FP8 = torch.float8_e4m3fn
 
 
-def _gather(obj):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _routing(num_tokens, num_experts, topk, gen, mode):
-    """Top-k ids without repeats: skewed to low experts, with -1 slots; or everything to the last rank."""
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
-    if mode == "last_rank":
-        scores[:, -topk:] += 2.0
-    else:
-        scores += torch.linspace(1.0, 0.0, num_experts)
-    idx = scores.topk(topk, dim=1).indices
-    if mode != "last_rank":
-        idx[torch.rand(num_tokens, topk, generator=gen) < 0.15] = -1
-    return idx
-
-
 class Case:
     """Per-rank inputs of one dispatch/combine round trip (identical on every backend)."""
 
     def __init__(self, rank, num_ranks, seed, num_tokens, hidden, num_experts, topk, fp8=False, mode="skew"):
         gen = torch.Generator().manual_seed(seed * 1000 + rank)
         self.num_experts, self.fp8 = num_experts, fp8
-        self.topk_idx = _routing(num_tokens, num_experts, topk, gen, mode)
+        self.topk_idx = routing(num_tokens, num_experts, topk, gen, mode)
         self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
         x = torch.randn(num_tokens, hidden, generator=gen)
         if fp8:
@@ -154,7 +135,7 @@ def _correctness(rank, num_ranks):
     dcfg = default_dispatch_config(num_ranks, num_sms)
     ccfg = default_combine_config(num_ranks, num_sms)
     nvl = max(dcfg.get_nvl_buffer_size_hint(7168 * 2, num_ranks), ccfg.get_nvl_buffer_size_hint(7168 * 2, num_ranks))
-    kern = intranode.IntranodeBackend(rank, num_ranks, group, nvl, _gather, 30.0)
+    kern = intranode.IntranodeBackend(rank, num_ranks, group, nvl, gather, 30.0)
     assert kern.device == device
 
     # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
@@ -168,7 +149,7 @@ def _correctness(rank, num_ranks):
         kern.set_bulk_min_rows(-1)
 
     # A buffer that holds a few tokens per round: many rounds, same answers (bulk pull, then registers).
-    small = intranode.IntranodeBackend(rank, num_ranks, group, 64 * 14336 * num_ranks // 4, _gather, 30.0)
+    small = intranode.IntranodeBackend(rank, num_ranks, group, 64 * 14336 * num_ranks // 4, gather, 30.0)
     small.set_bulk_min_rows(0)
     case = Case(rank, num_ranks, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
     _round_trip(small, ref, case, dcfg, 1, 0, 1)
@@ -255,7 +236,7 @@ def _timeout(rank, num_ranks):
     set_rank_device(rank)
     group = dist.group.WORLD
     cfg = Config(rank_num_sms(num_ranks))
-    kern = intranode.IntranodeBackend(rank, num_ranks, group, cfg.get_nvl_buffer_size_hint(4096, num_ranks), _gather,
+    kern = intranode.IntranodeBackend(rank, num_ranks, group, cfg.get_nvl_buffer_size_hint(4096, num_ranks), gather,
                                       2.0)
     dev = kern.device
     idx = torch.randint(0, 8 * num_ranks, (64, 2), device=dev)
