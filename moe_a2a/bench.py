@@ -434,18 +434,32 @@ def _ints(text: str) -> List[int]:
     return [int(v) for v in text.split(",") if v]
 
 
-def intranode_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_a2a bench intranode", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ranks", default="8", help="comma-separated rank counts (default 8)")
+def add_shape_args(p: argparse.ArgumentParser, sms: str, warmup: int, iters: int) -> None:
+    """The options every normal-mode benchmark takes: shapes (DeepEP's by default), SM counts, timing."""
     p.add_argument("--tokens", default="4096", help="tokens per rank, comma-separated")
     p.add_argument("--hidden", default="7168")
-    p.add_argument("--sms", default="8,16,24", help="SMs per rank; counts that cannot be co-resident are skipped")
+    p.add_argument("--sms", default=sms, help="SMs per rank; counts that cannot be co-resident are skipped")
     p.add_argument("--dtypes", default="bf16,fp8")
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--loops", type=int, default=5)
-    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--iters", type=int, default=iters)
+
+
+def write_report(report: Dict, table: str, out: str, title: str) -> None:
+    """``report`` as JSON at ``out`` and a Markdown page (title, commit, command, ``table``) next to it."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".md", "w") as f:
+        f.write(f"# {title}\n\ncommit `{report['commit']}`, {report['date']}\n\n`{report['command']}`\n\n{table}\n")
+
+
+def intranode_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="python -m moe_a2a bench intranode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="8", help="comma-separated rank counts (default 8)")
+    add_shape_args(p, sms="8,16,24", warmup=3, iters=6)
     p.add_argument("--reference-max-tokens", type=int, default=512)
     p.add_argument("--min-nvl-bytes", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default docs/perf/intranode_<device>.json)")
@@ -483,13 +497,8 @@ def intranode_main(argv) -> int:
                   floor="copy engine: one device-to-device copy on the shared GPU, or, with one rank per GPU, "
                         "every rank's peer copies at once (NVLink)", results=all_rows)
     out = args.out or os.path.join("docs", "perf", f"intranode_{device.replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
     table = _format_rows(all_rows)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(f"# intranode on {device}\n\ncommit `{report['commit']}`, {report['date']}\n\n"
-                f"`{report['command']}`\n\n{table}\n")
+    write_report(report, table, out, f"intranode on {device}")
     if args.plot:
         plot(all_rows, os.path.splitext(out)[0] + ".png")
     print(table)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -27,8 +26,8 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _time_us, max_num_sms_per_rank,
-                    mps_if_needed)
+from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _time_us, add_shape_args,
+                    max_num_sms_per_rank, mps_if_needed, write_report)
 
 
 def _worker(rank, num_ranks, opts):
@@ -116,15 +115,7 @@ def _format_rows(rows) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m moe_a2a bench internode", description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default="2x4", help="comma-separated NODESxRANKS_PER_NODE (default 2x4)")
-    p.add_argument("--tokens", default="4096", help="tokens per rank, comma-separated")
-    p.add_argument("--hidden", default="7168")
-    p.add_argument("--sms", default="8,16", help="SMs per rank; counts that cannot be co-resident are skipped")
-    p.add_argument("--dtypes", default="bf16,fp8")
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--loops", type=int, default=5)
-    p.add_argument("--iters", type=int, default=4)
+    add_shape_args(p, sms="8,16", warmup=2, iters=4)
     p.add_argument("--out", default=None, help="JSON path (default docs/perf/internode_<device>.json)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
@@ -155,13 +146,8 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   virtual_nodes=True, results=all_rows)
     out = args.out or os.path.join("docs", "perf", f"internode_{device.replace(' ', '_')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
     table = _format_rows(all_rows)
-    with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(f"# internode (virtual nodes) on {device}\n\ncommit `{report['commit']}`, {report['date']}\n\n"
-                f"`{report['command']}`\n\n{table}\n")
+    write_report(report, table, out, f"internode (virtual nodes) on {device}")
     print(table)
     print(f"wrote {out}")
     return 0

@@ -228,9 +228,8 @@ def _copy_floor_us(num_bytes: int, device, iters: int, rounds: int = 3) -> float
 
 
 def _run(num_ranks: int, args) -> dict:
-    from .bench import mps_if_needed
 
-    with mps_if_needed(num_ranks):
+    with bench.mps_if_needed(num_ranks):
         return _run_ranks(num_ranks, args)
 
 

@@ -29,3 +29,21 @@ def _check(rank, num_ranks):
 
 def test_megatron_alltoall_baseline():
     run_distributed(_check, 2)
+
+
+def test_benchmark_options_and_report(tmp_path):
+    import argparse
+    import json
+
+    from moe_a2a.bench import add_shape_args, write_report
+
+    p = argparse.ArgumentParser()
+    add_shape_args(p, sms="8,16", warmup=2, iters=4)
+    args = p.parse_args(["--tokens", "128,4096"])
+    assert (args.tokens, args.hidden, args.sms, args.experts, args.topk, args.iters) == ("128,4096", "7168", "8,16",
+                                                                                        256, 8, 4)
+    report = dict(commit="abc1234", date="2026-01-01", command="python -m moe_a2a bench x", results=[1])
+    write_report(report, "| a |", str(tmp_path / "sub" / "r.json"), "title")
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == report
+    page = (tmp_path / "sub" / "r.md").read_text()
+    assert page.startswith("# title") and "abc1234" in page and "| a |" in page
