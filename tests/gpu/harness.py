@@ -66,3 +66,21 @@ def routing(num_tokens, num_experts, topk, gen, mode="skew") -> torch.Tensor:
     if mode != "last_rank":
         idx[torch.rand(num_tokens, topk, generator=gen) < 0.15] = -1
     return idx
+
+
+def check_repeats(round_trip, iterations: int, check_every: int) -> None:
+    """Call ``round_trip() -> (recv_x, combined)`` ``iterations`` times on one buffer: every
+    ``check_every`` calls the results must equal the first call's bit for bit (no drift), and device
+    memory must not grow (no leak)."""
+    first_x, first_out = round_trip()
+    torch.cuda.synchronize()
+    mem = torch.cuda.memory_allocated()
+    for it in range(iterations):
+        recv_x, out = round_trip()
+        if it % check_every == check_every - 1:
+            torch.cuda.synchronize()
+            assert torch.equal(recv_x, first_x), f"dispatch drifted at iteration {it}"
+            assert torch.equal(out, first_out), f"combine drifted at iteration {it}"
+    del recv_x, out
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= mem, "device memory grew over repeated calls"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
+from harness import check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, intranode
 from moe_a2a.backends.reference import ReferenceBackend
@@ -228,18 +228,7 @@ def _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg):
         out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
         return recv[0], out[0]
 
-    first_x, first_out = once()
-    torch.cuda.synchronize()
-    mem = torch.cuda.memory_allocated()
-    for it in range(200):
-        recv_x, out = once()
-        if it % 50 == 49:
-            torch.cuda.synchronize()
-            assert torch.equal(recv_x, first_x), f"dispatch drifted at iteration {it}"
-            assert torch.equal(out, first_out), f"combine drifted at iteration {it}"
-    del recv_x, out
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() <= mem, "device memory grew over repeated calls"
+    check_repeats(once, 200, 50)
 
 
 def _public_api(rank, num_ranks, per_node, num_sms, ref):

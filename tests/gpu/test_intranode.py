@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
+from harness import check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
 from moe_a2a.backends import intranode
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import Config, default_combine_config, default_dispatch_config
@@ -182,18 +182,7 @@ def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
         out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
         return recv[0], out[0]
 
-    first_x, first_out = eager()
-    torch.cuda.synchronize()
-    mem = torch.cuda.memory_allocated()
-    for it in range(1000):
-        recv_x, out = eager()
-        if it % 250 == 249:
-            torch.cuda.synchronize()
-            assert torch.equal(recv_x, first_x), f"dispatch drifted at iteration {it}"
-            assert torch.equal(out, first_out), f"combine drifted at iteration {it}"
-    del recv_x, out
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() <= mem, "device memory grew over repeated calls"
+    check_repeats(eager, 1000, 250)
 
     # CUDA graph: layout + dispatch(num_worst_tokens) + combine captured once, replayed on new data.
     worst = 160 * num_ranks
