@@ -56,7 +56,7 @@ def _timed_alone(fn):
     """Run ``fn`` once after every rank is idle (barrier, then a short device sleep so peers' work has landed);
     returns ``(fn's result, its GPU time in us)``."""
     dist.barrier()
-    _sleep_us(100)
+    _sleep_us(1000)  # longer than the host takes to queue fn, so only GPU time is measured
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = fn()
@@ -109,7 +109,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     for _ in range(args.batches):
         dist.barrier()
         torch.cuda.synchronize()
-        _sleep_us(400 * args.iters)
+        _sleep_us(1500 * args.iters)  # the host queues every call of the batch before the first starts
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(5 * args.iters)]
         for i in range(args.iters):
             e = ev[5 * i:5 * i + 5]
@@ -186,7 +186,7 @@ def _probes(kern, rank: int, num_ranks: int, iters: int) -> dict:
     out = {}
     dist.barrier()
     torch.cuda.synchronize()
-    _sleep_us(20 * iters)
+    _sleep_us(200 * iters)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
     ev[0].record()
     for i in range(iters):

@@ -58,17 +58,32 @@ __device__ void record_timeout(const LLCtx& c, int phase, int peer, int index) {
 
 // Waits (one thread) until *flag has reached `tag` (wrap-safe); false after a timeout or once this rank
 // aborted. Adds the nanoseconds waited to *wait_ns when given.
+__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
+    int v;
+    asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// Polls with relaxed loads; one acquire fence once the tag is there (no fence per poll).
 __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, int peer,
                          unsigned long long* wait_ns) {
-    if (counter_reached(ld_acquire_sys(flag), tag)) return true;
+    if (counter_reached(ld_relaxed_sys(flag), tag)) {
+        fence_acq_rel_sys();
+        return true;
+    }
     const uint64_t start = global_timer_ns();
     uint64_t now = start;
     bool ok = false;
     while (true) {
 #pragma unroll 1
-        for (int i = 0; i < 64 && !ok; ++i) ok = counter_reached(ld_acquire_sys(flag), tag);
+        for (int i = 0; i < 64 && !ok; ++i) ok = counter_reached(ld_relaxed_sys(flag), tag);
         now = global_timer_ns();
-        if (ok) break;
+        if (ok) {
+            fence_acq_rel_sys();
+            break;
+        }
         if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return false;
         if (now - start > c.timeout_ns) {
             record_timeout(c, phase, peer, tag);
@@ -130,12 +145,13 @@ __device__ __forceinline__ int find_range(const int* scan, int n, int w) {
     return lo;
 }
 
-// Block-wide: all of this block's stores are fenced, then one arrival; true in the last block of the grid
-// (which resets the counter and sees every block's stores). `tag` goes to `epoch` there.
+// Block-wide arrival at a grid-wide counter; true in the last block of the grid, which resets the counter,
+// stores `tag` to `epoch` and sees every block's stores (as a grid barrier does it: the barrier orders
+// the block's stores before one thread's system fence and arrival; no fence per thread).
 __device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
-    __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) {
+        __threadfence_system();
         const int last = atomicAdd(arrive, 1) == static_cast<int>(gridDim.x) - 1;
         if (last) {
             __threadfence_system();  // pairs with the other blocks' fences before their arrivals
@@ -145,9 +161,7 @@ __device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
         *s_flag = last;
     }
     __syncthreads();
-    const bool last = *s_flag != 0;
-    if (last) __threadfence_system();
-    return last;
+    return *s_flag != 0;
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
