@@ -43,3 +43,28 @@ def test_internode_extension_was_built_where_nvshmem_is_found():
         "NVSHMEM is installed but moe_a2a._nvshmem (the internode kernels) was not built"
     from moe_a2a import _nvshmem  # loads NVSHMEM's host library; no GPU needed
     assert _nvshmem is not None
+
+
+_RAISE_FROM_NATIVE = """
+import moe_a2a._C as C
+for args, expected in (((5, 2, 1 << 20, 1.0), "rank 5 out of range"),   # TORCH_CHECK (c10::Error)
+                       ((0, 99, 1 << 20, 1.0), "1..8 ranks, got 99")):
+    try:
+        C.LowLatencyRuntime(*args)
+    except RuntimeError as e:
+        assert expected in str(e), str(e)
+    else:
+        raise AssertionError("no error for " + repr(args))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not intranode.extension_available(), reason="moe_a2a._C is not built")
+def test_native_errors_reach_python():
+    # Argument checks in the extension throw C++ exceptions; they must surface as RuntimeError, not kill
+    # the process. A child process, so that a crash fails this test instead of the whole run.
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", _RAISE_FROM_NATIVE], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", \
+        f"exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr[-2000:]}"
