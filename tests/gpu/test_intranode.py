@@ -114,18 +114,21 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
 
 
 def _zero_copy_combine(kern, handle, y, weights, biases, config, want):
-    """``y`` written into the buffer's combine input, combined twice: bit for bit ``want`` both times."""
+    """``y`` written into the buffer's combine input, combined twice: bit for bit ``want`` both times.
+
+    A rank whose rows do not fit its buffer combines ``y`` as an ordinary input (ranks may mix both).
+    """
     rows, hidden = y.shape
     num_topk = weights.size(1) if weights is not None else 0
-    if combine_input_bytes(rows, hidden * 2, num_topk) > kern.num_nvl_bytes:
-        if combine_input_bytes(rows, hidden * 2) > kern.num_nvl_bytes:
-            with pytest.raises(ValueError, match=f"needs num_nvl_bytes >= {combine_input_bytes(rows, hidden * 2)}"):
-                kern.get_next_combine_buffer(rows, hidden)
-        return
-    view = kern.get_next_combine_buffer(rows, hidden)
-    view.copy_(y)
+    x = y
+    if combine_input_bytes(rows, hidden * 2, num_topk) <= kern.num_nvl_bytes:
+        x = kern.get_next_combine_buffer(rows, hidden)
+        x.copy_(y)
+    elif combine_input_bytes(rows, hidden * 2) > kern.num_nvl_bytes:
+        with pytest.raises(ValueError, match=f"needs num_nvl_bytes >= {combine_input_bytes(rows, hidden * 2)}"):
+            kern.get_next_combine_buffer(rows, hidden)
     for repeat in range(2):  # the second combine reads the same input again, nothing rewritten
-        got = kern.combine(view, handle, weights, *biases, config)
+        got = kern.combine(x, handle, weights, *biases, config)
         torch.cuda.synchronize()
         _assert_equal(f"zero-copy combine {repeat}", got[0], want[0])
         if want[1] is not None:
