@@ -409,7 +409,7 @@ def _unpermute(y: torch.Tensor, src: torch.Tensor, num_local: int, num_recv: int
     return acc[:num_recv].to(y.dtype)
 
 
-def _combine_input(buffer: Buffer, dispatch_handle, x: torch.Tensor, num_topk: int = 0) -> Optional[torch.Tensor]:
+def combine_input(buffer: Buffer, dispatch_handle, x: torch.Tensor, num_topk: int = 0) -> Optional[torch.Tensor]:
     """The buffer's zero-copy combine input for rows like ``x`` (bf16), or None where it does not fit.
 
     Written by the un-permute, it spares the combine the copy of every received row into the buffer.
@@ -520,7 +520,7 @@ class HybridEPDispatch(torch.autograd.Function):
             weights[:, rank * num_local:(rank + 1) * num_local] = flat[:-1].view(num_recv, num_local)
         # With num_worst_tokens the receive padding is not part of the handle's exchange.
         n = h.dispatch_handle.num_recv_tokens
-        grad_recv = _combine_input(h.buffer, h.dispatch_handle, grad_x, weights.size(1) if weights is not None else 0)
+        grad_recv = combine_input(h.buffer, h.dispatch_handle, grad_x, weights.size(1) if weights is not None else 0)
         if grad_recv is not None:
             _unpermute(grad_x, h.permuted_src, num_local, num_recv, out=grad_recv)
         else:
@@ -544,7 +544,7 @@ class HybridEPCombine(torch.autograd.Function):
         _check_hybrid_handle(handle, num_permuted_tokens, pad_multiple)
         checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_permuted_tokens, None), handle.permuted_src.device)
         n = handle.dispatch_handle.num_recv_tokens
-        recv = _combine_input(handle.buffer, handle.dispatch_handle, x)  # the un-permute writes into the buffer
+        recv = combine_input(handle.buffer, handle.dispatch_handle, x)  # the un-permute writes into the buffer
         if recv is not None:
             _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows, out=recv)
         else:

@@ -409,8 +409,8 @@ class IntranodeBackend:
             raise ValueError(f"hidden size must be a multiple of 8, got {hidden}")
         need = combine_input_bytes(num_rows, hidden * 2)
         if need > self.num_nvl_bytes:
-            raise ValueError(f"a combine input of [{num_rows}, {hidden}] bf16 rows written in place needs num_nvl_bytes "
-                             f">= {need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint(..., "
+            raise ValueError(f"a combine input of [{num_rows}, {hidden}] bf16 rows written in place needs "
+                             f"num_nvl_bytes >= {need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint(..., "
                              f"num_recv_tokens={num_rows}))")
         torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
         self.runtime.wait_peers_done()  # on the current stream
