@@ -29,6 +29,13 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
    slots and stores each back out once it landed, so a block keeps about 192 KiB in flight instead of
    what its registers hold, and the other lanes copy the small per-row fields.
 
+Zero-copy combine input: ``get_next_combine_buffer`` hands out the staging area itself as a
+``[num_recv, hidden]`` bf16 tensor, where the copy engine would put the rows; the producer of the combine
+input writes there and the combine skips the copy (it recognises the view by its address). Each dispatch or
+combine kernel ends by counting the operation finished and telling every peer, once all its blocks stopped
+reading; ``get_next_combine_buffer`` makes the current stream wait until every peer finished the operations
+this rank finished, because a peer may still pull rows from this area after this rank is done with them.
+
 A non-cached dispatch needs no prologue kernel: its notify step already met every peer after they
 finished their earlier operations, and published this rank's token count.
 
@@ -211,7 +218,7 @@ class IntranodeBackend:
         return t.clone() if begin < self._staging[1] and end > self._staging[0] else t
 
     def _is_combine_input(self, x: torch.Tensor, num_rows: int) -> bool:
-        """Whether ``x`` is exactly the view ``combine_input_view`` gives for ``num_rows`` rows."""
+        """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows."""
         return (x.data_ptr() == self._staging[0] and x.dtype == torch.bfloat16 and x.dim() == 2 and
                 x.size(0) == num_rows and x.is_contiguous())
 
