@@ -8,6 +8,7 @@ rounding; hook mode, zero copy, ``out=``, CUDA graph replay on new data, 1,000 a
 drift; NVSHMEM puts only (``allow_nvlink=False``); the public ``Buffer`` with normal internode calls on the
 same buffer; and a timeout naming the missing rank.
 """
+import json
 import os
 import time
 
@@ -67,6 +68,7 @@ def _correctness(rank, num_ranks, per_node):
                       False, False, False)
     _graph(rank, num_ranks, kern, ref)
     _many_calls(rank, num_ranks, kern, num_pairs=500)
+    _latency(rank, num_ranks, per_node, kern)
     dist.barrier()
     kern.clean()
     _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
@@ -79,6 +81,38 @@ def _correctness(rank, num_ranks, per_node):
                     16 * num_ranks, 5, mode, hook, zero_copy, False)
     puts.destroy()
     _public_api(rank, num_ranks, per_node, ref)
+
+
+def _latency(rank, num_ranks, per_node, kern, iters=40):
+    """FP8 dispatch and BF16 combine of 32 tokens (hidden 7168, 288 experts, top-8), timed per call with
+    CUDA events; rank 0 appends the medians to ``$MOE_A2A_LL_LATENCY_JSON`` when set (virtual nodes on one
+    GPU: a smoke figure, not a multi-node one)."""
+    path = os.environ.get("MOE_A2A_LL_LATENCY_JSON")
+    if not path:
+        return
+    dev, num_max, hidden, num_experts = kern.device, 32, 7168, 288
+    x, idx, w = (t.to(dev) for t in _inputs(rank, 5, num_max, hidden, num_experts, 8))
+    y = torch.zeros(num_experts // num_ranks, num_max * num_ranks, hidden, dtype=torch.bfloat16, device=dev)
+    times = {"dispatch": [], "combine": []}
+    for it in range(iters):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        dist.barrier()
+        ev[0].record()
+        handle = kern.dispatch(x, idx, None, None, num_max, num_experts, True, False, False, False)[3]
+        ev[1].record()
+        kern.combine(y, idx, w, handle, None, None, False)
+        ev[2].record()
+        torch.cuda.synchronize()
+        if it >= 10:
+            times["dispatch"].append(ev[0].elapsed_time(ev[1]) * 1e3)
+            times["combine"].append(ev[1].elapsed_time(ev[2]) * 1e3)
+    kern.raise_if_error()
+    medians = gather({k: sorted(v)[len(v) // 2] for k, v in times.items()})
+    if rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps({"ranks": num_ranks, "per_node": per_node, "tokens": num_max, "hidden": hidden,
+                                "experts": num_experts, "topk": 8, "num_sms": kern.num_sms,
+                                "median_us_per_rank": medians}) + "\n")
 
 
 def _public_api(rank, num_ranks, per_node, ref):
