@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .backends import internode, intranode, low_latency
+from .backends import internode, internode_low_latency, intranode, low_latency
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
 from .config import NUM_MAX_NVL_PEERS, Config, combine_input_bytes, default_combine_config, default_dispatch_config
@@ -62,7 +62,8 @@ class Buffer:
             num_nvl_bytes: intranode buffer bytes; at least ``Config.get_nvl_buffer_size_hint`` for normal mode.
             num_rdma_bytes: internode / low-latency buffer bytes; at least ``get_low_latency_rdma_size_hint``
                 for low-latency calls.
-            low_latency_mode: enable the low-latency entry points.
+            low_latency_mode: enable the low-latency entry points. Across nodes NVSHMEM then runs over the
+                whole group; normal internode calls keep working on such a buffer.
             num_qps_per_rank: RDMA queue pairs per rank (internode low-latency kernels).
             allow_nvlink_for_low_latency_mode: let low-latency traffic use NVLink inside a node.
             allow_mnnvl: allow multi-node NVLink.
@@ -157,8 +158,11 @@ class Buffer:
                 raise NotImplementedError("backend='cuda' unavailable: " + "; ".join(reasons))
             return None
         if self.group_size > self.num_ranks_per_node:
+            # In low-latency mode NVSHMEM runs over the whole group (the low-latency kernels reach every rank);
+            # the normal internode kernels then address their team by whole-group PE ids.
             return internode.InternodeBackend(self.rank, self.group_size, self.num_ranks_per_node, self.num_nvl_bytes,
-                                              self.num_rdma_bytes, self._all_gather_object, self.timeout_s)
+                                              self.num_rdma_bytes, self._all_gather_object, self.timeout_s,
+                                              nvshmem_over_group=self.low_latency_mode)
         return intranode.IntranodeBackend(self.rank, self.group_size, self.group, self.num_nvl_bytes,
                                           self._all_gather_object, self.timeout_s)
 
@@ -166,13 +170,22 @@ class Buffer:
         """The low-latency kernels (``low_latency_mode``), or None where the reference backend serves."""
         if backend == "reference" or not self.low_latency_mode:
             return None
-        reasons = self._kernel_obstacles(self.num_rdma_bytes, "num_rdma_bytes")
-        if not reasons and not low_latency.available():
+        checks.positive_int("num_qps_per_rank", self.num_qps_per_rank)
+        across_nodes = self.group_size > self.num_ranks_per_node
+        reasons = self._kernel_obstacles(self.num_rdma_bytes, "num_rdma_bytes", internode_kernels=across_nodes)
+        if not reasons and across_nodes and not internode_low_latency.available():
+            reasons.append("this build has no internode low-latency kernels (moe_a2a._nvshmem.LowLatencyRuntime)")
+        if not reasons and not across_nodes and not low_latency.available():
             reasons.append("this build has no low-latency kernels")
         if reasons:
             if backend == "cuda":
                 raise NotImplementedError("backend='cuda' unavailable for low-latency mode: " + "; ".join(reasons))
             return None
+        if across_nodes:
+            # NVSHMEM over the whole group: RDMA across nodes, NVLink stores inside a node where allowed.
+            return internode_low_latency.InternodeLowLatencyBackend(
+                self.rank, self.group_size, self.group, self.num_rdma_bytes, self._all_gather_object, self.timeout_s,
+                num_qps_per_rank=self.num_qps_per_rank, allow_nvlink=self.allow_nvlink_for_low_latency_mode)
         return low_latency.LowLatencyBackend(self.rank, self.group_size, self.group, self.num_rdma_bytes,
                                              self._all_gather_object, self.timeout_s)
 

@@ -5,12 +5,15 @@
 
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <cstring>
+#include <tuple>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "internode.cuh"
+#include "low_latency.cuh"
 
 namespace moe_a2a::internode {
 
@@ -93,6 +96,14 @@ class Runtime {
     }
 
     bool is_available() const { return sym_ != nullptr; }
+
+    // NVSHMEM PE of team member (node) m: offset + m * stride. Default 0, 1 (NVSHMEM runs over the team);
+    // local_rank, ranks per node when it runs over the whole group.
+    void set_pe_map(int offset, int stride) {
+        pe_offset_ = offset;
+        pe_stride_ = stride;
+    }
+
     int64_t slot_bytes() const { return slot_bytes_; }
 
     std::string error() const {
@@ -114,6 +125,8 @@ class Runtime {
         a.num_nodes = num_nodes_;
         a.record_ints = static_cast<int>(record_ints);
         a.parity = static_cast<int>(notify_count_ & 1);
+        a.pe_offset = pe_offset_;
+        a.pe_stride = pe_stride_;
         a.expect = ++notify_count_;
         a.records = ptr<const int>(records);
         a.out = ptr<int>(out);
@@ -216,6 +229,8 @@ class Runtime {
         c.sym = sym_;
         c.me = node_;
         c.num_nodes = num_nodes_;
+        c.pe_offset = pe_offset_;
+        c.pe_stride = pe_stride_;
         c.window = static_cast<int>(window);
         c.stride = static_cast<int>(stride);
         c.lo = static_cast<int>(lo);
@@ -232,14 +247,188 @@ class Runtime {
     ErrorRecord* host_ = nullptr;
     ErrorRecord* host_dev_ = nullptr;
     int rank_ = 0, num_nodes_ = 0, node_ = 0, local_rank_ = 0, num_local_ranks_ = 0;
+    int pe_offset_ = 0, pe_stride_ = 1;
     int64_t slot_bytes_ = 0;
     unsigned long long timeout_ns_ = 0, notify_count_ = 0, arrive_count_ = 0, data_count_ = 0;
+};
+
+
+// Low-latency runtime over the whole group (low_latency.cuh): the symmetric buffer (two alternating sets),
+// a local workspace of epochs and counters, and a pinned host record of the first timeout. Shapes and
+// dtypes are checked in Python; every launch runs on the current stream and reads nothing on the host.
+class LowLatencyRuntime {
+   public:
+    LowLatencyRuntime() = default;
+    ~LowLatencyRuntime() {
+        // The symmetric buffer is freed only by destroy() (collective).
+        if (workspace_) cudaFree(workspace_);
+        if (host_) cudaFreeHost(const_cast<LLHostError*>(host_));
+    }
+
+    // Collective over the group: every rank calls it with the same num_bytes.
+    std::string allocate(int rank, int num_ranks, int64_t num_bytes, double timeout_s, bool use_nvlink) {
+        if (sym_) return "already allocated";
+        if (num_bytes <= moe_a2a::kLLSignalBytes) return "num_bytes too small";
+        rank_ = rank;
+        num_ranks_ = num_ranks;
+        num_bytes_ = num_bytes;
+        use_nvlink_ = use_nvlink;
+        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
+        set_bytes_ = ((num_bytes - moe_a2a::kLLSignalBytes) / 2) / 128 * 128;
+        cudaGetDevice(&device_);
+        cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_);
+        void* host = nullptr;
+        if (cudaHostAlloc(&host, sizeof(LLHostError), cudaHostAllocMapped) != cudaSuccess)
+            return "cudaHostAlloc of the error record failed";
+        std::memset(host, 0, sizeof(LLHostError));
+        host_ = static_cast<LLHostError*>(host);
+        if (cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host, 0) != cudaSuccess)
+            return "cudaHostGetDevicePointer failed";
+        if (cudaMalloc(&workspace_, moe_a2a::kLLWorkspaceInts * sizeof(int)) != cudaSuccess ||
+            cudaMemset(workspace_, 0, moe_a2a::kLLWorkspaceInts * sizeof(int)) != cudaSuccess)
+            return "cudaMalloc of the workspace failed";
+        void* sym = nullptr;
+        const std::string err = sym_malloc(static_cast<size_t>(num_bytes), &sym);  // zeroed, then a barrier
+        if (!err.empty()) return err;
+        sym_ = static_cast<char*>(sym);
+        return "";
+    }
+
+    bool is_available() const { return sym_ != nullptr; }
+    int num_device_sms() const { return num_device_sms_; }
+
+    // The first timeout the kernels recorded: (code, phase, peer, index, set, call); code 0 while none.
+    std::tuple<int, int, int, int, int, int> error_record() const {
+        if (!host_) return {0, 0, 0, 0, 0, 0};
+        const int code = host_->code;
+        std::atomic_thread_fence(std::memory_order_acquire);
+        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call};
+    }
+
+    // Zero the signals and the workspace (collective: the caller synchronizes the ranks around it).
+    std::string clean() {
+        if (!sym_) return "the low-latency buffer is not allocated";
+        if (cudaDeviceSynchronize() != cudaSuccess || cudaMemset(sym_, 0, moe_a2a::kLLSignalBytes) != cudaSuccess ||
+            cudaMemset(workspace_, 0, moe_a2a::kLLWorkspaceInts * sizeof(int)) != cudaSuccess ||
+            cudaDeviceSynchronize() != cudaSuccess)
+            return std::string("clean failed: ") + cudaGetErrorString(cudaGetLastError());
+        return "";
+    }
+
+    std::string dispatch(const torch::Tensor& x, const torch::Tensor& topk_idx, int num_experts, int max_tokens,
+                         bool use_fp8, bool round_scale, bool use_ue8m0, torch::Tensor& recv_x,
+                         const std::optional<torch::Tensor>& recv_scales, torch::Tensor& recv_count,
+                         torch::Tensor& src_info, torch::Tensor& layout_range,
+                         const std::optional<torch::Tensor>& cumulative_stats,
+                         const std::optional<torch::Tensor>& wait_stats, int set, int num_sms, int call, int phases) {
+        nvshmem_ll::Ctx c{};
+        std::string err = ctx(c, set, num_experts, max_tokens, static_cast<int>(x.size(1)), call, num_sms, phases);
+        if (!err.empty()) return err;
+        LLDispatchArgs a{};
+        a.x = x.data_ptr();
+        a.topk_idx = topk_idx.data_ptr<int64_t>();
+        a.num_tokens = static_cast<int>(x.size(0));
+        a.num_topk = static_cast<int>(topk_idx.size(1));
+        a.hidden = static_cast<int>(x.size(1));
+        a.num_experts = num_experts;
+        a.max_tokens = max_tokens;
+        a.fp8 = use_fp8;
+        a.round_scale = round_scale;
+        a.ue8m0 = use_ue8m0;
+        a.recv_x = recv_x.data_ptr();
+        a.recv_scales = recv_scales ? recv_scales->data_ptr() : nullptr;
+        a.recv_count = recv_count.data_ptr<int>();
+        a.src_info = src_info.data_ptr<int>();
+        a.layout_range = layout_range.data_ptr<int64_t>();
+        a.cumulative_stats = cumulative_stats ? cumulative_stats->data_ptr<int>() : nullptr;
+        a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
+        return nvshmem_ll::launch_dispatch(c, a, phases, num_sms, c10::cuda::getCurrentCUDAStream());
+    }
+
+    std::string combine(const torch::Tensor& x, const torch::Tensor& layout_range, const torch::Tensor& src_info,
+                        const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
+                        const std::optional<torch::Tensor>& wait_stats, int num_experts, int max_tokens, int set,
+                        int num_sms, int call, int phases) {
+        nvshmem_ll::Ctx c{};
+        const int hidden = static_cast<int>(x.size(-1));
+        std::string err = ctx(c, set, num_experts, max_tokens, hidden, call, num_sms, phases);
+        if (!err.empty()) return err;
+        nvshmem_ll::CombineArgs a{};
+        a.a.x = x.data_ptr();
+        a.a.copy_rows = x.data_ptr() != static_cast<void*>(send_base(set));
+        a.a.layout_range = layout_range.data_ptr<int64_t>();
+        a.a.topk_idx = topk_idx.data_ptr<int64_t>();
+        a.a.topk_weights = topk_weights.data_ptr<float>();
+        a.a.out = out.data_ptr();
+        a.a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
+        a.a.num_tokens = static_cast<int>(topk_idx.size(0));
+        a.a.num_topk = static_cast<int>(topk_idx.size(1));
+        a.a.hidden = hidden;
+        a.a.num_experts = num_experts;
+        a.a.max_tokens = max_tokens;
+        a.src_info = src_info.data_ptr<int>();
+        return nvshmem_ll::launch_combine(c, a, phases, num_sms, c10::cuda::getCurrentCUDAStream());
+    }
+
+    // The send area of `set` as the zero-copy combine input [L, R * M, hidden] bf16 (shape checked in Python).
+    torch::Tensor send_buffer(int set, int num_experts, int max_tokens, int hidden) {
+        const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
+        auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA, device_);
+        return torch::from_blob(send_base(set), {L, RM, hidden}, opts);
+    }
+
+    // Collective over the group (NVSHMEM frees with a barrier).
+    void destroy() {
+        if (sym_) sym_free(sym_);
+        sym_ = nullptr;
+    }
+
+   private:
+    char* send_base(int set) const { return sym_ + moe_a2a::kLLSignalBytes + set * set_bytes_; }
+
+    std::string ctx(nvshmem_ll::Ctx& c, int set, int num_experts, int max_tokens, int hidden, int call, int num_sms,
+                    int phases) const {
+        if (!sym_) return "the low-latency buffer is not allocated or was destroyed";
+        if (host_->code != 0) return "a kernel timed out earlier; the buffer cannot be used again";
+        if (set != 0 && set != 1) return "buffer set must be 0 or 1";
+        if (phases < 1 || phases > 3) return "phases must be 1, 2 or 3";
+        if (num_sms < 1 || num_sms > num_device_sms_) return "num_sms out of range";
+        if (num_experts <= 0 || num_experts > moe_a2a::kLLMaxExperts || num_experts % num_ranks_)
+            return "num_experts must be a multiple of the group size, at most " + std::to_string(moe_a2a::kLLMaxExperts);
+        if (max_tokens < 1 || max_tokens > nvshmem_ll::kMaxTokens) return "num_max_dispatch_tokens_per_rank out of range";
+        const int64_t send = moe_a2a::ll_send_bytes(num_experts, max_tokens, hidden);
+        const int64_t recv = moe_a2a::ll_recv_bytes(num_experts, max_tokens, hidden);
+        if (send + recv > set_bytes_)
+            return "the buffer of " + std::to_string(num_bytes_) + " bytes is too small for this call shape";
+        c.sym = sym_;
+        c.workspace = workspace_;
+        c.host = host_dev_;
+        c.timeout_ns = timeout_ns_;
+        c.set_bytes = set_bytes_;
+        c.recv_offset = send;
+        c.rank = rank_;
+        c.num_ranks = num_ranks_;
+        c.set = set;
+        c.call = call;
+        c.use_nvlink = use_nvlink_ ? 1 : 0;
+        return "";
+    }
+
+    char* sym_ = nullptr;
+    int* workspace_ = nullptr;
+    volatile LLHostError* host_ = nullptr;
+    LLHostError* host_dev_ = nullptr;
+    int rank_ = 0, num_ranks_ = 1, device_ = 0, num_device_sms_ = 0;
+    int64_t num_bytes_ = 0, set_bytes_ = 0;
+    uint64_t timeout_ns_ = 0;
+    bool use_nvlink_ = true;
 };
 
 }  // namespace moe_a2a::internode
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     namespace py = pybind11;
+    using moe_a2a::internode::LowLatencyRuntime;
     using moe_a2a::internode::Runtime;
     m.doc() = "moe_a2a internode kernels over NVSHMEM";
     m.attr("max_nodes") = moe_a2a::internode::kMaxNodes;
@@ -253,10 +442,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("num_pes", &moe_a2a::internode::num_pes);
     m.def("dispatch_slot_bytes", &moe_a2a::internode::dispatch_slot_bytes);
     m.def("combine_slot_bytes", &moe_a2a::internode::combine_slot_bytes);
+    m.attr("ll_max_experts") = moe_a2a::kLLMaxExperts;
+    m.attr("ll_max_topk") = moe_a2a::kLLMaxTopk;
+    m.attr("ll_max_tokens") = moe_a2a::nvshmem_ll::kMaxTokens;
+    py::class_<LowLatencyRuntime>(m, "LowLatencyRuntime")
+        .def(py::init<>())
+        .def("allocate", &LowLatencyRuntime::allocate)
+        .def("is_available", &LowLatencyRuntime::is_available)
+        .def("num_device_sms", &LowLatencyRuntime::num_device_sms)
+        .def("error_record", &LowLatencyRuntime::error_record)
+        .def("clean", &LowLatencyRuntime::clean)
+        .def("dispatch", &LowLatencyRuntime::dispatch)
+        .def("combine", &LowLatencyRuntime::combine)
+        .def("send_buffer", &LowLatencyRuntime::send_buffer)
+        .def("destroy", &LowLatencyRuntime::destroy);
     py::class_<Runtime>(m, "Runtime")
         .def(py::init<>())
         .def("allocate", &Runtime::allocate)
         .def("is_available", &Runtime::is_available)
+        .def("set_pe_map", &Runtime::set_pe_map)
         .def("slot_bytes", &Runtime::slot_bytes)
         .def("error", &Runtime::error)
         .def("notify", &Runtime::notify)

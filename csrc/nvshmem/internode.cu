@@ -20,6 +20,9 @@ namespace moe_a2a::internode {
 
 namespace {
 
+// NVSHMEM PE of team member m (the team may be the whole NVSHMEM job or a strided part of it).
+__device__ __forceinline__ int team_pe(int pe_offset, int pe_stride, int m) { return pe_offset + m * pe_stride; }
+
 __device__ __forceinline__ unsigned long long ld_acquire_u64(const uint64_t* p) {
     unsigned long long v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -63,7 +66,7 @@ __device__ bool round_barrier(const Common& c, int phase, int* ok) {
         int good = !aborted(c.sym);
         auto* arrive = reinterpret_cast<uint64_t*>(c.sym + kOffArrive);
         if (good && blockIdx.x == 0)
-            for (int pe = 0; pe < c.num_nodes; ++pe) nvshmemx_signal_op(arrive + c.me, 1, NVSHMEM_SIGNAL_ADD, pe);
+            for (int pe = 0; pe < c.num_nodes; ++pe) nvshmemx_signal_op(arrive + c.me, 1, NVSHMEM_SIGNAL_ADD, team_pe(c.pe_offset, c.pe_stride, pe));
         for (int pe = 0; pe < c.num_nodes && good; ++pe)
             good = wait_signal(c.sym, arrive + pe, c.arrive_expect, c.err, c.timeout_ns, phase, pe, c.round);
         *ok = good;
@@ -78,7 +81,7 @@ __device__ bool round_data(const Common& c, int phase, int* ok) {
         auto* data = reinterpret_cast<uint64_t*>(c.sym + kOffData);
         nvshmem_quiet();
         __threadfence_system();
-        for (int pe = 0; pe < c.num_nodes; ++pe) nvshmemx_signal_op(data + c.me, 1, NVSHMEM_SIGNAL_ADD, pe);
+        for (int pe = 0; pe < c.num_nodes; ++pe) nvshmemx_signal_op(data + c.me, 1, NVSHMEM_SIGNAL_ADD, team_pe(c.pe_offset, c.pe_stride, pe));
         int good = 1;
         for (int pe = 0; pe < c.num_nodes && good; ++pe)
             good = wait_signal(c.sym, data + pe, c.data_expect, c.err, c.timeout_ns, phase, pe, c.round);
@@ -110,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_consta
     if (threadIdx.x < a.num_nodes) {
         const int pe = threadIdx.x;
         nvshmem_putmem_signal_nbi(recv + a.me * a.record_ints, send + pe * a.record_ints, 4 * a.record_ints,
-                                  sig + a.me, 1, NVSHMEM_SIGNAL_ADD, pe);
+                                  sig + a.me, 1, NVSHMEM_SIGNAL_ADD, team_pe(a.pe_offset, a.pe_stride, pe));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_round_kernel(const __gri
                 dst[l.off_mask + lane] =
                     a.is_token_in_rank[static_cast<size_t>(t) * a.num_ranks + b * l.num_local_ranks + lane] ? 1 : 0;
             __syncwarp();
-            if (b != c.me) nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, l.stride, b);
+            if (b != c.me) nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, l.stride, team_pe(c.pe_offset, c.pe_stride, b));
         }
     }
     if (!round_data(c, kPhaseDispatchData, &ok)) return;
@@ -235,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_round_kernel(const __grid
                                    reinterpret_cast<const int*>(a.weights + static_cast<size_t>(r) * a.num_topk), a.num_topk,
                                    lane);
         __syncwarp();
-        if (m != c.me) nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, c.stride, m);
+        if (m != c.me) nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, c.stride, team_pe(c.pe_offset, c.pe_stride, m));
     }
     if (!round_data(c, kPhaseCombineData, &ok)) return;
 

@@ -47,6 +47,8 @@ struct ErrorRecord {
 struct Common {
     char* sym;                      // this PE's symmetric allocation (symmetric address: valid for every PE)
     int me, num_nodes;              // team index (= node) and team size
+    int pe_offset, pe_stride;       // PE of team member m: pe_offset + m * pe_stride (NVSHMEM over the team: 0, 1;
+                                    // over the whole group: local rank, ranks per node)
     int window, stride;             // rows per node per round, bytes per slot
     int lo, round;                  // first position of this round, round number (for errors)
     unsigned long long arrive_expect, data_expect;
@@ -102,6 +104,7 @@ struct CombineArgs {
 struct NotifyArgs {
     char* sym;
     int me, num_nodes, record_ints, parity;
+    int pe_offset, pe_stride;       // as in Common
     unsigned long long expect;
     const int* records;             // [num_nodes, record_ints]: row b goes to node b
     int* out;                       // [num_nodes, record_ints]: row m came from node m

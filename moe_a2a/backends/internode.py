@@ -36,7 +36,10 @@ joins back). Dispatch reads the count matrix on the host (as DeepEP's non-cached
 step and round; the buffer then refuses further calls.
 
 NVSHMEM is one runtime per process: the first internode buffer of a process initialises it for its
-team; later buffers must have the same team (their symmetric buffers come from the same heap).
+team; later buffers must have the same team (their symmetric buffers come from the same heap). A buffer
+in low-latency mode (``nvshmem_over_group=True``) runs NVSHMEM over the whole group instead, as the
+internode low-latency kernels need every rank reachable; these kernels then address team member ``m``
+as PE ``m * L + local_rank``.
 """
 from __future__ import annotations
 
@@ -98,6 +101,12 @@ def _init_nvshmem(team: List[int], team_index: int, all_gather_object, heap_byte
     _TEAM = (team, team_index)
 
 
+def init_nvshmem_over_group(rank: int, num_ranks: int, all_gather_object, heap_bytes: int) -> None:
+    """Start NVSHMEM over the whole group (PE = group rank), as low-latency mode across nodes needs; nothing
+    to do where it already runs so (collective over the group)."""
+    _init_nvshmem(list(range(num_ranks)), rank, all_gather_object, heap_bytes)
+
+
 def _exclusive_prefix(values: List[int]) -> List[int]:
     out, acc = [], 0
     for v in values:
@@ -110,7 +119,7 @@ class InternodeBackend:
     """Normal-mode kernels across nodes; same interface as ``ReferenceBackend`` and ``IntranodeBackend``."""
 
     def __init__(self, rank: int, num_ranks: int, num_ranks_per_node: int, num_nvl_bytes: int, num_rdma_bytes: int,
-                 all_gather_object, timeout_s: float):
+                 all_gather_object, timeout_s: float, nvshmem_over_group: bool = False):
         if not available():
             raise RuntimeError("moe_a2a internode kernels are not built: they need NVSHMEM headers at build time "
                                "(nvidia-nvshmem-cu13 or NVSHMEM_HOME) and the CUDA extension moe_a2a._C")
@@ -135,8 +144,13 @@ class InternodeBackend:
         self.timeout_s = float(timeout_s)
         team = [m * L + self.local_rank for m in range(self.num_nodes)]
         slot_bytes = int(num_rdma_bytes) // 16 * 16
-        _init_nvshmem(team, self.node, all_gather_object, slot_bytes)
+        if nvshmem_over_group:  # low-latency mode shares the process's NVSHMEM: team member m is PE m * L + l
+            init_nvshmem_over_group(rank, num_ranks, all_gather_object, slot_bytes)
+        else:
+            _init_nvshmem(team, self.node, all_gather_object, slot_bytes)
         self.runtime = _nvshmem.Runtime()
+        if nvshmem_over_group:
+            self.runtime.set_pe_map(self.local_rank, L)
         err = self.runtime.allocate(rank, self.num_nodes, self.node, self.local_rank, L, slot_bytes, self.timeout_s)
         if err:
             raise RuntimeError(f"moe_a2a internode: rank {rank}: {err}")

@@ -1,0 +1,541 @@
+// Low-latency dispatch/combine across nodes over NVSHMEM (layout in low_latency.cuh). Senders push.
+//
+// Dispatch send: every block loads the routing into shared memory and counts the pairs per expert. Block
+// b casts tokens b, b + G, ... once (FP8 with per-128 scales, or BF16) into this rank's send area behind
+// a 16-byte header (the token index); then warp k puts the message of pair (t, k) into slot
+// [local expert][this rank][j] of the expert's rank, j = the rank of the pair among this rank's pairs to
+// that expert (by token, then top-k slot). Puts go through NVSHMEM (RDMA across nodes), or as plain
+// stores where NVSHMEM maps the peer (NVLink). Each thread then completes its puts (nvshmem_quiet); the
+// last block to arrive sends every (expert's rank, local expert) its count, tagged with the call's epoch:
+// data, then quiet, then signal.
+// Dispatch receive: one thread per (local expert, source) waits for its signal, the block scans the
+// counts into the packed slot layout ([expert][source][token], the reference order) and copies the
+// messages from this rank's recv area to their slots, scales into their column-major slots.
+// Combine send: every valid slot's row goes back to its source rank, into [global expert][source token]
+// of its recv area; the last block then flags every rank. Combine receive: wait for every rank's flag,
+// then sum each token's top-k rows, weighted, in float32.
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "../kernels/utils.cuh"
+#include "low_latency.cuh"
+
+namespace moe_a2a::nvshmem_ll {
+
+namespace {
+
+constexpr float kFp8Max = 448.0f;
+constexpr float kMinAmax = 1e-4f;
+constexpr int kWarps = kLLThreads / 32;
+
+__device__ __forceinline__ int* signals(const Ctx& c) {
+    return reinterpret_cast<int*>(c.sym) + c.set * kLLSetSignalInts;
+}
+__device__ __forceinline__ char* set_base(const Ctx& c) {
+    return c.sym + kLLSignalBytes + static_cast<int64_t>(c.set) * c.set_bytes;
+}
+__device__ __forceinline__ char* recv_area(const Ctx& c) { return set_base(c) + c.recv_offset; }
+__device__ __forceinline__ int* set_workspace(const Ctx& c) { return c.workspace + c.set * kLLWorkspaceSetInts; }
+
+// The peer's copy of symmetric address `p` when NVSHMEM maps it into this process (NVLink / same GPU).
+__device__ __forceinline__ char* peer_ptr(const Ctx& c, void* p, int pe) {
+    return c.use_nvlink ? static_cast<char*>(nvshmem_ptr(p, pe)) : nullptr;
+}
+
+// Sets a peer's int signal after this rank's earlier data (which the caller completed with quiet).
+__device__ __forceinline__ void signal_set(const Ctx& c, int* sig, int value, int pe) {
+    if (int* mapped = reinterpret_cast<int*>(peer_ptr(c, sig, pe))) st_release_sys(mapped, value);
+    else nvshmem_int_atomic_set(sig, value, pe);
+}
+
+// First timeout wins: it fills the host record (code last) and aborts later waits of this rank.
+__device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
+    int* ws = c.workspace;
+    if (atomicCAS(ws + kLLWorkspaceClaim, 0, 1) == 0) {
+        c.host->phase = phase;
+        c.host->peer = peer;
+        c.host->index = index;
+        c.host->set = c.set;
+        c.host->call = c.call;
+        __threadfence_system();
+        c.host->code = 1;
+    }
+    atomicExch(ws + kLLWorkspaceAbort, 1);
+    __threadfence_system();
+}
+
+// Waits (one thread) until the signal carries `tag`: its high 16 bits for dispatch counts (`counted`),
+// the whole value otherwise (wrap-safe). False after a timeout or once this rank aborted; *value gets the
+// signal. Adds the nanoseconds waited to *wait_ns when given.
+__device__ bool wait_signal(const Ctx& c, const int* sig, int tag, bool counted, int phase, int peer,
+                            unsigned long long* wait_ns, int* value) {
+    auto arrived = [&](int v) {
+        return counted ? ((static_cast<uint32_t>(v) >> 16) == (static_cast<uint32_t>(tag) & 0xFFFFu))
+                       : counter_reached(v, tag);
+    };
+    int v = ld_acquire_sys(sig);
+    if (arrived(v)) {
+        *value = v;
+        return true;
+    }
+    const uint64_t start = global_timer_ns();
+    uint64_t now = start;
+    while (true) {
+        bool ok = false;
+#pragma unroll 1
+        for (int i = 0; i < 64 && !ok; ++i) ok = arrived(v = ld_acquire_sys(sig));
+        now = global_timer_ns();
+        if (ok) break;
+        if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return false;
+        if (now - start > c.timeout_ns) {
+            record_timeout(c, phase, peer, tag);
+            return false;
+        }
+    }
+    *value = v;
+    if (wait_ns != nullptr) atomicAdd(wait_ns, static_cast<unsigned long long>(now - start));
+    return true;
+}
+
+// Smallest power of two >= s (s positive and normal): the UE8M0-representable scale.
+__device__ __forceinline__ float round_up_pow2(float s) {
+    uint32_t bits = __float_as_uint(s);
+    if (bits & 0x7FFFFFu) bits = (bits & 0x7F800000u) + 0x800000u;
+    return __uint_as_float(bits);
+}
+
+// Exclusive prefix sum of one value per thread over the block; *total gets the sum. s_warp: 32 ints.
+__device__ int block_exclusive_scan(int v, int* s_warp, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xFFFFFFFFu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) s_warp[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < num_warps ? s_warp[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
+            if (lane >= o) w += y;
+        }
+        s_warp[lane] = w;
+    }
+    __syncthreads();
+    const int out = x - v + (warp > 0 ? s_warp[warp - 1] : 0);
+    *total = s_warp[num_warps - 1];
+    __syncthreads();
+    return out;
+}
+
+// Largest i in [0, n) with scan[i] <= w, for scan[0] <= w < scan[n].
+__device__ __forceinline__ int find_range(const int* scan, int n, int w) {
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (scan[mid] <= w) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// Block-wide: this block's puts are complete (every thread ran quiet) and its stores fenced, then one
+// arrival; true in the last block of the grid, which resets the counter and moves `epoch` to `tag`.
+__device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
+    nvshmem_quiet();
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int last = atomicAdd(arrive, 1) == static_cast<int>(gridDim.x) - 1;
+        if (last) {
+            __threadfence_system();
+            *arrive = 0;
+            *epoch = tag;
+        }
+        *s_flag = last;
+    }
+    __syncthreads();
+    const bool last = *s_flag != 0;
+    if (last) __threadfence_system();
+    return last;
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+struct DispatchShared {
+    int scan[kLLMaxExperts + 1];   // send: pairs per global expert; receive: rows before (l, s) pair i
+    int warp[32];
+    int flag;
+    const char* src[kLLThreads];   // receive: message payload of each row of a round
+    int dst[kLLThreads];           // its slot l * R * M + j
+};
+
+template <bool kFp8>
+__device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, int* s_idx, DispatchShared& sh) {
+    const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, M = a.max_tokens, R = c.num_ranks, L = E / R;
+    const int n = T * K, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < E; i += blockDim.x) sh.scan[i] = 0;
+    __syncthreads();
+    for (int i = tid; i < n; i += blockDim.x) {
+        const int64_t e = __ldg(a.topk_idx + i);
+        const int v = e >= 0 && e < E ? static_cast<int>(e) : -1;
+        s_idx[i] = v;
+        if (v >= 0) atomicAdd(sh.scan + v, 1);
+    }
+    __syncthreads();
+
+    char* stage = set_base(c);  // the send area starts the set
+    char* recv = recv_area(c);
+    const int64_t msg = ll_msg_bytes(a.hidden, kFp8);
+    const int chunks = a.hidden / 8;  // 16-byte chunks of a BF16 row
+    const int4* x = reinterpret_cast<const int4*>(a.x);
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        char* row = stage + t * msg;
+        if (tid == 0) *reinterpret_cast<int*>(row) = t;
+        char* payload = row + 16;
+        // Uniform trip count: the FP8 path shuffles across lanes (16 lanes per 128 channels).
+        for (int ch0 = 0; ch0 < chunks; ch0 += blockDim.x) {
+            const int ch = ch0 + tid;
+            const bool active = ch < chunks;
+            const int4 v = active ? ld_nc_v4(x + static_cast<int64_t>(t) * chunks + ch) : make_int4(0, 0, 0, 0);
+            if constexpr (kFp8) {
+                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+                float f[8];
+                float amax = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    f[k] = __bfloat162float(h[k]);
+                    amax = fmaxf(amax, fabsf(f[k]));
+                }
+#pragma unroll
+                for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+                float scale = fmaxf(amax, kMinAmax) / kFp8Max;
+                if (a.round_scale) scale = round_up_pow2(scale);
+                const float inv = 1.0f / scale;
+                uint32_t packed[2];
+#pragma unroll
+                for (int k = 0; k < 2; ++k) {
+                    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k] * inv, f[4 * k + 1] * inv),
+                                                                 __NV_SATFINITE, __NV_E4M3);
+                    const uint32_t hi = __nv_cvt_float2_to_fp8x2(
+                        make_float2(f[4 * k + 2] * inv, f[4 * k + 3] * inv), __NV_SATFINITE, __NV_E4M3);
+                    packed[k] = lo | (hi << 16);
+                }
+                if (active) {
+                    *reinterpret_cast<uint2*>(payload + ch * 8) = make_uint2(packed[0], packed[1]);
+                    if ((lane & 15) == 0) reinterpret_cast<float*>(payload + a.hidden)[ch / 16] = scale;
+                }
+            } else {
+                if (active) reinterpret_cast<int4*>(payload)[ch] = v;
+            }
+        }
+        __threadfence_system();  // the staged message is visible to the NIC and to peers' loads
+        __syncthreads();
+        for (int k = warp; k < K; k += kWarps) {
+            const int flat = t * K + k, e = s_idx[flat];
+            if (e < 0) continue;
+            int pos = 0;
+            for (int base = 0; base < flat; base += 32)
+                pos += __popc(__ballot_sync(0xFFFFFFFFu, base + lane < flat && s_idx[base + lane] == e));
+            if (pos >= M) continue;  // more than M pairs of one rank to one expert: dropped (not reachable
+                                     // with distinct top-k ids)
+            const int dst = e / L, l = e - dst * L;
+            char* remote = recv + (static_cast<int64_t>(l * R + c.rank) * M + pos) * msg;
+            if (char* mapped = peer_ptr(c, remote, dst))
+                warp_copy<true>(reinterpret_cast<int4*>(mapped), reinterpret_cast<const int4*>(row),
+                                static_cast<int>(msg / 16), lane);
+            else
+                nvshmemx_putmem_nbi_warp(remote, row, msg, dst);
+        }
+    }
+
+    // Data of every block complete, then one count per (expert's rank, local expert).
+    int* ws = set_workspace(c);
+    if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, &sh.flag)) {
+        for (int e = tid; e < E; e += blockDim.x) {
+            const int dst = e / L, l = e - dst * L;
+            const int value = static_cast<int>((static_cast<uint32_t>(tag) << 16) | static_cast<uint32_t>(min(sh.scan[e], M)));
+            signal_set(c, signals(c) + kSigDispatch + l * R + c.rank, value, dst);
+        }
+    }
+}
+
+__device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, DispatchShared& sh) {
+    const int R = c.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, RM = R * M;
+    const int tid = threadIdx.x, G = gridDim.x;
+    // Pair i = l * R + s: messages of source s for local expert l (0 for a source that timed out).
+    int count = 0;
+    if (tid < E) {
+        const int s = tid % R;
+        unsigned long long* stat = blockIdx.x == 0 && tid < R && a.wait_stats
+                                       ? reinterpret_cast<unsigned long long*>(a.wait_stats + s)
+                                       : nullptr;
+        int v = 0;
+        if (wait_signal(c, signals(c) + kSigDispatch + tid, tag, true, kLLPhaseDispatchRecv, s, stat, &v))
+            count = min(static_cast<int>(static_cast<uint32_t>(v) & 0xFFFFu), M);
+    }
+    int num_rows;
+    const int before = block_exclusive_scan(count, sh.warp, &num_rows);
+    if (tid <= E) sh.scan[tid] = tid < E ? before : num_rows;
+    __syncthreads();
+    if (blockIdx.x == 0) {
+        if (tid < E) {
+            const int l = tid / R;
+            a.layout_range[tid] = (static_cast<int64_t>(before - sh.scan[l * R]) << 32) | static_cast<int64_t>(count);
+        }
+        if (tid < L) {
+            const int rows = sh.scan[(tid + 1) * R] - sh.scan[tid * R];
+            a.recv_count[tid] = rows;
+            if (a.cumulative_stats) atomicAdd(a.cumulative_stats + tid, rows);
+        }
+    }
+    for (int i = blockIdx.x * blockDim.x + tid; i < L * RM; i += G * blockDim.x) {
+        const int l = i / RM, j = i - l * RM;
+        if (j >= sh.scan[(l + 1) * R] - sh.scan[l * R]) a.src_info[i] = -1;
+    }
+
+    // This block's contiguous share of the rows, in rounds of one row per thread.
+    const int per = (num_rows + G - 1) / G;
+    const int first = min(num_rows, static_cast<int>(blockIdx.x) * per), last = min(num_rows, first + per);
+    const int64_t msg = ll_msg_bytes(a.hidden, a.fp8);
+    const int row_int4 = a.fp8 ? a.hidden / 16 : a.hidden / 8;
+    const int num_scales = a.hidden / 128, cols = a.ue8m0 ? num_scales / 4 : num_scales;
+    const char* recv = recv_area(c);
+    for (int r0 = first; r0 < last; r0 += blockDim.x) {
+        const int n = min(static_cast<int>(blockDim.x), last - r0);
+        if (tid < n) {
+            const int w = r0 + tid;
+            const int p = find_range(sh.scan, E, w);
+            const int l = p / R, j = w - sh.scan[p];
+            const char* m = recv + (static_cast<int64_t>(p) * M + j) * msg;
+            const int slot = sh.scan[p] - sh.scan[l * R] + j;
+            a.src_info[static_cast<int64_t>(l) * RM + slot] = ld_cg(reinterpret_cast<const int*>(m));
+            sh.src[tid] = m + 16;
+            sh.dst[tid] = l * RM + slot;
+        }
+        __syncthreads();
+        const int words = n * row_int4;
+        int4* out = static_cast<int4*>(a.recv_x);
+        constexpr int kU = 8;
+        for (int i0 = tid; i0 < words; i0 += kU * blockDim.x) {
+            int4 v[kU];
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const int i = i0 + u * blockDim.x;
+                if (i < words) {
+                    const int q = i / row_int4;
+                    v[u] = ld_cg_v4(reinterpret_cast<const int4*>(sh.src[q]) + (i - q * row_int4));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const int i = i0 + u * blockDim.x;
+                if (i < words) {
+                    const int q = i / row_int4;
+                    st_na_v4(out + static_cast<int64_t>(sh.dst[q]) * row_int4 + (i - q * row_int4), v[u]);
+                }
+            }
+        }
+        if (a.fp8) {
+            // Column-major scales [L, cols, R * M]: rows fastest, so consecutive slots store together.
+            for (int i = tid; i < n * cols; i += blockDim.x) {
+                const int g = i / n, q = i - g * n;
+                const int slot_index = sh.dst[q], l = slot_index / RM, slot = slot_index - l * RM;
+                const char* scales = sh.src[q] + a.hidden;
+                int value;
+                if (a.ue8m0) {
+                    const int4 f = ld_cg_v4(reinterpret_cast<const int4*>(scales) + g);
+                    const uint32_t b0 = (static_cast<uint32_t>(f.x) >> 23) & 0xFFu, b1 = (static_cast<uint32_t>(f.y) >> 23) & 0xFFu;
+                    const uint32_t b2 = (static_cast<uint32_t>(f.z) >> 23) & 0xFFu, b3 = (static_cast<uint32_t>(f.w) >> 23) & 0xFFu;
+                    value = static_cast<int>(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24));
+                } else {
+                    value = ld_cg(reinterpret_cast<const int*>(scales) + g);
+                }
+                static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * cols + g) * RM + slot] = value;
+            }
+        }
+        __syncthreads();  // sh.src / sh.dst are refilled by the next round
+    }
+}
+
+template <bool kFp8, int kPhases>
+__global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(const __grid_constant__ Ctx c,
+                                                                 const __grid_constant__ LLDispatchArgs a) {
+    extern __shared__ int s_idx[];  // [T * K] expert ids (send phase)
+    __shared__ DispatchShared sh;
+    const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
+    // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
+    const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
+    if constexpr ((kPhases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, sh);
+    if constexpr ((kPhases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
+}
+
+// ------------------------------------------------------------------------------------------ combine
+struct CombineShared {
+    int scan[kLLMaxExperts + 1];   // send: rows before (l, s) pair i
+    int begin[kLLMaxExperts];      // send: first slot of pair i
+    int ok[kMaxRanks];             // receive: rank r's flag arrived
+    int warp[32];
+    int flag;
+};
+
+__device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, CombineShared& sh) {
+    const LLCombineArgs& a = ca.a;
+    const int R = c.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, RM = R * M;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int count = 0;
+    if (tid < E) {
+        const int64_t range = __ldg(a.layout_range + tid);
+        const int b = min(max(static_cast<int>(range >> 32), 0), RM);
+        count = min(max(static_cast<int>(range & 0xFFFFFFFFLL), 0), min(M, RM - b));
+        sh.begin[tid] = b;
+    }
+    int num_rows;
+    const int before = block_exclusive_scan(count, sh.warp, &num_rows);
+    if (tid <= E) sh.scan[tid] = tid < E ? before : num_rows;
+    __syncthreads();
+
+    const int row_int4 = a.hidden / 8;
+    const int64_t row_bytes = 2LL * a.hidden;
+    char* send = set_base(c);
+    char* recv = recv_area(c);
+    const int4* x = static_cast<const int4*>(a.x);
+    for (int w = blockIdx.x * kWarps + warp; w < num_rows; w += gridDim.x * kWarps) {
+        const int p = find_range(sh.scan, E, w);
+        const int l = p / R, s = p - l * R;
+        const int slot = sh.begin[p] + (w - sh.scan[p]);
+        const int t = __ldg(ca.src_info + static_cast<int64_t>(l) * RM + slot);
+        if (t < 0 || t >= M) continue;
+        char* remote = recv + (static_cast<int64_t>(c.rank * L + l) * M + t) * row_bytes;
+        const int64_t at = (static_cast<int64_t>(l) * RM + slot) * row_int4;
+        if (char* mapped = peer_ptr(c, remote, s)) {
+            warp_copy<false>(reinterpret_cast<int4*>(mapped), x + at, row_int4, lane);
+        } else {
+            int4* staged = reinterpret_cast<int4*>(send) + at;
+            if (a.copy_rows) {  // RDMA reads from registered (symmetric) memory
+                warp_copy<false>(staged, x + at, row_int4, lane);
+                __syncwarp();
+                __threadfence_system();
+            }
+            nvshmemx_putmem_nbi_warp(remote, staged, row_bytes, s);
+        }
+    }
+    int* ws = set_workspace(c);
+    if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag))
+        for (int r = tid; r < R; r += blockDim.x) signal_set(c, signals(c) + kSigCombine + c.rank, tag, r);
+}
+
+__device__ void combine_recv(const Ctx& c, const CombineArgs& ca, int tag, CombineShared& sh, int* dyn) {
+    const LLCombineArgs& a = ca.a;
+    const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, R = c.num_ranks, L = E / R, M = a.max_tokens;
+    const int G = gridDim.x, tid = threadIdx.x;
+    for (int r = tid; r < R; r += blockDim.x) {
+        unsigned long long* stat =
+            blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + r) : nullptr;
+        int v = 0;
+        sh.ok[r] = wait_signal(c, signals(c) + kSigCombine + r, tag, false, kLLPhaseCombineRecv, r, stat, &v);
+    }
+    __syncthreads();
+    const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + G - 1) / G : 0;
+    if (my_tokens == 0) return;
+    const int row_int4 = a.hidden / 8;
+    const int4** s_row = reinterpret_cast<const int4**>(dyn);                  // [my_tokens * K]
+    float* s_w = reinterpret_cast<float*>(dyn + 2 * my_tokens * K);            // [my_tokens * K]
+    const int4* recv = reinterpret_cast<const int4*>(recv_area(c));
+    for (int p = tid; p < my_tokens * K; p += blockDim.x) {
+        const int q = p / K, k = p - q * K, t = blockIdx.x + q * G;
+        const int64_t e = __ldg(a.topk_idx + static_cast<int64_t>(t) * K + k);
+        const bool valid = e >= 0 && e < E && sh.ok[e / L];
+        s_row[p] = valid ? recv + (e * M + t) * row_int4 : nullptr;
+        s_w[p] = __ldg(a.topk_weights + static_cast<int64_t>(t) * K + k);
+    }
+    __syncthreads();
+    int4* out = static_cast<int4*>(a.out);
+    constexpr int kU = 8;
+    for (int i = tid; i < my_tokens * row_int4; i += blockDim.x) {
+        const int q = i / row_int4, ch = i - q * row_int4;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k0 = 0; k0 < K; k0 += kU) {
+            int4 v[kU];
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const int4* row = k0 + u < K ? s_row[q * K + k0 + u] : nullptr;
+                if (row != nullptr) v[u] = ld_cg_v4(row + ch);
+            }
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                if (k0 + u >= K || s_row[q * K + k0 + u] == nullptr) continue;
+                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
+                const float w = s_w[q * K + k0 + u];
+#pragma unroll
+                for (int m = 0; m < 8; ++m) acc[m] += w * __bfloat162float(h[m]);
+            }
+        }
+        int4 o;
+        __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) oh[m] = __float2bfloat16_rn(acc[m]);
+        out[static_cast<int64_t>(blockIdx.x + q * G) * row_int4 + ch] = o;
+    }
+}
+
+template <int kPhases>
+__global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(const __grid_constant__ Ctx c,
+                                                                const __grid_constant__ CombineArgs a) {
+    extern __shared__ int dyn[];
+    __shared__ CombineShared sh;
+    const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
+    const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
+    if constexpr ((kPhases & kLLSend) != 0) combine_send(c, a, tag, sh);
+    if constexpr ((kPhases & kLLRecv) != 0) combine_recv(c, a, tag, sh, dyn);
+}
+
+std::string launch_error(const char* what) {
+    const cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) return "";
+    return std::string("moe_a2a internode low-latency: ") + what + ": " + cudaGetErrorString(e);
+}
+
+// Dynamic shared memory beyond the default needs opting in.
+std::string allow_smem(const void* kernel, size_t smem) {
+    if (smem > 16 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)) != cudaSuccess)
+        return launch_error("cudaFuncSetAttribute");
+    return "";
+}
+
+}  // namespace
+
+std::string launch_dispatch(const Ctx& c, const LLDispatchArgs& a, int phases, int num_sms, cudaStream_t stream) {
+    const size_t smem = (phases & kLLSend) ? sizeof(int) * static_cast<size_t>(a.num_tokens) * a.num_topk : 0;
+    void (*kernel)(Ctx, LLDispatchArgs) = nullptr;
+    if (phases == (kLLSend | kLLRecv)) kernel = a.fp8 ? dispatch_kernel<true, 3> : dispatch_kernel<false, 3>;
+    else if (phases == kLLSend) kernel = a.fp8 ? dispatch_kernel<true, 1> : dispatch_kernel<false, 1>;
+    else kernel = dispatch_kernel<false, 2>;  // the receive phase reads the format from the arguments
+    std::string err = allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    if (!err.empty()) return err;
+    kernel<<<num_sms, kLLThreads, smem, stream>>>(c, a);
+    return launch_error("dispatch launch");
+}
+
+std::string launch_combine(const Ctx& c, const CombineArgs& a, int phases, int num_sms, cudaStream_t stream) {
+    size_t smem = 0;
+    if (phases & kLLRecv) {
+        const size_t pairs = static_cast<size_t>((a.a.num_tokens + num_sms - 1) / num_sms) * a.a.num_topk;
+        smem = pairs * (sizeof(void*) + sizeof(float));
+    }
+    void (*kernel)(Ctx, CombineArgs) = phases == (kLLSend | kLLRecv) ? combine_kernel<3>
+                                       : phases == kLLSend          ? combine_kernel<1>
+                                                                    : combine_kernel<2>;
+    std::string err = allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    if (!err.empty()) return err;
+    kernel<<<num_sms, kLLThreads, smem, stream>>>(c, a);
+    return launch_error("combine launch");
+}
+
+}  // namespace moe_a2a::nvshmem_ll

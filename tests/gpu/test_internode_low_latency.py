@@ -1,0 +1,225 @@
+"""Low-latency kernels across nodes (NVSHMEM over the whole group) against the reference backend.
+
+Virtual nodes on one GPU: 2 nodes of 2 ranks and 2 nodes of 4 ranks (``num_ranks_per_node``), every rank
+a process under CUDA MPS; NVSHMEM's peer-to-peer transport stands in for RDMA. Every rank runs the same
+cases in lockstep as ``test_low_latency.py`` (whose checks are reused): received sets per expert equal to
+the reference's through the source info, BF16 rows exact, FP8 within one e4m3 step, combine within BF16
+rounding; hook mode, zero copy, ``out=``, CUDA graph replay on new data, 1,000 alternating calls without
+drift; NVSHMEM puts only (``allow_nvlink=False``); the public ``Buffer`` with normal internode calls on the
+same buffer; and a timeout naming the missing rank.
+"""
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import gather, rank_num_sms, run_ranks, set_rank_device, skip_reason
+from moe_a2a import Buffer
+from moe_a2a.backends import internode, internode_low_latency, low_latency
+from moe_a2a.backends.reference import ReferenceBackend
+from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
+from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
+from test_low_latency import _cases, _graph, _inputs, _many_calls, _round_trip, _want_combine
+
+pytestmark = pytest.mark.gpu
+
+
+def _skip(num_ranks):
+    reason = skip_reason(num_ranks)
+    if reason is None and not internode_low_latency.available():
+        reason = "moe_a2a._nvshmem has no low-latency kernels (no NVSHMEM headers at build time)"
+    return reason
+
+
+def _env():
+    _nvshmem_env()
+    # Room for the largest buffer below plus the Buffer test's two buffers (reserved, mapped on use).
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(2 << 30))
+
+
+def _backend(rank, num_ranks, num_max, hidden, num_experts, timeout_s=10.0, allow_nvlink=True):
+    num_bytes = low_latency.low_latency_buffer_bytes(num_max, hidden, num_ranks, num_experts)
+    return internode_low_latency.InternodeLowLatencyBackend(rank, num_ranks, dist.group.WORLD, num_bytes, gather,
+                                                            timeout_s, allow_nvlink=allow_nvlink)
+
+
+def _correctness(rank, num_ranks, per_node):
+    _env()
+    set_rank_device(rank)
+    ref = ReferenceLowLatency(rank, num_ranks, dist.group.WORLD)
+    kern = _backend(rank, num_ranks, 32, 7168, 288)
+    assert kern.num_sms >= 1
+    for i, (num_max, hidden, num_experts, topk, mode, hook, zero_copy, use_out) in enumerate(_cases(num_ranks)):
+        gen = torch.Generator().manual_seed(7 * i + rank)
+        num_tokens = int(torch.randint(1, num_max + 1, (1,), generator=gen))
+        if i == 2 and rank == 0:
+            num_tokens = 0
+        if i == 3 and rank == num_ranks - 1:
+            num_tokens = num_max
+        name = f"case {i} ({mode}, hidden {hidden}, {num_experts} experts, top-{topk}, rank {rank})"
+        _round_trip(kern, ref, rank, num_ranks, name, 100 + i, num_max, num_tokens, hidden, num_experts, topk, mode,
+                    hook, zero_copy, use_out)
+    with pytest.raises(ValueError, match="exceed num_max_dispatch_tokens_per_rank"):
+        kern.dispatch(torch.zeros(9, 2048, dtype=torch.bfloat16, device=kern.device),
+                      torch.zeros(9, 2, dtype=torch.int64, device=kern.device), None, None, 8, 8 * num_ranks, False,
+                      False, False, False)
+    _graph(rank, num_ranks, kern, ref)
+    _many_calls(rank, num_ranks, kern, num_pairs=500)
+    _latency(rank, num_ranks, per_node, kern)
+    dist.barrier()
+    kern.clean()
+    _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
+    kern.destroy()
+
+    # Everything through NVSHMEM puts (what crosses nodes over RDMA), no direct stores.
+    puts = _backend(rank, num_ranks, 16, 2048, 16 * num_ranks, allow_nvlink=False)
+    for i, (mode, hook, zero_copy) in enumerate((("bf16", False, False), ("fp8", True, True), ("ue8m0", False, True))):
+        _round_trip(puts, ref, rank, num_ranks, f"puts only, {mode}", 300 + i, 16, 16 - (rank + i) % 3, 2048,
+                    16 * num_ranks, 5, mode, hook, zero_copy, False)
+    puts.destroy()
+    _public_api(rank, num_ranks, per_node, ref)
+
+
+def _latency(rank, num_ranks, per_node, kern, iters=40):
+    """FP8 dispatch and BF16 combine of 32 tokens (hidden 7168, 288 experts, top-8) in hook mode, timed per
+    kernel with CUDA events: the send kernel alone, then (every rank's sends landed) the receive kernel
+    alone; and the plain combine right after a plain dispatch. Rank 0 appends the medians (us) to
+    ``$MOE_A2A_LL_LATENCY_JSON`` when set (virtual nodes on one GPU: a smoke figure, not a multi-node one)."""
+    path = os.environ.get("MOE_A2A_LL_LATENCY_JSON")
+    if not path:
+        return
+    dev, num_max, hidden, num_experts = kern.device, 32, 7168, 288
+    x, idx, w = (t.to(dev) for t in _inputs(rank, 5, num_max, hidden, num_experts, 8))
+    y = torch.zeros(num_experts // num_ranks, num_max * num_ranks, hidden, dtype=torch.bfloat16, device=dev)
+    times = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "combine")}
+
+    def timed(name, fn, it):
+        dist.barrier()
+        torch.cuda._sleep(200000)  # about 100 us: the host queues the call before the device starts it
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        if it >= 10:
+            times[name].append(start.elapsed_time(end) * 1e3)
+        return out
+
+    for it in range(iters):
+        _, _, _, handle, hook = timed("dispatch_send", lambda: kern.dispatch(x, idx, None, None, num_max, num_experts,
+                                                                             True, False, False, True), it)
+        timed("dispatch_recv", hook, it)
+        _, chook = timed("combine_send", lambda: kern.combine(y, idx, w, handle, None, None, True), it)
+        timed("combine_recv", chook, it)
+        handle = kern.dispatch(x, idx, None, None, num_max, num_experts, True, False, False, False)[3]
+        timed("combine", lambda: kern.combine(y, idx, w, handle, None, None, False), it)
+    kern.raise_if_error()
+    medians = gather({k: round(sorted(v)[len(v) // 2], 1) for k, v in times.items()})
+    if rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps({"ranks": num_ranks, "per_node": per_node, "tokens": num_max, "hidden": hidden,
+                                "experts": num_experts, "topk": 8, "num_sms": kern.num_sms,
+                                "median_us_per_rank": medians}) + "\n")
+
+
+def _public_api(rank, num_ranks, per_node, ref):
+    """Buffer(low_latency_mode=True) over virtual nodes: low-latency calls on the NVSHMEM kernels, and
+    normal internode calls on the same buffer (their team addressed by whole-group PE ids)."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    num_sms = rank_num_sms(num_ranks)
+    Buffer.set_num_sms(num_sms)
+    dcfg, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms, 2048 * 2)
+    num_max, hidden, num_experts, topk = 24, 2048, 4 * num_ranks, 4
+    rdma = max(rdma, Buffer.get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts))
+    with pytest.raises(ValueError, match="num_qps_per_rank"):
+        Buffer(dist.group.WORLD, 0, rdma, low_latency_mode=True, num_qps_per_rank=0, num_ranks_per_node=per_node)
+    buf = Buffer(dist.group.WORLD, nvl, rdma, low_latency_mode=True, num_qps_per_rank=4,
+                 num_ranks_per_node=per_node, explicitly_destroy=True, timeout_s=30.0)
+    assert isinstance(buf._ll_kernels, internode_low_latency.InternodeLowLatencyBackend)
+    assert isinstance(buf._kernels, internode.InternodeBackend)
+    x, idx, w = _inputs(rank, 41, num_max - rank, hidden, num_experts, topk)
+    xd, idxd, wd = x.to(dev), idx.to(dev), w.to(dev)
+    cum = torch.zeros(num_experts // num_ranks, dtype=torch.int32, device=dev)
+    (recv_x, scales), count, handle, _, hook = buf.low_latency_dispatch(
+        xd, idxd, num_max, num_experts, cumulative_local_expert_recv_stats=cum, use_fp8=True, return_recv_hook=True)
+    hook()
+    want = ref.dispatch(x, idx, None, None, num_max, num_experts, True, False, False, False)
+    torch.cuda.synchronize()
+    assert torch.equal(count.cpu(), want[2]) and torch.equal(cum.cpu(), want[2])
+    L = num_experts // num_ranks
+    mult = (torch.arange(L, device=dev) + rank * L + 1).float().view(L, 1, 1)
+    # Dequantized FP8 rows times (expert id + 1): combine must give sum_k w_k (e_k + 1) deq(x).
+    deq = recv_x.float() * scales.repeat_interleave(128, dim=2)
+    y = buf.get_next_low_latency_combine_buffer(handle)
+    y.copy_((deq * mult).bfloat16())
+    out, _, _ = buf.low_latency_combine(y, idxd, wd, handle, zero_copy=True)
+    torch.cuda.synchronize()
+    assert out.shape == (x.size(0), hidden) and out.dtype == torch.bfloat16
+    want32, mag = _want_combine(x, idx, w)
+    bad = ((out.cpu().float() - want32).abs() > want32.abs() * 2 ** -3 + mag * 2 ** -4 + 1e-2).sum()
+    assert int(bad) == 0, f"Buffer FP8 round trip: {int(bad)} values off"
+
+    # Normal internode dispatch + combine on the same buffer.
+    case = Case(rank, num_ranks, per_node, 12, num_tokens=97 + 5 * rank, hidden=2048, num_experts=64, topk=4)
+    cidx, cw, cx = case.topk_idx.to(dev), case.topk_weights.to(dev), case.x.to(dev)
+    per_rank, per_node_counts, per_expert, in_rank, _ = buf.get_dispatch_layout(cidx, case.num_experts)
+    rx, _, rw, counts, h, _ = buf.internode_dispatch(cx, None, per_rank, per_node_counts, in_rank, per_expert, cidx,
+                                                      cw)
+    nref = ReferenceBackend(rank, num_ranks, dist.group.WORLD, per_node)
+    nwant = nref.dispatch(case.x, None, None, case.layout[0], case.layout[3], case.layout[2], case.topk_idx,
+                          case.topk_weights, 1, 0, dcfg)
+    _assert_equal("normal dispatch on a low-latency buffer", rx, nwant[0])
+    assert counts == nwant[4]
+    combined, _, _ = buf.internode_combine(rx, h, rw)
+    nwant_c = nref.combine(rx.cpu(), nwant[5], nwant[3], None, None, dcfg)[0]
+    magnitude = nref.combine(rx.cpu().float().abs(), nwant[5], None, None, None, dcfg)[0]
+    _assert_combine_close("normal combine on a low-latency buffer", combined, nwant_c, magnitude)
+    # The low-latency path still works after normal calls.
+    (recv_x2, _), count2, _, _, _ = buf.low_latency_dispatch(xd, idxd, num_max, num_experts, use_fp8=True)
+    torch.cuda.synchronize()
+    assert torch.equal(count2.cpu(), want[2])
+    buf.destroy()
+
+
+def _timeout(rank, num_ranks, per_node):
+    _env()
+    set_rank_device(rank)
+    kern = _backend(rank, num_ranks, 8, 2048, 8 * num_ranks, timeout_s=1.0)
+    dev = kern.device
+    x = torch.randn(8, 2048, device=dev).to(torch.bfloat16)
+    idx = torch.randint(0, 8 * num_ranks, (8, 1), device=dev)
+    kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+    torch.cuda.synchronize()
+    kern.raise_if_error()
+    dist.barrier()
+    missing = num_ranks - 1  # on the other node than rank 0
+    if rank != missing:
+        start = time.monotonic()
+        kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+        torch.cuda.synchronize()
+        assert time.monotonic() - start < 10
+        assert f"waiting for rank {missing}" in kern.error(), kern.error()
+        with pytest.raises(RuntimeError, match=rf"rank {rank} timed out .* dispatch receive .* waiting for rank "
+                                               rf"{missing}.* cannot be used again"):
+            kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+    dist.barrier()
+    torch.cuda.synchronize()
+    kern.destroy()
+
+
+@pytest.mark.parametrize("num_ranks,per_node", [(4, 2), (8, 4)])
+def test_internode_low_latency_matches_reference(num_ranks, per_node):
+    reason = _skip(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_correctness, num_ranks, per_node, timeout=240.0)
+
+
+def test_internode_low_latency_timeout_names_the_missing_rank():
+    reason = _skip(4)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_timeout, 4, 2, timeout=120.0)
