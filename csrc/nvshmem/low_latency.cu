@@ -17,18 +17,13 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-
-#include "../kernels/utils.cuh"
+#include "../kernels/ll_device.cuh"
 #include "low_latency.cuh"
 
 namespace moe_a2a::nvshmem_ll {
 
 namespace {
 
-constexpr float kFp8Max = 448.0f;
-constexpr float kMinAmax = 1e-4f;
 constexpr int kWarps = kLLThreads / 32;
 
 __device__ __forceinline__ int* signals(const Ctx& c) {
@@ -100,51 +95,6 @@ __device__ bool wait_signal(const Ctx& c, const int* sig, int tag, bool counted,
     return true;
 }
 
-// Smallest power of two >= s (s positive and normal): the UE8M0-representable scale.
-__device__ __forceinline__ float round_up_pow2(float s) {
-    uint32_t bits = __float_as_uint(s);
-    if (bits & 0x7FFFFFu) bits = (bits & 0x7F800000u) + 0x800000u;
-    return __uint_as_float(bits);
-}
-
-// Exclusive prefix sum of one value per thread over the block; *total gets the sum. s_warp: 32 ints.
-__device__ int block_exclusive_scan(int v, int* s_warp, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-    int x = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xFFFFFFFFu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == 31) s_warp[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < num_warps ? s_warp[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
-            if (lane >= o) w += y;
-        }
-        s_warp[lane] = w;
-    }
-    __syncthreads();
-    const int out = x - v + (warp > 0 ? s_warp[warp - 1] : 0);
-    *total = s_warp[num_warps - 1];
-    __syncthreads();
-    return out;
-}
-
-// Largest i in [0, n) with scan[i] <= w, for scan[0] <= w < scan[n].
-__device__ __forceinline__ int find_range(const int* scan, int n, int w) {
-    int lo = 0, hi = n;
-    while (hi - lo > 1) {
-        const int mid = (lo + hi) >> 1;
-        if (scan[mid] <= w) lo = mid;
-        else hi = mid;
-    }
-    return lo;
-}
-
 // Block-wide: this block's puts are complete (every thread ran quiet) and its stores fenced, then one
 // arrival; true in the last block of the grid, which resets the counter and moves `epoch` to `tag`.
 __device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
@@ -204,30 +154,10 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
             const bool active = ch < chunks;
             const int4 v = active ? ld_nc_v4(x + static_cast<int64_t>(t) * chunks + ch) : make_int4(0, 0, 0, 0);
             if constexpr (kFp8) {
-                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-                float f[8];
-                float amax = 0.0f;
-#pragma unroll
-                for (int k = 0; k < 8; ++k) {
-                    f[k] = __bfloat162float(h[k]);
-                    amax = fmaxf(amax, fabsf(f[k]));
-                }
-#pragma unroll
-                for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-                float scale = fmaxf(amax, kMinAmax) / kFp8Max;
-                if (a.round_scale) scale = round_up_pow2(scale);
-                const float inv = 1.0f / scale;
-                uint32_t packed[2];
-#pragma unroll
-                for (int k = 0; k < 2; ++k) {
-                    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k] * inv, f[4 * k + 1] * inv),
-                                                                 __NV_SATFINITE, __NV_E4M3);
-                    const uint32_t hi = __nv_cvt_float2_to_fp8x2(
-                        make_float2(f[4 * k + 2] * inv, f[4 * k + 3] * inv), __NV_SATFINITE, __NV_E4M3);
-                    packed[k] = lo | (hi << 16);
-                }
+                float scale;
+                const uint2 packed = cast_fp8_chunk(v, a.round_scale, &scale);
                 if (active) {
-                    *reinterpret_cast<uint2*>(payload + ch * 8) = make_uint2(packed[0], packed[1]);
+                    *reinterpret_cast<uint2*>(payload + ch * 8) = packed;
                     if ((lane & 15) == 0) reinterpret_cast<float*>(payload + a.hidden)[ch / 16] = scale;
                 }
             } else {
@@ -303,8 +233,6 @@ __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, Di
     const int per = (num_rows + G - 1) / G;
     const int first = min(num_rows, static_cast<int>(blockIdx.x) * per), last = min(num_rows, first + per);
     const int64_t msg = ll_msg_bytes(a.hidden, a.fp8);
-    const int row_int4 = a.fp8 ? a.hidden / 16 : a.hidden / 8;
-    const int num_scales = a.hidden / 128, cols = a.ue8m0 ? num_scales / 4 : num_scales;
     const char* recv = recv_area(c);
     for (int r0 = first; r0 < last; r0 += blockDim.x) {
         const int n = min(static_cast<int>(blockDim.x), last - r0);
@@ -319,47 +247,7 @@ __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, Di
             sh.dst[tid] = l * RM + slot;
         }
         __syncthreads();
-        const int words = n * row_int4;
-        int4* out = static_cast<int4*>(a.recv_x);
-        constexpr int kU = 8;
-        for (int i0 = tid; i0 < words; i0 += kU * blockDim.x) {
-            int4 v[kU];
-#pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                const int i = i0 + u * blockDim.x;
-                if (i < words) {
-                    const int q = i / row_int4;
-                    v[u] = ld_cg_v4(reinterpret_cast<const int4*>(sh.src[q]) + (i - q * row_int4));
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                const int i = i0 + u * blockDim.x;
-                if (i < words) {
-                    const int q = i / row_int4;
-                    st_na_v4(out + static_cast<int64_t>(sh.dst[q]) * row_int4 + (i - q * row_int4), v[u]);
-                }
-            }
-        }
-        if (a.fp8) {
-            // Column-major scales [L, cols, R * M]: rows fastest, so consecutive slots store together.
-            for (int i = tid; i < n * cols; i += blockDim.x) {
-                const int g = i / n, q = i - g * n;
-                const int slot_index = sh.dst[q], l = slot_index / RM, slot = slot_index - l * RM;
-                const char* scales = sh.src[q] + a.hidden;
-                int value;
-                if (a.ue8m0) {
-                    const int4 f = ld_cg_v4(reinterpret_cast<const int4*>(scales) + g);
-                    const uint32_t b0 = (static_cast<uint32_t>(f.x) >> 23) & 0xFFu, b1 = (static_cast<uint32_t>(f.y) >> 23) & 0xFFu;
-                    const uint32_t b2 = (static_cast<uint32_t>(f.z) >> 23) & 0xFFu, b3 = (static_cast<uint32_t>(f.w) >> 23) & 0xFFu;
-                    value = static_cast<int>(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24));
-                } else {
-                    value = ld_cg(reinterpret_cast<const int*>(scales) + g);
-                }
-                static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * cols + g) * RM + slot] = value;
-            }
-        }
-        __syncthreads();  // sh.src / sh.dst are refilled by the next round
+        copy_received_rows(a, sh.src, sh.dst, n, RM);
     }
 }
 

@@ -1,0 +1,150 @@
+// Device helpers shared by the low-latency kernels over CUDA IPC (kernels/low_latency.cu) and over
+// NVSHMEM (nvshmem/low_latency.cu): block scans, the FP8 cast of a token chunk, and the copy of received
+// rows into their packed slots. Internal linkage: each translation unit gets its own copy.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "low_latency.cuh"
+#include "utils.cuh"
+
+namespace moe_a2a {
+namespace {
+
+constexpr float kLLFp8Max = 448.0f;   // largest finite e4m3 value
+constexpr float kLLMinAmax = 1e-4f;   // floor of a block's amax, so an all-zero block gets a finite scale
+
+// Smallest power of two >= s (s positive and normal): the UE8M0-representable scale.
+__device__ __forceinline__ float round_up_pow2(float s) {
+    uint32_t bits = __float_as_uint(s);
+    if (bits & 0x7FFFFFu) bits = (bits & 0x7F800000u) + 0x800000u;
+    return __uint_as_float(bits);
+}
+
+__device__ __forceinline__ int lanemask_lt() {
+    int m;
+    asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));
+    return m;
+}
+
+// FP8 e4m3 of one 16-byte chunk (8 BF16 channels) with its per-128-channel scale. The 16 lanes that hold
+// one 128-channel block reduce its amax together, so every lane of the warp must call this.
+__device__ __forceinline__ uint2 cast_fp8_chunk(const int4& v, bool round_scale, float* scale_out) {
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+    float f[8];
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        f[k] = __bfloat162float(h[k]);
+        amax = fmaxf(amax, fabsf(f[k]));
+    }
+#pragma unroll
+    for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+    float scale = fmaxf(amax, kLLMinAmax) / kLLFp8Max;
+    if (round_scale) scale = round_up_pow2(scale);
+    const float inv = 1.0f / scale;
+    uint32_t packed[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k] * inv, f[4 * k + 1] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k + 2] * inv, f[4 * k + 3] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
+        packed[k] = lo | (hi << 16);
+    }
+    *scale_out = scale;
+    return make_uint2(packed[0], packed[1]);
+}
+
+// Exclusive prefix sum of one value per thread over the block; *total gets the sum. s_warp: 32 ints.
+__device__ int block_exclusive_scan(int v, int* s_warp, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xFFFFFFFFu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) s_warp[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < num_warps ? s_warp[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xFFFFFFFFu, w, o);
+            if (lane >= o) w += y;
+        }
+        s_warp[lane] = w;
+    }
+    __syncthreads();
+    const int out = x - v + (warp > 0 ? s_warp[warp - 1] : 0);
+    *total = s_warp[num_warps - 1];
+    __syncthreads();  // s_warp may be reused right away
+    return out;
+}
+
+// Largest i in [0, n) with scan[i] <= w, for scan[0] <= w < scan[n] (the range holding item w).
+__device__ __forceinline__ int find_range(const int* scan, int n, int w) {
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (scan[mid] <= w) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// Block-wide copy of `n` received tokens: row q (BF16, or FP8 followed by its float scales) from src[q] to
+// slot dst[q] = l * RM + j of a.recv_x, and for FP8 its scales to the column-major a.recv_scales
+// [L, cols, RM] (float, or UE8M0 exponents packed four to an int). 16-byte words flattened over
+// (row, word), eight loads in flight per thread. Ends with a block barrier (src/dst may be refilled).
+__device__ void copy_received_rows(const LLDispatchArgs& a, const char* const* src, const int* dst, int n, int RM) {
+    const int tid = threadIdx.x;
+    const int row_int4 = a.fp8 ? a.hidden / 16 : a.hidden / 8;
+    const int words = n * row_int4;
+    int4* out = static_cast<int4*>(a.recv_x);
+    constexpr int kU = 8;
+    for (int i0 = tid; i0 < words; i0 += kU * blockDim.x) {
+        int4 v[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int i = i0 + u * blockDim.x;
+            if (i < words) {
+                const int q = i / row_int4;
+                v[u] = ld_cg_v4(reinterpret_cast<const int4*>(src[q]) + (i - q * row_int4));
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int i = i0 + u * blockDim.x;
+            if (i < words) {
+                const int q = i / row_int4;
+                st_na_v4(out + static_cast<int64_t>(dst[q]) * row_int4 + (i - q * row_int4), v[u]);
+            }
+        }
+    }
+    if (a.fp8) {
+        // Rows fastest in the scales' layout, so consecutive slots store together.
+        const int num_scales = a.hidden / 128, cols = a.ue8m0 ? num_scales / 4 : num_scales;
+        for (int i = tid; i < n * cols; i += blockDim.x) {
+            const int g = i / n, q = i - g * n;
+            const int l = dst[q] / RM, slot = dst[q] - l * RM;
+            const char* scales = src[q] + a.hidden;
+            int value;
+            if (a.ue8m0) {
+                const int4 f = ld_cg_v4(reinterpret_cast<const int4*>(scales) + g);
+                const uint32_t b0 = (static_cast<uint32_t>(f.x) >> 23) & 0xFFu, b1 = (static_cast<uint32_t>(f.y) >> 23) & 0xFFu;
+                const uint32_t b2 = (static_cast<uint32_t>(f.z) >> 23) & 0xFFu, b3 = (static_cast<uint32_t>(f.w) >> 23) & 0xFFu;
+                value = static_cast<int>(b0 | (b1 << 8) | (b2 << 16) | (b3 << 24));
+            } else {
+                value = ld_cg(reinterpret_cast<const int*>(scales) + g);
+            }
+            static_cast<int*>(a.recv_scales)[(static_cast<int64_t>(l) * cols + g) * RM + slot] = value;
+        }
+    }
+    __syncthreads();
+}
+
+}  // namespace
+}  // namespace moe_a2a
