@@ -39,6 +39,8 @@ if [[ $what == bench || $what == all ]]; then
     step "tune: rc=$?"
   fi
   bench low-latency --num-ranks 8 4 2 --out "$out"
+  bench low-latency --num-ranks 4 --num-ranks-per-node 2 --out "$out"
+  bench low-latency --num-ranks 8 --num-ranks-per-node 4 --out "$out"
   bench internode --topology 2x2,2x4 --tokens 4096 --sms 16 --dtypes bf16,fp8 --out "$out/internode.json"
 fi
 step done

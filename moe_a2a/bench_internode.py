@@ -30,13 +30,19 @@ from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _t
                     max_num_sms_per_rank, mps_if_needed, write_report)
 
 
+def virtual_nodes_env() -> None:
+    """NVSHMEM settings for virtual nodes on one host: peer-to-peer transport only, bootstrap over loopback,
+    no NVLink multicast (each left as the environment sets it)."""
+    for key, value in (("NVSHMEM_REMOTE_TRANSPORT", "none"), ("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo"),
+                       ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(key, value)
+
+
 def _worker(rank, num_ranks, opts):
     from .backends import internode, intranode
     from .config import Config
 
-    for key, value in (("NVSHMEM_REMOTE_TRANSPORT", "none"), ("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo"),
-                       ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(key, value)
+    virtual_nodes_env()
     device = torch.device("cuda", torch.cuda.current_device())
     per_node = opts["per_node"]
     hint = Config(max(opts["sms"]))

@@ -9,7 +9,10 @@ In the same run, a device-to-device ``cudaMemcpyAsync`` of the bytes the ranks s
 tokens with scales for dispatch, BF16 rows for combine) gives the floor. Overheads that show at this
 size are measured too: an empty kernel of the kernels' launch shape (back to back, and alone between two
 events) and a flag round trip between ranks 0 and 1 (release store, acquire spin; others idle).
-Results go to ``docs/perf/`` as JSON and Markdown.
+With ``--num-ranks-per-node L`` (below the EP size) the group forms virtual nodes of ``L`` ranks and the
+NVSHMEM kernels that serve low-latency calls across nodes run instead (NVSHMEM over the whole group; on
+one host its peers are reached through the GPU's memory, so the figures show the kernels' own costs, not a
+network's); the launch and flag probes are skipped there. Results go to ``docs/perf/`` as JSON and Markdown.
 """
 from __future__ import annotations
 
@@ -86,8 +89,16 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     torch.cuda.set_device(device)
     M, hidden, K, E = args.tokens, args.hidden, args.topk, args.experts
     L = E // num_ranks
-    kern = LowLatencyBackend(rank, num_ranks, dist.group.WORLD, low_latency_buffer_bytes(M, hidden, num_ranks, E),
-                             _gather, args.timeout, args.num_sms)
+    across_nodes = _across_nodes(num_ranks, args)
+    if across_nodes:  # the NVSHMEM kernels, NVSHMEM over the whole group (as a multi-node Buffer runs them)
+        from .backends.internode_low_latency import InternodeLowLatencyBackend
+        from .bench_internode import virtual_nodes_env
+        virtual_nodes_env()
+        backend = InternodeLowLatencyBackend
+    else:
+        backend = LowLatencyBackend
+    kern = backend(rank, num_ranks, dist.group.WORLD, low_latency_buffer_bytes(M, hidden, num_ranks, E), _gather,
+                   args.timeout, num_sms=args.num_sms)
     gen = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn(M, hidden, generator=gen).to(torch.bfloat16).to(device)
     idx = torch.rand(M, E, generator=gen).topk(K, dim=1).indices.to(device)
@@ -144,7 +155,8 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
         hook["combine_send"].append(send_us)
         hook["combine_recv"].append(recv_us)
     kern.raise_if_error()
-    probes = _probes(kern, rank, num_ranks, args.iters)
+    # The launch and flag probes exist for the IPC kernels only.
+    probes = None if across_nodes else _probes(kern, rank, num_ranks, args.iters)
 
     pairs = int((idx >= 0).sum())
     sent = {"dispatch_fp8": pairs * (hidden + hidden // 128 * 4), "dispatch_bf16": pairs * hidden * 2,
@@ -164,7 +176,8 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     merged = {name: [t for r in everyone for t in r["times"][name]] for name in times}
     merged_hook = {name: [t for r in everyone for t in r["hook"][name]] for name in hook}
     row = {"num_ranks": num_ranks, "ranks_per_gpu": len(same_gpu), "num_sms": kern.num_sms, "tokens": M,
-           "hidden": hidden, "topk": K, "experts": E}
+           "hidden": hidden, "topk": K, "experts": E,
+           "ranks_per_node": args.num_ranks_per_node if across_nodes else num_ranks}
     for name, samples in merged.items():
         st = _stats(samples)
         bytes_per_rank = statistics.mean(r["sent"][name] for r in everyone)
@@ -172,11 +185,16 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
                      "bandwidth_gbps": bytes_per_rank / st["median"] / 1e3,
                      "copy_floor_us": floor[name], "ratio_to_floor": st["median"] / floor[name]}
     row["hook"] = {name: _stats(samples) for name, samples in merged_hook.items()}
-    row["overheads_us"] = {
+    row["overheads_us"] = None if across_nodes else {
         "empty_kernel_back_to_back": statistics.median(r["probes"]["empty_back_to_back"] for r in everyone),
         "empty_kernel_alone": statistics.median(r["probes"]["empty_alone"] for r in everyone),
         "flag_round_trip": everyone[0]["probes"].get("flag_round_trip")}
     return row
+
+
+def _across_nodes(num_ranks: int, args) -> bool:
+    """Whether ``--num-ranks-per-node`` splits this group into several (virtual) nodes."""
+    return args.num_ranks_per_node is not None and args.num_ranks_per_node < num_ranks
 
 
 def _probes(kern, rank: int, num_ranks: int, iters: int) -> dict:
@@ -255,12 +273,12 @@ def _run_ranks(num_ranks: int, args) -> dict:
 
 
 def _table(rows: List[dict]) -> str:
-    lines = ["| EP | ranks/GPU | SMs/rank | call | median us | p99 us | GB/s per rank | copy floor us | ratio |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = ["| EP | ranks/node | ranks/GPU | SMs/rank | call | median us | p99 us | GB/s per rank | copy floor us | "
+             "ratio |", "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         for name in ("dispatch_fp8", "dispatch_bf16", "combine_bf16", "combine_bf16_zero_copy"):
             m = r[name]
-            lines.append(f"| {r['num_ranks']} | {r['ranks_per_gpu']} | {r['num_sms']} | {name} | "
+            lines.append(f"| {r['num_ranks']} | {r['ranks_per_node']} | {r['ranks_per_gpu']} | {r['num_sms']} | {name} | "
                          f"{m['latency_us']['median']:.1f} | {m['latency_us']['p99']:.1f} | "
                          f"{m['bandwidth_gbps']:.1f} | {m['copy_floor_us']:.1f} | {m['ratio_to_floor']:.2f} |")
     lines += ["", "Hook mode (send kernel alone; receive kernel after every rank's sends landed):", "",
@@ -276,6 +294,8 @@ def _table(rows: List[dict]) -> str:
               "|---:|---:|---:|---:|"]
     for r in rows:
         o = r["overheads_us"]
+        if o is None:
+            continue
         trip = "-" if o["flag_round_trip"] is None else f"{o['flag_round_trip']:.2f}"
         lines.append(f"| {r['num_ranks']} | {o['empty_kernel_back_to_back']:.1f} | {o['empty_kernel_alone']:.1f} | "
                      f"{trip} |")
@@ -295,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20, help="back-to-back calls per batch")
     p.add_argument("--hook-iters", type=int, default=30)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--num-ranks-per-node", type=int, default=None,
+                   help="ranks per (virtual) node: smaller groups run the NVSHMEM kernels across nodes")
     p.add_argument("--out", default="docs/perf", help="directory for the JSON and Markdown results ('' for none)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -315,7 +337,10 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, "low_latency_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_"))
+        name = "low_latency_" + re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
+        if args.num_ranks_per_node is not None:
+            name += f"_{args.num_ranks_per_node}_per_node"
+        stem = os.path.join(args.out, name)
         with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1)
         with open(stem + ".md", "w") as f:

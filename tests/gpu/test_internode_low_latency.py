@@ -8,7 +8,6 @@ rounding; hook mode, zero copy, ``out=``, CUDA graph replay on new data, 1,000 a
 drift; NVSHMEM puts only (``allow_nvlink=False``); the public ``Buffer`` with normal internode calls on the
 same buffer; and a timeout naming the missing rank.
 """
-import json
 import os
 import time
 
@@ -68,7 +67,6 @@ def _correctness(rank, num_ranks, per_node):
                       False, False, False)
     _graph(rank, num_ranks, kern, ref)
     _many_calls(rank, num_ranks, kern, num_pairs=500)
-    _latency(rank, num_ranks, per_node, kern)
     dist.barrier()
     kern.clean()
     _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
@@ -81,48 +79,6 @@ def _correctness(rank, num_ranks, per_node):
                     16 * num_ranks, 5, mode, hook, zero_copy, False)
     puts.destroy()
     _public_api(rank, num_ranks, per_node, ref)
-
-
-def _latency(rank, num_ranks, per_node, kern, iters=40):
-    """FP8 dispatch and BF16 combine of 32 tokens (hidden 7168, 288 experts, top-8) in hook mode, timed per
-    kernel with CUDA events: the send kernel alone, then (every rank's sends landed) the receive kernel
-    alone; and the plain combine right after a plain dispatch. Rank 0 appends the medians (us) to
-    ``$MOE_A2A_LL_LATENCY_JSON`` when set (virtual nodes on one GPU: a smoke figure, not a multi-node one)."""
-    path = os.environ.get("MOE_A2A_LL_LATENCY_JSON")
-    if not path:
-        return
-    dev, num_max, hidden, num_experts = kern.device, 32, 7168, 288
-    x, idx, w = (t.to(dev) for t in _inputs(rank, 5, num_max, hidden, num_experts, 8))
-    y = torch.zeros(num_experts // num_ranks, num_max * num_ranks, hidden, dtype=torch.bfloat16, device=dev)
-    times = {k: [] for k in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "combine")}
-
-    def timed(name, fn, it):
-        dist.barrier()
-        torch.cuda._sleep(200000)  # about 100 us: the host queues the call before the device starts it
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        if it >= 10:
-            times[name].append(start.elapsed_time(end) * 1e3)
-        return out
-
-    for it in range(iters):
-        _, _, _, handle, hook = timed("dispatch_send", lambda: kern.dispatch(x, idx, None, None, num_max, num_experts,
-                                                                             True, False, False, True), it)
-        timed("dispatch_recv", hook, it)
-        _, chook = timed("combine_send", lambda: kern.combine(y, idx, w, handle, None, None, True), it)
-        timed("combine_recv", chook, it)
-        handle = kern.dispatch(x, idx, None, None, num_max, num_experts, True, False, False, False)[3]
-        timed("combine", lambda: kern.combine(y, idx, w, handle, None, None, False), it)
-    kern.raise_if_error()
-    medians = gather({k: round(sorted(v)[len(v) // 2], 1) for k, v in times.items()})
-    if rank == 0:
-        with open(path, "a") as f:
-            f.write(json.dumps({"ranks": num_ranks, "per_node": per_node, "tokens": num_max, "hidden": hidden,
-                                "experts": num_experts, "topk": 8, "num_sms": kern.num_sms,
-                                "median_us_per_rank": medians}) + "\n")
 
 
 def _public_api(rank, num_ranks, per_node, ref):
