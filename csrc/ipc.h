@@ -15,14 +15,14 @@ namespace moe_a2a {
 // CUDA IPC otherwise; handles[r] is rank r's cudaIpcMemHandle_t as bytes.
 template <typename T>
 void open_ipc_peers(const std::vector<std::string>& handles, int rank, int num_ranks, void* local, T** peers) {
-    TORCH_CHECK(static_cast<int>(handles.size()) == num_ranks, "expected ", num_ranks, " IPC handles, got ",
+    MOE_A2A_CHECK(static_cast<int>(handles.size()) == num_ranks, "expected ", num_ranks, " IPC handles, got ",
                 handles.size());
     for (int r = 0; r < num_ranks; ++r) {
         if (r == rank) {
             peers[r] = static_cast<T*>(local);
             continue;
         }
-        TORCH_CHECK(handles[r].size() == sizeof(cudaIpcMemHandle_t), "bad IPC handle from rank ", r);
+        MOE_A2A_CHECK(handles[r].size() == sizeof(cudaIpcMemHandle_t), "bad IPC handle from rank ", r);
         cudaIpcMemHandle_t h;
         std::memcpy(&h, handles[r].data(), sizeof(h));
         void* p = nullptr;

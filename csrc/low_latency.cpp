@@ -23,20 +23,20 @@ namespace moe_a2a {
 namespace {
 
 void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", c10::IntArrayRef(shape));
+    MOE_A2A_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+    MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    MOE_A2A_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", c10::IntArrayRef(shape));
 }
 
 class LowLatencyRuntime {
    public:
     LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s)
         : rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes) {
-        TORCH_CHECK(num_ranks >= 1 && num_ranks <= kLLMaxRanks, "low-latency groups have 1..", kLLMaxRanks,
+        MOE_A2A_CHECK(num_ranks >= 1 && num_ranks <= kLLMaxRanks, "low-latency groups have 1..", kLLMaxRanks,
                     " ranks, got ", num_ranks);
-        TORCH_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range [0, ", num_ranks, ")");
-        TORCH_CHECK(num_bytes > kLLSignalBytes, "num_bytes must exceed ", kLLSignalBytes, ", got ", num_bytes);
-        TORCH_CHECK(timeout_s > 0, "timeout_s must be positive, got ", timeout_s);
+        MOE_A2A_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range [0, ", num_ranks, ")");
+        MOE_A2A_CHECK(num_bytes > kLLSignalBytes, "num_bytes must exceed ", kLLSignalBytes, ", got ", num_bytes);
+        MOE_A2A_CHECK(timeout_s > 0, "timeout_s must be positive, got ", timeout_s);
         timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
         set_bytes_ = ((num_bytes - kLLSignalBytes) / 2) / 128 * 128;
         MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
@@ -69,7 +69,7 @@ class LowLatencyRuntime {
     }
 
     void connect(const std::vector<std::string>& handles) {
-        TORCH_CHECK(!destroyed_ && !connected_, "connect() needs a fresh runtime");
+        MOE_A2A_CHECK(!destroyed_ && !connected_, "connect() needs a fresh runtime");
         open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
         connected_ = true;
     }
@@ -124,13 +124,13 @@ class LowLatencyRuntime {
         check(topk_idx, "topk_idx", torch::kInt64, {T, K});
         const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
         check(recv_x, "recv_x", use_fp8 ? torch::kFloat8_e4m3fn : torch::kBFloat16, {L, RM, hidden});
-        TORCH_CHECK(use_fp8 == recv_scales.has_value(), "recv_scales must be given exactly with use_fp8");
+        MOE_A2A_CHECK(use_fp8 == recv_scales.has_value(), "recv_scales must be given exactly with use_fp8");
         if (use_fp8) {
-            TORCH_CHECK(!use_ue8m0 || hidden % 512 == 0, "UE8M0 scales need hidden divisible by 512, got ", hidden);
+            MOE_A2A_CHECK(!use_ue8m0 || hidden % 512 == 0, "UE8M0 scales need hidden divisible by 512, got ", hidden);
             const int64_t cols = use_ue8m0 ? hidden / 512 : hidden / 128;
             // Column-major in the last two dims: the storage is [L, cols, R * M].
             const auto& s = *recv_scales;
-            TORCH_CHECK(s.is_cuda() && s.scalar_type() == (use_ue8m0 ? torch::kInt32 : torch::kFloat32) &&
+            MOE_A2A_CHECK(s.is_cuda() && s.scalar_type() == (use_ue8m0 ? torch::kInt32 : torch::kFloat32) &&
                             s.sizes().vec() == std::vector<int64_t>({L, RM, cols}) && s.stride(0) == cols * RM &&
                             s.stride(1) == 1 && s.stride(2) == RM,
                         "recv_scales must be a column-major [", L, ", ", RM, ", ", cols, "] ",
@@ -207,8 +207,8 @@ class LowLatencyRuntime {
 
     void ping(int peer, int iters, int warmup, torch::Tensor& out_ns) {
         check_ready();
-        TORCH_CHECK(peer >= 0 && peer < num_ranks_ && peer != rank_, "peer must be another rank, got ", peer);
-        TORCH_CHECK(iters > warmup && warmup >= 0, "need iters > warmup >= 0, got ", iters, ", ", warmup);
+        MOE_A2A_CHECK(peer >= 0 && peer < num_ranks_ && peer != rank_, "peer must be another rank, got ", peer);
+        MOE_A2A_CHECK(iters > warmup && warmup >= 0, "need iters > warmup >= 0, got ", iters, ", ", warmup);
         check(out_ns, "out_ns", torch::kInt64, {2});
         LLCtx c = ctx(0, num_ranks_, 1, 8, 0);
         launch_ll_ping(c, peer, iters, warmup, out_ns.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
@@ -226,8 +226,8 @@ class LowLatencyRuntime {
 
    private:
     void check_ready() const {
-        TORCH_CHECK(!destroyed_, "moe_a2a low-latency: the buffer was destroyed");
-        TORCH_CHECK(connected_, "moe_a2a low-latency: connect() was not called");
+        MOE_A2A_CHECK(!destroyed_, "moe_a2a low-latency: the buffer was destroyed");
+        MOE_A2A_CHECK(connected_, "moe_a2a low-latency: connect() was not called");
         // The Python backend raises the detailed message before calling in; this is the backstop.
         if (host_ && host_->code != 0)
             throw std::runtime_error("moe_a2a low-latency: a kernel timed out earlier; the buffer cannot be used again");
@@ -236,24 +236,24 @@ class LowLatencyRuntime {
     char* send_base(int set) const { return static_cast<char*>(local_) + kLLSignalBytes + set * set_bytes_; }
 
     void check_phases(int phases) const {
-        TORCH_CHECK(phases >= 1 && phases <= 3, "phases must be 1 (send), 2 (receive) or 3 (both), got ", phases);
+        MOE_A2A_CHECK(phases >= 1 && phases <= 3, "phases must be 1 (send), 2 (receive) or 3 (both), got ", phases);
     }
 
-    void check_set(int set) const { TORCH_CHECK(set == 0 || set == 1, "buffer set must be 0 or 1, got ", set); }
+    void check_set(int set) const { MOE_A2A_CHECK(set == 0 || set == 1, "buffer set must be 0 or 1, got ", set); }
 
     void check_shape(int num_tokens, int hidden, int num_topk, int num_experts, int max_tokens, bool fp8) const {
         check_ready();
-        TORCH_CHECK(num_experts > 0 && num_experts <= kLLMaxExperts && num_experts % num_ranks_ == 0,
+        MOE_A2A_CHECK(num_experts > 0 && num_experts <= kLLMaxExperts && num_experts % num_ranks_ == 0,
                     "num_experts must be a multiple of ", num_ranks_, " in [1, ", kLLMaxExperts, "], got ", num_experts);
-        TORCH_CHECK(num_topk >= 1 && num_topk <= kLLMaxTopk, "num_topk must be in [1, ", kLLMaxTopk, "], got ", num_topk);
-        TORCH_CHECK(max_tokens >= 1 && num_tokens >= 0 && num_tokens <= max_tokens, "num_tokens (", num_tokens,
+        MOE_A2A_CHECK(num_topk >= 1 && num_topk <= kLLMaxTopk, "num_topk must be in [1, ", kLLMaxTopk, "], got ", num_topk);
+        MOE_A2A_CHECK(max_tokens >= 1 && num_tokens >= 0 && num_tokens <= max_tokens, "num_tokens (", num_tokens,
                     ") must be in [0, num_max_dispatch_tokens_per_rank=", max_tokens, "]");
-        TORCH_CHECK(hidden > 0 && hidden % (fp8 ? 128 : 8) == 0, "hidden must be a positive multiple of ",
+        MOE_A2A_CHECK(hidden > 0 && hidden % (fp8 ? 128 : 8) == 0, "hidden must be a positive multiple of ",
                     fp8 ? 128 : 8, ", got ", hidden);
     }
 
     int checked_sms(int num_sms) const {
-        TORCH_CHECK(num_sms >= 1 && num_sms <= num_device_sms_, "num_sms must be in [1, ", num_device_sms_, "], got ",
+        MOE_A2A_CHECK(num_sms >= 1 && num_sms <= num_device_sms_, "num_sms must be in [1, ", num_device_sms_, "], got ",
                     num_sms);
         return num_sms;
     }
@@ -262,7 +262,7 @@ class LowLatencyRuntime {
         check_set(set);
         const int64_t send = ll_send_bytes(num_experts, max_tokens, hidden);
         const int64_t recv = ll_recv_bytes(num_experts, max_tokens, hidden);
-        TORCH_CHECK(send + recv <= set_bytes_, "moe_a2a low-latency: the buffer of ", num_bytes_, " bytes is too small for ",
+        MOE_A2A_CHECK(send + recv <= set_bytes_, "moe_a2a low-latency: the buffer of ", num_bytes_, " bytes is too small for ",
                     max_tokens, " tokens per rank, hidden ", hidden, ", ", num_experts, " experts: need ",
                     required_bytes(max_tokens, hidden, num_ranks_, num_experts), " bytes");
         LLCtx c{};

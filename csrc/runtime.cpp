@@ -38,9 +38,9 @@ const char* phase_name(int phase) {
 }
 
 void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int dim) {
-    TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+    MOE_A2A_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+    MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    MOE_A2A_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
 }
 
 template <typename T>
@@ -50,14 +50,14 @@ T* opt_ptr(const std::optional<torch::Tensor>& t) {
 
 std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor, torch::Tensor> get_dispatch_layout(
     const torch::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t num_ranks_per_node) {
-    TORCH_CHECK(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor");
-    TORCH_CHECK(topk_idx.dim() == 2 && topk_idx.scalar_type() == torch::kInt64,
+    MOE_A2A_CHECK(topk_idx.is_cuda(), "topk_idx must be a CUDA tensor");
+    MOE_A2A_CHECK(topk_idx.dim() == 2 && topk_idx.scalar_type() == torch::kInt64,
                 "topk_idx must be [num_tokens, num_topk] int64");
-    TORCH_CHECK(num_ranks > 0 && num_experts > 0 && num_experts % num_ranks == 0,
+    MOE_A2A_CHECK(num_ranks > 0 && num_experts > 0 && num_experts % num_ranks == 0,
                 "num_experts must be a positive multiple of num_ranks");
-    TORCH_CHECK(num_ranks_per_node > 0 && (num_ranks <= num_ranks_per_node || num_ranks % num_ranks_per_node == 0),
+    MOE_A2A_CHECK(num_ranks_per_node > 0 && (num_ranks <= num_ranks_per_node || num_ranks % num_ranks_per_node == 0),
                 "num_ranks must be a multiple of num_ranks_per_node");
-    TORCH_CHECK(num_experts <= 8192, "the layout kernel supports at most 8192 experts");
+    MOE_A2A_CHECK(num_experts <= 8192, "the layout kernel supports at most 8192 experts");
     const c10::cuda::CUDAGuard guard(topk_idx.device());
     const auto idx = topk_idx.contiguous();
     const int64_t num_tokens = idx.size(0);
@@ -80,11 +80,11 @@ class Runtime {
    public:
     Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
         : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes) {
-        TORCH_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "intranode groups have 1..", kMaxRanks,
+        MOE_A2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "intranode groups have 1..", kMaxRanks,
                     " ranks, got ", num_ranks);
-        TORCH_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range");
-        TORCH_CHECK(num_nvl_bytes >= 0 && num_nvl_bytes % 16 == 0, "num_nvl_bytes must be a multiple of 16");
-        TORCH_CHECK(timeout_s > 0, "timeout_s must be positive");
+        MOE_A2A_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range");
+        MOE_A2A_CHECK(num_nvl_bytes >= 0 && num_nvl_bytes % 16 == 0, "num_nvl_bytes must be a multiple of 16");
+        MOE_A2A_CHECK(timeout_s > 0, "timeout_s must be positive");
         timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
         MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
         MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_));
@@ -107,8 +107,8 @@ class Runtime {
 
     // Open every peer's allocation; handles[r] is rank r's ipc_handle().
     void connect(const std::vector<std::string>& handles) {
-        TORCH_CHECK(!destroyed_, "the runtime was destroyed");
-        TORCH_CHECK(!connected_, "connect() was already called");
+        MOE_A2A_CHECK(!destroyed_, "the runtime was destroyed");
+        MOE_A2A_CHECK(!connected_, "connect() was already called");
         open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
         connected_ = true;
     }
@@ -168,9 +168,9 @@ class Runtime {
         check_tensor(num_tokens_per_expert, "num_tokens_per_expert", torch::kInt32, 1);
         check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool, 2);
         const int num_experts = static_cast<int>(num_tokens_per_expert.size(0));
-        TORCH_CHECK(num_experts <= kMaxExperts && num_experts / num_ranks_ <= kMaxLocalExperts, "at most ",
+        MOE_A2A_CHECK(num_experts <= kMaxExperts && num_experts / num_ranks_ <= kMaxLocalExperts, "at most ",
                     kMaxExperts, " experts");
-        TORCH_CHECK(num_channels >= 1 && num_channels <= kMaxChannels, "num_channels must be in [1, ", kMaxChannels, "]");
+        MOE_A2A_CHECK(num_channels >= 1 && num_channels <= kMaxChannels, "num_channels must be in [1, ", kMaxChannels, "]");
         launch_notify(ctx(), num_tokens_per_expert.data_ptr<int>(), num_experts, is_token_in_rank.data_ptr<bool>(),
                       static_cast<int>(is_token_in_rank.size(0)), num_channels, expert_alignment, num_worst_tokens, seq,
                       send_head.data_ptr<int>(), channel_prefix.data_ptr<int>(), rank_prefix.data_ptr<int>(),
@@ -180,7 +180,7 @@ class Runtime {
     // Wait (GIL released) until notify `seq` published its counts. Returns (num_recv, per-expert list,
     // error text); the error text is empty on success, and the caller raises it.
     std::tuple<int, std::vector<int>, std::string> wait_notify(int seq, int num_local_experts) const {
-        TORCH_CHECK(connected_ && !destroyed_, "moe_a2a intranode: the buffer is not connected or was destroyed");
+        MOE_A2A_CHECK(connected_ && !destroyed_, "moe_a2a intranode: the buffer is not connected or was destroyed");
         const auto start = std::chrono::steady_clock::now();
         const auto limit = std::chrono::nanoseconds(2 * timeout_ns_) + std::chrono::seconds(5);
         {
@@ -223,9 +223,9 @@ class Runtime {
                   const std::optional<torch::Tensor>& recv_topk_idx, const std::optional<torch::Tensor>& recv_topk_weights,
                   const std::optional<torch::Tensor>& recv_src_idx, bool after_notify) {
         check_ready();
-        TORCH_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous [T, hidden] CUDA tensor");
+        MOE_A2A_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous [T, hidden] CUDA tensor");
         const int hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
-        TORCH_CHECK(hidden_bytes % 16 == 0, "hidden * element size must be a multiple of 16 bytes, got ", hidden_bytes);
+        MOE_A2A_CHECK(hidden_bytes % 16 == 0, "hidden * element size must be a multiple of 16 bytes, got ", hidden_bytes);
         check_tensor(send_head, "send_head", torch::kInt32, 2);
         check_tensor(rank_prefix, "rank_prefix_matrix", torch::kInt32, 2);
         check_sms(num_sms);
@@ -251,7 +251,7 @@ class Runtime {
         a.bulk = a.num_alloc_rows >= bulk_min_rows_;
         a.num_experts_per_rank = num_experts / num_ranks_;
         a.capacity = dispatch_capacity(hidden_bytes, num_scales, num_topk);
-        TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
+        MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
                     " bytes; use Config.get_nvl_buffer_size_hint");
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         // After a notify on this stream the buffer is free already: every peer passed the notify's barrier,
@@ -280,11 +280,11 @@ class Runtime {
         check_tensor(rank_prefix, "rank_prefix_matrix", torch::kInt32, 2);
         check_tensor(is_token_in_rank, "is_token_in_rank", torch::kBool, 2);
         check_tensor(send_head, "send_head", torch::kInt32, 2);
-        TORCH_CHECK(send_head.size(0) == is_token_in_rank.size(0) && send_head.size(1) == num_ranks_,
+        MOE_A2A_CHECK(send_head.size(0) == is_token_in_rank.size(0) && send_head.size(1) == num_ranks_,
                     "send_head must be [", is_token_in_rank.size(0), ", ", num_ranks_, "]");
         check_sms(num_sms);
         const int hidden_bytes = static_cast<int>(x.size(1) * 2);
-        TORCH_CHECK(hidden_bytes % 16 == 0, "hidden must be a multiple of 8, got ", x.size(1));
+        MOE_A2A_CHECK(hidden_bytes % 16 == 0, "hidden must be a multiple of 8, got ", x.size(1));
         const int num_topk = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
         CombineArgs a{};
         a.x = x.data_ptr();
@@ -301,7 +301,7 @@ class Runtime {
         a.out = out.data_ptr();
         a.out_weights = opt_ptr<float>(out_weights);
         a.capacity = combine_capacity(hidden_bytes, num_topk);
-        TORCH_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
+        MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
         // When all received rows (and their weights) fit the buffer, the copy engine stages them in arrival
         // order with one copy each, and peers find a token's copy from rank_prefix and send_head. The row
@@ -327,14 +327,14 @@ class Runtime {
     // Dispatches that receive at least this many rows pull them with bulk copies through shared memory
     // (faster on large batches); smaller ones copy through registers.
     void set_bulk_min_rows(int64_t rows) {
-        TORCH_CHECK(rows >= 0, "bulk_min_rows must be >= 0, got ", rows);
+        MOE_A2A_CHECK(rows >= 0, "bulk_min_rows must be >= 0, got ", rows);
         bulk_min_rows_ = rows;
     }
 
     // A view of the staging area (DeepEP's get_local_buffer_tensor): `offset` bytes in.
     torch::Tensor local_buffer(int64_t offset) const {
         check_ready();
-        TORCH_CHECK(offset >= 0 && offset <= num_nvl_bytes_, "offset ", offset, " outside [0, ", num_nvl_bytes_, "]");
+        MOE_A2A_CHECK(offset >= 0 && offset <= num_nvl_bytes_, "offset ", offset, " outside [0, ", num_nvl_bytes_, "]");
         auto opts = torch::TensorOptions().dtype(torch::kUInt8).device(torch::kCUDA, device_);
         return torch::from_blob(static_cast<char*>(local_) + kHeaderBytes + offset, {num_nvl_bytes_ - offset}, opts);
     }
@@ -353,13 +353,13 @@ class Runtime {
     }
 
     void check_ready() const {
-        TORCH_CHECK(!destroyed_, "moe_a2a intranode: the buffer was destroyed");
-        TORCH_CHECK(connected_, "moe_a2a intranode: connect() was not called");
+        MOE_A2A_CHECK(!destroyed_, "moe_a2a intranode: the buffer was destroyed");
+        MOE_A2A_CHECK(connected_, "moe_a2a intranode: connect() was not called");
         raise_if_error();
     }
 
     void check_sms(int num_sms) const {
-        TORCH_CHECK(num_sms >= 1 && num_sms <= num_device_sms_, "num_sms must be in [1, ", num_device_sms_,
+        MOE_A2A_CHECK(num_sms >= 1 && num_sms <= num_device_sms_, "num_sms must be in [1, ", num_device_sms_,
                     "] (one block per SM, all resident), got ", num_sms);
     }
 

@@ -3,9 +3,28 @@
 #pragma once
 
 #include <cstdint>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <cuda_runtime.h>
+
+// Argument checks of the extensions' host code: throw std::runtime_error (RuntimeError in Python) with the
+// streamed message. Not TORCH_CHECK: a c10::Error records a native backtrace when constructed, and on some
+// torch builds that walk can crash the process (the unwinder faults), killing the rank instead of raising;
+// tests/test_build.py checks that argument errors reach Python.
+namespace moe_a2a::detail {
+template <typename... Args>
+[[noreturn]] void check_failed(const Args&... args) {
+    std::ostringstream message;
+    (message << ... << args);
+    throw std::runtime_error(message.str());
+}
+}  // namespace moe_a2a::detail
+
+#define MOE_A2A_CHECK(cond, ...)                                              \
+    do {                                                                      \
+        if (!(cond)) ::moe_a2a::detail::check_failed(__VA_ARGS__);            \
+    } while (0)
 
 #define MOE_A2A_CUDA_CHECK(expr)                                                                      \
     do {                                                                                              \
