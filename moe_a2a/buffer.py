@@ -109,6 +109,10 @@ class Buffer:
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
 
+        if low_latency_mode and self.group_size > self.num_ranks_per_node:
+            checks.positive_int("num_qps_per_rank", num_qps_per_rank)
+            # Queue pairs per peer of NVSHMEM's IBGDA transport, set before either backend starts NVSHMEM.
+            os.environ.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(num_qps_per_rank))
         self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node)
         self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group)
         self._kernels = self._make_kernel_backend(backend)

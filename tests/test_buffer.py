@@ -179,6 +179,9 @@ def _internode_body(rank, num_ranks):
     combined, _, _ = buffer.internode_combine(recv_x, handle)
     copies = in_rank.sum(1, keepdim=True).float()
     torch.testing.assert_close(combined.float(), (x.float() * copies).bfloat16().float(), rtol=1e-2, atol=1e-2)
+    # Low-latency mode across nodes: queue pairs are checked before any backend starts.
+    with pytest.raises(ValueError, match="num_qps_per_rank must be an int >= 1, got 0"):
+        Buffer(dist.group.WORLD, 0, 1024, low_latency_mode=True, num_qps_per_rank=0, num_ranks_per_node=2)
 
 
 def test_internode_entry_points():
