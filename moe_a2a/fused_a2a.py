@@ -30,6 +30,7 @@ from . import checks
 from .buffer import Buffer
 from .config import Config, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
+from .backends.intranode import MAX_TOPK
 from .handles import DispatchHandle
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -410,6 +411,40 @@ def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, rows - t.size(0)))
 
 
+def _routing_to_topk(routing_map: torch.Tensor, probs: Optional[torch.Tensor], can_sync: bool):
+    """The multi-hot ``routing_map`` ``[T, E]`` as top-k lists: ``([T, k]`` int64 routed expert ids, -1
+    padded, ``[T, k]`` weights from ``probs`` or None``)``, ``k = min(E, MAX_TOPK)`` on every rank.
+
+    The kernels carry at most ``MAX_TOPK`` expert ids per token, so the map travels as lists of its routed
+    experts rather than one column per expert; ``k`` must be the same on every rank. A token routed to more
+    than ``k`` experts raises ValueError when the host may read the counts (``can_sync``), else fails a
+    device-side assertion.
+    """
+    num_tokens, num_experts = routing_map.shape
+    k = min(num_experts, MAX_TOPK)
+    if num_experts > k and num_tokens:
+        most = routing_map.sum(1).max()
+        if can_sync:
+            if int(most) > k:
+                raise ValueError(f"routing_map routes a token to {int(most)} experts; at most {k} are supported")
+        else:
+            torch._assert_async(most <= k, f"routing_map routes a token to more than {k} experts")
+    routed, idx = routing_map.to(torch.float32).topk(k, dim=1)
+    topk_idx = torch.where(routed > 0, idx, -1)
+    topk_weights = None
+    if probs is not None:
+        topk_weights = torch.where(topk_idx >= 0, probs.gather(1, idx), 0)
+    return topk_idx, topk_weights
+
+
+def _scatter_local(recv_idx: torch.Tensor, values: torch.Tensor, num_local: int) -> torch.Tensor:
+    """``[N, L]`` from ``[N, k]`` top-k ``values``: entry ``(n, l)`` is the value of the slot whose received
+    expert id is ``l`` (each expert at most once per token), 0 where none is."""
+    slot = torch.where(recv_idx >= 0, recv_idx, num_local)
+    out = values.new_zeros(recv_idx.size(0), num_local + 1)
+    return out.scatter_(1, slot, values)[:, :num_local]
+
+
 class HybridEPDispatch(torch.autograd.Function):
     """Dispatch with a multi-hot routing map, returning tokens grouped and padded by local expert."""
 
@@ -452,11 +487,7 @@ class HybridEPDispatch(torch.autograd.Function):
         configs = _hybrid_configs(num_ranks, num_sms_dispatch_api, num_sms_combine_api)
         buffer = _hybrid_buffer(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api, configs)
 
-        # Column e of the top-k form is expert e itself, so the received columns of this rank's experts are
-        # the local routing map and weights, with no host-side count of experts per token.
-        experts = torch.arange(num_experts, device=x.device).expand(num_tokens, num_experts)
-        topk_idx = torch.where(routing_map, experts, -1)
-        topk_weights = probs.masked_fill(~routing_map, 0) if probs is not None else None
+        topk_idx, topk_weights = _routing_to_topk(routing_map, probs, can_sync=num_rows is None)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
             buffer.get_dispatch_layout(topk_idx, num_experts)
         # Every received token feeds at least one output row, so num_permuted_tokens bounds the receive count.
@@ -466,8 +497,7 @@ class HybridEPDispatch(torch.autograd.Function):
             num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_tokens_per_expert, expert_alignment=pad, num_worst_tokens=num_worst,
             config=configs[0])
-        local = slice(rank * num_local_experts, (rank + 1) * num_local_experts)
-        local_map = recv_idx[:, local] >= 0  # [N, L]
+        local_map = _scatter_local(recv_idx, torch.ones_like(recv_idx, dtype=torch.bool), num_local_experts)
         padded_counts = _padded_counts(local_map, pad)
         if num_rows is None:
             tokens_per_expert = torch.tensor(aligned_counts, dtype=torch.int64)  # host counts of the dispatch
@@ -479,11 +509,13 @@ class HybridEPDispatch(torch.autograd.Function):
         dispatched_x = _permute(recv_x, src, num_local_experts)
         dispatched_probs = None
         if probs is not None:
-            dispatched_probs = F.pad(recv_weights[:, local].reshape(-1), (0, 1)).index_select(0, src)
+            local_weights = _scatter_local(recv_idx, recv_weights, num_local_experts)  # [N, L]
+            dispatched_probs = F.pad(local_weights.reshape(-1), (0, 1)).index_select(0, src)
 
         handle = HybridEPHandle(buffer, dispatch_handle, src, recv_x.size(0), num_worst, num_experts,
                                 num_local_experts, pad, *configs)
         ctx.handle, ctx.has_probs = handle, probs is not None
+        ctx.topk_idx, ctx.recv_idx = topk_idx, recv_idx
         ctx.mark_non_differentiable(tokens_per_expert)
         return dispatched_x, dispatched_probs, None, tokens_per_expert, handle
 
@@ -497,14 +529,22 @@ class HybridEPDispatch(torch.autograd.Function):
         if ctx.has_probs and ctx.needs_input_grad[2]:
             flat = torch.zeros(num_recv * num_local + 1, dtype=grad_probs.dtype, device=grad_probs.device)
             flat.index_add_(0, h.permuted_src, grad_probs)  # padding rows fall into the dropped last slot
-            rank = h.buffer.rank
-            weights = grad_probs.new_zeros(num_recv, h.num_experts)
-            weights[:, rank * num_local:(rank + 1) * num_local] = flat[:-1].view(num_recv, num_local)
+            per_local = flat[:-1].view(num_recv, num_local)  # gradient of each (received token, local expert)
+            # Back in the top-k form of the dispatch: slot j of a received token is local expert recv_idx[:, j].
+            recv_idx = ctx.recv_idx
+            weights = torch.where(recv_idx >= 0, per_local.gather(1, recv_idx.clamp(min=0)), 0)
         # With num_worst_tokens the receive padding is not part of the handle's exchange.
         n = h.dispatch_handle.num_recv_tokens
-        grad_in, grad_probs_in, _ = h.buffer.combine(
+        grad_in, grad_topk, _ = h.buffer.combine(
             grad_recv[:n].contiguous(), h.dispatch_handle,
             topk_weights=weights[:n].contiguous() if weights is not None else None, config=h.combine_config)
+        grad_probs_in = None
+        if grad_topk is not None:
+            # Each (token, slot) came back from the one rank holding its expert: scatter to the dense map.
+            topk_idx = ctx.topk_idx
+            slot = torch.where(topk_idx >= 0, topk_idx, h.num_experts)
+            dense = grad_topk.new_zeros(topk_idx.size(0), h.num_experts + 1)
+            grad_probs_in = dense.scatter_(1, slot, grad_topk)[:, :h.num_experts].to(grad_probs.dtype)
         return grad_in, None, grad_probs_in, None, None, None, None, None, None
 
 

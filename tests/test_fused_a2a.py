@@ -288,7 +288,8 @@ def check_moe(case, rank, group, hybrid, pad_multiple=None, extra_rows=None, dty
 
 
 def _cases(num_ranks):
-    """Random with holes and an empty rank; topk 1; topk 8; all to one rank; a rank routed nowhere."""
+    """Random with holes and an empty rank; topk 1; topk 8; all to one rank; a rank routed nowhere; more
+    than 32 experts."""
     tokens = [5 - r % 3 for r in range(num_ranks)]
     tokens[1] = 0
     last = num_ranks - 1
@@ -299,6 +300,8 @@ def _cases(num_ranks):
         Case(13, num_ranks, [4] * num_ranks, local8, 8, drop=0.2),
         Case(14, num_ranks, [4] * num_ranks, 2, 2, targets=[last * 2, last * 2 + 1], drop=0.0),
         Case(15, num_ranks, [3] * num_ranks, 2, 2, nowhere_rank=0),
+        # More experts than top-k columns a token may carry: HybridEP's routing map travels as top-k lists.
+        Case(16, num_ranks, [3] * num_ranks, 40 // num_ranks + 1, 3),
     ]
 
 
@@ -409,6 +412,13 @@ def _bad_input_body(rank, num_ranks):
             num_local, num_permuted_tokens=3, pad_multiple=4)
     out = hybrid_ep_dispatch(x[:2], two, pmap[:2], group, num_local, num_permuted_tokens=4, pad_multiple=4)
     assert out[0].shape == (4, HIDDEN) and out[3].tolist() == [4, 0]
+
+    # More routed experts per token than a dispatched token carries (32), with more experts than that.
+    many = 34 // num_ranks + 1
+    crowded = torch.zeros(2, many * num_ranks, dtype=torch.bool)
+    crowded[0, :33] = True
+    _raises(ValueError, "routes a token to 33 experts; at most 32", hybrid_ep_dispatch, x[:2], crowded, None, group,
+            many)
 
     # The buffer cache: one Buffer per group, replaced only by a larger one.
     b1 = fused_a2a.get_buffer(group, 64)

@@ -73,6 +73,8 @@ except ImportError:  # built without CUDA: the reference backend serves every ca
 
 #: Ranks one intranode group may have (the peer table of the kernels).
 MAX_RANKS = 8
+#: Top-k columns (expert ids and weights) a dispatched token may carry.
+MAX_TOPK = 32
 #: Received rows from which dispatch pulls with bulk copies (override: ``MOE_A2A_BULK_MIN_ROWS``).
 BULK_MIN_ROWS = 8192
 _FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -233,8 +235,8 @@ class IntranodeBackend:
                                  f"not a multiple of {R} ranks")
             if topk_idx is not None:
                 _check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
-                if topk_idx.size(0) != num_tokens or topk_idx.size(1) > 32:
-                    raise ValueError(f"topk_idx must be [{num_tokens}, <=32], got {list(topk_idx.shape)}")
+                if topk_idx.size(0) != num_tokens or topk_idx.size(1) > MAX_TOPK:
+                    raise ValueError(f"topk_idx must be [{num_tokens}, <={MAX_TOPK}], got {list(topk_idx.shape)}")
                 if topk_weights is not None:
                     _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
                     if topk_weights.shape != topk_idx.shape:
@@ -325,8 +327,8 @@ class IntranodeBackend:
                              f"{list(handle.send_head.shape)} {handle.send_head.dtype}")
         if topk_weights is not None:
             _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
-            if topk_weights.size(0) != x.size(0) or topk_weights.size(1) > 32:
-                raise ValueError(f"topk_weights must be [{x.size(0)}, <=32], got {list(topk_weights.shape)}")
+            if topk_weights.size(0) != x.size(0) or topk_weights.size(1) > MAX_TOPK:
+                raise ValueError(f"topk_weights must be [{x.size(0)}, <={MAX_TOPK}], got {list(topk_weights.shape)}")
         biases = []
         for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
             if b is not None:
