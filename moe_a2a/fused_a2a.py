@@ -474,7 +474,7 @@ class HybridEPDispatch(torch.autograd.Function):
             handle: a ``HybridEPHandle``.
         """
         group = _resolve_group(group)
-        num_ranks, rank = group.size(), group.rank()
+        num_ranks = group.size()
         checks.tensor("x", x, _FLOAT_DTYPES, (None, None))
         checks.positive_int("num_local_experts", num_local_experts)
         num_experts = num_local_experts * num_ranks

@@ -59,7 +59,7 @@ at the next call). After that every call raises: the buffer must be rebuilt.
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
