@@ -33,6 +33,7 @@ const char* phase_name(int phase) {
         case kPhaseDispatchStaged: return "dispatch (rows staged)";
         case kPhaseCombineStart: return "combine (buffer free)";
         case kPhaseCombineStaged: return "combine (rows staged)";
+        case kPhaseCombineInput: return "get_next_combine_buffer (peers done reading the buffer)";
         default: return "unknown";
     }
 }
@@ -313,15 +314,27 @@ class Runtime {
         a.staged_rows = flat ? static_cast<int>(rows) : -1;
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
+        // x may be the zero-copy input (combine_input_view): its producer wrote it in place already.
+        const bool in_place = x.data_ptr() == static_cast<void*>(staging_base());
+        TORCH_CHECK(flat || !in_place, "a combine input written in place must fit the buffer with its weights");
         if (flat && rows > 0) {
-            MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(), static_cast<size_t>(rows) * hidden_bytes,
-                                               cudaMemcpyDeviceToDevice, stream));
+            if (!in_place)
+                MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
+                                                   static_cast<size_t>(rows) * hidden_bytes, cudaMemcpyDeviceToDevice,
+                                                   stream));
             if (num_topk > 0)
                 MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base() + data_bytes, topk_weights->data_ptr(),
                                                    static_cast<size_t>(rows) * num_topk * 4, cudaMemcpyDeviceToDevice,
                                                    stream));
         }
         launch_combine(ctx(), a, num_sms, stream);
+    }
+
+    // On the current stream: wait until every peer finished the operations this rank finished, so none
+    // reads this rank's staging area any more (before a producer writes a zero-copy combine input there).
+    void wait_peers_done() {
+        check_ready();
+        launch_wait_peers_done(ctx(), c10::cuda::getCurrentCUDAStream());
     }
 
     // Dispatches that receive at least this many rows pull them with bulk copies through shared memory
@@ -404,6 +417,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("dispatch", &Runtime::dispatch)
         .def("combine", &Runtime::combine)
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
+        .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("local_buffer", &Runtime::local_buffer);
     moe_a2a::register_low_latency(m);
 }

@@ -5,7 +5,9 @@ kernels on DeepEP's shapes and reports, per shape and SM count:
 
 * ``dispatch``: the dispatch kernel alone (cached mode: same rows, no count exchange);
 * ``dispatch_full``: layout + count exchange (host sync) + dispatch, what a first call costs;
-* ``combine``: the combine kernel;
+* ``combine``: the combine kernel, its input an ordinary tensor (staged into the buffer first);
+* ``combine_zero_copy``: the same combine with its input written into the buffer beforehand, outside the
+  timed region (``get_next_combine_buffer``, as the expert or un-permute kernel writing it would);
 * ``floor``: the copy engine moving the same bytes, measured in the same run; ``x floor`` is the kernel
   time over it. Ranks sharing one GPU: one device-to-device copy of every rank's bytes (they share its
   memory). One rank per GPU: every rank copies, at once, the bytes it sends to each peer straight into
@@ -273,7 +275,7 @@ def _inputs(rank, num_tokens, hidden, num_experts, topk, fp8, device):
 def _intranode_worker(rank, num_ranks, opts):
     from .backends import intranode
     from .backends.reference import ReferenceBackend
-    from .config import Config
+    from .config import Config, combine_input_bytes
 
     device = torch.device("cuda", torch.cuda.current_device())
     max_sms = max(opts["sms"])
@@ -310,6 +312,12 @@ def _intranode_worker(rank, num_ranks, opts):
                     t_comb = _time_us(lambda: kern.combine(y, handle, recv[3], None, None, cfg), w, loops, iters)
                     mine = dict(num_recv=num_recv, dispatch_bytes=num_recv * row_bytes, combine_bytes=num_recv * hidden * 2,
                                 dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
+                    if combine_input_bytes(num_recv, hidden * 2, topk) <= kern.num_nvl_bytes:
+                        view = kern.get_next_combine_buffer(num_recv, hidden)
+                        view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
+                        mine["combine_zero_copy_us"] = _time_us(
+                            lambda: kern.combine(view, handle, recv[3], None, None, cfg), w, loops, iters)
+                        del view
                     everyone = _gather(mine)
                     floors = {}
                     if per_gpu:
@@ -329,8 +337,9 @@ def _intranode_worker(rank, num_ranks, opts):
                     if num_tokens <= opts["reference_max_tokens"] and num_sms == opts["sms"][0]:
                         ref_us = _time_reference(ref, rank, num_ranks, x, scales, idx, weights, layout, cfg)
                     if rank == 0:
-                        rows.extend(_rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_us))
-                        print(_format_rows(rows[-3:]), flush=True)
+                        new = _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_us)
+                        rows.extend(new)
+                        print(_format_rows(new), flush=True)
                     del recv, handle, y
     kern.destroy()
     return rows
@@ -363,11 +372,15 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
     out = []
     for op, key, bytes_key in (("dispatch", "dispatch_us", "dispatch_bytes"),
                                ("dispatch_full", "dispatch_full_us", "dispatch_bytes"),
-                               ("combine", "combine_us", "combine_bytes")):
+                               ("combine", "combine_us", "combine_bytes"),
+                               ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes")):
+        if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
+            continue
         slowest = max(m[key] for m in everyone)
         bw = statistics.mean(m[bytes_key] / m[key] / 1e3 for m in everyone)  # GB/s per rank
-        floor = floors["combine" if op == "combine" else "dispatch"]
-        nccl = floors.get("nccl_combine" if op == "combine" else "nccl_dispatch")
+        combine = op.startswith("combine")
+        floor = floors["combine" if combine else "dispatch"]
+        nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1), floor_us=round(floor, 1),
                         x_floor=round(slowest / floor, 3) if floor > 0 else None,
@@ -416,7 +429,7 @@ def plot(rows: List[Dict], path: str) -> None:
     for ranks in sorted({r["ranks"] for r in rows}):
         sms = max(r["num_sms"] for r in rows if r["ranks"] == ranks)
         for dtype in sorted({r["dtype"] for r in rows}):
-            for op in ("dispatch", "combine"):
+            for op in ("dispatch", "combine", "combine_zero_copy"):
                 pts = sorted((r["tokens"], r["algbw_gbps"]) for r in rows if r["ranks"] == ranks and
                              r["dtype"] == dtype and r["op"] == op and r["hidden"] == hidden and r["num_sms"] == sms)
                 if len(pts) > 1:

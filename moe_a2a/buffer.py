@@ -13,7 +13,8 @@ Received tokens are ordered by source rank, then by source token index, on every
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple, Union
+import weakref
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,7 @@ from . import checks
 from .backends import internode, internode_low_latency, intranode, low_latency
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
-from .config import NUM_MAX_NVL_PEERS, Config, default_combine_config, default_dispatch_config
+from .config import NUM_MAX_NVL_PEERS, Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handles import DispatchHandle, InternodeHandle, LowLatencyHandle
@@ -122,6 +123,7 @@ class Buffer:
         self._ll_combine_buffers: List[Optional[torch.Tensor]] = [None, None]
         self._ll_buffer_index = 0
         self._destroyed = False
+        self._handle_hidden: Dict[int, int] = {}  # id(handle.recv_src_idx) -> hidden of its tokens
 
     def _kernel_obstacles(self, num_bytes: int, bytes_name: str, internode_kernels: bool = False) -> List[str]:
         """Why the CUDA kernels cannot serve this buffer (empty when they can).
@@ -433,6 +435,7 @@ class Buffer:
             async_finish,
             allocate_on_comm_stream)
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+        self._remember_hidden(handle if handle is not None else new_handle, hidden)
         if handle is not None:
             return recv, None, None, None, None, EventOverlap(event)
         return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, EventOverlap(event)
@@ -474,7 +477,57 @@ class Buffer:
         combined_x, combined_weights, event = backend.combine(x, handle, topk_weights, bias_0, bias_1, config,
                                                               self._event_to_wait(previous_event), async_finish,
                                                               allocate_on_comm_stream)
+        self._remember_hidden(handle, x.size(1))
         return combined_x, combined_weights, EventOverlap(event)
+
+    def get_next_combine_buffer(self, handle: Union[DispatchHandle, InternodeHandle],
+                                hidden: Optional[int] = None) -> torch.Tensor:
+        """Where the next ``combine`` with ``handle`` reads its input in place: ``[num_recv, hidden]`` bf16.
+
+        Write the expert outputs into it (``torch.index_select(y, 0, rows, out=buf)``, ``buf.copy_(acc)``, ...)
+        and pass it as ``combine``'s ``x``. On the intranode kernels it is a view of this rank's registered
+        buffer, so the combine skips staging its input there (a copy of every received row otherwise);
+        other backends return an ordinary tensor, which ``combine`` takes like any input.
+
+        Write it on the current stream (or one ordered after it): the view is ready there once every peer
+        stopped reading this buffer for earlier calls. It serves any number of combines with ``handle``
+        until a dispatch, or a combine of another tensor, runs on this buffer (``combine`` then raises
+        ``ValueError`` if given the stale view); call again before writing the next input.
+
+        Arguments:
+            handle: a handle from ``dispatch``.
+            hidden: hidden size; by default that of the tokens last dispatched or combined with ``handle``.
+
+        Raises:
+            ValueError: ``num_nvl_bytes`` is below ``combine_input_bytes(num_recv, hidden * 2)`` (size the
+                buffer with ``Config.get_nvl_buffer_size_hint(..., num_recv_tokens=...)``); with
+                ``topk_weights`` the combine also needs ``num_topk * 4`` bytes per row.
+        """
+        self._check_alive()
+        if not isinstance(handle, (DispatchHandle, InternodeHandle)):
+            raise TypeError(f"handle must be a handle from dispatch(), got {type(handle).__name__}")
+        if hidden is None:
+            hidden = self._handle_hidden.get(id(handle.recv_src_idx))
+            if hidden is None:
+                raise ValueError("this handle did not come from this Buffer's dispatch: pass hidden=")
+        checks.positive_int("hidden", hidden)
+        num_recv = handle.num_recv_tokens
+        need = combine_input_bytes(num_recv, hidden * 2)
+        if self.num_nvl_bytes < need:
+            raise ValueError(f"get_next_combine_buffer: [{num_recv}, {hidden}] bf16 rows need num_nvl_bytes >= "
+                             f"{need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint(hidden * 2, "
+                             f"num_ranks, num_recv_tokens={num_recv}))")
+        if isinstance(self._kernels, intranode.IntranodeBackend) and isinstance(handle, DispatchHandle) and \
+                handle.recv_src_idx.is_cuda:
+            return self._kernels.get_next_combine_buffer(num_recv, hidden)
+        return self._reference.get_next_combine_buffer(handle, hidden)
+
+    def _remember_hidden(self, handle, hidden: int) -> None:
+        """Record the hidden size used with ``handle`` (the default of ``get_next_combine_buffer``)."""
+        key = id(handle.recv_src_idx)
+        if key not in self._handle_hidden:
+            weakref.finalize(handle.recv_src_idx, self._handle_hidden.pop, key, None)
+        self._handle_hidden[key] = hidden
 
     def internode_dispatch(self, x: Tokens, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
                            is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,

@@ -74,9 +74,19 @@ class Config:
         """Channels the tokens of one rank are split into (one SM pair each)."""
         return self.num_sms // 2
 
-    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of NVLink buffer the normal kernels need for rows of ``hidden_bytes`` and ``num_ranks`` ranks."""
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_recv_tokens: int = 0,
+                                 num_topk: int = 0) -> int:
+        """Bytes of NVLink buffer the normal kernels need for rows of ``hidden_bytes`` and ``num_ranks`` ranks.
+
+        With ``num_recv_tokens`` (rows a rank receives, e.g. the worst case ``num_tokens * num_ranks``), also
+        room for ``Buffer.get_next_combine_buffer``: that many BF16 rows of ``hidden_bytes`` written in place
+        plus ``num_topk`` float32 weights each (``combine_input_bytes``).
+        """
         _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks)
+        return max(self._ring_bytes(hidden_bytes, num_ranks), combine_input_bytes(num_recv_tokens, hidden_bytes,
+                                                                                  num_topk))
+
+    def _ring_bytes(self, hidden_bytes: int, num_ranks: int) -> int:
         num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
         # Counters: start/end/head/tail per (channel, peer), plus the rank and expert prefix matrices.
         counters = num_nvl_ranks * (num_nvl_ranks + 1) * COUNTER_BYTES
@@ -101,6 +111,20 @@ class Config:
         num_rdma_ranks = (num_ranks + num_ranks_per_node - 1) // num_ranks_per_node
         window = self.num_channels * self.num_max_rdma_chunked_recv_tokens
         return _align(2 * num_rdma_ranks * window * _rdma_slot_bytes(hidden_bytes))
+
+
+def combine_input_bytes(num_recv_tokens: int, hidden_bytes: int, num_topk: int = 0) -> int:
+    """Bytes of ``num_nvl_bytes`` a zero-copy combine input takes (``Buffer.get_next_combine_buffer``).
+
+    The rows ``[num_recv_tokens, hidden]`` BF16 (``hidden_bytes`` each) written in place, then the
+    ``[num_recv_tokens, num_topk]`` float32 ``topk_weights`` the combine copies behind them, each part
+    rounded up to 16 bytes.
+    """
+    for name, value in (("num_recv_tokens", num_recv_tokens), ("hidden_bytes", hidden_bytes),
+                        ("num_topk", num_topk)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return _align(num_recv_tokens * hidden_bytes, 16) + _align(num_recv_tokens * num_topk * 4, 16)
 
 
 def _rdma_slot_bytes(hidden_bytes: int) -> int:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import checks
 from .buffer import Buffer
-from .config import Config, default_combine_config, default_dispatch_config
+from .config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
 from .backends.intranode import MAX_TOPK
 from .handles import DispatchHandle
@@ -397,11 +397,30 @@ def _permute(recv: torch.Tensor, src: torch.Tensor, num_local: int) -> torch.Ten
     return padded.index_select(0, src // num_local)
 
 
-def _unpermute(y: torch.Tensor, src: torch.Tensor, num_local: int, num_recv: int) -> torch.Tensor:
-    """``[N, hidden]`` sum over local experts of each received token's rows of ``y`` ``[P, hidden]``."""
+def _unpermute(y: torch.Tensor, src: torch.Tensor, num_local: int, num_recv: int,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[N, hidden]`` sum over local experts of each received token's rows of ``y`` ``[P, hidden]``.
+
+    With ``out`` (``[n, hidden]``, ``n <= N``), its first ``n`` rows are rounded into ``out`` instead.
+    """
     acc = torch.zeros(num_recv + 1, y.size(1), dtype=_acc_dtype(y.dtype), device=y.device)
     acc.index_add_(0, src // num_local, y.to(acc.dtype))
+    if out is not None:
+        return out.copy_(acc[:out.size(0)])
     return acc[:num_recv].to(y.dtype)
+
+
+def combine_input(buffer: Buffer, dispatch_handle, x: torch.Tensor, num_topk: int = 0) -> Optional[torch.Tensor]:
+    """The buffer's zero-copy combine input for rows like ``x`` (bf16), or None where it does not fit.
+
+    Written by the un-permute, it spares the combine the copy of every received row into the buffer.
+    """
+    if x.dtype != torch.bfloat16:
+        return None
+    rows = dispatch_handle.num_recv_tokens
+    if buffer.num_nvl_bytes < combine_input_bytes(rows, x.size(1) * 2, num_topk):
+        return None
+    return buffer.get_next_combine_buffer(dispatch_handle, x.size(1))
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -524,7 +543,6 @@ class HybridEPDispatch(torch.autograd.Function):
         """Sum each token's rows per received copy, then combine to the source ranks (weights likewise)."""
         h = ctx.handle
         num_local, num_recv = h.num_local_experts, h.num_recv_rows
-        grad_recv = _unpermute(grad_x, h.permuted_src, num_local, num_recv)
         weights = None
         if ctx.has_probs and ctx.needs_input_grad[2]:
             flat = torch.zeros(num_recv * num_local + 1, dtype=grad_probs.dtype, device=grad_probs.device)
@@ -535,8 +553,13 @@ class HybridEPDispatch(torch.autograd.Function):
             weights = torch.where(recv_idx >= 0, per_local.gather(1, recv_idx.clamp(min=0)), 0)
         # With num_worst_tokens the receive padding is not part of the handle's exchange.
         n = h.dispatch_handle.num_recv_tokens
+        grad_recv = combine_input(h.buffer, h.dispatch_handle, grad_x, weights.size(1) if weights is not None else 0)
+        if grad_recv is not None:
+            _unpermute(grad_x, h.permuted_src, num_local, num_recv, out=grad_recv)
+        else:
+            grad_recv = _unpermute(grad_x, h.permuted_src, num_local, num_recv)[:n].contiguous()
         grad_in, grad_topk, _ = h.buffer.combine(
-            grad_recv[:n].contiguous(), h.dispatch_handle,
+            grad_recv, h.dispatch_handle,
             topk_weights=weights[:n].contiguous() if weights is not None else None, config=h.combine_config)
         grad_probs_in = None
         if grad_topk is not None:
@@ -560,10 +583,13 @@ class HybridEPCombine(torch.autograd.Function):
         """
         _check_hybrid_handle(handle, num_permuted_tokens, pad_multiple)
         checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_permuted_tokens, None), handle.permuted_src.device)
-        recv = _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows)
         n = handle.dispatch_handle.num_recv_tokens
-        combined, _, _ = handle.buffer.combine(recv[:n].contiguous(), handle.dispatch_handle,
-                                               config=handle.combine_config)
+        recv = combine_input(handle.buffer, handle.dispatch_handle, x)  # the un-permute writes into the buffer
+        if recv is not None:
+            _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows, out=recv)
+        else:
+            recv = _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows)[:n].contiguous()
+        combined, _, _ = handle.buffer.combine(recv, handle.dispatch_handle, config=handle.combine_config)
         ctx.handle = handle
         return combined
 

@@ -127,6 +127,14 @@ def _normal_mode_body(rank, num_ranks):
         kept = torch.where(topk_idx >= 0, topk_w, torch.zeros(()))
         torch.testing.assert_close(combined_w, kept)
 
+        # The zero-copy input: same API as on the kernels, an ordinary tensor here; same result.
+        if dtype == torch.bfloat16:
+            buf = buffer.get_next_combine_buffer(handle)
+            assert buf.shape == (recv_x.size(0), HIDDEN) and buf.dtype == torch.bfloat16
+            buf.copy_(y)
+            again, again_w, _ = buffer.combine(buf, handle, topk_weights=recv_w, bias=bias)
+            assert torch.equal(again, combined) and torch.equal(again_w, combined_w)
+
         # num_worst_tokens pads the outputs and returns no per-expert list.
         worst = sum(t.size(0) for t in all_x)
         px, pidx, pw, pcounts, phandle, _ = buffer.dispatch(
@@ -297,6 +305,19 @@ def _bad_input_body(rank, num_ranks):
         buffer.dispatch(x[:2], handle=handle)
     with pytest.raises(ValueError, match="x must have shape"):
         buffer.combine(recv_x[:, :8], handle) if recv_x.size(0) == 0 else buffer.combine(recv_x[1:], handle)
+    with pytest.raises(TypeError, match="handle must be a handle from dispatch"):
+        buffer.get_next_combine_buffer(tuple(handle))
+    with pytest.raises(ValueError, match="did not come from this Buffer's dispatch: pass hidden="):
+        make_buffer().get_next_combine_buffer(handle)
+    num_recv = handle.num_recv_tokens
+    assert make_buffer().get_next_combine_buffer(handle, hidden=HIDDEN).shape == (num_recv, HIDDEN)
+    small = Buffer(dist.group.WORLD, 16 * 1024)
+    need = num_recv * (HIDDEN * 8) * 2
+    if need > 16 * 1024:
+        with pytest.raises(ValueError, match=rf"need num_nvl_bytes >= {need}, got 16384 .*num_recv_tokens={num_recv}"):
+            small.get_next_combine_buffer(handle, hidden=HIDDEN * 8)
+    hint = Config().get_nvl_buffer_size_hint(HIDDEN * 8 * 2, num_ranks, num_recv_tokens=num_recv)
+    assert Buffer(dist.group.WORLD, hint).get_next_combine_buffer(handle, hidden=HIDDEN * 8).size(1) == HIDDEN * 8
     with pytest.raises(ValueError, match="low_latency_mode=True"):
         buffer.low_latency_dispatch(x, idx, 8, 4)
     ll = Buffer(dist.group.WORLD, 0, 1024, low_latency_mode=True)

@@ -31,7 +31,8 @@ constexpr int kBulkSmemBytes = 192 * 1024;
 constexpr int kDispatchBulkSlots = 4;     // per warp: ring of row pieces (loads in flight, then stored)
 
 // Int offsets of the header at the start of every rank's NVL allocation (same layout on every rank).
-// Peers write only kSignal; everything else is written by the owner and read by peers after a barrier.
+// Peers write only kSignal and kPeerDone; everything else is written by the owner and read by peers after
+// a barrier.
 namespace hdr {
 constexpr int kSignal = 0;            // [kMaxRanks] barrier epoch last signalled by each peer
 constexpr int kEpoch = 8;             // barriers this rank has entered
@@ -41,8 +42,11 @@ constexpr int kAborted = 11;          // set on the first error: later kernels e
 constexpr int kErrorClaim = 12;       // first error wins this flag and writes the host record
 constexpr int kNumTokens = 13;        // tokens of the current operation (dispatch: sent, combine: combined)
 constexpr int kStagedRows = 14;       // combine: received rows staged in arrival order (copy engine), or -1
+constexpr int kOpSeq = 15;            // dispatches/combines this rank finished (every rank runs the same ones)
+constexpr int kDoneArrive = 24;       // blocks that finished the current dispatch/combine kernel
 constexpr int kSendCounts = 16;       // [kMaxRanks] tokens sent to each rank
 constexpr int kChannelPrefix = 32;    // [kMaxRanks][kMaxChannels] this rank's channel_prefix_matrix
+constexpr int kPeerDone = 600;        // [kMaxRanks] kOpSeq of each peer once it stopped reading this buffer
 constexpr int kExpertCounts = 1024;   // [kMaxExperts] this rank's num_tokens_per_expert
 constexpr int kInts = 8192;           // header size in ints (32 KiB); the staging area follows
 }  // namespace hdr
@@ -51,7 +55,7 @@ constexpr int64_t kHeaderBytes = hdr::kInts * 4;
 enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3, kErrBadHandle = 4,
                         kErrCopyTimeout = 5 };
 enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStaged = 3, kPhaseCombineStart = 4,
-                   kPhaseCombineStaged = 5 };
+                   kPhaseCombineStaged = 5, kPhaseCombineInput = 6 };
 
 // Pinned, device-mapped host memory: what the host reads without a device synchronisation.
 struct HostInfo {
@@ -78,6 +82,11 @@ struct PeerCtx {
 // One block: publish this rank's token count (and, for combine, its staged rows), then meet every peer.
 // Runs before the host stages rows with the copy engine: no peer still reads the buffer afterwards.
 void launch_prologue(const PeerCtx& ctx, int num_tokens, int staged_rows, int phase, cudaStream_t stream);
+
+// One thread, on the stream of a producer about to write this rank's staging area between operations (the
+// zero-copy combine input): wait until every peer finished the operations this rank finished, so none
+// still reads rows of an earlier operation from here.
+void launch_wait_peers_done(const PeerCtx& ctx, cudaStream_t stream);
 
 void launch_notify(const PeerCtx& ctx, const int* num_tokens_per_expert, int num_experts, const bool* is_token_in_rank,
                    int num_tokens, int num_channels, int expert_alignment, int num_worst_tokens, int seq,

@@ -90,6 +90,25 @@ __device__ bool grid_barrier(const PeerCtx& c, bool with_peers, int phase, int r
 
 __device__ __forceinline__ bool aborted(const PeerCtx& c) { return ld_volatile(header(c, c.rank) + hdr::kAborted) != 0; }
 
+// End of a dispatch or combine kernel: once every block stopped reading the peers' buffers, count the
+// operation finished and tell every peer (kPeerDone[me] on the peer). A peer may still pull this
+// operation's rows from a rank that already finished it, so whoever writes a rank's staging area between
+// operations (the producer of a zero-copy combine input) first waits for these marks
+// (wait_peers_done_kernel). Not reached after an error: the buffer is aborted then.
+__device__ void finish_op(const PeerCtx& c) {
+    __syncthreads();  // every load of this block returned (its values were stored)
+    if (threadIdx.x != 0) return;
+    int* h = header(c, c.rank);
+    __threadfence_system();
+    if (atomicAdd(h + hdr::kDoneArrive, 1) != static_cast<int>(gridDim.x) - 1) return;
+    atomicExch(h + hdr::kDoneArrive, 0);  // the next kernel starts after this one ended (stream order)
+    __threadfence_system();
+    const int done = ld_volatile(h + hdr::kOpSeq) + 1;  // only this thread of this kernel writes it
+    h[hdr::kOpSeq] = done;
+    for (int p = 0; p < c.num_ranks; ++p)
+        if (p != c.rank) st_release_sys(header(c, p) + hdr::kPeerDone + c.rank, done);
+}
+
 // Wait for phase `parity` of a bulk-copy mbarrier; false (error recorded) after the timeout.
 __device__ bool mbar_wait(const PeerCtx& c, uint64_t* bar, uint32_t parity, int phase, int round) {
     if (mbar_try_wait(bar, parity)) return true;
@@ -171,6 +190,25 @@ __global__ void prologue_kernel(PeerCtx c, int num_tokens, int staged_rows, int 
         header(c, c.rank)[hdr::kStagedRows] = staged_rows;
     }
     grid_barrier(c, true, phase, 0);
+}
+
+// Before a producer writes this rank's staging area between operations: every peer finished (so stopped
+// reading here) the operations this rank finished. The comm stream's work is ordered before this kernel.
+__global__ void wait_peers_done_kernel(PeerCtx c) {
+    int* h = header(c, c.rank);
+    const int done = ld_volatile(h + hdr::kOpSeq);
+    const uint64_t deadline = global_timer_ns() + c.timeout_ns;
+    for (int p = 0; p < c.num_ranks; ++p) {
+        if (p == c.rank) continue;
+        int seen;
+        while (!counter_reached(seen = ld_acquire_sys(h + hdr::kPeerDone + p), done)) {
+            if (ld_volatile(h + hdr::kAborted)) return;
+            if (global_timer_ns() > deadline) {
+                record_error(c, kErrPeerTimeout, p, kPhaseCombineInput, done, seen, 0);
+                return;
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------ notify
@@ -477,6 +515,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
         }
     if (a.recv_src_idx)
         for (int64_t i = tid; i < pad_rows; i += stride) a.recv_src_idx[pad_from + i] = -1;
+    finish_op(c);
 }
 
 // ------------------------------------------------------------------------------------------ combine
@@ -623,6 +662,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
             }
         }
     }
+    finish_op(c);
 }
 
 }  // namespace
@@ -637,6 +677,11 @@ int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int 
 
 void launch_prologue(const PeerCtx& ctx, int num_tokens, int staged_rows, int phase, cudaStream_t stream) {
     prologue_kernel<<<1, 32, 0, stream>>>(ctx, num_tokens, staged_rows, phase);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_wait_peers_done(const PeerCtx& ctx, cudaStream_t stream) {
+    wait_peers_done_kernel<<<1, 1, 0, stream>>>(ctx);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

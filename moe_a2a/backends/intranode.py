@@ -29,6 +29,13 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
    slots and stores each back out once it landed, so a block keeps about 192 KiB in flight instead of
    what its registers hold, and the other lanes copy the small per-row fields.
 
+Zero-copy combine input: ``get_next_combine_buffer`` hands out the staging area itself as a
+``[num_recv, hidden]`` bf16 tensor, where the copy engine would put the rows; the producer of the combine
+input writes there and the combine skips the copy (it recognises the view by its address). Each dispatch or
+combine kernel ends by counting the operation finished and telling every peer, once all its blocks stopped
+reading; ``get_next_combine_buffer`` makes the current stream wait until every peer finished the operations
+this rank finished, because a peer may still pull rows from this area after this rank is done with them.
+
 A non-cached dispatch needs no prologue kernel: its notify step already met every peer after they
 finished their earlier operations, and published this rank's token count.
 
@@ -63,6 +70,7 @@ from typing import Optional
 
 import torch
 
+from ..config import combine_input_bytes
 from ..event import EventHandle
 from ..handles import DispatchHandle
 
@@ -152,6 +160,10 @@ class IntranodeBackend:
         self.set_bulk_min_rows(int(os.environ.get("MOE_A2A_BULK_MIN_ROWS", BULK_MIN_ROWS)))
         self._seq = 0
         self._error: Optional[str] = None
+        raw = self.runtime.local_buffer(0)
+        self._staging = (raw.data_ptr(), raw.data_ptr() + raw.numel())  # [begin, end) of the staging area
+        # (rows, hidden) of the combine input view handed out and still intact, else None.
+        self._combine_input: Optional[tuple] = None
 
     def set_bulk_min_rows(self, rows: int) -> None:
         """Dispatches receiving at least ``rows`` rows pull them with bulk copies (0: always, large: never)."""
@@ -198,6 +210,19 @@ class IntranodeBackend:
 
     def _alloc_stream(self, compute, allocate_on_comm_stream: bool):
         return self.comm_stream if allocate_on_comm_stream else compute
+
+    def _outside_staging(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``t``, or a copy of it when its bytes lie in the staging area the call is about to overwrite."""
+        if t is None or t.numel() == 0:
+            return t
+        begin = t.data_ptr()
+        end = begin + t.numel() * t.element_size()
+        return t.clone() if begin < self._staging[1] and end > self._staging[0] else t
+
+    def _is_combine_input(self, x: torch.Tensor, num_rows: int) -> bool:
+        """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows."""
+        return (x.data_ptr() == self._staging[0] and x.dtype == torch.bfloat16 and x.dim() == 2 and
+                x.size(0) == num_rows and x.is_contiguous())
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
@@ -248,8 +273,8 @@ class IntranodeBackend:
         if num_worst_tokens < 0:
             raise ValueError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
 
-        x = x.contiguous()
-        x_scales = x_scales.contiguous() if x_scales is not None else None
+        x = self._outside_staging(x.contiguous())
+        x_scales = self._outside_staging(x_scales.contiguous()) if x_scales is not None else None
         topk_idx = topk_idx.contiguous() if topk_idx is not None and not cached else None
         topk_weights = topk_weights.contiguous() if topk_weights is not None and topk_idx is not None else None
         is_token_in_rank = is_token_in_rank.contiguous()
@@ -293,6 +318,7 @@ class IntranodeBackend:
             self.runtime.dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts,
                                   config.num_sms, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
                                   recv_src_idx, not cached)
+            self._combine_input = None  # the staged tokens overwrite any combine input written in place
         if cached:
             out_handle = None
         else:
@@ -335,10 +361,24 @@ class IntranodeBackend:
                 _check_cuda(name, b, torch.bfloat16, 2, dev)
                 if tuple(b.shape) != (num_tokens, x.size(1)):
                     raise ValueError(f"{name} must be [{num_tokens}, {x.size(1)}], got {list(b.shape)}")
-                b = b.contiguous()
+                b = self._outside_staging(b.contiguous())
             biases.append(b)
-        x = x.contiguous()
-        topk_weights = topk_weights.contiguous() if topk_weights is not None else None
+        in_place = self._is_combine_input(x, num_rows)
+        if in_place:
+            if self._combine_input != (num_rows, x.size(1)):
+                raise ValueError("x is this buffer's combine input area, but get_next_combine_buffer did not hand it "
+                                 f"out for [{num_rows}, {x.size(1)}] rows, or a dispatch or a combine of another "
+                                 "input ran since and overwrote it: call get_next_combine_buffer again and write "
+                                 "the input after it")
+            num_topk = topk_weights.size(1) if topk_weights is not None else 0
+            need = combine_input_bytes(num_rows, x.size(1) * 2, num_topk)
+            if need > self.num_nvl_bytes:
+                raise ValueError(f"a combine input written in place with {num_topk} weights per row needs "
+                                 f"num_nvl_bytes >= {need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint"
+                                 f"(..., num_recv_tokens={num_rows}, num_topk={num_topk}))")
+        else:
+            x = self._outside_staging(x.contiguous())
+        topk_weights = self._outside_staging(topk_weights.contiguous()) if topk_weights is not None else None
         compute = self._start(previous_event)
         alloc = self._alloc_stream(compute, allocate_on_comm_stream)
         with torch.cuda.stream(self.comm_stream):
@@ -348,10 +388,44 @@ class IntranodeBackend:
                                if topk_weights is not None else None)
             self.runtime.combine(x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
                                  handle.is_token_in_rank.contiguous(), handle.send_head.contiguous(), biases[0],
-                                 biases[1], config.num_sms, out,
-                                 out_weights)
+                                 biases[1], config.num_sms, out, out_weights)
+            if not in_place:  # the staged rows overwrote any combine input written in place
+                self._combine_input = None
         event = self._finish(compute, async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
         return out, out_weights, event
+
+    def get_next_combine_buffer(self, num_rows: int, hidden: int) -> torch.Tensor:
+        """The zero-copy combine input: ``[num_rows, hidden]`` bf16 at the start of this rank's staging area.
+
+        Write the expert outputs into it on the current stream, then pass it to ``combine`` as ``x``: the
+        combine finds its rows staged already and skips the copy. The view stays valid for any number of
+        combines with that handle until a dispatch, or a combine of another input, stages rows here.
+
+        Reuse race: a peer may still pull rows of an earlier operation from this area after this rank
+        finished it (a dispatch's tokens sit where the view starts; so do a previous combine's rows). Two
+        alternating areas would cover combine-after-combine but not dispatch-then-combine, and the
+        barriers of the preceding operation order only its staging, not the peers' last reads. So this
+        call orders the current stream after this buffer's operations (comm stream) and enqueues a
+        one-thread kernel that waits until every peer counted those operations finished (each kernel
+        signals its peers once all its blocks stopped reading): afterwards nobody reads this area until
+        the combine's own barrier, whatever the call pattern (cached handles, backward passes, repeats).
+        """
+        self._check_usable()
+        for name, value in (("num_rows", num_rows), ("hidden", hidden)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if hidden % 8:
+            raise ValueError(f"hidden size must be a multiple of 8, got {hidden}")
+        need = combine_input_bytes(num_rows, hidden * 2)
+        if need > self.num_nvl_bytes:
+            raise ValueError(f"a combine input of [{num_rows}, {hidden}] bf16 rows written in place needs "
+                             f"num_nvl_bytes >= {need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint(..., "
+                             f"num_recv_tokens={num_rows}))")
+        torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
+        self.runtime.wait_peers_done()  # on the current stream
+        self._combine_input = (num_rows, hidden)
+        raw = self.runtime.local_buffer(0)
+        return raw[:num_rows * hidden * 2].view(torch.bfloat16).view(num_rows, hidden)
 
     # ------------------------------------------------------------------ resources
     def get_comm_stream(self) -> torch.cuda.Stream:

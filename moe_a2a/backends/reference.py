@@ -238,6 +238,12 @@ class ReferenceBackend:
             combined_weights = w.to(topk_weights.dtype)
         return acc.to(x.dtype), combined_weights, _maybe_event(device, async_finish)
 
+    def get_next_combine_buffer(self, handle: DispatchHandle, hidden: int) -> torch.Tensor:
+        """A fresh ``[num_recv, hidden]`` bf16 tensor on the handle's device: this backend has no staging area
+        to write into, so the combine that takes it sends it as it sends any input."""
+        return torch.empty(handle.recv_src_idx.size(0), hidden, dtype=torch.bfloat16,
+                           device=handle.recv_src_idx.device)
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Sums run in float32, or float64 for float64 inputs (gradient checks)."""

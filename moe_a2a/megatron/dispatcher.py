@@ -191,7 +191,14 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         out = hidden_states.new_zeros(self.num_recv + 1, hidden_states.size(1), dtype=acc)
         out = out.index_add(0, self.src_rows, hidden_states.to(acc))
         self.src_rows = None
-        return out[: self.num_recv].to(hidden_states.dtype)
+        # BF16 sums are rounded straight into the buffer's combine input when it fits: the combine then
+        # skips copying them there. The copy is differentiable like the cast it replaces.
+        buffer = fused_a2a.get_buffer(self.group, fused_a2a.get_hidden_bytes(hidden_states))
+        summed = out[: self.num_recv]
+        target = fused_a2a.combine_input(buffer, self.handle, hidden_states)
+        if target is not None and target.size(0) == self.num_recv:
+            return target.copy_(summed)
+        return summed.to(hidden_states.dtype)
 
     def token_combine(self, hidden_states: torch.Tensor):
         """Send expert outputs back to the tokens' ranks, summed per token: ``[T, H]``."""

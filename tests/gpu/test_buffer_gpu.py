@@ -56,6 +56,17 @@ def _normal(rank, num_ranks, use_nccl=False):
         cr, cwr, _ = reference.combine(y, handle, topk_weights=outs[0][2], bias=bias)
         torch.testing.assert_close(ck, cr, rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(cwk, cwr)
+        # The same rows written in place (zero-copy input): the same bits; the reference's is a plain tensor.
+        for b, want, want_w in ((reference, cr, cwr), (kernels, ck, cwk)):
+            buf = b.get_next_combine_buffer(handle)
+            assert buf.shape == y.shape and buf.dtype == torch.bfloat16
+            buf.copy_(y)
+            got, got_w, _ = b.combine(buf, handle, topk_weights=outs[0][2], bias=bias)
+            assert torch.equal(got, want) and torch.equal(got_w, want_w)
+        kernels.dispatch(x, handle=handle)  # restages tokens where the combine input was
+        if buf.numel():  # (an empty view has no address to recognise, and nothing to lose)
+            with pytest.raises(ValueError, match="overwrote it"):
+                kernels.combine(buf, handle)
 
     # fused_a2a forward and backward on the kernels equal the reference's.
     x = torch.randn(200, hidden, generator=gen).bfloat16().to(device)
@@ -71,8 +82,29 @@ def _normal(rank, num_ranks, use_nccl=False):
         grads.append((out.detach(), xs.grad, ws.grad))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    _hybrid_ep(rank, num_ranks, group, device, kernels, reference, gen)
     dist.barrier()
     torch.cuda.synchronize()
+
+
+def _hybrid_ep(rank, num_ranks, group, device, kernels, reference, gen):
+    """HybridEP forward and backward: its un-permute writes the combine input into the kernels' buffer."""
+    hidden, num_local, sms = 2048, 2, rank_num_sms(num_ranks)
+    x = torch.randn(300, hidden, generator=gen).bfloat16().to(device)
+    routing_map = torch.rand(300, num_local * num_ranks, generator=gen).to(device) < 0.3
+    probs = torch.rand(300, num_local * num_ranks, generator=gen).to(device)
+    results = []
+    for buffer in (kernels, reference):
+        fused_a2a.init_hybrid_ep_buffer(group, hidden, 300, num_local, sms, sms, False)
+        fused_a2a._hybrid_ep_buffer = fused_a2a._hybrid_ep_buffer._replace(buffer=buffer)
+        xs, ps = x.clone().requires_grad_(), probs.clone().requires_grad_()
+        out, out_probs, _, _, handle = fused_a2a.hybrid_ep_dispatch(xs, routing_map, ps, group, num_local, sms, sms)
+        combined = fused_a2a.hybrid_ep_combine(out * 2, handle, None, None)
+        (combined.float().square().sum() + out_probs.square().sum()).backward()
+        results.append((combined.detach(), xs.grad, ps.grad))
+    fused_a2a.reset_hybrid_ep_buffer()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 def _low_latency(rank, num_ranks):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from harness import check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
 from moe_a2a.backends import intranode
 from moe_a2a.backends.reference import ReferenceBackend
-from moe_a2a.config import Config, default_combine_config, default_dispatch_config
+from moe_a2a.config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from moe_a2a.layout import compute_layout
 
 pytestmark = pytest.mark.gpu
@@ -108,7 +108,31 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
     assert ((gx - wx).abs() <= tol).all(), f"combine differs: max |diff| {(gx - wx).abs().max().item()}"
     if want_c[1] is not None:
         torch.testing.assert_close(got_c[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
+    _zero_copy_combine(kern, gh, y.to(dev), None if w_in is None else w_in.to(dev),
+                       [None if b is None else b.to(dev) for b in biases], config, got_c)
     return got, got_c
+
+
+def _zero_copy_combine(kern, handle, y, weights, biases, config, want):
+    """``y`` written into the buffer's combine input, combined twice: bit for bit ``want`` both times.
+
+    A rank whose rows do not fit its buffer combines ``y`` as an ordinary input (ranks may mix both).
+    """
+    rows, hidden = y.shape
+    num_topk = weights.size(1) if weights is not None else 0
+    x = y
+    if combine_input_bytes(rows, hidden * 2, num_topk) <= kern.num_nvl_bytes:
+        x = kern.get_next_combine_buffer(rows, hidden)
+        x.copy_(y)
+    elif combine_input_bytes(rows, hidden * 2) > kern.num_nvl_bytes:
+        with pytest.raises(ValueError, match=f"needs num_nvl_bytes >= {combine_input_bytes(rows, hidden * 2)}"):
+            kern.get_next_combine_buffer(rows, hidden)
+    for repeat in range(2):  # the second combine reads the same input again, nothing rewritten
+        got = kern.combine(x, handle, weights, *biases, config)
+        torch.cuda.synchronize()
+        _assert_equal(f"zero-copy combine {repeat}", got[0], want[0])
+        if want[1] is not None:
+            _assert_equal(f"zero-copy combined weights {repeat}", got[1], want[1])
 
 
 def _cases(rank, num_ranks, seed):
@@ -164,9 +188,46 @@ def _correctness(rank, num_ranks):
                       device=device), torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 0,
                       dcfg)
 
+    _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg)
     kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
     kern.destroy()
+
+
+def _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=60):
+    """Zero-copy combines back to back with a new input each time, some after a cached dispatch.
+
+    Rank 0 sends many tokens and the others few, so in a combine rank 0 pulls far longer than its peers,
+    which finish first and write their next input at once: over rows rank 0 may still be pulling unless
+    get_next_combine_buffer waits for it. Inputs are ``y`` times powers of two, so every result is
+    exactly the first one scaled, and any torn read shows.
+    """
+    dev = kern.device
+    case = Case(rank, num_ranks, 21, num_tokens=2048 if rank == 0 else 64, hidden=7168, num_experts=256, topk=8)
+    x, idx, w = case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev)
+    layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, num_ranks)
+    recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, 0, dcfg)
+    handle, recv_w = recv[5], recv[3]
+    y = torch.randn(recv[0].shape, generator=case.gen).to(torch.bfloat16).to(dev)
+    base, base_w, _ = kern.combine(y, handle, recv_w, None, None, ccfg)
+    bad = torch.zeros((), dtype=torch.int64, device=dev)
+    for it in range(iterations):
+        if it % 4 == 3:  # dispatch, then a zero-copy combine over the rows it staged
+            again = kern.dispatch(x, None, handle, None, None, None, None, None, 1, 0, dcfg)
+            bad += (again[0] != recv[0]).sum()
+        scale = 2.0 ** (it % 7 - 3)
+        view = kern.get_next_combine_buffer(y.size(0), y.size(1))
+        torch.mul(y, scale, out=view)
+        out, out_w, _ = kern.combine(view, handle, recv_w, None, None, ccfg)
+        bad += (out != (base.float() * scale).to(torch.bfloat16)).sum() + (out_w != base_w).sum()
+    torch.cuda.synchronize()
+    assert int(bad) == 0, f"{int(bad)} values differ in zero-copy combines back to back"
+    # A dispatch overwrote the input: the stale view is refused.
+    view = kern.get_next_combine_buffer(y.size(0), y.size(1))
+    kern.dispatch(x, None, handle, None, None, None, None, None, 1, 0, dcfg)
+    with pytest.raises(ValueError, match="overwrote it"):
+        kern.combine(view, handle, recv_w, None, None, ccfg)
+    kern.check()
 
 
 def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
