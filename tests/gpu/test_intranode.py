@@ -200,7 +200,9 @@ def _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=60):
     Rank 0 sends many tokens and the others few, so in a combine rank 0 pulls far longer than its peers,
     which finish first and write their next input at once: over rows rank 0 may still be pulling unless
     get_next_combine_buffer waits for it. Inputs are ``y`` times powers of two, so every result is
-    exactly the first one scaled, and any torn read shows.
+    exactly the first one scaled, and any torn read shows. With 2, 4 and 8 ranks some ranks receive no
+    rows: their views are empty, and the stale-view check at the end must raise on them as on the others
+    (the combine is collective: a rank that communicated where its peers raised would wait for them).
     """
     dev = kern.device
     case = Case(rank, num_ranks, 21, num_tokens=2048 if rank == 0 else 64, hidden=7168, num_experts=256, topk=8)
