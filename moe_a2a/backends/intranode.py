@@ -32,10 +32,12 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
 Zero-copy combine input: ``get_next_combine_buffer`` hands out the staging area itself as a
 ``[num_recv, hidden]`` bf16 tensor, where the copy engine would put the rows; the producer of the combine
 input writes there and the combine skips the copy (it recognises the view by where it starts, empty views
-included). Each dispatch or combine kernel ends by counting the operation finished and telling every peer,
-once all its blocks stopped reading; ``get_next_combine_buffer`` makes the current stream wait until every
-peer finished the operations this rank finished, because a peer may still pull rows from this area after
-this rank is done with them.
+included). A peer may still pull rows from this area after this rank is done with them, so each dispatch or
+combine kernel, once all its blocks stopped reading, tells every peer the epoch of its last barrier, and
+``get_next_combine_buffer`` makes the current stream wait until every peer's mark reached this rank's own
+epoch, i.e. every peer finished the operation in which it passed this rank's last barrier. Barrier epochs
+agree across ranks by construction (a rank passes barrier ``e`` only once every peer entered it), so the
+wait needs no count of operations or kernel launches to match between ranks.
 
 A non-cached dispatch needs no prologue kernel: its notify step already met every peer after they
 finished their earlier operations, and published this rank's token count.
@@ -416,9 +418,10 @@ class IntranodeBackend:
         alternating areas would cover combine-after-combine but not dispatch-then-combine, and the
         barriers of the preceding operation order only its staging, not the peers' last reads. So this
         call orders the current stream after this buffer's operations (comm stream) and enqueues a
-        one-thread kernel that waits until every peer counted those operations finished (each kernel
-        signals its peers once all its blocks stopped reading): afterwards nobody reads this area until
-        the combine's own barrier, whatever the call pattern (cached handles, backward passes, repeats).
+        one-thread kernel that waits until every peer finished the operation holding this rank's last
+        barrier (each kernel tells its peers its barrier epoch once all its blocks stopped reading):
+        afterwards nobody reads this area until the combine's own barrier, whatever the call pattern
+        (cached handles, backward passes, repeats, CUDA graph replays).
         """
         self._check_usable()
         for name, value in (("num_rows", num_rows), ("hidden", hidden)):
