@@ -274,7 +274,7 @@ class Runtime {
                  const torch::Tensor& is_token_in_rank, const torch::Tensor& send_head,
                  const std::optional<torch::Tensor>& bias_0,
                  const std::optional<torch::Tensor>& bias_1, int num_sms, torch::Tensor& out,
-                 const std::optional<torch::Tensor>& out_weights) {
+                 const std::optional<torch::Tensor>& out_weights, bool in_place) {
         check_ready();
         check_tensor(x, "x", torch::kBFloat16, 2);
         check_tensor(recv_src_idx, "recv_src_idx", torch::kInt32, 1);
@@ -312,11 +312,13 @@ class Runtime {
         const int64_t data_bytes = (rows * hidden_bytes + 15) / 16 * 16;
         const bool flat = rows <= x.size(0) && data_bytes + (rows * num_topk * 4 + 15) / 16 * 16 <= num_nvl_bytes_;
         a.staged_rows = flat ? static_cast<int>(rows) : -1;
+        // in_place: x is the zero-copy input (get_next_combine_buffer), written where the rows are staged.
+        // Checked before the prologue: a throw after it would leave the peers waiting at its barrier.
+        TORCH_CHECK(!in_place || rows == 0 || x.data_ptr() == static_cast<void*>(staging_base()),
+                    "a combine input written in place must start at the staging area");
+        TORCH_CHECK(!in_place || flat, "a combine input written in place must fit the buffer with its weights");
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
-        // x may be the zero-copy input (combine_input_view): its producer wrote it in place already.
-        const bool in_place = x.data_ptr() == static_cast<void*>(staging_base());
-        TORCH_CHECK(flat || !in_place, "a combine input written in place must fit the buffer with its weights");
         if (flat && rows > 0) {
             if (!in_place)
                 MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),

@@ -42,11 +42,10 @@ constexpr int kAborted = 11;          // set on the first error: later kernels e
 constexpr int kErrorClaim = 12;       // first error wins this flag and writes the host record
 constexpr int kNumTokens = 13;        // tokens of the current operation (dispatch: sent, combine: combined)
 constexpr int kStagedRows = 14;       // combine: received rows staged in arrival order (copy engine), or -1
-constexpr int kOpSeq = 15;            // dispatches/combines this rank finished (every rank runs the same ones)
-constexpr int kDoneArrive = 24;       // blocks that finished the current dispatch/combine kernel
+constexpr int kDoneArrive = 15;       // blocks that finished the current dispatch/combine kernel
 constexpr int kSendCounts = 16;       // [kMaxRanks] tokens sent to each rank
 constexpr int kChannelPrefix = 32;    // [kMaxRanks][kMaxChannels] this rank's channel_prefix_matrix
-constexpr int kPeerDone = 600;        // [kMaxRanks] kOpSeq of each peer once it stopped reading this buffer
+constexpr int kPeerDone = 600;        // [kMaxRanks] each peer's kEpoch when it last finished a dispatch/combine
 constexpr int kExpertCounts = 1024;   // [kMaxExperts] this rank's num_tokens_per_expert
 constexpr int kInts = 8192;           // header size in ints (32 KiB); the staging area follows
 }  // namespace hdr

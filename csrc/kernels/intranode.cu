@@ -90,11 +90,14 @@ __device__ bool grid_barrier(const PeerCtx& c, bool with_peers, int phase, int r
 
 __device__ __forceinline__ bool aborted(const PeerCtx& c) { return ld_volatile(header(c, c.rank) + hdr::kAborted) != 0; }
 
-// End of a dispatch or combine kernel: once every block stopped reading the peers' buffers, count the
-// operation finished and tell every peer (kPeerDone[me] on the peer). A peer may still pull this
+// End of a dispatch or combine kernel: once every block stopped reading the peers' buffers, tell every
+// peer the epoch of this rank's last barrier (kPeerDone[me] on the peer). A peer may still pull this
 // operation's rows from a rank that already finished it, so whoever writes a rank's staging area between
 // operations (the producer of a zero-copy combine input) first waits for these marks
-// (wait_peers_done_kernel). Not reached after an error: the buffer is aborted then.
+// (wait_peers_done_kernel). The mark is the barrier epoch, not a count of finished kernels: a rank passes
+// barrier e only once every peer entered barrier e, so the value a waiter needs is the same on every rank
+// by construction, whatever kernels each rank launched. Not reached after an error: the buffer is
+// aborted then.
 __device__ void finish_op(const PeerCtx& c) {
     __syncthreads();  // every load of this block returned (its values were stored)
     if (threadIdx.x != 0) return;
@@ -103,10 +106,10 @@ __device__ void finish_op(const PeerCtx& c) {
     if (atomicAdd(h + hdr::kDoneArrive, 1) != static_cast<int>(gridDim.x) - 1) return;
     atomicExch(h + hdr::kDoneArrive, 0);  // the next kernel starts after this one ended (stream order)
     __threadfence_system();
-    const int done = ld_volatile(h + hdr::kOpSeq) + 1;  // only this thread of this kernel writes it
-    h[hdr::kOpSeq] = done;
+    // Every block passed this kernel's last barrier (or the prologue's/notify's, when it has none).
+    const int epoch = ld_volatile(h + hdr::kEpoch);
     for (int p = 0; p < c.num_ranks; ++p)
-        if (p != c.rank) st_release_sys(header(c, p) + hdr::kPeerDone + c.rank, done);
+        if (p != c.rank) st_release_sys(header(c, p) + hdr::kPeerDone + c.rank, epoch);
 }
 
 // Wait for phase `parity` of a bulk-copy mbarrier; false (error recorded) after the timeout.
@@ -192,19 +195,20 @@ __global__ void prologue_kernel(PeerCtx c, int num_tokens, int staged_rows, int 
     grid_barrier(c, true, phase, 0);
 }
 
-// Before a producer writes this rank's staging area between operations: every peer finished (so stopped
-// reading here) the operations this rank finished. The comm stream's work is ordered before this kernel.
+// Before a producer writes this rank's staging area between operations: every peer finished the
+// operation in which it passed this rank's last barrier e (so it stopped reading here). Until then its
+// mark is the epoch of an earlier operation, below e. The comm stream's work is ordered before this kernel.
 __global__ void wait_peers_done_kernel(PeerCtx c) {
     int* h = header(c, c.rank);
-    const int done = ld_volatile(h + hdr::kOpSeq);
+    const int epoch = ld_volatile(h + hdr::kEpoch);
     const uint64_t deadline = global_timer_ns() + c.timeout_ns;
     for (int p = 0; p < c.num_ranks; ++p) {
         if (p == c.rank) continue;
         int seen;
-        while (!counter_reached(seen = ld_acquire_sys(h + hdr::kPeerDone + p), done)) {
+        while (!counter_reached(seen = ld_acquire_sys(h + hdr::kPeerDone + p), epoch)) {
             if (ld_volatile(h + hdr::kAborted)) return;
             if (global_timer_ns() > deadline) {
-                record_error(c, kErrPeerTimeout, p, kPhaseCombineInput, done, seen, 0);
+                record_error(c, kErrPeerTimeout, p, kPhaseCombineInput, epoch, seen, 0);
                 return;
             }
         }

@@ -31,10 +31,13 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
 
 Zero-copy combine input: ``get_next_combine_buffer`` hands out the staging area itself as a
 ``[num_recv, hidden]`` bf16 tensor, where the copy engine would put the rows; the producer of the combine
-input writes there and the combine skips the copy (it recognises the view by its address). Each dispatch or
-combine kernel ends by counting the operation finished and telling every peer, once all its blocks stopped
-reading; ``get_next_combine_buffer`` makes the current stream wait until every peer finished the operations
-this rank finished, because a peer may still pull rows from this area after this rank is done with them.
+input writes there and the combine skips the copy (it recognises the view by where it starts, empty views
+included). A peer may still pull rows from this area after this rank is done with them, so each dispatch or
+combine kernel, once all its blocks stopped reading, tells every peer the epoch of its last barrier, and
+``get_next_combine_buffer`` makes the current stream wait until every peer's mark reached this rank's own
+epoch, i.e. every peer finished the operation in which it passed this rank's last barrier. Barrier epochs
+agree across ranks by construction (a rank passes barrier ``e`` only once every peer entered it), so the
+wait needs no count of operations or kernel launches to match between ranks.
 
 A non-cached dispatch needs no prologue kernel: its notify step already met every peer after they
 finished their earlier operations, and published this rank's token count.
@@ -125,6 +128,16 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     if num_experts > 8192:
         raise ValueError(f"the layout kernel supports at most 8192 experts, got {num_experts}")
     return _C.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+
+
+def start_address(t: torch.Tensor) -> int:
+    """Address of ``t``'s first element, also when ``t`` is empty.
+
+    ``Tensor.data_ptr()`` is 0 for an empty tensor, so the view ``get_next_combine_buffer`` hands out for
+    0 received rows would not be told from any other input by it; the storage and offset still say
+    where the view starts.
+    """
+    return t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
 
 
 def _check_cuda(name: str, t: torch.Tensor, dtype, dim: int, device: torch.device) -> None:
@@ -220,8 +233,9 @@ class IntranodeBackend:
         return t.clone() if begin < self._staging[1] and end > self._staging[0] else t
 
     def _is_combine_input(self, x: torch.Tensor, num_rows: int) -> bool:
-        """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows."""
-        return (x.data_ptr() == self._staging[0] and x.dtype == torch.bfloat16 and x.dim() == 2 and
+        """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows (empty
+        views included: every rank must take the same path, raise or communicate, for the same calls)."""
+        return (start_address(x) == self._staging[0] and x.dtype == torch.bfloat16 and x.dim() == 2 and
                 x.size(0) == num_rows and x.is_contiguous())
 
     # ------------------------------------------------------------------ dispatch
@@ -388,7 +402,7 @@ class IntranodeBackend:
                                if topk_weights is not None else None)
             self.runtime.combine(x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
                                  handle.is_token_in_rank.contiguous(), handle.send_head.contiguous(), biases[0],
-                                 biases[1], config.num_sms, out, out_weights)
+                                 biases[1], config.num_sms, out, out_weights, in_place)
             if not in_place:  # the staged rows overwrote any combine input written in place
                 self._combine_input = None
         event = self._finish(compute, async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
@@ -406,9 +420,10 @@ class IntranodeBackend:
         alternating areas would cover combine-after-combine but not dispatch-then-combine, and the
         barriers of the preceding operation order only its staging, not the peers' last reads. So this
         call orders the current stream after this buffer's operations (comm stream) and enqueues a
-        one-thread kernel that waits until every peer counted those operations finished (each kernel
-        signals its peers once all its blocks stopped reading): afterwards nobody reads this area until
-        the combine's own barrier, whatever the call pattern (cached handles, backward passes, repeats).
+        one-thread kernel that waits until every peer finished the operation holding this rank's last
+        barrier (each kernel tells its peers its barrier epoch once all its blocks stopped reading):
+        afterwards nobody reads this area until the combine's own barrier, whatever the call pattern
+        (cached handles, backward passes, repeats, CUDA graph replays).
         """
         self._check_usable()
         for name, value in (("num_rows", num_rows), ("hidden", hidden)):
