@@ -314,9 +314,9 @@ class Runtime {
         a.staged_rows = flat ? static_cast<int>(rows) : -1;
         // in_place: x is the zero-copy input (get_next_combine_buffer), written where the rows are staged.
         // Checked before the prologue: a throw after it would leave the peers waiting at its barrier.
-        TORCH_CHECK(!in_place || rows == 0 || x.data_ptr() == static_cast<void*>(staging_base()),
+        MOE_A2A_CHECK(!in_place || rows == 0 || x.data_ptr() == static_cast<void*>(staging_base()),
                     "a combine input written in place must start at the staging area");
-        TORCH_CHECK(!in_place || flat, "a combine input written in place must fit the buffer with its weights");
+        MOE_A2A_CHECK(!in_place || flat, "a combine input written in place must fit the buffer with its weights");
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
         if (flat && rows > 0) {
