@@ -22,6 +22,16 @@ __device__ __forceinline__ float round_up_pow2(float s) {
     return __uint_as_float(bits);
 }
 
+// Polling a flag another process writes: relaxed loads, then one acquire fence once it is there (a fence
+// per poll costs more and buys nothing).
+__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
+    int v;
+    asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
 __device__ __forceinline__ int lanemask_lt() {
     int m;
     asm("mov.u32 %0, %%lanemask_lt;" : "=r"(m));

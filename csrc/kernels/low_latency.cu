@@ -51,16 +51,7 @@ __device__ void record_timeout(const LLCtx& c, int phase, int peer, int index) {
 }
 
 // Waits (one thread) until *flag has reached `tag` (wrap-safe); false after a timeout or once this rank
-// aborted. Adds the nanoseconds waited to *wait_ns when given.
-__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
-    int v;
-    asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
-
-// Polls with relaxed loads; one acquire fence once the tag is there (no fence per poll).
+// aborted. Adds the nanoseconds waited to *wait_ns when given. Relaxed polling, one acquire fence.
 __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, int peer,
                          unsigned long long* wait_ns) {
     if (counter_reached(ld_relaxed_sys(flag), tag)) {
