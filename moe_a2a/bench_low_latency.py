@@ -8,7 +8,8 @@ the receive kernels are timed separately (the receive launched once every rank's
 In the same run, a device-to-device ``cudaMemcpyAsync`` of the bytes the ranks sharing a GPU send (FP8
 tokens with scales for dispatch, BF16 rows for combine) gives the floor. Overheads that show at this
 size are measured too: an empty kernel of the kernels' launch shape (back to back, and alone between two
-events) and a flag round trip between ranks 0 and 1 (release store, acquire spin; others idle).
+events) and a flag round trip between ranks 0 and 1 (release store, acquire spin; others idle), and the
+time a one-kernel FP8 dispatch spends waiting for its latest source (the kernel's wait counters).
 With ``--num-ranks-per-node L`` (below the EP size) the group forms virtual nodes of ``L`` ranks and the
 NVSHMEM kernels that serve low-latency calls across nodes run instead (NVSHMEM over the whole group; on
 one host its peers are reached through the GPU's memory, so the figures show the kernels' own costs, not a
@@ -154,6 +155,19 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
         _, recv_us = _timed_alone(recv_hook)
         hook["combine_send"].append(send_us)
         hook["combine_recv"].append(recv_us)
+    # Where the one-kernel FP8 dispatch spends its time waiting: the kernel's per-source wait counters
+    # (dispatch_wait_recv_cost_stats, ns), per call, for the source this rank waited on longest.
+    # Same schedule as the timed batches: queued behind a device sleep, back to back with the combines.
+    wait_ns = torch.zeros(num_ranks, dtype=torch.int64, device=device)
+    dist.barrier()
+    torch.cuda.synchronize()
+    _sleep_us(1500 * args.iters)
+    for i in range(args.iters):
+        _, _, _, handle, _ = kern.dispatch(x, idx, None, wait_ns if i >= skip else None, M, E, True, False, False,
+                                           False)
+        kern.combine(y, idx, w, handle, None, None, False)
+    torch.cuda.synchronize()
+    wait_us = float(wait_ns.max()) / 1e3 / (args.iters - skip)
     kern.raise_if_error()
     # The launch and flag probes exist for the IPC kernels only.
     probes = None if across_nodes else _probes(kern, rank, num_ranks, args.iters)
@@ -161,7 +175,8 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     pairs = int((idx >= 0).sum())
     sent = {"dispatch_fp8": pairs * (hidden + hidden // 128 * 4), "dispatch_bf16": pairs * hidden * 2,
             "combine_bf16": pairs * hidden * 2, "combine_bf16_zero_copy": pairs * hidden * 2}
-    everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook, "probes": probes})
+    everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook, "probes": probes,
+                        "wait_us": wait_us})
     same_gpu = [r for r in everyone if r["device"] == str(device)]
     floor = {}
     dist.barrier()
@@ -185,6 +200,8 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
                      "bandwidth_gbps": bytes_per_rank / st["median"] / 1e3,
                      "copy_floor_us": floor[name], "ratio_to_floor": st["median"] / floor[name]}
     row["hook"] = {name: _stats(samples) for name, samples in merged_hook.items()}
+    # Mean over ranks of each rank's longest wait for one source, per FP8 dispatch (one kernel).
+    row["dispatch_fp8_wait_us"] = statistics.mean(r["wait_us"] for r in everyone)
     row["overheads_us"] = None if across_nodes else {
         "empty_kernel_back_to_back": statistics.median(r["probes"]["empty_back_to_back"] for r in everyone),
         "empty_kernel_alone": statistics.median(r["probes"]["empty_alone"] for r in everyone),
@@ -282,13 +299,15 @@ def _table(rows: List[dict]) -> str:
                          f"{m['latency_us']['median']:.1f} | {m['latency_us']['p99']:.1f} | "
                          f"{m['bandwidth_gbps']:.1f} | {m['copy_floor_us']:.1f} | {m['ratio_to_floor']:.2f} |")
     lines += ["", "Hook mode (send kernel alone; receive kernel after every rank's sends landed):", "",
-              "| EP | dispatch send us | dispatch recv us | combine send us | combine recv us |",
-              "|---:|---:|---:|---:|---:|"]
+              "| EP | dispatch send us | dispatch recv us | combine send us | combine recv us | "
+              "one-kernel FP8 dispatch: wait for the latest source us |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         h = r["hook"]
         lines.append(f"| {r['num_ranks']} | " + " | ".join(
             f"{h[n]['median']:.1f} (p99 {h[n]['p99']:.1f})"
-            for n in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")) + " |")
+            for n in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")) +
+            f" | {r['dispatch_fp8_wait_us']:.1f} |")
     lines += ["", "Overheads (every rank at once; round trip between ranks 0 and 1, the others idle):", "",
               "| EP | empty kernel back to back us | empty kernel alone us | flag round trip us |",
               "|---:|---:|---:|---:|"]

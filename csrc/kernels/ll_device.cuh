@@ -1,6 +1,7 @@
 // Device helpers shared by the low-latency kernels over CUDA IPC (kernels/low_latency.cu) and over
-// NVSHMEM (nvshmem/low_latency.cu): block scans, the FP8 cast of a token chunk, and the copy of received
-// rows into their packed slots. Internal linkage: each translation unit gets its own copy.
+// NVSHMEM (nvshmem/low_latency.cu): block scans, the FP8 cast of a token chunk, the copy of received rows
+// into their packed slots and the weighted top-k sum of combine. Internal linkage: each translation unit
+// gets its own copy.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -154,6 +155,41 @@ __device__ void copy_received_rows(const LLDispatchArgs& a, const char* const* s
         }
     }
     __syncthreads();
+}
+
+// Block-wide weighted top-k sum of this block's tokens t = blockIdx.x + q * gridDim.x, q < my_tokens:
+// out[t] = BF16 of the float32 sum over k of s_w[q * K + k] * row s_row[q * K + k] (null rows skipped), in
+// slot order. 16-byte chunks flattened over (token, chunk); all top-k loads of a chunk in flight.
+__device__ void reduce_topk_rows(const int4* const* s_row, const float* s_w, int my_tokens, int K, int hidden,
+                                 void* out_rows) {
+    const int row_int4 = hidden / 8, G = gridDim.x;
+    int4* out = static_cast<int4*>(out_rows);
+    constexpr int kU = 8;
+    for (int i = threadIdx.x; i < my_tokens * row_int4; i += blockDim.x) {
+        const int q = i / row_int4, ch = i - q * row_int4;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k0 = 0; k0 < K; k0 += kU) {
+            int4 v[kU];
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const int4* row = k0 + u < K ? s_row[q * K + k0 + u] : nullptr;
+                if (row != nullptr) v[u] = ld_cg_v4(row + ch);
+            }
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                if (k0 + u >= K || s_row[q * K + k0 + u] == nullptr) continue;
+                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
+                const float w = s_w[q * K + k0 + u];
+#pragma unroll
+                for (int m = 0; m < 8; ++m) acc[m] += w * __bfloat162float(h[m]);
+            }
+        }
+        int4 o;
+        __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) oh[m] = __float2bfloat16_rn(acc[m]);
+        out[static_cast<int64_t>(blockIdx.x + q * G) * row_int4 + ch] = o;
+    }
 }
 
 }  // namespace

@@ -358,35 +358,7 @@ __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, Co
         }
     }
     __syncthreads();
-    // 16-byte chunks flattened over (token, chunk); all top-k loads of a chunk in flight, summed in slot order.
-    const int row_int4 = a.hidden / 8;
-    int4* out = static_cast<int4*>(a.out);
-    constexpr int kU = 8;
-    for (int i = tid; i < my_tokens * row_int4; i += blockDim.x) {
-        const int q = i / row_int4, ch = i - q * row_int4;
-        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int k0 = 0; k0 < K; k0 += kU) {
-            int4 v[kU];
-#pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                const int4* row = k0 + u < K ? s_row[q * K + k0 + u] : nullptr;
-                if (row != nullptr) v[u] = ld_cg_v4(row + ch);
-            }
-#pragma unroll
-            for (int u = 0; u < kU; ++u) {
-                if (k0 + u >= K || s_row[q * K + k0 + u] == nullptr) continue;
-                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
-                const float w = s_w[q * K + k0 + u];
-#pragma unroll
-                for (int m = 0; m < 8; ++m) acc[m] += w * __bfloat162float(h[m]);
-            }
-        }
-        int4 o;
-        __nv_bfloat16* oh = reinterpret_cast<__nv_bfloat16*>(&o);
-#pragma unroll
-        for (int m = 0; m < 8; ++m) oh[m] = __float2bfloat16_rn(acc[m]);
-        out[static_cast<int64_t>(blockIdx.x + q * G) * row_int4 + ch] = o;
-    }
+    reduce_topk_rows(s_row, s_w, my_tokens, K, a.hidden, a.out);
 }
 
 template <int kPhases>
