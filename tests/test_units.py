@@ -75,3 +75,19 @@ def test_tuned_num_sms_caps_default_configs(tmp_path, monkeypatch):
             tuning.tuned_num_sms("notify", 2)
     finally:
         tuning._read.cache_clear()
+
+
+def test_low_latency_phases_and_hook():
+    from moe_a2a.backends import low_latency as ll
+
+    launched = []
+    assert ll._run_phases(launched.append, False, "dispatch") is None
+    assert launched == [ll._SEND | ll._RECV]  # one kernel, both phases
+    launched.clear()
+    hook = ll._run_phases(launched.append, True, "combine")
+    assert launched == [ll._SEND]  # the receive waits for the hook
+    hook()
+    assert launched == [ll._SEND, ll._RECV]
+    with pytest.raises(RuntimeError, match="combine hook was already called"):
+        hook()
+    assert launched == [ll._SEND, ll._RECV]

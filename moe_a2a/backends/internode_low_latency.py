@@ -31,7 +31,7 @@ import torch
 
 from ..handles import LowLatencyHandle
 from . import internode
-from .low_latency import MAX_EXPERTS, LowLatencyBackend, _device_id, _RECV, _SEND
+from .low_latency import MAX_EXPERTS, LowLatencyBackend, _device_id
 
 try:
     from .. import _nvshmem
@@ -129,39 +129,11 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         self._rt.destroy()
 
     # ------------------------------------------------------------------ combine
-    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
-                out: Optional[torch.Tensor], combine_wait_recv_cost_stats, return_recv_hook: bool):
-        """Weighted sum over experts of ``x`` ``[L, M * R, hidden]`` bf16; returns ``(combined_x, hook)``.
-
-        ``combined_x``: ``[num_tokens, hidden]`` bf16 (``out`` when given, written in place).
-        """
-        num_tokens, num_topk = topk_idx.shape
-        num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        self._check_shape(num_tokens, num_max, num_experts, num_topk, hidden)
-        if out is not None and not out.is_contiguous():
-            raise ValueError("out must be contiguous")
-        x, topk_idx, topk_weights = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
-        set_, call = self._next_set()
-        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
-                                                           device=x.device)
-
-        def launch(phases: int) -> None:
-            self._rt.combine(x, handle.layout_range, handle.src_info, topk_idx, topk_weights, combined,
-                             combine_wait_recv_cost_stats, num_experts, num_max, set_, self.num_sms, call, phases)
-
-        if not return_recv_hook:
-            launch(_SEND | _RECV)
-            return combined, None
-        launch(_SEND)
-        pending = [True]
-
-        def receive() -> None:
-            if not pending:
-                raise RuntimeError("this low-latency combine hook was already called")
-            pending.clear()
-            launch(_RECV)
-
-        return combined, receive
+    def _launch_combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, combined, wait_stats, set_: int,
+                        call: int, phases: int) -> None:
+        # The NVSHMEM combine also reads each slot's source token (the handle's src_info) to address the reply.
+        self._rt.combine(x, handle.layout_range, handle.src_info, topk_idx, topk_weights, combined, wait_stats,
+                         handle.num_experts, handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases)
 
     # ------------------------------------------------------------------ probes (benchmark)
     def empty_kernel(self) -> None:

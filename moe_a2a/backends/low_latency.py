@@ -63,6 +63,24 @@ def available() -> bool:
     return _C is not None and hasattr(_C, "LowLatencyRuntime")
 
 
+def _run_phases(launch: Callable[[int], None], return_recv_hook: bool, what: str) -> Optional[Callable[[], None]]:
+    """Both phases now (returns None), or the send phase now and a hook that launches the receive phase
+    once (``return_recv_hook``)."""
+    if not return_recv_hook:
+        launch(_SEND | _RECV)
+        return None
+    launch(_SEND)
+    pending = [True]
+
+    def receive() -> None:
+        if not pending:
+            raise RuntimeError(f"this low-latency {what} hook was already called")
+        pending.clear()
+        launch(_RECV)
+
+    return receive
+
+
 def _device_id(device: torch.device) -> str:
     props = torch.cuda.get_device_properties(device)
     uuid = getattr(props, "uuid", None)
@@ -187,19 +205,7 @@ class LowLatencyBackend:
                               recv_count, src_info, layout_range, cumulative_local_expert_recv_stats,
                               dispatch_wait_recv_cost_stats, set_, self.num_sms, call, phases)
 
-        if not return_recv_hook:
-            launch(_SEND | _RECV)
-            return recv_x, recv_scales, recv_count, handle, None
-        launch(_SEND)
-        pending = [True]
-
-        def receive() -> None:
-            if not pending:
-                raise RuntimeError("this low-latency dispatch hook was already called")
-            pending.clear()
-            launch(_RECV)
-
-        return recv_x, recv_scales, recv_count, handle, receive
+        return recv_x, recv_scales, recv_count, handle, _run_phases(launch, return_recv_hook, "dispatch")
 
     # ------------------------------------------------------------------ combine
     def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
@@ -219,22 +225,15 @@ class LowLatencyBackend:
                                                            device=x.device)
 
         def launch(phases: int) -> None:
-            self._rt.combine(x, handle.layout_range, topk_idx, topk_weights, combined, combine_wait_recv_cost_stats,
-                             num_experts, num_max, set_, self.num_sms, call, phases)
+            self._launch_combine(x, handle, topk_idx, topk_weights, combined, combine_wait_recv_cost_stats, set_, call,
+                                 phases)
 
-        if not return_recv_hook:
-            launch(_SEND | _RECV)
-            return combined, None
-        launch(_SEND)
-        pending = [True]
+        return combined, _run_phases(launch, return_recv_hook, "combine")
 
-        def receive() -> None:
-            if not pending:
-                raise RuntimeError("this low-latency combine hook was already called")
-            pending.clear()
-            launch(_RECV)
-
-        return combined, receive
+    def _launch_combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, combined, wait_stats, set_: int,
+                        call: int, phases: int) -> None:
+        self._rt.combine(x, handle.layout_range, topk_idx, topk_weights, combined, wait_stats, handle.num_experts,
+                         handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases)
 
     # ------------------------------------------------------------------ probes (benchmark)
     def empty_kernel(self) -> None:
