@@ -158,7 +158,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     # Where the one-kernel FP8 dispatch spends its time waiting: the kernel's per-source wait counters
     # (dispatch_wait_recv_cost_stats, ns), per call, for the source this rank waited on longest.
     # Same schedule as the timed batches: queued behind a device sleep, back to back with the combines.
-    wait_ns = torch.zeros(num_ranks, dtype=torch.int64, device=device)
+    wait_ns = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=device)  # row r: rank r's waits
     dist.barrier()
     torch.cuda.synchronize()
     _sleep_us(1500 * args.iters)
@@ -167,7 +167,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
                                            False)
         kern.combine(y, idx, w, handle, None, None, False)
     torch.cuda.synchronize()
-    wait_us = float(wait_ns.max()) / 1e3 / (args.iters - skip)
+    wait_us = float(wait_ns[rank].max()) / 1e3 / (args.iters - skip)
     kern.raise_if_error()
     # The launch and flag probes exist for the IPC kernels only.
     probes = None if across_nodes else _probes(kern, rank, num_ranks, args.iters)
