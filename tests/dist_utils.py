@@ -57,7 +57,10 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
         # A rank that crashed makes its peers fail with connection errors: report the crash itself.
         root = [f for f in failures if "Connection closed" not in f[1] and "Connection reset" not in f[1]]
         rank, tb = sorted(root or failures)[0]
-        raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
+        # One line per failed rank: the first one's error may be the symptom (a timeout naming a peer)
+        # of another rank's failure.
+        summary = "\n".join(f"  rank {r}: {t.strip().splitlines()[-1]}" for r, t in sorted(failures))
+        raise AssertionError(f"ranks failed:\n{summary}\nrank {rank} of {world_size}:\n{tb}")
     if hung:
         raise AssertionError(f"ranks {hung} of {world_size} did not finish within {timeout}s")
     bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
