@@ -17,6 +17,7 @@
 #include "kernels/low_latency.cuh"
 #include "kernels/utils.cuh"
 #include "ipc.h"
+#include "ll_args.h"
 
 namespace moe_a2a {
 
@@ -141,24 +142,9 @@ class LowLatencyRuntime {
         check(layout_range, "layout_range", torch::kInt64, {L, num_ranks_});
         if (cumulative_stats) check(*cumulative_stats, "cumulative_local_expert_recv_stats", torch::kInt32, {L});
         if (wait_stats) check(*wait_stats, "dispatch_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
-        LLDispatchArgs a{};
-        a.x = x.data_ptr();
-        a.topk_idx = topk_idx.data_ptr<int64_t>();
-        a.num_tokens = T;
-        a.num_topk = K;
-        a.hidden = hidden;
-        a.num_experts = num_experts;
-        a.max_tokens = max_tokens;
-        a.fp8 = use_fp8;
-        a.round_scale = round_scale;
-        a.ue8m0 = use_ue8m0;
-        a.recv_x = recv_x.data_ptr();
-        a.recv_scales = recv_scales ? recv_scales->data_ptr() : nullptr;
-        a.recv_count = recv_count.data_ptr<int>();
-        a.src_info = src_info.data_ptr<int>();
-        a.layout_range = layout_range.data_ptr<int64_t>();
-        a.cumulative_stats = cumulative_stats ? cumulative_stats->data_ptr<int>() : nullptr;
-        a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
+        const LLDispatchArgs a = ll_dispatch_args(x, topk_idx, num_experts, max_tokens, use_fp8, round_scale, use_ue8m0,
+                                                  recv_x, recv_scales, recv_count, src_info, layout_range,
+                                                  cumulative_stats, wait_stats, rank_, num_ranks_);
         const c10::cuda::CUDAGuard guard(recv_x.device());
         launch_ll_dispatch(ctx(set, num_experts, max_tokens, hidden, call), a, phases, checked_sms(num_sms),
                            c10::cuda::getCurrentCUDAStream());
@@ -181,19 +167,8 @@ class LowLatencyRuntime {
         check(out, "out", torch::kBFloat16, {T, hidden});
         if (wait_stats) check(*wait_stats, "combine_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
         const LLCtx c = ctx(set, num_experts, max_tokens, hidden, call);
-        LLCombineArgs a{};
-        a.x = x.data_ptr();
-        a.copy_rows = x.data_ptr() != static_cast<void*>(send_base(set));
-        a.layout_range = layout_range.data_ptr<int64_t>();
-        a.topk_idx = topk_idx.data_ptr<int64_t>();
-        a.topk_weights = topk_weights.data_ptr<float>();
-        a.out = out.data_ptr();
-        a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
-        a.num_tokens = T;
-        a.num_topk = K;
-        a.hidden = hidden;
-        a.num_experts = num_experts;
-        a.max_tokens = max_tokens;
+        const LLCombineArgs a = ll_combine_args(x, layout_range, topk_idx, topk_weights, out, wait_stats, num_experts,
+                                                max_tokens, send_base(set), rank_, num_ranks_);
         const c10::cuda::CUDAGuard guard(out.device());
         launch_ll_combine(c, a, phases, checked_sms(num_sms), c10::cuda::getCurrentCUDAStream());
     }

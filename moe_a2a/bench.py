@@ -294,22 +294,9 @@ def _intranode_worker(rank, num_ranks, opts):
                 layout = intranode.get_dispatch_layout(idx, num_experts, num_ranks, num_ranks)
                 for num_sms in opts["sms"]:
                     cfg = Config(num_sms)
-                    row_bytes = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
-                    recv = kern.dispatch(x, scales, None, layout[0], layout[3], layout[2], idx, weights, 1, 0, cfg)
-                    handle = recv[5]
-                    num_recv = handle.recv_src_idx.numel()
-                    y = torch.randn(num_recv, hidden, device=device).to(torch.bfloat16)
-
-                    def full():
-                        lay = intranode.get_dispatch_layout(idx, num_experts, num_ranks, num_ranks)
-                        kern.dispatch(x, scales, None, lay[0], lay[3], lay[2], idx, weights, 1, 0, cfg)
-
-                    t_full = _time_us(full, w, loops, max(1, iters // 2))
-                    t_disp = _time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg),
-                                      w, loops, iters)
-                    t_comb = _time_us(lambda: kern.combine(y, handle, recv[3], None, None, cfg), w, loops, iters)
-                    mine = dict(num_recv=num_recv, dispatch_bytes=num_recv * row_bytes, combine_bytes=num_recv * hidden * 2,
-                                dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
+                    row_bytes = _row_bytes(hidden, fp8)
+                    handle, mine = _time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks,
+                                                 num_ranks, cfg, w, loops, iters)
                     everyone = _gather(mine)
                     floors = {}
                     if per_gpu:
@@ -331,9 +318,39 @@ def _intranode_worker(rank, num_ranks, opts):
                     if rank == 0:
                         rows.extend(_rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_us))
                         print(_format_rows(rows[-3:]), flush=True)
-                    del recv, handle, y
+                    del handle
     kern.destroy()
     return rows
+
+
+def _row_bytes(hidden: int, fp8: bool) -> int:
+    """Bytes of one dispatched row: BF16, or FP8 with its float32 scale per 128 channels."""
+    return hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
+
+
+def _time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, per_node, cfg, warmup, loops,
+                  iters):
+    """This rank's times (us) of a backend's full dispatch (layout, count exchange and dispatch), cached
+    dispatch and combine, on one routing. Returns ``(handle, dict)`` with the received rows and the bytes
+    DeepEP counts: received for dispatch, sent back for combine."""
+    from .backends import intranode
+
+    recv = kern.dispatch(x, scales, None, layout[0], layout[3], layout[2], idx, weights, 1, 0, cfg)
+    handle, recv_weights = recv[5], recv[3]
+    num_recv, hidden = handle.num_recv_tokens, x.size(1)
+    y = torch.randn(num_recv, hidden, device=x.device).to(torch.bfloat16)
+
+    def full():
+        lay = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
+        kern.dispatch(x, scales, None, lay[0], lay[3], lay[2], idx, weights, 1, 0, cfg)
+
+    t_full = _time_us(full, warmup, loops, max(1, iters // 2))
+    t_disp = _time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg),
+                      warmup, loops, iters)
+    t_comb = _time_us(lambda: kern.combine(y, handle, recv_weights, None, None, cfg), warmup, loops, iters)
+    return handle, dict(num_recv=num_recv, dispatch_bytes=num_recv * _row_bytes(hidden, scales is not None),
+                        combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full,
+                        combine_us=t_comb)
 
 
 def _time_megatron_alltoall(group, x, idx, weights, num_experts, num_ranks, warmup, loops, iters) -> Dict:

@@ -26,7 +26,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _time_us, add_shape_args,
+from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _time_kernels, add_shape_args,
                     max_num_sms_per_rank, mps_if_needed, write_report)
 
 
@@ -61,24 +61,10 @@ def _worker(rank, num_ranks, opts):
                 layout = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
                 for num_sms in opts["sms"]:
                     cfg = Config(num_sms)
-                    recv = kern.dispatch(x, scales, None, layout[0], layout[3], layout[2], idx, weights, 1, 0, cfg)
-                    handle = recv[5]
-                    num_recv = handle.num_recv_tokens
-                    y = torch.randn(num_recv, hidden, device=device).to(torch.bfloat16)
-
-                    def full():
-                        lay = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
-                        kern.dispatch(x, scales, None, lay[0], lay[3], lay[2], idx, weights, 1, 0, cfg)
-
-                    t_full = _time_us(full, w, loops, max(1, iters // 2))
-                    t_disp = _time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg),
-                                      w, loops, iters)
-                    t_comb = _time_us(lambda: kern.combine(y, handle, recv[3], None, None, cfg), w, loops, iters)
-                    row_bytes = hidden * (1 if fp8 else 2) + (hidden // 128 * 4 if fp8 else 0)
-                    rdma_rows = sum(row[kern.node] for m, row in enumerate(handle.rdma_counts) if m != kern.node)
-                    mine = dict(num_recv=num_recv, rdma_rows=rdma_rows, dispatch_bytes=num_recv * row_bytes,
-                                combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full,
-                                combine_us=t_comb)
+                    handle, mine = _time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks,
+                                                 per_node, cfg, w, loops, iters)
+                    mine["rdma_rows"] = sum(row[kern.node] for m, row in enumerate(handle.rdma_counts)
+                                            if m != kern.node)
                     everyone = _gather(mine)
                     floors = {}
                     if rank == 0:

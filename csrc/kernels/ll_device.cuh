@@ -1,7 +1,7 @@
 // Device helpers shared by the low-latency kernels over CUDA IPC (kernels/low_latency.cu) and over
 // NVSHMEM (nvshmem/low_latency.cu): block scans, the FP8 cast of a token chunk, the copy of received rows
-// into their packed slots and the weighted top-k sum of combine. Internal linkage: each translation unit
-// gets its own copy.
+// into their packed slots, the weighted top-k sum of combine, flag polling, the timeout record, the grid
+// arrival and the scan of received counts. Internal linkage: each translation unit gets its own copy.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,16 +22,6 @@ __device__ __forceinline__ float round_up_pow2(float s) {
     if (bits & 0x7FFFFFu) bits = (bits & 0x7F800000u) + 0x800000u;
     return __uint_as_float(bits);
 }
-
-// Polling a flag another process writes: relaxed loads, then one acquire fence once it is there (a fence
-// per poll costs more and buys nothing).
-__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
-    int v;
-    asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 __device__ __forceinline__ int lanemask_lt() {
     int m;
@@ -190,6 +180,81 @@ __device__ void reduce_topk_rows(const int4* const* s_row, const float* s_w, int
         for (int m = 0; m < 8; ++m) oh[m] = __float2bfloat16_rn(acc[m]);
         out[static_cast<int64_t>(blockIdx.x + q * G) * row_int4 + ch] = o;
     }
+}
+
+// Polling a flag another process writes: relaxed loads, then one acquire fence once it is there (a fence
+// per poll costs more and buys nothing).
+__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
+    int v;
+    asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+
+// First timeout wins: it fills the host record (code last) and aborts later waits of this rank. `Ctx`: the
+// IPC or the NVSHMEM kernels' context (workspace, host record, set, call).
+template <typename Ctx>
+__device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
+    int* ws = c.workspace;
+    if (atomicCAS(ws + kLLWorkspaceClaim, 0, 1) == 0) {
+        c.host->phase = phase;
+        c.host->peer = peer;
+        c.host->index = index;
+        c.host->set = c.set;
+        c.host->call = c.call;
+        __threadfence_system();
+        c.host->code = 1;
+    }
+    atomicExch(ws + kLLWorkspaceAbort, 1);
+    __threadfence_system();
+}
+
+// Block-wide arrival at a grid-wide counter; true in the last block of the grid, which resets the counter,
+// stores `tag` to `epoch` and sees every block's stores (as a grid barrier does it: the barrier orders
+// the block's stores before one thread's system fence and arrival; no fence per thread).
+__device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const int last = atomicAdd(arrive, 1) == static_cast<int>(gridDim.x) - 1;
+        if (last) {
+            __threadfence_system();  // pairs with the other blocks' fences before their arrivals
+            *arrive = 0;
+            *epoch = tag;
+        }
+        *s_flag = last;
+    }
+    __syncthreads();
+    return *s_flag != 0;
+}
+
+// Block-wide, from this thread's `count` (pair tid = l * R + s: rows of source s for local expert l; 0 for
+// tid >= E): scan[i] = rows before pair i in the packed slot layout ([expert][source][token]) and
+// scan[E] = the total, which is returned. Block 0 writes layout_range, recv_count and the cumulative
+// stats; every block marks its share of the unused src_info slots with -1.
+__device__ int scan_received_counts(const LLDispatchArgs& a, int count, int R, int* scan, int* s_warp) {
+    const int tid = threadIdx.x, E = a.num_experts, L = E / R, RM = R * a.max_tokens;
+    int num_rows;
+    const int before = block_exclusive_scan(count, s_warp, &num_rows);
+    if (tid <= E) scan[tid] = tid < E ? before : num_rows;
+    __syncthreads();
+    if (blockIdx.x == 0) {
+        if (tid < E) {
+            const int l = tid / R;
+            a.layout_range[tid] = (static_cast<int64_t>(before - scan[l * R]) << 32) | static_cast<int64_t>(count);
+        }
+        if (tid < L) {
+            const int rows = scan[(tid + 1) * R] - scan[tid * R];
+            a.recv_count[tid] = rows;
+            if (a.cumulative_stats) atomicAdd(a.cumulative_stats + tid, rows);
+        }
+    }
+    for (int i = blockIdx.x * blockDim.x + tid; i < L * RM; i += gridDim.x * blockDim.x) {
+        const int l = i / RM, j = i - l * RM;
+        if (j >= scan[(l + 1) * R] - scan[l * R]) a.src_info[i] = -1;
+    }
+    return num_rows;
 }
 
 }  // namespace

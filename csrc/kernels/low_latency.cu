@@ -34,22 +34,6 @@ __device__ __forceinline__ char* stage_area(const LLCtx& c, int r) { return set_
 
 __device__ __forceinline__ int* set_workspace(const LLCtx& c) { return c.workspace + c.set * kLLWorkspaceSetInts; }
 
-// First timeout wins: it fills the host record (code last) and aborts later waits of this rank.
-__device__ void record_timeout(const LLCtx& c, int phase, int peer, int index) {
-    int* ws = c.workspace;
-    if (atomicCAS(ws + kLLWorkspaceClaim, 0, 1) == 0) {
-        c.host->phase = phase;
-        c.host->peer = peer;
-        c.host->index = index;
-        c.host->set = c.set;
-        c.host->call = c.call;
-        __threadfence_system();
-        c.host->code = 1;
-    }
-    atomicExch(ws + kLLWorkspaceAbort, 1);
-    __threadfence_system();
-}
-
 // Waits (one thread) until *flag has reached `tag` (wrap-safe); false after a timeout or once this rank
 // aborted. Adds the nanoseconds waited to *wait_ns when given. Relaxed polling, one acquire fence.
 __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, int peer,
@@ -77,25 +61,6 @@ __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, in
     }
     if (wait_ns != nullptr) atomicAdd(wait_ns, static_cast<unsigned long long>(now - start));
     return true;
-}
-
-// Block-wide arrival at a grid-wide counter; true in the last block of the grid, which resets the counter,
-// stores `tag` to `epoch` and sees every block's stores (as a grid barrier does it: the barrier orders
-// the block's stores before one thread's system fence and arrival; no fence per thread).
-__device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        const int last = atomicAdd(arrive, 1) == static_cast<int>(gridDim.x) - 1;
-        if (last) {
-            __threadfence_system();  // pairs with the other blocks' fences before their arrivals
-            *arrive = 0;
-            *epoch = tag;
-        }
-        *s_flag = last;
-    }
-    __syncthreads();
-    return *s_flag != 0;
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
@@ -198,25 +163,7 @@ __device__ void dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int tag, 
             count = min(max(ld_cg(lists + static_cast<int64_t>(c.rank * L + l) * (M + 1)), 0), M);
         }
     }
-    int num_rows;
-    const int before = block_exclusive_scan(count, sh.warp, &num_rows);
-    if (tid <= E) sh.scan[tid] = tid < E ? before : num_rows;
-    __syncthreads();
-    if (blockIdx.x == 0) {
-        if (tid < E) {
-            const int l = tid / R;
-            a.layout_range[tid] = (static_cast<int64_t>(before - sh.scan[l * R]) << 32) | static_cast<int64_t>(count);
-        }
-        if (tid < L) {
-            const int n = sh.scan[(tid + 1) * R] - sh.scan[tid * R];
-            a.recv_count[tid] = n;
-            if (a.cumulative_stats) atomicAdd(a.cumulative_stats + tid, n);
-        }
-    }
-    for (int i = blockIdx.x * blockDim.x + tid; i < L * RM; i += G * blockDim.x) {
-        const int l = i / RM, j = i - l * RM;
-        if (j >= sh.scan[(l + 1) * R] - sh.scan[l * R]) a.src_info[i] = -1;
-    }
+    const int num_rows = scan_received_counts(a, count, R, sh.scan, sh.warp);
 
     // This block's contiguous share of the rows, in rounds of one row per thread.
     const int per = (num_rows + G - 1) / G;

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../ll_args.h"
 #include "internode.cuh"
 #include "low_latency.cuh"
 
@@ -324,24 +325,9 @@ class LowLatencyRuntime {
         nvshmem_ll::Ctx c{};
         std::string err = ctx(c, set, num_experts, max_tokens, static_cast<int>(x.size(1)), call, num_sms, phases);
         if (!err.empty()) return err;
-        LLDispatchArgs a{};
-        a.x = x.data_ptr();
-        a.topk_idx = topk_idx.data_ptr<int64_t>();
-        a.num_tokens = static_cast<int>(x.size(0));
-        a.num_topk = static_cast<int>(topk_idx.size(1));
-        a.hidden = static_cast<int>(x.size(1));
-        a.num_experts = num_experts;
-        a.max_tokens = max_tokens;
-        a.fp8 = use_fp8;
-        a.round_scale = round_scale;
-        a.ue8m0 = use_ue8m0;
-        a.recv_x = recv_x.data_ptr();
-        a.recv_scales = recv_scales ? recv_scales->data_ptr() : nullptr;
-        a.recv_count = recv_count.data_ptr<int>();
-        a.src_info = src_info.data_ptr<int>();
-        a.layout_range = layout_range.data_ptr<int64_t>();
-        a.cumulative_stats = cumulative_stats ? cumulative_stats->data_ptr<int>() : nullptr;
-        a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
+        const LLDispatchArgs a = ll_dispatch_args(x, topk_idx, num_experts, max_tokens, use_fp8, round_scale, use_ue8m0,
+                                                  recv_x, recv_scales, recv_count, src_info, layout_range,
+                                                  cumulative_stats, wait_stats, rank_, num_ranks_);
         return nvshmem_ll::launch_dispatch(c, a, phases, num_sms, c10::cuda::getCurrentCUDAStream());
     }
 
@@ -354,18 +340,8 @@ class LowLatencyRuntime {
         std::string err = ctx(c, set, num_experts, max_tokens, hidden, call, num_sms, phases);
         if (!err.empty()) return err;
         nvshmem_ll::CombineArgs a{};
-        a.a.x = x.data_ptr();
-        a.a.copy_rows = x.data_ptr() != static_cast<void*>(send_base(set));
-        a.a.layout_range = layout_range.data_ptr<int64_t>();
-        a.a.topk_idx = topk_idx.data_ptr<int64_t>();
-        a.a.topk_weights = topk_weights.data_ptr<float>();
-        a.a.out = out.data_ptr();
-        a.a.wait_stats = wait_stats ? wait_stats->data_ptr<int64_t>() + static_cast<int64_t>(rank_) * num_ranks_ : nullptr;
-        a.a.num_tokens = static_cast<int>(topk_idx.size(0));
-        a.a.num_topk = static_cast<int>(topk_idx.size(1));
-        a.a.hidden = hidden;
-        a.a.num_experts = num_experts;
-        a.a.max_tokens = max_tokens;
+        a.a = ll_combine_args(x, layout_range, topk_idx, topk_weights, out, wait_stats, num_experts, max_tokens,
+                              send_base(set), rank_, num_ranks_);
         a.src_info = src_info.data_ptr<int>();
         return nvshmem_ll::launch_combine(c, a, phases, num_sms, c10::cuda::getCurrentCUDAStream());
     }

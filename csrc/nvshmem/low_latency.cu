@@ -46,22 +46,6 @@ __device__ __forceinline__ void signal_set(const Ctx& c, int* sig, int value, in
     else nvshmem_int_atomic_set(sig, value, pe);
 }
 
-// First timeout wins: it fills the host record (code last) and aborts later waits of this rank.
-__device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
-    int* ws = c.workspace;
-    if (atomicCAS(ws + kLLWorkspaceClaim, 0, 1) == 0) {
-        c.host->phase = phase;
-        c.host->peer = peer;
-        c.host->index = index;
-        c.host->set = c.set;
-        c.host->call = c.call;
-        __threadfence_system();
-        c.host->code = 1;
-    }
-    atomicExch(ws + kLLWorkspaceAbort, 1);
-    __threadfence_system();
-}
-
 // Waits (one thread) until the flag has reached `tag` (wrap-safe): relaxed polling, one acquire fence.
 // False after a timeout or once this rank aborted. Adds the nanoseconds waited to *wait_ns when given.
 __device__ bool wait_flag(const Ctx& c, const int* flag, int tag, int phase, int peer,
@@ -123,23 +107,12 @@ __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, u
     __syncwarp();
 }
 
-// Block-wide: this block's puts are complete (every thread ran quiet) and its stores fenced, then one
-// arrival; true in the last block of the grid, which resets the counter and moves `epoch` to `tag`.
-__device__ bool arrive_last(int* arrive, int* epoch, int tag, int* s_flag) {
+// arrive_last once this block's puts are complete (every thread ran quiet) and each thread's stores are
+// fenced; the last block fences again before it signals the peers (puts may travel through the NIC).
+__device__ bool arrive_last_after_quiet(int* arrive, int* epoch, int tag, int* s_flag) {
     nvshmem_quiet();
     __threadfence_system();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int last = atomicAdd(arrive, 1) == static_cast<int>(gridDim.x) - 1;
-        if (last) {
-            __threadfence_system();
-            *arrive = 0;
-            *epoch = tag;
-        }
-        *s_flag = last;
-    }
-    __syncthreads();
-    const bool last = *s_flag != 0;
+    const bool last = arrive_last(arrive, epoch, tag, s_flag);
     if (last) __threadfence_system();
     return last;
 }
@@ -214,7 +187,7 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
 
     // Data of every block complete, then one count per (expert's rank, local expert).
     int* ws = set_workspace(c);
-    if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, &sh.flag)) {
+    if (arrive_last_after_quiet(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, &sh.flag)) {
         for (int e = tid; e < E; e += blockDim.x) {
             const int dst = e / L, l = e - dst * L;
             const int value = static_cast<int>((static_cast<uint32_t>(tag) << 16) | static_cast<uint32_t>(min(sh.scan[e], M)));
@@ -224,7 +197,7 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
 }
 
 __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, DispatchShared& sh) {
-    const int R = c.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, RM = R * M;
+    const int R = c.num_ranks, E = a.num_experts, M = a.max_tokens, RM = R * M;
     const int tid = threadIdx.x, G = gridDim.x;
     // Pair i = l * R + s: messages of source s for local expert l (0 for a source that timed out). The
     // signals land in sh.scan, which the scan below overwrites only after every thread read its count.
@@ -235,25 +208,7 @@ __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, Di
     }
     __syncthreads();
     const int count = tid < E ? min(static_cast<int>(static_cast<uint32_t>(sh.scan[tid]) & 0xFFFFu), M) : 0;
-    int num_rows;
-    const int before = block_exclusive_scan(count, sh.warp, &num_rows);
-    if (tid <= E) sh.scan[tid] = tid < E ? before : num_rows;
-    __syncthreads();
-    if (blockIdx.x == 0) {
-        if (tid < E) {
-            const int l = tid / R;
-            a.layout_range[tid] = (static_cast<int64_t>(before - sh.scan[l * R]) << 32) | static_cast<int64_t>(count);
-        }
-        if (tid < L) {
-            const int rows = sh.scan[(tid + 1) * R] - sh.scan[tid * R];
-            a.recv_count[tid] = rows;
-            if (a.cumulative_stats) atomicAdd(a.cumulative_stats + tid, rows);
-        }
-    }
-    for (int i = blockIdx.x * blockDim.x + tid; i < L * RM; i += G * blockDim.x) {
-        const int l = i / RM, j = i - l * RM;
-        if (j >= sh.scan[(l + 1) * R] - sh.scan[l * R]) a.src_info[i] = -1;
-    }
+    const int num_rows = scan_received_counts(a, count, R, sh.scan, sh.warp);
 
     // This block's contiguous share of the rows, in rounds of one row per thread.
     const int per = (num_rows + G - 1) / G;
@@ -340,7 +295,7 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
         }
     }
     int* ws = set_workspace(c);
-    if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag))
+    if (arrive_last_after_quiet(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag))
         for (int r = tid; r < R; r += blockDim.x) signal_set(c, signals(c) + kSigCombine + c.rank, tag, r);
 }
 
