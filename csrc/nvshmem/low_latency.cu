@@ -46,37 +46,65 @@ __device__ __forceinline__ void signal_set(const Ctx& c, int* sig, int value, in
     else nvshmem_int_atomic_set(sig, value, pe);
 }
 
-// Waits (one thread) until the signal carries `tag`: its high 16 bits for dispatch counts (`counted`),
-// the whole value otherwise (wrap-safe). False after a timeout or once this rank aborted; *value gets the
-// signal. Adds the nanoseconds waited to *wait_ns when given.
-__device__ bool wait_signal(const Ctx& c, const int* sig, int tag, bool counted, int phase, int peer,
-                            unsigned long long* wait_ns, int* value) {
-    auto arrived = [&](int v) {
-        return counted ? ((static_cast<uint32_t>(v) >> 16) == (static_cast<uint32_t>(tag) & 0xFFFFu))
-                       : counter_reached(v, tag);
-    };
-    int v = ld_acquire_sys(sig);
-    if (arrived(v)) {
-        *value = v;
-        return true;
-    }
+// Waits (one thread) until the flag has reached `tag` (wrap-safe): relaxed polling, one acquire fence.
+// False after a timeout or once this rank aborted. Adds the nanoseconds waited to *wait_ns when given.
+__device__ bool wait_flag(const Ctx& c, const int* flag, int tag, int phase, int peer,
+                          unsigned long long* wait_ns) {
     const uint64_t start = global_timer_ns();
     uint64_t now = start;
-    while (true) {
-        bool ok = false;
-#pragma unroll 1
-        for (int i = 0; i < 64 && !ok; ++i) ok = arrived(v = ld_acquire_sys(sig));
+    while (!counter_reached(ld_relaxed_sys(flag), tag)) {
         now = global_timer_ns();
-        if (ok) break;
         if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return false;
         if (now - start > c.timeout_ns) {
             record_timeout(c, phase, peer, tag);
             return false;
         }
     }
-    *value = v;
+    fence_acq_rel_sys();
     if (wait_ns != nullptr) atomicAdd(wait_ns, static_cast<unsigned long long>(now - start));
     return true;
+}
+
+// Warp 0 of a block waits for the dispatch counts sig[0..n) of this call (signal i from source i % R):
+// each lane polls every 32nd signal with relaxed loads, the warp sleeps briefly between rounds, and one
+// acquire fence follows. values[i] gets signal i, or 0 (no rows) for one that timed out. One polling warp
+// per block instead of one thread per signal keeps the pollers from crowding out the senders' stores
+// while the other ranks are still sending. Adds, in block 0, the nanoseconds waited for source s's first
+// signal to stats[s] when given.
+__device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, unsigned long long* stats,
+                                 int* values) {
+    const int lane = threadIdx.x & 31, R = c.num_ranks;
+    const uint32_t want = static_cast<uint32_t>(tag) & 0xFFFFu;
+    uint32_t pending = 0;  // bit j: signal lane + 32 j not seen yet
+    for (int j = 0, i = lane; i < n; ++j, i += 32) pending |= 1u << j;
+    const uint64_t start = global_timer_ns();
+    uint32_t nap_ns = 32;
+    while (true) {
+        const uint64_t now = global_timer_ns();
+        for (int j = 0, i = lane; i < n; ++j, i += 32) {
+            if (!((pending >> j) & 1u)) continue;
+            const int v = ld_relaxed_sys(sig + i);
+            if ((static_cast<uint32_t>(v) >> 16) != want) continue;
+            values[i] = v;
+            pending &= ~(1u << j);
+            if (stats != nullptr && i < R) atomicAdd(stats + i, static_cast<unsigned long long>(now - start));
+        }
+        const unsigned waiting = __ballot_sync(0xFFFFFFFFu, pending != 0);
+        if (waiting == 0) break;
+        const bool aborted = ld_volatile(c.workspace + kLLWorkspaceAbort) != 0;
+        const bool late = global_timer_ns() - start > c.timeout_ns;
+        if (aborted || late) {
+            if (late && lane == __ffs(waiting) - 1)  // name the first source still missing
+                record_timeout(c, kLLPhaseDispatchRecv, (lane + 32 * (__ffs(pending) - 1)) % R, tag);
+            for (int j = 0, i = lane; i < n; ++j, i += 32)
+                if ((pending >> j) & 1u) values[i] = 0;
+            break;
+        }
+        __nanosleep(nap_ns);
+        nap_ns = min(nap_ns * 2, 256u);  // short naps: this is the low-latency path
+    }
+    fence_acq_rel_sys();
+    __syncwarp();
 }
 
 // arrive_last once this block's puts are complete (every thread ran quiet) and each thread's stores are
@@ -171,17 +199,15 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
 __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, DispatchShared& sh) {
     const int R = c.num_ranks, E = a.num_experts, M = a.max_tokens, RM = R * M;
     const int tid = threadIdx.x, G = gridDim.x;
-    // Pair i = l * R + s: messages of source s for local expert l (0 for a source that timed out).
-    int count = 0;
-    if (tid < E) {
-        const int s = tid % R;
-        unsigned long long* stat = blockIdx.x == 0 && tid < R && a.wait_stats
-                                       ? reinterpret_cast<unsigned long long*>(a.wait_stats + s)
-                                       : nullptr;
-        int v = 0;
-        if (wait_signal(c, signals(c) + kSigDispatch + tid, tag, true, kLLPhaseDispatchRecv, s, stat, &v))
-            count = min(static_cast<int>(static_cast<uint32_t>(v) & 0xFFFFu), M);
+    // Pair i = l * R + s: messages of source s for local expert l (0 for a source that timed out). The
+    // signals land in sh.scan, which the scan below overwrites only after every thread read its count.
+    if (tid < 32) {
+        unsigned long long* stats =
+            blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats) : nullptr;
+        warp_wait_counts(c, signals(c) + kSigDispatch, E, tag, stats, sh.scan);
     }
+    __syncthreads();
+    const int count = tid < E ? min(static_cast<int>(static_cast<uint32_t>(sh.scan[tid]) & 0xFFFFu), M) : 0;
     const int num_rows = scan_received_counts(a, count, R, sh.scan, sh.warp);
 
     // This block's contiguous share of the rows, in rounds of one row per thread.
@@ -280,8 +306,7 @@ __device__ void combine_recv(const Ctx& c, const CombineArgs& ca, int tag, Combi
     for (int r = tid; r < R; r += blockDim.x) {
         unsigned long long* stat =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + r) : nullptr;
-        int v = 0;
-        sh.ok[r] = wait_signal(c, signals(c) + kSigCombine + r, tag, false, kLLPhaseCombineRecv, r, stat, &v);
+        sh.ok[r] = wait_flag(c, signals(c) + kSigCombine + r, tag, kLLPhaseCombineRecv, r, stat);
     }
     __syncthreads();
     const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + G - 1) / G : 0;
