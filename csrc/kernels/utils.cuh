@@ -3,21 +3,29 @@
 #pragma once
 
 #include <cstdint>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <cuda_runtime.h>
 
-// Argument checks of the extensions' host code: throw std::runtime_error (RuntimeError in Python) with the
-// streamed message. Not TORCH_CHECK: a c10::Error records a native backtrace when constructed, and on some
-// torch builds that walk can crash the process (the unwinder faults), killing the rank instead of raising;
-// tests/test_build.py checks that argument errors reach Python.
+// Argument checks of the extensions' host code: throw std::runtime_error (RuntimeError in Python) whose
+// message joins the arguments. Neither TORCH_CHECK nor an ostringstream: where the extension carries its own
+// copy of the C++ library (a compiler that links it statically), formatting a number through a stream reads
+// locale facets that copy never initialised and the process crashes instead of raising; std::to_string and
+// string appends need no locale. tests/test_build.py checks that argument errors reach Python.
 namespace moe_a2a::detail {
+inline void append(std::string& out, const char* text) { out += text; }
+inline void append(std::string& out, const std::string& text) { out += text; }
+inline void append(std::string& out, char c) { out += c; }
+inline void append(std::string& out, bool flag) { out += flag ? "true" : "false"; }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+inline void append(std::string& out, T value) { out += std::to_string(value); }
+
 template <typename... Args>
 [[noreturn]] void check_failed(const Args&... args) {
-    std::ostringstream message;
-    (message << ... << args);
-    throw std::runtime_error(message.str());
+    std::string message;
+    (append(message, args), ...);
+    throw std::runtime_error(message);
 }
 }  // namespace moe_a2a::detail
 
