@@ -23,10 +23,18 @@ namespace moe_a2a {
 
 namespace {
 
+std::string shape_text(c10::IntArrayRef shape) {
+    std::string text = "[";
+    for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+    return text + "]";
+}
+
 void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, std::vector<int64_t> shape) {
     MOE_A2A_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-    MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
-    MOE_A2A_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", c10::IntArrayRef(shape));
+    MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", c10::toString(t.scalar_type()), ", expected ",
+                  c10::toString(dtype));
+    MOE_A2A_CHECK(t.sizes().vec() == shape, name, " has shape ", shape_text(t.sizes()), ", expected ",
+                  shape_text(shape));
 }
 
 class LowLatencyRuntime {

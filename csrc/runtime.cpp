@@ -40,7 +40,8 @@ const char* phase_name(int phase) {
 
 void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int dim) {
     MOE_A2A_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
-    MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", t.scalar_type(), ", expected ", dtype);
+    MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", c10::toString(t.scalar_type()), ", expected ",
+                  c10::toString(dtype));
     MOE_A2A_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
 }
 
