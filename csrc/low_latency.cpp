@@ -197,6 +197,13 @@ class LowLatencyRuntime {
         launch_ll_ping(c, peer, iters, warmup, out_ns.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
     }
 
+    // Phase clock for the launches that follow (benchmark): a zeroed [4] int64 CUDA tensor the caller keeps
+    // alive until they ran (see LLCtx::clock), or None to stop.
+    void set_phase_clock(const std::optional<torch::Tensor>& clock) {
+        if (clock) check(*clock, "clock", torch::kInt64, {4});
+        clock_ = clock ? reinterpret_cast<unsigned long long*>(clock->data_ptr<int64_t>()) : nullptr;
+    }
+
     // The send area of `set` as the zero-copy combine input [L, R * M, hidden] bf16.
     torch::Tensor send_buffer(int set, int num_experts, int max_tokens, int hidden) {
         check_shape(0, hidden, 1, num_experts, max_tokens, false);
@@ -259,10 +266,12 @@ class LowLatencyRuntime {
         c.num_ranks = num_ranks_;
         c.set = set;
         c.call = call;
+        c.clock = clock_;
         return c;
     }
 
     int rank_, num_ranks_;
+    unsigned long long* clock_ = nullptr;  // phase clock of the next launches, or null
     int64_t num_bytes_, set_bytes_ = 0;
     uint64_t timeout_ns_ = 0;
     int device_ = 0, num_device_sms_ = 0;
@@ -295,6 +304,7 @@ void register_low_latency(pybind11::module_& m) {
         .def("combine", &LowLatencyRuntime::combine)
         .def("empty_kernel", &LowLatencyRuntime::empty_kernel)
         .def("ping", &LowLatencyRuntime::ping)
+        .def("set_phase_clock", &LowLatencyRuntime::set_phase_clock)
         .def("send_buffer", &LowLatencyRuntime::send_buffer);
 }
 

@@ -34,6 +34,33 @@ import torch.multiprocessing as mp
 from . import bench
 
 
+def _phases(everyone: List[dict]) -> Dict[str, Dict[str, float]]:
+    """Median over calls and ranks of each phase of the one-kernel FP8 dispatch and BF16 combine, in us,
+    from the kernels' GPU-clock stamps (start, send phase done, block 0 past its waits, end): ``gap`` is the
+    time from the rank's previous kernel end to this kernel's start (launch and scheduling), ``spread`` the
+    range of the start over the ranks sharing rank 0's GPU (one clock)."""
+    out = {}
+    for op, name in ((0, "dispatch_fp8"), (1, "combine_bf16")):
+        parts = {"gap": [], "send": [], "wait": [], "receive": [], "kernel": [], "spread": []}
+        calls = len(everyone[0]["clocks"])
+        for i in range(calls):
+            starts = []
+            for r in everyone:
+                start, sent, ready, end = r["clocks"][i][op]
+                prev_end = r["clocks"][i][0][3] if op == 1 else (r["clocks"][i - 1][1][3] if i > 0 else None)
+                if prev_end is not None:
+                    parts["gap"].append((start - prev_end) / 1e3)
+                parts["send"].append((sent - start) / 1e3)
+                parts["wait"].append((ready - sent) / 1e3)
+                parts["receive"].append((end - ready) / 1e3)
+                parts["kernel"].append((end - start) / 1e3)
+                if r["device"] == everyone[0]["device"]:
+                    starts.append(start)
+            parts["spread"].append((max(starts) - min(starts)) / 1e3)
+        out[name] = {k: statistics.median(v) for k, v in parts.items() if v}
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,16 +185,26 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     # Where the one-kernel FP8 dispatch spends its time waiting: the kernel's per-source wait counters
     # (dispatch_wait_recv_cost_stats, ns), per call, for the source this rank waited on longest.
     # Same schedule as the timed batches: queued behind a device sleep, back to back with the combines.
+    # The IPC kernels also stamp their phases on the GPU clock (one clock for all ranks sharing a GPU).
     wait_ns = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=device)  # row r: rank r's waits
+    clocks = torch.zeros(args.iters, 2, 4, dtype=torch.int64, device=device)  # [call, dispatch/combine, stamp]
+    stamped = not across_nodes
     dist.barrier()
     torch.cuda.synchronize()
     _sleep_us(1500 * args.iters)
     for i in range(args.iters):
+        if stamped:
+            kern.set_phase_clock(clocks[i, 0])
         _, _, _, handle, _ = kern.dispatch(x, idx, None, wait_ns if i >= skip else None, M, E, True, False, False,
                                            False)
+        if stamped:
+            kern.set_phase_clock(clocks[i, 1])
         kern.combine(y, idx, w, handle, None, None, False)
+    if stamped:
+        kern.set_phase_clock(None)
     torch.cuda.synchronize()
     wait_us = float(wait_ns[rank].max()) / 1e3 / (args.iters - skip)
+    clocks = clocks[skip:].tolist() if stamped else None
     kern.raise_if_error()
     # The launch and flag probes exist for the IPC kernels only.
     probes = None if across_nodes else _probes(kern, rank, num_ranks, args.iters)
@@ -176,7 +213,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     sent = {"dispatch_fp8": pairs * (hidden + hidden // 128 * 4), "dispatch_bf16": pairs * hidden * 2,
             "combine_bf16": pairs * hidden * 2, "combine_bf16_zero_copy": pairs * hidden * 2}
     everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook, "probes": probes,
-                        "wait_us": wait_us})
+                        "wait_us": wait_us, "clocks": clocks})
     same_gpu = [r for r in everyone if r["device"] == str(device)]
     floor = {}
     dist.barrier()
@@ -202,6 +239,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     row["hook"] = {name: _stats(samples) for name, samples in merged_hook.items()}
     # Mean over ranks of each rank's longest wait for one source, per FP8 dispatch (one kernel).
     row["dispatch_fp8_wait_us"] = statistics.mean(r["wait_us"] for r in everyone)
+    row["phases_us"] = _phases(everyone) if everyone[0]["clocks"] is not None else None
     row["overheads_us"] = None if across_nodes else {
         "empty_kernel_back_to_back": statistics.median(r["probes"]["empty_back_to_back"] for r in everyone),
         "empty_kernel_alone": statistics.median(r["probes"]["empty_alone"] for r in everyone),
@@ -308,6 +346,18 @@ def _table(rows: List[dict]) -> str:
             f"{h[n]['median']:.1f} (p99 {h[n]['p99']:.1f})"
             for n in ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")) +
             f" | {r['dispatch_fp8_wait_us']:.1f} |")
+    staged = [r for r in rows if r.get("phases_us")]
+    if staged:
+        lines += ["", "Phases of the one-kernel calls (GPU clock stamps; median over calls and ranks, us): gap = "
+                  "previous kernel's end to this start on the rank; send = start to the send phase's last "
+                  "arrival; wait = from there until block 0 saw every source; receive = from there to the "
+                  "latest block's end; spread = range of the start over the ranks sharing a GPU:", "",
+                  "| EP | call | gap | send | wait | receive | kernel | start spread |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for r in staged:
+            for name, p in r["phases_us"].items():
+                lines.append(f"| {r['num_ranks']} | {name} | " + " | ".join(
+                    f"{p[k]:.1f}" for k in ("gap", "send", "wait", "receive", "kernel", "spread")) + " |")
     lines += ["", "Overheads (every rank at once; round trip between ranks 0 and 1, the others idle):", "",
               "| EP | empty kernel back to back us | empty kernel alone us | flag round trip us |",
               "|---:|---:|---:|---:|"]

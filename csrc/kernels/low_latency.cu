@@ -63,6 +63,16 @@ __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, in
     return true;
 }
 
+// Phase clock stamps (one thread): `at` is kClockStart, kClockSent or kClockReady; the end is a maximum.
+enum { kClockStart = 0, kClockSent = 1, kClockReady = 2, kClockEnd = 3 };
+__device__ __forceinline__ void stamp(const LLCtx& c, int at) {
+    if (c.clock != nullptr) c.clock[at] = global_timer_ns();
+}
+__device__ __forceinline__ void stamp_end(const LLCtx& c) {
+    __syncthreads();
+    if (c.clock != nullptr && threadIdx.x == 0) atomicMax(c.clock + kClockEnd, global_timer_ns());
+}
+
 // ------------------------------------------------------------------------------------------ dispatch
 struct DispatchShared {
     int scan[kLLMaxExperts + 1];   // received rows before (local expert, source) pair i, then the total
@@ -141,8 +151,10 @@ __device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, 
 
     // Everything of this rank is staged once the last block arrives: it tells every rank.
     int* ws = set_workspace(c);
-    if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, s_flag) && tid < c.num_ranks)
-        st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
+    if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, s_flag)) {
+        if (tid < c.num_ranks) st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
+        if (tid == 0) stamp(c, kClockSent);
+    }
 }
 
 __device__ void dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int tag, DispatchShared& sh) {
@@ -154,6 +166,7 @@ __device__ void dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int tag, 
         sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigDispatch + tid, tag, kLLPhaseDispatchRecv, tid, stat);
     }
     __syncthreads();
+    if (blockIdx.x == 0 && tid == 0) stamp(c, kClockReady);
     // Pair i = l * R + s: rows of source s for local expert l (0 for a source that timed out).
     int count = 0;
     if (tid < E) {
@@ -193,9 +206,11 @@ __global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(LLCtx c, LLDisp
     __shared__ DispatchShared sh;
     const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
     // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(c, kClockStart);
     const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
     if constexpr ((kPhases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, &sh.flag);
     if constexpr ((kPhases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
+    stamp_end(c);
 }
 
 // ------------------------------------------------------------------------------------------ combine
@@ -257,8 +272,10 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
         }
     }
     int* ws = set_workspace(c);
-    if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag) && tid < R)
-        st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
+    if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag)) {
+        if (tid < R) st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
+        if (tid == 0) stamp(c, kClockSent);
+    }
 }
 
 __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh, int* dyn) {
@@ -280,6 +297,7 @@ __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, Co
         s_idx[i] = e >= 0 && e < E ? static_cast<int>(e) : -1;
     }
     __syncthreads();
+    if (blockIdx.x == 0 && tid == 0) stamp(c, kClockReady);
     // First slot of this rank's rows in every expert, as its rank published it (-1: that rank timed out).
     for (int e = tid; e < E; e += blockDim.x) {
         const int r = e / L;
@@ -313,9 +331,11 @@ __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(LLCtx c, LLCombi
     extern __shared__ int dyn[];
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
+    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(c, kClockStart);
     const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
     if constexpr ((kPhases & kLLSend) != 0) combine_send(c, a, tag, sh);
     if constexpr ((kPhases & kLLRecv) != 0) combine_recv(c, a, tag, sh, dyn);
+    stamp_end(c);
 }
 
 // ------------------------------------------------------------------------------------------ probes

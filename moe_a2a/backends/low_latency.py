@@ -254,6 +254,12 @@ class LowLatencyBackend:
         self._rt.ping(peer, iters, warmup, out)
         return out
 
+    def set_phase_clock(self, clock: Optional[torch.Tensor]) -> None:
+        """Stamp the phases of the next launches into ``clock``: a zeroed ``[4]`` int64 CUDA tensor (GPU clock,
+        ns: block 0's start, the send phase's last arrival, block 0 past its waits, the latest block's end)
+        that the caller keeps alive until they ran; ``None`` stops. For the benchmark."""
+        self._rt.set_phase_clock(clock)
+
     def get_next_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """``[L, M * R, hidden]`` bf16 view of the registered buffer: fill it with the expert outputs and pass
         it as ``x`` to ``combine`` (zero copy; valid until ``destroy``, refilled by the caller every time)."""
