@@ -197,8 +197,8 @@ class LowLatencyRuntime {
         launch_ll_ping(c, peer, iters, warmup, out_ns.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
     }
 
-    // Phase clock for the launches that follow (benchmark): a zeroed [4] int64 CUDA tensor the caller keeps
-    // alive until they ran (see LLCtx::clock), or None to stop.
+    // Phase clock for the launches that follow (benchmark): a [4] int64 CUDA tensor, [-1, 0, 0, 0], that the
+    // caller keeps alive until they ran (see LLCtx::clock), or None to stop.
     void set_phase_clock(const std::optional<torch::Tensor>& clock) {
         if (clock) check(*clock, "clock", torch::kInt64, {4});
         clock_ = clock ? reinterpret_cast<unsigned long long*>(clock->data_ptr<int64_t>()) : nullptr;

@@ -188,6 +188,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     # The IPC kernels also stamp their phases on the GPU clock (one clock for all ranks sharing a GPU).
     wait_ns = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=device)  # row r: rank r's waits
     clocks = torch.zeros(args.iters, 2, 4, dtype=torch.int64, device=device)  # [call, dispatch/combine, stamp]
+    clocks[:, :, 0] = -1  # the start is a minimum over the blocks
     stamped = not across_nodes
     dist.barrier()
     torch.cuda.synchronize()
@@ -351,13 +352,15 @@ def _table(rows: List[dict]) -> str:
         lines += ["", "Phases of the one-kernel calls (GPU clock stamps; median over calls and ranks, us): gap = "
                   "previous kernel's end to this start on the rank; send = start to the send phase's last "
                   "arrival; wait = from there until block 0 saw every source; receive = from there to the "
-                  "latest block's end; spread = range of the start over the ranks sharing a GPU:", "",
-                  "| EP | call | gap | send | wait | receive | kernel | start spread |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                  "latest block's end; kernel = start to end (the kernel's GPU time, as a profiler reports it), "
+                  "also as a ratio to the copy floor; spread = range of the start over the ranks sharing a GPU:", "",
+                  "| EP | call | gap | send | wait | receive | kernel | kernel / floor | start spread |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in staged:
             for name, p in r["phases_us"].items():
                 lines.append(f"| {r['num_ranks']} | {name} | " + " | ".join(
-                    f"{p[k]:.1f}" for k in ("gap", "send", "wait", "receive", "kernel", "spread")) + " |")
+                    f"{p[k]:.1f}" for k in ("gap", "send", "wait", "receive", "kernel")) +
+                    f" | {p['kernel'] / r[name]['copy_floor_us']:.2f} | {p['spread']:.1f} |")
     lines += ["", "Overheads (every rank at once; round trip between ranks 0 and 1, the others idle):", "",
               "| EP | empty kernel back to back us | empty kernel alone us | flag round trip us |",
               "|---:|---:|---:|---:|"]

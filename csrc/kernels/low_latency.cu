@@ -63,10 +63,14 @@ __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, in
     return true;
 }
 
-// Phase clock stamps (one thread): `at` is kClockStart, kClockSent or kClockReady; the end is a maximum.
+// Phase clock stamps (one thread): `at` is kClockSent or kClockReady; the start is a minimum over the
+// blocks, the end a maximum.
 enum { kClockStart = 0, kClockSent = 1, kClockReady = 2, kClockEnd = 3 };
 __device__ __forceinline__ void stamp(const LLCtx& c, int at) {
     if (c.clock != nullptr) c.clock[at] = global_timer_ns();
+}
+__device__ __forceinline__ void stamp_start(const LLCtx& c) {
+    if (c.clock != nullptr && threadIdx.x == 0) atomicMin(c.clock + kClockStart, global_timer_ns());
 }
 __device__ __forceinline__ void stamp_end(const LLCtx& c) {
     __syncthreads();
@@ -206,7 +210,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(LLCtx c, LLDisp
     __shared__ DispatchShared sh;
     const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
     // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
-    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(c, kClockStart);
+    stamp_start(c);
     const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
     if constexpr ((kPhases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, &sh.flag);
     if constexpr ((kPhases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
@@ -331,7 +335,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(LLCtx c, LLCombi
     extern __shared__ int dyn[];
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
-    if (blockIdx.x == 0 && threadIdx.x == 0) stamp(c, kClockStart);
+    stamp_start(c);
     const int tag = ld_volatile(epoch) + ((kPhases & kLLSend) ? 1 : 0);
     if constexpr ((kPhases & kLLSend) != 0) combine_send(c, a, tag, sh);
     if constexpr ((kPhases & kLLRecv) != 0) combine_recv(c, a, tag, sh, dyn);

@@ -79,8 +79,8 @@ struct LLCtx {
     uint64_t timeout_ns;
     int64_t set_bytes;         // bytes of one set (send + stage area)
     int64_t stage_offset;      // offset of the stage area inside a set
-    // Optional phase clock of the call (benchmark): [4] uint64 ns (zeroed by the caller): block 0's start,
-    // the send phase's last arrival, block 0 past its waits, the latest block's end.
+    // Optional phase clock of the call (benchmark): [4] uint64 ns: the earliest block's start (the caller sets
+    // it to all ones), the send phase's last arrival, block 0 past its waits, the latest block's end (zero).
     unsigned long long* clock;
     int rank, num_ranks, set, call;
 };

@@ -255,9 +255,10 @@ class LowLatencyBackend:
         return out
 
     def set_phase_clock(self, clock: Optional[torch.Tensor]) -> None:
-        """Stamp the phases of the next launches into ``clock``: a zeroed ``[4]`` int64 CUDA tensor (GPU clock,
-        ns: block 0's start, the send phase's last arrival, block 0 past its waits, the latest block's end)
-        that the caller keeps alive until they ran; ``None`` stops. For the benchmark."""
+        """Stamp the phases of the next launches into ``clock``: a ``[4]`` int64 CUDA tensor set to
+        ``[-1, 0, 0, 0]`` (GPU clock, ns: the earliest block's start, the send phase's last arrival, block 0 past
+        its waits, the latest block's end) that the caller keeps alive until they ran; ``None`` stops. For the
+        benchmark."""
         self._rt.set_phase_clock(clock)
 
     def get_next_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:

@@ -87,8 +87,10 @@ def _normal(rank, num_ranks, use_nccl=False):
 
 
 def _hybrid_ep(rank, num_ranks, group, device, kernels, reference, gen):
-    """HybridEP forward and backward: its un-permute writes the combine input into the kernels' buffer."""
-    hidden, num_local, sms = 2048, 2, rank_num_sms(num_ranks)
+    """HybridEP forward and backward: its un-permute writes the combine input into the kernels' buffer. Five
+    local experts: 40 at 8 ranks, more than the 32 top-k columns the kernels carry (the routing map travels
+    as each token's list of routed experts)."""
+    hidden, num_local, sms = 2048, 5, rank_num_sms(num_ranks)
     x = torch.randn(300, hidden, generator=gen).bfloat16().to(device)
     routing_map = torch.rand(300, num_local * num_ranks, generator=gen).to(device) < 0.3
     probs = torch.rand(300, num_local * num_ranks, generator=gen).to(device)
