@@ -7,12 +7,14 @@
 
 #include "low_latency.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <optional>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <c10/cuda/CUDAStream.h>
@@ -210,6 +212,16 @@ class Runtime {
         return q;
     }
 
+    // Where a dispatch whose senders write the rows keeps them: (byte offset of the staged per-token fields,
+    // rows the receive area before it holds). The receive area starts the staging area.
+    std::tuple<int64_t, int64_t> dispatch_receive_area(int hidden_bytes, int num_scales, int num_topk) const {
+        MOE_A2A_CHECK(hidden_bytes > 0 && hidden_bytes % 16 == 0, "hidden bytes must be a positive multiple of 16, got ",
+                      hidden_bytes);
+        const int q = dispatch_capacity(hidden_bytes, num_scales, num_topk);
+        const int64_t small_base = dispatch_push_small_base(num_nvl_bytes_, q, num_ranks_, num_scales, num_topk);
+        return {small_base, std::max<int64_t>(small_base, 0) / hidden_bytes};
+    }
+
     int combine_capacity(int hidden_bytes, int num_topk) const {
         const int h4 = hidden_bytes / 16;
         const int64_t per = combine_staging_bytes(1, h4, num_ranks_, num_topk);
@@ -223,7 +235,7 @@ class Runtime {
                   const torch::Tensor& send_head, const torch::Tensor& rank_prefix, int num_experts, int num_sms,
                   torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
                   const std::optional<torch::Tensor>& recv_topk_idx, const std::optional<torch::Tensor>& recv_topk_weights,
-                  const std::optional<torch::Tensor>& recv_src_idx, bool after_notify) {
+                  const std::optional<torch::Tensor>& recv_src_idx, bool after_notify, bool push) {
         check_ready();
         MOE_A2A_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous [T, hidden] CUDA tensor");
         const int hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
@@ -255,13 +267,24 @@ class Runtime {
         a.capacity = dispatch_capacity(hidden_bytes, num_scales, num_topk);
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
                     " bytes; use Config.get_nvl_buffer_size_hint");
+        if (push) {
+            const auto [small_base, recv_rows] = dispatch_receive_area(hidden_bytes, num_scales, num_topk);
+            MOE_A2A_CHECK(recv_x.data_ptr() == static_cast<void*>(staging_base()),
+                          "with rows written by their senders, recv_x must be the receive area's view");
+            MOE_A2A_CHECK(a.num_alloc_rows <= recv_rows, "the receive area holds ", recv_rows, " rows, ",
+                          a.num_alloc_rows, " received");
+            a.push = 1;
+            a.small_base = small_base;
+            a.recv_rows = static_cast<int>(recv_rows);
+            a.bulk = 0;
+        }
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         // After a notify on this stream the buffer is free already: every peer passed the notify's barrier,
         // so finished its earlier operations, and the notify published this rank's token count.
         if (!after_notify) launch_prologue(ctx(), a.num_tokens, -1, kPhaseDispatchStart, stream);
         // When every token fits one round, the copy engine stages the rows (faster than SM copies; the size
         // is the input's, known on the host, so this also holds under CUDA graph capture).
-        if (a.num_tokens > 0 && a.num_tokens <= a.capacity) {
+        if (!push && a.num_tokens > 0 && a.num_tokens <= a.capacity) {
             MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
                                                static_cast<size_t>(a.num_tokens) * hidden_bytes,
                                                cudaMemcpyDeviceToDevice, stream));
@@ -416,6 +439,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("notify", &Runtime::notify)
         .def("wait_notify", &Runtime::wait_notify)
         .def("dispatch_capacity", &Runtime::dispatch_capacity)
+        .def("dispatch_receive_area", &Runtime::dispatch_receive_area)
         .def("combine_capacity", &Runtime::combine_capacity)
         .def("dispatch", &Runtime::dispatch)
         .def("combine", &Runtime::combine)

@@ -336,7 +336,8 @@ def _time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks,
     """This rank's times (us) of a backend's full dispatch (layout, count exchange and dispatch), cached
     dispatch and combine, on one routing. Returns ``(handle, dict)`` with the received rows and the bytes
     DeepEP counts: received for dispatch, sent back for combine. ``zero_copy``: also the combine of an
-    input written into the buffer beforehand (``combine_zero_copy_us``), where it fits."""
+    input written into the buffer beforehand (``combine_zero_copy_us``) and the cached dispatch whose senders
+    write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank."""
     from .config import combine_input_bytes
     from .backends import intranode
 
@@ -355,6 +356,12 @@ def _time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks,
     t_comb = _time_us(lambda: kern.combine(y, handle, recv_weights, None, None, cfg), warmup, loops, iters)
     times = dict(num_recv=num_recv, dispatch_bytes=num_recv * _row_bytes(hidden, scales is not None),
                  combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
+    if zero_copy and hasattr(kern, "dispatch_receive_rows"):
+        room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
+        if all(_gather(num_recv <= room)):  # every rank takes the same path
+            t = _time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg,
+                                               recv_x_in_buffer=True), warmup, loops, iters)
+            times["dispatch_in_buffer_us"] = t
     if zero_copy and combine_input_bytes(num_recv, hidden * 2, idx.size(1)) <= kern.num_nvl_bytes:
         view = kern.get_next_combine_buffer(num_recv, hidden)
         view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
@@ -390,6 +397,7 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
     out = []
     for op, key, bytes_key in (("dispatch", "dispatch_us", "dispatch_bytes"),
                                ("dispatch_full", "dispatch_full_us", "dispatch_bytes"),
+                               ("dispatch_in_buffer", "dispatch_in_buffer_us", "dispatch_bytes"),
                                ("combine", "combine_us", "combine_bytes"),
                                ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes")):
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes

@@ -350,7 +350,7 @@ class Buffer:
                  topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
                  expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
                  previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False):
+                 allocate_on_comm_stream: bool = False, *, recv_x_in_buffer: bool = False):
         """Send each token to every rank that holds one of its experts.
 
         Arguments:
@@ -369,6 +369,11 @@ class Buffer:
                 (intranode only; CUDA-graph safe on the kernels).
             config: chunking config (default ``get_dispatch_config(group_size)``).
             previous_event / async_finish / allocate_on_comm_stream: stream ordering, as in DeepEP.
+            recv_x_in_buffer: (moe_a2a extension, keyword only) on the intranode kernels, the senders write
+                the received rows straight into this rank's buffer and ``recv_x`` is a view of it, valid until
+                the next dispatch or combine on this buffer: for consumers that read it at once (a permute).
+                Each token then crosses memory once. The rows must fit what ``num_nvl_bytes`` leaves
+                (``ValueError`` otherwise, on every rank alike); other backends return an ordinary tensor.
 
         Returns:
             recv_x: received tokens (same form as ``x``), ordered by source rank then source index.
@@ -432,8 +437,8 @@ class Buffer:
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, new_handle, event = backend.dispatch(
             x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
             topk_weights, expert_alignment, num_worst_tokens, config, self._event_to_wait(previous_event),
-            async_finish,
-            allocate_on_comm_stream)
+            async_finish, allocate_on_comm_stream,
+            **({"recv_x_in_buffer": True} if recv_x_in_buffer and hasattr(backend, "dispatch_receive_rows") else {}))
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
         self._remember_hidden(handle if handle is not None else new_handle, hidden)
         if handle is not None:

@@ -510,12 +510,13 @@ class HybridEPDispatch(torch.autograd.Function):
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
             buffer.get_dispatch_layout(topk_idx, num_experts)
         # Every received token feeds at least one output row, so num_permuted_tokens bounds the receive count.
+        # The received rows are permuted right away, so the senders may write them into the buffer itself.
         num_worst = num_rows if num_rows else 0
         recv_x, recv_idx, recv_weights, aligned_counts, dispatch_handle, _ = buffer.dispatch(
             x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=num_tokens_per_rank,
             num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_tokens_per_expert, expert_alignment=pad, num_worst_tokens=num_worst,
-            config=configs[0])
+            config=configs[0], recv_x_in_buffer=True)
         local_map = _scatter_local(recv_idx, torch.ones_like(recv_idx, dtype=torch.bool), num_local_experts)
         padded_counts = _padded_counts(local_map, pad)
         if num_rows is None:
@@ -598,7 +599,8 @@ class HybridEPCombine(torch.autograd.Function):
         """Send each token's gradient to every rank that holds its experts, then lay it out by expert."""
         h = ctx.handle
         recv, _, _, _, _, _ = h.buffer.dispatch(grad_x.contiguous(), handle=h.dispatch_handle,
-                                                num_worst_tokens=h.num_worst_tokens, config=h.dispatch_config)
+                                                num_worst_tokens=h.num_worst_tokens, config=h.dispatch_config,
+                                                recv_x_in_buffer=True)
         recv = _fit_rows(recv, h.num_recv_rows)
         return _permute(recv, h.permuted_src, h.num_local_experts), None, None, None
 

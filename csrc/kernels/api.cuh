@@ -104,10 +104,17 @@ struct DispatchArgs {
     int capacity;                                   // tokens staged per round
     int data_staged;                                // x already copied to the buffer (one round, copy engine)
     int bulk;                                       // pull rows with bulk copies through shared memory
+    // Rows written by their senders (recv_x is the receive area at the start of every rank's staging area):
+    // the per-token fields are staged at byte `small_base` of the staging area (layout without data rows),
+    // and the receive area holds `recv_rows` rows. 0: the receivers pull the rows.
+    int push; int64_t small_base; int recv_rows;
 };
 
 void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream);
 int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_scales, int num_topk);
+// Where the per-token fields go when senders write the rows (`push`): the end of a staging area of
+// `staging_bytes`, aligned down to 128 bytes; the receive rows fill the area before it.
+int64_t dispatch_push_small_base(int64_t staging_bytes, int capacity, int num_ranks, int num_scales, int num_topk);
 
 struct CombineArgs {
     const void* x; int hidden_int4;                 // [N, hidden] bf16

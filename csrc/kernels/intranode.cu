@@ -381,6 +381,46 @@ __device__ int load_peer_tokens(const PeerCtx& c, int* s_tokens) {
     return most;
 }
 
+// Senders write the rows: every token is read once and stored into the receive rows of each rank that
+// receives it (row rank_prefix[me - 1, d] + send_head[t, d] there), so a row crosses memory once instead of
+// being staged and pulled. One warp per token, four 16-byte words per lane in flight.
+__device__ void push_rows(const PeerCtx& c, const DispatchArgs& a, int me, int gwarp, int num_warps, int lane) {
+    const int R = c.num_ranks, H4 = a.hidden_int4;
+    const int64_t row_int4 = H4;
+    for (int t = gwarp; t < a.num_tokens; t += num_warps) {
+        int row = -1;
+        if (lane < R) {
+            const int head = __ldg(a.send_head + static_cast<int64_t>(t) * R + lane);
+            if (head >= 0) row = (me == 0 ? 0 : __ldg(a.rank_prefix + (me - 1) * R + lane)) + head;
+        }
+        const int4* src = static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * row_int4;
+        constexpr int kU = 4;
+        for (int w0 = lane; w0 < H4; w0 += 32 * kU) {
+            int4 v[kU];
+#pragma unroll
+            for (int u = 0; u < kU; ++u)
+                if (w0 + 32 * u < H4) v[u] = ld_nc_v4(src + w0 + 32 * u);
+            for (int d = 0; d < R; ++d) {
+                const int r = __shfl_sync(0xffffffff, row, d);
+                if (r < 0) continue;
+                int4* dst = reinterpret_cast<int4*>(staging(c, d)) + static_cast<int64_t>(r) * row_int4;
+#pragma unroll
+                for (int u = 0; u < kU; ++u)
+                    if (w0 + 32 * u < H4) dst[w0 + 32 * u] = v[u];
+            }
+        }
+    }
+}
+
+// Senders write the rows only if every rank's receive rows fit its area and every rank stages its tokens in
+// one round: the same answer on every rank (rank_prefix and the token counts are), so all take the same exit.
+__device__ bool push_fits(const PeerCtx& c, const DispatchArgs& a, int max_tokens) {
+    if (max_tokens > a.capacity || a.num_alloc_rows > a.recv_rows) return false;
+    for (int d = 0; d < c.num_ranks; ++d)
+        if (a.rank_prefix[(c.num_ranks - 1) * c.num_ranks + d] > a.recv_rows) return false;
+    return true;
+}
+
 __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c, DispatchArgs a) {
     __shared__ int s_tokens[kMaxRanks];
     __shared__ int s_offset[kMaxRanks + 1];  // first output row of each source rank, then the total
@@ -392,13 +432,20 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
     if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
     __syncthreads();
     const int num_recv = s_offset[R];
+    if (a.push && !push_fits(c, a, max_tokens)) {
+        if (threadIdx.x == 0 && blockIdx.x == 0)
+            record_error(c, kErrRecvOverflow, me, kPhaseDispatchStart, a.recv_rows, max(num_recv, a.num_alloc_rows), 0);
+        return;
+    }
     const int Q = a.capacity, S = a.num_scales, K = a.num_topk, H4 = a.hidden_int4;
-    const DispatchLayout L(Q, H4, R, S, K);
+    // With senders writing the rows, the staged per-token fields sit at small_base, after the receive rows.
+    const int64_t base = a.push ? a.small_base : 0;
+    const DispatchLayout L(Q, a.push ? 0 : H4, R, S, K);
     const int expert_begin = me * a.num_experts_per_rank;
     const int num_warps = gridDim.x * (blockDim.x / 32);
     const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int num_rounds = (max_tokens + Q - 1) / Q;
-    const bool bulk = a.bulk != 0;
+    const bool bulk = a.bulk != 0 && !a.push;
     const int warp = threadIdx.x / 32, row_bytes = H4 * 16;
     __shared__ char* s_bulk_dst[kDispatchThreads / 32][kDispatchBulkSlots];
     __shared__ int s_bulk_len[kDispatchThreads / 32][kDispatchBulkSlots];
@@ -421,25 +468,26 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
         // Stage this rank's tokens [first, first + n) once; every receiver reads them from here.
         const int n = max(0, min(Q, a.num_tokens - first));
         char* mine = staging(c, me);
-        if (!a.data_staged)  // otherwise the copy engine staged all rows before this kernel
+        if (!a.data_staged && !a.push)  // the copy engine staged all rows before this kernel, or senders write them
             grid_copy_int4(reinterpret_cast<int4*>(mine + L.data),
                            static_cast<const int4*>(a.x) + static_cast<int64_t>(first) * H4,
                            static_cast<int64_t>(n) * H4);
-        grid_copy_words(reinterpret_cast<int*>(mine + L.head), a.send_head + static_cast<int64_t>(first) * R,
+        grid_copy_words(reinterpret_cast<int*>(mine + base + L.head), a.send_head + static_cast<int64_t>(first) * R,
                         static_cast<int64_t>(n) * R);
         if (a.x_scales)
-            grid_copy_words(reinterpret_cast<int*>(mine + L.scales),
+            grid_copy_words(reinterpret_cast<int*>(mine + base + L.scales),
                             reinterpret_cast<const int*>(a.x_scales) + static_cast<int64_t>(first) * S,
                             static_cast<int64_t>(n) * S);
         if (a.topk_idx) {
-            grid_copy_words(reinterpret_cast<int*>(mine + L.idx),
+            grid_copy_words(reinterpret_cast<int*>(mine + base + L.idx),
                             reinterpret_cast<const int*>(a.topk_idx) + static_cast<int64_t>(first) * K * 2,
                             static_cast<int64_t>(n) * K * 2);
             if (a.topk_weights)
-                grid_copy_words(reinterpret_cast<int*>(mine + L.weights),
+                grid_copy_words(reinterpret_cast<int*>(mine + base + L.weights),
                                 reinterpret_cast<const int*>(a.topk_weights) + static_cast<int64_t>(first) * K,
                                 static_cast<int64_t>(n) * K);
         }
+        if (a.push) push_rows(c, a, me, gwarp, num_warps, lane);
         if (!grid_barrier(c, true, kPhaseDispatchStaged, round)) return;
         if (bulk && lane == 0) fence_proxy_async_global();
 
@@ -457,7 +505,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
             const int ns = max(0, min(Q, s_tokens[s] - first));
             const char* src = staging(c, s);
             const int slot = local * 32 + lane;
-            const int head = slot < ns ? ld_cg(reinterpret_cast<const int*>(src + L.head) + slot * R + me) : -1;
+            const int head = slot < ns ? ld_cg(reinterpret_cast<const int*>(src + base + L.head) + slot * R + me) : -1;
             unsigned mask = __ballot_sync(0xffffffff, head >= 0);
             while (mask) {
                 const int l = __ffs(mask) - 1;
@@ -468,7 +516,9 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                     if (lane == 0) record_error(c, kErrRecvOverflow, s, kPhaseDispatchStaged, a.num_alloc_rows, row + 1, round);
                     continue;
                 }
-                if (bulk) {
+                if (a.push) {
+                    // The sender wrote the row already.
+                } else if (bulk) {
                     if (lane == 0) {
                         char* dst = static_cast<char*>(a.recv_x) + static_cast<int64_t>(row) * row_bytes;
                         const char* from = src + L.data + static_cast<int64_t>(i) * row_bytes;
@@ -483,16 +533,16 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                 }
                 if (a.recv_x_scales)
                     warp_copy_words<true>(reinterpret_cast<int*>(a.recv_x_scales) + static_cast<int64_t>(row) * S,
-                                          reinterpret_cast<const int*>(src + L.scales) + static_cast<int64_t>(i) * S, S,
+                                          reinterpret_cast<const int*>(src + base + L.scales) + static_cast<int64_t>(i) * S, S,
                                           lane);
                 if (a.recv_topk_idx && lane < K) {
-                    const int64_t e = reinterpret_cast<const int64_t*>(src + L.idx)[static_cast<int64_t>(i) * K + lane];
+                    const int64_t e = reinterpret_cast<const int64_t*>(src + base + L.idx)[static_cast<int64_t>(i) * K + lane];
                     // Keep the expert only where it lives on this rank, as a local id; its weight likewise.
                     const bool local_expert = e >= expert_begin && e < expert_begin + a.num_experts_per_rank;
                     a.recv_topk_idx[static_cast<int64_t>(row) * K + lane] = local_expert ? e - expert_begin : -1;
                     if (a.recv_topk_weights) {
                         const float w = __int_as_float(
-                            ld_cg(reinterpret_cast<const int*>(src + L.weights) + static_cast<int64_t>(i) * K + lane));
+                            ld_cg(reinterpret_cast<const int*>(src + base + L.weights) + static_cast<int64_t>(i) * K + lane));
                         a.recv_topk_weights[static_cast<int64_t>(row) * K + lane] = local_expert ? w : 0.0f;
                     }
                 }
@@ -673,6 +723,11 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
 
 int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_scales, int num_topk) {
     return DispatchLayout(capacity, hidden_int4, num_ranks, num_scales, num_topk).end;
+}
+
+int64_t dispatch_push_small_base(int64_t staging_bytes, int capacity, int num_ranks, int num_scales, int num_topk) {
+    const int64_t small = DispatchLayout(capacity, 0, num_ranks, num_scales, num_topk).end;
+    return (staging_bytes - small) / 128 * 128;
 }
 
 int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk) {

@@ -175,6 +175,7 @@ class IntranodeBackend:
         self._error: Optional[str] = None
         raw = self.runtime.local_buffer(0)
         self._staging = (raw.data_ptr(), raw.data_ptr() + raw.numel())  # [begin, end) of the staging area
+        self._most_received = None  # (rank_prefix_matrix, most rows any rank receives) of the last handle
         # (rows, hidden) of the combine input view handed out and still intact, else None.
         self._combine_input: Optional[tuple] = None
 
@@ -232,6 +233,23 @@ class IntranodeBackend:
         end = begin + t.numel() * t.element_size()
         return t.clone() if begin < self._staging[1] and end > self._staging[0] else t
 
+    def dispatch_receive_rows(self, hidden_bytes: int, num_scales: int = 0, num_topk: int = 0) -> int:
+        """Rows of ``hidden_bytes`` a ``recv_x_in_buffer`` dispatch can receive on this buffer."""
+        return int(self.runtime.dispatch_receive_area(int(hidden_bytes), int(num_scales), int(num_topk))[1])
+
+    def _receive_area_fits(self, rank_prefix: torch.Tensor, num_worst_tokens: int, row_bytes: int, num_scales: int,
+                           num_topk: int) -> bool:
+        """Whether every rank's received rows fit its receive area: the same answer on every rank (from the
+        rank prefix matrix every rank holds, read on the host once per handle, or from num_worst_tokens)."""
+        capacity = self.dispatch_receive_rows(row_bytes, num_scales, num_topk)
+        if num_worst_tokens:
+            return num_worst_tokens <= capacity
+        if self._most_received is None or self._most_received[0] is not rank_prefix:
+            if torch.cuda.is_current_stream_capturing():
+                return False
+            self._most_received = (rank_prefix, int(rank_prefix[-1].max()))  # keeps the tensor (and its address)
+        return self._most_received[1] <= capacity
+
     def _is_combine_input(self, x: torch.Tensor, num_rows: int) -> bool:
         """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows (empty
         views included: every rank must take the same path, raise or communicate, for the same calls)."""
@@ -242,11 +260,19 @@ class IntranodeBackend:
     def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
                  num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                  expert_alignment: int, num_worst_tokens: int, config, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False):
+                 allocate_on_comm_stream=False, recv_x_in_buffer=False):
         """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
 
         Returns ``(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
         handle, event)`` like ``ReferenceBackend.dispatch``.
+
+        ``recv_x_in_buffer``: the senders write every received row straight into this rank's registered buffer
+        and ``recv_x`` is a view of it, valid until the next dispatch or combine on this buffer (read it, for
+        example permute it, before then). Each token crosses memory once (read once, written once per
+        receiving rank) instead of being staged and pulled. Every rank must pass the same value. When some
+        rank's rows (``num_worst_tokens`` rows when given) do not fit ``dispatch_receive_rows``, every rank
+        falls back to an ordinary ``recv_x``; so does a cached dispatch under CUDA graph capture whose handle
+        this buffer has not seen (the check reads the handle's counts on the host).
         """
         self._check_usable()
         dev, R = self.device, self.num_ranks
@@ -320,8 +346,15 @@ class IntranodeBackend:
                     if error:
                         self._error = f"moe_a2a intranode: {error}; the buffer cannot be used again: rebuild it"
                         raise RuntimeError(self._error)
+            row_bytes = x.size(1) * x.element_size()
+            recv_x_in_buffer = bool(recv_x_in_buffer) and self._receive_area_fits(
+                rank_prefix, num_worst_tokens, row_bytes, x_scales.size(1) if x_scales is not None else 0,
+                topk_idx.size(1) if topk_idx is not None else 0)
+            if recv_x_in_buffer:
+                recv_x = self.runtime.local_buffer(0)[:num_rows * row_bytes].view(x.dtype).view(num_rows, x.size(1))
             with torch.cuda.stream(alloc):
-                recv_x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=dev)
+                if not recv_x_in_buffer:
+                    recv_x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=dev)
                 recv_x_scales = (torch.empty(num_rows, x_scales.size(1), dtype=torch.float32, device=dev)
                                  if x_scales is not None else None)
                 recv_topk_idx = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.int64, device=dev)
@@ -331,7 +364,7 @@ class IntranodeBackend:
                 recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
             self.runtime.dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts,
                                   config.num_sms, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                                  recv_src_idx, not cached)
+                                  recv_src_idx, not cached, bool(recv_x_in_buffer))
             self._combine_input = None  # the staged tokens overwrite any combine input written in place
         if cached:
             out_handle = None

@@ -93,6 +93,7 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
     _assert_equal("cached recv_x", cached[0], got[0])
     if case.x_scales is not None:
         _assert_equal("cached recv_x_scales", cached[1], got[1])
+    _in_buffer_dispatch(kern, case, layout_gpu, got, expert_alignment, num_worst_tokens, config)
 
     # Combine BF16 rows derived from what arrived, with the received weights and 0-2 biases.
     rows = got[0].size(0)
@@ -114,6 +115,34 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
     _zero_copy_combine(kern, gh, y.to(dev), None if w_in is None else w_in.to(dev),
                        [None if b is None else b.to(dev) for b in biases], config, got_c)
     return got, got_c
+
+
+def _in_buffer_dispatch(kern, case, layout_gpu, want, expert_alignment, num_worst_tokens, config):
+    """Rows written by their senders into the receivers' buffers (plain, then cached dispatch): bit for bit
+    the pulled outputs ``want``, as a view of the buffer where every rank's rows fit its receive area, as an
+    ordinary tensor on every rank otherwise."""
+    dev = kern.device
+    x = case.x.to(dev)
+    scales = None if case.x_scales is None else case.x_scales.to(dev)
+    num_scales = 0 if scales is None else scales.size(1)
+    rows = want[0].size(0)
+    base = kern.get_local_buffer_tensor(torch.uint8).data_ptr()
+    fits = all(gather(rows <= kern.dispatch_receive_rows(x.size(1) * x.element_size(), num_scales,
+                                                         case.topk_idx.size(1))))
+    got = kern.dispatch(x, scales, None, layout_gpu[0], layout_gpu[3], layout_gpu[2], case.topk_idx.to(dev),
+                        case.topk_weights.to(dev), expert_alignment, num_worst_tokens, config, recv_x_in_buffer=True)
+    torch.cuda.synchronize()
+    assert rows == 0 or (got[0].data_ptr() == base) == fits, f"in-buffer recv_x: view {fits} expected"
+    for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
+        if want[i] is not None:
+            _assert_equal(f"in-buffer {name}", got[i], want[i])
+    _assert_equal("in-buffer handle.recv_src_idx", got[5].recv_src_idx, want[5].recv_src_idx)
+    cached = kern.dispatch(x, scales, want[5], None, None, None, None, None, expert_alignment, num_worst_tokens,
+                           config, recv_x_in_buffer=True)
+    torch.cuda.synchronize()
+    _assert_equal("in-buffer cached recv_x", cached[0], want[0])
+    if scales is not None:
+        _assert_equal("in-buffer cached recv_x_scales", cached[1], want[1])
 
 
 def _zero_copy_combine(kern, handle, y, weights, biases, config, want):
