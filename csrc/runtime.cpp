@@ -269,8 +269,10 @@ class Runtime {
                     " bytes; use Config.get_nvl_buffer_size_hint");
         if (push) {
             const auto [small_base, recv_rows] = dispatch_receive_area(hidden_bytes, num_scales, num_topk);
-            MOE_A2A_CHECK(recv_x.data_ptr() == static_cast<void*>(staging_base()),
+            // An empty view has no address (data_ptr() is 0): the kernel writes no rows of it anyway.
+            MOE_A2A_CHECK(recv_x.numel() == 0 || recv_x.data_ptr() == static_cast<void*>(staging_base()),
                           "with rows written by their senders, recv_x must be the receive area's view");
+            a.recv_x = staging_base();
             MOE_A2A_CHECK(a.num_alloc_rows <= recv_rows, "the receive area holds ", recv_rows, " rows, ",
                           a.num_alloc_rows, " received");
             a.push = 1;
