@@ -29,6 +29,15 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
    slots and stores each back out once it landed, so a block keeps about 192 KiB in flight instead of
    what its registers hold, and the other lanes copy the small per-row fields.
 
+Rows written by their senders (``recv_x_in_buffer``): the receivers' outputs are the start of their own
+staging areas, which every peer maps, so the dispatch kernel skips the staging of ``x`` and the pull of the
+rows: each sender reads a token once and stores it into the receive row of every rank that gets it (row
+``rank_prefix[me - 1, r] + send_head[t, r]`` there), before the barrier; only the small per-token fields
+(scales, top-k, source index) are staged, at the end of the area, and pulled as above. ``T + S`` row
+transfers instead of ``2T + 2S``. ``recv_x`` is then a view of the buffer until the next operation, which is
+why it is opt-in. Whether the rows fit is decided alike on every rank (from the rank prefix matrix every
+rank holds, or ``num_worst_tokens``), and the kernel checks it again before writing.
+
 Zero-copy combine input: ``get_next_combine_buffer`` hands out the staging area itself as a
 ``[num_recv, hidden]`` bf16 tensor, where the copy engine would put the rows; the producer of the combine
 input writes there and the combine skips the copy (it recognises the view by where it starts, empty views
