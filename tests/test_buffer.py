@@ -103,6 +103,9 @@ def _normal_mode_body(rank, num_ranks):
         # Cached dispatch reuses the layout and moves the same rows.
         cached_x, none_idx, none_w, none_counts, none_handle, _ = buffer.dispatch(x * 2, handle=handle)
         assert torch.equal(cached_x, want_x * 2) and none_idx is None and none_handle is None
+        # The in-buffer request is a kernel option: here the same rows come back as an ordinary tensor.
+        in_buffer_x, *_ = buffer.dispatch(x * 2, handle=handle, recv_x_in_buffer=True)
+        assert torch.equal(in_buffer_x, want_x * 2)
 
         # FP8 tokens travel with their scales, bit for bit.
         if HIDDEN % 128 == 0:
