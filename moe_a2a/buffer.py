@@ -373,7 +373,7 @@ class Buffer:
                 the received rows straight into this rank's buffer and ``recv_x`` is a view of it, valid until
                 the next dispatch or combine on this buffer: for consumers that read it at once (a permute).
                 Each token then crosses memory once. The rows must fit what ``num_nvl_bytes`` leaves
-                (``ValueError`` otherwise, on every rank alike); other backends return an ordinary tensor.
+                (otherwise every rank falls back to an ordinary tensor, as other backends return).
 
         Returns:
             recv_x: received tokens (same form as ``x``), ordered by source rank then source index.
@@ -437,8 +437,7 @@ class Buffer:
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, new_handle, event = backend.dispatch(
             x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
             topk_weights, expert_alignment, num_worst_tokens, config, self._event_to_wait(previous_event),
-            async_finish, allocate_on_comm_stream,
-            **({"recv_x_in_buffer": True} if recv_x_in_buffer and hasattr(backend, "dispatch_receive_rows") else {}))
+            async_finish, allocate_on_comm_stream, recv_x_in_buffer)
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
         self._remember_hidden(handle if handle is not None else new_handle, hidden)
         if handle is not None:

@@ -212,11 +212,12 @@ class InternodeBackend:
     def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[InternodeHandle],
                  num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                  expert_alignment: int, num_worst_tokens: int, config, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False):
+                 allocate_on_comm_stream=False, recv_x_in_buffer=False):
         """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
 
         Returns ``(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-        handle, event)`` like ``ReferenceBackend.dispatch``, in the same row order.
+        handle, event)`` like ``ReferenceBackend.dispatch``, in the same row order. ``recv_x_in_buffer`` is
+        accepted and ignored: the rows end in a reordered ordinary tensor.
         """
         self._check_usable()
         dev, R, N, L = self.device, self.num_ranks, self.num_nodes, self.num_local_ranks

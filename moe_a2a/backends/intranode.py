@@ -259,6 +259,12 @@ class IntranodeBackend:
             self._most_received = (rank_prefix, int(rank_prefix[-1].max()))  # keeps the tensor (and its address)
         return self._most_received[1] <= capacity
 
+    def _staging_rows(self, num_rows: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[num_rows, hidden]`` ``dtype`` view of the start of the staging area (where the zero-copy combine
+        input and the rows of a ``recv_x_in_buffer`` dispatch live)."""
+        row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+        return self.runtime.local_buffer(0)[:num_rows * row_bytes].view(dtype).view(num_rows, hidden)
+
     def _is_combine_input(self, x: torch.Tensor, num_rows: int) -> bool:
         """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows (empty
         views included: every rank must take the same path, raise or communicate, for the same calls)."""
@@ -360,7 +366,7 @@ class IntranodeBackend:
                 rank_prefix, num_worst_tokens, row_bytes, x_scales.size(1) if x_scales is not None else 0,
                 topk_idx.size(1) if topk_idx is not None else 0)
             if recv_x_in_buffer:
-                recv_x = self.runtime.local_buffer(0)[:num_rows * row_bytes].view(x.dtype).view(num_rows, x.size(1))
+                recv_x = self._staging_rows(num_rows, x.size(1), x.dtype)
             with torch.cuda.stream(alloc):
                 if not recv_x_in_buffer:
                     recv_x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=dev)
@@ -481,8 +487,7 @@ class IntranodeBackend:
         torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
         self.runtime.wait_peers_done()  # on the current stream
         self._combine_input = (num_rows, hidden)
-        raw = self.runtime.local_buffer(0)
-        return raw[:num_rows * hidden * 2].view(torch.bfloat16).view(num_rows, hidden)
+        return self._staging_rows(num_rows, hidden, torch.bfloat16)
 
     # ------------------------------------------------------------------ resources
     def get_comm_stream(self) -> torch.cuda.Stream:

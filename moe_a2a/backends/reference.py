@@ -117,7 +117,9 @@ class ReferenceBackend:
     def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
                  num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                  expert_alignment: int, num_worst_tokens: int, config: Config, previous_event=None,
-                 async_finish=False, allocate_on_comm_stream=False):
+                 async_finish=False, allocate_on_comm_stream=False, recv_x_in_buffer=False):
+        # recv_x_in_buffer asks for rows written into a registered buffer; this backend has none, and an
+        # ordinary recv_x meets the contract (valid at least until the next operation).
         if previous_event is not None:
             previous_event.current_stream_wait()
         ex, me, num_ranks = self.exchanger, self.rank, self.num_ranks

@@ -21,7 +21,7 @@ from moe_a2a.backends import internode, internode_low_latency, low_latency
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
-from test_low_latency import _cases, _graph, _inputs, _many_calls, _round_trip, _want_combine
+from test_low_latency import _graph, _inputs, _many_calls, _round_trip, _run_cases, _want_combine
 
 pytestmark = pytest.mark.gpu
 
@@ -51,20 +51,7 @@ def _correctness(rank, num_ranks, per_node):
     ref = ReferenceLowLatency(rank, num_ranks, dist.group.WORLD)
     kern = _backend(rank, num_ranks, 32, 7168, 288)
     assert kern.num_sms >= 1
-    for i, (num_max, hidden, num_experts, topk, mode, hook, zero_copy, use_out) in enumerate(_cases(num_ranks)):
-        gen = torch.Generator().manual_seed(7 * i + rank)
-        num_tokens = int(torch.randint(1, num_max + 1, (1,), generator=gen))
-        if i == 2 and rank == 0:
-            num_tokens = 0
-        if i == 3 and rank == num_ranks - 1:
-            num_tokens = num_max
-        name = f"case {i} ({mode}, hidden {hidden}, {num_experts} experts, top-{topk}, rank {rank})"
-        _round_trip(kern, ref, rank, num_ranks, name, 100 + i, num_max, num_tokens, hidden, num_experts, topk, mode,
-                    hook, zero_copy, use_out)
-    with pytest.raises(ValueError, match="exceed num_max_dispatch_tokens_per_rank"):
-        kern.dispatch(torch.zeros(9, 2048, dtype=torch.bfloat16, device=kern.device),
-                      torch.zeros(9, 2, dtype=torch.int64, device=kern.device), None, None, 8, 8 * num_ranks, False,
-                      False, False, False)
+    _run_cases(kern, ref, rank, num_ranks)
     _graph(rank, num_ranks, kern, ref)
     _many_calls(rank, num_ranks, kern, num_pairs=500)
     dist.barrier()

@@ -202,6 +202,19 @@ def _correctness(rank, num_ranks):
     kern = _backend(rank, num_ranks, 32, 7168, 288)
     assert low_latency.low_latency_buffer_bytes(32, 7168, num_ranks, 288) == \
         low_latency._C.LowLatencyRuntime.required_bytes(32, 7168, num_ranks, 288)
+    _run_cases(kern, ref, rank, num_ranks)
+    _graph(rank, num_ranks, kern, ref)
+    _many_calls(rank, num_ranks, kern)
+    _probes(rank, num_ranks, kern)
+    dist.barrier()
+    kern.clean()
+    _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
+    kern.destroy()
+
+
+def _run_cases(kern, ref, rank, num_ranks):
+    """Every shape case of ``_cases`` (random token counts, a rank with none, one with the maximum), then a
+    call with more tokens than ``num_max_dispatch_tokens_per_rank``, refused before communicating."""
     for i, (num_max, hidden, num_experts, topk, mode, hook, zero_copy, use_out) in enumerate(_cases(num_ranks)):
         gen = torch.Generator().manual_seed(7 * i + rank)
         num_tokens = int(torch.randint(1, num_max + 1, (1,), generator=gen))
@@ -216,13 +229,6 @@ def _correctness(rank, num_ranks):
         kern.dispatch(torch.zeros(9, 2048, dtype=torch.bfloat16, device=kern.device),
                       torch.zeros(9, 2, dtype=torch.int64, device=kern.device), None, None, 8, 8 * num_ranks, False,
                       False, False, False)
-    _graph(rank, num_ranks, kern, ref)
-    _many_calls(rank, num_ranks, kern)
-    _probes(rank, num_ranks, kern)
-    dist.barrier()
-    kern.clean()
-    _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
-    kern.destroy()
 
 
 def _graph(rank, num_ranks, kern, ref):
