@@ -12,7 +12,9 @@ Received tokens are ordered by source rank, then by source token index, on every
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -49,6 +51,7 @@ class Buffer:
     """
 
     num_sms: int = 20
+    _num_sms_set = False  # whether set_num_sms chose num_sms (a default is fitted silently, a choice with a warning)
 
     def __init__(self, group: Optional[dist.ProcessGroup], num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
@@ -124,6 +127,7 @@ class Buffer:
         self._ll_buffer_index = 0
         self._destroyed = False
         self._handle_hidden: Dict[int, int] = {}  # id(handle.recv_src_idx) -> hidden of its tokens
+        self._capped = set()  # (op, num_sms) already warned about by _fit_config
 
     def _kernel_obstacles(self, num_bytes: int, bytes_name: str, internode_kernels: bool = False) -> List[str]:
         """Why the CUDA kernels cannot serve this buffer (empty when they can).
@@ -221,6 +225,37 @@ class Buffer:
         if new_num_sms % 2:
             raise ValueError(f"the SM count must be even, got {new_num_sms}")
         Buffer.num_sms = new_num_sms
+        Buffer._num_sms_set = True
+
+    @property
+    def max_num_sms(self) -> Optional[int]:
+        """Most SMs a normal-mode kernel of this buffer may use: the device's SMs divided among the ranks that
+        share it (every block of every rank must be resident at once); None where no kernels run."""
+        kernels = getattr(self._kernels, "intra", self._kernels)  # the internode kernels' NVLink stage
+        return getattr(kernels, "max_num_sms", None)
+
+    def _fit_config(self, config: Optional[Config], op: str) -> Config:
+        """``config`` (default: the tuned one) with at most ``max_num_sms`` SMs.
+
+        A count the caller chose (an explicit ``config`` or ``set_num_sms``) that does not fit is capped with a
+        warning, once per buffer and count; the default is fitted silently. Capping is the same on every rank
+        (``max_num_sms`` is computed from every rank's device), so ranks stay in step.
+        """
+        chosen = config is not None or Buffer._num_sms_set
+        if config is None:
+            config = self.get_dispatch_config(self.group_size) if op == "dispatch" else \
+                self.get_combine_config(self.group_size)
+        elif not isinstance(config, Config):
+            raise TypeError(f"config must be a moe_a2a.Config, got {type(config).__name__}")
+        budget = self.max_num_sms
+        if budget is None or config.num_sms <= budget:
+            return config
+        if chosen and (op, config.num_sms) not in self._capped:
+            self._capped.add((op, config.num_sms))
+            warnings.warn(f"moe_a2a: {op} asked for {config.num_sms} SMs per rank, but with the ranks that share a GPU "
+                          f"only {budget} per rank keep every block resident; using {budget}",
+                          RuntimeWarning, stacklevel=3)
+        return dataclasses.replace(config, num_sms=budget)
 
     @staticmethod
     def capture() -> EventOverlap:
@@ -385,7 +420,7 @@ class Buffer:
             event: an ``EventOverlap``.
         """
         self._check_alive()
-        config = self.get_dispatch_config(self.group_size) if config is None else config
+        config = self._fit_config(config, "dispatch")
         x, x_scales = self._check_tokens(x)
         num_tokens, hidden = x.shape
         device = x.device
@@ -464,7 +499,7 @@ class Buffer:
             event: an ``EventOverlap``.
         """
         self._check_alive()
-        config = self.get_combine_config(self.group_size) if config is None else config
+        config = self._fit_config(config, "combine")
         if not isinstance(handle, (DispatchHandle, InternodeHandle)):
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
         checks.tensor("x", x, _FLOAT_TOKENS, (handle.num_recv_tokens, None), handle.recv_src_idx.device)

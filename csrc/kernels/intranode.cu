@@ -17,7 +17,7 @@ __device__ __forceinline__ char* staging(const PeerCtx& c, int r) {
     return reinterpret_cast<char*>(c.peers[r]) + kHeaderBytes;
 }
 
-// First error wins: it fills the host record (code written last) and marks the buffer aborted.
+// First error wins: it fills the host record (code written last), marks the buffer aborted and traps.
 __device__ void record_error(const PeerCtx& c, int code, int peer, int phase, int expected, int seen, int round) {
     int* h = header(c, c.rank);
     if (atomicCAS(h + hdr::kErrorClaim, 0, 1) == 0) {
@@ -31,6 +31,7 @@ __device__ void record_error(const PeerCtx& c, int code, int peer, int phase, in
     }
     atomicExch(h + hdr::kAborted, 1);
     __threadfence_system();
+    trap_after_error("intranode", c.rank, code, phase, peer);
 }
 
 // One thread: tell every peer "I reached barrier e", then wait until every peer did. Epochs live in

@@ -192,7 +192,7 @@ __device__ __forceinline__ int ld_relaxed_sys(const int* p) {
 
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
-// First timeout wins: it fills the host record (code last) and aborts later waits of this rank. `Ctx`: the
+// First timeout wins: it fills the host record (code last), aborts later waits of this rank and traps. `Ctx`: the
 // IPC or the NVSHMEM kernels' context (workspace, host record, set, call).
 template <typename Ctx>
 __device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
@@ -208,6 +208,7 @@ __device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
     }
     atomicExch(ws + kLLWorkspaceAbort, 1);
     __threadfence_system();
+    trap_after_error("low-latency", c.rank, 1, phase, peer);
 }
 
 // Block-wide arrival at a grid-wide counter; true in the last block of the grid, which resets the counter,

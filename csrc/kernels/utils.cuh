@@ -74,6 +74,18 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
+// The end of a kernel that recorded an error (timeout, overflow, mismatched handle) in its host record:
+// say what happened on stderr, then trap. The trap makes this process's CUDA context fail, so the next
+// synchronize, copy to the host or launch raises: the outputs of a failed operation are never read as if
+// they were valid. (Ranks sharing one GPU under MPS all get the fault: MPS ends every client of a GPU on a
+// fatal error.) Python raises the recorded text, which names the rank, step and peer, from the buffer.
+__device__ __noinline__ void trap_after_error(const char* op, int rank, int code, int phase, int peer) {
+    printf("moe_a2a: rank %d: %s kernel failed (error %d, phase %d, peer %d); stopping the kernel\n", rank, op,
+           code, phase, peer);
+    __threadfence_system();
+    __trap();
+}
+
 // Wrap-safe "a >= b" for monotonically increasing 32-bit counters.
 __device__ __forceinline__ bool counter_reached(int a, int b) { return a - b >= 0; }
 

@@ -53,6 +53,7 @@ __device__ bool wait_signal(char* sym, const uint64_t* p, unsigned long long exp
                     __threadfence_system();
                     err->code = kErrTimeout;
                     __threadfence_system();
+                    trap_after_error("internode", nvshmem_my_pe(), kErrTimeout, phase, peer);
                 }
                 return false;
             }

@@ -53,10 +53,11 @@ from ..event import EventHandle
 from ..handles import InternodeHandle
 from . import intranode
 
-try:
-    from .. import _nvshmem
-except ImportError:  # built without NVSHMEM: the reference backend serves internode calls
-    _nvshmem = None
+from .. import _native
+
+# NVSHMEM's host library is loaded only by a group that spans nodes; absent when built without NVSHMEM (the
+# reference backend serves internode calls then).
+_nvshmem = _native.Lazy("_nvshmem")
 
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _TEAM = None  # the NVSHMEM team of this process: (group ranks of the team, this rank's index in it)
@@ -64,7 +65,7 @@ _TEAM = None  # the NVSHMEM team of this process: (group ranks of the team, this
 
 def available() -> bool:
     """Whether ``moe_a2a._nvshmem`` (internode kernels) and ``moe_a2a._C`` (NVLink stage) are importable."""
-    return _nvshmem is not None and intranode.extension_available()
+    return bool(_nvshmem) and intranode.extension_available()
 
 
 def _init_nvshmem(team: List[int], team_index: int, all_gather_object, heap_bytes: int) -> None:
@@ -162,6 +163,7 @@ class InternodeBackend:
 
         self.intra = intranode.IntranodeBackend(self.local_rank, L, None, num_nvl_bytes, node_gather, timeout_s)
         self._error: Optional[str] = None
+        _native.track(self)
 
     # ------------------------------------------------------------------ helpers
     def _poll(self) -> None:
@@ -434,7 +436,12 @@ class InternodeBackend:
         size = torch.empty((), dtype=dtype).element_size()
         return raw[: raw.numel() // size * size].view(dtype)
 
-    def destroy(self) -> None:
-        """Free both stages' buffers (collective over the team: NVSHMEM frees with a barrier)."""
+    def destroy(self, at_exit: bool = False) -> None:
+        """Free both stages' buffers (collective over the team: NVSHMEM frees with a barrier).
+
+        ``at_exit``: only the NVLink stage is released; the collective free is skipped (peers may have
+        exited already) and the process's exit returns the symmetric memory.
+        """
         self.intra.destroy()
-        self.runtime.destroy()
+        if not at_exit:
+            self.runtime.destroy()

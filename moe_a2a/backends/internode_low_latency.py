@@ -31,17 +31,17 @@ import torch
 
 from ..handles import LowLatencyHandle
 from . import internode
-from .low_latency import MAX_EXPERTS, LowLatencyBackend, _device_id
+from . import residency
+from .low_latency import MAX_EXPERTS, LowLatencyBackend
 
-try:
-    from .. import _nvshmem
-except ImportError:  # built without NVSHMEM
-    _nvshmem = None
+from .. import _native
+
+_nvshmem = _native.Lazy("_nvshmem")  # loaded by a group that spans nodes; absent when built without NVSHMEM
 
 
 def available() -> bool:
     """Whether ``moe_a2a._nvshmem`` was built with the low-latency kernels."""
-    return _nvshmem is not None and hasattr(_nvshmem, "LowLatencyRuntime")
+    return bool(_nvshmem) and hasattr(_nvshmem, "LowLatencyRuntime")
 
 
 class _Runtime:
@@ -106,12 +106,14 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         internode.init_nvshmem_over_group(rank, num_ranks, all_gather_object, self.num_rdma_bytes)
         self._rt = _Runtime(rank)
         self._rt.allocate(rank, num_ranks, self.num_rdma_bytes, self.timeout_s, self.allow_nvlink)
-        devices = all_gather_object(_device_id(self.device))
-        sharing = sum(1 for d in devices if d == devices[rank])
+        devices = all_gather_object(residency.device_id(self.device))
+        # Every block of every rank sharing this GPU must be resident at once (see ``residency``).
+        budget = max(1, self._rt.num_device_sms() // residency.most_ranks_per_device(devices))
         if num_sms is None:
-            num_sms = max(1, self._rt.num_device_sms() // sharing)
-        if not 1 <= num_sms <= self._rt.num_device_sms():
-            raise ValueError(f"num_sms must be in [1, {self._rt.num_device_sms()}], got {num_sms}")
+            num_sms = budget
+        if not 1 <= num_sms <= budget:
+            raise ValueError(f"num_sms must be in [1, {budget}] (the device's SMs shared by the ranks on it, one "
+                             f"block per SM), got {num_sms}")
         self.num_sms = num_sms
         self._set = 0
         self._calls = 0
@@ -123,8 +125,11 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
             raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max}: expected at most {_nvshmem.ll_max_tokens}")
         super()._check_shape(num_tokens, num_max, num_experts, num_topk, hidden)
 
-    def destroy(self) -> None:
-        """Free the symmetric buffer (collective: NVSHMEM frees with a barrier)."""
+    def destroy(self, at_exit: bool = False) -> None:
+        """Free the symmetric buffer (collective: NVSHMEM frees with a barrier). ``at_exit``: nothing is freed
+        (peers may have exited already; the process's exit returns the memory)."""
+        if at_exit:
+            return
         torch.cuda.synchronize(self.device)
         self._rt.destroy()
 

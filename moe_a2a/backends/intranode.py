@@ -85,11 +85,11 @@ import torch
 from ..config import combine_input_bytes
 from ..event import EventHandle
 from ..handles import DispatchHandle
+from . import residency
 
-try:
-    from .. import _C
-except ImportError:  # built without CUDA: the reference backend serves every call
-    _C = None
+from .. import _native
+
+_C = _native.Lazy("_C")  # loaded at the first kernel call; absent without CUDA (the reference backend serves)
 
 #: Ranks one intranode group may have (the peer table of the kernels).
 MAX_RANKS = 8
@@ -102,11 +102,11 @@ _FP8 = getattr(torch, "float8_e4m3fn", None)
 
 def extension_available() -> bool:
     """Whether the compiled extension ``moe_a2a._C`` is importable."""
-    return _C is not None
+    return bool(_C)
 
 
 def _require_extension() -> None:
-    if _C is None:
+    if not _C:
         raise RuntimeError("moe_a2a._C is not built: install with a CUDA build of torch and nvcc available")
 
 
@@ -177,8 +177,14 @@ class IntranodeBackend:
             raise ValueError(f"every rank must pass the same num_nvl_bytes, got {sizes}")
         self.num_nvl_bytes = num_nvl_bytes
         self.runtime = _C.Runtime(rank, num_ranks, num_nvl_bytes, float(timeout_s))
-        self.runtime.connect(all_gather_object(self.runtime.ipc_handle()))
-        self.comm_stream = torch.cuda.Stream(self.device)
+        peers = all_gather_object((residency.device_id(self.device), self.runtime.ipc_handle()))
+        self.runtime.connect([handle for _, handle in peers])
+        #: most SMs (blocks) per kernel such that every rank's blocks are resident together (same on every rank).
+        self.max_num_sms = residency.sm_budget(self.runtime.num_device_sms(),
+                                               residency.most_ranks_per_device([d for d, _ in peers]))
+        # Highest priority (torch maps any lower number to the highest the device has): when SMs free up,
+        # the block scheduler places this stream's waiting blocks first.
+        self.comm_stream = torch.cuda.Stream(self.device, priority=-100)
         self.set_bulk_min_rows(int(os.environ.get("MOE_A2A_BULK_MIN_ROWS", BULK_MIN_ROWS)))
         self._seq = 0
         self._error: Optional[str] = None
@@ -187,6 +193,7 @@ class IntranodeBackend:
         self._most_received = None  # (rank_prefix_matrix, most rows any rank receives) of the last handle
         # (rows, hidden) of the combine input view handed out and still intact, else None.
         self._combine_input: Optional[tuple] = None
+        _native.track(self)
 
     def set_bulk_min_rows(self, rows: int) -> None:
         """Dispatches receiving at least ``rows`` rows pull them with bulk copies (0: always, large: never)."""
@@ -502,6 +509,6 @@ class IntranodeBackend:
         size = torch.empty((), dtype=dtype).element_size()
         return raw[: raw.numel() // size * size].view(dtype)
 
-    def destroy(self) -> None:
-        """Free the buffer and close the peers' mappings (waits for the device first)."""
+    def destroy(self, at_exit: bool = False) -> None:
+        """Free the buffer and close the peers' mappings (waits for the device first); local, also at exit."""
         self.runtime.destroy()

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from ..handles import LowLatencyHandle
+from . import residency
 
-try:
-    from .. import _C
-except ImportError:  # built without CUDA
-    _C = None
+from .. import _native
+
+_C = _native.Lazy("_C")  # loaded at first use; absent without CUDA
 
 _SIGNAL_BYTES = 2 * 2 * 1024 * 4  # two sets of dispatch + combine flags, 1024 ints each
 MAX_EXPERTS = 1024
@@ -60,7 +60,7 @@ def low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int,
 
 def available() -> bool:
     """Whether the extension was built with the low-latency kernels."""
-    return _C is not None and hasattr(_C, "LowLatencyRuntime")
+    return bool(_C) and hasattr(_C, "LowLatencyRuntime")
 
 
 def _run_phases(launch: Callable[[int], None], return_recv_hook: bool, what: str) -> Optional[Callable[[], None]]:
@@ -79,12 +79,6 @@ def _run_phases(launch: Callable[[int], None], return_recv_hook: bool, what: str
         launch(_RECV)
 
     return receive
-
-
-def _device_id(device: torch.device) -> str:
-    props = torch.cuda.get_device_properties(device)
-    uuid = getattr(props, "uuid", None)
-    return str(uuid) if uuid is not None else f"{props.name}:{getattr(props, 'pci_bus_id', device.index)}"
 
 
 class LowLatencyBackend:
@@ -112,20 +106,23 @@ class LowLatencyBackend:
         self.num_rdma_bytes, self.timeout_s = num_rdma_bytes, float(timeout_s)
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._rt = _C.LowLatencyRuntime(rank, num_ranks, num_rdma_bytes, float(timeout_s))
-        peers = all_gather_object((_device_id(self.device), self._rt.ipc_handle()))
-        sharing = sum(1 for dev, _ in peers if dev == peers[rank][0])
+        peers = all_gather_object((residency.device_id(self.device), self._rt.ipc_handle()))
+        # Every block of every rank sharing this GPU must be resident at once (see ``residency``).
+        budget = max(1, self._rt.num_device_sms() // residency.most_ranks_per_device([dev for dev, _ in peers]))
         if num_sms is None:
-            num_sms = max(1, self._rt.num_device_sms() // sharing)
-        if not 1 <= num_sms <= self._rt.num_device_sms():
-            raise ValueError(f"num_sms must be in [1, {self._rt.num_device_sms()}], got {num_sms}")
+            num_sms = budget
+        if not 1 <= num_sms <= budget:
+            raise ValueError(f"num_sms must be in [1, {budget}] (the device's SMs shared by the ranks on it, one "
+                             f"block per SM), got {num_sms}")
         self.num_sms = num_sms
         self._rt.connect([h for _, h in peers])
         self._set = 0
         self._calls = 0
+        _native.track(self)
 
     # ------------------------------------------------------------------ resources
-    def destroy(self) -> None:
-        """Free the buffer (views from ``get_next_combine_buffer`` become invalid)."""
+    def destroy(self, at_exit: bool = False) -> None:
+        """Free the buffer (views from ``get_next_combine_buffer`` become invalid); local, also at exit."""
         self._rt.destroy()
 
     def error(self) -> str:

@@ -47,6 +47,26 @@ def run_ranks(fn, num_ranks: int, *args, timeout: float = 600.0) -> None:
         run_distributed(fn, num_ranks, *args, timeout=timeout)
 
 
+def synchronize_after_fault() -> None:
+    """Wait for the device after a test made a kernel fail on purpose. A failed kernel traps, and the trap
+    ends the CUDA context of every process on that GPU under MPS, so a synchronize may raise here."""
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError:
+        pass
+
+
+def expect_fault(call) -> None:
+    """``call()`` then a synchronize must raise ``RuntimeError``: the call's kernel failed (or, under MPS, a
+    peer's failure ended this process's CUDA context), and its outputs must not be read as valid."""
+    try:
+        call()
+        torch.cuda.synchronize()
+    except RuntimeError:
+        return
+    raise AssertionError("a kernel that waited for a missing rank returned without an error")
+
+
 def gather(obj) -> list:
     """``obj`` of every rank of the default group (what the backends take as ``all_gather_object``)."""
     out = [None] * dist.get_world_size()

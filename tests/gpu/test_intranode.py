@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason
+from harness import (check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason,
+                     synchronize_after_fault)
 from moe_a2a.backends import intranode
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
@@ -342,7 +343,7 @@ def _timeout(rank, num_ranks):
         with pytest.raises(RuntimeError, match="cannot be used again"):
             kern.dispatch(x, *args)
     dist.barrier()
-    torch.cuda.synchronize()
+    synchronize_after_fault()
     kern.destroy()
 
 
