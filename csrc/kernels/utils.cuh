@@ -79,7 +79,7 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // synchronize, copy to the host or launch raises: the outputs of a failed operation are never read as if
 // they were valid. (Ranks sharing one GPU under MPS all get the fault: MPS ends every client of a GPU on a
 // fatal error.) Python raises the recorded text, which names the rank, step and peer, from the buffer.
-__device__ __noinline__ void trap_after_error(const char* op, int rank, int code, int phase, int peer) {
+static __device__ __noinline__ void trap_after_error(const char* op, int rank, int code, int phase, int peer) {
     printf("moe_a2a: rank %d: %s kernel failed (error %d, phase %d, peer %d); stopping the kernel\n", rank, op,
            code, phase, peer);
     __threadfence_system();
