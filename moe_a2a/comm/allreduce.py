@@ -102,10 +102,12 @@ class AllReduce(torch.nn.Module):
         strategy: an ``AllReduceStrategy`` (see the module docstring for what runs where).
         dtype: the input dtype, when known (inputs of another dtype are rejected); None accepts any.
         timeout_s: seconds a kernel waits on a peer before it records an error (CUDA path).
+        num_blocks: blocks per kernel launch (0: ``min(tokens, 16)``, few enough that the blocks of 8 ranks
+            sharing one GPU are all resident).
     """
 
     def __init__(self, group=None, strategy: AllReduceStrategy = AllReduceStrategy.AUTO,
-                 dtype: Optional[torch.dtype] = None, *, timeout_s: float = 30.0):
+                 dtype: Optional[torch.dtype] = None, *, timeout_s: float = 30.0, num_blocks: int = 0):
         super().__init__()
         try:
             strategy = AllReduceStrategy(strategy)
@@ -122,6 +124,9 @@ class AllReduce(torch.nn.Module):
         self.strategy = _ALIASES.get(strategy, strategy)
         self.dtype = dtype
         self.timeout_s = float(timeout_s)
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+            raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+        self.num_blocks = num_blocks
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._workspaces = {}  # element size -> LamportWorkspace (created on first CUDA use)
@@ -251,7 +256,7 @@ class AllReduce(torch.nn.Module):
             def run(x, bias, residual, norm_weight, scale):
                 ws = self._get_workspace(x)
                 return ws.allreduce(x.reshape(-1, x.shape[-1]), op, bias, residual, norm_weight, scale, eps,
-                                    two_shot)
+                                    two_shot, self.num_blocks)
         return run
 
     def _get_workspace(self, x: torch.Tensor) -> LamportWorkspace:
