@@ -153,6 +153,37 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return total;
 }
 
+// The rounded sum, in rank order, of the pieces at `p0 + r * slot_stride` of every rank r; false when a wait
+// failed. Loads go out four ranks at a time before the first wait (more would spill registers).
+template <typename T>
+__device__ __forceinline__ bool reduce_ranks(const ArArgs& a, const int4* p0, int64_t slot_stride, Vec<T>& s,
+                                             int step, int token) {
+    using E = Elem<T>;
+    constexpr int N = E::kPerVec, kBatch = 4;
+    float acc[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = 0.f;
+    for (int r0 = 0; r0 < a.num_ranks; r0 += kBatch) {
+        Vec<T> in[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+            if (r0 + b < a.num_ranks) in[b].v = ld_volatile_v4(p0 + (r0 + b) * slot_stride);
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int r = r0 + b;
+            if (r < a.num_ranks) {
+                if (has_sentinel<T>(in[b]) && !wait_vec<T>(a, p0 + r * slot_stride, in[b], step, r, token))
+                    return false;
+#pragma unroll
+                for (int i = 0; i < N; ++i) acc[i] += E::to_float(in[b].b[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) s.b[i] = E::from_float(acc[i]);
+    return true;
+}
+
 // Everything after the sum of one row: bias, residual, norm, quantization, stores. `sums(v)` gives the
 // rounded sum of piece v (waiting for it); returns false when a wait failed.
 template <typename T, typename SumFn>
@@ -223,7 +254,7 @@ __device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kArMaxThreads) allreduce_kernel(ArArgs a) {
+__global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
     __shared__ float red[kArMaxThreads / 32];
@@ -241,18 +272,29 @@ __global__ void __launch_bounds__(kArMaxThreads) allreduce_kernel(ArArgs a) {
         const int4 header = make_int4(T_, a.hidden, 1 + a.two_shot, 0x4c414d50);
         st_volatile_v4(buffer_of(a, threadIdx.x, buf) + me, header);
     }
-    for (int t = blockIdx.x; t < T_; t += gridDim.x) {
-        for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
-            Vec<T> val;
-            val.v = ld_nc_v4(x + static_cast<int64_t>(t) * row_vecs + v);
-            val = unsentinel<T>(val);
-            if (!a.two_shot) {
-                const int64_t at = data + (static_cast<int64_t>(me) * T_ + t) * row_vecs + v;
-                for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + at, val.v);
-            } else {
-                const int owner = t / chunk;
-                const int64_t at = data + (static_cast<int64_t>(me) * chunk + (t - owner * chunk)) * row_vecs + v;
-                st_volatile_v4(buffer_of(a, owner, buf) + at, val.v);
+    // Rows go out as a flat range of pieces, several loads in flight per thread.
+    const int64_t total = static_cast<int64_t>(T_) * row_vecs;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first_piece = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    constexpr int kUnroll = 4;
+    for (int64_t base = first_piece; base < total; base += stride * kUnroll) {
+        Vec<T> val[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * stride < total) val[u].v = ld_nc_v4(x + base + u * stride);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t i = base + u * stride;
+            if (i < total) {
+                const Vec<T> out = unsentinel<T>(val[u]);
+                if (!a.two_shot) {  // slot `me` of every rank: its row t at t * row_vecs
+                    const int64_t at = data + static_cast<int64_t>(me) * total + i;
+                    for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + at, out.v);
+                } else {  // slot `me` of the owner of token t: its row t - owner * chunk
+                    const int owner = static_cast<int>(i / row_vecs) / chunk;
+                    const int64_t at = data + (static_cast<int64_t>(me) - owner) * chunk * row_vecs + i;
+                    st_volatile_v4(buffer_of(a, owner, buf) + at, out.v);
+                }
             }
         }
     }
@@ -305,50 +347,24 @@ __global__ void __launch_bounds__(kArMaxThreads) allreduce_kernel(ArArgs a) {
         // 4a. One-shot: every row of every rank is here; reduce in rank order and finish.
         for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
             auto sums = [&](int v, Vec<T>& s) {
-                float acc[N];
-#pragma unroll
-                for (int i = 0; i < N; ++i) acc[i] = 0.f;
-                for (int r = 0; r < R; ++r) {
-                    Vec<T> in;
-                    if (!wait_vec<T>(a, mine + data + (static_cast<int64_t>(r) * T_ + t) * row_vecs + v, in,
-                                     kStepOneShot, r, t))
-                        return false;
-#pragma unroll
-                    for (int i = 0; i < N; ++i) acc[i] += E::to_float(in.b[i]);
-                }
-#pragma unroll
-                for (int i = 0; i < N; ++i) s.b[i] = E::from_float(acc[i]);
-                return true;
+                return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s,
+                                       kStepOneShot, t);
             };
             ok = finish_row<T>(a, t, row_vecs, sums, red);
         }
     } else if (ok) {
         // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
         const int64_t gather = data + static_cast<int64_t>(R) * chunk * row_vecs;
-        for (int j = blockIdx.x; j < chunk && ok; j += gridDim.x) {
-            const int t = me * chunk + j;
-            if (t >= T_) break;
-            for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
-                float acc[N];
-#pragma unroll
-                for (int i = 0; i < N; ++i) acc[i] = 0.f;
-                for (int r = 0; r < R && ok; ++r) {
-                    Vec<T> in;
-                    ok = wait_vec<T>(a, mine + data + (static_cast<int64_t>(r) * chunk + j) * row_vecs + v, in,
-                                     kStepScatter, r, t);
-#pragma unroll
-                    for (int i = 0; i < N; ++i) acc[i] += E::to_float(in.b[i]);
-                }
-                if (!ok) break;
-                Vec<T> s;
-#pragma unroll
-                for (int i = 0; i < N; ++i) s.b[i] = E::from_float(acc[i]);
-                s = unsentinel<T>(s);
-                for (int p = 0; p < R; ++p)
-                    st_volatile_v4(buffer_of(a, p, buf) + gather + static_cast<int64_t>(t) * row_vecs + v, s.v);
-            }
-            ok = !__syncthreads_or(!ok);
+        const int64_t slot = static_cast<int64_t>(chunk) * row_vecs;
+        const int64_t my_total = static_cast<int64_t>(max(0, min(chunk, T_ - me * chunk))) * row_vecs;
+        for (int64_t i = first_piece; i < my_total; i += stride) {
+            Vec<T> s;
+            ok = reduce_ranks<T>(a, mine + data + i, slot, s, kStepScatter, me * chunk + static_cast<int>(i / row_vecs));
+            if (!ok) break;
+            s = unsentinel<T>(s);
+            for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + me * slot + i, s.v);
         }
+        ok = !__syncthreads_or(!ok);
         for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
             const int owner = t / chunk;
             auto sums = [&](int v, Vec<T>& s) {
