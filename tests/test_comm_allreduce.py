@@ -328,3 +328,26 @@ def test_kernels_missing_is_a_clear_error():
         pytest.skip("the kernels are built here")
     with pytest.raises(NotImplementedError, match="moe_a2a._C"):
         LamportWorkspace(None, max_num_tokens=1, hidden_dim=128, dtype=torch.bfloat16)
+
+
+def test_benchmark_table_feeds_auto(tmp_path, monkeypatch):
+    """What ``benchmarks/allreduce.py --write-table`` records is what AUTO reads back."""
+    from benchmarks.allreduce import _sizes, tuning_entries
+    assert _sizes(8 << 10, 256 << 20)[0] == 8 << 10 and _sizes(8 << 10, 256 << 20)[-1] == 256 << 20
+    rows = [{"ranks": 4, "bytes": 1 << 16, "op": "oneshot", "time_us": 9.0},
+            {"ranks": 4, "bytes": 1 << 16, "op": "twoshot", "time_us": 14.0},
+            {"ranks": 4, "bytes": 1 << 24, "op": "oneshot", "time_us": 900.0},
+            {"ranks": 4, "bytes": 1 << 24, "op": "twoshot", "time_us": 400.0},
+            {"ranks": 4, "bytes": 1 << 24, "op": "fused", "time_us": 420.0}]
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": tuning_entries(rows)}))
+    monkeypatch.setenv("MOE_A2A_ALLREDUCE_TABLE", str(path))
+    bf = torch.bfloat16
+    assert choose_strategy(4, 8, 4096, bf) == "oneshot"       # 64 KiB
+    assert choose_strategy(4, 1024, 4096, bf) == "twoshot"    # 8 MiB: nearest (log) is 16 MiB
+    assert choose_strategy(8, 1024, 4096, bf) == "twoshot"    # no 8-rank rows: the fallback rule
+
+
+def test_constructor_arguments():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        AllReduce(None)

@@ -22,7 +22,8 @@ namespace {
 using comm::ArArgs;
 using comm::ArHostError;
 
-//: Default blocks per call: few enough that the blocks of 8 ranks sharing one GPU are all resident.
+// Blocks per call when the caller gives none: few enough that the blocks of 8 ranks sharing one GPU are all
+// resident (the Python side passes its own count, from the ranks it finds on this GPU).
 constexpr int kDefaultBlocks = 16;
 
 const char* step_name(int step) {

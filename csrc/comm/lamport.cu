@@ -184,6 +184,30 @@ __device__ __forceinline__ bool reduce_ranks(const ArArgs& a, const int4* p0, in
     return true;
 }
 
+// s += bias (piece v of the row), rounded per element as torch adds two tensors of the element type.
+template <typename T>
+__device__ __forceinline__ void add_bias(const ArArgs& a, int64_t v, Vec<T>& s) {
+    using E = Elem<T>;
+    Vec<T> b;
+    b.v = ld_nc_v4(static_cast<const int4*>(a.bias) + v);
+#pragma unroll
+    for (int i = 0; i < E::kPerVec; ++i) s.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(b.b[i]));
+}
+
+// The plain all-reduce (no norm) has no per-row work: every piece of every row is finished independently,
+// as a flat range over all the kernel's threads.
+template <typename T, typename SumFn>
+__device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int64_t stride, int64_t total,
+                                            int row_vecs, SumFn sums) {
+    for (int64_t i = first; i < total; i += stride) {
+        Vec<T> s;
+        if (!sums(i, s)) return false;
+        if (a.bias) add_bias<T>(a, i % row_vecs, s);
+        st_na_v4(static_cast<int4*>(a.out) + i, s.v);
+    }
+    return true;
+}
+
 // Everything after the sum of one row: bias, residual, norm, quantization, stores. `sums(v)` gives the
 // rounded sum of piece v (waiting for it); returns false when a wait failed.
 template <typename T, typename SumFn>
@@ -200,12 +224,7 @@ __device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs,
             ok = false;
             break;
         }
-        if (a.bias) {
-            Vec<T> b;
-            b.v = ld_nc_v4(static_cast<const int4*>(a.bias) + v);
-#pragma unroll
-            for (int i = 0; i < N; ++i) s.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(b.b[i]));
-        }
+        if (a.bias) add_bias<T>(a, v, s);
         if (!norm) {
             st_na_v4(static_cast<int4*>(a.out) + row + v, s.v);
             continue;
@@ -343,8 +362,14 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     __syncthreads();
     bool ok = bad_header == 0;
 
-    if (ok && !a.two_shot) {
-        // 4a. One-shot: every row of every rank is here; reduce in rank order and finish.
+    const bool norm = a.weight != nullptr;
+    if (ok && !a.two_shot && !norm) {
+        // 4a. One-shot: every row of every rank is here; reduce in rank order.
+        ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
+            return reduce_ranks<T>(a, mine + data + i, total, s, kStepOneShot, static_cast<int>(i / row_vecs));
+        });
+    } else if (ok && !a.two_shot) {
+        // 4a'. The same, row by row, with the norm.
         for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
             auto sums = [&](int v, Vec<T>& s) {
                 return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s,
@@ -365,7 +390,13 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
             for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + me * slot + i, s.v);
         }
         ok = !__syncthreads_or(!ok);
-        for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
+        if (ok && !norm) {
+            ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
+                const int t = static_cast<int>(i / row_vecs);
+                return wait_vec<T>(a, mine + gather + i, s, kStepGather, t / chunk, t);
+            });
+        }
+        for (int t = blockIdx.x; t < T_ && ok && norm; t += gridDim.x) {
             const int owner = t / chunk;
             auto sums = [&](int v, Vec<T>& s) {
                 return wait_vec<T>(a, mine + gather + static_cast<int64_t>(t) * row_vecs + v, s, kStepGather,

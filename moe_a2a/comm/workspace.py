@@ -176,9 +176,17 @@ class LamportWorkspace:
             raise ValueError(f"buffer_size_in_bytes must be a positive int, got {buffer_size_in_bytes!r}")
         self.timeout_s = float(timeout_s)
         self.element_size = _element_size(dtype)
-        hosts = self._gather(socket.gethostname())
-        if len(set(hosts)) != 1:
+        device = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(device)
+        me = (socket.gethostname(), str(getattr(props, "uuid", device)))
+        everyone = self._gather(me)
+        hosts = sorted({h for h, _ in everyone})
+        if len(hosts) != 1:
             raise RuntimeError(f"LamportWorkspace needs every rank on one host (CUDA IPC), got hosts {hosts}")
+        #: Ranks whose kernels share this GPU (under MPS): their blocks must all be resident at once, so each
+        #: launches at most SMs / ranks_per_gpu blocks (one per SM) by default.
+        self.ranks_per_gpu = sum(1 for e in everyone if e == me)
+        self.default_blocks = max(1, props.multi_processor_count // self.ranks_per_gpu)
         self._runtime = None
         self._allocate(_round_up(buffer_size_in_bytes, GROWTH_BYTES))
 
@@ -261,6 +269,8 @@ class LamportWorkspace:
         out_norm = torch.empty_like(x) if op != AllReduceFusionOp.RESIDUAL_RMS_NORM_QUANT_FP8 else None
         residual_out = torch.empty_like(x) if norm else None
         quant = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) if op in FP8_OPS else None
+        if not num_blocks:
+            num_blocks = min(tokens, self.default_blocks)
         self._runtime.allreduce(x, _aligned(bias), _aligned(residual.reshape(x.shape)) if norm else None,
                                 _aligned(norm_weight) if norm else None,
                                 scale.reshape(1).float() if quant is not None else None, float(eps), norm,

@@ -218,18 +218,26 @@ def test_cases(num_ranks):
     run_ranks(_cases_body, num_ranks)
 
 
+def _rotation_graph_moe_body(rank, num_ranks):
+    _rotation_body(rank, num_ranks)
+    _graph_body(rank, num_ranks)
+    _moe_body(rank, num_ranks)
+
+
 @pytest.mark.parametrize("num_ranks", [2, 8])
 def test_rotation_graph_moe(num_ranks):
     if _skip(num_ranks):
         pytest.skip(_skip(num_ranks))
-    run_ranks(_rotation_body, num_ranks)
-    run_ranks(_graph_body, num_ranks)
-    run_ranks(_moe_body, num_ranks)
+    run_ranks(_rotation_graph_moe_body, num_ranks)
+
+
+def _errors_body(rank, num_ranks):
+    _bad_input_body(rank, num_ranks)
+    _mismatch_body(rank, num_ranks)
+    _timeout_body(rank, num_ranks)
 
 
 def test_errors():
-    if _skip(4):
-        pytest.skip(_skip(4))
-    run_ranks(_mismatch_body, 4)
-    run_ranks(_timeout_body, 2)
-    run_ranks(_bad_input_body, 2)
+    if _skip(2):
+        pytest.skip(_skip(2))
+    run_ranks(_errors_body, 2)
