@@ -216,9 +216,19 @@ __device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs,
     constexpr int N = E::kPerVec;
     const int64_t row = static_cast<int64_t>(t) * row_vecs;
     const bool norm = a.weight != nullptr;
+    // With at most one piece per thread (rows up to 8 KiB) the thread keeps its residual_out and weight in
+    // registers across the block sum; otherwise it reads back its own stores.
+    const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
+    Vec<T> kept_r, kept_w;
     float ss = 0.f;
     bool ok = true;
     for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
+        // The local operands are loaded before the wait for the peers' data, so their latency overlaps it.
+        Vec<T> r, w;
+        if (norm) {
+            r.v = ld_nc_v4(static_cast<const int4*>(a.residual) + row + v);
+            w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
+        }
         Vec<T> s;
         if (!sums(v, s)) {
             ok = false;
@@ -229,15 +239,15 @@ __device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs,
             st_na_v4(static_cast<int4*>(a.out) + row + v, s.v);
             continue;
         }
-        Vec<T> r;
-        r.v = ld_nc_v4(static_cast<const int4*>(a.residual) + row + v);
 #pragma unroll
         for (int i = 0; i < N; ++i) {
             r.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(r.b[i]));
             const float f = E::to_float(r.b[i]);
             ss += f * f;
         }
-        static_cast<int4*>(a.residual_out)[row + v] = r.v;
+        st_na_v4(static_cast<int4*>(a.residual_out) + row + v, r.v);
+        kept_r = r;
+        kept_w = w;
     }
     if (!norm) return ok;
     // Every thread reaches the block sum, failed or not, so the block never splits at a barrier.
@@ -247,8 +257,13 @@ __device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs,
     const float inv_scale = a.scale ? 1.0f / __ldg(a.scale) : 0.f;
     for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
         Vec<T> r, w, n;
-        r.v = static_cast<const int4*>(a.residual_out)[row + v];  // this thread's own store above
-        w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
+        if (one_piece) {
+            r = kept_r;
+            w = kept_w;
+        } else {
+            r.v = static_cast<const int4*>(a.residual_out)[row + v];  // this thread's own store above
+            w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
+        }
 #pragma unroll
         for (int i = 0; i < N; ++i) n.b[i] = E::from_float(E::to_float(r.b[i]) * inv * E::to_float(w.b[i]));
         if (a.out) st_na_v4(static_cast<int4*>(a.out) + row + v, n.v);
