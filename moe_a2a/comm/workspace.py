@@ -17,6 +17,7 @@ owners' sums, written to every rank).
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
@@ -227,11 +228,23 @@ class LamportWorkspace:
         self._runtime.connect(self._gather(self._runtime.ipc_handle()))
         self._buffer_size_bytes = buffer_bytes
 
+    def _barrier(self, why: str) -> None:
+        """Meet every rank; on gloo with a deadline, so a rank left alone (its peers passed other shapes and
+        did not grow) raises instead of waiting for the process group's timeout."""
+        if dist.get_backend(self.group) != "gloo":
+            dist.barrier(group=self.group)
+            return
+        try:
+            dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=max(self.timeout_s, 1.0)))
+        except RuntimeError as e:
+            raise RuntimeError(f"LamportWorkspace.{why}: rank {self.rank} waited {self.timeout_s:.0f} s for its peers, "
+                               f"which did not {why} (do all ranks pass the same shape?): {e}") from None
+
     def grow(self, required_bytes: int) -> None:
         """Reallocate (collectively) to hold ``required_bytes`` per buffer, rounded up to ``GROWTH_BYTES``."""
         self.check()
         torch.cuda.synchronize()
-        dist.barrier(group=self.group)  # no peer still runs a kernel on the old buffers
+        self._barrier("grow")  # no peer still runs a kernel on the old buffers
         self._runtime.destroy()
         self._allocate(_round_up(required_bytes, GROWTH_BYTES))
 
@@ -247,7 +260,7 @@ class LamportWorkspace:
         """Free the buffers (after every kernel on them finished). Collective."""
         if self._runtime is not None:
             torch.cuda.synchronize()
-            dist.barrier(group=self.group)
+            self._barrier("destroy")
             self._runtime.destroy()
             self._runtime = None
 

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from harness import run_ranks, set_rank_device, skip_reason
-from moe_a2a.comm import (AllReduce, AllReduceFusionOp, AllReduceParams, AllReduceStrategy, MoEAllReduce,
-                          MoEAllReduceParams, kernels_available, moe_local_reduction, reference)
+from moe_a2a.comm import (AllReduce, AllReduceFusionOp, AllReduceParams, AllReduceStrategy, LamportWorkspace,
+                          MoEAllReduce, MoEAllReduceParams, kernels_available, moe_local_reduction, reference)
 
 pytestmark = pytest.mark.gpu
 
@@ -231,7 +231,25 @@ def test_rotation_graph_moe(num_ranks):
     run_ranks(_rotation_graph_moe_body, num_ranks)
 
 
+def _workspace_body(rank, num_ranks):
+    """The FlashInfer-style workspace API on its own: sizing, rounding, sufficiency, destroy."""
+    set_rank_device(rank)
+    ws = LamportWorkspace(None, buffer_size_in_bytes=1 << 20, dtype=torch.bfloat16, timeout_s=TIMEOUT_S)
+    assert ws.buffer_size_bytes == 8 << 20 and ws.NUM_LAMPORT_BUFFERS == 3
+    assert ws.world_size == num_ranks and ws.rank == rank
+    assert ws.is_buffer_size_sufficient(num_ranks, 16, 4096, torch.bfloat16, ST.ONESHOT)
+    assert not ws.is_buffer_size_sufficient(num_ranks, 8192, 4096, torch.bfloat16, ST.TWOSHOT)
+    ws.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        ws.check()
+    ws = LamportWorkspace(None, max_num_tokens=4096, hidden_dim=7168, dtype=torch.bfloat16)
+    assert ws.is_buffer_size_sufficient(num_ranks, 4096, 7168, torch.bfloat16, ST.TWOSHOT)
+    assert ws.buffer_size_bytes % (8 << 20) == 0
+    ws.destroy()
+
+
 def _errors_body(rank, num_ranks):
+    _workspace_body(rank, num_ranks)
     _bad_input_body(rank, num_ranks)
     _mismatch_body(rank, num_ranks)
     _timeout_body(rank, num_ranks)
