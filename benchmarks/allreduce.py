@@ -10,7 +10,9 @@ size (bytes of ``[tokens, hidden]`` per rank, 8 KiB to 256 MiB by default):
 * ``unfused``: all-reduce, then ``+ residual`` and ``torch.nn.functional.rms_norm`` as separate torch ops; the
   all-reduce is NCCL with one rank per GPU, the project's ``AUTO`` kernel when ranks share a GPU (NCCL
   cannot run several ranks on one GPU);
-* ``nccl``: ``torch.distributed.all_reduce`` alone, with one rank per GPU.
+* ``nccl``: ``torch.distributed.all_reduce`` alone, with one rank per GPU;
+* ``*_graph``: one-shot, two-shot and fused replayed from a CUDA graph (small messages: without the host's
+  Python and launch overhead, which otherwise dominates them).
 
 Columns: time (median of timed loops, CUDA events), bus bandwidth ``bytes * 2 (N - 1) / N / time`` (NCCL's
 definition), the copy floor and the ratio to it, and ``launch``: the time of an empty kernel launch. The
@@ -51,6 +53,21 @@ def _sizes(lo: int, hi: int) -> List[int]:
 def _launch_us(warmup, loops, iters) -> float:
     t = torch.empty(1, device="cuda")
     return bench._time_us(lambda: t.zero_(), warmup, loops, iters)
+
+
+def _graphed(fn):
+    """``fn`` captured in a CUDA graph (after one eager call, which sizes the workspace); returns its replay.
+    Replays launch the kernel with no Python or launch overhead on the host, as graph-captured models do."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay
 
 
 def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
@@ -94,6 +111,9 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
             r = reduce_fn() + residual
             return F.rms_norm(r.float(), (hidden,), weight.float(), 1e-6).to(dtype), r
         ops["unfused"] = unfused
+        if nbytes <= opts["graph_max_bytes"]:
+            for name in [n for n in ("oneshot", "twoshot", "fused") if n in ops]:
+                ops[name + "_graph"] = _graphed(ops[name])
         if multi_gpu:
             floor = bench._peer_copy_floor_us([0 if d == rank else max(16, 2 * nbytes // num_ranks)
                                                for d in range(num_ranks)])
@@ -154,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--oneshot-max-bytes", type=int, default=64 << 20,
                    help="skip one-shot above this message size (it reads N times the bytes)")
     p.add_argument("--blocks", type=int, default=0, help="blocks per kernel (0: the default)")
+    p.add_argument("--graph-max-bytes", type=int, default=4 << 20,
+                   help="also time one-shot, two-shot and fused replayed from a CUDA graph up to this size")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--loops", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
@@ -168,8 +190,9 @@ def main(argv=None) -> int:
         print("moe_a2a._C lacks the all-reduce kernels: build it first", file=sys.stderr)
         return 2
     opts = {"dtype": args.dtype, "hidden": args.hidden, "sizes": _sizes(args.min_bytes, args.max_bytes),
-            "oneshot_max_bytes": args.oneshot_max_bytes, "blocks": args.blocks, "warmup": args.warmup,
-            "loops": args.loops, "iters": args.iters, "timeout_s": args.timeout_s}
+            "oneshot_max_bytes": args.oneshot_max_bytes, "graph_max_bytes": args.graph_max_bytes,
+            "blocks": args.blocks, "warmup": args.warmup, "loops": args.loops, "iters": args.iters,
+            "timeout_s": args.timeout_s}
     rows = []
     for n in bench._ints(args.ranks):
         with bench.mps_if_needed(n):
