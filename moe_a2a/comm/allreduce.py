@@ -141,7 +141,10 @@ class AllReduce(torch.nn.Module):
             RESIDUAL_RMS_NORM_QUANT_FP8: ``(norm_quant, residual_out)``
             RESIDUAL_RMS_NORM_OUT_QUANT_FP8: ``(norm, norm_quant, residual_out)``
             NVFP4 variants: NotImplementedError.
-        ``residual_out`` is ``sum + bias + residual``, the residual stream of the next layer.
+        ``residual_out`` is ``sum + bias + residual``, the residual stream of the next layer. With
+        ``enable_allreduce=False`` the input itself is returned; with one rank the fusion still runs. On
+        the kernel path a call can be captured in a CUDA graph once an eager call of that size (or larger)
+        has sized the workspace.
         """
         params = AllReduceParams() if all_reduce_params is None else all_reduce_params
         if isinstance(params, AllReduceParams) and not params.enable_allreduce:
