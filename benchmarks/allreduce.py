@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from typing import Dict, List
 
@@ -132,7 +131,6 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
                          "bytes": nbytes, "op": name, "time_us": round(t, 2),
                          "busbw_gbps": round(nbytes * 2 * (num_ranks - 1) / num_ranks / t / 1e3, 1),
                          "floor_us": round(floor, 2), "x_floor": round(t / floor, 2), "launch_us": round(launch, 2)})
-        del x, residual
     for ar in ars.values():
         ar.destroy()
     return {"rows": rows}

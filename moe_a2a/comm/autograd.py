@@ -7,12 +7,12 @@ give gradients for the input, the bias, the residual and the norm weight. No col
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 import torch
 
 from .reference import accumulate_dtype
-from .types import AllReduceFusionOp, FP8_OPS, NORM_OPS
+from .types import AllReduceFusionOp, NORM_OPS
 
 
 def _sum_rows(g: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -38,7 +38,6 @@ class FusedAllReduceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden_shape = None
         if ctx.op == AllReduceFusionOp.NONE:
             g = grads[0]
             gbias = _sum_rows(g, g.shape[-1]) if ctx.has_bias and ctx.needs_input_grad[4] else None

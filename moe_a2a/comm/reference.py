@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .types import FP8_OPS, NORM_OPS, NVFP4_OPS, AllReduceFusionOp, AllReduceParams
+from .types import NORM_OPS, NVFP4_OPS, AllReduceFusionOp, AllReduceParams
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0
