@@ -107,7 +107,8 @@ def _extension_modules():
             gencode.append(f"-gencode=arch=compute_{digits},code=compute_{digits}")
 
     root = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "kernels", "*.cu")) +
+                     glob.glob(os.path.join("csrc", "comm", "*.cpp")) + glob.glob(os.path.join("csrc", "comm", "*.cu")))
     if not sources:
         print("moe_a2a: no CUDA sources found, building the pure-Python package", file=sys.stderr)
         return [], {}

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include "low_latency.h"
+#include "comm/allreduce.h"
 
 #include <algorithm>
 #include <atomic>
@@ -449,4 +450,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("local_buffer", &Runtime::local_buffer);
     moe_a2a::register_low_latency(m);
+    moe_a2a::register_allreduce(m);
 }

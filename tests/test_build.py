@@ -22,7 +22,7 @@ def _can_build():
 def test_extension_was_built():
     assert intranode.extension_available(), "nvcc and a CUDA torch are present but moe_a2a._C was not built"
     from moe_a2a import _C
-    for name in ("get_dispatch_layout", "Runtime"):
+    for name in ("get_dispatch_layout", "Runtime", "AllReduceWorkspace"):
         assert hasattr(_C, name), f"moe_a2a._C lacks {name}"
 
 

@@ -1,0 +1,236 @@
+// AllReduceWorkspace (see allreduce.h, and comm/allreduce.cuh for the protocol). Launches run on the current
+// CUDA stream and read nothing back on the host, so they can be captured in a CUDA graph. Validation lives
+// in moe_a2a/comm (Python); the checks here are a backstop that never lets a kernel write out of bounds.
+#include "comm/allreduce.h"
+
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "comm/allreduce.cuh"
+#include "ipc.h"
+#include "kernels/utils.cuh"
+
+namespace moe_a2a {
+
+namespace {
+
+using comm::ArArgs;
+using comm::ArHostError;
+
+// Blocks per call when the caller gives none: few enough that the blocks of 8 ranks sharing one GPU are all
+// resident (the Python side passes its own count, from the ranks it finds on this GPU).
+constexpr int kDefaultBlocks = 16;
+
+const char* step_name(int step) {
+    switch (step) {
+        case comm::kStepHeader: return "the shape header";
+        case comm::kStepOneShot: return "the one-shot reduce";
+        case comm::kStepScatter: return "the two-shot reduce-scatter";
+        case comm::kStepGather: return "the two-shot all-gather";
+        default: return "an unknown step";
+    }
+}
+
+std::string triple(const volatile int* v) {
+    return "[" + std::to_string(v[0]) + " tokens, hidden " + std::to_string(v[1]) + ", " +
+           (v[2] == 2 ? "two-shot" : v[2] == 1 ? "one-shot" : "mode " + std::to_string(v[2])) + "]";
+}
+
+void check_tensor(const torch::Tensor& t, const char* name, const torch::Tensor& like, bool same_shape) {
+    MOE_A2A_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+    MOE_A2A_CHECK(t.device() == like.device(), name, " must be on the input's device");
+    MOE_A2A_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+    if (same_shape) MOE_A2A_CHECK(t.sizes() == like.sizes(), name, " must have the input's shape");
+}
+
+class AllReduceWorkspace {
+   public:
+    AllReduceWorkspace(int rank, int num_ranks, int64_t buffer_bytes, int elem_size, double timeout_s)
+        : rank_(rank), num_ranks_(num_ranks), buffer_bytes_(buffer_bytes), elem_size_(elem_size) {
+        MOE_A2A_CHECK(num_ranks >= 1 && num_ranks <= comm::kArMaxRanks, "all-reduce groups have 1..",
+                      comm::kArMaxRanks, " ranks, got ", num_ranks);
+        MOE_A2A_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range [0, ", num_ranks, ")");
+        MOE_A2A_CHECK(buffer_bytes > 0 && buffer_bytes % 16 == 0, "buffer_bytes must be a positive multiple of 16, got ",
+                      buffer_bytes);
+        MOE_A2A_CHECK(buffer_bytes / 16 < (int64_t{1} << 31), "buffer_bytes must be below 32 GiB, got ", buffer_bytes);
+        MOE_A2A_CHECK(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4, got ", elem_size);
+        MOE_A2A_CHECK(timeout_s > 0, "timeout_s must be positive, got ", timeout_s);
+        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
+        MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
+        MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
+        const int64_t total = comm::kArNumBuffers * buffer_bytes;
+        MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, total));
+        comm::launch_fill_sentinel(local_, total / 16, elem_size, nullptr);
+        MOE_A2A_CUDA_CHECK(cudaMalloc(&flags_, comm::kNumFlags * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaMemset(flags_, 0, comm::kNumFlags * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
+        void* host = nullptr;
+        MOE_A2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(ArHostError), cudaHostAllocMapped));
+        std::memset(host, 0, sizeof(ArHostError));
+        host_ = static_cast<ArHostError*>(host);
+        MOE_A2A_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host, 0));
+        // The peers map this buffer only after the handles are exchanged: the fill is complete by then.
+        MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+
+    ~AllReduceWorkspace() { destroy(); }
+
+    pybind11::bytes ipc_handle() const {
+        return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
+    }
+
+    void connect(const std::vector<std::string>& handles) {
+        MOE_A2A_CHECK(!destroyed_ && !connected_, "connect() needs a fresh workspace");
+        open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
+        connected_ = true;
+    }
+
+    void destroy() {
+        if (destroyed_) return;
+        destroyed_ = true;
+        cudaDeviceSynchronize();
+        if (connected_) close_ipc_peers(rank_, num_ranks_, peers_);
+        if (local_) cudaFree(local_);
+        if (flags_) cudaFree(flags_);
+        if (host_) cudaFreeHost(const_cast<ArHostError*>(host_));
+        local_ = nullptr;
+        flags_ = nullptr;
+        host_ = nullptr;
+    }
+
+    int64_t buffer_bytes() const { return buffer_bytes_; }
+
+    std::string error() const {
+        if (!host_ || host_->code == comm::kArErrNone) return "";
+        const std::string me = "rank " + std::to_string(rank_);
+        const std::string where = std::string(step_name(host_->step)) + " of call " + std::to_string(host_->call);
+        if (host_->code == comm::kArErrTimeout)
+            return me + " timed out after " + std::to_string(timeout_ns_ / 1000000) + " ms in " + where +
+                   " waiting for rank " + std::to_string(host_->peer) +
+                   (host_->token >= 0 ? " (token " + std::to_string(host_->token) + ")" : "") +
+                   "; is every rank calling with the same shape, in the same order?";
+        if (host_->code == comm::kArErrShape)
+            return me + " got a message of shape " + triple(host_->theirs) + " from rank " +
+                   std::to_string(host_->peer) + " in call " + std::to_string(host_->call) + ", its own is " +
+                   triple(host_->mine) + "; every rank must pass the same shape";
+        return me + ": unknown error code " + std::to_string(host_->code);
+    }
+
+    void allreduce(const torch::Tensor& x, const std::optional<torch::Tensor>& bias,
+                   const std::optional<torch::Tensor>& residual, const std::optional<torch::Tensor>& weight,
+                   const std::optional<torch::Tensor>& scale, double eps, bool norm, bool two_shot, int64_t num_blocks,
+                   const std::optional<torch::Tensor>& out, const std::optional<torch::Tensor>& residual_out,
+                   const std::optional<torch::Tensor>& quant) {
+        MOE_A2A_CHECK(connected_ && !destroyed_, "the all-reduce workspace is not connected or was destroyed");
+        const std::string err = error();
+        MOE_A2A_CHECK(err.empty(), "moe_a2a all-reduce: ", err);
+        MOE_A2A_CHECK(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, "input must be a non-empty [tokens, hidden]");
+        check_tensor(x, "input", x, true);
+        const auto st = x.scalar_type();
+        int dtype = -1;
+        if (st == torch::kFloat32) dtype = comm::kArFloat32;
+        if (st == torch::kFloat16) dtype = comm::kArFloat16;
+        if (st == torch::kBFloat16) dtype = comm::kArBFloat16;
+        MOE_A2A_CHECK(dtype >= 0, "input dtype must be float32, float16 or bfloat16, got ", c10::toString(st));
+        MOE_A2A_CHECK(static_cast<int>(x.element_size()) == elem_size_, "this workspace serves ", elem_size_,
+                      "-byte elements, got ", c10::toString(st));
+        const int64_t row_bytes = x.size(1) * x.element_size();
+        MOE_A2A_CHECK(row_bytes % 16 == 0, "rows must be a multiple of 16 bytes, got ", row_bytes);
+        MOE_A2A_CHECK(x.size(0) < (int64_t{1} << 30) && x.size(1) < (int64_t{1} << 30), "input too large");
+        const int tokens = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
+        const int64_t used = comm::ar_used_vecs(num_ranks_, tokens, hidden, elem_size_, two_shot);
+        MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
+                      "workspace has ", buffer_bytes_, "; grow it first");
+        ArArgs a{};
+        for (int r = 0; r < num_ranks_; ++r) a.peers[r] = peers_[r];
+        a.buffer_bytes = buffer_bytes_;
+        a.flags = flags_;
+        a.host = host_dev_;
+        a.timeout_ns = timeout_ns_;
+        a.rank = rank_;
+        a.num_ranks = num_ranks_;
+        a.x = x.data_ptr();
+        a.tokens = tokens;
+        a.hidden = hidden;
+        a.eps = static_cast<float>(eps);
+        a.two_shot = two_shot ? 1 : 0;
+        a.dtype = dtype;
+        if (bias) {
+            check_tensor(*bias, "bias", x, false);
+            MOE_A2A_CHECK(bias->scalar_type() == st && bias->numel() == hidden, "bias must be [hidden] like input");
+            a.bias = bias->data_ptr();
+        }
+        if (norm) {
+            MOE_A2A_CHECK(residual && weight && residual_out, "the norm needs residual, norm_weight and residual_out");
+            check_tensor(*residual, "residual", x, true);
+            check_tensor(*residual_out, "residual_out", x, true);
+            check_tensor(*weight, "norm_weight", x, false);
+            MOE_A2A_CHECK(residual->scalar_type() == st && residual_out->scalar_type() == st &&
+                          weight->scalar_type() == st && weight->numel() == hidden,
+                          "residual, residual_out and norm_weight must have the input's dtype and size");
+            a.residual = residual->data_ptr();
+            a.residual_out = residual_out->data_ptr();
+            a.weight = weight->data_ptr();
+            if (quant) {
+                MOE_A2A_CHECK(scale && scale->is_cuda() && scale->scalar_type() == torch::kFloat32 &&
+                              scale->numel() == 1, "the FP8 output needs scale, a [1] float32 CUDA tensor");
+                MOE_A2A_CHECK(quant->is_cuda() && quant->is_contiguous() && quant->sizes() == x.sizes() &&
+                              quant->element_size() == 1, "quant must be a contiguous 1-byte tensor of the input's shape");
+                a.scale = scale->data_ptr<float>();
+                a.quant = static_cast<uint8_t*>(quant->data_ptr());
+            }
+        } else {
+            MOE_A2A_CHECK(!quant, "the FP8 output needs the norm");
+        }
+        MOE_A2A_CHECK(out || norm, "the plain all-reduce needs out");
+        if (out) {
+            check_tensor(*out, "out", x, true);
+            MOE_A2A_CHECK(out->scalar_type() == st, "out must have the input's dtype");
+            a.out = out->data_ptr();
+        }
+        int blocks = static_cast<int>(num_blocks > 0 ? num_blocks : std::min(tokens, kDefaultBlocks));
+        blocks = std::max(1, std::min(blocks, num_sms_));
+        const int row_vecs = static_cast<int>(row_bytes / 16);
+        const int threads = std::min(comm::kArMaxThreads, std::max(32, (row_vecs + 31) / 32 * 32));
+        const c10::cuda::CUDAGuard guard(x.device());
+        comm::launch_allreduce(a, blocks, threads, c10::cuda::getCurrentCUDAStream());
+    }
+
+   private:
+    int rank_, num_ranks_;
+    int64_t buffer_bytes_;
+    int elem_size_;
+    uint64_t timeout_ns_ = 0;
+    int device_ = 0, num_sms_ = 0;
+    void* local_ = nullptr;
+    void* peers_[comm::kArMaxRanks] = {};
+    int* flags_ = nullptr;
+    cudaIpcMemHandle_t ipc_handle_{};
+    volatile ArHostError* host_ = nullptr;
+    ArHostError* host_dev_ = nullptr;
+    bool connected_ = false, destroyed_ = false;
+};
+
+}  // namespace
+
+void register_allreduce(pybind11::module_& m) {
+    namespace py = pybind11;
+    py::class_<AllReduceWorkspace>(m, "AllReduceWorkspace")
+        .def(py::init<int, int, int64_t, int, double>(), py::arg("rank"), py::arg("num_ranks"),
+             py::arg("buffer_bytes"), py::arg("elem_size"), py::arg("timeout_s"))
+        .def("ipc_handle", &AllReduceWorkspace::ipc_handle)
+        .def("connect", &AllReduceWorkspace::connect)
+        .def("destroy", &AllReduceWorkspace::destroy)
+        .def("buffer_bytes", &AllReduceWorkspace::buffer_bytes)
+        .def("error", &AllReduceWorkspace::error)
+        .def("allreduce", &AllReduceWorkspace::allreduce, py::arg("x"), py::arg("bias"), py::arg("residual"),
+             py::arg("norm_weight"), py::arg("scale"), py::arg("eps"), py::arg("norm"), py::arg("two_shot"),
+             py::arg("num_blocks"), py::arg("out"), py::arg("residual_out"), py::arg("quant"));
+}
+
+}  // namespace moe_a2a

@@ -1,0 +1,464 @@
+// Lamport one-shot / two-shot all-reduce kernels with the residual add, RMSNorm and FP8 quantization fused
+// (protocol in allreduce.cuh). One kernel per call, no host sync, no barrier kernel.
+//
+// Values: each element's sum over ranks is accumulated in float32 in rank order and rounded once to the
+// element type; bias and residual are then added one at a time, each add rounded (as torch adds tensors of
+// that type); the norm is computed in float32 from the rounded residual_out. The sum and residual_out are
+// therefore bitwise the reference's; the norm differs from it by the order of the sum of squares only.
+//
+// Work split: a block takes whole rows (tokens), block-strided; its threads take the 16-byte pieces of a
+// row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what it wrote.
+// Blocks never wait on another block of the same rank except through peers' data, and every block sends
+// before it waits, so any number of resident blocks makes progress.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include "comm/allreduce.cuh"
+#include "kernels/utils.cuh"
+
+namespace moe_a2a::comm {
+
+namespace {
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+    using Bits = uint32_t;
+    static constexpr int kPerVec = 4;
+    static constexpr Bits kSentinel = 0x80000000u;
+    __device__ static float to_float(Bits b) { return __uint_as_float(b); }
+    __device__ static Bits from_float(float f) { return __float_as_uint(f); }
+};
+
+template <>
+struct Elem<__half> {
+    using Bits = uint16_t;
+    static constexpr int kPerVec = 8;
+    static constexpr Bits kSentinel = 0x8000u;
+    __device__ static float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+    __device__ static Bits from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+    using Bits = uint16_t;
+    static constexpr int kPerVec = 8;
+    static constexpr Bits kSentinel = 0x8000u;
+    __device__ static float to_float(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+    __device__ static Bits from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+
+template <typename T>
+union Vec {
+    int4 v;
+    typename Elem<T>::Bits b[Elem<T>::kPerVec];
+};
+
+__device__ __forceinline__ int4 ld_volatile_v4(const int4* p) {
+    int4 v;
+    asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_volatile_v4(int4* p, const int4& v) {
+    asm volatile("st.volatile.global.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ bool has_sentinel(const Vec<T>& v) {
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < Elem<T>::kPerVec; ++i) any |= v.b[i] == Elem<T>::kSentinel;
+    return any;
+}
+
+// -0.0 is the sentinel: data carries +0.0 in its place (the same value).
+template <typename T>
+__device__ __forceinline__ Vec<T> unsentinel(Vec<T> v) {
+#pragma unroll
+    for (int i = 0; i < Elem<T>::kPerVec; ++i)
+        if (v.b[i] == Elem<T>::kSentinel) v.b[i] = 0;
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ int4 sentinel_vec() {
+    Vec<T> v;
+#pragma unroll
+    for (int i = 0; i < Elem<T>::kPerVec; ++i) v.b[i] = Elem<T>::kSentinel;
+    return v.v;
+}
+
+// The first failure records itself (the abort flag doubles as the lock) and stops every other wait.
+__device__ void record_error(const ArArgs& a, int code, int step, int peer, int token, const int* mine,
+                             const int* theirs) {
+    if (atomicCAS(a.flags + kFlagAbort, 0, 1) != 0) return;
+    ArHostError* h = a.host;
+    h->step = step;
+    h->peer = peer;
+    h->call = a.flags[kFlagCalls];
+    h->token = token;
+    for (int i = 0; i < 3; ++i) {
+        h->mine[i] = mine ? mine[i] : 0;
+        h->theirs[i] = theirs ? theirs[i] : 0;
+    }
+    __threadfence_system();
+    h->code = code;
+    __threadfence_system();
+}
+
+__device__ __forceinline__ bool aborted(const ArArgs& a) { return ld_volatile(a.flags + kFlagAbort) != 0; }
+
+// Spin until the piece at `p` holds data (no sentinel); false on timeout or abort (then `out` is junk).
+template <typename T>
+__device__ __forceinline__ bool wait_vec(const ArArgs& a, const int4* p, Vec<T>& out, int step, int peer, int token) {
+    out.v = ld_volatile_v4(p);
+    if (!has_sentinel<T>(out)) return true;
+    const uint64_t start = global_timer_ns();
+    for (int spins = 1;; ++spins) {
+        out.v = ld_volatile_v4(p);
+        if (!has_sentinel<T>(out)) return true;
+        if ((spins & 255) == 0) {
+            if (aborted(a)) return false;
+            if (global_timer_ns() - start > a.timeout_ns) {
+                record_error(a, kArErrTimeout, step, peer, token, nullptr, nullptr);
+                return false;
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ int4* buffer_of(const ArArgs& a, int rank, int index) {
+    return reinterpret_cast<int4*>(static_cast<char*>(a.peers[rank]) + index * a.buffer_bytes);
+}
+
+// Sum of `v` over the block (every thread gets it). `red` holds kArMaxThreads / 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = (blockDim.x + 31) / 32;
+    __syncthreads();  // `red` may still be read from the previous row
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < num_warps; ++w) total += red[w];  // the same order in every thread
+    return total;
+}
+
+// The rounded sum, in rank order, of the pieces at `p0 + r * slot_stride` of every rank r; false when a wait
+// failed. Loads go out four ranks at a time before the first wait (more would spill registers).
+template <typename T>
+__device__ __forceinline__ bool reduce_ranks(const ArArgs& a, const int4* p0, int64_t slot_stride, Vec<T>& s,
+                                             int step, int token) {
+    using E = Elem<T>;
+    constexpr int N = E::kPerVec, kBatch = 4;
+    float acc[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) acc[i] = 0.f;
+    for (int r0 = 0; r0 < a.num_ranks; r0 += kBatch) {
+        Vec<T> in[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+            if (r0 + b < a.num_ranks) in[b].v = ld_volatile_v4(p0 + (r0 + b) * slot_stride);
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+            const int r = r0 + b;
+            if (r < a.num_ranks) {
+                if (has_sentinel<T>(in[b]) && !wait_vec<T>(a, p0 + r * slot_stride, in[b], step, r, token))
+                    return false;
+#pragma unroll
+                for (int i = 0; i < N; ++i) acc[i] += E::to_float(in[b].b[i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) s.b[i] = E::from_float(acc[i]);
+    return true;
+}
+
+// s += bias (piece v of the row), rounded per element as torch adds two tensors of the element type.
+template <typename T>
+__device__ __forceinline__ void add_bias(const ArArgs& a, int64_t v, Vec<T>& s) {
+    using E = Elem<T>;
+    Vec<T> b;
+    b.v = ld_nc_v4(static_cast<const int4*>(a.bias) + v);
+#pragma unroll
+    for (int i = 0; i < E::kPerVec; ++i) s.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(b.b[i]));
+}
+
+// The plain all-reduce (no norm) has no per-row work: every piece of every row is finished independently,
+// as a flat range over all the kernel's threads.
+template <typename T, typename SumFn>
+__device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int64_t stride, int64_t total,
+                                            int row_vecs, SumFn sums) {
+    for (int64_t i = first; i < total; i += stride) {
+        Vec<T> s;
+        if (!sums(i, s)) return false;
+        if (a.bias) add_bias<T>(a, i % row_vecs, s);
+        st_na_v4(static_cast<int4*>(a.out) + i, s.v);
+    }
+    return true;
+}
+
+// Everything after the sum of one row: bias, residual, norm, quantization, stores. `sums(v)` gives the
+// rounded sum of piece v (waiting for it); returns false when a wait failed.
+template <typename T, typename SumFn>
+__device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs, SumFn sums, float* red) {
+    using E = Elem<T>;
+    constexpr int N = E::kPerVec;
+    const int64_t row = static_cast<int64_t>(t) * row_vecs;
+    const bool norm = a.weight != nullptr;
+    // With at most one piece per thread (rows up to 8 KiB) the thread keeps its residual_out and weight in
+    // registers across the block sum; otherwise it reads back its own stores.
+    const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
+    Vec<T> kept_r, kept_w;
+    float ss = 0.f;
+    bool ok = true;
+    for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
+        // The local operands are loaded before the wait for the peers' data, so their latency overlaps it.
+        Vec<T> r, w;
+        if (norm) {
+            r.v = ld_nc_v4(static_cast<const int4*>(a.residual) + row + v);
+            w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
+        }
+        Vec<T> s;
+        if (!sums(v, s)) {
+            ok = false;
+            break;
+        }
+        if (a.bias) add_bias<T>(a, v, s);
+        if (!norm) {
+            st_na_v4(static_cast<int4*>(a.out) + row + v, s.v);
+            continue;
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            r.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(r.b[i]));
+            const float f = E::to_float(r.b[i]);
+            ss += f * f;
+        }
+        st_na_v4(static_cast<int4*>(a.residual_out) + row + v, r.v);
+        kept_r = r;
+        kept_w = w;
+    }
+    if (!norm) return ok;
+    // Every thread reaches the block sum, failed or not, so the block never splits at a barrier.
+    const float total = block_sum(ss, red);
+    if (__syncthreads_or(!ok)) return false;
+    const float inv = rsqrtf(total / static_cast<float>(a.hidden) + a.eps);
+    const float inv_scale = a.scale ? 1.0f / __ldg(a.scale) : 0.f;
+    for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
+        Vec<T> r, w, n;
+        if (one_piece) {
+            r = kept_r;
+            w = kept_w;
+        } else {
+            r.v = static_cast<const int4*>(a.residual_out)[row + v];  // this thread's own store above
+            w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) n.b[i] = E::from_float(E::to_float(r.b[i]) * inv * E::to_float(w.b[i]));
+        if (a.out) st_na_v4(static_cast<int4*>(a.out) + row + v, n.v);
+        if (a.scale) {
+            union {
+                uint8_t b[8];
+                uint2 u2;
+                uint32_t u1;
+            } q;
+#pragma unroll
+            for (int i = 0; i < N; ++i)
+                q.b[i] = __nv_cvt_float_to_fp8(E::to_float(n.b[i]) * inv_scale, __NV_SATFINITE, __NV_E4M3);
+            uint8_t* dst = a.quant + (row + v) * N;
+            if constexpr (N == 8) {
+                *reinterpret_cast<uint2*>(dst) = q.u2;
+            } else {
+                *reinterpret_cast<uint32_t*>(dst) = q.u1;
+            }
+        }
+    }
+    return true;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
+    using E = Elem<T>;
+    constexpr int N = E::kPerVec;
+    __shared__ float red[kArMaxThreads / 32];
+    __shared__ int bad_header;
+    const int R = a.num_ranks, me = a.rank, T_ = a.tokens;
+    const int row_vecs = a.hidden / N;
+    const int buf = a.flags[kFlagBuffer];
+    const int prev_used = a.flags[kFlagUsed];
+    const int chunk = (T_ + R - 1) / R;
+    const int64_t data = R;  // the header's R pieces come first
+    const int4* x = static_cast<const int4*>(a.x);
+
+    // 1. Send: the header to every peer (block 0), then this rank's rows.
+    if (blockIdx.x == 0 && threadIdx.x < R) {
+        const int4 header = make_int4(T_, a.hidden, 1 + a.two_shot, 0x4c414d50);
+        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + me, header);
+    }
+    // Rows go out as a flat range of pieces, several loads in flight per thread.
+    const int64_t total = static_cast<int64_t>(T_) * row_vecs;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first_piece = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    constexpr int kUnroll = 4;
+    for (int64_t base = first_piece; base < total; base += stride * kUnroll) {
+        Vec<T> val[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * stride < total) val[u].v = ld_nc_v4(x + base + u * stride);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int64_t i = base + u * stride;
+            if (i < total) {
+                const Vec<T> out = unsentinel<T>(val[u]);
+                if (!a.two_shot) {  // slot `me` of every rank: its row t at t * row_vecs
+                    const int64_t at = data + static_cast<int64_t>(me) * total + i;
+                    for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + at, out.v);
+                } else {  // slot `me` of the owner of token t: its row t - owner * chunk
+                    const int owner = static_cast<int>(i / row_vecs) / chunk;
+                    const int64_t at = data + (static_cast<int64_t>(me) - owner) * chunk * row_vecs + i;
+                    st_volatile_v4(buffer_of(a, owner, buf) + at, out.v);
+                }
+            }
+        }
+    }
+
+    // 2. While the peers' data travels: clear what the previous call used of the previous buffer.
+    {
+        int4* prev = buffer_of(a, me, (buf + kArNumBuffers - 1) % kArNumBuffers);
+        const int4 sentinel = sentinel_vec<T>();
+        for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < prev_used;
+             i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+            prev[i] = sentinel;
+    }
+
+    // 3. Check every peer's header: a message of another shape ends the call with an error.
+    const int4* mine = buffer_of(a, me, buf);
+    if (threadIdx.x == 0) bad_header = 0;
+    __syncthreads();
+    if (threadIdx.x < R) {
+        const int p = threadIdx.x;
+        const uint32_t sentinel32 = E::kSentinel == 0x8000u ? 0x80008000u : 0x80000000u;
+        const uint64_t start = global_timer_ns();
+        int4 h;
+        for (int spins = 0;; ++spins) {
+            h = ld_volatile_v4(mine + p);
+            if (static_cast<uint32_t>(h.x) != sentinel32 && static_cast<uint32_t>(h.y) != sentinel32 &&
+                static_cast<uint32_t>(h.z) != sentinel32 && static_cast<uint32_t>(h.w) != sentinel32)
+                break;
+            if ((spins & 255) == 255) {
+                if (aborted(a)) {
+                    bad_header = 1;
+                    break;
+                }
+                if (global_timer_ns() - start > a.timeout_ns) {
+                    record_error(a, kArErrTimeout, kStepHeader, p, -1, nullptr, nullptr);
+                    bad_header = 1;
+                    break;
+                }
+            }
+        }
+        if (!bad_header && (h.x != T_ || h.y != a.hidden || h.z != 1 + a.two_shot)) {
+            const int own[3] = {T_, a.hidden, 1 + a.two_shot}, their[3] = {h.x, h.y, h.z};
+            record_error(a, kArErrShape, kStepHeader, p, -1, own, their);
+            bad_header = 1;
+        }
+    }
+    __syncthreads();
+    bool ok = bad_header == 0;
+
+    const bool norm = a.weight != nullptr;
+    if (ok && !a.two_shot && !norm) {
+        // 4a. One-shot: every row of every rank is here; reduce in rank order.
+        ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
+            return reduce_ranks<T>(a, mine + data + i, total, s, kStepOneShot, static_cast<int>(i / row_vecs));
+        });
+    } else if (ok && !a.two_shot) {
+        // 4a'. The same, row by row, with the norm.
+        for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
+            auto sums = [&](int v, Vec<T>& s) {
+                return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s,
+                                       kStepOneShot, t);
+            };
+            ok = finish_row<T>(a, t, row_vecs, sums, red);
+        }
+    } else if (ok) {
+        // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
+        const int64_t gather = data + static_cast<int64_t>(R) * chunk * row_vecs;
+        const int64_t slot = static_cast<int64_t>(chunk) * row_vecs;
+        const int64_t my_total = static_cast<int64_t>(max(0, min(chunk, T_ - me * chunk))) * row_vecs;
+        for (int64_t i = first_piece; i < my_total; i += stride) {
+            Vec<T> s;
+            ok = reduce_ranks<T>(a, mine + data + i, slot, s, kStepScatter, me * chunk + static_cast<int>(i / row_vecs));
+            if (!ok) break;
+            s = unsentinel<T>(s);
+            for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + me * slot + i, s.v);
+        }
+        ok = !__syncthreads_or(!ok);
+        if (ok && !norm) {
+            ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
+                const int t = static_cast<int>(i / row_vecs);
+                return wait_vec<T>(a, mine + gather + i, s, kStepGather, t / chunk, t);
+            });
+        }
+        for (int t = blockIdx.x; t < T_ && ok && norm; t += gridDim.x) {
+            const int owner = t / chunk;
+            auto sums = [&](int v, Vec<T>& s) {
+                return wait_vec<T>(a, mine + gather + static_cast<int64_t>(t) * row_vecs + v, s, kStepGather,
+                                   owner, t);
+            };
+            ok = finish_row<T>(a, t, row_vecs, sums, red);
+        }
+    }
+
+    // 5. The last block to finish moves the flags on to the next call.
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(a.flags + kFlagDone, 1) == static_cast<int>(gridDim.x) - 1) {
+            a.flags[kFlagBuffer] = (buf + 1) % kArNumBuffers;
+            a.flags[kFlagUsed] = static_cast<int>(ar_used_vecs(R, T_, a.hidden, sizeof(T), a.two_shot));
+            a.flags[kFlagCalls] += 1;
+            a.flags[kFlagDone] = 0;
+            __threadfence();
+        }
+    }
+}
+
+__global__ void fill_kernel(int4* p, int64_t n, int4 value) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        p[i] = value;
+}
+
+}  // namespace
+
+void launch_allreduce(const ArArgs& a, int num_blocks, int num_threads, cudaStream_t stream) {
+    switch (a.dtype) {
+        case kArFloat32: allreduce_kernel<float><<<num_blocks, num_threads, 0, stream>>>(a); break;
+        case kArFloat16: allreduce_kernel<__half><<<num_blocks, num_threads, 0, stream>>>(a); break;
+        default: allreduce_kernel<__nv_bfloat16><<<num_blocks, num_threads, 0, stream>>>(a); break;
+    }
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_fill_sentinel(void* base, int64_t num_vecs, int elem_size, cudaStream_t stream) {
+    const int4 value = elem_size == 4 ? make_int4(static_cast<int>(0x80000000u), static_cast<int>(0x80000000u),
+                                                  static_cast<int>(0x80000000u), static_cast<int>(0x80000000u))
+                                      : make_int4(static_cast<int>(0x80008000u), static_cast<int>(0x80008000u),
+                                                  static_cast<int>(0x80008000u), static_cast<int>(0x80008000u));
+    fill_kernel<<<256, 256, 0, stream>>>(static_cast<int4*>(base), num_vecs, value);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace moe_a2a::comm
