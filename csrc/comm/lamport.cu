@@ -97,7 +97,7 @@ __device__ __forceinline__ int4 sentinel_vec() {
     return v.v;
 }
 
-// The first failure records itself (the abort flag doubles as the lock) and stops every other wait.
+// The first failure records itself (the abort flag doubles as the lock), then traps (see trap_after_error).
 __device__ void record_error(const ArArgs& a, int code, int step, int peer, int token, const int* mine,
                              const int* theirs) {
     if (atomicCAS(a.flags + kFlagAbort, 0, 1) != 0) return;
@@ -113,6 +113,7 @@ __device__ void record_error(const ArArgs& a, int code, int step, int peer, int 
     __threadfence_system();
     h->code = code;
     __threadfence_system();
+    trap_after_error("all-reduce", a.rank, code, step, peer);  // outputs of a failed call are never read
 }
 
 __device__ __forceinline__ bool aborted(const ArArgs& a) { return ld_volatile(a.flags + kFlagAbort) != 0; }
