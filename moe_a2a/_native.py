@@ -65,6 +65,16 @@ class Lazy:
         return getattr(module, attr)
 
 
+def cuda_context_usable(device=None) -> bool:
+    """Whether this process's CUDA context still works (False after a kernel trapped). Waits for the device."""
+    import torch
+    try:
+        torch.cuda.synchronize(device)
+        return True
+    except RuntimeError:
+        return False
+
+
 def track(obj) -> None:
     """Have ``obj.destroy()`` run at interpreter exit unless ``obj`` is gone by then (collected or destroyed)."""
     global _shutdown_registered

@@ -439,9 +439,10 @@ class InternodeBackend:
     def destroy(self, at_exit: bool = False) -> None:
         """Free both stages' buffers (collective over the team: NVSHMEM frees with a barrier).
 
-        ``at_exit``: only the NVLink stage is released; the collective free is skipped (peers may have
-        exited already) and the process's exit returns the symmetric memory.
+        ``at_exit``, or after a kernel failed (the CUDA context is gone): only the NVLink stage is released; the
+        collective free is skipped (peers may have exited, and NVSHMEM ends the process when a free fails) and
+        the process's exit returns the symmetric memory.
         """
         self.intra.destroy()
-        if not at_exit:
+        if not at_exit and _native.cuda_context_usable(self.intra.device):
             self.runtime.destroy()

@@ -128,9 +128,8 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
     def destroy(self, at_exit: bool = False) -> None:
         """Free the symmetric buffer (collective: NVSHMEM frees with a barrier). ``at_exit``: nothing is freed
         (peers may have exited already; the process's exit returns the memory)."""
-        if at_exit:
+        if at_exit or not _native.cuda_context_usable(self.device):  # a failed kernel: no collective free
             return
-        torch.cuda.synchronize(self.device)
         self._rt.destroy()
 
     # ------------------------------------------------------------------ combine
