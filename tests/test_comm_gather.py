@@ -1,0 +1,138 @@
+"""moe_a2a.comm allgather / reducescatter / cp_allgather against torch compositions on spawned gloo ranks.
+
+Every rank builds every rank's inputs from one seed, so it can compute the expected result itself
+(concatenation in rank order; sum in rank order with float32 accumulation for half types).
+"""
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from moe_a2a.comm import allgather, cp_allgather, reducescatter
+from moe_a2a.comm.gather_scatter import sum_in_order
+
+
+def inputs(seed, size, shape_of, dtype):
+    """``[tensor of rank r for r in range(size)]``, random (never all zeros), reproducible."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(size):
+        x = torch.randn(shape_of(r), generator=gen, dtype=torch.float64) * 3
+        out.append(x.round().to(dtype) if not dtype.is_floating_point else x.to(dtype))
+    return out
+
+
+def expect_raises(exc, match, fn):
+    with pytest.raises(exc, match=match):
+        fn()
+
+
+def _body(rank, size):
+    torch.manual_seed(0)
+    # ---- allgather, equal shapes, several dims and dtypes (one collective each)
+    for seed, (dim, dtype) in enumerate([(0, torch.bfloat16), (1, torch.float32), (-1, torch.int64),
+                                         (-2, torch.float16)]):
+        xs = inputs(seed, size, lambda r: (2, 3, 4), dtype)
+        out = allgather(xs[rank], dim=dim)
+        assert out.dtype == dtype and torch.equal(out, torch.cat(xs, dim=dim)), (dim, dtype)
+    # ---- uneven sizes along a middle dim, with an empty rank
+    sizes = [2, 0, 3][:size] if size == 3 else [2] + [1] * (size - 1)
+    xs = inputs(10, size, lambda r: (2, sizes[r], 5), torch.float16)
+    assert torch.equal(allgather(xs[rank], None, 1, sizes), torch.cat(xs, 1))
+    # ---- lists with None entries, mixed dtypes, one collective for all
+    a = inputs(11, size, lambda r: (sizes[r], 3), torch.bfloat16)
+    b = inputs(12, size, lambda r: (4, sizes[r]), torch.float32)
+    out = allgather([a[rank].t(), None, b[rank]], dim=-1, sizes=sizes)
+    assert out[1] is None and len(out) == 3
+    assert torch.equal(out[0], torch.cat([t.t() for t in a], -1)) and torch.equal(out[2], torch.cat(b, -1))
+    assert allgather([None, None]) == [None, None]
+    # ---- cp_allgather through a mapping-like object
+    mapping = types.SimpleNamespace(cp_group_pg=dist.group.WORLD)
+    xs = inputs(13, size, lambda r: (3, 2), torch.float32)
+    assert torch.equal(cp_allgather(xs[rank], mapping, dim=0), torch.cat(xs, 0))
+
+    # ---- reducescatter: equal chunks, bitwise against the rank-order sum
+    for seed, (dim, dtype) in enumerate([(0, torch.float32), (-1, torch.bfloat16), (1, torch.float16)]):
+        xs = inputs(20 + seed, size, lambda r: (size * 2, size * 3), dtype)
+        want = sum_in_order(xs, dtype).chunk(size, dim=dim)[rank]
+        got = reducescatter(xs[rank], dim=dim)
+        assert got.dtype == dtype and torch.equal(got, want), (dim, dtype)
+    # ---- uneven sizes, lists with None
+    total = sum(sizes)
+    a = inputs(30, size, lambda r: (total, 3), torch.float32)
+    b = inputs(31, size, lambda r: (2, total), torch.int32)
+    out = reducescatter([None, a[rank].t().contiguous(), b[rank]], dim=1, sizes=sizes)
+    start = sum(sizes[:rank])
+    assert out[0] is None
+    assert torch.equal(out[1], sum_in_order([t.t() for t in a], torch.float32)[:, start:start + sizes[rank]])
+    assert torch.equal(out[2], sum_in_order(b, torch.int32)[:, start:start + sizes[rank]])
+
+    # ---- autograd: loss = sum over ranks of <out_r, w_r>; check x.grad exactly (float64)
+    w = inputs(40, size, lambda r: (2, sum(sizes)), torch.float64)
+    xs = inputs(41, size, lambda r: (2, sizes[r]), torch.float64)
+    x = xs[rank].clone().requires_grad_(True)
+    (allgather(x, dim=1, sizes=sizes) * w[rank]).sum().backward()
+    assert torch.equal(x.grad, sum_in_order(w, torch.float64)[:, start:start + sizes[rank]])
+    w = inputs(42, size, lambda r: (sizes[r], 3), torch.float64)
+    x = inputs(43, size, lambda r: (total, 3), torch.float64)[rank].requires_grad_(True)
+    y = inputs(44, size, lambda r: (total, 3), torch.float64)[rank].requires_grad_(True)
+    rx, _, ry = reducescatter([x, None, y], dim=0, sizes=sizes)
+    (rx * w[rank] + 2 * ry * w[rank]).sum().backward()
+    assert torch.equal(x.grad, torch.cat(w)) and torch.equal(y.grad, 2 * torch.cat(w))
+
+    # ---- bad input: raised locally before any communication (every rank raises the same)
+    x = torch.ones(2, 3)
+    expect_raises(ValueError, "sizes has 2 entries", lambda: allgather(x, sizes=[3, 3] if size != 2 else [3]))
+    expect_raises(ValueError, r"sizes\[%d\] \(this rank\) is 4" % rank, lambda: allgather(x, sizes=[4] * size))
+    expect_raises(ValueError, "dim 2 is out of range", lambda: allgather(x, dim=2))
+    expect_raises(TypeError, "list entry 1 must be a torch.Tensor or None", lambda: allgather([x, 3]))
+    expect_raises(ValueError, "not divisible by the group size", lambda: reducescatter(torch.ones(size + 1)))
+    expect_raises(ValueError, "expected sum\\(sizes\\)", lambda: reducescatter(x, sizes=[2] * size))
+    expect_raises(TypeError, "cannot be summed", lambda: reducescatter(torch.ones(size, dtype=torch.bool), dim=0))
+    expect_raises(TypeError, "ProcessGroup", lambda: allgather(x, group=[0, 1]))
+    # ---- disagreement across ranks: every rank raises the same error naming the odd rank
+    odd = size - 1
+    expect_raises(ValueError, f"shape \\[2, 4\\] on rank {odd} but \\[2, 3\\] on rank 0",
+                  lambda: allgather(torch.ones(2, 4 if rank == odd else 3), dim=0))
+    expect_raises(ValueError, f"list entry 0 is None on rank {odd} but a tensor on rank 0", lambda: allgather([x if rank != odd else None, x]))
+    theirs = [2] * size if rank != odd else [3] + [2] * (size - 1)  # each fits its own shape
+    expect_raises(ValueError, "disagree on the sizes", lambda: allgather(torch.ones(1, 2), dim=1, sizes=theirs))
+    expect_raises(ValueError, "dtype", lambda: reducescatter(torch.ones(size, dtype=torch.float16 if rank == odd
+                                                                        else torch.float32)))
+    # ---- a group this rank is not in
+    sub = dist.new_group([0, 1])
+    if rank >= 2:
+        expect_raises(ValueError, "not a member", lambda: allgather(x, group=sub))
+    else:
+        assert torch.equal(allgather(torch.full((1,), float(rank)), group=sub), torch.tensor([0.0, 1.0]))
+    # ---- still in lockstep after all the errors
+    assert torch.equal(allgather(torch.full((1,), float(rank))), torch.arange(size, dtype=torch.float32))
+
+
+def test_gather_scatter_three_ranks():
+    run_distributed(_body, 3)
+
+
+def _timeout_body(rank, size):
+    sub = dist.new_group([0, 1])
+    if rank == 0:
+        with pytest.raises(TimeoutError, match="rank 0 .*allgather shape exchange did not complete"):
+            allgather(torch.ones(2), group=sub, timeout_s=1.0)
+    dist.barrier()
+
+
+def test_timeout_names_rank():
+    run_distributed(_timeout_body, 2)
+
+
+def test_single_rank_group_returns_input():
+    run_distributed(_single, 1)
+
+
+def _single(rank, size):
+    x = torch.randn(3, 2)
+    assert allgather(x) is x and reducescatter(x) is x
+    with pytest.raises(ValueError, match="sizes\\[0\\]"):
+        allgather(x, sizes=[3])
