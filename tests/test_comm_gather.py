@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from moe_a2a.comm import allgather, cp_allgather, reducescatter
+from moe_a2a.comm import (HelixAllToAllNative, allgather, alltoall_helix, cp_allgather,
+                          get_helix_workspace_size_per_rank, reducescatter)
 from moe_a2a.comm.gather_scatter import sum_in_order
 
 
@@ -107,8 +108,57 @@ def _body(rank, size):
         expect_raises(ValueError, "not a member", lambda: allgather(x, group=sub))
     else:
         assert torch.equal(allgather(torch.full((1,), float(rank)), group=sub), torch.tensor([0.0, 1.0]))
+    _helix(rank, size)
     # ---- still in lockstep after all the errors
     assert torch.equal(allgather(torch.full((1,), float(rank))), torch.arange(size, dtype=torch.float32))
+
+
+def _helix(rank, size):
+    """alltoall_helix and HelixAllToAllNative against the definition: row j of the output came from rank j."""
+    shapes = [((2, 3), torch.bfloat16), ((4,), torch.float32), ((0, 2), torch.float16)]
+    ins = [[inputs(100 + il * size + j, size, lambda r: shape, dtype)
+            for il, (shape, dtype) in enumerate(shapes) for j in range(size)]]
+    ins = [[ins[0][k][r] for k in range(len(ins[0]))] for r in range(size)]  # ins[r][k]: rank r's k-th tensor
+    outs = alltoall_helix(ins[rank])
+    assert len(outs) == len(shapes)
+    for il, (shape, dtype) in enumerate(shapes):
+        want = torch.stack([ins[j][il * size + rank] for j in range(size)])
+        assert outs[il].shape == (size, *shape) and outs[il].dtype == dtype and torch.equal(outs[il], want)
+    one = alltoall_helix(ins[rank][:size])  # one list: the unpacked path
+    assert torch.equal(one[0], torch.stack([ins[j][rank] for j in range(size)]))
+    # autograd: loss = sum over ranks and lists of <out, w>; grad of inputs[il*size+k] on me = w_k[il][me]
+    w = [inputs(150 + r, 2, lambda _: (size, 3), torch.float64) for r in range(size)]  # w[r][il]
+    xs = [inputs(160 + r, 2 * size, lambda _: (3,), torch.float64) for r in range(size)]
+    mine = [x.clone().requires_grad_(True) for x in xs[rank]]
+    o = alltoall_helix(mine)
+    (o[0] * w[rank][0]).sum().add((o[1] * w[rank][1]).sum()).backward()
+    for il in range(2):
+        for k in range(size):
+            assert torch.equal(mine[il * size + k].grad, w[k][il][rank])
+    expect_raises(ValueError, "positive multiple of the group size", lambda: alltoall_helix(ins[rank][:size + 1]))
+    bad = list(ins[rank][:size])
+    bad[-1] = torch.ones(5)
+    expect_raises(ValueError, "same shape and dtype", lambda: alltoall_helix(bad))
+    odd = [torch.ones(2 + (rank == size - 1)) for _ in range(size)]
+    expect_raises(ValueError, f"rank {size - 1} passes lists", lambda: alltoall_helix(odd))
+
+    # native: [..., cp, kv] half + [..., cp, 2] float32, default workspace and a tiny one (many rounds)
+    po = inputs(170, size, lambda r: (2, 3, size, 5), torch.bfloat16)
+    st = inputs(171, size, lambda r: (2, 3, size, 2), torch.float32)
+    want_po = torch.stack([po[j][..., rank, :] for j in range(size)], dim=-2)
+    want_st = torch.stack([st[j][..., rank, :] for j in range(size)], dim=-2)
+    for slot in (None, 32):
+        helix = HelixAllToAllNative.get() if slot is None else HelixAllToAllNative.get(None, slot_bytes=slot)
+        assert helix.workspace.size_bytes == get_helix_workspace_size_per_rank(size, slot or (1 << 20))
+        got_po, got_st = helix.alltoall_native(po[rank], st[rank])
+        assert got_po.dtype == torch.bfloat16 and torch.equal(got_po, want_po)
+        assert got_st.dtype == torch.float32 and torch.equal(got_st, want_st)
+    assert HelixAllToAllNative.get() is HelixAllToAllNative.get(types.SimpleNamespace(cp_group_pg=dist.group.WORLD))
+    expect_raises(TypeError, "partial_o must be float16 or bfloat16",
+                  lambda: helix.alltoall_native(po[rank].float(), st[rank]))
+    expect_raises(ValueError, "cp_size=%d" % size, lambda: helix.alltoall_native(po[rank][..., :1, :], st[rank]))
+    expect_raises(ValueError, "softmax_stats must be", lambda: helix.alltoall_native(po[rank], st[rank][:1]))
+    HelixAllToAllNative.clear_cache()
 
 
 def test_gather_scatter_three_ranks():
