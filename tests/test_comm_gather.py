@@ -85,7 +85,7 @@ def _body(rank, size):
 
     # ---- bad input: raised locally before any communication (every rank raises the same)
     x = torch.ones(2, 3)
-    expect_raises(ValueError, "sizes has 2 entries", lambda: allgather(x, sizes=[3, 3] if size != 2 else [3]))
+    expect_raises(ValueError, f"sizes has {size + 1} entries", lambda: allgather(x, sizes=[3] * (size + 1)))
     expect_raises(ValueError, r"sizes\[%d\] \(this rank\) is 4" % rank, lambda: allgather(x, sizes=[4] * size))
     expect_raises(ValueError, "dim 2 is out of range", lambda: allgather(x, dim=2))
     expect_raises(TypeError, "list entry 1 must be a torch.Tensor or None", lambda: allgather([x, 3]))

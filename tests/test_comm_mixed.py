@@ -16,10 +16,10 @@ from moe_a2a.comm.gather_scatter import exchange_objects, sum_in_order
 GATHER_OPS = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 
 
-def make_handler(rank, size, local_size, split, dtype=torch.bfloat16, **kw):
+def make_handler(rank, size, local_size, split, dtype=torch.bfloat16, device="cpu", **kw):
     local_tp, local_dp, inter_tp, inter_dp = split
     return MixedCommHandler(rank, size, rank % local_size, local_size, rank // local_size, size // local_size,
-                            local_tp, local_dp, inter_tp, inter_dp, dtype, torch.device("cpu"), **kw)
+                            local_tp, local_dp, inter_tp, inter_dp, dtype, torch.device(device), **kw)
 
 
 def world_inputs(seed, size, shape, dtype, exact=True):
@@ -44,19 +44,21 @@ def check_all_modes(h, rank, size, seed, dtype=torch.bfloat16, rows=3, hidden=4,
         shape = (rows * info.dp_size if op not in GATHER_OPS else rows, hidden)
         xs = world_inputs(seed + int(op), size, shape, dtype)
         want = expected(op, info, xs, dtype)
+        mine = xs[rank].to(h.device)
         for mode in [None, *h.valid_mode_list]:
-            got = run_mixed_comm(op, h, xs[rank], mode=mode)
-            assert got.dtype == dtype and torch.equal(got, want), (op, mode, info.__dict__)
+            got = run_mixed_comm(op, h, mine, mode=mode)
+            assert got.dtype == dtype and got.device == h.device, (op, mode)
+            assert torch.equal(got.cpu(), want), (op, mode, info.__dict__)
             tried.append((op.name, getattr(mode, "name", None)))
-        out = torch.empty_like(want)
-        assert run_mixed_comm(op, h, xs[rank], out) is out and torch.equal(out, want)
+        out = torch.empty_like(want, device=h.device)
+        assert run_mixed_comm(op, h, mine, out) is out and torch.equal(out.cpu(), want)
         if not gaussian:
             continue
         # Gaussian inputs: every mode within rounding of the float64 sum
         xs = world_inputs(seed + 50, size, shape, dtype, exact=False)
         ref = expected(op, info, [x.double() for x in xs], torch.float64)
         for mode in h.valid_mode_list:
-            got = run_mixed_comm(op, h, xs[rank], mode=mode).double()
+            got = run_mixed_comm(op, h, xs[rank].to(h.device), mode=mode).double().cpu()
             assert torch.allclose(got, ref, rtol=2e-2, atol=4e-2), (op, mode, (got - ref).abs().max())
     return tried
 

@@ -182,7 +182,7 @@ def initialize_helix_workspace(workspace_tensor: torch.Tensor, cp_rank: int, cp_
 class HelixAllToAllNative:
     """Helix all-to-all over a per-group workspace; get one with ``HelixAllToAllNative.get(group)``."""
 
-    _cache: Dict[tuple, "HelixAllToAllNative"] = {}
+    _cache: Dict[tuple, "HelixAllToAllNative"] = {}  # (group, slot_bytes) -> instance
 
     def __init__(self, group, workspace: HelixWorkspace, workspace_tensor: torch.Tensor):
         """Private: use ``get()``."""
@@ -198,7 +198,7 @@ class HelixAllToAllNative:
         The first call on a group is collective (every rank of the group must make it).
         """
         pg = resolve_group(group, "cp_group_pg")
-        key = (id(pg), int(slot_bytes))
+        key = (pg, int(slot_bytes))  # the group itself: an id could be reused after it is destroyed
         if key not in HelixAllToAllNative._cache:
             ws = HelixWorkspace(pg, slot_bytes)
             tensor = ws.as_torch_strided_tensor(torch.uint64)

@@ -217,6 +217,8 @@ class MixedCommHandler:
         if dtype not in (torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device.type != comm_device(None).type:
             raise ValueError(f"device {device} does not fit the default group's backend "
                              f"{dist.get_backend()} (NCCL for CUDA tensors, gloo for CPU tensors)")
