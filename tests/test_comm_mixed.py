@@ -5,6 +5,10 @@ TP then all-gather over DP (or reduce-scatter over DP then all-reduce over TP), 
 are small multiples of 1/8, so every partial sum is exact in float16/bfloat16 and every mode must match
 bit for bit; one extra case with Gaussian inputs checks the modes to rounding.
 """
+import argparse
+import importlib.util
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -98,6 +102,25 @@ def _four_ranks(rank, size):
             assert h.valid_op_list == [MixedCommOp.ALLGATHER, MixedCommOp.REDUCESCATTER]
         h.shutdown()
     _constructor_errors(rank, size)
+    _benchmark(rank, size)
+
+
+def _benchmark(rank, size):
+    """benchmarks/mixed_comm.py's per-rank part: every valid mode and the unfused baseline, same results."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mixed_comm.py")
+    spec = importlib.util.spec_from_file_location("mixed_comm_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(device="cpu", dtype="bf16", local_size=2, local_tp=2, local_dp=None, inter_tp=1,
+                              inter_dp=None, min_bytes=8192, max_bytes=8192, row_bytes=1024, warmup=0, iters=1,
+                              quiet=True)
+    info, results = bench.run_rank(rank, size, args)
+    assert (info["tp_size"], info["dp_size"]) == (2, 2)
+    for op in ("ALLREDUCE_ALLGATHER", "REDUCESCATTER_ALLREDUCE"):
+        modes = {r["mode"].split("(")[0] for r in results if r["op"] == op}
+        assert modes == {"unfused", "NCCL_ONE", "NCCL_TP_DP", "HIER_INTRA_FIRST", "HIER_INTER_FIRST", "AUTOTUNE"}
+        # bf16 partial sums of 2-4 values in [-0.5, 0.5): within a few bf16 ulps of the unfused result
+        assert all(r["max_abs_diff"] <= 1 / 64 and r["time_us"] > 0 for r in results if r["op"] == op)
 
 
 def _autotune(h, rank):
