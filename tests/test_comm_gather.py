@@ -53,6 +53,7 @@ def _body(rank, size):
     mapping = types.SimpleNamespace(cp_group_pg=dist.group.WORLD)
     xs = inputs(13, size, lambda r: (3, 2), torch.float32)
     assert torch.equal(cp_allgather(xs[rank], mapping, dim=0), torch.cat(xs, 0))
+    assert torch.equal(allgather(xs[rank], list(range(size)), 0), torch.cat(xs, 0))  # TensorRT-LLM's rank list
 
     # ---- reducescatter: equal chunks, bitwise against the rank-order sum
     for seed, (dim, dtype) in enumerate([(0, torch.float32), (-1, torch.bfloat16), (1, torch.float16)]):

@@ -54,6 +54,8 @@ def check_all_modes(h, rank, size, seed, dtype=torch.bfloat16, rows=3, hidden=4,
             assert got.dtype == dtype and got.device == h.device, (op, mode)
             assert torch.equal(got.cpu(), want), (op, mode, info.__dict__)
             tried.append((op.name, getattr(mode, "name", None)))
+        strided = torch.cat([mine, mine], dim=-1)[..., :hidden]  # a non-contiguous view of the same values
+        assert not strided.is_contiguous() and torch.equal(run_mixed_comm(op, h, strided).cpu(), want)
         out = torch.empty_like(want, device=h.device)
         assert run_mixed_comm(op, h, mine, out) is out and torch.equal(out.cpu(), want)
         if not gaussian:

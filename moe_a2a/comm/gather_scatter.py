@@ -55,13 +55,16 @@ def resolve_group(group, attr: str = "tp_group_pg"):
         return dist.group.WORLD
     if isinstance(group, dist.ProcessGroup):
         return group
+    if isinstance(group, (list, tuple)) and list(group) == list(range(dist.get_world_size())):
+        return dist.group.WORLD  # a list of ranks (TensorRT-LLM's form) is accepted for the whole world
     if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on ranks outside it
         raise ValueError(f"global rank {dist.get_rank()} is not a member of the given process group")
     pg = getattr(group, attr, None)
     if isinstance(pg, dist.ProcessGroup):
         return pg
-    raise TypeError(f"group must be a torch.distributed.ProcessGroup, None (the default group) or an object "
-                    f"with a ProcessGroup attribute '{attr}', got {type(group).__name__}")
+    raise TypeError(f"group must be a torch.distributed.ProcessGroup, None (the default group), the list of all "
+                    f"ranks, or an object with a ProcessGroup attribute '{attr}', got {group!r}; for a subset of "
+                    f"ranks pass the group from dist.new_group(ranks)")
 
 
 def group_rank_size(group) -> tuple:
@@ -242,14 +245,13 @@ def _prepare(name: str, input, group, dim, sizes, gather: bool, check_peers: boo
                                                                                        torch.complex128)):
             raise TypeError(f"{name}: {where} has dtype {t.dtype}, which cannot be summed")
     timeout_s = default_timeout_s(timeout_s)
-    metas = None
     if size > 1 and check_peers:
         metas = exchange_objects(_meta(entries, dims, sizes, is_list), pg, f"{name} shape exchange", timeout_s)
         _check_peer_metas(name, metas, gather)
-    return is_list, entries, dims, sizes, rank, size, timeout_s, metas
+    return is_list, entries, dims, sizes, rank, size, timeout_s
 
 
-def _counts(t: torch.Tensor, d: int, sizes, size: int, gather: bool, metas, index: int) -> List[int]:
+def _counts(t: torch.Tensor, d: int, sizes, size: int, gather: bool) -> List[int]:
     """Rows along ``d`` that each rank contributes (all-gather) or receives (reduce-scatter)."""
     if sizes is not None:
         return list(sizes)
@@ -393,7 +395,7 @@ class _ReduceScatter(torch.autograd.Function):
 
 
 def _run(name: str, input, group, dim, sizes, gather: bool, check_peers: bool, timeout_s):
-    is_list, entries, dims, sizes, rank, size, timeout_s, metas = _prepare(
+    is_list, entries, dims, sizes, rank, size, timeout_s = _prepare(
         name, input, group, dim, sizes, gather, check_peers, timeout_s)
     if size == 1:
         return input
@@ -402,7 +404,7 @@ def _run(name: str, input, group, dim, sizes, gather: bool, check_peers: bool, t
         return list(entries)
     tensors = [entries[i] for i in present]
     spec = _Spec(group, rank, size, [dims[i] for i in present],
-                 [_counts(entries[i], dims[i], sizes, size, gather, metas, i) for i in present], name, timeout_s)
+                 [_counts(entries[i], dims[i], sizes, size, gather) for i in present], name, timeout_s)
     fn = _AllGather if gather else _ReduceScatter
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         outs = fn.apply(spec, *tensors)

@@ -457,7 +457,7 @@ def _gather_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) ->
 def _scatter_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
     """REDUCESCATTER / REDUCESCATTER_ALLREDUCE: ``sum over every rank of chunk dp_rank of x``."""
     p, dt = h.para_info, x.dtype
-    chunks = x.view(p.dp_size, x.shape[0] // p.dp_size, *x.shape[1:])  # [dp, rows, ...]
+    chunks = x.reshape(p.dp_size, x.shape[0] // p.dp_size, *x.shape[1:])  # [dp, rows, ...]
     rest = chunks.shape[1:]
     if mode == MixedCommMode.NCCL_ONE:
         if not p.use_tp:  # plain reduce-scatter over the world (DP order = world order here)
