@@ -38,6 +38,7 @@ def _body(rank, size):
         xs = inputs(seed, size, lambda r: (2, 3, 4), dtype)
         out = allgather(xs[rank], dim=dim)
         assert out.dtype == dtype and torch.equal(out, torch.cat(xs, dim=dim)), (dim, dtype)
+        assert out.is_contiguous()  # like torch.cat's result
     # ---- uneven sizes along a middle dim, with an empty rank
     sizes = [2, 0, 3][:size] if size == 3 else [2] + [1] * (size - 1)
     xs = inputs(10, size, lambda r: (2, sizes[r], 5), torch.float16)
@@ -60,7 +61,7 @@ def _body(rank, size):
         xs = inputs(20 + seed, size, lambda r: (size * 2, size * 3), dtype)
         want = sum_in_order(xs, dtype).chunk(size, dim=dim)[rank]
         got = reducescatter(xs[rank], dim=dim)
-        assert got.dtype == dtype and torch.equal(got, want), (dim, dtype)
+        assert got.dtype == dtype and torch.equal(got, want) and got.is_contiguous(), (dim, dtype)
     # ---- uneven sizes, lists with None
     total = sum(sizes)
     a = inputs(30, size, lambda r: (total, 3), torch.float32)

@@ -294,7 +294,7 @@ def _gather_core(tensors: List[torch.Tensor], dims: List[int], counts: List[List
         src = moved[0].contiguous().to(device)
         out = torch.empty(size * src.shape[0], *src.shape[1:], dtype=src.dtype, device=device)
         all_gather_single(out, src, group, step, timeout_s)
-        return [out.to(tensors[0].device).movedim(0, dims[0])]
+        return [out.to(tensors[0].device).movedim(0, dims[0]).contiguous()]
     rows = [_row_bytes(m) for m in moved]
     seg = [[_aligned(c[p] * rb) for p in range(size)] for c, rb in zip(counts, rows)]
     length = [sum(s[p] for s in seg) for p in range(size)]
@@ -315,7 +315,7 @@ def _gather_core(tensors: List[torch.Tensor], dims: List[int], counts: List[List
             buf = recv[p, offsets[p]:offsets[p] + c[p] * rb]
             pieces.append(_from_bytes(buf, m.dtype, (c[p], *m.shape[1:])))
             offsets[p] += seg[i][p]
-        outs.append(torch.cat(pieces).to(tensors[i].device).movedim(0, dims[i]))
+        outs.append(torch.cat(pieces).to(tensors[i].device).movedim(0, dims[i]).contiguous())
     return outs
 
 
@@ -330,7 +330,7 @@ def _scatter_core(tensors: List[torch.Tensor], dims: List[int], counts: List[Lis
         all_to_all_single(recv, src, None, None, group, step, timeout_s)
         parts = recv.unflatten(0, (size, -1)).unbind(0)
         out = sum_in_order(parts, src.dtype)
-        return [out.to(tensors[0].device).movedim(0, dims[0])]
+        return [out.to(tensors[0].device).movedim(0, dims[0]).contiguous()]
     rows = [_row_bytes(m) for m in moved]
     send_parts, send_splits = [], []
     for p in range(size):
@@ -352,7 +352,7 @@ def _scatter_core(tensors: List[torch.Tensor], dims: List[int], counts: List[Lis
         parts = [_from_bytes(recv[p * recv_split + off:p * recv_split + off + n], m.dtype, (c[rank], *m.shape[1:]))
                  for p in range(size)]
         off += _aligned(n)
-        outs.append(sum_in_order(parts, m.dtype).to(t.device).movedim(0, d))
+        outs.append(sum_in_order(parts, m.dtype).to(t.device).movedim(0, d).contiguous())
     return outs
 
 
