@@ -195,7 +195,32 @@ def main(argv=None) -> dict:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(report))
+    if not args.quiet:
+        print(markdown(report))
     return report
+
+
+def markdown(report: dict) -> str:
+    """One table per op: a row per size, a column per mode (microseconds, speedup over unfused)."""
+    t = report["topology"]
+    lines = [f"# Mixed collectives: {report['num_ranks']} ranks on {report['device']}, {report['dtype']}",
+             "", f"TP {t['tp_size']} (node {t['local_tp_size']} x inter {t['inter_tp_size']}), DP {t['dp_size']} "
+             f"(node {t['local_dp_size']} x inter {t['inter_dp_size']}), {t['inter_size']} node(s) of "
+             f"{t['local_size']}; `{report['command']}`", ""]
+    for op in dict.fromkeys(r["op"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["op"] == op]
+        modes = list(dict.fromkeys(r["mode"].split("(")[0] for r in rows))
+        lines += [f"## {op}", "", "| bytes/rank | " + " | ".join(modes) + " |",
+                  "|---:|" + "---:|" * len(modes)]
+        for nbytes in dict.fromkeys(r["bytes"] for r in rows):
+            cells = {r["mode"].split("(")[0]: r for r in rows if r["bytes"] == nbytes}
+            lines.append(f"| {nbytes} | " + " | ".join(
+                f"{cells[m]['time_us']:.1f} us ({cells[m]['speedup']:.2f}x)"
+                + (f" {cells[m]['mode'][len(m):]}" if cells[m]["mode"] != m else "") for m in modes) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -377,6 +377,9 @@ class MixedCommHandler:
         op = MixedCommOp(op)
         bucket = self._bucket(op, x_in.numel() * x_in.element_size())
         mode = self.autotune_map.get(op, {}).get(bucket)
+        if mode is None and x_in.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{op.name}: size bucket {bucket} is not tuned yet and measuring it cannot be "
+                               f"captured in a CUDA graph; call run_autotune() (or run once) before capturing")
         return mode if mode is not None else self._tune_bucket(op, bucket)
 
     # ---------------------------------------------------------------------------- operations
