@@ -99,7 +99,8 @@ def _body(rank, size):
     odd = size - 1
     expect_raises(ValueError, f"shape \\[2, 4\\] on rank {odd} but \\[2, 3\\] on rank 0",
                   lambda: allgather(torch.ones(2, 4 if rank == odd else 3), dim=0))
-    expect_raises(ValueError, f"list entry 0 is None on rank {odd} but a tensor on rank 0", lambda: allgather([x if rank != odd else None, x]))
+    expect_raises(ValueError, f"list entry 0 is None on rank {odd} but a tensor on rank 0",
+                  lambda: allgather([x if rank != odd else None, x]))
     theirs = [2] * size if rank != odd else [3] + [2] * (size - 1)  # each fits its own shape
     expect_raises(ValueError, "disagree on the sizes", lambda: allgather(torch.ones(1, 2), dim=1, sizes=theirs))
     expect_raises(ValueError, "dtype", lambda: reducescatter(torch.ones(size, dtype=torch.float16 if rank == odd
@@ -149,9 +150,12 @@ def _helix(rank, size):
     st = inputs(171, size, lambda r: (2, 3, size, 2), torch.float32)
     want_po = torch.stack([po[j][..., rank, :] for j in range(size)], dim=-2)
     want_st = torch.stack([st[j][..., rank, :] for j in range(size)], dim=-2)
-    for slot in (None, 32):
-        helix = HelixAllToAllNative.get() if slot is None else HelixAllToAllNative.get(None, slot_bytes=slot)
-        assert helix.workspace.size_bytes == get_helix_workspace_size_per_rank(size, slot or (1 << 20))
+    for fifo in (None, 64):  # the default workspace (one round) and a tiny one (several rounds)
+        helix = HelixAllToAllNative.get() if fifo is None else HelixAllToAllNative.get(None, 2, fifo_bytes=fifo)
+        ws = helix.workspace
+        assert ws.size_bytes == size * ws.num_channels * (ws.fifo_bytes + 512)
+        assert ws.size_bytes == get_helix_workspace_size_per_rank(size, ws.num_channels, ws.fifo_bytes)
+        assert ws.num_channels == (1 if fifo is None else 2)  # no CUDA: one SM's worth of channels
         got_po, got_st = helix.alltoall_native(po[rank], st[rank])
         assert got_po.dtype == torch.bfloat16 and torch.equal(got_po, want_po)
         assert got_st.dtype == torch.float32 and torch.equal(got_st, want_st)

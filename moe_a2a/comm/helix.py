@@ -9,10 +9,14 @@ Two forms, as in TensorRT-LLM:
 * ``HelixAllToAllNative.get(group).alltoall_native(partial_o, softmax_stats)``: the fixed-layout form.
   ``partial_o`` is ``[..., cp_size, kv_lora_rank]`` float16/bfloat16 and ``softmax_stats`` is
   ``[..., cp_size, 2]`` float32; slice ``[..., j, :]`` goes to rank ``j`` and the outputs (same shapes) hold
-  in ``[..., j, :]`` what rank ``j`` sent. The exchange runs through a fixed per-rank workspace
-  (``get_helix_workspace_size_per_rank``): one send and one receive slot per peer, messages larger than a slot
-  go in several rounds. This backend moves the slots with ``torch.distributed.all_to_all_single``; the
-  workspace's size and API are those a kernel over the same memory needs.
+  in ``[..., j, :]`` what rank ``j`` sent. The exchange runs through a fixed per-rank workspace sized as
+  TensorRT-LLM sizes its Helix FIFOs (``get_helix_workspace_size_per_rank``: per peer and channel a FIFO of 4
+  entries of 128 KiB plus a 256-byte sender and receiver record; channels from the SM count). This backend
+  stages each round's sends in the first half of the FIFO area and what it receives in the second (half a
+  peer's FIFO bytes per peer and round); larger messages go in several rounds. The rounds move with
+  ``torch.distributed.all_to_all_single``; the workspace's size and API are those a kernel over the same
+  memory needs. ``as_torch_strided_tensor`` returns this rank's workspace only
+  (not every rank's, as TensorRT-LLM's mapped multi-node memory does).
 
 ``group`` is a ProcessGroup, ``None`` (default group) or a mapping-like object with ``cp_group_pg``.
 """
@@ -26,8 +30,11 @@ import torch.distributed as dist
 from .gather_scatter import (all_to_all_single, comm_device, default_timeout_s, exchange_objects,
                              group_rank_size, resolve_group)
 
-HELIX_SLOT_BYTES = 1 << 20  # bytes per peer and direction in the workspace (larger messages take rounds)
-HELIX_FLAG_BYTES = 64       # per-peer flag/counter area (one cache line)
+HELIX_FIFO_DEPTH = 4                 # entries per (peer, channel) FIFO
+HELIX_FIFO_ENTRY_BYTES = 128 * 1024  # bytes per entry
+HELIX_FIFO_TOTAL_BYTES = HELIX_FIFO_DEPTH * HELIX_FIFO_ENTRY_BYTES
+HELIX_FIFO_INFO_BYTES = 256          # one head/tail record (256-byte aligned); a sender and a receiver one per FIFO
+MAX_GROUP_COUNT_PER_BLOCK = 8        # peers one block serves
 _ALIGN = 16
 
 
@@ -136,53 +143,84 @@ def alltoall_helix(inputs: List[torch.Tensor], group=None, *, check_peers: bool 
 
 
 # ---------------------------------------------------------------------------- native (workspace)
-def get_helix_workspace_size_per_rank(cp_size: int, slot_bytes: int = HELIX_SLOT_BYTES) -> int:
-    """Bytes of workspace each rank needs: a send and a receive slot per peer, plus a flag line per peer."""
+def helix_max_channel_count(cp_size: int, sm_count: Optional[int] = None) -> int:
+    """Channels (parallel FIFOs per peer): a send and a receive block per group of 8 peers on every SM.
+
+    ``sm_count`` defaults to the current CUDA device's, or 1 without CUDA.
+    """
+    if sm_count is None:
+        sm_count = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                    if torch.cuda.is_available() else 1)
+    blocks_per_channel = 2 * -(-cp_size // MAX_GROUP_COUNT_PER_BLOCK)
+    return max(sm_count // blocks_per_channel, 1)
+
+
+def get_helix_workspace_size_per_rank(cp_size: int, num_channels: Optional[int] = None,
+                                      fifo_bytes: int = HELIX_FIFO_TOTAL_BYTES) -> int:
+    """Bytes of workspace each rank needs: per peer and channel a FIFO and two 256-byte records."""
     if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
         raise ValueError(f"cp_size must be an int >= 1, got {cp_size!r}")
-    if slot_bytes < _ALIGN or slot_bytes % _ALIGN:
-        raise ValueError(f"slot_bytes must be a positive multiple of {_ALIGN}, got {slot_bytes}")
-    return cp_size * (2 * slot_bytes + HELIX_FLAG_BYTES)
+    if fifo_bytes < 2 * _ALIGN or fifo_bytes % (2 * _ALIGN):
+        raise ValueError(f"fifo_bytes must be a positive multiple of {2 * _ALIGN}, got {fifo_bytes}")
+    channels = helix_max_channel_count(cp_size) if num_channels is None else num_channels
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"num_channels must be an int >= 1, got {channels!r}")
+    return cp_size * channels * (fifo_bytes + 2 * HELIX_FIFO_INFO_BYTES)
 
 
 class HelixWorkspace:
-    """One rank's Helix workspace: ``[send slots | receive slots | flags]``, ``cp_size`` of each."""
+    """One rank's Helix workspace: ``[FIFOs: cp_size x channels x fifo_bytes | records]``.
 
-    def __init__(self, group, slot_bytes: int = HELIX_SLOT_BYTES):
+    This backend stages through the FIFO area: its first half holds what a round sends (``slot_bytes`` per
+    peer, half of a peer's FIFO bytes), its second half what the round receives.
+    """
+
+    def __init__(self, group, num_channels: Optional[int] = None, fifo_bytes: int = HELIX_FIFO_TOTAL_BYTES):
         self.group = group
         self.cp_rank, self.cp_size = group_rank_size(group)
-        self.slot_bytes = int(slot_bytes)
-        self.size_bytes = get_helix_workspace_size_per_rank(self.cp_size, self.slot_bytes)
+        self.num_channels = helix_max_channel_count(self.cp_size) if num_channels is None else int(num_channels)
+        self.fifo_bytes = int(fifo_bytes)
+        self.size_bytes = get_helix_workspace_size_per_rank(self.cp_size, self.num_channels, self.fifo_bytes)
+        self.fifo_area = self.cp_size * self.num_channels * self.fifo_bytes
+        self.slot_bytes = self.num_channels * self.fifo_bytes // 2  # per peer, per direction, per round
         self.buffer = torch.empty(self.size_bytes, dtype=torch.uint8, device=comm_device(group))
 
     def as_torch_strided_tensor(self, dtype: torch.dtype) -> torch.Tensor:
-        """The workspace viewed as a 1-d tensor of ``dtype`` (sizes are multiples of 16 bytes)."""
+        """This rank's workspace viewed as a 1-d tensor of ``dtype`` (its size is a multiple of 64 bytes)."""
         return self.buffer.view(dtype)
 
-    def send_slots(self) -> torch.Tensor:
-        return self.buffer[:self.cp_size * self.slot_bytes].view(self.cp_size, self.slot_bytes)
+    def send_area(self) -> torch.Tensor:
+        """``cp_size * slot_bytes`` uint8: a round's pieces for every peer, back to back."""
+        return self.buffer[:self.fifo_area // 2]
 
-    def recv_slots(self) -> torch.Tensor:
-        start = self.cp_size * self.slot_bytes
-        return self.buffer[start:2 * start].view(self.cp_size, self.slot_bytes)
+    def recv_area(self) -> torch.Tensor:
+        """``cp_size * slot_bytes`` uint8: a round's pieces from every peer, back to back."""
+        return self.buffer[self.fifo_area // 2:self.fifo_area]
 
-    def flags(self) -> torch.Tensor:
-        return self.buffer[2 * self.cp_size * self.slot_bytes:]
+    def records(self) -> torch.Tensor:
+        return self.buffer[self.fifo_area:]
 
 
-def initialize_helix_workspace(workspace_tensor: torch.Tensor, cp_rank: int, cp_size: int) -> None:
-    """Clear the flag area of a workspace (the slots need no initialization)."""
-    raw = workspace_tensor.view(torch.uint8)
-    expected = cp_size * HELIX_FLAG_BYTES
-    if raw.numel() < expected or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"workspace of {raw.numel()} bytes / cp_rank {cp_rank} do not fit cp_size {cp_size}")
-    raw[raw.numel() - expected:].zero_()
+def initialize_helix_workspace(workspace_tensor: torch.Tensor, cp_rank: int, cp_size: int,
+                               num_channels: Optional[int] = None,
+                               fifo_bytes: int = HELIX_FIFO_TOTAL_BYTES) -> None:
+    """Clear the head/tail records of this rank's workspace (the FIFO bytes need no initialization).
+
+    ``num_channels``/``fifo_bytes`` must be those the workspace was sized with (same defaults).
+    """
+    raw = workspace_tensor.view(torch.uint8).view(-1)
+    channels = helix_max_channel_count(cp_size) if num_channels is None else num_channels
+    size = get_helix_workspace_size_per_rank(cp_size, channels, fifo_bytes)
+    if not 0 <= cp_rank < cp_size or raw.numel() != size:
+        raise ValueError(f"workspace of {raw.numel()} bytes with cp_rank {cp_rank} does not fit cp_size {cp_size} "
+                         f"and {channels} channel(s): expected {size} bytes and 0 <= cp_rank < cp_size")
+    raw[cp_size * channels * fifo_bytes:].zero_()
 
 
 class HelixAllToAllNative:
     """Helix all-to-all over a per-group workspace; get one with ``HelixAllToAllNative.get(group)``."""
 
-    _cache: Dict[tuple, "HelixAllToAllNative"] = {}  # (group, slot_bytes) -> instance
+    _cache: Dict[tuple, "HelixAllToAllNative"] = {}  # (group, num_channels, fifo_bytes) -> instance
 
     def __init__(self, group, workspace: HelixWorkspace, workspace_tensor: torch.Tensor):
         """Private: use ``get()``."""
@@ -192,17 +230,19 @@ class HelixAllToAllNative:
         self.cp_rank, self.cp_size = workspace.cp_rank, workspace.cp_size
 
     @staticmethod
-    def get(group=None, slot_bytes: int = HELIX_SLOT_BYTES) -> "HelixAllToAllNative":
+    def get(group=None, num_channels: Optional[int] = None,
+            fifo_bytes: int = HELIX_FIFO_TOTAL_BYTES) -> "HelixAllToAllNative":
         """The cached instance for ``group`` (ProcessGroup, None or a mapping with ``cp_group_pg``).
 
-        The first call on a group is collective (every rank of the group must make it).
+        ``num_channels`` (default: from the SM count) and ``fifo_bytes`` size the workspace. The first call on
+        a group is collective (every rank of the group must make it).
         """
         pg = resolve_group(group, "cp_group_pg")
-        key = (pg, int(slot_bytes))  # the group itself: an id could be reused after it is destroyed
+        key = (pg, num_channels, int(fifo_bytes))  # the group itself: an id could be reused after destruction
         if key not in HelixAllToAllNative._cache:
-            ws = HelixWorkspace(pg, slot_bytes)
+            ws = HelixWorkspace(pg, num_channels, fifo_bytes)
             tensor = ws.as_torch_strided_tensor(torch.uint64)
-            initialize_helix_workspace(tensor, ws.cp_rank, ws.cp_size)
+            initialize_helix_workspace(tensor, ws.cp_rank, ws.cp_size, ws.num_channels, ws.fifo_bytes)
             if ws.cp_size > 1:
                 dist.barrier(group=pg)  # every rank's workspace exists before the first exchange
             HelixAllToAllNative._cache[key] = HelixAllToAllNative(pg, ws, tensor)
@@ -262,12 +302,12 @@ class HelixAllToAllNative:
                          torch.empty(cp, 0, dtype=torch.uint8, device=device),
                          st.view(cp, -1).view(torch.uint8).view(cp, -1)], dim=1)
         out = torch.empty_like(msg)
-        send, recv, slot = ws.send_slots(), ws.recv_slots(), ws.slot_bytes
+        send, recv, slot = ws.send_area(), ws.recv_area(), ws.slot_bytes
         for start in range(0, msg.shape[1], slot):  # a round per slot-full of every peer's message
             n = min(slot, msg.shape[1] - start)
             # This round's pieces packed back to back, so a short last round moves only what it holds.
-            s_round = send.view(-1)[:cp * n].view(cp, n)
-            r_round = recv.view(-1)[:cp * n].view(cp, n)
+            s_round = send[:cp * n].view(cp, n)
+            r_round = recv[:cp * n].view(cp, n)
             s_round.copy_(msg[:, start:start + n])
             all_to_all_single(r_round, s_round, None, None, self.group,
                               f"alltoall_native round {start // slot}", timeout_s)

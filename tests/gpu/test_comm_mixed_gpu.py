@@ -7,7 +7,6 @@
 """
 import pytest
 import torch
-import torch.distributed as dist
 
 import test_comm_gather as cpu_gather
 import test_comm_mixed as cpu_mixed
