@@ -90,6 +90,11 @@ def _four_ranks(rank, size):
             assert MixedCommMode.NCCL_TP_DP in h.valid_mode_list
         if i == 0:
             _autotune(h, rank)  # before any operation fills the table
+        x = torch.ones(2 * p.dp_size, 4, dtype=h.dtype)
+        rule = MixedCommMode.NCCL_TP_DP if p.use_mixed else MixedCommMode.NCCL_ONE
+        want_mode = h.select_autotune_mode(h.valid_op_list[0], x) if h.use_autotune else rule
+        assert h.resolve_mode(h.valid_op_list[0], x) == want_mode
+        assert h.resolve_mode(h.valid_op_list[0], x, MixedCommMode.NCCL_ONE) == MixedCommMode.NCCL_ONE
         tried = check_all_modes(h, rank, size, seed=10 * i, dtype=h.dtype)
         assert len(tried) >= 2 * len(h.valid_op_list)
         if i == 0:

@@ -382,6 +382,20 @@ class MixedCommHandler:
                                f"captured in a CUDA graph; call run_autotune() (or run once) before capturing")
         return mode if mode is not None else self._tune_bucket(op, bucket)
 
+    def resolve_mode(self, op: MixedCommOp, x_in: torch.Tensor,
+                     mode: Optional[MixedCommMode] = None) -> MixedCommMode:
+        """The mode an operation on ``x_in`` runs in: ``mode``, or the default rule (module docstring), with
+        ``AUTOTUNE`` replaced by the measured choice (measuring it first if needed: collective)."""
+        if mode is None:
+            if self.use_autotune:
+                mode = MixedCommMode.AUTOTUNE
+            else:
+                mode = (MixedCommMode.NCCL_TP_DP if MixedCommMode.NCCL_TP_DP in self.valid_mode_list
+                        else MixedCommMode.NCCL_ONE)
+        if mode == MixedCommMode.AUTOTUNE:
+            mode = self.select_autotune_mode(op, x_in)
+        return mode
+
     # ---------------------------------------------------------------------------- operations
     def _check_running(self) -> None:
         if not self.is_running:
@@ -556,15 +570,7 @@ def run_mixed_comm(op: MixedCommOp, handler: MixedCommHandler, x_in: torch.Tenso
         for rank, m in enumerate(every):
             if m != every[0]:
                 raise ValueError(f"run_mixed_comm: rank {rank} passes (shape, mode) {m}, rank 0 passes {every[0]}")
-    if mode is None:
-        if handler.use_autotune:
-            mode = MixedCommMode.AUTOTUNE
-        else:
-            mode = (MixedCommMode.NCCL_TP_DP if MixedCommMode.NCCL_TP_DP in handler.valid_mode_list
-                    else MixedCommMode.NCCL_ONE)
-    if mode == MixedCommMode.AUTOTUNE:
-        mode = handler.select_autotune_mode(op, x_in)
-    out = _run_op(handler, op, x_in, mode)
+    out = _run_op(handler, op, x_in, handler.resolve_mode(op, x_in, mode))
     if x_out is not None:
         x_out.copy_(out)
         return x_out
