@@ -108,13 +108,13 @@ def run_rank(rank: int, size: int, args) -> list:
     while b <= args.max_bytes:
         sizes.append(b)
         b *= 2
-    gen = torch.Generator().manual_seed(rank)
+    gen = torch.Generator(device=device).manual_seed(rank)
     for op in h.valid_op_list:
         for nbytes in sizes:
             rows = max(1, nbytes // args.row_bytes)
             if op not in _GATHER:
                 rows *= p.dp_size
-            x = (torch.rand(rows, hidden, generator=gen) - 0.5).to(dtype).to(device)
+            x = torch.empty(rows, hidden, dtype=dtype, device=device).uniform_(-0.5, 0.5, generator=gen)
             ref = unfused(h, op, x)
             t_ref = timed(lambda: unfused(h, op, x), device, args.warmup, args.iters)
             row = {"op": op.name, "bytes": nbytes, "mode": "unfused", "time_us": t_ref * 1e6, "speedup": 1.0,

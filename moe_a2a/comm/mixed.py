@@ -339,8 +339,7 @@ class MixedCommHandler:
         """Time every valid mode on a bucket-sized input; every rank agrees on the slowest rank's times."""
         hidden = self.autotune_base_bytes // torch.empty((), dtype=self.dtype).element_size()
         rows = 2 ** bucket * (self.para_info.dp_size if op in _SCATTER_OPS else 1)
-        gen = torch.Generator().manual_seed(bucket)
-        x = (torch.rand(rows, hidden, generator=gen) - 0.5).to(self.dtype).to(self.device)
+        x = torch.empty(rows, hidden, dtype=self.dtype, device=self.device).uniform_(-0.5, 0.5)
         modes = [m for m in self.valid_mode_list if m != MixedCommMode.AUTOTUNE]
         times = []
         for mode in modes:
