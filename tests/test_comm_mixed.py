@@ -55,7 +55,9 @@ def check_all_modes(h, rank, size, seed, dtype=torch.bfloat16, rows=3, hidden=4,
             assert torch.equal(got.cpu(), want), (op, mode, info.__dict__)
             tried.append((op.name, getattr(mode, "name", None)))
         strided = torch.cat([mine, mine], dim=-1)[..., :hidden]  # a non-contiguous view of the same values
-        assert not strided.is_contiguous() and torch.equal(run_mixed_comm(op, h, strided).cpu(), want)
+        transposed = mine.t().contiguous().t()  # dense, but column-major
+        for odd in (strided, transposed):
+            assert not odd.is_contiguous() and torch.equal(run_mixed_comm(op, h, odd).cpu(), want)
         out = torch.empty_like(want, device=h.device)
         assert run_mixed_comm(op, h, mine, out) is out and torch.equal(out.cpu(), want)
         if not gaussian:

@@ -442,7 +442,7 @@ def _gather_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) ->
     p, dt, rest = h.para_info, x.dtype, x.shape
     if mode == MixedCommMode.NCCL_ONE:
         if not p.use_dp:  # plain all-reduce over the world
-            out = x.clone()
+            out = x.clone(memory_format=torch.contiguous_format)
             wait(dist.all_reduce(out, group=h.world_group, async_op=True), h.world_group, "allreduce", h.timeout_s)
             return out
         every = _gather(x, h.world_group, h, "world all-gather")  # [world, rows, ...] in world-rank order
@@ -451,7 +451,7 @@ def _gather_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) ->
         grid = grid.permute(1, 3, 0, 2, *range(4, grid.dim())).reshape(p.tp_size, p.dp_size, *rest)
         return _reduce(grid, 0, dt).flatten(0, 1)
     if mode == MixedCommMode.NCCL_TP_DP:
-        red = x.clone()
+        red = x.clone(memory_format=torch.contiguous_format)
         wait(dist.all_reduce(red, group=h.tp_comm_group, async_op=True), h.tp_comm_group, "TP all-reduce",
              h.timeout_s)
         return _gather(red, h.dp_comm_group, h, "DP all-gather").flatten(0, 1)
