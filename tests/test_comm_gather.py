@@ -8,6 +8,8 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd import gradcheck
 
 from dist_utils import run_distributed
 from moe_a2a.comm import (HelixAllToAllNative, allgather, alltoall_helix, cp_allgather,
@@ -85,6 +87,8 @@ def _body(rank, size):
     (rx * w[rank] + 2 * ry * w[rank]).sum().backward()
     assert torch.equal(x.grad, torch.cat(w)) and torch.equal(y.grad, 2 * torch.cat(w))
 
+    _gradchecks(rank, size, sizes)
+
     # ---- bad input: raised locally before any communication (every rank raises the same)
     x = torch.ones(2, 3)
     expect_raises(ValueError, f"sizes has {size + 1} entries", lambda: allgather(x, sizes=[3] * (size + 1)))
@@ -114,6 +118,64 @@ def _body(rank, size):
     _helix(rank, size)
     # ---- still in lockstep after all the errors
     assert torch.equal(allgather(torch.full((1,), float(rank))), torch.arange(size, dtype=torch.float32))
+
+
+class Replicated(torch.autograd.Function):
+    """Identity on a tensor every rank holds identically; its gradient is the sum of every rank's."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GatherRanks(torch.autograd.Function):
+    """``[...]`` on each rank -> ``[num_ranks, ...]`` on every rank; backward keeps this rank's slice (under
+    lockstep gradcheck every rank holds the same upstream gradient)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[dist.get_rank()].contiguous()
+
+
+def _gradchecks(rank, size, sizes):
+    """gradcheck in float64 of the global functions (every rank's input in, every rank's output out)."""
+    gen = torch.Generator().manual_seed(60)
+    most = max(sizes)
+
+    def gather(xs):  # xs: [size, 2, max(sizes)], rank r uses its first sizes[r] columns
+        mine = Replicated.apply(xs)[rank, :, :sizes[rank]]
+        return GatherRanks.apply(allgather(mine, dim=1, sizes=sizes))
+
+    xs = torch.randn(size, 2, most, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(gather, (xs,))
+
+    def scatter(xs, ys):  # a list with None, uneven sizes; outputs padded to one shape
+        a, _, b = reducescatter([Replicated.apply(xs)[rank], None, Replicated.apply(ys)[rank]], dim=0, sizes=sizes)
+        return (GatherRanks.apply(F.pad(a, (0, 0, 0, most - a.shape[0]))),
+                GatherRanks.apply(F.pad(b, (0, most - b.shape[0]))))
+
+    xs = torch.randn(size, sum(sizes), 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    ys = torch.randn(size, sum(sizes), generator=gen, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(scatter, (xs, ys))
+
+    def helix(xs):  # xs: [size, 2 * size, 3]: rank r's 2 lists of size tensors
+        mine = Replicated.apply(xs)[rank]
+        return tuple(GatherRanks.apply(o) for o in alltoall_helix(list(mine.unbind(0))))
+
+    xs = torch.randn(size, 2 * size, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(helix, (xs,))
 
 
 def _helix(rank, size):
