@@ -162,7 +162,8 @@ def _gradchecks(rank, size, sizes):
     assert gradcheck(gather, (xs,))
 
     def scatter(xs, ys):  # a list with None, uneven sizes; outputs padded to one shape
-        a, _, b = reducescatter([Replicated.apply(xs)[rank], None, Replicated.apply(ys)[rank]], dim=0, sizes=sizes)
+        mine = [Replicated.apply(xs)[rank], None, Replicated.apply(ys)[rank]]
+        a, _, b = reducescatter(mine, dim=0, sizes=sizes)
         return (GatherRanks.apply(F.pad(a, (0, 0, 0, most - a.shape[0]))),
                 GatherRanks.apply(F.pad(b, (0, most - b.shape[0]))))
 
