@@ -247,6 +247,19 @@ class MixedCommHandler:
             self.autotune_max_coef = int(math.log2(autotune_max_bytes // self.autotune_base_bytes)) + 1
         self.autotune_map: Dict[MixedCommOp, Dict[int, MixedCommMode]] = {}
 
+        # The fused kernels first: a handler that requires them fails before any collective.
+        self.fused_available = False
+        self.fused_unavailable_reason: Optional[str] = None
+        try:
+            self.init_virtual_memory()
+            if p.use_inter:
+                self.init_nvshmem()
+            self.fused_available = True
+        except NotImplementedError as e:
+            if require_fused:
+                raise
+            self.fused_unavailable_reason = str(e)
+
         # Process groups (creation is collective: every rank creates every group, in the same order).
         self.world_group = dist.group.WORLD
         self.local_comm_group = self.inter_comm_group = self.tp_comm_group = self.dp_comm_group = None
@@ -260,17 +273,6 @@ class MixedCommHandler:
             self.dp_comm_group = _new_groups([p.dp_group_ranks(t) for t in range(p.tp_size)], p.tp_rank)
             self._own_groups += [self.tp_comm_group, self.dp_comm_group]
 
-        self.fused_available = False
-        self.fused_unavailable_reason: Optional[str] = None
-        try:
-            self.init_virtual_memory()
-            if p.use_inter:
-                self.init_nvshmem()
-            self.fused_available = True
-        except NotImplementedError as e:
-            if require_fused:
-                raise
-            self.fused_unavailable_reason = str(e)
         self.valid_op_list = self.get_valid_op_list()
         self.valid_mode_list = self.get_valid_mode_list()
         self.is_running = True
