@@ -3,7 +3,7 @@
 * NCCL (one GPU per rank, 2/4/8 ranks): the CPU test bodies run unchanged on a ``cpu:gloo,cuda:nccl`` default
   group (every collective then runs on NCCL, CPU inputs staged through the GPU), plus CUDA inputs, the
   MixedCommHandler on CUDA with virtual nodes, and its default settings at model sizes.
-* gloo with CUDA tensors (ranks sharing one GPU): results come back on the inputs' device.
+* gloo with CUDA tensors (2/4/8 ranks sharing the GPUs): results come back on the inputs' device.
 """
 import pytest
 import torch
@@ -86,16 +86,28 @@ def test_comm_on_nccl(num_ranks):
 def _gloo_cuda_body(rank, size):
     torch.cuda.set_device(rank % torch.cuda.device_count())
     dev = torch.device("cuda", torch.cuda.current_device())
-    xs = cpu_gather.inputs(1, size, lambda r: (2, 3), torch.bfloat16)
+    xs = cpu_gather.inputs(1, size, lambda r: (2 * size, 3), torch.bfloat16)
     out = allgather(xs[rank].to(dev), dim=0)
     assert out.device == dev and torch.equal(out.cpu(), torch.cat(xs))
     got = reducescatter([xs[rank].to(dev).t().contiguous()], dim=1)[0]
     assert got.device == dev and torch.equal(got.cpu(), sum_in_order([x.t() for x in xs], torch.bfloat16)
                                              .chunk(size, dim=1)[rank])
+    outs = alltoall_helix([t.to(dev) for t in cpu_gather.inputs(3, size, lambda r: (2, 8), torch.float16)])
+    assert outs[0].device == dev and outs[0].shape == (size, 2, 8)
+    po = cpu_gather.inputs(4, size, lambda r: (3, size, 64), torch.bfloat16)
+    st = cpu_gather.inputs(5, size, lambda r: (3, size, 2), torch.float32)
+    got_po, got_st = HelixAllToAllNative.get(None, 1, fifo_bytes=1024).alltoall_native(po[rank].to(dev),
+                                                                                      st[rank].to(dev))
+    assert got_po.device == dev
+    assert torch.equal(got_po.cpu(), torch.stack([po[j][..., rank, :] for j in range(size)], dim=-2))
+    assert torch.equal(got_st.cpu(), torch.stack([st[j][..., rank, :] for j in range(size)], dim=-2))
+    HelixAllToAllNative.clear_cache()
     with pytest.raises(ValueError, match="does not fit the default group's backend"):
         MixedCommHandler(rank, size, rank, size, 0, 1, None, None, None, None, torch.bfloat16, dev)
 
 
-def test_cuda_tensors_over_gloo():
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_cuda_tensors_over_gloo(num_ranks):
+    """Ranks sharing the GPUs (any count), CUDA inputs through gloo: results on the inputs' device."""
     _need(1)
-    run_distributed(_gloo_cuda_body, 2)
+    run_distributed(_gloo_cuda_body, num_ranks)
