@@ -1,0 +1,227 @@
+"""Benchmark of the mixed TP x DP collectives: every valid (op, mode) of ``MixedCommHandler`` against the unfused
+sequence of torch collectives, per-rank sizes 8 KiB to 256 MiB, one JSON.
+
+    python benchmarks/mixed_comm.py --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --out mixed.json
+    python benchmarks/mixed_comm.py --device cpu --num-ranks 4 --local-size 2 --local-tp 2 --max-bytes 64K
+
+Spawns ``--num-ranks`` processes: on CUDA one GPU per rank with a ``cpu:gloo,cuda:nccl`` default group (NCCL
+cannot put two ranks of a group on one GPU); ``--device cpu`` runs on gloo (a smoke test). ``--local-size``
+splits the ranks into (virtual) nodes. Rows are ``--row-bytes`` wide (8 KiB, the autotuner's base), and
+"bytes" is the per-rank input of the gather-type ops and the per-rank output of the scatter-type ops (the
+autotuner's size measure). Per size and op:
+
+* ``unfused``: the torch composition, called directly: ``all_reduce`` over TP then ``all_gather_into_tensor``
+  over DP (or ``reduce_scatter_tensor`` over DP then ``all_reduce`` over TP; a plain collective over the world
+  when only TP or DP is present);
+* one row per valid mode, and ``AUTOTUNE`` (the mode the autotuner picks, timed like the others);
+* time: mean over ``--iters`` calls after ``--warmup``, the slowest rank's (CUDA events on GPU);
+  ``speedup``: unfused time over the mode's time; ``max_abs_diff``: the mode's output against unfused's.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_a2a.comm import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
+
+_GATHER = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
+# torch >= 2.14 names them *_single (the *_tensor names still work but warn)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+
+
+def unfused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor) -> torch.Tensor:
+    """The sequence of plain torch collectives the fused operation replaces."""
+    p = h.para_info
+    if op == MixedCommOp.ALLREDUCE:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+    if op in (MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER):
+        red = x.clone()
+        if op == MixedCommOp.ALLREDUCE_ALLGATHER:
+            dist.all_reduce(red, group=h.tp_comm_group)
+        out = torch.empty(x.shape[0] * p.dp_size, *x.shape[1:], dtype=x.dtype, device=x.device)
+        _all_gather(out, red, group=h.dp_comm_group if p.use_mixed else None)
+        return out
+    out = torch.empty(x.shape[0] // p.dp_size, *x.shape[1:], dtype=x.dtype, device=x.device)
+    _reduce_scatter(out, x.contiguous(), group=h.dp_comm_group if p.use_mixed else None)
+    if op == MixedCommOp.REDUCESCATTER_ALLREDUCE:
+        dist.all_reduce(out, group=h.tp_comm_group)
+    return out
+
+
+def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call, the slowest rank's mean."""
+    for _ in range(warmup):
+        fn()
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3 / iters
+    else:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        seconds = (time.perf_counter() - t0) / iters
+    worst = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst.item())
+
+
+def run_rank(rank: int, size: int, args) -> list:
+    """Every measurement of this rank's process (the same list on every rank)."""
+    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    local = args.local_size or size
+    h = MixedCommHandler(rank, size, rank % local, local, rank // local, size // local, args.local_tp,
+                         args.local_dp, args.inter_tp, args.inter_dp, dtype, device, use_autotune=True,
+                         autotune_max_bytes=max(args.max_bytes, 8192))
+    p = h.para_info
+    hidden = args.row_bytes // torch.empty((), dtype=dtype).element_size()
+    results = []
+    sizes = []
+    b = args.min_bytes
+    while b <= args.max_bytes:
+        sizes.append(b)
+        b *= 2
+    gen = torch.Generator(device=device).manual_seed(rank)
+    for op in h.valid_op_list:
+        for nbytes in sizes:
+            rows = max(1, nbytes // args.row_bytes)
+            if op not in _GATHER:
+                rows *= p.dp_size
+            x = torch.empty(rows, hidden, dtype=dtype, device=device).uniform_(-0.5, 0.5, generator=gen)
+            ref = unfused(h, op, x)
+            t_ref = timed(lambda: unfused(h, op, x), device, args.warmup, args.iters)
+            row = {"op": op.name, "bytes": nbytes, "mode": "unfused", "time_us": t_ref * 1e6, "speedup": 1.0,
+                   "max_abs_diff": 0.0}
+            results.append(row)
+            chosen = h.select_autotune_mode(op, x)
+            for mode in h.valid_mode_list:
+                out = run_mixed_comm(op, h, x, mode=mode)
+                diff = (out.float() - ref.float()).abs().max().item()
+                t = timed(lambda: run_mixed_comm(op, h, x, mode=mode), device, args.warmup, args.iters)
+                name = mode.name if mode != MixedCommMode.AUTOTUNE else f"AUTOTUNE({chosen.name})"
+                results.append({"op": op.name, "bytes": nbytes, "mode": name, "time_us": t * 1e6,
+                                "speedup": t_ref / t, "max_abs_diff": diff})
+            if rank == 0 and not args.quiet:
+                line = " ".join(f"{r['mode']}={r['time_us']:.1f}us" for r in results if r["op"] == op.name
+                                and r["bytes"] == nbytes)
+                print(f"{op.name} {nbytes} B: {line}", flush=True)
+    info = {"tp_size": p.tp_size, "dp_size": p.dp_size, "local_tp_size": p.local_tp_size,
+            "local_dp_size": p.local_dp_size, "inter_tp_size": p.inter_tp_size, "inter_dp_size": p.inter_dp_size,
+            "local_size": p.local_size, "inter_size": p.inter_size,
+            "autotune_map": {o.name: {k: m.name for k, m in v.items()} for o, v in h.autotune_map.items()}}
+    h.shutdown()
+    return [info, results]
+
+
+def _worker(rank, size, port, args, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo"
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=size)
+    try:
+        out = run_rank(rank, size, args)
+        if rank == 0:
+            queue.put(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--num-ranks", type=int, default=torch.cuda.device_count() or 4)
+    ap.add_argument("--local-size", type=int, default=None, help="ranks per (virtual) node; default: all")
+    ap.add_argument("--local-tp", type=int, default=None)
+    ap.add_argument("--local-dp", type=int, default=None)
+    ap.add_argument("--inter-tp", type=int, default=None)
+    ap.add_argument("--inter-dp", type=int, default=None)
+    ap.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--min-bytes", type=parse_bytes, default=8 << 10)
+    ap.add_argument("--max-bytes", type=parse_bytes, default=256 << 20)
+    ap.add_argument("--row-bytes", type=parse_bytes, default=8 << 10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default=None, help="JSON path (default: print only)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and args.num_ranks > torch.cuda.device_count():
+        raise SystemExit(f"--num-ranks {args.num_ranks} needs one GPU per rank (NCCL), "
+                         f"{torch.cuda.device_count()} visible")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_worker, args=(r, args.num_ranks, port, args, queue)) for r in range(args.num_ranks)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs) or queue.empty():
+        raise SystemExit(f"benchmark ranks failed: exit codes {[p.exitcode for p in procs]}")
+    info, results = queue.get()
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+              "num_ranks": args.num_ranks, "dtype": args.dtype, "row_bytes": args.row_bytes,
+              "command": " ".join(sys.argv), "topology": info, "results": results}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown(report))
+    if not args.quiet:
+        print(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    """One table per op: a row per size, a column per mode (microseconds, speedup over unfused)."""
+    t = report["topology"]
+    lines = [f"# Mixed collectives: {report['num_ranks']} ranks on {report['device']}, {report['dtype']}",
+             "", f"TP {t['tp_size']} (node {t['local_tp_size']} x inter {t['inter_tp_size']}), DP {t['dp_size']} "
+             f"(node {t['local_dp_size']} x inter {t['inter_dp_size']}), {t['inter_size']} node(s) of "
+             f"{t['local_size']}; `{report['command']}`", ""]
+    for op in dict.fromkeys(r["op"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["op"] == op]
+        modes = list(dict.fromkeys(r["mode"].split("(")[0] for r in rows))
+        lines += [f"## {op}", "", "| bytes/rank | " + " | ".join(modes) + " |",
+                  "|---:|" + "---:|" * len(modes)]
+        for nbytes in dict.fromkeys(r["bytes"] for r in rows):
+            cells = {r["mode"].split("(")[0]: r for r in rows if r["bytes"] == nbytes}
+            lines.append(f"| {nbytes} | " + " | ".join(
+                f"{cells[m]['time_us']:.1f} us ({cells[m]['speedup']:.2f}x)"
+                + (f" {cells[m]['mode'][len(m):]}" if cells[m]["mode"] != m else "") for m in modes) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,578 @@
+"""Mixed TP x DP collectives: all-reduce + all-gather and reduce-scatter + all-reduce (FlashInfer's
+``MixedCommHandler`` / ``run_mixed_comm`` API).
+
+Topology. ``world_rank = local_rank + inter_rank * local_size``; inside a node
+``local_rank = local_tp_rank + local_dp_rank * local_tp_size``; across nodes
+``inter_rank = inter_tp_rank + inter_dp_rank * inter_tp_size``. The TP rank is
+``local_tp_rank + inter_tp_rank * local_tp_size`` (size ``local_tp_size * inter_tp_size``) and the DP rank
+``local_dp_rank + inter_dp_rank * local_dp_size`` (size ``local_dp_size * inter_dp_size``). Defaults: all of a
+node's ranks are TP (``local_tp_size = local_size``) and all nodes are TP (``inter_tp_size = inter_size``);
+giving one of a pair derives the other. "Nodes" are only a grouping of ranks: on one machine they are
+virtual nodes.
+
+Operations (``x_in`` is ``[rows, ...]`` float16/bfloat16 on the handler's device):
+
+* ``ALLREDUCE_ALLGATHER``: sum ``x_in`` over the TP group, then concatenate over the DP group in DP-rank order:
+  ``[rows * dp_size, ...]``.
+* ``REDUCESCATTER_ALLREDUCE``: ``x_in`` is ``dp_size`` chunks of ``rows // dp_size``; the result is the sum over
+  every rank of the world of chunk ``dp_rank``: ``[rows // dp_size, ...]``.
+* With no DP (``dp_size == 1``) the only operation is ``ALLREDUCE``; with no TP, ``ALLGATHER`` and
+  ``REDUCESCATTER`` (the reference's valid-op rule).
+
+Modes (which level does which part):
+
+* ``NCCL_ONE``: one collective over the whole world (an all-gather or all-to-all, then a local sum; or the plain
+  all-reduce / all-gather / reduce-scatter when only one of TP and DP is present).
+* ``NCCL_TP_DP``: the unfused composition: all-reduce over the TP group and all-gather over the DP group (or
+  reduce-scatter over DP, then all-reduce over TP). Only with both TP and DP.
+* ``HIER_INTRA_FIRST``: one collective inside each node (it reduces the node's TP part and gathers/scatters the
+  node's DP part), then one across nodes (the inter-node TP and DP parts). Only with several nodes.
+* ``HIER_INTER_FIRST``: the same two steps, across nodes first.
+* ``FUSED_*``: the reference's single-kernel modes over CUDA virtual memory (intranode) and NVSHMEM
+  (internode). Those kernels are not part of moe_a2a yet: ``init_virtual_memory``/``init_nvshmem`` raise
+  ``NotImplementedError``, the handler leaves ``FUSED_*`` out of its valid modes, and asking for one raises
+  ``NotImplementedError``. Passing ``require_fused=True`` makes the constructor raise instead of falling back.
+* ``AUTOTUNE``: the fastest of the valid modes for the input's size bucket (see ``select_autotune_mode``).
+
+The "NCCL" names are the reference's; here they run on whatever backend the process groups have (NCCL for CUDA
+tensors, gloo on CPU). Every mode computes the same sum: local reductions accumulate in float32 in a fixed
+order, and partial sums cross a level in the tensor's dtype (as a two-level all-reduce sends them), so results
+agree bit for bit wherever the sums are exact, and to rounding otherwise.
+
+Default mode (``mode=None``): ``AUTOTUNE`` when ``use_autotune``; otherwise the fixed rule ``NCCL_TP_DP`` when
+valid, else ``NCCL_ONE`` (the unfused torch composition, which is also the reference's rule).
+"""
+from __future__ import annotations
+
+import enum
+import math
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .gather_scatter import (all_gather_single, all_to_all_single, comm_device, default_timeout_s,
+                             exchange_objects, sum_in_order, wait)
+
+_FUSED_MISSING = ("the fused mixed-collective kernels over CUDA virtual memory (cuMemCreate/cuMemMap with "
+                  "shareable handles, multicast objects) and NVSHMEM are not part of moe_a2a yet")
+
+
+class MixedCommOp(enum.IntEnum):
+    """Operations (values as in the reference)."""
+    ALLREDUCE = 0
+    ALLGATHER = 1
+    REDUCESCATTER = 2
+    ALLREDUCE_ALLGATHER = 3
+    REDUCESCATTER_ALLREDUCE = 4
+
+
+class MixedCommMode(enum.IntEnum):
+    """Execution modes (reference values 0-8; the two hierarchical torch modes are moe_a2a's)."""
+    FUSED_OPT_WAITS_MC = 0
+    FUSED_OPT_WAITS_UC = 1
+    FUSED_OPT_BYTES1_MC = 2
+    FUSED_OPT_BYTES1_UC = 3
+    FUSED_OPT_BYTES2_MC = 4
+    FUSED_OPT_BYTES2_UC = 5
+    NCCL_ONE = 6
+    NCCL_TP_DP = 7
+    AUTOTUNE = 8
+    HIER_INTRA_FIRST = 9
+    HIER_INTER_FIRST = 10
+
+
+_GATHER_OPS = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
+_SCATTER_OPS = (MixedCommOp.REDUCESCATTER, MixedCommOp.REDUCESCATTER_ALLREDUCE)
+
+
+def _pos_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _split(level: str, size: int, tp: Optional[int], dp: Optional[int]):
+    """(tp, dp) of one level with the reference's defaults: all TP, or derive the missing one."""
+    if tp is None and dp is None:
+        return size, 1
+    if tp is not None:
+        _pos_int(f"{level}_tp_size", tp)
+    if dp is not None:
+        _pos_int(f"{level}_dp_size", dp)
+    if dp is None:
+        if size % tp:
+            raise ValueError(f"{level}_tp_size {tp} does not divide {level}_size {size}")
+        return tp, size // tp
+    if tp is None:
+        if size % dp:
+            raise ValueError(f"{level}_dp_size {dp} does not divide {level}_size {size}")
+        return size // dp, dp
+    if tp * dp != size:
+        raise ValueError(f"{level}_tp_size * {level}_dp_size = {tp} * {dp} != {level}_size {size}")
+    return tp, dp
+
+
+class ParallelInfo:
+    """Ranks and sizes of the TP x DP split inside and across nodes (see the module docstring)."""
+
+    def __init__(self, world_rank, world_size, local_rank, local_size, inter_rank, inter_size,
+                 local_tp_size=None, local_dp_size=None, inter_tp_size=None, inter_dp_size=None):
+        for name, v in (("world_size", world_size), ("local_size", local_size), ("inter_size", inter_size)):
+            _pos_int(name, v)
+        for name, v, n in (("world_rank", world_rank, world_size), ("local_rank", local_rank, local_size),
+                           ("inter_rank", inter_rank, inter_size)):
+            _pos_int(name, v, 0)
+            if v >= n:
+                raise ValueError(f"{name} {v} must be < {n}")
+        if world_size != inter_size * local_size:
+            raise ValueError(f"world_size {world_size} != inter_size * local_size = {inter_size} * {local_size}")
+        if world_rank != local_rank + inter_rank * local_size:
+            raise ValueError(f"world_rank {world_rank} != local_rank + inter_rank * local_size = "
+                             f"{local_rank} + {inter_rank} * {local_size}")
+        self.world_rank, self.world_size = world_rank, world_size
+        self.local_rank, self.local_size = local_rank, local_size
+        self.inter_rank, self.inter_size = inter_rank, inter_size
+        self.local_tp_size, self.local_dp_size = _split("local", local_size, local_tp_size, local_dp_size)
+        self.inter_tp_size, self.inter_dp_size = _split("inter", inter_size, inter_tp_size, inter_dp_size)
+        self.local_tp_rank, self.local_dp_rank = local_rank % self.local_tp_size, local_rank // self.local_tp_size
+        self.inter_tp_rank, self.inter_dp_rank = inter_rank % self.inter_tp_size, inter_rank // self.inter_tp_size
+        self.tp_size = self.local_tp_size * self.inter_tp_size
+        self.dp_size = self.local_dp_size * self.inter_dp_size
+        self.tp_rank = self.local_tp_rank + self.inter_tp_rank * self.local_tp_size
+        self.dp_rank = self.local_dp_rank + self.inter_dp_rank * self.local_dp_size
+
+    use_local_tp = property(lambda self: self.local_tp_size > 1)
+    use_inter_tp = property(lambda self: self.inter_tp_size > 1)
+    use_tp = property(lambda self: self.tp_size > 1)
+    use_dp = property(lambda self: self.dp_size > 1)
+    use_inter = property(lambda self: self.inter_size > 1)
+    use_mixed = property(lambda self: self.use_tp and self.use_dp)
+
+    def world_rank_of(self, tp_rank: int, dp_rank: int) -> int:
+        ltp, itp = tp_rank % self.local_tp_size, tp_rank // self.local_tp_size
+        ldp, idp = dp_rank % self.local_dp_size, dp_rank // self.local_dp_size
+        return (ltp + ldp * self.local_tp_size) + (itp + idp * self.inter_tp_size) * self.local_size
+
+    def tp_group_ranks(self, dp_rank: int) -> List[int]:
+        return [self.world_rank_of(t, dp_rank) for t in range(self.tp_size)]
+
+    def dp_group_ranks(self, tp_rank: int) -> List[int]:
+        return [self.world_rank_of(tp_rank, d) for d in range(self.dp_size)]
+
+    def local_group_ranks(self, inter_rank: int) -> List[int]:
+        return list(range(inter_rank * self.local_size, (inter_rank + 1) * self.local_size))
+
+    def inter_group_ranks(self, local_rank: int) -> List[int]:
+        return [local_rank + n * self.local_size for n in range(self.inter_size)]
+
+
+def _new_groups(rank_lists: List[List[int]], mine: int):
+    """Create one group per list (collective: every rank creates all of them) and return group ``mine``."""
+    groups = [dist.new_group(ranks) for ranks in rank_lists]
+    return groups[mine]
+
+
+class MixedCommHandler:
+    """All-reduce + all-gather and reduce-scatter + all-reduce over a TP x DP split inside and across nodes.
+
+    Args (the reference's):
+        world_rank, world_size: this process in the default process group (``local_rank + inter_rank * local_size``).
+        local_rank, local_size: this process in its node (``local_tp_rank + local_dp_rank * local_tp_size``).
+        inter_rank, inter_size: the node index and the number of nodes.
+        local_tp_size, local_dp_size, inter_tp_size, inter_dp_size: the split (None: defaults, see module doc).
+        dtype: ``torch.float16`` or ``torch.bfloat16``.
+        device: where the tensors live; CUDA with an NCCL default group, or CPU with gloo.
+        grid_size, max_block_size, min_block_size, min_num_steps, ib_enable_ibgda, should_init_nvshmem: settings
+            of the fused kernels; validated and kept, unused by the torch.distributed modes.
+        use_autotune: pick the mode per size bucket by measurement (``mode=None`` means ``AUTOTUNE``).
+    Args (moe_a2a's, keyword only):
+        require_fused: raise (NotImplementedError) instead of falling back when the fused kernels are missing.
+        autotune_max_bytes: largest bucket ``run_autotune`` measures (default: the reference's range, 8 KiB
+            times ``2 ** (max(15 - log2(dp_size), 1) - 1)``).
+        timeout_s: deadline of each wait on CPU groups (default ``MOE_A2A_TIMEOUT_S`` or 60 s).
+
+    Construction is collective over the default group (it creates the node, cross-node, TP and DP groups).
+    Autotuning is lazy: a size bucket is measured the first time an operation of that size runs in
+    ``AUTOTUNE`` mode (every rank runs it, so the measurement is collective), or all at once by ``run_autotune``.
+    """
+
+    def __init__(self, world_rank: int, world_size: int, local_rank: int, local_size: int, inter_rank: int,
+                 inter_size: int, local_tp_size: Optional[int], local_dp_size: Optional[int],
+                 inter_tp_size: Optional[int], inter_dp_size: Optional[int], dtype: torch.dtype,
+                 device: torch.device, grid_size: Optional[int] = None, max_block_size: Optional[int] = None,
+                 min_block_size: int = 256, min_num_steps: int = 4, ib_enable_ibgda: bool = True,
+                 should_init_nvshmem: bool = True, use_autotune: bool = True, *, require_fused: bool = False,
+                 autotune_max_bytes: Optional[int] = None, timeout_s: Optional[float] = None):
+        if not dist.is_initialized():
+            raise RuntimeError("MixedCommHandler needs an initialized torch.distributed default process group")
+        self.para_info = p = ParallelInfo(world_rank, world_size, local_rank, local_size, inter_rank, inter_size,
+                                          local_tp_size, local_dp_size, inter_tp_size, inter_dp_size)
+        if (world_rank, world_size) != (dist.get_rank(), dist.get_world_size()):
+            raise ValueError(f"world_rank/world_size ({world_rank}, {world_size}) must be this process's rank and "
+                             f"size in the default group ({dist.get_rank()}, {dist.get_world_size()})")
+        if world_size < 2:
+            raise ValueError("world_size must be >= 2 (with one rank there is nothing to communicate)")
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type != comm_device(None).type:
+            raise ValueError(f"device {device} does not fit the default group's backend "
+                             f"{dist.get_backend()} (NCCL for CUDA tensors, gloo for CPU tensors)")
+        self.dtype, self.device = dtype, device
+        max_grid = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+        if grid_size is not None:
+            _pos_int("grid_size", grid_size)
+            if max_grid is not None and grid_size > max_grid:
+                raise ValueError(f"grid_size {grid_size} exceeds the device's {max_grid} SMs")
+        self.grid_size = grid_size if grid_size is not None else max_grid
+        _pos_int("min_block_size", min_block_size, 32)
+        if min_block_size % 32:
+            raise ValueError(f"min_block_size must be a multiple of 32 (the warp size), got {min_block_size}")
+        if max_block_size is not None and (max_block_size % 32 or max_block_size < min_block_size):
+            raise ValueError(f"max_block_size must be a multiple of 32 and >= min_block_size ({min_block_size}), "
+                             f"got {max_block_size}")
+        self.max_block_size, self.min_block_size = max_block_size, min_block_size
+        self.min_num_steps = _pos_int("min_num_steps", min_num_steps)
+        self.ib_enable_ibgda, self.should_init_nvshmem = bool(ib_enable_ibgda), bool(should_init_nvshmem)
+        self.use_autotune = bool(use_autotune)
+        self.timeout_s = default_timeout_s(timeout_s)
+        self.autotune_base_bytes = 8192
+        self.autotune_max_coef = max(15 - int(math.log2(p.dp_size)), 1)
+        if autotune_max_bytes is not None:
+            _pos_int("autotune_max_bytes", autotune_max_bytes, self.autotune_base_bytes)
+            self.autotune_max_coef = int(math.log2(autotune_max_bytes // self.autotune_base_bytes)) + 1
+        self.autotune_map: Dict[MixedCommOp, Dict[int, MixedCommMode]] = {}
+
+        # The fused kernels first: a handler that requires them fails before any collective.
+        self.fused_available = False
+        self.fused_unavailable_reason: Optional[str] = None
+        try:
+            self.init_virtual_memory()
+            if p.use_inter:
+                self.init_nvshmem()
+            self.fused_available = True
+        except NotImplementedError as e:
+            if require_fused:
+                raise
+            self.fused_unavailable_reason = str(e)
+
+        # Process groups (creation is collective: every rank creates every group, in the same order).
+        self.world_group = dist.group.WORLD
+        self.local_comm_group = self.inter_comm_group = self.tp_comm_group = self.dp_comm_group = None
+        self._own_groups = []
+        if p.use_inter and p.local_size > 1:
+            self.local_comm_group = _new_groups([p.local_group_ranks(n) for n in range(p.inter_size)], p.inter_rank)
+            self.inter_comm_group = _new_groups([p.inter_group_ranks(l) for l in range(p.local_size)], p.local_rank)
+            self._own_groups += [self.local_comm_group, self.inter_comm_group]
+        if p.use_mixed:
+            self.tp_comm_group = _new_groups([p.tp_group_ranks(d) for d in range(p.dp_size)], p.dp_rank)
+            self.dp_comm_group = _new_groups([p.dp_group_ranks(t) for t in range(p.tp_size)], p.tp_rank)
+            self._own_groups += [self.tp_comm_group, self.dp_comm_group]
+
+        self.valid_op_list = self.get_valid_op_list()
+        self.valid_mode_list = self.get_valid_mode_list()
+        self.is_running = True
+
+    # ------------------------------------------------------------------------------ topology
+    def get_valid_op_list(self) -> List[MixedCommOp]:
+        """Operations for this split: the fused pair with TP and DP, ALLREDUCE with TP only, else AG/RS."""
+        p = self.para_info
+        if p.use_mixed:
+            return [MixedCommOp.ALLREDUCE_ALLGATHER, MixedCommOp.REDUCESCATTER_ALLREDUCE]
+        if p.use_tp:
+            return [MixedCommOp.ALLREDUCE]
+        return [MixedCommOp.ALLGATHER, MixedCommOp.REDUCESCATTER]
+
+    def get_valid_mode_list(self) -> List[MixedCommMode]:
+        """Modes that run on this split and build (FUSED_* only where their kernels are initialized)."""
+        p = self.para_info
+        modes = []
+        if self.fused_available:  # the reference's validity rule for the fused modes
+            modes += [MixedCommMode.FUSED_OPT_WAITS_MC, MixedCommMode.FUSED_OPT_WAITS_UC]
+            if p.use_local_tp:
+                modes += [MixedCommMode.FUSED_OPT_BYTES1_MC, MixedCommMode.FUSED_OPT_BYTES1_UC]
+            if p.use_inter_tp:
+                modes += [MixedCommMode.FUSED_OPT_BYTES2_MC, MixedCommMode.FUSED_OPT_BYTES2_UC]
+        modes.append(MixedCommMode.NCCL_ONE)
+        if p.use_mixed:
+            modes.append(MixedCommMode.NCCL_TP_DP)
+        if self.local_comm_group is not None:
+            modes += [MixedCommMode.HIER_INTRA_FIRST, MixedCommMode.HIER_INTER_FIRST]
+        if self.use_autotune:
+            modes.append(MixedCommMode.AUTOTUNE)
+        return modes
+
+    # --------------------------------------------------------------------- fused-kernel setup
+    def init_virtual_memory(self) -> None:
+        """Map the intranode CUDA virtual-memory workspace on every local rank (fused modes)."""
+        raise NotImplementedError(f"MixedCommHandler.init_virtual_memory: {_FUSED_MISSING}; the FUSED_* modes "
+                                  f"are unavailable (the torch.distributed modes work on any backend)")
+
+    def init_nvshmem(self) -> None:
+        """Initialize NVSHMEM and its internode workspace (fused modes across nodes)."""
+        raise NotImplementedError(f"MixedCommHandler.init_nvshmem: {_FUSED_MISSING}; the FUSED_* modes are "
+                                  f"unavailable across nodes (the torch.distributed modes work on any backend)")
+
+    def shutdown(self) -> None:
+        """Release the handler's process groups. Call once; the handler is unusable afterwards."""
+        if not self.is_running:
+            raise RuntimeError("MixedCommHandler.shutdown() was already called")
+        self.is_running = False
+        for g in self._own_groups:
+            dist.destroy_process_group(g)
+        self._own_groups = []
+        self.local_comm_group = self.inter_comm_group = self.tp_comm_group = self.dp_comm_group = None
+
+    # ------------------------------------------------------------------------------ autotune
+    def _bucket(self, op: MixedCommOp, num_bytes: int) -> int:
+        """Size bucket: round(log2(per-rank bytes / 8 KiB)), clamped to ``[0, autotune_max_coef)``."""
+        if op in _SCATTER_OPS:
+            num_bytes //= self.para_info.dp_size
+        if num_bytes <= self.autotune_base_bytes:
+            return 0
+        coef = math.log2(num_bytes / self.autotune_base_bytes)
+        return min(round(coef), self.autotune_max_coef - 1)
+
+    def _tune_bucket(self, op: MixedCommOp, bucket: int, warmup: int = 1, iters: int = 3) -> MixedCommMode:
+        """Time every valid mode on a bucket-sized input; every rank agrees on the slowest rank's times."""
+        hidden = self.autotune_base_bytes // torch.empty((), dtype=self.dtype).element_size()
+        rows = 2 ** bucket * (self.para_info.dp_size if op in _SCATTER_OPS else 1)
+        x = torch.empty(rows, hidden, dtype=self.dtype, device=self.device).uniform_(-0.5, 0.5)
+        modes = [m for m in self.valid_mode_list if m != MixedCommMode.AUTOTUNE]
+        times = []
+        for mode in modes:
+            for _ in range(warmup):
+                _run_op(self, op, x, mode)
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                _run_op(self, op, x, mode)
+            self._sync()
+            times.append((time.perf_counter() - start) / iters)
+        every = exchange_objects(times, self.world_group, "autotune timing exchange", self.timeout_s)
+        slowest = [max(t[i] for t in every) for i in range(len(modes))]
+        best = modes[min(range(len(modes)), key=lambda i: (slowest[i], i))]
+        self.autotune_map.setdefault(op, {})[bucket] = best
+        return best
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wait(dist.barrier(group=self.world_group, async_op=True), self.world_group, "autotune barrier",
+             self.timeout_s)
+
+    def run_autotune(self) -> None:
+        """Measure every valid (op, mode) on every size bucket and fill ``autotune_map`` (collective)."""
+        self._check_running()
+        for op in self.valid_op_list:
+            for bucket in range(self.autotune_max_coef):
+                self._tune_bucket(op, bucket)
+
+    def select_autotune_mode(self, op: MixedCommOp, x_in: torch.Tensor) -> MixedCommMode:
+        """The measured best mode for ``op`` at ``x_in``'s size bucket (measured now if not yet: collective)."""
+        self._check_running()
+        op = MixedCommOp(op)
+        bucket = self._bucket(op, x_in.numel() * x_in.element_size())
+        mode = self.autotune_map.get(op, {}).get(bucket)
+        if mode is None and x_in.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{op.name}: size bucket {bucket} is not tuned yet and measuring it cannot be "
+                               f"captured in a CUDA graph; call run_autotune() (or run once) before capturing")
+        return mode if mode is not None else self._tune_bucket(op, bucket)
+
+    def resolve_mode(self, op: MixedCommOp, x_in: torch.Tensor,
+                     mode: Optional[MixedCommMode] = None) -> MixedCommMode:
+        """The mode an operation on ``x_in`` runs in: ``mode``, or the default rule (module docstring), with
+        ``AUTOTUNE`` replaced by the measured choice (measuring it first if needed: collective)."""
+        if mode is None:
+            if self.use_autotune:
+                mode = MixedCommMode.AUTOTUNE
+            else:
+                mode = (MixedCommMode.NCCL_TP_DP if MixedCommMode.NCCL_TP_DP in self.valid_mode_list
+                        else MixedCommMode.NCCL_ONE)
+        if mode == MixedCommMode.AUTOTUNE:
+            mode = self.select_autotune_mode(op, x_in)
+        return mode
+
+    # ---------------------------------------------------------------------------- operations
+    def _check_running(self) -> None:
+        if not self.is_running:
+            raise RuntimeError("MixedCommHandler was shut down")
+
+    def allreduce_allgather(self, x_in, x_out=None, mode=None) -> torch.Tensor:
+        return run_mixed_comm(MixedCommOp.ALLREDUCE_ALLGATHER, self, x_in, x_out, mode)
+
+    def reducescatter_allreduce(self, x_in, x_out=None, mode=None) -> torch.Tensor:
+        return run_mixed_comm(MixedCommOp.REDUCESCATTER_ALLREDUCE, self, x_in, x_out, mode)
+
+    def allreduce(self, x_in, x_out=None, mode=None) -> torch.Tensor:
+        return run_mixed_comm(MixedCommOp.ALLREDUCE, self, x_in, x_out, mode)
+
+    def allgather(self, x_in, x_out=None, mode=None) -> torch.Tensor:
+        return run_mixed_comm(MixedCommOp.ALLGATHER, self, x_in, x_out, mode)
+
+    def reducescatter(self, x_in, x_out=None, mode=None) -> torch.Tensor:
+        return run_mixed_comm(MixedCommOp.REDUCESCATTER, self, x_in, x_out, mode)
+
+
+# ------------------------------------------------------------------------------ the modes
+def _gather(x: torch.Tensor, group, h: MixedCommHandler, step: str) -> torch.Tensor:
+    """``[group_size, *x.shape]``: every member's ``x`` in group-rank order."""
+    out = torch.empty(dist.get_world_size(group), *x.shape, dtype=x.dtype, device=x.device)
+    all_gather_single(out, x.contiguous(), group, step, h.timeout_s)
+    return out
+
+
+def _exchange(send: torch.Tensor, group, h: MixedCommHandler, step: str) -> torch.Tensor:
+    """All-to-all of ``send[j]`` to member ``j``; returns ``recv[j]`` from member ``j``."""
+    send = send.contiguous()
+    recv = torch.empty_like(send)
+    all_to_all_single(recv, send, None, None, group, step, h.timeout_s)
+    return recv
+
+
+def _reduce(parts: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum over ``dim`` in index order, float32 accumulation."""
+    return sum_in_order(parts.unbind(dim), dtype)
+
+
+def _gather_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
+    """ALLREDUCE / ALLGATHER / ALLREDUCE_ALLGATHER: ``cat over dp of (sum over tp of x)``."""
+    p, dt, rest = h.para_info, x.dtype, x.shape
+    if mode == MixedCommMode.NCCL_ONE:
+        if not p.use_dp:  # plain all-reduce over the world
+            out = x.clone(memory_format=torch.contiguous_format)
+            wait(dist.all_reduce(out, group=h.world_group, async_op=True), h.world_group, "allreduce", h.timeout_s)
+            return out
+        every = _gather(x, h.world_group, h, "world all-gather")  # [world, rows, ...] in world-rank order
+        grid = every.view(p.inter_dp_size, p.inter_tp_size, p.local_dp_size, p.local_tp_size, *rest)
+        # -> [tp (itp, ltp), dp (idp, ldp), rows, ...], then sum over tp in TP-rank order
+        grid = grid.permute(1, 3, 0, 2, *range(4, grid.dim())).reshape(p.tp_size, p.dp_size, *rest)
+        return _reduce(grid, 0, dt).flatten(0, 1)
+    if mode == MixedCommMode.NCCL_TP_DP:
+        red = x.clone(memory_format=torch.contiguous_format)
+        wait(dist.all_reduce(red, group=h.tp_comm_group, async_op=True), h.tp_comm_group, "TP all-reduce",
+             h.timeout_s)
+        return _gather(red, h.dp_comm_group, h, "DP all-gather").flatten(0, 1)
+    if mode == MixedCommMode.HIER_INTRA_FIRST:
+        node = _gather(x, h.local_comm_group, h, "intranode all-gather")  # [local, rows, ...]
+        node = _reduce(node.view(p.local_dp_size, p.local_tp_size, *rest), 1, dt)  # [ldp, rows, ...]
+        nodes = _gather(node, h.inter_comm_group, h, "internode all-gather")  # [inter, ldp, rows, ...]
+        nodes = nodes.view(p.inter_dp_size, p.inter_tp_size, p.local_dp_size, *rest)
+        return _reduce(nodes, 1, dt).flatten(0, 2)  # [idp, ldp, rows, ...] -> DP-rank order
+    if mode == MixedCommMode.HIER_INTER_FIRST:
+        nodes = _gather(x, h.inter_comm_group, h, "internode all-gather")  # [inter, rows, ...]
+        nodes = _reduce(nodes.view(p.inter_dp_size, p.inter_tp_size, *rest), 1, dt)  # [idp, rows, ...]
+        node = _gather(nodes, h.local_comm_group, h, "intranode all-gather")  # [local, idp, rows, ...]
+        node = _reduce(node.view(p.local_dp_size, p.local_tp_size, p.inter_dp_size, *rest), 1, dt)
+        return node.transpose(0, 1).flatten(0, 2)  # [ldp, idp, ...] -> [idp, ldp, ...]
+    raise AssertionError(mode)
+
+
+def _scatter_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
+    """REDUCESCATTER / REDUCESCATTER_ALLREDUCE: ``sum over every rank of chunk dp_rank of x``."""
+    p, dt = h.para_info, x.dtype
+    chunks = x.reshape(p.dp_size, x.shape[0] // p.dp_size, *x.shape[1:])  # [dp, rows, ...]
+    rest = chunks.shape[1:]
+    if mode == MixedCommMode.NCCL_ONE:
+        if not p.use_tp:  # plain reduce-scatter over the world (DP order = world order here)
+            out = torch.empty(rest, dtype=dt, device=x.device)
+            fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            wait(fn(out, x.contiguous(), group=h.world_group, async_op=True), h.world_group, "reduce-scatter",
+                 h.timeout_s)
+            return out
+        # Send each world rank the chunk of its DP rank; sum what arrives in world-rank order.
+        dp_of = [w % p.local_size // p.local_tp_size + w // p.local_size // p.inter_tp_size * p.local_dp_size
+                 for w in range(p.world_size)]
+        recv = _exchange(chunks[dp_of], h.world_group, h, "world all-to-all")
+        return _reduce(recv, 0, dt)
+    if mode == MixedCommMode.NCCL_TP_DP:
+        out = torch.empty(rest, dtype=dt, device=x.device)
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        wait(fn(out, x.contiguous(), group=h.dp_comm_group, async_op=True), h.dp_comm_group, "DP reduce-scatter",
+             h.timeout_s)
+        wait(dist.all_reduce(out, group=h.tp_comm_group, async_op=True), h.tp_comm_group, "TP all-reduce",
+             h.timeout_s)
+        return out
+    grid = chunks.view(p.inter_dp_size, p.local_dp_size, *rest)  # chunk d = ldp + idp * local_dp
+    ldp_of_local = [l // p.local_tp_size for l in range(p.local_size)]
+    idp_of_inter = [n // p.inter_tp_size for n in range(p.inter_size)]
+    if mode == MixedCommMode.HIER_INTRA_FIRST:
+        # Node step: local rank l gets the chunks of its local DP rank for every inter DP rank.
+        recv = _exchange(grid.transpose(0, 1)[ldp_of_local], h.local_comm_group, h, "intranode all-to-all")
+        part = _reduce(recv, 0, dt)  # [idp, rows, ...]
+        recv = _exchange(part[idp_of_inter], h.inter_comm_group, h, "internode all-to-all")
+        return _reduce(recv, 0, dt)
+    if mode == MixedCommMode.HIER_INTER_FIRST:
+        recv = _exchange(grid[idp_of_inter], h.inter_comm_group, h, "internode all-to-all")  # [inter, ldp, ...]
+        part = _reduce(recv, 0, dt)  # [ldp, rows, ...]
+        recv = _exchange(part[ldp_of_local], h.local_comm_group, h, "intranode all-to-all")
+        return _reduce(recv, 0, dt)
+    raise AssertionError(mode)
+
+
+def _run_op(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
+    return (_gather_family if op in _GATHER_OPS else _scatter_family)(h, x, mode)
+
+
+def _check(op, h: MixedCommHandler, x_in, x_out, mode) -> None:
+    if not isinstance(h, MixedCommHandler):
+        raise TypeError(f"handler must be a MixedCommHandler, got {type(h).__name__}")
+    h._check_running()
+    if op not in h.valid_op_list:
+        raise ValueError(f"op {getattr(op, 'name', op)} is not valid for this TP x DP split; valid ops: "
+                         f"{[o.name for o in h.valid_op_list]}")
+    if mode is not None:
+        if not isinstance(mode, MixedCommMode):
+            raise TypeError(f"mode must be a MixedCommMode or None, got {mode!r}")
+        if mode.name.startswith("FUSED_") and not h.fused_available:
+            raise NotImplementedError(f"mode {mode.name}: {h.fused_unavailable_reason}")
+        if mode not in h.valid_mode_list:
+            raise ValueError(f"mode {mode.name} is not valid for this handler; valid modes: "
+                             f"{[m.name for m in h.valid_mode_list]}")
+    if not isinstance(x_in, torch.Tensor):
+        raise TypeError(f"x_in must be a torch.Tensor, got {type(x_in).__name__}")
+    if x_in.dtype != h.dtype:
+        raise TypeError(f"x_in must have the handler's dtype {h.dtype}, got {x_in.dtype}")
+    if x_in.dim() < 2:
+        raise ValueError(f"x_in must be at least 2-d ([rows, ...]), got shape {list(x_in.shape)}")
+    if x_in.device != h.device:
+        raise ValueError(f"x_in must be on the handler's device {h.device}, got {x_in.device}")
+    dp = h.para_info.dp_size
+    if op in _SCATTER_OPS and x_in.shape[0] % dp:
+        raise ValueError(f"x_in.shape[0] = {x_in.shape[0]} must be divisible by dp_size {dp}")
+    if x_out is not None:
+        rows = x_in.shape[0] // dp if op in _SCATTER_OPS else x_in.shape[0] * dp
+        want = [rows, *x_in.shape[1:]]
+        if not isinstance(x_out, torch.Tensor) or list(x_out.shape) != want or x_out.dtype != x_in.dtype \
+                or x_out.device != x_in.device:
+            got = (list(x_out.shape), x_out.dtype, x_out.device) if isinstance(x_out, torch.Tensor) else x_out
+            raise ValueError(f"x_out must be {want} {x_in.dtype} on {x_in.device}, got {got}")
+
+
+def run_mixed_comm(op: MixedCommOp, handler: MixedCommHandler, x_in: torch.Tensor,
+                   x_out: Optional[torch.Tensor] = None, mode: Optional[MixedCommMode] = None, *,
+                   check_peers: bool = False) -> torch.Tensor:
+    """Run ``op`` on ``x_in`` (``[rows, ...]`` with the handler's dtype and device) in ``mode``.
+
+    Returns the result (written into ``x_out`` when given): ``[rows * dp_size, ...]`` for the gather
+    operations, ``[rows // dp_size, ...]`` for the scatter ones, ``x_in``'s shape for ALLREDUCE. Every rank of the
+    world must call it with the same op, mode and shape; ``check_peers=True`` verifies the shapes first (one
+    extra small collective) and raises the same ValueError on every rank if they differ.
+    """
+    _check(op, handler, x_in, x_out, mode)
+    op = MixedCommOp(op)
+    if check_peers:
+        every = exchange_objects((tuple(x_in.shape), None if mode is None else int(mode)), handler.world_group,
+                                 "run_mixed_comm shape exchange", handler.timeout_s)
+        for rank, m in enumerate(every):
+            if m != every[0]:
+                raise ValueError(f"run_mixed_comm: rank {rank} passes (shape, mode) {m}, rank 0 passes {every[0]}")
+    out = _run_op(handler, op, x_in, handler.resolve_mode(op, x_in, mode))
+    if x_out is not None:
+        x_out.copy_(out)
+        return x_out
+    return out

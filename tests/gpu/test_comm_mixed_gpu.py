@@ -1,0 +1,113 @@
+"""moe_a2a.comm on CUDA tensors.
+
+* NCCL (one GPU per rank, 2/4/8 ranks): the CPU test bodies run unchanged on a ``cpu:gloo,cuda:nccl`` default
+  group (every collective then runs on NCCL, CPU inputs staged through the GPU), plus CUDA inputs, the
+  MixedCommHandler on CUDA with virtual nodes, and its default settings at model sizes.
+* gloo with CUDA tensors (2/4/8 ranks sharing the GPUs): results come back on the inputs' device.
+"""
+import pytest
+import torch
+
+import test_comm_gather as cpu_gather
+import test_comm_mixed as cpu_mixed
+from dist_utils import run_distributed
+from moe_a2a.comm import (HelixAllToAllNative, MixedCommHandler, MixedCommMode, allgather, alltoall_helix,
+                          reducescatter)
+from moe_a2a.comm.gather_scatter import sum_in_order
+
+pytestmark = pytest.mark.gpu
+
+
+def _need(num_gpus):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.device_count() < num_gpus:
+        pytest.skip(f"NCCL needs one GPU per rank: {num_gpus} ranks, {torch.cuda.device_count()} GPU(s)")
+
+
+def _cuda_inputs(rank, size):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sizes = [r % 3 + 1 for r in range(size)]
+    xs = cpu_gather.inputs(7, size, lambda r: (4, sizes[r], 64), torch.bfloat16)
+    out = allgather([xs[rank].to(dev), None], dim=1, sizes=sizes)
+    assert out[1] is None and out[0].device == dev and torch.equal(out[0].cpu(), torch.cat(xs, 1))
+    big = cpu_gather.inputs(8, size, lambda r: (size * 128, 7168), torch.bfloat16)
+    got = reducescatter(big[rank].to(dev), dim=0)
+    assert got.device == dev and torch.equal(got.cpu(), sum_in_order(big, torch.bfloat16).chunk(size)[rank])
+    x = big[rank][:, :64].double().to(dev).requires_grad_(True)
+    reducescatter(x, dim=0).sum().backward()
+    assert torch.equal(x.grad.cpu(), torch.ones(size * 128, 64, dtype=torch.float64))
+    ins = [t.to(dev) for t in cpu_gather.inputs(9, size, lambda r: (3, 512), torch.float16)]
+    assert alltoall_helix(ins)[0].device == dev
+    po = cpu_gather.inputs(10, size, lambda r: (16, size, 512), torch.bfloat16)
+    st = cpu_gather.inputs(11, size, lambda r: (16, size, 2), torch.float32)
+    got_po, got_st = HelixAllToAllNative.get().alltoall_native(po[rank].to(dev), st[rank].to(dev))
+    assert torch.equal(got_po.cpu(), torch.stack([po[j][..., rank, :] for j in range(size)], dim=-2))
+    assert torch.equal(got_st.cpu(), torch.stack([st[j][..., rank, :] for j in range(size)], dim=-2))
+    HelixAllToAllNative.clear_cache()
+
+
+def _mixed_cuda(rank, size):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    if size >= 4:
+        half = size // 2
+        configs = [(half, (2, None, 1, None)), (half, (None, 2, 2, None)), (half, (2, None, None, None))]
+    else:
+        configs = [(size, (None,) * 4), (size, (1, None, None, None))]
+    for i, (local_size, split) in enumerate(configs):
+        h = cpu_mixed.make_handler(rank, size, local_size, split, device="cuda", use_autotune=(i == 0),
+                                   dtype=torch.float16 if i == 1 else torch.bfloat16)
+        assert h.device == dev and h.grid_size == torch.cuda.get_device_properties(dev).multi_processor_count
+        cpu_mixed.check_all_modes(h, rank, size, seed=200 + i, dtype=h.dtype, rows=16, hidden=256)
+        h.shutdown()
+    # Defaults a user would leave alone: no split given (all TP), autotune on, model-sized rows.
+    h = MixedCommHandler(rank, size, rank, size, 0, 1, None, None, None, None, torch.bfloat16, dev)
+    xs = cpu_gather.inputs(300, size, lambda r: (256, 7168), torch.bfloat16)
+    got = h.allreduce(xs[rank].to(dev)).double().cpu()
+    ref = sum_in_order([x.double() for x in xs], torch.float64)
+    assert torch.allclose(got, ref, rtol=2e-2, atol=5e-2)
+    assert h.autotune_map and all(m != MixedCommMode.AUTOTUNE for v in h.autotune_map.values() for m in v.values())
+    h.shutdown()
+
+
+def _nccl_body(rank, size):
+    torch.cuda.set_device(rank)
+    cpu_gather._body(rank, size)
+    _cuda_inputs(rank, size)
+    _mixed_cuda(rank, size)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_comm_on_nccl(num_ranks):
+    _need(num_ranks)
+    run_distributed(_nccl_body, num_ranks, backend="cpu:gloo,cuda:nccl")
+
+
+def _gloo_cuda_body(rank, size):
+    torch.cuda.set_device(rank % torch.cuda.device_count())
+    dev = torch.device("cuda", torch.cuda.current_device())
+    xs = cpu_gather.inputs(1, size, lambda r: (2 * size, 3), torch.bfloat16)
+    out = allgather(xs[rank].to(dev), dim=0)
+    assert out.device == dev and torch.equal(out.cpu(), torch.cat(xs))
+    got = reducescatter([xs[rank].to(dev).t().contiguous()], dim=1)[0]
+    assert got.device == dev and torch.equal(got.cpu(), sum_in_order([x.t() for x in xs], torch.bfloat16)
+                                             .chunk(size, dim=1)[rank])
+    outs = alltoall_helix([t.to(dev) for t in cpu_gather.inputs(3, size, lambda r: (2, 8), torch.float16)])
+    assert outs[0].device == dev and outs[0].shape == (size, 2, 8)
+    po = cpu_gather.inputs(4, size, lambda r: (3, size, 64), torch.bfloat16)
+    st = cpu_gather.inputs(5, size, lambda r: (3, size, 2), torch.float32)
+    got_po, got_st = HelixAllToAllNative.get(None, 1, fifo_bytes=1024).alltoall_native(po[rank].to(dev),
+                                                                                      st[rank].to(dev))
+    assert got_po.device == dev
+    assert torch.equal(got_po.cpu(), torch.stack([po[j][..., rank, :] for j in range(size)], dim=-2))
+    assert torch.equal(got_st.cpu(), torch.stack([st[j][..., rank, :] for j in range(size)], dim=-2))
+    HelixAllToAllNative.clear_cache()
+    with pytest.raises(ValueError, match="does not fit the default group's backend"):
+        MixedCommHandler(rank, size, rank, size, 0, 1, None, None, None, None, torch.bfloat16, dev)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_cuda_tensors_over_gloo(num_ranks):
+    """Ranks sharing the GPUs (any count), CUDA inputs through gloo: results on the inputs' device."""
+    _need(1)
+    run_distributed(_gloo_cuda_body, num_ranks)
