@@ -216,6 +216,18 @@ class IntranodeBackend:
             self._error = f"moe_a2a intranode: {text}; the buffer cannot be used again: rebuild it"
             raise RuntimeError(self._error)
 
+    def _launch(self, op: str, fn, *args):
+        """``fn(*args)``, a runtime call that launches kernels. If it fails (a CUDA error at launch, an argument
+        the kernels refuse), the peers may already wait on this rank: the buffer refuses every later call with
+        this message, which names the rank and the operation."""
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            if self._error is None:
+                self._error = (f"moe_a2a intranode: rank {self.rank} {op} failed: {e}; the buffer cannot be used "
+                               "again: rebuild it")
+            raise RuntimeError(self._error) from e
+
     def check(self) -> None:
         """Raise ``RuntimeError`` if a kernel of this buffer timed out or overflowed (no device sync)."""
         self._check_usable()
@@ -358,9 +370,10 @@ class IntranodeBackend:
                     rank_prefix = torch.empty(R, R, **i32)
                     recv_channel_prefix = torch.empty(R, channels, **i32)
                 self._seq = self._seq % (1 << 30) + 1
-                self.runtime.notify(num_tokens_per_expert.contiguous(), is_token_in_rank, channels,
-                                    int(expert_alignment), int(num_worst_tokens), self._seq if not num_worst_tokens
-                                    else 0, send_head, channel_prefix, rank_prefix, recv_channel_prefix)
+                self._launch("dispatch (notify)", self.runtime.notify, num_tokens_per_expert.contiguous(),
+                             is_token_in_rank, channels, int(expert_alignment), int(num_worst_tokens),
+                             self._seq if not num_worst_tokens else 0, send_head, channel_prefix, rank_prefix,
+                             recv_channel_prefix)
                 if num_worst_tokens:
                     num_rows, expert_list = num_worst_tokens, []
                 else:
@@ -384,9 +397,9 @@ class IntranodeBackend:
                 recv_topk_weights = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=dev)
                                      if topk_weights is not None else None)
                 recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
-            self.runtime.dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts,
-                                  config.num_sms, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                                  recv_src_idx, not cached, bool(recv_x_in_buffer))
+            self._launch("dispatch", self.runtime.dispatch, x, x_scales, topk_idx, topk_weights, send_head,
+                         rank_prefix, num_experts, config.num_sms, recv_x, recv_x_scales, recv_topk_idx,
+                         recv_topk_weights, recv_src_idx, not cached, bool(recv_x_in_buffer))
             self._combine_input = None  # the staged tokens overwrite any combine input written in place
         if cached:
             out_handle = None
@@ -455,9 +468,10 @@ class IntranodeBackend:
                 out = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=dev)
                 out_weights = (torch.empty(num_tokens, topk_weights.size(1), dtype=torch.float32, device=dev)
                                if topk_weights is not None else None)
-            self.runtime.combine(x, topk_weights, handle.recv_src_idx, handle.rank_prefix_matrix,
-                                 handle.is_token_in_rank.contiguous(), handle.send_head.contiguous(), biases[0],
-                                 biases[1], config.num_sms, out, out_weights, in_place)
+            self._launch("combine", self.runtime.combine, x, topk_weights, handle.recv_src_idx,
+                         handle.rank_prefix_matrix, handle.is_token_in_rank.contiguous(),
+                         handle.send_head.contiguous(), biases[0], biases[1], config.num_sms, out, out_weights,
+                         in_place)
             if not in_place:  # the staged rows overwrote any combine input written in place
                 self._combine_input = None
         event = self._finish(compute, async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
@@ -492,7 +506,7 @@ class IntranodeBackend:
                              f"num_nvl_bytes >= {need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint(..., "
                              f"num_recv_tokens={num_rows}))")
         torch.cuda.current_stream(self.device).wait_stream(self.comm_stream)
-        self.runtime.wait_peers_done()  # on the current stream
+        self._launch("get_next_combine_buffer", self.runtime.wait_peers_done)  # on the current stream
         self._combine_input = (num_rows, hidden)
         return self._staging_rows(num_rows, hidden, torch.bfloat16)
 

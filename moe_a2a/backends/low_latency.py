@@ -135,9 +135,22 @@ class LowLatencyBackend:
         return (f"rank {self.rank} timed out after {self.timeout_s:g} s in low-latency {step} (call {call}, buffer "
                 f"set {set_}) waiting for rank {peer}'s {what} (tag {index})")
 
+    _failure: Optional[str] = None  # a launch that failed: every later call raises it
+
+    def _guard(self, op: str, fn, *args):
+        """``fn(*args)``, a call that launches kernels; if it fails (a CUDA error at launch), the peers may wait on
+        this rank already, so the buffer refuses every later call with a message naming the rank and the step."""
+        try:
+            return fn(*args)
+        except RuntimeError as e:
+            if self._failure is None:
+                self._failure = f"rank {self.rank} failed to launch the low-latency {op}: {e}"
+            raise RuntimeError(f"moe_a2a low-latency: {self._failure}; the buffer cannot be used again") from e
+
     def raise_if_error(self) -> None:
-        """Raise ``RuntimeError`` if a kernel of this rank timed out (the buffer is then unusable)."""
-        message = self.error()
+        """Raise ``RuntimeError`` if a kernel of this rank timed out or failed to launch (the buffer is then
+        unusable)."""
+        message = self._failure or self.error()
         if message:
             raise RuntimeError(f"moe_a2a low-latency: {message}; the buffer cannot be used again")
 
@@ -198,9 +211,10 @@ class LowLatencyBackend:
         handle = LowLatencyHandle(src_info, layout_range, num_max, hidden, num_experts)
 
         def launch(phases: int) -> None:
-            self._rt.dispatch(x, topk_idx, num_experts, num_max, use_fp8, round_scale, use_ue8m0, recv_x, recv_scales,
-                              recv_count, src_info, layout_range, cumulative_local_expert_recv_stats,
-                              dispatch_wait_recv_cost_stats, set_, self.num_sms, call, phases)
+            self._guard("dispatch", self._rt.dispatch, x, topk_idx, num_experts, num_max, use_fp8, round_scale,
+                        use_ue8m0, recv_x, recv_scales, recv_count, src_info, layout_range,
+                        cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, set_, self.num_sms, call,
+                        phases)
 
         return recv_x, recv_scales, recv_count, handle, _run_phases(launch, return_recv_hook, "dispatch")
 
@@ -222,8 +236,8 @@ class LowLatencyBackend:
                                                            device=x.device)
 
         def launch(phases: int) -> None:
-            self._launch_combine(x, handle, topk_idx, topk_weights, combined, combine_wait_recv_cost_stats, set_, call,
-                                 phases)
+            self._guard("combine", self._launch_combine, x, handle, topk_idx, topk_weights, combined,
+                        combine_wait_recv_cost_stats, set_, call, phases)
 
         return combined, _run_phases(launch, return_recv_hook, "combine")
 
