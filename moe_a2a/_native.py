@@ -4,9 +4,12 @@ Importing ``moe_a2a`` loads no native code. A CPU run (reference backend) never 
 run inside one node never loads NVSHMEM's host library: each native library brings its own static state
 (NVSHMEM's links a CUDA runtime of its own), and state that is never created cannot fail at exit.
 
-Native runtimes (IPC buffers, NVSHMEM buffers) are released by one ``atexit`` handler, registered when the
-first one is created, newest first, while the interpreter and CUDA are still whole; nothing is left to
-destructors that run in no defined order during interpreter teardown.
+At exit one handler (registered when ``moe_a2a`` is imported, so it runs before torch's own) releases, while the
+interpreter and CUDA are still whole: the native runtimes (IPC and NVSHMEM buffers), newest first, then the
+module-level caches that hold process groups (``fused_a2a``'s buffers). Otherwise those caches are emptied
+during interpreter teardown, in no defined order, and a gloo process group destroyed then runs its C++
+destructor (joining worker threads, freeing pending work that holds Python objects) after Python stopped
+being able to run it safely.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Optional
 _lock = threading.Lock()
 _modules = {}
 _live = []  # weak references to objects with a destroy() method, in creation order
-_shutdown_registered = False
+_caches = []  # functions that drop module-level state holding process groups
 
 
 def present(name: str) -> bool:
@@ -76,13 +79,15 @@ def cuda_context_usable(device=None) -> bool:
 
 
 def track(obj) -> None:
-    """Have ``obj.destroy()`` run at interpreter exit unless ``obj`` is gone by then (collected or destroyed)."""
-    global _shutdown_registered
+    """Have ``obj.destroy(at_exit=True)`` run at interpreter exit unless ``obj`` is gone by then."""
     with _lock:
         _live.append(weakref.ref(obj))
-        if not _shutdown_registered:
-            atexit.register(shutdown)
-            _shutdown_registered = True
+
+
+def clear_at_exit(fn) -> None:
+    """Have ``fn()`` (which drops a module-level cache) run at exit, after the native runtimes are released."""
+    with _lock:
+        _caches.append(fn)
 
 
 def shutdown() -> None:
@@ -92,12 +97,21 @@ def shutdown() -> None:
     """
     with _lock:
         refs, _live[:] = _live[::-1], []
+        caches = list(_caches)
     for ref in refs:
         obj = ref()
-        if obj is None:
-            continue
-        try:
-            obj.destroy(at_exit=True)
-        except Exception as e:  # noqa: BLE001 - exit must go on; say what failed
-            import sys
-            print(f"moe_a2a: releasing {type(obj).__name__} at exit failed: {e}", file=sys.stderr)
+        if obj is not None:
+            _report(f"releasing {type(obj).__name__}", obj.destroy, at_exit=True)
+    for fn in caches:
+        _report(f"clearing {getattr(fn, '__qualname__', fn)}", fn)
+
+
+def _report(what: str, fn, **kwargs) -> None:
+    try:
+        fn(**kwargs)
+    except Exception as e:  # noqa: BLE001 - exit must go on; say what failed
+        import sys
+        print(f"moe_a2a: {what} at exit failed: {e}", file=sys.stderr)
+
+
+atexit.register(shutdown)

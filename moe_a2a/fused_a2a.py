@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checks
+from . import _native, checks
 from .buffer import Buffer
 from .config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
@@ -312,6 +312,11 @@ def reset_hybrid_ep_buffer() -> None:
     """Drop the HybridEP buffer; the next ``hybrid_ep_dispatch`` allocates a new one."""
     global _hybrid_ep_buffer
     _hybrid_ep_buffer = None
+
+
+# The cached buffers hold their process groups: release both at exit, before interpreter teardown.
+_native.clear_at_exit(_buffers.clear)
+_native.clear_at_exit(reset_hybrid_ep_buffer)
 
 
 def _hybrid_configs(num_ranks: int, num_sms_dispatch_api: int, num_sms_combine_api: int):

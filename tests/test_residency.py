@@ -38,9 +38,16 @@ def test_shutdown_destroys_live_runtimes_newest_first_and_never_raises(capsys):
     del gone  # collected: nothing to release
     _native.shutdown()
     assert log == [("second", True), ("failing", True), ("first", True)]
-    assert "releasing _Runtime at exit failed: device gone" in capsys.readouterr().err
+    assert "moe_a2a: releasing _Runtime at exit failed: device gone" in capsys.readouterr().err
     _native.shutdown()  # once only
     assert len(log) == 3
+
+
+def test_module_caches_holding_process_groups_are_cleared_at_exit():
+    from moe_a2a import fused_a2a
+    fused_a2a._buffers["group"] = "buffer"  # what get_buffer caches: a Buffer per process group
+    _native.shutdown()
+    assert fused_a2a._buffers == {}
 
 
 def test_missing_extension_is_reported_without_loading():
