@@ -212,7 +212,7 @@ def _correctness(rank, num_ranks, per_node):
     kern.check()
     kern.destroy()
     _progress(rank, "repeat ok")
-    _public_api(rank, num_ranks, per_node, num_sms, ref)
+    _public_api(rank, num_ranks, per_node, ref)
     _progress(rank, "public API ok")
 
 
@@ -232,11 +232,11 @@ def _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg):
     check_repeats(once, 200, 50)
 
 
-def _public_api(rank, num_ranks, per_node, num_sms, ref):
-    """Buffer routes CUDA tensors of a multi-node group to the internode kernels."""
+def _public_api(rank, num_ranks, per_node, ref):
+    """Buffer routes CUDA tensors of a multi-node group to the internode kernels; with the default SM count
+    (no set_num_sms), which the buffer fits to the ranks sharing the GPU."""
     dev = torch.device("cuda", torch.cuda.current_device())
-    Buffer.set_num_sms(num_sms)
-    _, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms)
+    _, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, Buffer.num_sms)
     buf = Buffer(dist.group.WORLD, nvl, rdma, num_ranks_per_node=per_node, explicitly_destroy=True, timeout_s=30.0)
     assert buf.backend == "cuda" and isinstance(buf._kernels, internode.InternodeBackend)
     case = Case(rank, num_ranks, per_node, 11, num_tokens=257 + 3 * rank, hidden=4096, num_experts=128, topk=8)
