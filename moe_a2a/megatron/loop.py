@@ -280,12 +280,13 @@ class Trainer:
     def _stop_if_not_finite(self, step: int, loss: torch.Tensor, norm: float) -> None:
         """Raise ``TrainingStopped`` on every rank if any rank's loss or the gradient norm is not finite
         (one flag all-reduced over the whole job), before the optimizer could take the values in."""
-        bad = torch.tensor([0.0 if (math.isfinite(float(loss)) and math.isfinite(norm)) else 1.0],
+        loss = float(loss.detach())
+        bad = torch.tensor([0.0 if (math.isfinite(loss) and math.isfinite(norm)) else 1.0],
                            device=self.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             raise TrainingStopped(
-                f"step {step}: the loss ({float(loss):.4g} on rank {self.rank}) or the gradient norm ({norm:.4g}) is "
+                f"step {step}: the loss ({loss:.4g} on rank {self.rank}) or the gradient norm ({norm:.4g}) is "
                 f"not finite; stopped before the optimizer step. The weights and checkpoints stay finite: lower "
                 f"train.lr or raise train.warmup_steps, then resume from {self._ckpt_root()}")
 
@@ -459,6 +460,13 @@ class Trainer:
                 raise RuntimeError(f"checkpoint {step_dir} {found} {key}, which this run needs with shape "
                                    f"{tuple(value.shape)}; use a new output.dir or the checkpoint's recipe")
         dcp.load(state, storage_reader=reader)
+        bad = [key for key, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        flag = torch.tensor([float(bool(bad))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            where = f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} on rank {self.rank})" if bad else ""
+            raise TrainingStopped(f"checkpoint {step_dir} holds non-finite values{where}; resume from an earlier "
+                                  f"step (set checkpoints/latest) or train.resume=false")
         model_state = self.model.state_dict()
         model_state.update(extra["model_extra"])
         self.model.load_state_dict(model_state)

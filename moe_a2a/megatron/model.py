@@ -98,7 +98,8 @@ def initialize_parallel(sizes: Dict[str, int], seed: int, timeout_s: Optional[fl
     ps.initialize_model_parallel(tensor_model_parallel_size=sizes["tp"], pipeline_model_parallel_size=sizes["pp"],
                                  expert_model_parallel_size=sizes["ep"],
                                  expert_tensor_parallel_size=sizes["etp"], **extra)
-    set_timeout = getattr(torch.distributed.distributed_c10d, "_set_pg_timeout", None)
+    set_timeout = getattr(torch.distributed, "set_timeout", None) or getattr(torch.distributed.distributed_c10d,
+                                                                             "_set_pg_timeout", None)
     if timeout_s is not None and set_timeout is not None:
         for group in getattr(ps, "_global_process_group_list", None) or [None]:
             set_timeout(datetime.timedelta(seconds=timeout_s), group)
