@@ -147,6 +147,7 @@ def _spawn(recipe: Dict[str, Any], world: int, resume_step: Optional[int] = None
         ready = wait(list(pending), timeout)
         for sentinel in ready:
             proc = pending.pop(sentinel)
+            proc.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
             if proc.exitcode and kill_at is None:
                 kill_at = time.monotonic() + STOP_GRACE_S
                 for other in pending.values():
@@ -155,8 +156,6 @@ def _spawn(recipe: Dict[str, Any], world: int, resume_step: Optional[int] = None
             for other in pending.values():
                 other.kill()
             kill_at = time.monotonic() + STOP_GRACE_S
-    for p in procs:
-        p.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
     codes = [p.exitcode for p in procs]
     if any(codes):
         print(f"error: ranks exited with codes {codes}", file=sys.stderr)

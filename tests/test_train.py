@@ -5,6 +5,7 @@ uninterrupted run."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -155,3 +156,52 @@ def test_non_finite_loss_or_gradient_stops_every_rank():
     from dist_utils import run_distributed
 
     run_distributed(_non_finite_body, 2)
+
+
+def _spawned_ranks(pid):
+    """Process ids of the ranks the runner ``pid`` spawned (multiprocessing children running spawn_main)."""
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            ranks.append(int(entry.name))
+    return sorted(ranks)
+
+
+def test_stalled_rank_stops_the_run_within_the_timeout(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    timeout_s = 4
+    cmd = [sys.executable, "-m", "moe_a2a", "train", str(TINY), *FAST, "train.steps=500",
+           f"train.timeout_s={timeout_s}", f"output.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("MOE_A2A_TIMEOUT_S", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:  # training has started once the first validation loss is out
+            if "validation loss" in line:
+                break
+        ranks = _spawned_ranks(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[-1], signal.SIGSTOP)  # a rank that stops answering, as a hung or swapped-out process does
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            for pid in _spawned_ranks(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+    assert proc.returncode == 1, err
+    # The bound the README states: train.timeout_s, the report of who is missing, the runner's grace to stop.
+    assert waited < timeout_s + 15, (waited, err)
+    assert "error: ranks exited with codes" in err and ("timed out" in err.lower() or "Timed out" in err), err
