@@ -71,20 +71,24 @@ class Exchanger:
         self._all_to_all(recv, send, operation)
         return recv.cpu()
 
-    def header(self, signature: List[int], send_counts: Optional[torch.Tensor], operation: str) -> torch.Tensor:
+    def header(self, signature: List[int], send_counts: Optional[torch.Tensor], operation: str,
+               extra: int = 0) -> torch.Tensor:
         """The first exchange of every operation: the call's ``signature`` and per-destination counts.
 
-        Every operation sends the same shape (``[R, SIGNATURE_LENGTH + 1 + R]`` int64), so ranks that make
+        Every operation sends the same shape (``[R, SIGNATURE_LENGTH + 2 + R]`` int64), so ranks that make
         different calls still exchange matching sizes and learn it. Row ``j`` holds the signature,
-        ``send_counts[j]`` and the whole ``send_counts`` vector (so every rank learns the rank-to-rank
-        matrix). Raises ``ValueError`` on every rank when the signatures disagree (``agreement.check``).
+        ``send_counts[j]``, the whole ``send_counts`` vector (so every rank learns the rank-to-rank
+        matrix) and ``extra`` (a per-rank value every rank learns, e.g. its ``num_worst_tokens``). Raises
+        ``ValueError`` on every rank when the signatures disagree (``agreement.check``).
 
-        Returns ``[R, 1 + R]``: column 0 what each rank sends here, then each rank's send-count vector.
+        Returns ``[R, 2 + R]``: column 0 what each rank sends here, then each rank's send-count vector, then
+        each rank's ``extra``.
         """
         r, k = self.num_ranks, agreement.SIGNATURE_LENGTH
         counts = torch.zeros(r, dtype=torch.int64) if send_counts is None else send_counts.to(torch.int64).cpu()
         meta = torch.cat([torch.tensor(signature, dtype=torch.int64).view(1, k).expand(r, k),
-                          counts.view(r, 1), counts.view(1, r).expand(r, r)], 1)
+                          counts.view(r, 1), counts.view(1, r).expand(r, r),
+                          torch.full((r, 1), int(extra), dtype=torch.int64)], 1)
         recv = self.counts(meta, f"{operation} (count exchange)")
         agreement.check(recv[:, :k].tolist())
         return recv[:, k:]
@@ -207,18 +211,19 @@ class ReferenceBackend:
             operation, x.size(1), x.dtype, x_scales is not None, num_experts,
             -1 if topk_idx is None else topk_idx.size(1), None if topk_weights is None else topk_weights.dtype,
             handle.identity if cached else None)
-        header = ex.header(signature, None if cached else send_counts, operation)
+        header = ex.header(signature, None if cached else send_counts, operation, num_worst_tokens)
         if not cached:
             experts_per_rank = num_experts // num_ranks
             recv_counts = header[:, 0]
-            all_counts = header[:, 1:]  # [i, j] = tokens rank i sends to rank j
+            all_counts = header[:, 1:1 + num_ranks]  # [i, j] = tokens rank i sends to rank j
             rank_prefix_matrix = all_counts.cumsum(0).to(torch.int32).to(device)
-            if num_worst_tokens:
-                # Every rank holds the whole matrix, so every rank raises, before any row moves.
-                over = [(j, int(n)) for j, n in enumerate(all_counts.sum(0).tolist()) if n > num_worst_tokens]
-                if over:
-                    raise RuntimeError(f"ranks would receive more tokens than num_worst_tokens={num_worst_tokens}: "
-                                       + ", ".join(f"rank {j}: {n}" for j, n in over))
+            # Every rank holds the whole matrix and every rank's num_worst_tokens, so every rank raises alike
+            # before any row moves.
+            over = [(j, int(n), int(bound)) for j, (n, bound) in
+                    enumerate(zip(all_counts.sum(0).tolist(), header[:, -1].tolist())) if 0 < bound < n]
+            if over:
+                raise RuntimeError("ranks would receive more tokens than their num_worst_tokens: " +
+                                   ", ".join(f"rank {j}: {n} > {bound}" for j, n, bound in over))
             if topk_idx is None:
                 # No top-k ids travel with the rows: the per-expert counts come from the caller's
                 # num_tokens_per_expert (row j: our counts for rank j's experts).
