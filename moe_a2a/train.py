@@ -8,9 +8,12 @@ tokens/s and the loss on a held-out split. Writes, under ``output.dir`` (default
 plus a small file per rank; a rerun with the same layout resumes from the latest).
 
 Launch: on CPU the runner spawns ``parallel.world_size`` gloo ranks itself; on GPUs run it under
-``torchrun --nproc-per-node N`` (or let it spawn one NCCL rank per visible GPU). Bad input (unknown
-key, sizes that do not divide, a dispatcher or device that cannot run here) exits with code 2 and a
-message naming the key, before anything is written.
+``torchrun --nproc-per-node N`` (or let it spawn one NCCL rank per visible GPU). Bad input (unknown or
+duplicate key, sizes that do not divide, a dispatcher or device that cannot run here, a missing corpus,
+memory beyond this host's, an output directory that cannot be written) exits with code 2 and a message
+naming the key, before anything is written. A damaged latest checkpoint falls back to the newest complete
+one (with a warning). A non-finite loss or gradient, a rank that dies, or one that stalls for longer than
+``train.timeout_s`` ends the run with exit code 1 (within ``train.timeout_s + 15`` seconds).
 """
 from __future__ import annotations
 
