@@ -69,6 +69,12 @@ def _disagreement_body(rank, num_ranks):
         buffer.combine(recv_x, handle if rank == 0 else handle2)
     with pytest.raises(ValueError, match=r"handle epoch of cached dispatch"):
         buffer.dispatch(x, handle=handle if rank == 0 else handle2)
+    # Low-latency mode: the same check in front of its exchanges.
+    ll = Buffer(dist.group.WORLD, 0, Buffer.get_low_latency_rdma_size_hint(16, 256, num_ranks, NUM_EXPERTS),
+                low_latency_mode=True)
+    x_ll = torch.randn(idx.size(0), 128 if rank == 0 else 256).bfloat16()
+    with pytest.raises(ValueError, match=r"hidden size of low-latency dispatch: rank 0: 128; rank 1: 256"):
+        ll.low_latency_dispatch(x_ll, idx, 16, NUM_EXPERTS, use_fp8=False)
     # The buffer still works after refusals: the right handle combines what dispatch sent.
     combined, _, _ = buffer.combine(recv_x.float(), handle)
     sent = layout["is_token_in_rank"].sum(1, keepdim=True).float()
