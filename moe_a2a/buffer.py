@@ -591,9 +591,10 @@ class Buffer:
         # dispatch config's hint serves the combine config too (and the other way round).
         need = min_nvl_buffer_bytes(hidden_bytes, self.group_size, config.num_sms)
         if self.num_nvl_bytes < need:
+            hint = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
             raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for hidden {x.size(1)} on "
                              f"{self.group_size} ranks with {config}: need at least {need}; size it with "
-                             f"Config.get_nvl_buffer_size_hint ({config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)})")
+                             f"Config.get_nvl_buffer_size_hint ({hint})")
         if self.num_rdma_ranks > 1:
             # The internode kernels size their rounds by the real node size; the reference needs no buffer.
             per_node = self.num_ranks_per_node if isinstance(self._kernels, internode.InternodeBackend) else \

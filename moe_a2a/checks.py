@@ -79,7 +79,8 @@ def routing_metadata(topk_idx: Optional[torch.Tensor], num_experts: int, num_ran
         flags += [(want[3] == is_token_in_rank).all(), (want[2] == num_tokens_per_expert).all()]
     if num_tokens_per_rdma_rank is not None and num_ranks > num_ranks_per_node:
         num_nodes = num_ranks // num_ranks_per_node
-        per_node = is_token_in_rank.view(is_token_in_rank.size(0), num_nodes, num_ranks_per_node).any(2).sum(0, dtype=torch.int32)
+        per_node = is_token_in_rank.view(is_token_in_rank.size(0), num_nodes, num_ranks_per_node).any(2)
+        per_node = per_node.sum(0, dtype=torch.int32)
         flags.append((per_node == num_tokens_per_rdma_rank).all())
     ok = torch.stack(flags).tolist()  # the one read back to the host
     if not ok[0]:

@@ -45,21 +45,30 @@ def _missing_peers(group, op_key: str, timeout_s: float) -> str:
         return "the missing rank cannot be named (no rendezvous store)"
     me, n = dist.get_rank(group), dist.get_world_size(group)
     prefix = f"moe_a2a/stuck/{getattr(group, 'group_name', 'group')}/"
+    grace = min(REPORT_GRACE_S, timeout_s)
     try:
-        store.set(prefix + str(me), op_key)
-        deadline = time.monotonic() + min(REPORT_GRACE_S, timeout_s)
+        # The post carries its time: a post older than one deadline is from an earlier failure, not this one.
+        store.set(prefix + str(me), f"{time.time()}|{op_key}")
+        deadline = time.monotonic() + grace
         others = [r for r in range(n) if r != me]
+        posts = {}
         while True:
-            posted = [r for r in others if store.check([prefix + str(r)])]
-            if len(posted) == len(others) or time.monotonic() > deadline:
+            for r in others:
+                if r not in posts and store.check([prefix + str(r)]):
+                    when, key = store.get(prefix + str(r)).decode().split("|", 1)
+                    if time.time() - float(when) < timeout_s + 2 * grace:
+                        posts[r] = key
+            if len(posts) == len(others) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        mine_op, mine_seq = op_key.rsplit("#", 1)
         elsewhere = []
-        for r in posted:
-            value = store.get(prefix + str(r)).decode()
-            if value != op_key:
-                elsewhere.append(f"rank {r} waits in {value.split('#', 1)[0]}")
-        absent = [r for r in others if r not in posted]
+        for r, key in sorted(posts.items()):
+            if key != op_key:
+                op, seq = key.rsplit("#", 1)
+                elsewhere.append(f"rank {r} waits in {op} (its call #{seq} on this exchanger; this rank's is "
+                                 f"#{mine_seq} in {mine_op})")
+        absent = [r for r in others if r not in posts]
     except Exception as exc:  # the store lives on rank 0 of the job: it may be the lost one
         return f"the missing rank cannot be named (the rendezvous store is unreachable: {type(exc).__name__})"
     parts = []

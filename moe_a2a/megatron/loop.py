@@ -116,8 +116,9 @@ def select_checkpoint(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Tuple[Op
                 warnings[-1] += f"; resuming from step {step} instead"
             return step, warnings
         warnings.append(f"checkpoint {step_dir} is damaged: {problem}")
-    raise RecipeError(f"no complete checkpoint to resume under {root} ({'; '.join(warnings) or 'latest is ' + repr(text)}); "
-                      "set train.resume=false or use another output.dir")
+    found = "; ".join(warnings) or f"latest is {text!r}"
+    raise RecipeError(f"no complete checkpoint to resume under {root} ({found}); set train.resume=false or use "
+                      "another output.dir")
 
 
 def _check_compatible(recipe: Dict[str, Any], sizes: Dict[str, int], step_dir: Path) -> None:
