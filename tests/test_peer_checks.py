@@ -136,7 +136,7 @@ def _stall_body(rank, num_ranks, mode):
     waited = time.monotonic() - start
     text = str(info.value)
     assert "dispatch (count exchange) on rank 0" in text and "rank 1 of the group did not arrive" in text, text
-    if mode == "stall":
+    if mode == "stall" or "nccl" in str(dist.get_backend()):  # NCCL does not notice a peer's exit: a timeout
         assert "timed out after 1.5 s" in text and 1.4 < waited < 6, (waited, text)
     else:
         assert "lost a peer" in text and waited < 6, (waited, text)
