@@ -38,6 +38,15 @@ def _store():
         return None
 
 
+def _name(group, rank: int) -> str:
+    """``rank`` of ``group``, with its global rank where the group is not the whole job."""
+    try:
+        global_rank = dist.get_global_rank(group, rank)
+    except Exception:  # an old torch, or a group object this process does not know
+        return str(rank)
+    return str(rank) if global_rank == rank else f"{rank} (global rank {global_rank})"
+
+
 def _missing_peers(group, op_key: str, timeout_s: float) -> str:
     """Post this rank as stuck in ``op_key``, then name the ranks that did not post the same (best effort)."""
     store = _store()
@@ -66,15 +75,16 @@ def _missing_peers(group, op_key: str, timeout_s: float) -> str:
         for r, key in sorted(posts.items()):
             if key != op_key:
                 op, seq = key.rsplit("#", 1)
-                elsewhere.append(f"rank {r} waits in {op} (its call #{seq} on this exchanger; this rank's is "
+                elsewhere.append(f"rank {_name(group, r)} waits in {op} (its call #{seq} on this exchanger; this rank's is "
                                  f"#{mine_seq} in {mine_op})")
         absent = [r for r in others if r not in posts]
     except Exception as exc:  # the store lives on rank 0 of the job: it may be the lost one
         return f"the missing rank cannot be named (the rendezvous store is unreachable: {type(exc).__name__})"
     parts = []
     if absent:
-        parts.append(f"{'rank' if len(absent) == 1 else 'ranks'} {', '.join(map(str, absent))} of the group "
-                     f"did not arrive (stalled, dead, or in another call)")
+        names = ", ".join(_name(group, r) for r in absent)
+        parts.append(f"{'rank' if len(absent) == 1 else 'ranks'} {names} of the group did not arrive (stalled, "
+                     f"dead, or in another call)")
     parts += elsewhere
     return "; ".join(parts) if parts else "every peer reported itself stuck as well"
 
