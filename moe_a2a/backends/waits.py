@@ -75,8 +75,8 @@ def _missing_peers(group, op_key: str, timeout_s: float) -> str:
         for r, key in sorted(posts.items()):
             if key != op_key:
                 op, seq = key.rsplit("#", 1)
-                elsewhere.append(f"rank {_name(group, r)} waits in {op} (its call #{seq} on this exchanger; this rank's is "
-                                 f"#{mine_seq} in {mine_op})")
+                elsewhere.append(f"rank {_name(group, r)} waits in {op} (its call #{seq} on this exchanger; "
+                                 f"this rank's is #{mine_seq} in {mine_op})")
         absent = [r for r in others if r not in posts]
     except Exception as exc:  # the store lives on rank 0 of the job: it may be the lost one
         return f"the missing rank cannot be named (the rendezvous store is unreachable: {type(exc).__name__})"
