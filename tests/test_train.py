@@ -71,6 +71,9 @@ def test_tiny_recipe_trains_and_resumes(tmp_path, capfd, monkeypatch):
     recipe = load(TINY, [*FAST, f"output.dir={broken}"])
     sizes = parallel_sizes(recipe)
     assert select_checkpoint(recipe, sizes) == (6, [])
+    # Each rank checksummed the files it wrote; the manifest lists every file of the step.
+    listed = set(json.loads((step6 / "manifest.json").read_text()))
+    assert listed == {str(p.relative_to(step6)) for p in step6.rglob("*") if p.name != "manifest.json"}
     middle = len(original) // 2
     for damaged, problem in ((original[:middle], f"{distcp.name} has {middle} bytes, {len(original)} were written"),
                              (original[:middle] + bytes(b ^ 0xFF for b in original[middle:middle + 4096])

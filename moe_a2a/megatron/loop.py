@@ -57,11 +57,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(step_dir: Path) -> None:
-    """Record the size and SHA-256 of every file of a checkpoint, so a load can tell a damaged one."""
+def _owner(name: str, world: int) -> int:
+    """The rank that checksums file ``name`` of a checkpoint: the writer of a per-rank file, else rank 0."""
+    m = re.fullmatch(r"__(\d+)_\d+\.distcp|rank_(\d+)\.pt", name)
+    rank = int(next(g for g in m.groups() if g is not None)) if m else 0
+    return rank if rank < world else 0
+
+
+def file_digests(step_dir: Path, rank: int = 0, world: int = 1) -> Dict[str, Dict[str, Any]]:
+    """Size and SHA-256 of the files of ``step_dir`` that ``rank`` of ``world`` checksums (all of them for
+    ``world == 1``): each rank reads the files it wrote, so the ranks share the reading."""
     files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    _write_atomic(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files if _owner(p.name, world) == rank}
+
+
+def write_manifest(step_dir: Path, digests: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+    """Record the size and SHA-256 of every file of a checkpoint (``digests``, or computed here), so a load can
+    tell a damaged one."""
+    digests = file_digests(step_dir) if digests is None else digests
+    _write_atomic(step_dir / MANIFEST, json.dumps(dict(sorted(digests.items())), indent=1).encode())
 
 
 def checkpoint_problem(step_dir: Path) -> Optional[str]:
@@ -414,8 +429,11 @@ class Trainer:
                     **{k: self.recipe[k] for k in CHECKPOINT_KEYS}}
             (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         dist.barrier()  # every rank's files are complete before the step is published
+        # Every rank checksums the files it wrote; rank 0 writes the manifest of them all.
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, file_digests(partial, self.rank, dist.get_world_size()))
         if self.rank == 0:
-            write_manifest(partial)
+            write_manifest(partial, {name: d for share in shares for name, d in share.items()})
             if step_dir.exists():
                 shutil.rmtree(step_dir)
             os.replace(partial, step_dir)
