@@ -5,7 +5,8 @@
 from .buffer import Buffer
 from .config import Config
 from .event import EventHandle, EventOverlap
-from .handles import DispatchHandle, LowLatencyHandle
+from .handles import DispatchHandle, HandleIdentity, LowLatencyHandle
+from .backends.waits import CollectiveError
 from . import fused_a2a
 from .fused_a2a import (FusedCombine, FusedDispatch, HybridEPCombine, HybridEPDispatch, HybridEPHandle, fused_combine,
                         fused_dispatch, get_buffer, get_hidden_bytes, hybrid_ep_combine, hybrid_ep_dispatch,
@@ -14,7 +15,8 @@ from .fused_a2a import (FusedCombine, FusedDispatch, HybridEPCombine, HybridEPDi
 __version__ = "0.1.0"
 
 __all__ = [
-    "Buffer", "Config", "EventHandle", "EventOverlap", "DispatchHandle", "LowLatencyHandle", "fused_a2a",
+    "Buffer", "Config", "EventHandle", "EventOverlap", "DispatchHandle", "HandleIdentity", "LowLatencyHandle",
+    "CollectiveError", "fused_a2a",
     "FusedDispatch", "FusedCombine", "HybridEPDispatch", "HybridEPCombine", "HybridEPHandle", "fused_dispatch",
     "fused_combine", "hybrid_ep_dispatch", "hybrid_ep_combine", "get_buffer", "get_hidden_bytes",
     "init_hybrid_ep_buffer", "reset_hybrid_ep_buffer", "set_deepep_num_sms",

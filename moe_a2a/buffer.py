@@ -13,6 +13,7 @@ Received tokens are ordered by source rank, then by source token index, on every
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import warnings
 import weakref
@@ -25,10 +26,11 @@ from . import checks
 from .backends import internode, internode_low_latency, intranode, low_latency
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
-from .config import NUM_MAX_NVL_PEERS, Config, combine_input_bytes, default_combine_config, default_dispatch_config
+from .config import (NUM_MAX_NVL_PEERS, Config, combine_input_bytes, default_combine_config, default_dispatch_config,
+                     min_nvl_buffer_bytes)
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
-from .handles import DispatchHandle, InternodeHandle, LowLatencyHandle
+from .handles import DispatchHandle, HandleIdentity, InternodeHandle, LowLatencyHandle
 from .tuning import tuned_num_sms
 
 Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -74,12 +76,18 @@ class Buffer:
             comm: an ``mpi4py`` communicator; only accepted together with ``group`` (collectives need it).
             num_ranks_per_node: ranks per NVLink domain (default 8, or ``MOE_A2A_NUM_RANKS_PER_NODE``);
                 tests set it lower to form virtual nodes.
-            timeout_s: seconds a kernel waits on a peer before raising (default 10, or ``MOE_A2A_TIMEOUT_S``).
+            timeout_s: seconds any wait on a peer lasts before raising (default 10, or ``MOE_A2A_TIMEOUT_S``): the
+                kernels' spin loops, and the reference backend's gloo/NCCL collectives, which then raise a
+                ``CollectiveError`` (a ``RuntimeError``) naming the operation and, where it can be known, the
+                rank that did not arrive; the buffer then refuses further calls.
             backend: ``"auto"`` (kernels where they apply), ``"reference"`` or ``"cuda"`` (kernels required).
-            check_values: also check tensor values (expert ids in range, counts agreeing with
-                ``is_token_in_rank``). These checks read device memory on the host, so they cost a sync per call;
-                they are skipped while a CUDA graph is captured and on the ``num_worst_tokens`` path, which
-                promises no host sync. Shapes, dtypes and devices are always checked.
+            check_values: also check tensor values: expert ids in range, and the counts and mask passed to
+                ``dispatch`` (``num_tokens_per_rank``, ``is_token_in_rank``, ``num_tokens_per_expert``,
+                ``num_tokens_per_rdma_rank``) against each other and against ``topk_idx``, recomputed on the
+                tensors' device: O(num_tokens * (num_topk + num_ranks)) device work and one host sync per call.
+                They are skipped while a CUDA graph is captured and on the ``num_worst_tokens`` path, which
+                promises no host sync; ``False`` skips them all (nothing extra runs). Shapes, dtypes and
+                devices are always checked.
         """
         if group is None:
             if comm is not None:
@@ -117,8 +125,8 @@ class Buffer:
             checks.positive_int("num_qps_per_rank", num_qps_per_rank)
             # Queue pairs per peer of NVSHMEM's IBGDA transport, set before either backend starts NVSHMEM.
             os.environ.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(num_qps_per_rank))
-        self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node)
-        self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group)
+        self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node, self.timeout_s)
+        self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group, self.timeout_s)
         self._kernels = self._make_kernel_backend(backend)
         self._ll_kernels = self._make_low_latency_backend(backend)
         self.backend = "cuda" if self._kernels is not None or self._ll_kernels is not None else "reference"
@@ -128,6 +136,7 @@ class Buffer:
         self._destroyed = False
         self._handle_hidden: Dict[int, int] = {}  # id(handle.recv_src_idx) -> hidden of its tokens
         self._capped = set()  # (op, num_sms) already warned about by _fit_config
+        self._dispatch_epoch = 0  # non-cached dispatches completed: the epoch of the next handle
 
     def _kernel_obstacles(self, num_bytes: int, bytes_name: str, internode_kernels: bool = False) -> List[str]:
         """Why the CUDA kernels cannot serve this buffer (empty when they can).
@@ -465,15 +474,16 @@ class Buffer:
                     weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
                     checks.tensor("topk_weights", topk_weights, weight_dtypes, tuple(topk_idx.shape), device)
             if check_values and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-                sent = is_token_in_rank.sum(0, dtype=torch.int32)
-                if not torch.equal(sent, num_tokens_per_rank):
-                    raise ValueError(f"num_tokens_per_rank {num_tokens_per_rank.tolist()} disagrees with "
-                                     f"is_token_in_rank, which sends {sent.tolist()}")
+                checks.routing_metadata(topk_idx, num_experts, r, self.num_ranks_per_node, num_tokens_per_rank,
+                                        is_token_in_rank, num_tokens_per_expert,
+                                        num_tokens_per_rdma_rank if multi_node else None)
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, new_handle, event = backend.dispatch(
             x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
             topk_weights, expert_alignment, num_worst_tokens, config, self._event_to_wait(previous_event),
             async_finish, allocate_on_comm_stream, recv_x_in_buffer)
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+        if new_handle is not None:
+            new_handle = self._stamp(new_handle)
         self._remember_hidden(handle if handle is not None else new_handle, hidden)
         if handle is not None:
             return recv, None, None, None, None, EventOverlap(event)
@@ -561,6 +571,17 @@ class Buffer:
             return self._kernels.get_next_combine_buffer(num_recv, hidden)
         return self._reference.get_next_combine_buffer(handle, hidden)
 
+    def _stamp(self, handle):
+        """``handle`` with its ``HandleIdentity``: this dispatch's epoch (the same on every rank) and, where
+        the rank-to-rank counts are on the host already, their fingerprint."""
+        fingerprint = -1
+        if isinstance(handle, DispatchHandle) and not handle.rank_prefix_matrix.is_cuda:
+            digest = hashlib.blake2b(handle.rank_prefix_matrix.contiguous().numpy().tobytes(), digest_size=7)
+            fingerprint = int.from_bytes(digest.digest(), "little")
+        identity = HandleIdentity(self._dispatch_epoch, fingerprint)
+        self._dispatch_epoch += 1
+        return handle._replace(identity=identity)
+
     def _remember_hidden(self, handle, hidden: int) -> None:
         """Record the hidden size used with ``handle`` (the default of ``get_next_combine_buffer``)."""
         key = id(handle.recv_src_idx)
@@ -601,11 +622,14 @@ class Buffer:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a moe_a2a.Config, got {type(config).__name__}")
         hidden_bytes = x.size(1) * max(x.element_size(), 2)
-        need = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        # The kernels stage rows in rounds, so the floor is far below any size hint: a buffer sized from the
+        # dispatch config's hint serves the combine config too (and the other way round).
+        need = min_nvl_buffer_bytes(hidden_bytes, self.group_size, config.num_sms)
         if self.num_nvl_bytes < need:
+            hint = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
             raise ValueError(f"num_nvl_bytes={self.num_nvl_bytes} is too small for hidden {x.size(1)} on "
-                             f"{self.group_size} ranks with {config}: need at least {need} "
-                             "(Config.get_nvl_buffer_size_hint)")
+                             f"{self.group_size} ranks with {config}: need at least {need}; size it with "
+                             f"Config.get_nvl_buffer_size_hint ({hint})")
         if self.num_rdma_ranks > 1:
             # The internode kernels size their rounds by the real node size; the reference needs no buffer.
             per_node = self.num_ranks_per_node if isinstance(self._kernels, internode.InternodeBackend) else \

@@ -56,3 +56,45 @@ def expert_ids(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
 def hidden_divisible(hidden: int, block: int, why: str) -> None:
     if hidden % block:
         raise ValueError(f"hidden size {hidden} must be divisible by {block} for {why}")
+
+
+def routing_metadata(topk_idx: Optional[torch.Tensor], num_experts: int, num_ranks: int, num_ranks_per_node: int,
+                     num_tokens_per_rank: torch.Tensor, is_token_in_rank: torch.Tensor,
+                     num_tokens_per_expert: torch.Tensor,
+                     num_tokens_per_rdma_rank: Optional[torch.Tensor] = None) -> None:
+    """The counts and mask a caller passes to dispatch agree with each other and with ``topk_idx``.
+
+    Recomputes the layout from ``topk_idx`` (when given) on the device the tensors live on, compares every
+    field there, and reads one small flag tensor back to the host: O(num_tokens * (num_topk + num_ranks))
+    device work and one host sync. Without ``topk_idx`` only ``num_tokens_per_rank`` (and
+    ``num_tokens_per_rdma_rank``) against ``is_token_in_rank`` can be checked.
+    """
+    from .layout import compute_layout  # plain torch; imported here to keep this module's imports minimal
+
+    sent = is_token_in_rank.sum(0, dtype=torch.int32)
+    flags = [(sent == num_tokens_per_rank).all()]
+    want = None
+    if topk_idx is not None:
+        want = compute_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+        flags += [(want[3] == is_token_in_rank).all(), (want[2] == num_tokens_per_expert).all()]
+    if num_tokens_per_rdma_rank is not None and num_ranks > num_ranks_per_node:
+        num_nodes = num_ranks // num_ranks_per_node
+        per_node = is_token_in_rank.view(is_token_in_rank.size(0), num_nodes, num_ranks_per_node).any(2)
+        per_node = per_node.sum(0, dtype=torch.int32)
+        flags.append((per_node == num_tokens_per_rdma_rank).all())
+    ok = torch.stack(flags).tolist()  # the one read back to the host
+    if not ok[0]:
+        raise ValueError(f"num_tokens_per_rank {num_tokens_per_rank.tolist()} disagrees with is_token_in_rank, "
+                         f"which sends {sent.tolist()}")
+    if want is not None and not ok[1]:
+        bad = (want[3] != is_token_in_rank).any(1).nonzero().view(-1)
+        t = int(bad[0])
+        raise ValueError(f"is_token_in_rank disagrees with topk_idx on {bad.numel()} tokens, first token {t}: "
+                         f"is_token_in_rank[{t}] = {is_token_in_rank[t].int().tolist()}, topk_idx[{t}] = "
+                         f"{topk_idx[t].tolist()} routes it to ranks {want[3][t].nonzero().view(-1).tolist()}")
+    if want is not None and not ok[2]:
+        raise ValueError(f"num_tokens_per_expert {num_tokens_per_expert.tolist()} disagrees with topk_idx, which "
+                         f"routes {want[2].tolist()} tokens to the experts")
+    if not ok[-1] and len(ok) > (3 if want is not None else 1):
+        raise ValueError(f"num_tokens_per_rdma_rank {num_tokens_per_rdma_rank.tolist()} disagrees with "
+                         f"is_token_in_rank, which sends {per_node.tolist()} tokens to the nodes")

@@ -76,7 +76,13 @@ class Config:
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_recv_tokens: int = 0,
                                  num_topk: int = 0) -> int:
-        """Bytes of NVLink buffer the normal kernels need for rows of ``hidden_bytes`` and ``num_ranks`` ranks.
+        """Bytes of NVLink buffer for rows of ``hidden_bytes`` and ``num_ranks`` ranks: the counters and
+        ``num_max_nvl_chunked_recv_tokens`` rows per channel and peer.
+
+        A buffer of this size serves dispatch and combine alike, whatever config each uses (the quick start
+        sizes the buffer from the dispatch config and runs both): the kernels stage rows in rounds sized by
+        ``num_nvl_bytes``, so any buffer of at least ``min_nvl_buffer_bytes`` works (``Buffer`` refuses less)
+        and this hint, far above that floor, needs few rounds.
 
         With ``num_recv_tokens`` (rows a rank receives, e.g. the worst case ``num_tokens * num_ranks``), also
         room for ``Buffer.get_next_combine_buffer``: that many BF16 rows of ``hidden_bytes`` written in place
@@ -111,6 +117,19 @@ class Config:
         num_rdma_ranks = (num_ranks + num_ranks_per_node - 1) // num_ranks_per_node
         window = self.num_channels * self.num_max_rdma_chunked_recv_tokens
         return _align(2 * num_rdma_ranks * window * _rdma_slot_bytes(hidden_bytes))
+
+
+def min_nvl_buffer_bytes(hidden_bytes: int, num_ranks: int, num_sms: int) -> int:
+    """The least ``num_nvl_bytes`` a normal-mode call of ``num_sms`` SMs works with: the counters and one
+    buffered row per peer (the kernels then run one round per row). ``Buffer`` refuses smaller buffers; every
+    ``get_nvl_buffer_size_hint`` is far above this."""
+    _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks, num_sms=num_sms)
+    num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
+    floor = Config(num_sms=max(2, num_sms // 2 * 2), num_max_nvl_chunked_send_tokens=1,
+                   num_max_nvl_chunked_recv_tokens=1)
+    counters = floor._ring_bytes(hidden_bytes, num_ranks) - _align(floor.num_channels * num_nvl_ranks *
+                                                                   _bytes_per_buffered_token(hidden_bytes))
+    return counters + _align(num_nvl_ranks * _bytes_per_buffered_token(hidden_bytes))
 
 
 def combine_input_bytes(num_recv_tokens: int, hidden_bytes: int, num_topk: int = 0) -> int:

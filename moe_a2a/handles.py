@@ -5,9 +5,26 @@ Callers treat them as opaque; only the backend that made a handle reads its fiel
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+
+
+class HandleIdentity(NamedTuple):
+    """Which dispatch made a handle: the same on every rank for the same dispatch.
+
+    Fields:
+        epoch: the number of non-cached dispatches the ``Buffer`` completed before this one (every rank
+            runs the same sequence of dispatches, so every rank stamps the same epoch).
+        fingerprint: a hash of the rank-to-rank token counts (``rank_prefix_matrix``) where they are on the
+            host at no cost (the reference backend on CPU); ``-1`` elsewhere.
+
+    Combine and cached dispatch compare it across ranks before moving data, so ranks that pass handles of
+    different dispatches are refused instead of summing mismatched rows.
+    """
+
+    epoch: int
+    fingerprint: int = -1
 
 
 class DispatchHandle(NamedTuple):
@@ -22,6 +39,8 @@ class DispatchHandle(NamedTuple):
         is_token_in_rank: ``[T, R]`` bool; whether each sent token went to each rank.
         send_head: ``[T, R]`` int32; position of token ``t`` among the tokens this rank sends to rank ``j``,
             ``-1`` where it is not sent.
+        identity: the ``HandleIdentity`` ``Buffer.dispatch`` stamps (a trailing field: indices 0-5 are
+            DeepEP's six).
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -30,6 +49,7 @@ class DispatchHandle(NamedTuple):
     recv_src_idx: torch.Tensor
     is_token_in_rank: torch.Tensor
     send_head: torch.Tensor
+    identity: Optional[HandleIdentity] = None
 
     @property
     def num_recv_tokens(self) -> int:
@@ -63,7 +83,6 @@ def unpack_layout_range(layout_range: torch.Tensor):
     return layout_range >> 32, layout_range & 0xFFFFFFFF
 
 
-
 class InternodeHandle(NamedTuple):
     """What combine and cached dispatch need from an internode dispatch (RDMA stage, then NVLink stage).
 
@@ -81,6 +100,7 @@ class InternodeHandle(NamedTuple):
         recv_inv_perm: ``[n]`` int64; the inverse permutation.
         recv_src_idx: ``[n]`` int32; index of each received token in its source rank's input.
         recv_src_rank: ``[n]`` int32; source rank of each received token.
+        identity: the ``HandleIdentity`` ``Buffer.dispatch`` stamps.
     """
 
     is_token_in_rank: torch.Tensor
@@ -93,6 +113,7 @@ class InternodeHandle(NamedTuple):
     recv_inv_perm: torch.Tensor
     recv_src_idx: torch.Tensor
     recv_src_rank: torch.Tensor
+    identity: Optional[HandleIdentity] = None
 
     @property
     def num_recv_tokens(self) -> int:

@@ -8,18 +8,22 @@ tokens/s and the loss on a held-out split. Writes, under ``output.dir`` (default
 plus a small file per rank; a rerun with the same layout resumes from the latest).
 
 Launch: on CPU the runner spawns ``parallel.world_size`` gloo ranks itself; on GPUs run it under
-``torchrun --nproc-per-node N`` (or let it spawn one NCCL rank per visible GPU). Bad input (unknown
-key, sizes that do not divide, a dispatcher or device that cannot run here) exits with code 2 and a
-message naming the key, before anything is written.
+``torchrun --nproc-per-node N`` (or let it spawn one NCCL rank per visible GPU). Bad input (unknown or
+duplicate key, sizes that do not divide, a dispatcher or device that cannot run here, a missing corpus,
+memory beyond this host's, an output directory that cannot be written) exits with code 2 and a message
+naming the key, before anything is written. A damaged latest checkpoint falls back to the newest complete
+one (with a warning). A non-finite loss or gradient, a rank that dies, or one that stalls for longer than
+``train.timeout_s`` ends the run with exit code 1 (within ``train.timeout_s + 15`` seconds).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
-from .megatron.recipe import RecipeError, describe, load, output_dir, parallel_sizes
+from .megatron.recipe import RecipeError, describe, environment_problem, load, output_dir, parallel_sizes
 
 USAGE = "usage: python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]"
 
@@ -60,7 +64,8 @@ def runnable_here(recipe: Dict[str, Any], world_size: Optional[int] = None) -> O
         if tr["device"] == "cuda" and importlib.util.find_spec("moe_a2a._C") is None:
             return (f"dispatcher.type={disp['type']!r} on GPU needs the compiled moe_a2a._C extension "
                     f"(pip install -e . where nvcc is found)")
-    return None
+    ranks_here = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
+    return environment_problem(recipe, world_size, ranks_here)
 
 
 def _parse_args(argv: List[str]):
@@ -94,10 +99,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             rejected = megatron_rejects(recipe, sizes)
             if rejected:
                 raise RecipeError(rejected)
+        resume_step = None
         if reason is None and not dry_run:
-            from .megatron.loop import resume_mismatch
+            from .megatron.loop import select_checkpoint
 
-            reason = resume_mismatch(recipe, sizes)
+            resume_step, warnings = select_checkpoint(recipe, sizes)
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -110,11 +118,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     if "RANK" in os.environ:  # launched by torchrun: this process is one rank
-        return _worker_main(int(os.environ["RANK"]), sizes["world"], recipe, None)
-    return _spawn(recipe, sizes["world"])
+        return _worker_main(int(os.environ["RANK"]), sizes["world"], recipe, None, resume_step)
+    return _spawn(recipe, sizes["world"], resume_step)
 
 
-def _spawn(recipe: Dict[str, Any], world: int) -> int:
+#: Seconds the runner gives the other ranks to exit once one failed, before it kills them.
+STOP_GRACE_S = 5.0
+
+
+def _spawn(recipe: Dict[str, Any], world: int, resume_step: Optional[int] = None) -> int:
     import socket
 
     import torch.multiprocessing as mp
@@ -123,21 +135,30 @@ def _spawn(recipe: Dict[str, Any], world: int) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(r, world, recipe, port)) for r in range(world)]
+    procs = [ctx.Process(target=_spawned_worker, args=(r, world, recipe, port, resume_step)) for r in range(world)]
     for p in procs:
         p.start()
-    # A rank that fails leaves its peers blocked in a collective: stop them instead of waiting forever.
+    # A rank that fails leaves its peers blocked in a collective: stop them instead of waiting forever. A
+    # stalled rank makes its peers' collectives time out after train.timeout_s, and they fail in turn.
+    # terminate() (SIGTERM) cannot reach a stopped process, so the runner kills what is left after a grace.
     from multiprocessing.connection import wait
 
     pending = {p.sentinel: p for p in procs}
-    failed = False
+    kill_at = None
     while pending:
-        for sentinel in wait(list(pending)):
+        timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+        ready = wait(list(pending), timeout)
+        for sentinel in ready:
             proc = pending.pop(sentinel)
-            if proc.exitcode and not failed:
-                failed = True
+            proc.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
+            if proc.exitcode and kill_at is None:
+                kill_at = time.monotonic() + STOP_GRACE_S
                 for other in pending.values():
                     other.terminate()
+        if not ready and kill_at is not None:
+            for other in pending.values():
+                other.kill()
+            kill_at = time.monotonic() + STOP_GRACE_S
     codes = [p.exitcode for p in procs]
     if any(codes):
         print(f"error: ranks exited with codes {codes}", file=sys.stderr)
@@ -157,9 +178,19 @@ def _quiet_imports() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[int]) -> int:
+def _spawned_worker(rank: int, world: int, recipe: Dict[str, Any], port: int, resume_step: Optional[int]) -> None:
+    sys.exit(_worker_main(rank, world, recipe, port, resume_step))
+
+
+def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[int],
+                 resume_step: Optional[int] = None) -> int:
+    import datetime
+
     import torch
     import torch.distributed as dist
+
+    from .backends.waits import CollectiveError
+    from .megatron.loop import TrainingStopped
 
     tr = recipe["train"]
     _quiet_imports()
@@ -167,16 +198,37 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
     if port is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    # Every wait on a peer ends after train.timeout_s: the collectives of every group and the dispatcher's
+    # Buffer (unless MOE_A2A_TIMEOUT_S says otherwise).
+    os.environ.setdefault("MOE_A2A_TIMEOUT_S", str(tr["timeout_s"]))
     if tr["device"] == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if tr["device"] == "cuda" else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if tr["device"] == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=tr["timeout_s"]))
     try:
         from .megatron.loop import train
 
-        train(recipe, parallel_sizes(recipe, world))
-    finally:
-        dist.destroy_process_group()
+        train(recipe, parallel_sizes(recipe, world), resume_step)
+    except (TrainingStopped, CollectiveError) as exc:
+        # Every rank raises TrainingStopped at the same step: one line says it. A collective that failed is
+        # reported by each rank that saw it (naming the missing peer where it can).
+        if rank == 0 or isinstance(exc, CollectiveError):
+            print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        _exit_now(1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        _exit_now(1)
+    dist.destroy_process_group()
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Leave at once: a collective abandoned by a failure may keep the process group from shutting down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 __all__ = ["main", "runnable_here"]

@@ -11,10 +11,9 @@ HIDDEN = 256
 
 
 def make_buffer(num_ranks_per_node=None, hidden=HIDDEN, **kw):
+    # Sized as the README's quick start does (the dispatch config's hint alone): it must serve combine too.
     config = Buffer.get_dispatch_config(dist.get_world_size())
-    nvl = max(config.get_nvl_buffer_size_hint(hidden * 4, dist.get_world_size()),
-              Buffer.get_combine_config(dist.get_world_size()).get_nvl_buffer_size_hint(hidden * 4,
-                                                                                          dist.get_world_size()))
+    nvl = config.get_nvl_buffer_size_hint(hidden * 2, dist.get_world_size())
     rdma = config.get_rdma_buffer_size_hint(hidden * 4, dist.get_world_size()) if num_ranks_per_node else 0
     return Buffer(dist.group.WORLD, nvl, max(rdma, kw.pop("num_rdma_bytes", 0)),
                   num_ranks_per_node=num_ranks_per_node, **kw)

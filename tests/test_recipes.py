@@ -50,6 +50,11 @@ def test_gpu_recipes_have_real_shapes():
     (["train.steps"], "section.key=value"),
     (["moe.router_enable_expert_bias=true"], "megatron-core rejects this recipe: Expert bias"),
     (["--resume"], "unknown option '--resume'"),
+    (["name=../../elsewhere"], "without path separators or '..'"),
+    (["data.corpus=/nonexistent/corpus.txt"], "data.corpus='/nonexistent/corpus.txt'"),
+    (["model.seq_length=10000000"], "each split needs at least seq_length + 1"),
+    (["train.micro_batch_size=100000"], "GiB of memory"),
+    (["train.timeout_s=0"], "train.timeout_s=0"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(args, message, capsys, tmp_path):
     out = tmp_path / "out"
@@ -71,8 +76,30 @@ def test_bad_recipe_file(tmp_path, capsys):
     bad.write_text("model:\n  hidden_size: 64\n  colour: blue\n")
     assert main([str(bad)]) == 2
     assert "model.colour" in capsys.readouterr().err
+    # A key given twice is refused (plain YAML keeps the last one silently).
+    bad.write_text("train:\n  steps: 3\n  lr: 0.01\n  steps: 4\n")
+    assert main([str(bad)]) == 2
+    assert "key 'steps' appears twice in one mapping (lines 2 and 4)" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_output_dir_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    for out, message in ((blocker, "exists and is not a directory"),
+                         (blocker / "run", "cannot be created: '" + str(blocker) + "' is not a directory")):
+        assert main([str(TINY), f"output.dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert blocker.read_text() == "not a directory"
+    import os
+
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main([str(TINY), f"output.dir={locked / 'run'}"]) == 2
+        assert "is not writable" in capsys.readouterr().err
 
 
 def test_overrides_parse_yaml_values():

@@ -13,10 +13,15 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import agreement
 from ..config import Config
 from ..event import EventHandle
 from ..handles import DispatchHandle
 from ..layout import compute_layout
+from .waits import Deadline
+
+#: Seconds a collective waits for its peers when no ``timeout_s`` is given (``Buffer`` passes its own).
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def _comm_device(group) -> torch.device:
@@ -36,33 +41,71 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class Exchanger:
-    """All-to-all of row blocks with known split sizes, over one process group."""
+    """All-to-all of row blocks with known split sizes, over one process group.
 
-    def __init__(self, group):
+    Every wait has a deadline (``timeout_s``): a peer that stalls or dies makes the call raise a
+    ``CollectiveError`` naming the operation and, where it can be known, the missing rank (``waits``).
+    """
+
+    def __init__(self, group, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.group = group
         self.num_ranks = dist.get_world_size(group)
         self.device = _comm_device(group)
+        self.deadline = Deadline(group, timeout_s)
 
-    def counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+    def _all_to_all(self, recv, send, operation: str, recv_splits=None, send_splits=None, async_op=False):
+        self.deadline.check_usable()
+        try:
+            work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group, async_op=True)
+        except RuntimeError as exc:  # a transport that fails at once (the peer's socket is gone)
+            work = _Failed(exc)
+        if async_op:
+            return _Pending(self.deadline, work, operation)
+        self.deadline.wait(work, operation)
+        return None
+
+    def counts(self, send_counts: torch.Tensor, operation: str = "count exchange") -> torch.Tensor:
         """Exchange ``[num_ranks, k]`` int64 rows: row ``j`` goes to rank ``j``; returns row ``i`` from rank ``i``."""
         send = send_counts.to(self.device, torch.int64).contiguous()
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        self._all_to_all(recv, send, operation)
         return recv.cpu()
 
+    def header(self, signature: List[int], send_counts: Optional[torch.Tensor], operation: str,
+               extra: int = 0) -> torch.Tensor:
+        """The first exchange of every operation: the call's ``signature`` and per-destination counts.
+
+        Every operation sends the same shape (``[R, SIGNATURE_LENGTH + 2 + R]`` int64), so ranks that make
+        different calls still exchange matching sizes and learn it. Row ``j`` holds the signature,
+        ``send_counts[j]``, the whole ``send_counts`` vector (so every rank learns the rank-to-rank
+        matrix) and ``extra`` (a per-rank value every rank learns, e.g. its ``num_worst_tokens``). Raises
+        ``ValueError`` on every rank when the signatures disagree (``agreement.check``).
+
+        Returns ``[R, 2 + R]``: column 0 what each rank sends here, then each rank's send-count vector, then
+        each rank's ``extra``.
+        """
+        r, k = self.num_ranks, agreement.SIGNATURE_LENGTH
+        counts = torch.zeros(r, dtype=torch.int64) if send_counts is None else send_counts.to(torch.int64).cpu()
+        meta = torch.cat([torch.tensor(signature, dtype=torch.int64).view(1, k).expand(r, k),
+                          counts.view(r, 1), counts.view(1, r).expand(r, r),
+                          torch.full((r, 1), int(extra), dtype=torch.int64)], 1)
+        recv = self.counts(meta, f"{operation} (count exchange)")
+        agreement.check(recv[:, :k].tolist())
+        return recv[:, k:]
+
     def rows(self, tensors: Sequence[torch.Tensor], send_splits: List[int], recv_splits: List[int],
-             async_op: bool = False):
+             async_op: bool = False, operation: str = "row exchange"):
         """Send ``tensors`` (same leading size, rows grouped by destination) with the given splits.
 
         The tensors are packed side by side as bytes into one message per destination. Returns the
-        received tensors (and the pending work if ``async_op``), each with the dtype and trailing shape
-        of its input, on the input's device.
+        received tensors (and, if ``async_op``, an object whose ``wait()`` completes the exchange within the
+        deadline), each with the dtype and trailing shape of its input, on the input's device.
         """
         parts = [_as_bytes(t) for t in tensors]
         widths = [p.size(1) for p in parts]
         packed = torch.cat([p.to(self.device) for p in parts], dim=1) if parts else None
         recv = torch.empty(sum(recv_splits), sum(widths), dtype=torch.uint8, device=self.device)
-        work = dist.all_to_all_single(recv, packed, recv_splits, send_splits, group=self.group, async_op=async_op)
+        pending = self._all_to_all(recv, packed, operation, recv_splits, send_splits, async_op=True)
 
         def unpack() -> List[torch.Tensor]:
             out, col = [], 0
@@ -74,7 +117,35 @@ class Exchanger:
                 col += w
             return out
 
-        return (unpack, work) if async_op else unpack()
+        if async_op:
+            return unpack, pending
+        pending.wait()
+        return unpack()
+
+
+class _Pending:
+    """An exchange in flight; ``wait()`` completes it within the exchanger's deadline."""
+
+    def __init__(self, deadline: Deadline, work, operation: str):
+        self.deadline, self.work, self.operation = deadline, work, operation
+
+    def wait(self) -> None:
+        if self.work is not None:
+            work, self.work = self.work, None
+            self.deadline.wait(work, self.operation)
+
+
+class _Failed:
+    """A collective that raised when it was issued: waiting on it re-raises (and names the missing peer)."""
+
+    def __init__(self, exc: RuntimeError):
+        self.exc = exc
+
+    def wait(self, timeout=None):
+        raise self.exc
+
+    def is_completed(self) -> bool:
+        raise self.exc
 
 
 def _channel_prefix(is_token_in_rank: torch.Tensor, num_channels: int) -> torch.Tensor:
@@ -94,17 +165,19 @@ def _maybe_event(device: torch.device, async_finish: bool) -> Optional[EventHand
 class ReferenceBackend:
     """Normal-mode dispatch/combine on ``all_to_all_single`` (any device, any group)."""
 
-    def __init__(self, rank: int, num_ranks: int, group, num_ranks_per_node: int):
+    def __init__(self, rank: int, num_ranks: int, group, num_ranks_per_node: int,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
         self.rank = rank
         self.num_ranks = num_ranks
         self.group = group
         self.num_ranks_per_node = num_ranks_per_node
+        self.timeout_s = timeout_s
         self._exchanger = None
 
     @property
     def exchanger(self) -> Exchanger:
         if self._exchanger is None:
-            self._exchanger = Exchanger(self.group)
+            self._exchanger = Exchanger(self.group, self.timeout_s)
         return self._exchanger
 
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
@@ -131,30 +204,37 @@ class ReferenceBackend:
         send_mask = is_token_in_rank.t()  # [R, T]
         send_counts = send_mask.sum(1).cpu()
 
+        # Every operation starts with the same-shaped header: what must agree, and the counts.
+        operation = "cached dispatch" if cached else "dispatch"
+        num_experts = 0 if cached else num_tokens_per_expert.numel()
+        signature = agreement.signature(
+            operation, x.size(1), x.dtype, x_scales is not None, num_experts,
+            -1 if topk_idx is None else topk_idx.size(1), None if topk_weights is None else topk_weights.dtype,
+            handle.identity if cached else None)
+        header = ex.header(signature, None if cached else send_counts, operation, num_worst_tokens)
         if not cached:
-            # Counts to every destination, and per-expert counts of the destination's experts.
-            experts_per_rank = num_tokens_per_expert.numel() // num_ranks
-            # Row j goes to rank j: what it receives from us, our counts for its experts, and our whole
-            # send-count vector (so every rank learns the full rank-to-rank matrix).
-            counts = send_counts.to(torch.int64)
-            meta = torch.cat([counts.view(num_ranks, 1),
-                              num_tokens_per_expert.view(num_ranks, experts_per_rank).cpu().to(torch.int64),
-                              counts.view(1, num_ranks).expand(num_ranks, num_ranks)], 1)
-            recv_meta = ex.counts(meta)
-            recv_counts = recv_meta[:, 0]
-            per_expert = recv_meta[:, 1:1 + experts_per_rank].sum(0)
-            num_recv_tokens_per_expert_list = [
-                int((c + expert_alignment - 1) // expert_alignment * expert_alignment) for c in per_expert.tolist()]
-            all_counts = recv_meta[:, 1 + experts_per_rank:]  # [i, j] = tokens rank i sends to rank j
+            experts_per_rank = num_experts // num_ranks
+            recv_counts = header[:, 0]
+            all_counts = header[:, 1:1 + num_ranks]  # [i, j] = tokens rank i sends to rank j
             rank_prefix_matrix = all_counts.cumsum(0).to(torch.int32).to(device)
+            # Every rank holds the whole matrix and every rank's num_worst_tokens, so every rank raises alike
+            # before any row moves.
+            over = [(j, int(n), int(bound)) for j, (n, bound) in
+                    enumerate(zip(all_counts.sum(0).tolist(), header[:, -1].tolist())) if 0 < bound < n]
+            if over:
+                raise RuntimeError("ranks would receive more tokens than their num_worst_tokens: " +
+                                   ", ".join(f"rank {j}: {n} > {bound}" for j, n, bound in over))
+            if topk_idx is None:
+                # No top-k ids travel with the rows: the per-expert counts come from the caller's
+                # num_tokens_per_expert (row j: our counts for rank j's experts).
+                per_expert = ex.counts(num_tokens_per_expert.view(num_ranks, experts_per_rank).cpu(),
+                                       "dispatch (per-expert counts)").sum(0)
         else:
             column = rank_prefix_matrix[:, me].to(torch.int64).cpu()
             recv_counts = torch.cat([column[:1], column[1:] - column[:-1]])
         send_splits = send_counts.tolist()
         recv_splits = recv_counts.tolist()
         num_recv = sum(recv_splits)
-        if num_worst_tokens and num_recv > num_worst_tokens:
-            raise RuntimeError(f"rank {me} received {num_recv} tokens, more than num_worst_tokens={num_worst_tokens}")
 
         # Rows in destination order: for each rank j, the tokens it receives, by increasing index.
         dst_rank, src_token = send_mask.nonzero(as_tuple=True)
@@ -167,7 +247,7 @@ class ReferenceBackend:
                 payload.append(topk_idx[src_token])
             if topk_weights is not None:
                 payload.append(topk_weights[src_token])
-        received = ex.rows(payload, send_splits, recv_splits)
+        received = ex.rows(payload, send_splits, recv_splits, operation=f"{operation} (rows)")
         recv_x = received.pop(0)
         recv_x_scales = received.pop(0) if x_scales is not None else None
         recv_topk_idx = recv_topk_weights = None
@@ -180,11 +260,16 @@ class ReferenceBackend:
                 first = me * experts_per_rank
                 local = (global_idx >= first) & (global_idx < first + experts_per_rank)
                 recv_topk_idx = torch.where(local, global_idx - first, torch.full_like(global_idx, -1))
+                # Per-expert counts of what arrived (the truth, whatever num_tokens_per_expert said).
+                per_expert = torch.bincount(recv_topk_idx[local].cpu(), minlength=experts_per_rank)
                 if topk_weights is not None:
                     recv_topk_weights = torch.where(local, received.pop(0), torch.zeros((), dtype=topk_weights.dtype,
                                                                                     device=device))
+            num_recv_tokens_per_expert_list = [
+                int((c + expert_alignment - 1) // expert_alignment * expert_alignment) for c in per_expert.tolist()]
             channel_prefix = _channel_prefix(is_token_in_rank, config.num_channels)
-            recv_channel_prefix = ex.rows([channel_prefix.cpu()], [1] * num_ranks, [1] * num_ranks)[0].to(device)
+            recv_channel_prefix = ex.rows([channel_prefix.cpu()], [1] * num_ranks, [1] * num_ranks,
+                                          operation="dispatch (channel prefix)")[0].to(device)
             send_head = torch.full(is_token_in_rank.shape, -1, dtype=torch.int32, device=device)
             position = (is_token_in_rank.to(torch.int32).cumsum(0) - 1).to(torch.int32)
             send_head = torch.where(is_token_in_rank, position, send_head)
@@ -216,6 +301,10 @@ class ReferenceBackend:
             previous_event.current_stream_wait()
         ex, me = self.exchanger, self.rank
         device = x.device
+        ex.header(agreement.signature("combine", x.size(1), x.dtype, False, 0,
+                                      -1 if topk_weights is None else topk_weights.size(1),
+                                      None if topk_weights is None else topk_weights.dtype, handle.identity),
+                  None, "combine")
         column = handle.rank_prefix_matrix[:, me].to(torch.int64).cpu()
         num_recv = int(column[-1])
         x = x[:num_recv]  # rows past the received count are num_worst_tokens padding
@@ -225,7 +314,7 @@ class ReferenceBackend:
         payload = [x]
         if topk_weights is not None:
             payload.append(topk_weights[:num_recv])
-        received = ex.rows(payload, back_splits, home_splits)
+        received = ex.rows(payload, back_splits, home_splits, operation="combine (rows)")
         _, token = send_mask.nonzero(as_tuple=True)  # token of each returned row, in arrival order
         num_tokens = handle.num_sent_tokens
         acc = torch.zeros(num_tokens, *x.shape[1:], dtype=_acc_dtype(x.dtype), device=device)

@@ -12,18 +12,19 @@ from typing import Optional
 
 import torch
 
+from .. import agreement
 from ..fp8 import pack_ue8m0, per_token_cast_to_fp8
 from ..handles import LowLatencyHandle, unpack_layout_range
-from .reference import Exchanger
+from .reference import DEFAULT_TIMEOUT_S, Exchanger
 
 
 class ReferenceLowLatency:
     """Low-latency entry points of the reference backend for one rank of ``group``."""
 
-    def __init__(self, rank: int, num_ranks: int, group):
+    def __init__(self, rank: int, num_ranks: int, group, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.rank = rank
         self.num_ranks = num_ranks
-        self.exchanger = Exchanger(group)
+        self.exchanger = Exchanger(group, timeout_s)
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, cumulative_local_expert_recv_stats,
                  dispatch_wait_recv_cost_stats, num_max_dispatch_tokens_per_rank: int, num_experts: int,
@@ -43,7 +44,9 @@ class ReferenceLowLatency:
         dst_rank, local_expert = expert // num_local_experts, expert % num_local_experts
         send_counts = torch.zeros(num_ranks, num_local_experts, dtype=torch.int64, device=device)
         send_counts.index_put_((dst_rank, local_expert), torch.ones_like(dst_rank), accumulate=True)
-        recv_counts = ex.counts(send_counts.cpu())  # [src, local expert]
+        ex.header(agreement.signature("low-latency dispatch", hidden, x.dtype, use_fp8, num_experts, topk_idx.size(1),
+                                      num_max_tokens=num_max_dispatch_tokens_per_rank), None, "low-latency dispatch")
+        recv_counts = ex.counts(send_counts.cpu(), "low-latency dispatch (count exchange)")  # [src, local expert]
 
         rows = x[token]
         payload = [token.to(torch.int32).view(-1, 1), local_expert.to(torch.int32).view(-1, 1)]
@@ -53,7 +56,8 @@ class ReferenceLowLatency:
         else:
             payload.append(rows)
         started = time.perf_counter_ns()
-        unpack, work = ex.rows(payload, send_counts.sum(1).tolist(), recv_counts.sum(1).tolist(), async_op=True)
+        unpack, work = ex.rows(payload, send_counts.sum(1).tolist(), recv_counts.sum(1).tolist(), async_op=True,
+                               operation="low-latency dispatch (rows)")
 
         recv_x = torch.zeros(num_local_experts, num_slots, hidden, dtype=rows.dtype, device=device)
         recv_scales = None
@@ -115,9 +119,13 @@ class ReferenceLowLatency:
         payload = [handle.src_info[slot_expert, slot_index].view(-1, 1),
                    (slot_expert + first_expert).to(torch.int32).view(-1, 1),
                    x[slot_expert, slot_index]]
-        home_counts = ex.counts(torch.tensor(back_counts, dtype=torch.int64).view(num_ranks, 1)).view(-1)
+        signature = agreement.signature("low-latency combine", x.size(2), x.dtype, False, handle.num_experts,
+                                        topk_idx.size(1), topk_weights.dtype,
+                                        num_max_tokens=handle.num_max_dispatch_tokens_per_rank)
+        home_counts = ex.header(signature, torch.tensor(back_counts, dtype=torch.int64), "low-latency combine")[:, 0]
         started = time.perf_counter_ns()
-        unpack, work = ex.rows(payload, back_counts, home_counts.tolist(), async_op=True)
+        unpack, work = ex.rows(payload, back_counts, home_counts.tolist(), async_op=True,
+                               operation="low-latency combine (rows)")
         num_tokens, hidden = topk_idx.size(0), x.size(2)
         combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
 

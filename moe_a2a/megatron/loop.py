@@ -10,60 +10,146 @@ Checkpoints (``checkpoints/step_N/``) hold the tensors (weights, master weights,
 and is stored once, an expert's weights are keyed by its global expert index and a tensor-parallel
 shard by its TP rank, so no rank's distinct tensor is taken for another's. Step, history, RNG states
 and optimizer hyper-parameters go to a small ``rank_R.pt`` per rank; ``meta.json`` records the recipe
-and layout; ``checkpoints/latest`` is written once every rank has finished. A resume needs the same
-parallel layout.
+and layout; ``manifest.json`` the size and SHA-256 of every file; ``checkpoints/latest`` is written once
+every rank has finished. A resume needs the same parallel layout; it verifies the files first and falls back
+to the newest complete checkpoint when the latest one is damaged. A non-finite loss or gradient stops the run
+before the optimizer step, so no non-finite state is ever saved.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..data import ByteCorpus, load_corpus
-from .recipe import output_dir
+from .recipe import RecipeError, output_dir
 
 
 # Recipe sections a checkpoint must agree with to be resumed (shapes and parallel layout).
 CHECKPOINT_KEYS = ("model", "moe", "parallel")
-# meta.json's "format": tensors in torch.distributed.checkpoint under global keys, the rest per rank.
-CHECKPOINT_FORMAT = "dcp-global-keys-1"
+# meta.json's "format": tensors in torch.distributed.checkpoint under global keys, the rest per rank, and a
+# manifest of every file's size and checksum.
+CHECKPOINT_FORMAT = "dcp-global-keys-2"
 
 
-def resume_mismatch(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Optional[str]:
-    """Why the latest checkpoint under the recipe's output dir cannot be resumed, or None.
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (a non-finite loss or gradient); every rank raises it at the same step."""
 
-    Checked before any rank starts, from the small ``meta.json`` next to each saved step.
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _owner(name: str, world: int) -> int:
+    """The rank that checksums file ``name`` of a checkpoint: the writer of a per-rank file, else rank 0."""
+    m = re.fullmatch(r"__(\d+)_\d+\.distcp|rank_(\d+)\.pt", name)
+    rank = int(next(g for g in m.groups() if g is not None)) if m else 0
+    return rank if rank < world else 0
+
+
+def file_digests(step_dir: Path, rank: int = 0, world: int = 1) -> Dict[str, Dict[str, Any]]:
+    """Size and SHA-256 of the files of ``step_dir`` that ``rank`` of ``world`` checksums (all of them for
+    ``world == 1``): each rank reads the files it wrote, so the ranks share the reading."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(step_dir)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files if _owner(p.name, world) == rank}
+
+
+def write_manifest(step_dir: Path, digests: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+    """Record the size and SHA-256 of every file of a checkpoint (``digests``, or computed here), so a load can
+    tell a damaged one."""
+    digests = file_digests(step_dir) if digests is None else digests
+    _write_atomic(step_dir / MANIFEST, json.dumps(dict(sorted(digests.items())), indent=1).encode())
+
+
+def checkpoint_problem(step_dir: Path) -> Optional[str]:
+    """Why ``step_dir`` is not a complete, undamaged checkpoint, or None (every file's size and checksum)."""
+    if not step_dir.is_dir():
+        return "the directory does not exist"
+    try:
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return f"no readable {MANIFEST} (an unfinished copy, or written by an older version)"
+    if "meta.json" not in manifest or ".metadata" not in manifest:
+        return f"{MANIFEST} lists no meta.json or .metadata"
+    for name, want in manifest.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def select_checkpoint(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Tuple[Optional[int], List[str]]:
+    """The step to resume from (None: start afresh) and warnings about damaged checkpoints skipped.
+
+    Tries the step ``checkpoints/latest`` names, then older complete ones: each is verified against the
+    sizes and checksums written at save time. Checked before any rank starts.
+
+    Raises:
+        RecipeError: no complete checkpoint is left, or the chosen one was written with another parallel
+            layout or model shape.
     """
     root = output_dir(recipe) / "checkpoints"
     latest = root / "latest"
     if not (recipe["train"]["resume"] and latest.is_file()):
-        return None
-    step = latest.read_text().strip()
-    meta_path = root / f"step_{int(step):07d}" / "meta.json" if step.isdigit() else None
-    if meta_path is None or not meta_path.is_file():
-        return f"checkpoint {latest} points at step {step!r}, which has no meta.json; set train.resume=false"
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT or not (meta_path.parent / ".metadata").is_file():
-        return (f"checkpoint {meta_path.parent} is not a torch.distributed.checkpoint of format "
-                f"{CHECKPOINT_FORMAT!r} (an older or unfinished one); use another output.dir or train.resume=false")
+        return None, []
+    text = latest.read_text().strip()
+    newest = int(text) if text.isdigit() else None
+    steps = sorted((int(m[1]) for m in (re.fullmatch(r"step_(\d+)", p.name) for p in root.iterdir()) if m),
+                   reverse=True)
+    steps = [s for s in steps if newest is None or s <= newest]
+    if newest is not None and newest not in steps:
+        steps.insert(0, newest)
+    warnings = []
+    for step in steps:
+        step_dir = root / f"step_{step:07d}"
+        problem = checkpoint_problem(step_dir)
+        if problem is None:
+            _check_compatible(recipe, sizes, step_dir)
+            if warnings:
+                warnings[-1] += f"; resuming from step {step} instead"
+            return step, warnings
+        warnings.append(f"checkpoint {step_dir} is damaged: {problem}")
+    found = "; ".join(warnings) or f"latest is {text!r}"
+    raise RecipeError(f"no complete checkpoint to resume under {root} ({found}); set train.resume=false or use "
+                      "another output.dir")
+
+
+def _check_compatible(recipe: Dict[str, Any], sizes: Dict[str, int], step_dir: Path) -> None:
+    meta = json.loads((step_dir / "meta.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise RecipeError(f"checkpoint {step_dir} is not a torch.distributed.checkpoint of format "
+                          f"{CHECKPOINT_FORMAT!r} (an older one); use another output.dir or train.resume=false")
     want = {"world": sizes["world"], **{k: v for k, v in sizes.items() if k != "world"}}
     if meta["layout"] != want:
-        return (f"checkpoint {meta_path.parent} was written with parallel layout {meta['layout']}, the recipe "
-                f"gives {want}; use another output.dir or train.resume=false")
+        raise RecipeError(f"checkpoint {step_dir} was written with parallel layout {meta['layout']}, the recipe "
+                          f"gives {want}; use another output.dir or train.resume=false")
     for section in ("model", "moe"):
         for key, value in recipe[section].items():
             if meta[section].get(key) != value:
-                return (f"{section}.{key}={value!r} differs from the checkpoint in {meta_path.parent} "
-                        f"({meta[section].get(key)!r}); use another output.dir or train.resume=false")
-    return None
+                raise RecipeError(f"{section}.{key}={value!r} differs from the checkpoint in {step_dir} "
+                                  f"({meta[section].get(key)!r}); use another output.dir or train.resume=false")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -98,7 +184,7 @@ class Trainer:
         tr = recipe["train"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if tr["device"] == "cuda" \
             else torch.device("cpu")
-        initialize_parallel(sizes, tr["seed"])
+        initialize_parallel(sizes, tr["seed"], tr["timeout_s"])
         torch.manual_seed(tr["seed"])
         self.config = transformer_config(recipe, sizes)
         self.model = build_model(recipe, self.config, self.device)
@@ -178,6 +264,7 @@ class Trainer:
         loss.backward()
         self._sync_grads()
         norm = self._grad_norm()
+        self._stop_if_not_finite(step, loss, norm)
         clip = tr["grad_clip"]
         scale = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
         for p, m in zip(self.params, self.master):
@@ -205,6 +292,19 @@ class Trainer:
                   "tokens_per_s": tokens_per_step / elapsed, "time_s": elapsed}
         self.history["train"].append(record)
         return record
+
+    def _stop_if_not_finite(self, step: int, loss: torch.Tensor, norm: float) -> None:
+        """Raise ``TrainingStopped`` on every rank if any rank's loss or the gradient norm is not finite
+        (one flag all-reduced over the whole job), before the optimizer could take the values in."""
+        loss = float(loss.detach())
+        bad = torch.tensor([0.0 if (math.isfinite(loss) and math.isfinite(norm)) else 1.0],
+                           device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise TrainingStopped(
+                f"step {step}: the loss ({loss:.4g} on rank {self.rank}) or the gradient norm ({norm:.4g}) is "
+                f"not finite; stopped before the optimizer step. The weights and checkpoints stay finite: lower "
+                f"train.lr or raise train.warmup_steps, then resume from {self._ckpt_root()}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -301,47 +401,55 @@ class Trainer:
 
     def save(self) -> None:
         """Write ``checkpoints/step_N/``: a ``torch.distributed.checkpoint`` of the tensors (one copy of
-        each global key), ``rank_R.pt`` per rank for the rest, ``meta.json``; then ``latest`` -> N.
+        each global key), ``rank_R.pt`` per rank for the rest, ``meta.json``, ``manifest.json`` (sizes and
+        checksums); then ``latest`` -> N. Refuses (``TrainingStopped``) to save non-finite tensors.
 
         Everything goes to ``step_N.partial/`` first, renamed once every rank has finished, so a step
         directory is always complete (a rerun with ``train.resume=false`` replaces the old one).
         """
-        import shutil
-
         import torch.distributed.checkpoint as dcp
 
         step_dir = self._ckpt_root() / f"step_{self.step:07d}"
         partial = step_dir.with_name(step_dir.name + ".partial")
+        state = self._tensor_state()
+        bad = torch.tensor([float(any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                      for t in state.values()))], device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise TrainingStopped(f"step {self.step}: the weights or optimizer states are not finite; not saving them")
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a run that stopped while saving
             partial.mkdir(parents=True)
         dist.barrier()
         # Plain tensors under one key on several ranks are replicas: DCP writes one of them.
-        dcp.save(self._tensor_state(), storage_writer=dcp.FileSystemWriter(partial))
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(partial))
         torch.save(self._rank_state(), partial / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
             meta = {"step": self.step, "layout": self.layout(), "format": CHECKPOINT_FORMAT,
                     **{k: self.recipe[k] for k in CHECKPOINT_KEYS}}
             (partial / "meta.json").write_text(json.dumps(meta, indent=1))
         dist.barrier()  # every rank's files are complete before the step is published
+        # Every rank checksums the files it wrote; rank 0 writes the manifest of them all.
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, file_digests(partial, self.rank, dist.get_world_size()))
         if self.rank == 0:
+            write_manifest(partial, {name: d for share in shares for name, d in share.items()})
             if step_dir.exists():
                 shutil.rmtree(step_dir)
             os.replace(partial, step_dir)
             _write_atomic(self._ckpt_root() / "latest", f"{self.step}\n".encode())
         dist.barrier()  # no rank goes on (or resumes) before "latest" is written
 
-    def maybe_resume(self) -> bool:
-        """Load the step ``latest`` names, if resuming; the layout was checked by ``resume_mismatch``."""
+    def maybe_resume(self, step: Optional[int]) -> bool:
+        """Load checkpoint ``step`` (None: start afresh), chosen and verified by ``select_checkpoint``."""
         import torch.distributed.checkpoint as dcp
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         from .cpu import _rng
 
-        latest = self._ckpt_root() / "latest"
-        if not (self.recipe["train"]["resume"] and latest.is_file()):
+        if step is None:
             return False
-        step_dir = self._ckpt_root() / f"step_{int(latest.read_text().strip()):07d}"
+        step_dir = self._ckpt_root() / f"step_{step:07d}"
         rank_path = step_dir / f"rank_{self.rank:05d}.pt"
         extra = torch.load(rank_path, map_location="cpu", weights_only=False)
         if extra["layout"] != self.layout():
@@ -371,6 +479,13 @@ class Trainer:
                 raise RuntimeError(f"checkpoint {step_dir} {found} {key}, which this run needs with shape "
                                    f"{tuple(value.shape)}; use a new output.dir or the checkpoint's recipe")
         dcp.load(state, storage_reader=reader)
+        bad = [key for key, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        flag = torch.tensor([float(bool(bad))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            where = f" ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} on rank {self.rank})" if bad else ""
+            raise TrainingStopped(f"checkpoint {step_dir} holds non-finite values{where}; resume from an earlier "
+                                  f"step (set checkpoints/latest) or train.resume=false")
         model_state = self.model.state_dict()
         model_state.update(extra["model_extra"])
         self.model.load_state_dict(model_state)
@@ -396,7 +511,12 @@ class Trainer:
     def plot(self) -> Optional[Path]:
         if self.rank != 0 or not self.recipe["output"]["plot"]:
             return None
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:
+            print("note: matplotlib is not installed, so no loss.png (pip install matplotlib, or output.plot=false)",
+                  flush=True)
+            return None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -434,8 +554,16 @@ def _progress(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def train(recipe: Dict[str, Any], sizes: Dict[str, int]) -> None:
-    """Run (or resume) the recipe on this rank."""
+def remove_unfinished(root: Path) -> List[Path]:
+    """Remove what a run killed while saving left under ``root`` (``step_N.partial/``, ``latest.tmp``)."""
+    gone = sorted(root.glob("step_*.partial")) + sorted(root.glob("latest.tmp"))
+    for path in gone:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return gone
+
+
+def train(recipe: Dict[str, Any], sizes: Dict[str, int], resume_step: Optional[int] = None) -> None:
+    """Run (or resume, from ``resume_step`` as ``select_checkpoint`` chose it) the recipe on this rank."""
     from . import install
     from .cpu import cpu_context
 
@@ -444,10 +572,12 @@ def train(recipe: Dict[str, Any], sizes: Dict[str, int]) -> None:
     with cpu_context(enabled=tr["device"] == "cpu"):
         install()
         t = Trainer(recipe, sizes)
+        say = print if t.rank == 0 else (lambda *a, **k: None)
         if t.rank == 0:
             t.out.mkdir(parents=True, exist_ok=True)
-        resumed = t.maybe_resume()
-        say = print if t.rank == 0 else (lambda *a, **k: None)
+            for path in remove_unfinished(t._ckpt_root()):
+                say(f"removed {path}, left by a run stopped while saving", flush=True)
+        resumed = t.maybe_resume(resume_step)
         disp = recipe["dispatcher"]
         say(f"{recipe['name']}: {sizes['world']} ranks (TP {sizes['tp']}, EP {sizes['ep']}, DP {sizes['dp']}), "
             f"dispatcher {disp['type']}/{disp['backend']} ({type(_dispatcher(t.model)).__name__}), "

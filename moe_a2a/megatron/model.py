@@ -82,14 +82,27 @@ def megatron_rejects(recipe: Dict[str, Any], sizes: Dict[str, int]) -> Optional[
     return None
 
 
-def initialize_parallel(sizes: Dict[str, int], seed: int) -> None:
-    """Create megatron's TP/PP/EP/DP groups over the initialized default group and seed its RNGs."""
+def initialize_parallel(sizes: Dict[str, int], seed: int, timeout_s: Optional[float] = None) -> None:
+    """Create megatron's TP/PP/EP/DP groups over the initialized default group and seed its RNGs.
+
+    ``timeout_s``: how long a collective of these groups waits for a peer before raising (megatron takes
+    whole minutes, so the groups are set to the exact value afterwards).
+    """
+    import datetime
+    import math
+
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    extra = {} if timeout_s is None else {"distributed_timeout_minutes": max(1, math.ceil(timeout_s / 60))}
     ps.initialize_model_parallel(tensor_model_parallel_size=sizes["tp"], pipeline_model_parallel_size=sizes["pp"],
                                  expert_model_parallel_size=sizes["ep"],
-                                 expert_tensor_parallel_size=sizes["etp"])
+                                 expert_tensor_parallel_size=sizes["etp"], **extra)
+    set_timeout = getattr(torch.distributed, "set_timeout", None) or getattr(torch.distributed.distributed_c10d,
+                                                                             "_set_pg_timeout", None)
+    if timeout_s is not None and set_timeout is not None:
+        for group in getattr(ps, "_global_process_group_list", None) or [None]:
+            set_timeout(datetime.timedelta(seconds=timeout_s), group)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -59,6 +59,8 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "adam_beta2": (0.95, _NUM), "grad_clip": (1.0, _NUM), "seed": (1234, int),
         "log_interval": (10, int), "eval_interval": (50, int), "eval_batches": (4, int),
         "checkpoint_interval": (0, int), "resume": (True, bool), "threads_per_rank": (1, int),
+        # Seconds any rank waits for a peer (collectives, the dispatcher's Buffer) before the run stops.
+        "timeout_s": (120, _NUM),
     },
     "data": {"corpus": ("builtin", str), "valid_fraction": (0.1, _NUM)},
     "output": {"dir": (None, str), "plot": (True, bool), "progress": (True, bool)},
@@ -120,6 +122,20 @@ def apply_override(recipe: Dict[str, Any], item: str) -> None:
     recipe[section][name] = _check_value(key, _parse_scalar(text), SCHEMA[section][name][1])
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeError(f"key {key!r} appears twice in one mapping (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path, overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Read a recipe file, fill defaults, apply overrides and validate it.
 
@@ -130,7 +146,9 @@ def load(path: str | Path, overrides: Optional[List[str]] = None) -> Dict[str, A
     if not path.is_file():
         raise RecipeError(f"recipe file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except RecipeError as exc:
+        raise RecipeError(f"recipe {str(path)!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -196,13 +214,17 @@ def parallel_sizes(recipe: Dict[str, Any], world_size: Optional[int] = None) -> 
 def validate(recipe: Dict[str, Any]) -> None:
     """Check that the sizes of a recipe fit together (no imports of torch or megatron)."""
     m, moe, par, tr, disp = (recipe[k] for k in ("model", "moe", "parallel", "train", "dispatcher"))
+    name = recipe["name"]
+    if not name or "/" in name or "\\" in name or ".." in name or name.startswith("~"):
+        raise RecipeError(f"name={name!r}: expected a plain name without path separators or '..' (the run writes "
+                          f"under runs/NAME; set output.dir to write elsewhere)")
     _positive(recipe, ["model.num_layers", "model.hidden_size", "model.num_attention_heads",
                        "model.ffn_hidden_size", "model.seq_length", "model.vocab_size",
                        "model.num_query_groups", "moe.num_experts", "moe.topk", "moe.ffn_hidden_size",
                        "parallel.tensor", "parallel.pipeline", "parallel.expert", "parallel.expert_tensor",
                        "parallel.world_size", "train.steps", "train.micro_batch_size", "train.lr",
                        "train.log_interval", "train.eval_interval", "train.eval_batches",
-                       "train.threads_per_rank", "moe.capacity_factor"])
+                       "train.threads_per_rank", "moe.capacity_factor", "train.timeout_s"])
     for key in ("train.min_lr", "train.warmup_steps", "train.weight_decay", "train.checkpoint_interval",
                 "moe.aux_loss_coeff"):
         section, name = key.split(".")
@@ -337,6 +359,61 @@ def _bytes(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def environment_problem(recipe: Dict[str, Any], world_size: Optional[int] = None,
+                        ranks_here: Optional[int] = None) -> Optional[str]:
+    """What on this machine stops the recipe before any rank starts, or None: the corpus is missing or too short
+    for ``model.seq_length``, the estimated memory of the ranks on this host exceeds what it has, or the output
+    directory cannot be created or written. Reads only sizes and permissions: nothing is written.
+
+    ``ranks_here``: ranks that run on this host (default: all of them, as the runner spawns them).
+    """
+    import os
+
+    from ..data import DEFAULT_CORPUS
+
+    corpus = recipe["data"]["corpus"]
+    path = DEFAULT_CORPUS if corpus in (None, "", "builtin") else Path(corpus).expanduser()
+    if not path.is_file():
+        return f"data.corpus={corpus!r}: file {str(path)!r} does not exist"
+    valid = int(path.stat().st_size * recipe["data"]["valid_fraction"])
+    train = path.stat().st_size - valid
+    seq = recipe["model"]["seq_length"]
+    if min(train, valid) < seq + 1:
+        return (f"model.seq_length={seq}: the corpus {str(path)!r} has {train} training and {valid} validation bytes, "
+                f"each split needs at least seq_length + 1")
+    sizes = parallel_sizes(recipe, world_size)
+    ranks_here = sizes["world"] if ranks_here is None else ranks_here
+    need = memory_estimate(recipe, world_size)["total"]
+    if recipe["train"]["device"] == "cpu":
+        try:
+            have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            have = None
+        if have and need * ranks_here > have:
+            return (f"the recipe needs about {_bytes(need)} per rank, {_bytes(need * ranks_here)} for the "
+                    f"{ranks_here} ranks on this host, which has {_bytes(have)} of memory (model.seq_length, "
+                    f"train.micro_batch_size or the model sizes are too large)")
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            have = torch.cuda.get_device_properties(0).total_memory
+            if need > have:
+                return (f"the recipe needs about {_bytes(need)} per rank, more than the {_bytes(have)} of "
+                        f"{torch.cuda.get_device_name(0)}")
+    out = output_dir(recipe)
+    if out.exists() and not out.is_dir():
+        return f"output directory {str(out)!r} exists and is not a directory"
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"output directory {str(out)!r} cannot be created: {str(existing)!r} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"output directory {str(out)!r} is not writable ({str(existing)!r} does not allow writing)"
+    return None
+
+
 def output_dir(recipe: Dict[str, Any]) -> Path:
     """Where a run writes its log, plot and checkpoints (``runs/NAME`` unless ``output.dir``)."""
     return Path(recipe["output"]["dir"] or Path("runs") / recipe["name"])
@@ -344,4 +421,4 @@ def output_dir(recipe: Dict[str, Any]) -> Path:
 
 __all__ = ["RecipeError", "SCHEMA", "load", "apply_override", "validate", "parallel_sizes",
            "count_parameters", "memory_estimate", "describe", "output_dir", "moe_layer_pattern",
-           "defaults"]
+           "defaults", "environment_problem"]
