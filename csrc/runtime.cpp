@@ -151,6 +151,15 @@ class Runtime {
             return me + " combine: a token's copy on rank " + std::to_string(host_->error_peer) + " would be row " +
                    std::to_string(host_->error_seen) + " of its " + std::to_string(host_->error_expected) +
                    " staged rows (the handle does not match the dispatch that rank saw)";
+        if (code == kErrMismatch) {
+            static const char* const fields[kSignatureInts] = {"operation (1 dispatch, 2 combine)", "bytes per row",
+                                                               "scales per row", "top-k width", "number of experts"};
+            const int field = host_->error_round;
+            return me + ": ranks disagree on the " + std::string(field >= 0 && field < kSignatureInts ? fields[field] : "?") +
+                   " in " + phase_name(host_->error_phase) + ": rank " + std::to_string(rank_) + " has " +
+                   std::to_string(host_->error_expected) + ", rank " + std::to_string(host_->error_peer) + " has " +
+                   std::to_string(host_->error_seen);
+        }
         if (code == kErrCopyTimeout)
             return me + " timed out in " + std::string(phase_name(host_->error_phase)) + " (round " +
                    std::to_string(host_->error_round) + ") waiting for a bulk copy of its own to complete";
@@ -373,6 +382,15 @@ class Runtime {
         bulk_min_rows_ = rows;
     }
 
+    // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
+    void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
+        signature_[0] = op;
+        signature_[1] = static_cast<int>(row_bytes);
+        signature_[2] = static_cast<int>(num_scales);
+        signature_[3] = static_cast<int>(num_topk);
+        signature_[4] = static_cast<int>(num_experts);
+    }
+
     // A view of the staging area (DeepEP's get_local_buffer_tensor): `offset` bytes in.
     torch::Tensor local_buffer(int64_t offset) const {
         check_ready();
@@ -391,6 +409,7 @@ class Runtime {
         c.timeout_ns = timeout_ns_;
         c.rank = rank_;
         c.num_ranks = num_ranks_;
+        for (int i = 0; i < kSignatureInts; ++i) c.signature[i] = signature_[i];
         return c;
     }
 
@@ -416,6 +435,7 @@ class Runtime {
     HostInfo* host_dev_ = nullptr;
     bool connected_ = false, destroyed_ = false;
     int64_t bulk_min_rows_ = 8192;
+    int signature_[kSignatureInts] = {};
 };
 
 }  // namespace
@@ -448,6 +468,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("combine", &Runtime::combine)
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
+        .def("set_signature", &Runtime::set_signature)
         .def("local_buffer", &Runtime::local_buffer);
     moe_a2a::register_low_latency(m);
     moe_a2a::register_allreduce(m);

@@ -46,13 +46,19 @@ constexpr int kDoneArrive = 15;       // blocks that finished the current dispat
 constexpr int kSendCounts = 16;       // [kMaxRanks] tokens sent to each rank
 constexpr int kChannelPrefix = 32;    // [kMaxRanks][kMaxChannels] this rank's channel_prefix_matrix
 constexpr int kPeerDone = 600;        // [kMaxRanks] each peer's kEpoch when it last finished a dispatch/combine
+constexpr int kSignature = 700;       // [kSignatureInts] what every rank's current operation must agree on
 constexpr int kExpertCounts = 1024;   // [kMaxExperts] this rank's num_tokens_per_expert
 constexpr int kInts = 8192;           // header size in ints (32 KiB); the staging area follows
 }  // namespace hdr
 constexpr int64_t kHeaderBytes = hdr::kInts * 4;
 
 enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, kErrRecvOverflow = 3, kErrBadHandle = 4,
-                        kErrCopyTimeout = 5 };
+                        kErrCopyTimeout = 5, kErrMismatch = 6 };
+
+// What the ranks of one operation must agree on, published by each rank with its first barrier and compared
+// after it: the operation (1 dispatch, 2 combine), bytes per row (hidden size and dtype: BF16 or FP8), scales
+// per row (FP8 or not), top-k width, number of experts (0 where the operation has none).
+constexpr int kSignatureInts = 5;
 enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStaged = 3, kPhaseCombineStart = 4,
                    kPhaseCombineStaged = 5, kPhaseCombineInput = 6 };
 
@@ -76,6 +82,7 @@ struct PeerCtx {
     uint64_t timeout_ns;
     int rank;
     int num_ranks;
+    int signature[kSignatureInts];  // this rank's, see kSignatureInts
 };
 
 // One block: publish this rank's token count (and, for combine, its staged rows), then meet every peer.

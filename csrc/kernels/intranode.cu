@@ -182,6 +182,25 @@ struct BulkRing {
     }
 };
 
+// Before the first barrier of an operation (one thread): publish what the peers' calls must agree with.
+__device__ void publish_signature(const PeerCtx& c) {
+    int* h = header(c, c.rank);
+    for (int i = 0; i < kSignatureInts; ++i) h[hdr::kSignature + i] = c.signature[i];
+}
+
+// After that barrier (one thread): every peer published its signature before arriving, and cannot publish
+// the next one before this rank passes a later barrier. A peer whose call differs is an error (and a trap):
+// copying rows of another size or format would make outputs that look valid and are not.
+__device__ void check_signatures(const PeerCtx& c, int phase) {
+    for (int p = 0; p < c.num_ranks; ++p) {
+        if (p == c.rank) continue;
+        for (int i = 0; i < kSignatureInts; ++i) {
+            const int theirs = ld_cg(header(c, p) + hdr::kSignature + i);
+            if (theirs != c.signature[i]) record_error(c, kErrMismatch, p, phase, c.signature[i], theirs, i);
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------ prologue
 // The first barrier of a dispatch or combine, as its own kernel so the host can stage rows with the copy
 // engine between it and the main kernel: once every peer arrived here, none still reads this buffer for an
@@ -192,8 +211,9 @@ __global__ void prologue_kernel(PeerCtx c, int num_tokens, int staged_rows, int 
     if (threadIdx.x == 0) {
         header(c, c.rank)[hdr::kNumTokens] = num_tokens;
         header(c, c.rank)[hdr::kStagedRows] = staged_rows;
+        publish_signature(c);
     }
-    grid_barrier(c, true, phase, 0);
+    if (grid_barrier(c, true, phase, 0) && threadIdx.x == 0) check_signatures(c, phase);
 }
 
 // Before a producer writes this rank's staging area between operations: every peer finished the
@@ -300,9 +320,14 @@ notify_kernel(PeerCtx c, const int* __restrict__ num_tokens_per_expert, int num_
     }
     for (int r = tid; r < R; r += kNotifyThreads) h[hdr::kSendCounts + r] = s_total[r];
     // The dispatch that follows reads this instead of running its own first barrier (see launch_dispatch).
-    if (tid == 0) h[hdr::kNumTokens] = num_tokens;
+    if (tid == 0) {
+        h[hdr::kNumTokens] = num_tokens;
+        publish_signature(c);
+    }
     for (int e = tid; e < num_experts; e += kNotifyThreads) h[hdr::kExpertCounts + e] = num_tokens_per_expert[e];
     if (!grid_barrier(c, true, kPhaseNotify, 0)) return;
+    if (tid == 0) check_signatures(c, kPhaseNotify);  // before reading counts whose meaning could differ
+    __syncthreads();
 
     // Everything below reads what the peers published before the barrier.
     for (int i = tid; i < R * R; i += kNotifyThreads) {

@@ -352,6 +352,10 @@ class IntranodeBackend:
         topk_idx = topk_idx.contiguous() if topk_idx is not None and not cached else None
         topk_weights = topk_weights.contiguous() if topk_weights is not None and topk_idx is not None else None
         is_token_in_rank = is_token_in_rank.contiguous()
+        # What every rank's call must match (checked by the kernels at the first barrier; see kSignatureInts).
+        self.runtime.set_signature(1, x.size(1) * x.element_size(), x_scales.size(1) if x_scales is not None else 0,
+                                   topk_idx.size(1) if topk_idx is not None else 0,
+                                   0 if cached else num_tokens_per_expert.numel())
         compute = self._start(previous_event)
         alloc = self._alloc_stream(compute, allocate_on_comm_stream)
         i32 = dict(dtype=torch.int32, device=dev)
@@ -380,7 +384,7 @@ class IntranodeBackend:
                     num_rows, expert_list, error = self.runtime.wait_notify(self._seq, num_experts // R)
                     if error:
                         self._error = f"moe_a2a intranode: {error}; the buffer cannot be used again: rebuild it"
-                        raise RuntimeError(self._error)
+                        raise (ValueError if "ranks disagree" in error else RuntimeError)(self._error)
             row_bytes = x.size(1) * x.element_size()
             recv_x_in_buffer = bool(recv_x_in_buffer) and self._receive_area_fits(
                 rank_prefix, num_worst_tokens, row_bytes, x_scales.size(1) if x_scales is not None else 0,
@@ -461,6 +465,7 @@ class IntranodeBackend:
         else:
             x = self._outside_staging(x.contiguous())
         topk_weights = self._outside_staging(topk_weights.contiguous()) if topk_weights is not None else None
+        self.runtime.set_signature(2, x.size(1) * 2, 0, topk_weights.size(1) if topk_weights is not None else 0, 0)
         compute = self._start(previous_event)
         alloc = self._alloc_stream(compute, allocate_on_comm_stream)
         with torch.cuda.stream(self.comm_stream):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import routing, run_ranks, set_rank_device, skip_reason
+from harness import gather, routing, run_ranks, set_rank_device, skip_reason, synchronize_after_fault
 from moe_a2a import Buffer, Config
 
 HIDDEN, NUM_EXPERTS, TOPK = 256, 64, 4
@@ -142,3 +142,49 @@ def test_a_failed_kernel_raises_instead_of_returning():
     if reason:
         pytest.skip(reason)
     run_ranks(_failure_raises, 2, timeout=120.0)
+
+
+def _ranks_disagree(rank, num_ranks, what):
+    """One rank calls with another hidden size (or dispatches while the other combines): the kernels compare
+    every rank's call at the first barrier and fail instead of copying rows of the wrong size."""
+    device = set_rank_device(rank)
+    buf = _readme_buffer(dist.group.WORLD, 512, timeout_s=5.0)
+    gen = torch.Generator().manual_seed(rank)
+    hidden = 256 if rank == 0 or what != "hidden" else 512
+    x = torch.randn(32, hidden, generator=gen).bfloat16().to(device)
+    idx = routing(32, NUM_EXPERTS, TOPK, gen).to(device)
+    ntpr, _, ntpe, in_rank, _ = buf.get_dispatch_layout(idx, NUM_EXPERTS)
+    args = dict(num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe, topk_idx=idx)
+    recv_x, _, _, _, handle, _ = buf.dispatch(torch.randn(32, 256, generator=gen).bfloat16().to(device), **args)
+    torch.cuda.synchronize()
+    message = ""
+    try:
+        if what == "hidden":
+            buf.dispatch(x, **args)
+        elif rank == 0:
+            buf.combine(recv_x, handle)
+        else:
+            buf.dispatch(x, handle=handle)
+        torch.cuda.synchronize()
+    except (ValueError, RuntimeError) as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"rank {rank}: a call that its peer did not match returned without an error")
+    if not message.startswith("moe_a2a intranode"):  # this process saw the trap first: the record has the text
+        try:
+            buf.dispatch(x, **args)
+        except RuntimeError as e:
+            message = str(e)
+    messages = gather(message)
+    field = "bytes per row" if what == "hidden" else "operation"
+    assert any(f"ranks disagree on the {field}" in m for m in messages), messages
+    dist.barrier()
+    synchronize_after_fault()
+
+
+@pytest.mark.parametrize("what", ["hidden", "operation"])
+def test_ranks_that_disagree_are_told(what):
+    reason = skip_reason(2)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_ranks_disagree, 2, what, timeout=120.0)
