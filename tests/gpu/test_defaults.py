@@ -19,11 +19,9 @@ HIDDEN, NUM_EXPERTS, TOPK = 256, 64, 4
 
 
 def _readme_buffer(group, hidden, **kwargs):
-    """A buffer sized by the default configs' hints, for dispatch and combine."""
-    n = group.size()
-    nvl = max(c.get_nvl_buffer_size_hint(hidden * 2, n) for c in (Buffer.get_dispatch_config(n),
-                                                                  Buffer.get_combine_config(n)))
-    return Buffer(group, num_nvl_bytes=nvl, **kwargs)
+    """The README's quick-start sizing (one hint serves dispatch and combine)."""
+    config = Buffer.get_dispatch_config(group.size())
+    return Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(hidden * 2, group.size()), **kwargs)
 
 
 def _round_trip(buf, x, idx, w):
