@@ -220,8 +220,14 @@ class Buffer:
         self._destroyed = True
 
     def _check_alive(self) -> None:
+        """Refuse a destroyed buffer, and one whose kernels failed: the error they recorded (in host memory, read
+        without a device sync) is raised before this call runs anything on the device."""
         if self._destroyed:
             raise RuntimeError("this Buffer was destroyed; create a new one")
+        if self._kernels is not None:
+            self._kernels.check()
+        if self._ll_kernels is not None:
+            self._ll_kernels.raise_if_error()
 
     @staticmethod
     def is_sm90_compiled() -> bool:
