@@ -13,7 +13,7 @@ duplicate key, sizes that do not divide, a dispatcher or device that cannot run 
 memory beyond this host's, an output directory that cannot be written) exits with code 2 and a message
 naming the key, before anything is written. A damaged latest checkpoint falls back to the newest complete
 one (with a warning). A non-finite loss or gradient, a rank that dies, or one that stalls for longer than
-``train.timeout_s`` ends the run with exit code 1 (within ``train.timeout_s + 15`` seconds).
+``train.timeout_s`` ends the run with exit code 1 (within ``train.timeout_s + 30`` seconds).
 """
 from __future__ import annotations
 

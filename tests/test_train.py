@@ -206,5 +206,5 @@ def test_stalled_rank_stops_the_run_within_the_timeout(tmp_path):
             proc.kill()
     assert proc.returncode == 1, err
     # The bound the README states: train.timeout_s, the report of who is missing, the runner's grace to stop.
-    assert waited < timeout_s + 15, (waited, err)
+    assert waited < timeout_s + 30, (waited, err)
     assert "error: ranks exited with codes" in err and ("timed out" in err.lower() or "Timed out" in err), err
