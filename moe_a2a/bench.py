@@ -24,102 +24,31 @@ Writes a JSON (device, commit, command, results) and a Markdown table; ``--plot`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .launch import max_num_sms_per_rank, mps_if_needed, spawn  # noqa: F401 (benchmarks import them from here)
 
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
 # ---------------------------------------------------------------------------- process helpers
-@contextlib.contextmanager
-def mps_if_needed(num_ranks: int):
-    """Start a private CUDA MPS daemon when ranks must share a GPU (kernels of all ranks run together)."""
-    if num_ranks <= torch.cuda.device_count() or os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
-        yield
-        return
-    if shutil.which("nvidia-cuda-mps-control") is None:
-        raise RuntimeError(f"{num_ranks} ranks on {torch.cuda.device_count()} GPU(s) need CUDA MPS "
-                           "(nvidia-cuda-mps-control not found)")
-    root = tempfile.mkdtemp(prefix="moe_a2a_mps_")
-    env = dict(os.environ, CUDA_MPS_PIPE_DIRECTORY=os.path.join(root, "pipe"),
-               CUDA_MPS_LOG_DIRECTORY=os.path.join(root, "log"))
-    for key in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
-        os.makedirs(env[key])
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=env, check=True)
-    saved = {k: os.environ.get(k) for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")}
-    os.environ.update({k: env[k] for k in saved})  # spawned ranks inherit these and join the daemon
-    try:
-        yield
-    finally:
-        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=env, check=False)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def max_num_sms_per_rank(num_ranks: int) -> int:
-    """Most SMs per rank such that the blocks of every rank's kernel are resident at once.
-
-    The one-block notify kernels need no room of their own: a rank's dispatch can only get past its
-    first barrier after every rank's notify has finished its own barrier.
-    """
-    ranks_per_gpu = -(-num_ranks // max(1, torch.cuda.device_count()))
-    return torch.cuda.get_device_properties(0).multi_processor_count // ranks_per_gpu
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Rank timeout: the longest sweeps run for minutes; a rank stuck past this is killed and reported.
+_TIMEOUT_S = 3600.0
 
 
 def _spawn(fn, num_ranks: int, *args):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, num_ranks, port, fn, args, queue)) for r in range(num_ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    out = []
-    while not queue.empty():
-        out.append(queue.get())
-    failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"benchmark ranks failed (rank, exit code): {failed}")
-    return out
-
-
-def _rank_main(rank, num_ranks, port, fn, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    try:
-        result = fn(rank, num_ranks, *args)
-        if rank == 0:
-            queue.put(result)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    """``fn(rank, num_ranks, *args)`` on ``num_ranks`` ranks, one GPU each or sharing (``rank % GPUs``)."""
+    return spawn(fn, num_ranks, *args, cuda_device=True, timeout=_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------------------- timing

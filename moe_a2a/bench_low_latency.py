@@ -22,16 +22,15 @@ import datetime
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from . import bench
+from .launch import RanksFailed, mps_if_needed, spawn
 
 
 def _phases(everyone: List[dict]) -> Dict[str, Dict[str, float]]:
@@ -61,12 +60,6 @@ def _phases(everyone: List[dict]) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stats(samples: List[float]) -> Dict[str, float]:
     s = sorted(samples)
     return {"median": statistics.median(s), "p99": s[min(len(s) - 1, int(0.99 * len(s)))], "samples": len(s)}
@@ -94,20 +87,6 @@ def _timed_alone(fn):
     end.record()
     torch.cuda.synchronize()
     return out, start.elapsed_time(end) * 1e3
-
-
-def _rank_main(rank: int, num_ranks: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
-    try:
-        result = _bench_rank(rank, num_ranks, args)
-        if rank == 0:
-            queue.put(result)
-    except BaseException as e:  # the parent reports it
-        queue.put({"error": f"rank {rank}: {type(e).__name__}: {e}"})
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _bench_rank(rank: int, num_ranks: int, args) -> dict:
@@ -302,30 +281,12 @@ def _copy_floor_us(num_bytes: int, device, iters: int, rounds: int = 3) -> float
 
 
 def _run(num_ranks: int, args) -> dict:
-
-    with bench.mps_if_needed(num_ranks):
-        return _run_ranks(num_ranks, args)
-
-
-def _run_ranks(num_ranks: int, args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, num_ranks, port, args, queue)) for r in range(num_ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(args.timeout * 20 + 300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    results = []
-    while not queue.empty():
-        results.append(queue.get())
-    errors = [r["error"] for r in results if "error" in r]
-    if errors or not results:
-        raise RuntimeError(f"EP{num_ranks} failed: " + ("; ".join(errors) or "no result (ranks killed?)"))
-    return results[0]
+    """Rank 0's row of one EP size (ranks beyond the GPU count share GPUs under MPS)."""
+    with mps_if_needed(num_ranks):
+        try:
+            return spawn(_bench_rank, num_ranks, args, cuda_device=True, timeout=args.timeout * 20 + 300)[0]
+        except RanksFailed as exc:
+            raise RuntimeError(f"EP{num_ranks} failed: {exc}") from None
 
 
 def _table(rows: List[dict]) -> str:
