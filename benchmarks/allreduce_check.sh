@@ -24,11 +24,11 @@ fi
 
 if [[ $what == bench || $what == all ]]; then
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  timeout 400 python3 -m benchmarks.allreduce --ranks 8 --out "$out/allreduce_ep8.json" >"$out/bench.log" 2>&1
+  timeout 400 python3 -m benchmarks all-reduce --ranks 8 --out "$out/allreduce_ep8.json" >"$out/bench.log" 2>&1
   step "bench ranks 8: rc=$?"
   if (( gpus >= 2 )); then
     ranks=$(python3 -c "print(','.join(str(n) for n in (2, 4, 8) if n <= $gpus))")
-    timeout 400 python3 -m benchmarks.allreduce --ranks "$ranks" --write-table --out "$out/allreduce_nvlink.json" \
+    timeout 400 python3 -m benchmarks all-reduce --ranks "$ranks" --write-table --out "$out/allreduce_nvlink.json" \
       >>"$out/bench.log" 2>&1
     step "bench ranks $ranks: rc=$?"
   fi

@@ -31,14 +31,14 @@ fi
 
 if [[ $what == bench || $what == all ]]; then
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  bench() { python3 -m moe_a2a bench "$@" >>"$out/bench.log" 2>&1; step "bench $1: rc=$?"; }
+  bench() { python3 -m benchmarks "$@" >>"$out/bench.log" 2>&1; step "bench $1: rc=$?"; }
   bench intranode --ranks 8 --tokens 128,4096 --sms 8,16 --dtypes bf16,fp8 --reference-max-tokens 0 \
         --min-nvl-bytes 1000000000 --out "$out/intranode_ep8.json"
   if (( gpus >= 2 )); then
     ranks=$(python3 -c "print(','.join(str(n) for n in (2, 4, 8) if n <= $gpus))")
     bench intranode --ranks "$ranks" --tokens 4096 --sms 8,16,24 --dtypes bf16,fp8 --reference-max-tokens 0 \
           --min-nvl-bytes 1000000000 --out "$out/intranode_nvlink.json"
-    python3 benchmarks/tune_intranode.py --ranks "$ranks" --out "$out/intranode_tuning.json" >>"$out/bench.log" 2>&1
+    python3 -m benchmarks tune-intranode --ranks "$ranks" --out "$out/intranode_tuning.json" >>"$out/bench.log" 2>&1
     step "tune: rc=$?"
   fi
   bench low-latency --num-ranks 8 4 2 --out "$out"

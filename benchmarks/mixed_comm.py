@@ -1,8 +1,8 @@
 """Benchmark of the mixed TP x DP collectives: every valid (op, mode) of ``MixedCommHandler`` against the unfused
 sequence of torch collectives, per-rank sizes 8 KiB to 256 MiB, one JSON.
 
-    python benchmarks/mixed_comm.py --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --out mixed.json
-    python benchmarks/mixed_comm.py --device cpu --num-ranks 4 --local-size 2 --local-tp 2 --max-bytes 64K
+    python -m benchmarks mixed-comm --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --out mixed.json
+    python -m benchmarks mixed-comm --device cpu --num-ranks 4 --local-size 2 --local-tp 2 --max-bytes 64K
 
 Spawns ``--num-ranks`` processes: on CUDA one GPU per rank with a ``cpu:gloo,cuda:nccl`` default group (NCCL
 cannot put two ranks of a group on one GPU); ``--device cpu`` runs on gloo (a smoke test). ``--local-size``
@@ -140,7 +140,7 @@ def run_rank(rank: int, size: int, args) -> list:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks mixed-comm", description=__doc__.split("\n")[0])
     ap.add_argument("--num-ranks", type=int, default=torch.cuda.device_count() or 4)
     ap.add_argument("--local-size", type=int, default=None, help="ranks per (virtual) node; default: all")
     ap.add_argument("--local-tp", type=int, default=None)
@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "num_ranks": args.num_ranks, "dtype": args.dtype, "row_bytes": args.row_bytes,
-              "command": " ".join(sys.argv), "topology": info, "results": results}
+              "command": "python -m benchmarks mixed-comm " + " ".join(sys.argv[1:] if argv is None else argv),
+              "topology": info, "results": results}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
