@@ -20,7 +20,7 @@ nvidia-smi topo -m >"$out/topology.txt" 2>&1
 
 if [[ $what == tests || $what == all ]]; then
   # The extension's argument errors must reach Python as RuntimeError with this torch build too.
-  timeout 60 python3 -m pytest -q tests/test_build.py >"$out/test_build.log" 2>&1
+  timeout 60 python3 -m pytest -q tests/cpu/test_build.py >"$out/test_build.log" 2>&1
   step "test_build: rc=$? $(tail -1 "$out/test_build.log")"
   for spec in test_layout:120 test_intranode:300 test_buffer_gpu:200 test_low_latency:300 test_internode:240 test_internode_low_latency:240; do
     name=${spec%%:*}
