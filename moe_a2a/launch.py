@@ -59,7 +59,7 @@ def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, 
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(num_ranks))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # ranks share the machine's cores
     try:
         if cuda_device:  # before the group: NCCL binds to the current device
