@@ -30,7 +30,7 @@ demo: build
 	$(PY) -m moe_a2a train recipes/tiny_moe_cpu.yaml train.resume=false
 
 bench: build
-	$(PY) -m moe_a2a bench intranode
+	$(PY) -m benchmarks intranode
 
 clean:
 	rm -rf build *.egg-info moe_a2a/_C*.so

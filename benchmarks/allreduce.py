@@ -1,6 +1,6 @@
 """All-reduce benchmark: the Lamport kernels (one-shot, two-shot, AUTO, fused RMSNorm) against the unfused sequence.
 
-    python -m benchmarks.allreduce --ranks 8 --out docs/perf/allreduce.json [--write-table]
+    python -m benchmarks all-reduce --ranks 8 --out docs/perf/allreduce.json [--write-table]
 
 Spawns N ranks (sharing GPU 0 under CUDA MPS when there are fewer GPUs than ranks) and times, per message
 size (bytes of ``[tokens, hidden]`` per rank, 8 KiB to 256 MiB by default):
@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from moe_a2a import bench
 from moe_a2a.comm import AllReduce, AllReduceFusionOp, AllReduceParams, AllReduceStrategy
 from moe_a2a.comm import workspace as ws_mod
+
+from .common import commit, copy_floor_us, ints, one_rank_per_gpu, peer_copy_floor_us, run_ranks, time_us, write_report
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,7 +52,7 @@ def _sizes(lo: int, hi: int) -> List[int]:
 
 def _launch_us(warmup, loops, iters) -> float:
     t = torch.empty(1, device="cuda")
-    return bench._time_us(lambda: t.zero_(), warmup, loops, iters)
+    return time_us(lambda: t.zero_(), warmup, loops, iters)
 
 
 def _graphed(fn):
@@ -74,7 +75,7 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
     dtype = _DTYPES[opts["dtype"]]
     hidden = opts["hidden"]
     elem = torch.empty((), dtype=dtype).element_size()
-    multi_gpu = bench._one_rank_per_gpu(num_ranks)
+    multi_gpu = one_rank_per_gpu(num_ranks)
     nccl_group = dist.new_group(backend="nccl") if multi_gpu else None
     ars = {name: AllReduce(None, st, timeout_s=opts["timeout_s"], num_blocks=opts["blocks"])
            for name, st in (("oneshot", AllReduceStrategy.ONESHOT), ("twoshot", AllReduceStrategy.TWOSHOT),
@@ -114,12 +115,12 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
             for name in [n for n in ("oneshot", "twoshot", "fused") if n in ops]:
                 ops[name + "_graph"] = _graphed(ops[name])
         if multi_gpu:
-            floor = bench._peer_copy_floor_us([0 if d == rank else max(16, 2 * nbytes // num_ranks)
-                                               for d in range(num_ranks)])
+            floor = peer_copy_floor_us([0 if d == rank else max(16, 2 * nbytes // num_ranks)
+                                        for d in range(num_ranks)])
         else:
-            floor = bench._copy_floor_us(num_ranks * nbytes)
+            floor = copy_floor_us(num_ranks * nbytes)
         for name, fn in ops.items():
-            t = bench._time_us(fn, w, l, it)
+            t = time_us(fn, w, l, it)
             times = [None] * num_ranks
             dist.all_gather_object(times, t)
             t = max(times)  # the slowest rank
@@ -163,7 +164,7 @@ def tuning_entries(rows) -> Dict[str, List[Dict]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.allreduce", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks all-reduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="8", help="comma-separated rank counts")
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--hidden", type=int, default=4096)
@@ -192,15 +193,14 @@ def main(argv=None) -> int:
             "blocks": args.blocks, "warmup": args.warmup, "loops": args.loops, "iters": args.iters,
             "timeout_s": args.timeout_s}
     rows = []
-    for n in bench._ints(args.ranks):
-        with bench.mps_if_needed(n):
-            rows += bench._spawn(_worker, n, opts)[0]["rows"]
+    for n in ints(args.ranks):
+        rows += run_ranks(_worker, n, opts)[0]["rows"]
     report = {"device": torch.cuda.get_device_name(0), "num_gpus": torch.cuda.device_count(),
-              "commit": bench._commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "command": "python -m benchmarks.allreduce " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "commit": commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "command": "python -m benchmarks all-reduce " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     table = _table(rows)
-    bench.write_report(report, table, args.out, "moe_a2a all-reduce")
+    write_report(report, table, args.out, "moe_a2a all-reduce")
     print(table)
     if args.write_table:
         old = ws_mod.load_table(ws_mod.TABLE_PATH)

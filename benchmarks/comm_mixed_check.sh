@@ -21,7 +21,7 @@ fi
 if [[ $what == bench || $what == all ]]; then
   bench() {  # NAME ARGS...
     local name=$1; shift
-    timeout 580 python3 benchmarks/mixed_comm.py --quiet --out "$out/mixed_comm_$name.json" "$@" \
+    timeout 580 python3 -m benchmarks mixed-comm --quiet --out "$out/mixed_comm_$name.json" "$@" \
       >>"$out/bench.log" 2>&1
     step "bench $name: rc=$?"
   }

@@ -20,7 +20,7 @@ nvidia-smi topo -m >"$out/topology.txt" 2>&1
 
 if [[ $what == tests || $what == all ]]; then
   # The extension's argument errors must reach Python as RuntimeError with this torch build too.
-  timeout 60 python3 -m pytest -q tests/test_build.py >"$out/test_build.log" 2>&1
+  timeout 60 python3 -m pytest -q tests/cpu/test_build.py >"$out/test_build.log" 2>&1
   step "test_build: rc=$? $(tail -1 "$out/test_build.log")"
   for spec in test_layout:120 test_intranode:300 test_buffer_gpu:200 test_low_latency:300 test_internode:240 test_internode_low_latency:240; do
     name=${spec%%:*}
@@ -31,14 +31,14 @@ fi
 
 if [[ $what == bench || $what == all ]]; then
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-  bench() { python3 -m moe_a2a bench "$@" >>"$out/bench.log" 2>&1; step "bench $1: rc=$?"; }
+  bench() { python3 -m benchmarks "$@" >>"$out/bench.log" 2>&1; step "bench $1: rc=$?"; }
   bench intranode --ranks 8 --tokens 128,4096 --sms 8,16 --dtypes bf16,fp8 --reference-max-tokens 0 \
         --min-nvl-bytes 1000000000 --out "$out/intranode_ep8.json"
   if (( gpus >= 2 )); then
     ranks=$(python3 -c "print(','.join(str(n) for n in (2, 4, 8) if n <= $gpus))")
     bench intranode --ranks "$ranks" --tokens 4096 --sms 8,16,24 --dtypes bf16,fp8 --reference-max-tokens 0 \
           --min-nvl-bytes 1000000000 --out "$out/intranode_nvlink.json"
-    python3 benchmarks/tune_intranode.py --ranks "$ranks" --out "$out/intranode_tuning.json" >>"$out/bench.log" 2>&1
+    python3 -m benchmarks tune-intranode --ranks "$ranks" --out "$out/intranode_tuning.json" >>"$out/bench.log" 2>&1
     step "tune: rc=$?"
   fi
   bench low-latency --num-ranks 8 4 2 --out "$out"

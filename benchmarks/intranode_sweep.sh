@@ -5,7 +5,7 @@
 set -euo pipefail
 out=${1:-docs/perf}
 nvl=1000000000  # 1 GB per rank: every shape below runs in one round
-bench() { python3 -m moe_a2a bench intranode --min-nvl-bytes "$nvl" "$@"; }
+bench() { python3 -m benchmarks intranode --min-nvl-bytes "$nvl" "$@"; }
 bench --ranks 8 --tokens 128,512,1024,4096 --hidden 7168 --sms 8,16 --dtypes bf16,fp8 --out "$out/intranode_ep8.json"
 bench --ranks 8 --tokens 4096 --hidden 2048,4096 --sms 16 --dtypes bf16 --reference-max-tokens 0 \
       --out "$out/intranode_ep8_hidden.json"

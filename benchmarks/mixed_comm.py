@@ -1,8 +1,8 @@
 """Benchmark of the mixed TP x DP collectives: every valid (op, mode) of ``MixedCommHandler`` against the unfused
 sequence of torch collectives, per-rank sizes 8 KiB to 256 MiB, one JSON.
 
-    python benchmarks/mixed_comm.py --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --out mixed.json
-    python benchmarks/mixed_comm.py --device cpu --num-ranks 4 --local-size 2 --local-tp 2 --max-bytes 64K
+    python -m benchmarks mixed-comm --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --out mixed.json
+    python -m benchmarks mixed-comm --device cpu --num-ranks 4 --local-size 2 --local-tp 2 --max-bytes 64K
 
 Spawns ``--num-ranks`` processes: on CUDA one GPU per rank with a ``cpu:gloo,cuda:nccl`` default group (NCCL
 cannot put two ranks of a group on one GPU); ``--device cpu`` runs on gloo (a smoke test). ``--local-size``
@@ -23,14 +23,13 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from moe_a2a.launch import RanksFailed, spawn
 from moe_a2a.comm import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
 
 _GATHER = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
@@ -140,22 +139,8 @@ def run_rank(rank: int, size: int, args) -> list:
     return [info, results]
 
 
-def _worker(rank, size, port, args, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo"
-    if args.device == "cuda":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=size)
-    try:
-        out = run_rank(rank, size, args)
-        if rank == 0:
-            queue.put(out)
-    finally:
-        dist.destroy_process_group()
-
-
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks mixed-comm", description=__doc__.split("\n")[0])
     ap.add_argument("--num-ranks", type=int, default=torch.cuda.device_count() or 4)
     ap.add_argument("--local-size", type=int, default=None, help="ranks per (virtual) node; default: all")
     ap.add_argument("--local-tp", type=int, default=None)
@@ -175,23 +160,17 @@ def main(argv=None) -> dict:
     if args.device == "cuda" and args.num_ranks > torch.cuda.device_count():
         raise SystemExit(f"--num-ranks {args.num_ranks} needs one GPU per rank (NCCL), "
                          f"{torch.cuda.device_count()} visible")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, args.num_ranks, port, args, queue)) for r in range(args.num_ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs) or queue.empty():
-        raise SystemExit(f"benchmark ranks failed: exit codes {[p.exitcode for p in procs]}")
-    info, results = queue.get()
+    backend = "cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo"
+    try:
+        info, results = spawn(run_rank, args.num_ranks, args, backend=backend, cuda_device=args.device == "cuda",
+                              timeout=3600.0)[0]
+    except RanksFailed as exc:
+        raise SystemExit(f"benchmark ranks failed: {exc}") from None
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "num_ranks": args.num_ranks, "dtype": args.dtype, "row_bytes": args.row_bytes,
-              "command": " ".join(sys.argv), "topology": info, "results": results}
+              "command": "python -m benchmarks mixed-comm " + " ".join(sys.argv[1:] if argv is None else argv),
+              "topology": info, "results": results}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,11 +1,11 @@
 """Measure the SM count the intranode kernels need per world size and write ``moe_a2a/data/intranode_tuning.json``.
 
 For each rank count (one rank per GPU: the SM needs of ranks sharing a GPU differ, see ``moe_a2a.tuning``),
-runs ``python -m moe_a2a bench intranode`` over the SM counts on DeepEP's shape, BF16, and records for
+runs ``python -m benchmarks intranode`` over the SM counts on DeepEP's shape, BF16, and records for
 dispatch and combine the fewest SMs whose time is within ``--tolerance`` of the fastest, with the times.
 Entries for other rank counts already in the table are kept.
 
-    python benchmarks/tune_intranode.py --ranks 2,4,8 --sms 8,12,16,20,24,28,32
+    python -m benchmarks tune-intranode --ranks 2,4,8 --sms 8,12,16,20,24,28,32
 """
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ import tempfile
 
 import torch
 
-from moe_a2a import bench, tuning
+from moe_a2a import tuning
+
+from . import intranode
+from .common import ints
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks tune-intranode", description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="2,4,8")
     p.add_argument("--sms", default="8,12,16,20,24,28,32")
     p.add_argument("--tokens", type=int, default=4096)
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
         print("tuning needs CUDA devices", file=sys.stderr)
         return 2
     table = {"entries": dict(tuning.load_table(args.out)["entries"])}
-    for num_ranks in bench._ints(args.ranks):
+    for num_ranks in ints(args.ranks):
         if not 1 < num_ranks <= torch.cuda.device_count():
             print(f"{num_ranks} ranks: skipped, needs one GPU per rank ({torch.cuda.device_count()} GPUs here)")
             continue
@@ -43,7 +46,7 @@ def main(argv=None) -> int:
             command = ["--ranks", str(num_ranks), "--sms", args.sms, "--tokens", str(args.tokens),
                        "--hidden", str(args.hidden), "--dtypes", "bf16", "--reference-max-tokens", "0",
                        "--min-nvl-bytes", "1000000000", "--out", out]
-            if bench.intranode_main(command) != 0:
+            if intranode.main(command) != 0:
                 return 1
             with open(out) as f:
                 run = json.load(f)

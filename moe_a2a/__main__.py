@@ -1,14 +1,29 @@
-"""Command line: ``python -m moe_a2a {train,bench,demo} ...``."""
+"""Command line: ``python -m moe_a2a {train,demo,bench} ...``."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 _COMMANDS = {
     "train": ("moe_a2a.train", "train a recipe: train RECIPE.yaml [key=value ...] [--dry-run]"),
-    "bench": ("moe_a2a.bench", "benchmarks on a GPU: bench {intranode,low-latency,internode} [options]"),
     "demo": ("moe_a2a.demo", "multi-rank dispatch/combine demo on CPU"),
+    "bench": (None, "benchmarks on a GPU (source tree only): bench {intranode,low-latency,internode,...} [options]"),
 }
+
+
+def _bench(argv) -> int:
+    """``python -m benchmarks`` of the source tree this package sits in."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
+        print("python -m moe_a2a bench: the benchmarks ship with the source tree (benchmarks/ next to moe_a2a/), "
+              "not with the installed package", file=sys.stderr)
+        return 2
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.__main__ import main as bench_main
+
+    return bench_main(argv, prog="python -m moe_a2a bench")
 
 
 def main(argv=None) -> int:
@@ -18,6 +33,8 @@ def main(argv=None) -> int:
         for name, (_, text) in _COMMANDS.items():
             print(f"  {name:7s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if argv[0] == "bench":
+        return _bench(argv[1:])
     module = importlib.import_module(_COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

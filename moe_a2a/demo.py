@@ -7,30 +7,28 @@ against the same MoE computed locally. Prints what each rank sent and received.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from .launch import RanksFailed, spawn
 
 
-def _rank_main(rank: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+def _rank_main(rank: int, num_ranks: int, args) -> None:
     from moe_a2a import Buffer
 
-    num_ranks, num_experts = args.ranks, args.experts
+    num_experts = args.experts
     per_rank = num_experts // num_ranks
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.tokens, args.hidden, generator=gen).bfloat16()
     topk_weights, topk_idx = torch.rand(args.tokens, num_experts, generator=gen).softmax(1).topk(args.topk, dim=1)
     expert_scale = torch.arange(1, num_experts + 1, dtype=torch.float32) / num_experts  # expert e multiplies by this
 
-    config = Buffer.get_dispatch_config(num_ranks)
-    buffer = Buffer(dist.group.WORLD, config.get_nvl_buffer_size_hint(args.hidden * 2, num_ranks))
+    # Room for both directions: the default combine config may need more than the dispatch one.
+    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(args.hidden * 2, num_ranks)
+                        for config in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes)
     num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
         topk_idx, num_experts)
     recv_x, recv_idx, recv_w, per_expert, handle, _ = buffer.dispatch(
@@ -48,10 +46,8 @@ def _rank_main(rank: int, args) -> None:
     ok = err <= 0.05 * max(1.0, want.abs().max().item())
     print(f"rank {rank}: sent {num_tokens_per_rank.tolist()} tokens to ranks, received {recv_x.size(0)} "
           f"(per local expert {per_expert}), combine max error {err:.4f} {'OK' if ok else 'MISMATCH'}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
     if not ok:
-        raise SystemExit(1)
+        raise RuntimeError(f"rank {rank}: combined tokens differ from the local MoE by {err:.4f}")
 
 
 def main(argv=None) -> int:
@@ -66,9 +62,10 @@ def main(argv=None) -> int:
         print(f"error: --experts ({args.experts}) must be divisible by --ranks ({args.ranks}) and >= --topk",
               file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        args.port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(args,), nprocs=args.ranks, join=True)
+    try:
+        spawn(_rank_main, args.ranks, args, timeout=600.0)
+    except RanksFailed as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
     print(f"demo: {args.ranks} ranks dispatched and combined {args.tokens} tokens each, results match")
     return 0

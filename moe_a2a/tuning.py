@@ -1,4 +1,4 @@
-"""SM counts measured for the intranode kernels, per world size (``benchmarks/tune_intranode.py`` writes them).
+"""SM counts measured for the intranode kernels, per world size (``python -m benchmarks tune-intranode`` writes them).
 
 ``data/intranode_tuning.json`` holds, per number of ranks, the fewest SMs at which dispatch and combine
 run within a tolerance of their fastest time, with the times behind the choice and the device, commit and

@@ -12,7 +12,7 @@
 // message joins the arguments. Neither TORCH_CHECK nor an ostringstream: where the extension carries its own
 // copy of the C++ library (a compiler that links it statically), formatting a number through a stream reads
 // locale facets that copy never initialised and the process crashes instead of raising; std::to_string and
-// string appends need no locale. tests/test_build.py checks that argument errors reach Python.
+// string appends need no locale. tests/cpu/test_build.py checks that argument errors reach Python.
 namespace moe_a2a::detail {
 inline void append(std::string& out, const char* text) { out += text; }
 inline void append(std::string& out, const std::string& text) { out += text; }

@@ -17,6 +17,11 @@ Fixed shapes, no host synchronization: a dispatch plus a combine can be captured
 * Without a hook both phases run in one kernel. Hook mode: the call launches only the send phase and
   returns; the hook launches the receive phase, so no SM waits on peers while compute runs in between.
 * Every wait times out after ``timeout_s``; the next call raises naming the rank, step and peer.
+
+Debug probes (used by ``python -m benchmarks low-latency``, never by ``Buffer``): ``empty_kernel`` and
+``flag_round_trip`` launch measuring kernels of their own; ``set_phase_clock(clock)`` makes the following
+launches stamp their phases (start, sends done, waits done, end) on the GPU clock into ``clock``, and
+``set_phase_clock(None)``, the default, turns the stamps off.
 """
 from __future__ import annotations
 
@@ -246,7 +251,7 @@ class LowLatencyBackend:
         self._rt.combine(x, handle.layout_range, topk_idx, topk_weights, combined, wait_stats, handle.num_experts,
                          handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases)
 
-    # ------------------------------------------------------------------ probes (benchmark)
+    # ------------------------------------------------------------------ debug probes (benchmarks)
     def empty_kernel(self) -> None:
         """Launch an empty kernel of the kernels' launch shape (``num_sms`` blocks) on the current stream."""
         self.raise_if_error()
@@ -268,8 +273,8 @@ class LowLatencyBackend:
     def set_phase_clock(self, clock: Optional[torch.Tensor]) -> None:
         """Stamp the phases of the next launches into ``clock``: a ``[4]`` int64 CUDA tensor set to
         ``[-1, 0, 0, 0]`` (GPU clock, ns: the earliest block's start, the send phase's last arrival, block 0 past
-        its waits, the latest block's end) that the caller keeps alive until they ran; ``None`` stops. For the
-        benchmark."""
+        its waits, the latest block's end) that the caller keeps alive until they ran; ``None`` stops. A debug
+        option: off by default."""
         self._rt.set_phase_clock(clock)
 
     def get_next_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:

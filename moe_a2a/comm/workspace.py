@@ -70,7 +70,7 @@ def _check_problem(tp_size, num_tokens, hidden_dim, dtype) -> None:
 
 # ---------------------------------------------------------------------------- strategy choice
 def load_table(path: Optional[str] = None) -> Dict:
-    """The measured one-shot/two-shot table (``benchmarks/allreduce.py --write-table`` writes it).
+    """The measured one-shot/two-shot table (``python -m benchmarks all-reduce --write-table`` writes it).
 
     ``{"entries": {"<tp_size>": [{"bytes": message bytes per rank, "oneshot_us": t, "twoshot_us": t}, ...]},
     "device": ..., "commit": ..., "command": ...}``; empty when nothing was measured. The path can be

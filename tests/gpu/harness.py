@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from moe_a2a.backends import intranode
-from moe_a2a.bench import max_num_sms_per_rank, mps_if_needed
+from moe_a2a.launch import max_num_sms_per_rank, mps_if_needed
 
 
 def skip_reason(num_ranks: int = 1):

@@ -331,7 +331,7 @@ def test_kernels_missing_is_a_clear_error():
 
 
 def test_benchmark_table_feeds_auto(tmp_path, monkeypatch):
-    """What ``benchmarks/allreduce.py --write-table`` records is what AUTO reads back."""
+    """What ``python -m benchmarks all-reduce --write-table`` records is what AUTO reads back."""
     from benchmarks.allreduce import _sizes, tuning_entries
     assert _sizes(8 << 10, 256 << 20)[0] == 8 << 10 and _sizes(8 << 10, 256 << 20)[-1] == 256 << 20
     rows = [{"ranks": 4, "bytes": 1 << 16, "op": "oneshot", "time_us": 9.0},

@@ -95,7 +95,7 @@ def test_low_latency_phases_and_hook():
 
 def test_low_latency_bench_phase_clock():
     """The benchmark's phase split of the kernels' clock stamps (ns), and its table row."""
-    from moe_a2a.bench_low_latency import _phases
+    from benchmarks.low_latency import _phases
 
     def call(start, sent, ready, end):
         return [start, sent, ready, end]

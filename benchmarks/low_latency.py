@@ -1,4 +1,4 @@
-"""``python -m moe_a2a bench low-latency``: latency of the low-latency kernels and the copy-engine floor.
+"""``python -m benchmarks low-latency``: latency of the low-latency kernels and the copy-engine floor.
 
 For each EP size, ranks are spawned on the visible GPUs (ranks beyond the GPU count share a GPU; a private
 CUDA MPS daemon is started for them unless one is set up already, so their kernels run together). Each rank routes ``--tokens`` random tokens to
@@ -22,16 +22,16 @@ import datetime
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from . import bench
+from moe_a2a.launch import RanksFailed
+
+from .common import commit, gather, run_ranks, virtual_nodes_env
 
 
 def _phases(everyone: List[dict]) -> Dict[str, Dict[str, float]]:
@@ -61,21 +61,9 @@ def _phases(everyone: List[dict]) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stats(samples: List[float]) -> Dict[str, float]:
     s = sorted(samples)
     return {"median": statistics.median(s), "p99": s[min(len(s) - 1, int(0.99 * len(s)))], "samples": len(s)}
-
-
-def _gather(obj):
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _sleep_us(us: float) -> None:
@@ -96,22 +84,8 @@ def _timed_alone(fn):
     return out, start.elapsed_time(end) * 1e3
 
 
-def _rank_main(rank: int, num_ranks: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
-    try:
-        result = _bench_rank(rank, num_ranks, args)
-        if rank == 0:
-            queue.put(result)
-    except BaseException as e:  # the parent reports it
-        queue.put({"error": f"rank {rank}: {type(e).__name__}: {e}"})
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _bench_rank(rank: int, num_ranks: int, args) -> dict:
-    from .backends.low_latency import LowLatencyBackend, low_latency_buffer_bytes
+    from moe_a2a.backends.low_latency import LowLatencyBackend, low_latency_buffer_bytes
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
@@ -119,13 +93,12 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     L = E // num_ranks
     across_nodes = _across_nodes(num_ranks, args)
     if across_nodes:  # the NVSHMEM kernels, NVSHMEM over the whole group (as a multi-node Buffer runs them)
-        from .backends.internode_low_latency import InternodeLowLatencyBackend
-        from .bench_internode import virtual_nodes_env
+        from moe_a2a.backends.internode_low_latency import InternodeLowLatencyBackend
         virtual_nodes_env()
         backend = InternodeLowLatencyBackend
     else:
         backend = LowLatencyBackend
-    kern = backend(rank, num_ranks, dist.group.WORLD, low_latency_buffer_bytes(M, hidden, num_ranks, E), _gather,
+    kern = backend(rank, num_ranks, dist.group.WORLD, low_latency_buffer_bytes(M, hidden, num_ranks, E), gather,
                    args.timeout, num_sms=args.num_sms)
     gen = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn(M, hidden, generator=gen).to(torch.bfloat16).to(device)
@@ -213,7 +186,7 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     pairs = int((idx >= 0).sum())
     sent = {"dispatch_fp8": pairs * (hidden + hidden // 128 * 4), "dispatch_bf16": pairs * hidden * 2,
             "combine_bf16": pairs * hidden * 2, "combine_bf16_zero_copy": pairs * hidden * 2}
-    everyone = _gather({"device": str(device), "sent": sent, "times": times, "hook": hook, "probes": probes,
+    everyone = gather({"device": str(device), "sent": sent, "times": times, "hook": hook, "probes": probes,
                         "wait_us": wait_us, "clocks": clocks})
     same_gpu = [r for r in everyone if r["device"] == str(device)]
     floor = {}
@@ -302,30 +275,11 @@ def _copy_floor_us(num_bytes: int, device, iters: int, rounds: int = 3) -> float
 
 
 def _run(num_ranks: int, args) -> dict:
-
-    with bench.mps_if_needed(num_ranks):
-        return _run_ranks(num_ranks, args)
-
-
-def _run_ranks(num_ranks: int, args) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, num_ranks, port, args, queue)) for r in range(num_ranks)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(args.timeout * 20 + 300)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    results = []
-    while not queue.empty():
-        results.append(queue.get())
-    errors = [r["error"] for r in results if "error" in r]
-    if errors or not results:
-        raise RuntimeError(f"EP{num_ranks} failed: " + ("; ".join(errors) or "no result (ranks killed?)"))
-    return results[0]
+    """Rank 0's row of one EP size (ranks beyond the GPU count share GPUs under MPS)."""
+    try:
+        return run_ranks(_bench_rank, num_ranks, args, timeout=args.timeout * 20 + 300)[0]
+    except RanksFailed as exc:
+        raise RuntimeError(f"EP{num_ranks} failed: {exc}") from None
 
 
 def _table(rows: List[dict]) -> str:
@@ -375,7 +329,7 @@ def _table(rows: List[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_a2a bench low-latency", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks low-latency", description=__doc__.splitlines()[0])
     p.add_argument("--num-ranks", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--tokens", type=int, default=128, help="tokens per rank (num_max_dispatch_tokens_per_rank)")
     p.add_argument("--hidden", type=int, default=7168)
@@ -392,7 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="docs/perf", help="directory for the JSON and Markdown results ('' for none)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench low-latency needs a CUDA device", file=sys.stderr)
+        print("benchmarks low-latency needs a CUDA device", file=sys.stderr)
         return 2
     for n in args.num_ranks:
         if args.experts % n:
@@ -403,7 +357,7 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     device = torch.cuda.get_device_name(0)
     report = {"benchmark": "low_latency", "device": device, "gpus": torch.cuda.device_count(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": bench._commit(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "results": rows}
     table = _table(rows)
     print(table)

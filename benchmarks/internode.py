@@ -1,8 +1,8 @@
-"""Internode benchmark: ``python -m moe_a2a.bench_internode [options]`` (``bench internode``).
+"""Internode benchmark: ``python -m benchmarks internode [options]``.
 
 Spawns ``nodes * ranks_per_node`` ranks as virtual nodes (sharing GPU 0 under CUDA MPS when there are
 fewer GPUs than ranks): NVSHMEM between the ranks of one local index, the intranode kernels inside each
-node. Reports per shape and SM count, as ``bench intranode`` does:
+node. Reports per shape and SM count, as ``python -m benchmarks intranode`` does:
 
 * ``dispatch``: cached dispatch (both stages, no count exchange);
 * ``dispatch_full``: layout + count exchange (host sync) + both stages;
@@ -26,21 +26,13 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from .bench import (_commit, _copy_floor_us, _gather, _inputs, _ints, _spawn, _time_kernels, add_shape_args,
-                    max_num_sms_per_rank, mps_if_needed, write_report)
-
-
-def virtual_nodes_env() -> None:
-    """NVSHMEM settings for virtual nodes on one host: peer-to-peer transport only, bootstrap over loopback,
-    no NVLink multicast (each left as the environment sets it)."""
-    for key, value in (("NVSHMEM_REMOTE_TRANSPORT", "none"), ("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo"),
-                       ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(key, value)
+from .common import (add_shape_args, commit, copy_floor_us, gather, inputs, ints, max_num_sms_per_rank, run_ranks,
+                     time_kernels, virtual_nodes_env, write_report)
 
 
 def _worker(rank, num_ranks, opts):
-    from .backends import internode, intranode
-    from .config import Config
+    from moe_a2a.backends import internode, intranode
+    from moe_a2a.config import Config
 
     virtual_nodes_env()
     device = torch.device("cuda", torch.cuda.current_device())
@@ -49,7 +41,7 @@ def _worker(rank, num_ranks, opts):
     hidden_bytes = max(opts["hidden"]) * 2
     nvl = hint.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
     rdma = hint.get_rdma_buffer_size_hint(hidden_bytes, num_ranks, per_node)
-    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, _gather, 60.0)
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, gather, 60.0)
     num_experts, topk = opts["experts"], opts["topk"]
     w, loops, iters = opts["warmup"], opts["loops"], opts["iters"]
     rows: List[Dict] = []
@@ -57,19 +49,19 @@ def _worker(rank, num_ranks, opts):
         for num_tokens in opts["tokens"]:
             for dtype in opts["dtypes"]:
                 fp8 = dtype == "fp8"
-                x, scales, idx, weights = _inputs(rank, num_tokens, hidden, num_experts, topk, fp8, device)
+                x, scales, idx, weights = inputs(rank, num_tokens, hidden, num_experts, topk, fp8, device)
                 layout = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
                 for num_sms in opts["sms"]:
                     cfg = Config(num_sms)
-                    handle, mine = _time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks,
-                                                 per_node, cfg, w, loops, iters)
+                    handle, mine = time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks,
+                                                per_node, cfg, w, loops, iters)
                     mine["rdma_rows"] = sum(row[kern.node] for m, row in enumerate(handle.rdma_counts)
                                             if m != kern.node)
-                    everyone = _gather(mine)
+                    everyone = gather(mine)
                     floors = {}
                     if rank == 0:
-                        floors["dispatch"] = _copy_floor_us(sum(m["dispatch_bytes"] for m in everyone))
-                        floors["combine"] = _copy_floor_us(sum(m["combine_bytes"] for m in everyone))
+                        floors["dispatch"] = copy_floor_us(sum(m["dispatch_bytes"] for m in everyone))
+                        floors["combine"] = copy_floor_us(sum(m["combine_bytes"] for m in everyone))
                     dist.barrier()
                     if rank == 0:
                         rows.extend(_rows(num_ranks, per_node, dtype, hidden, num_tokens, num_sms, everyone, floors))
@@ -105,36 +97,35 @@ def _format_rows(rows) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_a2a bench internode", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks internode", description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", default="2x4", help="comma-separated NODESxRANKS_PER_NODE (default 2x4)")
     add_shape_args(p, sms="8,16", warmup=2, iters=4)
     p.add_argument("--out", default=None, help="JSON path (default docs/perf/internode_<device>.json)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available():
-        print("bench internode needs a CUDA device", file=sys.stderr)
+        print("benchmarks internode needs a CUDA device", file=sys.stderr)
         return 2
-    from .backends import internode
+    from moe_a2a.backends import internode
     if not internode.available():
-        print("bench internode needs the compiled extensions moe_a2a._C and moe_a2a._nvshmem", file=sys.stderr)
+        print("benchmarks internode needs the compiled extensions moe_a2a._C and moe_a2a._nvshmem", file=sys.stderr)
         return 2
     all_rows: List[Dict] = []
     for topo in args.topology.split(","):
         nodes, per_node = (int(v) for v in topo.lower().split("x"))
         num_ranks = nodes * per_node
         fit = max_num_sms_per_rank(num_ranks)
-        sms = [s for s in _ints(args.sms) if s <= fit]
+        sms = [s for s in ints(args.sms) if s <= fit]
         if not sms:
             print(f"{topo}: no SM count of {args.sms} fits ({fit} per rank)")
             continue
-        opts = dict(per_node=per_node, tokens=_ints(args.tokens), hidden=_ints(args.hidden), sms=sms,
+        opts = dict(per_node=per_node, tokens=ints(args.tokens), hidden=ints(args.hidden), sms=sms,
                     dtypes=args.dtypes.split(","), experts=args.experts, topk=args.topk, warmup=args.warmup,
                     loops=args.loops, iters=args.iters)
-        with mps_if_needed(num_ranks):
-            results = _spawn(_worker, num_ranks, opts)
+        results = run_ranks(_worker, num_ranks, opts)
         all_rows.extend(results[0])
     device = torch.cuda.get_device_name(0)
-    report = dict(device=device, num_gpus=torch.cuda.device_count(), torch=torch.__version__, commit=_commit(),
-                  command="python -m moe_a2a bench internode " + " ".join(argv or sys.argv[1:]),
+    report = dict(device=device, num_gpus=torch.cuda.device_count(), torch=torch.__version__, commit=commit(),
+                  command="python -m benchmarks internode " + " ".join(argv or sys.argv[1:]),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   virtual_nodes=True, results=all_rows)
     out = args.out or os.path.join("docs", "perf", f"internode_{device.replace(' ', '_')}.json")

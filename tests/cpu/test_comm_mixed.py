@@ -6,8 +6,6 @@ are small multiples of 1/8, so every partial sum is exact in float16/bfloat16 an
 bit for bit; one extra case with Gaussian inputs checks the modes to rounding.
 """
 import argparse
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -115,11 +113,8 @@ def _four_ranks(rank, size):
 
 
 def _benchmark(rank, size):
-    """benchmarks/mixed_comm.py's per-rank part: every valid mode and the unfused baseline, same results."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "mixed_comm.py")
-    spec = importlib.util.spec_from_file_location("mixed_comm_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """``python -m benchmarks mixed-comm``'s per-rank part: every valid mode and the unfused baseline, same results."""
+    from benchmarks import mixed_comm as bench
     args = argparse.Namespace(device="cpu", dtype="bf16", local_size=2, local_tp=2, local_dp=None, inter_tp=1,
                               inter_dp=None, min_bytes=8192, max_bytes=8192, row_bytes=1024, warmup=0, iters=1,
                               quiet=True)

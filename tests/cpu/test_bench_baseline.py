@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from moe_a2a.bench import _MegatronAllToAll
+from benchmarks.intranode import MegatronAllToAll
 
 
 def _check(rank, num_ranks):
@@ -14,7 +14,7 @@ def _check(rank, num_ranks):
     idx = torch.rand(num_tokens, num_experts, generator=gen).topk(topk, 1).indices
     idx[torch.rand(num_tokens, topk, generator=gen) < 0.2] = -1
     w = torch.rand(num_tokens, topk, generator=gen)
-    base = _MegatronAllToAll(dist.group.WORLD, idx, w, num_experts, num_ranks, hidden)
+    base = MegatronAllToAll(dist.group.WORLD, idx, w, num_experts, num_ranks, hidden)
     y = base.dispatch(x)
     # Rows arrive grouped by local expert, then by source rank, then in token order.
     everyone = [None] * num_ranks
@@ -35,14 +35,14 @@ def test_benchmark_options_and_report(tmp_path):
     import argparse
     import json
 
-    from moe_a2a.bench import add_shape_args, write_report
+    from benchmarks.common import add_shape_args, write_report
 
     p = argparse.ArgumentParser()
     add_shape_args(p, sms="8,16", warmup=2, iters=4)
     args = p.parse_args(["--tokens", "128,4096"])
     assert (args.tokens, args.hidden, args.sms, args.experts, args.topk, args.iters) == ("128,4096", "7168", "8,16",
                                                                                         256, 8, 4)
-    report = dict(commit="abc1234", date="2026-01-01", command="python -m moe_a2a bench x", results=[1])
+    report = dict(commit="abc1234", date="2026-01-01", command="python -m benchmarks x", results=[1])
     write_report(report, "| a |", str(tmp_path / "sub" / "r.json"), "title")
     assert json.loads((tmp_path / "sub" / "r.json").read_text()) == report
     page = (tmp_path / "sub" / "r.md").read_text()

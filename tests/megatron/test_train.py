@@ -19,7 +19,7 @@ pytestmark = pytest.mark.megatron
 
 from moe_a2a.megatron.loop import select_checkpoint, write_manifest  # noqa: E402
 
-TINY = Path(__file__).resolve().parent.parent / "recipes" / "tiny_moe_cpu.yaml"
+TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny_moe_cpu.yaml"
 # Small and fast: 2 ranks, short sequences; warmup short enough that 6 steps learn something.
 FAST = ["parallel.world_size=2", "parallel.expert=2", "model.seq_length=64", "train.micro_batch_size=4",
         "train.eval_batches=2", "train.warmup_steps=2", "train.eval_interval=3", "train.log_interval=1",
