@@ -13,6 +13,7 @@ never taken for a later one.
 from __future__ import annotations
 
 import datetime
+import threading
 import time
 from typing import List, Sequence
 
@@ -22,6 +23,16 @@ import torch.distributed as dist
 from .reference import _as_bytes, _comm_device
 
 _TAG_LIMIT = 1 << 30
+#: What helper threads pass to gloo's wait: longer than any job, so gloo itself never times out (see ``_wait``).
+_NO_GLOO_TIMEOUT = datetime.timedelta(days=30)
+
+
+def _wait_in_thread(work, done: threading.Event, error: list) -> None:
+    try:
+        work.wait(timeout=_NO_GLOO_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - handed to the waiting thread, which names the peer
+        error.append(e)
+    done.set()
 
 
 class PeerLost(RuntimeError):
@@ -45,7 +56,8 @@ class PeerExchanger:
         self.auto_mask = auto_mask
         self.step = "exchange"  # named in errors: the caller sets "dispatch" / "combine"
         self._seq = 0
-        self._abandoned: List = []  # works of failed peers, kept alive: gloo may still touch their buffers
+        # Works of failed peers (with their helper's done event), kept alive: gloo may still touch their buffers.
+        self._abandoned: List = []
 
     def live_peers(self) -> List[int]:
         """Other ranks this rank exchanges with now (none while this rank itself is masked)."""
@@ -76,17 +88,31 @@ class PeerExchanger:
         return works
 
     def _wait(self, works, failed: set, started: float) -> None:
-        """Wait for every work, each within what is left of ``timeout_s`` since ``started``."""
+        """Wait for every work until ``timeout_s`` after ``started``; a peer not done by then has failed.
+
+        Each work is waited on by a helper thread while this one keeps the deadline. A timed wait inside gloo
+        would not do: when it expires gloo closes every connection of the group, so the live peers would lose
+        each other too. A helper stuck on a silent peer ends when that peer sends or its connection closes.
+        """
+        pending = []
         for peer, work in works:
             if peer in failed:
-                self._abandoned.append(work)
+                self._abandoned.append((work, None))
                 continue
-            left = max(self.timeout_s - (time.monotonic() - started), 1e-3)
-            try:
-                work.wait(timeout=datetime.timedelta(seconds=left))
-            except RuntimeError as e:
-                self._abandoned.append(work)
-                self._fail(peer, e, failed)
+            done, error = threading.Event(), []
+            threading.Thread(target=_wait_in_thread, args=(work, done, error), daemon=True,
+                             name=f"moe_a2a-peer-{peer}").start()
+            pending.append((peer, work, done, error))
+        for peer, work, done, error in pending:
+            if peer in failed:
+                self._abandoned.append((work, done))
+                continue
+            if not done.wait(max(self.timeout_s - (time.monotonic() - started), 0.0)):
+                self._abandoned.append((work, done))
+                self._fail(peer, TimeoutError(f"nothing from or to rank {peer} within {self.timeout_s:g}s"), failed)
+            elif error:
+                self._fail(peer, error[0], failed)
+        self._abandoned = [(w, d) for w, d in self._abandoned if d is None or not d.is_set()]
 
     def _fail(self, peer: int, error: Exception, failed: set) -> None:
         failed.add(peer)
