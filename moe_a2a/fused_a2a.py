@@ -183,47 +183,67 @@ class FusedCombine(torch.autograd.Function):
     """Send expert outputs back and sum the copies per token; backward is a cached dispatch."""
 
     @staticmethod
-    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8=False,
-                use_fp8_backward=False):
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         """Combine ``x`` ``[num_recv, hidden]`` (rows as dispatched) into ``[num_tokens, hidden]``.
-
-        ``use_fp8``: the rows travel as FP8 e4m3 with per-128 scales (``Buffer.combine(use_fp8=True)``);
-        ``use_fp8_backward``: the gradients' cached dispatch travels as FP8 too (BF16 otherwise).
 
         Returns ``(combined_x, None)``; the second slot is where DeepEP returns combined weights.
         """
-        group = _resolve_group(group)
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
-                            f"{type(handle).__name__}")
-        checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
-        buffer = get_buffer(group, get_hidden_bytes(x))
-        combined_x, _, after = buffer.combine(
-            x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
-            allocate_on_comm_stream=allocate_on_comm_stream, use_fp8=bool(use_fp8))
-        if async_finish:
-            _wait(after)
-        ctx.group, ctx.handle = group, handle
-        ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
-        ctx.use_fp8_backward = bool(use_fp8_backward)
-        return combined_x, None
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, False, False)
 
     @staticmethod
     def backward(ctx, grad_output, previous_event=None):
         # ``previous_event`` (Megatron's name) receives the gradient of the ``None`` output: always None.
         """Send each token's gradient to every rank that got a copy (cached dispatch)."""
-        buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
-        grad = grad_output.contiguous()
-        if ctx.use_fp8_backward:
-            grad = per_token_cast_to_fp8(grad)
-        grad_x, _, _, _, _, after = buffer.dispatch(
-            grad, handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
-            async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream)
-        if ctx.async_finish:
-            _wait(after)
-        if ctx.use_fp8_backward:
-            grad_x = fp8_to_float(*grad_x).to(grad_output.dtype)
-        return grad_x, None, None, None, None, None, None
+        return _combine_backward(ctx, grad_output) + (None,) * 4
+
+
+class FusedCombineFP8(torch.autograd.Function):
+    """``FusedCombine`` whose rows travel as FP8 e4m3 with per-128 scales (``Buffer.combine(use_fp8=True)``);
+    the gradients' cached dispatch too with ``use_fp8_backward`` (BF16 otherwise)."""
+
+    @staticmethod
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8_backward=False):
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, True,
+                                use_fp8_backward)
+
+    @staticmethod
+    def backward(ctx, grad_output, previous_event=None):
+        return _combine_backward(ctx, grad_output) + (None,) * 5
+
+
+def _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, use_fp8, use_fp8_backward):
+    group = _resolve_group(group)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
+                        f"{type(handle).__name__}")
+    checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
+    buffer = get_buffer(group, get_hidden_bytes(x))
+    fp8 = {"use_fp8": True} if use_fp8 else {}
+    combined_x, _, after = buffer.combine(
+        x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
+        allocate_on_comm_stream=allocate_on_comm_stream, **fp8)
+    if async_finish:
+        _wait(after)
+    ctx.group, ctx.handle = group, handle
+    ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+    ctx.use_fp8_backward = bool(use_fp8_backward)
+    return combined_x, None
+
+
+def _combine_backward(ctx, grad_output):
+    """The gradient of a combine's input: ``(grad_x,)``."""
+    buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+    grad = grad_output.contiguous()
+    if ctx.use_fp8_backward:
+        grad = per_token_cast_to_fp8(grad)
+    grad_x, _, _, _, _, after = buffer.dispatch(
+        grad, handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
+        async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream)
+    if ctx.async_finish:
+        _wait(after)
+    if ctx.use_fp8_backward:
+        grad_x = fp8_to_float(*grad_x).to(grad_output.dtype)
+    return (grad_x,)
 
 
 def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
@@ -248,14 +268,16 @@ def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_fini
                                allocate_on_comm_stream)
 
 
-def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False, *, use_fp8=False,
-                  use_fp8_backward=False):
-    """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``.
+def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``."""
+    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
 
-    ``use_fp8`` / ``use_fp8_backward`` (moe_a2a extensions): send the forward rows / the backward gradients as
-    FP8 e4m3 with per-128 scales (hidden divisible by 128; reference backend for the forward).
-    """
-    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream, use_fp8, use_fp8_backward)
+
+def fused_combine_fp8(x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8_backward=False):
+    """``fused_combine`` sending the rows as FP8 e4m3 with per-128 scales (hidden divisible by 128; reference
+    backend for now): about half of BF16's bytes, each copy within 2**-4 of its value (README, "Formats").
+    ``use_fp8_backward``: the gradients go back to the experts as FP8 too (BF16 by default)."""
+    return FusedCombineFP8.apply(x, group, handle, async_finish, allocate_on_comm_stream, use_fp8_backward)
 
 
 class NVFP4Dispatch(torch.autograd.Function):
