@@ -83,7 +83,7 @@ class Buffer:
                 promises no host sync. Shapes, dtypes and devices are always checked.
             enable_shrink: low-latency calls mask a rank that fails (connection lost, or nothing within
                 ``timeout_s``) and complete over the others, instead of raising (see
-                ``low_latency_update_mask_buffer``). Reference backend only for now.
+                ``low_latency_update_mask_buffer``). Reference backend on a gloo group only for now.
         """
         if group is None:
             if comm is not None:
@@ -126,9 +126,6 @@ class Buffer:
                                                  auto_mask=bool(enable_shrink))
         self._kernels = self._make_kernel_backend(backend)
         self._ll_kernels = self._make_low_latency_backend(backend)
-        if enable_shrink and self._ll_kernels is not None:
-            raise NotImplementedError("enable_shrink (rank masking) on the low-latency kernels is not implemented: "
-                                      "create the Buffer with backend='reference' to mask ranks")
         self.backend = "cuda" if self._kernels is not None or self._ll_kernels is not None else "reference"
         self._local_buffers = {}
         self._ll_combine_buffers: List[Optional[torch.Tensor]] = [None, None]
@@ -136,6 +133,8 @@ class Buffer:
         self._destroyed = False
         self._handle_hidden: Dict[int, int] = {}  # id(handle.recv_src_idx) -> hidden of its tokens
         self._capped = set()  # (op, num_sms) already warned about by _fit_config
+        if enable_shrink:
+            self._check_masking()
 
     def _kernel_obstacles(self, num_bytes: int, bytes_name: str, internode_kernels: bool = False) -> List[str]:
         """Why the CUDA kernels cannot serve this buffer (empty when they can).
@@ -843,9 +842,15 @@ class Buffer:
         self._check_alive()
         if not self.low_latency_mode:
             raise ValueError("rank masking is for low-latency buffers: Buffer(..., low_latency_mode=True)")
-        if self._ll_kernels is not None:
-            raise NotImplementedError("rank masking on the low-latency kernels is not implemented: create the Buffer "
-                                      "with backend='reference' to mask ranks")
+        if self._ll_kernels is not None:  # enable_shrink with kernels raises here too, at construction
+            raise NotImplementedError("rank masking (enable_shrink, low_latency_update_mask_buffer) on the "
+                                      "low-latency kernels is not implemented: create the Buffer with "
+                                      "backend='reference' to mask ranks")
+        if self._reference_ll.peers.device.type != "cpu":
+            # An NCCL communicator does not survive a lost peer (it must be aborted and rebuilt); gloo's
+            # point-to-point connections to the live ranks do.
+            raise NotImplementedError("rank masking needs a gloo process group (CUDA tensors travel through it); "
+                                      "this group runs NCCL")
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = True) -> None:
         """Mask (``mask=True``) or unmask a rank of the group for the low-latency calls of this buffer.

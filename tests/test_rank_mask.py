@@ -96,6 +96,8 @@ def _manual_body(rank, num_ranks):
         buffer.low_latency_update_mask_buffer(num_ranks)
     with pytest.raises(ValueError, match="low_latency_mode"):
         Buffer(dist.group.WORLD, 1 << 20).low_latency_update_mask_buffer(0)
+    with pytest.raises(ValueError, match="low_latency_mode"):
+        Buffer(dist.group.WORLD, 1 << 20, enable_shrink=True)
 
 
 def test_mask_and_unmask():
