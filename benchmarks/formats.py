@@ -5,8 +5,9 @@
 
 Formats: dispatch BF16 / FP8 (e4m3, per-128 scales) / NVFP4 (e2m1, per-16 e4m3 scales, global scale);
 combine BF16 / FP8 / LogFMT (low-latency only, as DeepEP has it). Every format runs on the reference backend
-(the kernels move BF16 and FP8 dispatch only), so the times compare formats on the same path; on CUDA the ranks
-share the visible GPUs round-robin over NCCL.
+(the kernels move BF16 and FP8 dispatch only), so the times compare formats on the same path. The group is gloo
+in both cases (with ``--device cuda`` the ranks share the visible GPUs round-robin and the rows go through host
+memory), so EP8 runs on one GPU; the codecs run on the ranks' device.
 
 Per row: ``bytes`` the payload one rank sends per call (token rows with their scales, not the routing
 metadata), ``ratio`` against BF16, ``time_us`` the mean over ``--iters`` calls of the slowest rank,
@@ -46,7 +47,7 @@ def _timed(fn, iters: int, warmup: int, device: torch.device) -> float:
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = torch.tensor([(time.perf_counter() - start) / iters * 1e6], device=device)
+    t = torch.tensor([(time.perf_counter() - start) / iters * 1e6])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
@@ -58,8 +59,10 @@ def _errors(got: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> di
     magnitude = magnitude.float()
     floor = magnitude.amax(-1, keepdim=True) * 2.0 ** -8 if magnitude.numel() else magnitude
     rel = err / torch.maximum(magnitude, floor).clamp(min=1e-30)
-    out = torch.stack([err.max() if err.numel() else torch.zeros(()), rel.max() if rel.numel() else
-                       torch.zeros(()), rel.mean() if rel.numel() else torch.zeros(())]).to(got.device)
+    if not err.numel():
+        out = torch.zeros(3)
+    else:
+        out = torch.stack([err.max(), rel.max(), rel.mean()]).cpu()
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return {"max_abs": float(out[0]), "max_rel": float(out[1]), "mean_rel": float(out[2])}
 
@@ -149,7 +152,7 @@ def _body(rank: int, args) -> list:
 def _worker(rank, args, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.num_ranks))
-    dist.init_process_group("nccl" if args.device == "cuda" else "gloo", rank=rank, world_size=args.num_ranks)
+    dist.init_process_group("gloo", rank=rank, world_size=args.num_ranks)
     try:
         rows = _body(rank, args)
         if rank == 0:
