@@ -155,3 +155,26 @@ def _hung_body(rank, num_ranks):
 
 def test_silent_rank_is_masked_after_timeout():
     run_distributed(_hung_body, 3, timeout=120)
+
+
+def _mid_call_body(rank, num_ranks):
+    buffer = _make_buffer(enable_shrink=True, timeout_s=5.0)
+    dead = 0  # the rank that hosts the store: the others must not need it once it is gone
+    _round(buffer, 0, set(range(num_ranks)))
+    dist.barrier()
+    if rank == dead:
+        # Dies inside the next dispatch, after the counts went out and before any token row: the others
+        # already expect its rows and must drop them from the layout they return.
+        def die(*args, **kwargs):
+            time.sleep(0.2)
+            os._exit(0)
+        buffer._reference_ll.peers.rows = die
+    survivors = set(range(num_ranks)) - {dead}
+    _round(buffer, 1, survivors)
+    assert buffer.low_latency_query_mask_buffer().tolist() == [int(r == dead) for r in range(num_ranks)]
+    _round(buffer, 2, survivors)
+    _leave_together(survivors)
+
+
+def test_rank_lost_inside_a_call():
+    run_distributed(_mid_call_body, 3, timeout=120)
