@@ -852,8 +852,9 @@ class Buffer:
             raise NotImplementedError("rank masking needs a gloo process group (CUDA tensors travel through it); "
                                       "this group runs NCCL")
 
-    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = True) -> None:
-        """Mask (``mask=True``) or unmask a rank of the group for the low-latency calls of this buffer.
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask (``False``, the default as in DeepEP) a rank of the group for the
+        low-latency calls of this buffer.
 
         Masked ranks' tokens are neither sent nor waited for, and their experts' outputs count as zero in the
         combine; the other ranks go on without them. Call it on every live rank with the same arguments

@@ -82,18 +82,18 @@ def _manual_body(rank, num_ranks):
     _round(buffer, 0, everyone)
     assert buffer.low_latency_query_mask_buffer().tolist() == [0] * num_ranks
     # Every rank (the masked one too) masks the last rank: it exchanges with no one, the others skip it.
-    buffer.low_latency_update_mask_buffer(num_ranks - 1)
+    buffer.low_latency_update_mask_buffer(num_ranks - 1, True)
     status = torch.empty(num_ranks, dtype=torch.int32)
     assert buffer.low_latency_query_mask_buffer(status) is status
     assert status.tolist() == [0] * (num_ranks - 1) + [1]
     _round(buffer, 1, everyone - {num_ranks - 1})
     buffer.low_latency_update_mask_buffer(num_ranks - 1, mask=False)  # it kept step: unmask it
     _round(buffer, 2, everyone)
-    buffer.low_latency_update_mask_buffer(0)
+    buffer.low_latency_update_mask_buffer(0, mask=True)
     buffer.low_latency_clean_mask_buffer()
     _round(buffer, 3, everyone)
     with pytest.raises(ValueError, match="rank_to_mask"):
-        buffer.low_latency_update_mask_buffer(num_ranks)
+        buffer.low_latency_update_mask_buffer(num_ranks, True)
     with pytest.raises(ValueError, match="low_latency_mode"):
         Buffer(dist.group.WORLD, 1 << 20).low_latency_update_mask_buffer(0)
     with pytest.raises(ValueError, match="low_latency_mode"):
@@ -121,7 +121,7 @@ def _killed_body(rank, num_ranks, auto):
         with pytest.raises(RuntimeError):
             _round(buffer, 1, survivors)
         assert time.monotonic() - started < timeout_s + 2
-        buffer.low_latency_update_mask_buffer(dead)
+        buffer.low_latency_update_mask_buffer(dead, True)
         started = time.monotonic()
     _round(buffer, 1, survivors)  # with enable_shrink the lost rank is masked during this call
     assert time.monotonic() - started < timeout_s + 2

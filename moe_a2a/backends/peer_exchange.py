@@ -121,7 +121,7 @@ class PeerExchanger:
             return
         raise PeerLost(f"rank {self.rank}: low-latency {self.step} failed with rank {peer} within "
                        f"{self.timeout_s:g}s ({str(error).splitlines()[0][:200]}); mask it on every live rank with "
-                       f"Buffer.low_latency_update_mask_buffer({peer}) or create the Buffer with "
+                       f"Buffer.low_latency_update_mask_buffer({peer}, True) or create the Buffer with "
                        "enable_shrink=True") from error
 
     def counts(self, send_counts: torch.Tensor) -> torch.Tensor:
