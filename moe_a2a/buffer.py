@@ -59,7 +59,8 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  explicitly_destroy: bool = False, comm=None, *, num_ranks_per_node: Optional[int] = None,
-                 timeout_s: Optional[float] = None, backend: str = "auto", check_values: bool = True) -> None:
+                 timeout_s: Optional[float] = None, backend: str = "auto", check_values: bool = True,
+                 enable_shrink: bool = False) -> None:
         """Create the buffer (collective: every rank of the group calls it with the same sizes).
 
         Arguments:
@@ -88,6 +89,9 @@ class Buffer:
                 They are skipped while a CUDA graph is captured and on the ``num_worst_tokens`` path, which
                 promises no host sync; ``False`` skips them all (nothing extra runs). Shapes, dtypes and
                 devices are always checked.
+            enable_shrink: low-latency calls mask a rank that fails (connection lost, or nothing within
+                ``timeout_s``) and complete over the others, instead of raising (see
+                ``low_latency_update_mask_buffer``). Reference backend on a gloo group only for now.
         """
         if group is None:
             if comm is not None:
@@ -126,7 +130,8 @@ class Buffer:
             # Queue pairs per peer of NVSHMEM's IBGDA transport, set before either backend starts NVSHMEM.
             os.environ.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(num_qps_per_rank))
         self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node, self.timeout_s)
-        self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group, self.timeout_s)
+        self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group, self.timeout_s,
+                                                 auto_mask=bool(enable_shrink))
         self._kernels = self._make_kernel_backend(backend)
         self._ll_kernels = self._make_low_latency_backend(backend)
         self.backend = "cuda" if self._kernels is not None or self._ll_kernels is not None else "reference"
@@ -137,6 +142,8 @@ class Buffer:
         self._handle_hidden: Dict[int, int] = {}  # id(handle.recv_src_idx) -> hidden of its tokens
         self._capped = set()  # (op, num_sms) already warned about by _fit_config
         self._dispatch_epoch = 0  # non-cached dispatches completed: the epoch of the next handle
+        if enable_shrink:
+            self._check_masking()
 
     def _kernel_obstacles(self, num_bytes: int, bytes_name: str, internode_kernels: bool = False) -> List[str]:
         """Why the CUDA kernels cannot serve this buffer (empty when they can).
@@ -405,7 +412,12 @@ class Buffer:
 
         Arguments:
             x: ``[num_tokens, hidden]`` bf16, or a tuple of ``[num_tokens, hidden]`` float8_e4m3fn and
-                ``[num_tokens, hidden // 128]`` float32 scales. The reference backend also takes float16/32/64.
+                ``[num_tokens, hidden // 128]`` float32 scales. The reference backend also takes float16/32/64,
+                and NVFP4 (``moe_a2a.formats.nvfp4``): a tuple of ``[num_tokens, hidden // 2]`` uint8 (two e2m1
+                values a byte), ``[num_tokens, hidden // 16]`` float8_e4m3fn block scales and a float32 global
+                scale (``[]`` or ``[1]``, or ``[num_tokens]`` per token); it arrives as
+                ``(recv_packed, recv_block_scales, recv_global_scale [num_recv] float32)``, each row with its
+                source's global scale. The bytes arrive unchanged.
             handle: a handle from an earlier dispatch with the same routing: skips the layout exchange
                 (then ``topk_idx``/``topk_weights`` must be None).
             num_tokens_per_rank: ``[num_ranks]`` int32 (from ``get_dispatch_layout``).
@@ -436,7 +448,8 @@ class Buffer:
         """
         self._check_alive()
         config = self._fit_config(config, "dispatch")
-        x, x_scales = self._check_tokens(x)
+        nvfp4 = isinstance(x, tuple) and len(x) == 3
+        x, x_scales = self._check_nvfp4(x) if nvfp4 else self._check_tokens(x)
         num_tokens, hidden = x.shape
         device = x.device
         checks.positive_int("expert_alignment", expert_alignment)
@@ -447,6 +460,9 @@ class Buffer:
                              f"{self.num_rdma_ranks} nodes")
         self._check_buffer_sizes(config, x)
         backend = self._backend_for(x, (torch.bfloat16, torch.float8_e4m3fn))
+        if nvfp4 and x.is_cuda and self._kernels is not None:
+            raise NotImplementedError("NVFP4 dispatch on the CUDA kernels is not implemented (they move BF16 and "
+                                      "FP8 rows): create the Buffer with backend='reference' for NVFP4 tokens")
         if handle is not None:
             self._check_handle(handle, backend)
             if topk_idx is not None or topk_weights is not None:
@@ -490,6 +506,8 @@ class Buffer:
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
         if new_handle is not None:
             new_handle = self._stamp(new_handle)
+        if nvfp4:
+            recv, hidden = _split_nvfp4(recv_x, recv_x_scales), hidden * 2
         self._remember_hidden(handle if handle is not None else new_handle, hidden)
         if handle is not None:
             return recv, None, None, None, None, EventOverlap(event)
@@ -498,7 +516,7 @@ class Buffer:
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
                 bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+                async_finish: bool = False, allocate_on_comm_stream: bool = False, *, use_fp8: bool = False):
         """Send each received token back to its source rank and sum the copies (no weights applied).
 
         Arguments:
@@ -508,6 +526,10 @@ class Buffer:
             topk_weights: ``[num_recv, num_topk]`` float32, summed back like the tokens.
             bias: ``[num_tokens, hidden]`` tensor, or a tuple of two, added to the result.
             config: chunking config (default ``get_combine_config(group_size)``).
+            use_fp8: (moe_a2a extension, keyword only) the rows travel as FP8 e4m3 with one float32 scale per
+                128 channels (``moe_a2a.fp8``; hidden divisible by 128) and are summed in float32 after
+                decoding: 53% of BF16's bytes, relative error per copy below 2**-4 of its block's largest value
+                (``README``, "Formats"). Reference backend only for now.
 
         Returns:
             combined_x: ``[num_tokens, hidden]``, the float32 sum of the copies, cast to ``x``'s dtype.
@@ -520,6 +542,11 @@ class Buffer:
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
         checks.tensor("x", x, _FLOAT_TOKENS, (handle.num_recv_tokens, None), handle.recv_src_idx.device)
         backend = self._backend_for(x, (torch.bfloat16,))
+        if use_fp8:
+            checks.hidden_divisible(x.size(1), 128, "FP8 combine with per-128 scales")
+            if backend is self._kernels:
+                raise NotImplementedError("combine(use_fp8=True) on the CUDA kernels is not implemented (they send "
+                                          "BF16 rows): create the Buffer with backend='reference' for FP8 combine")
         self._check_handle(handle, backend)
         self._check_buffer_sizes(config, x)
         if topk_weights is not None:
@@ -529,9 +556,10 @@ class Buffer:
         for name, b in (("bias[0]", bias_0), ("bias[1]", bias_1)):
             if b is not None:
                 checks.tensor(name, b, (x.dtype,), (handle.num_sent_tokens, x.size(1)), x.device)
+        fp8 = {"use_fp8": True} if use_fp8 else {}  # only the reference backend takes it
         combined_x, combined_weights, event = backend.combine(x, handle, topk_weights, bias_0, bias_1, config,
                                                               self._event_to_wait(previous_event), async_finish,
-                                                              allocate_on_comm_stream)
+                                                              allocate_on_comm_stream, **fp8)
         self._remember_hidden(handle, x.size(1))
         return combined_x, combined_weights, EventOverlap(event)
 
@@ -623,6 +651,24 @@ class Buffer:
             return x, scales
         checks.tensor("x", x, _FLOAT_TOKENS, (None, None))
         return x, None
+
+    def _check_nvfp4(self, x: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        """Check NVFP4 parts; returns ``(packed, side)`` where ``side`` ``[num_tokens, hidden // 16 + 4]`` uint8
+        holds each token's block scales and global scale, so both travel as one row of bytes."""
+        packed, block_scales, global_scale = x
+        checks.tensor("x[0] (NVFP4 packed values)", packed, (torch.uint8,), (None, None))
+        num_tokens, hidden = packed.size(0), packed.size(1) * 2
+        checks.hidden_divisible(hidden, 16, "NVFP4 tokens with per-16 block scales")
+        checks.tensor("x[1] (NVFP4 block scales)", block_scales, (torch.float8_e4m3fn,), (num_tokens, hidden // 16),
+                      packed.device)
+        if not isinstance(global_scale, torch.Tensor) or global_scale.dtype != torch.float32 or \
+                global_scale.numel() not in (1, num_tokens) or global_scale.dim() > 1 or \
+                global_scale.device != packed.device:
+            raise ValueError(f"x[2] (NVFP4 global scale) must be a float32 tensor of shape [], [1] or [{num_tokens}] "
+                             f"on {packed.device}, got {_describe(global_scale)}")
+        per_token = global_scale.reshape(-1).expand(num_tokens).contiguous().view(torch.uint8).view(num_tokens, 4)
+        side = torch.cat([block_scales.contiguous().view(torch.uint8), per_token], dim=1)
+        return packed, side
 
     def _check_buffer_sizes(self, config: Config, x: torch.Tensor) -> None:
         if not isinstance(config, Config):
@@ -733,7 +779,7 @@ class Buffer:
                             handle: LowLatencyHandle, use_logfmt: bool = False, zero_copy: bool = False,
                             async_finish: bool = False, return_recv_hook: bool = False,
                             out: Optional[torch.Tensor] = None,
-                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None):
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None, *, use_fp8: bool = False):
         """Send expert outputs back and reduce them with the top-k weights (float32 accumulation).
 
         Arguments:
@@ -742,7 +788,12 @@ class Buffer:
             topk_idx: ``[num_tokens, num_topk]`` int64, as given to ``low_latency_dispatch``.
             topk_weights: ``[num_tokens, num_topk]`` float32.
             handle: the ``LowLatencyHandle`` from ``low_latency_dispatch``.
+            use_logfmt: the rows travel as LogFMT (``docs/logfmt.md``): 10-bit log-domain values with one log
+                range per 64 channels (hidden divisible by 64), 66% of BF16's bytes, decoded to float32 before
+                the weighted sum; relative error per value at most 1.1%. Reference backend only for now.
             out: optional ``[num_tokens, hidden]`` bf16 tensor written in place and returned.
+            use_fp8: (moe_a2a extension, keyword only) the rows travel as FP8 e4m3 with per-128 scales (hidden
+                divisible by 128), 53% of BF16's bytes. Reference backend only for now.
 
         Returns:
             combined_x: ``[num_tokens, hidden]`` bf16; event: an ``EventOverlap``; hook: as in dispatch.
@@ -751,12 +802,20 @@ class Buffer:
         if not isinstance(handle, LowLatencyHandle):
             raise TypeError(f"handle must be a LowLatencyHandle from low_latency_dispatch(), got "
                             f"{type(handle).__name__}")
-        if use_logfmt:
-            raise NotImplementedError("use_logfmt (10-bit LogFMT combine) is not implemented; use BF16 combine")
         self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         num_local_experts = handle.num_experts // self.group_size
         slots = handle.num_max_dispatch_tokens_per_rank * self.group_size
         kernels = self._ll_kernels if handle.src_info.is_cuda and self._ll_kernels is not None else None
+        if use_logfmt and use_fp8:
+            raise ValueError("use_logfmt and use_fp8 are exclusive: pick one combine format")
+        wire_format = "logfmt" if use_logfmt else "fp8" if use_fp8 else "bf16"
+        if use_logfmt:
+            checks.hidden_divisible(handle.hidden, 64, "LogFMT combine with per-64 log ranges")
+        if use_fp8:
+            checks.hidden_divisible(handle.hidden, 128, "FP8 combine with per-128 scales")
+        if kernels is not None and wire_format != "bf16":
+            raise NotImplementedError(f"use_{wire_format}=True on the low-latency kernels is not implemented (they "
+                                      "send BF16 rows): create the Buffer with backend='reference' for this format")
         if zero_copy:
             # The expert outputs are already in the registered buffer of the next combine.
             if kernels is not None:
@@ -779,8 +838,12 @@ class Buffer:
         if combine_wait_recv_cost_stats is not None:
             checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
-        combined, hook = (kernels or self._reference_ll).combine(x, topk_idx, topk_weights, handle, out,
-                                                                 combine_wait_recv_cost_stats, return_recv_hook)
+        if kernels is not None:
+            combined, hook = kernels.combine(x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats,
+                                             return_recv_hook)
+        else:
+            combined, hook = self._reference_ll.combine(x, topk_idx, topk_weights, handle, out,
+                                                        combine_wait_recv_cost_stats, return_recv_hook, wire_format)
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
         tensors = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined)
         return combined, EventOverlap(event, tensors if async_finish else None), hook
@@ -803,6 +866,68 @@ class Buffer:
             b = torch.zeros(shape, dtype=torch.bfloat16, device=handle.src_info.device)
             self._ll_combine_buffers[self._ll_buffer_index] = b
         return b
+
+    # ------------------------------------------------------------------ rank masking (low-latency mode)
+    def _check_masking(self) -> None:
+        self._check_alive()
+        if not self.low_latency_mode:
+            raise ValueError("rank masking is for low-latency buffers: Buffer(..., low_latency_mode=True)")
+        if self._ll_kernels is not None:  # enable_shrink with kernels raises here too, at construction
+            raise NotImplementedError("rank masking (enable_shrink, low_latency_update_mask_buffer) on the "
+                                      "low-latency kernels is not implemented: create the Buffer with "
+                                      "backend='reference' to mask ranks")
+        if self._reference_ll.peers.device.type != "cpu":
+            # An NCCL communicator does not survive a lost peer (it must be aborted and rebuilt); gloo's
+            # point-to-point connections to the live ranks do.
+            raise NotImplementedError("rank masking needs a gloo process group (CUDA tensors travel through it); "
+                                      "this group runs NCCL")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask (``False``, the default as in DeepEP) a rank of the group for the
+        low-latency calls of this buffer.
+
+        Masked ranks' tokens are neither sent nor waited for, and their experts' outputs count as zero in the
+        combine; the other ranks go on without them. Call it on every live rank with the same arguments
+        before their next call (a live rank that masks itself then exchanges with no one). Local: nothing is
+        communicated, so it works while the masked rank is dead. Unmask only a rank that kept making the
+        same low-latency calls as the others (for example one masked on purpose); a restarted process needs
+        a new group and Buffer.
+        """
+        self._check_masking()
+        if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int) or \
+                not 0 <= rank_to_mask < self.group_size:
+            raise ValueError(f"rank_to_mask must be a rank in [0, {self.group_size}), got {rank_to_mask!r}")
+        self._reference_ll.mask[rank_to_mask] = int(bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Which ranks are masked: ``[num_ranks]`` int32, 1 for masked (by ``low_latency_update_mask_buffer``
+        or, with ``enable_shrink``, after failing during a call). Written into ``mask_status`` when given."""
+        self._check_alive()
+        status = self._reference_ll.mask.clone()
+        if mask_status is not None:
+            checks.tensor("mask_status", mask_status, (torch.int32,), (self.group_size,))
+            mask_status.copy_(status)
+            return mask_status
+        return status
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank (see ``low_latency_update_mask_buffer`` for when that is safe)."""
+        self._check_masking()
+        self._reference_ll.mask.zero_()
+
+
+def _split_nvfp4(packed: torch.Tensor, side: torch.Tensor):
+    """Received NVFP4 rows: ``(packed, block_scales float8_e4m3fn, global_scale [num_recv] float32)``."""
+    num_scales = packed.size(1) // 8
+    block_scales = side[:, :num_scales].contiguous().view(torch.float8_e4m3fn)
+    global_scale = side[:, num_scales:].contiguous().view(torch.float32).view(-1)
+    return packed, block_scales, global_scale
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} of shape {list(t.shape)} on {t.device}"
+    return type(t).__name__
 
 
 def _capped_num_sms(op: str, num_ranks: int) -> int:

@@ -31,6 +31,7 @@ from .buffer import Buffer
 from .config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
 from .backends.intranode import MAX_TOPK
+from .fp8 import fp8_to_float, per_token_cast_to_fp8
 from .handles import DispatchHandle
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -187,42 +188,82 @@ class FusedCombine(torch.autograd.Function):
 
         Returns ``(combined_x, None)``; the second slot is where DeepEP returns combined weights.
         """
-        group = _resolve_group(group)
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
-                            f"{type(handle).__name__}")
-        checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
-        buffer = get_buffer(group, get_hidden_bytes(x))
-        combined_x, _, after = buffer.combine(
-            x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
-            allocate_on_comm_stream=allocate_on_comm_stream)
-        if async_finish:
-            _wait(after)
-        ctx.group, ctx.handle = group, handle
-        ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
-        return combined_x, None
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, False, False)
 
     @staticmethod
     def backward(ctx, grad_output, previous_event=None):
         # ``previous_event`` (Megatron's name) receives the gradient of the ``None`` output: always None.
         """Send each token's gradient to every rank that got a copy (cached dispatch)."""
-        buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
-        grad_x, _, _, _, _, after = buffer.dispatch(
-            grad_output.contiguous(), handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
-            async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream)
-        if ctx.async_finish:
-            _wait(after)
-        return grad_x, None, None, None, None
+        return _combine_backward(ctx, grad_output) + (None,) * 4
+
+
+class FusedCombineFP8(torch.autograd.Function):
+    """``FusedCombine`` whose rows travel as FP8 e4m3 with per-128 scales (``Buffer.combine(use_fp8=True)``);
+    the gradients' cached dispatch too with ``use_fp8_backward`` (BF16 otherwise)."""
+
+    @staticmethod
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8_backward=False):
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, True,
+                                use_fp8_backward)
+
+    @staticmethod
+    def backward(ctx, grad_output, previous_event=None):
+        return _combine_backward(ctx, grad_output) + (None,) * 5
+
+
+def _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, use_fp8, use_fp8_backward):
+    group = _resolve_group(group)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
+                        f"{type(handle).__name__}")
+    checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
+    buffer = get_buffer(group, get_hidden_bytes(x))
+    fp8 = {"use_fp8": True} if use_fp8 else {}
+    combined_x, _, after = buffer.combine(
+        x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
+        allocate_on_comm_stream=allocate_on_comm_stream, **fp8)
+    if async_finish:
+        _wait(after)
+    ctx.group, ctx.handle = group, handle
+    ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+    ctx.use_fp8_backward = bool(use_fp8_backward)
+    return combined_x, None
+
+
+def _combine_backward(ctx, grad_output):
+    """The gradient of a combine's input: ``(grad_x,)``."""
+    buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+    grad = grad_output.contiguous()
+    if ctx.use_fp8_backward:
+        grad = per_token_cast_to_fp8(grad)
+    grad_x, _, _, _, _, after = buffer.dispatch(
+        grad, handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
+        async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream)
+    if ctx.async_finish:
+        _wait(after)
+    if ctx.use_fp8_backward:
+        grad_x = fp8_to_float(*grad_x).to(grad_output.dtype)
+    return (grad_x,)
 
 
 def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
                    allocate_on_comm_stream=False):
     """Differentiable dispatch; see ``FusedDispatch.forward`` for shapes.
 
+    ``x`` may also be NVFP4 parts ``(packed [T, hidden // 2] uint8, block_scales [T, hidden // 16]
+    float8_e4m3fn, global_scale float32)`` (``moe_a2a.formats.nvfp4``) for grouped GEMMs that take NVFP4:
+    ``recv_x`` is then ``(packed, block_scales, global_scale [num_recv])`` and only ``token_probs`` has a
+    gradient.
+
     Returns ``(recv_x, recv_token_indices, recv_token_probs, tokens_per_expert, handle)``.
     """
+    if isinstance(x, tuple) and len(x) == 3:
+        *recv_x, recv_indices, recv_probs, tokens_per_expert, handle = NVFP4Dispatch.apply(
+            *x, token_indices, token_probs, num_experts, group)
+        return tuple(recv_x), recv_indices, recv_probs, tokens_per_expert, handle
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"x must be a torch.Tensor or NVFP4 parts (packed, block_scales, global_scale), got "
+                        f"{type(x).__name__}")
     return FusedDispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
                                allocate_on_comm_stream)
 
@@ -230,6 +271,49 @@ def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_fini
 def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
     """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``."""
     return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+
+
+def fused_combine_fp8(x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8_backward=False):
+    """``fused_combine`` sending the rows as FP8 e4m3 with per-128 scales (hidden divisible by 128; reference
+    backend for now): about half of BF16's bytes, each copy within 2**-4 of its value (README, "Formats").
+    ``use_fp8_backward``: the gradients go back to the experts as FP8 too (BF16 by default)."""
+    return FusedCombineFP8.apply(x, group, handle, async_finish, allocate_on_comm_stream, use_fp8_backward)
+
+
+class NVFP4Dispatch(torch.autograd.Function):
+    """Dispatch of NVFP4 tokens with their routing; the values carry no gradient, the routing weights do."""
+
+    @staticmethod
+    def forward(ctx, packed, block_scales, global_scale, token_indices, token_probs, num_experts, group):
+        group = _resolve_group(group)
+        checks.tensor("token_indices", token_indices, (torch.int64,), (packed.size(0), None), packed.device)
+        if token_probs is not None:
+            checks.tensor("token_probs", token_probs, _PROB_DTYPES, tuple(token_indices.shape), packed.device)
+        checks.experts_divisible(num_experts, group.size())
+        buffer = get_buffer(group, get_hidden_bytes(packed))
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
+            buffer.get_dispatch_layout(token_indices, num_experts)
+        recv, recv_indices, recv_probs, counts, handle, _ = buffer.dispatch(
+            (packed, block_scales, global_scale), topk_idx=token_indices, topk_weights=token_probs,
+            num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+            is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert)
+        ctx.group, ctx.handle, ctx.has_probs = group, handle, token_probs is not None
+        ctx.save_for_backward(recv_indices)
+        ctx.mark_non_differentiable(*recv, recv_indices)
+        return (*recv, recv_indices, recv_probs, torch.tensor(counts, dtype=torch.int64), handle)
+
+    @staticmethod
+    def backward(ctx, grad_packed, grad_scales, grad_global, grad_indices, grad_probs, grad_counts, grad_handle):
+        """Combine the routing weights' gradient back (the values are not differentiable)."""
+        grad_token_probs = None
+        if ctx.has_probs and ctx.needs_input_grad[4] and grad_probs is not None:
+            (recv_indices,) = ctx.saved_tensors
+            weights = grad_probs.masked_fill(recv_indices < 0, 0).contiguous()
+            # The combine moves token rows too: send the narrowest ones the buffer takes (zeros).
+            zeros = torch.zeros(ctx.handle.num_recv_tokens, 16, dtype=weights.dtype, device=weights.device)
+            buffer = get_buffer(ctx.group, get_hidden_bytes(zeros))
+            _, grad_token_probs, _ = buffer.combine(zeros, ctx.handle, topk_weights=weights)
+        return None, None, None, None, grad_token_probs, None, None
 
 
 def _check_fused_dispatch(x, token_indices, token_probs, num_experts, group) -> None:

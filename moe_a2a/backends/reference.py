@@ -16,6 +16,7 @@ import torch.distributed as dist
 from .. import agreement
 from ..config import Config
 from ..event import EventHandle
+from ..fp8 import fp8_to_float, per_token_cast_to_fp8
 from ..handles import DispatchHandle
 from ..layout import compute_layout
 from .waits import Deadline
@@ -296,7 +297,8 @@ class ReferenceBackend:
 
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
                 bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config: Config,
-                previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+                previous_event=None, async_finish=False, allocate_on_comm_stream=False, use_fp8: bool = False):
+        """Sum the copies of each token; ``use_fp8``: rows travel as FP8 e4m3 with per-128 scales."""
         if previous_event is not None:
             previous_event.current_stream_wait()
         ex, me = self.exchanger, self.rank
@@ -311,10 +313,12 @@ class ReferenceBackend:
         back_splits = torch.cat([column[:1], column[1:] - column[:-1]]).tolist()
         send_mask = handle.is_token_in_rank.t()
         home_splits = send_mask.sum(1).cpu().tolist()
-        payload = [x]
+        payload = list(per_token_cast_to_fp8(x)) if use_fp8 else [x]
         if topk_weights is not None:
             payload.append(topk_weights[:num_recv])
         received = ex.rows(payload, back_splits, home_splits, operation="combine (rows)")
+        if use_fp8:
+            received[0:2] = [fp8_to_float(received[0], received[1])]
         _, token = send_mask.nonzero(as_tuple=True)  # token of each returned row, in arrival order
         num_tokens = handle.num_sent_tokens
         acc = torch.zeros(num_tokens, *x.shape[1:], dtype=_acc_dtype(x.dtype), device=device)

@@ -1,0 +1,81 @@
+"""Formats and rank masking with CUDA tensors: the kernels refuse what they cannot send (NotImplementedError,
+never another format), and the reference backend on CUDA tensors gives the CPU reference's results."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from harness import run_ranks, set_rank_device, skip_reason
+from moe_a2a import Buffer
+from moe_a2a.formats import nvfp4_quantize
+
+pytestmark = pytest.mark.gpu
+HIDDEN, MAX_TOKENS, NUM_EXPERTS = 256, 16, 8
+
+
+def _ll_buffer(**kw):
+    n = dist.get_world_size()
+    return Buffer(dist.group.WORLD, 0, Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, n, NUM_EXPERTS),
+                  low_latency_mode=True, **kw)
+
+
+def _inputs(rank, device):
+    gen = torch.Generator().manual_seed(7 + rank)
+    x = torch.randn(MAX_TOKENS - rank, HIDDEN, generator=gen).bfloat16()
+    idx = torch.rand(x.size(0), NUM_EXPERTS, generator=gen).topk(3, dim=1).indices
+    w = torch.rand(x.size(0), 3, generator=gen)
+    return x.to(device), idx.to(device), w.to(device)
+
+
+def _kernels_body(rank, num_ranks):
+    device = set_rank_device(rank)
+    x, idx, w = _inputs(rank, device)
+    ll = _ll_buffer()
+    assert ll.backend == "cuda"
+    recv, count, handle, _, _ = ll.low_latency_dispatch(x, idx, MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
+    with pytest.raises(NotImplementedError, match="use_logfmt=True on the low-latency kernels"):
+        ll.low_latency_combine(recv, idx, w, handle, use_logfmt=True)
+    with pytest.raises(NotImplementedError, match="use_fp8=True on the low-latency kernels"):
+        ll.low_latency_combine(recv, idx, w, handle, use_fp8=True)
+    with pytest.raises(NotImplementedError, match="rank masking on the low-latency kernels"):
+        ll.low_latency_update_mask_buffer(0, True)
+    combined, _, _ = ll.low_latency_combine(recv, idx, w, handle)  # the BF16 combine still works
+    torch.cuda.synchronize()
+    with pytest.raises(NotImplementedError, match="rank masking .enable_shrink"):
+        _ll_buffer(enable_shrink=True)
+
+    n = dist.get_world_size()
+    nvl = Buffer.get_combine_config(n).get_nvl_buffer_size_hint(HIDDEN * 2, n) * 2
+    normal = Buffer(dist.group.WORLD, nvl, 0)
+    layout = normal.get_dispatch_layout(idx, NUM_EXPERTS)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+    recv_x, _, _, _, nhandle, _ = normal.dispatch(x, topk_idx=idx, **args)
+    with pytest.raises(NotImplementedError, match="use_fp8=True.*CUDA kernels"):
+        normal.combine(recv_x, nhandle, use_fp8=True)
+    with pytest.raises(NotImplementedError, match="NVFP4 dispatch on the CUDA kernels"):
+        normal.dispatch(nvfp4_quantize(x.float()), topk_idx=idx, **args)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(skip_reason(2) is not None, reason=str(skip_reason(2)))
+def test_kernels_refuse_other_formats():
+    run_ranks(_kernels_body, 2)
+
+
+def _reference_body(rank, num_ranks):
+    device = set_rank_device(rank)
+    x, idx, w = _inputs(rank, device)
+    gpu, cpu = _ll_buffer(backend="reference"), _ll_buffer(backend="reference")
+    recv, _, handle, _, _ = gpu.low_latency_dispatch(x, idx, MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
+    recv_c, _, handle_c, _, _ = cpu.low_latency_dispatch(x.cpu(), idx.cpu(), MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
+    assert torch.equal(recv.cpu(), recv_c)
+    magnitude, _, _ = cpu.low_latency_combine(recv_c.abs(), idx.cpu(), w.cpu(), handle_c)
+    for kw in ({}, {"use_fp8": True}, {"use_logfmt": True}):
+        got, _, _ = gpu.low_latency_combine(recv, idx, w, handle, **kw)
+        want, _, _ = cpu.low_latency_combine(recv_c, idx.cpu(), w.cpu(), handle_c, **kw)
+        # log2/exp2 may differ by an ulp between devices: one LogFMT level (2.2%) at most, then BF16 rounding.
+        assert bool(((got.cpu().float() - want.float()).abs() <= 0.03 * magnitude.float() + 1e-3).all()), kw
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_reference_formats_on_cuda_tensors():
+    run_ranks(_reference_body, 2)

@@ -1,0 +1,207 @@
+"""Wire formats: LogFMT and NVFP4 codecs, FP8/LogFMT combines and NVFP4 dispatch on the reference backend."""
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from moe_a2a import Buffer
+from moe_a2a.fp8 import fp8_to_float, per_token_cast_to_fp8
+from moe_a2a.formats import logfmt_decode, logfmt_encode, nvfp4_dequantize, nvfp4_quantize
+from moe_a2a.formats.logfmt import LOG_SPAN
+
+# Measured bounds (docs/logfmt.md, README "Formats"): LogFMT relative error per value, FP8 e4m3 relative error.
+LOGFMT_REL = 0.011
+FP8_REL = 2.0 ** -4
+
+
+def _wide_values(gen, n=48, hidden=256):
+    """Random bf16 rows with magnitudes over many octaves, all-zero groups, tiny and negative values."""
+    x = torch.randn(n, hidden, generator=gen) * torch.exp2(torch.randint(-20, 20, (n, 1), generator=gen).float())
+    x *= torch.exp2(torch.rand(n, hidden, generator=gen) * 12 - 6)  # 12 octaves inside a group
+    x[0, :64] = 0
+    x[1, 5] = 1e-30
+    x[2, 64:128] = -x[2, 64:128].abs()
+    return x.bfloat16()
+
+
+# ---------------------------------------------------------------------------------------------- LogFMT
+def test_logfmt_bound():
+    x = _wide_values(torch.Generator().manual_seed(0)).float()
+    codes, ranges = logfmt_encode(x)
+    assert codes.dtype == torch.uint8 and codes.shape == (x.size(0), x.size(1) * 5 // 4)
+    assert ranges.dtype == torch.float16 and ranges.shape == (x.size(0), x.size(1) // 64, 2)
+    y = logfmt_decode(codes, ranges)
+    group_max = x.abs().view(x.size(0), -1, 64).amax(2, keepdim=True).expand(-1, -1, 64).reshape(x.shape)
+    # Within the span: relative; below it (values under 2**-16 of the group's largest): absolute.
+    bound = torch.maximum(LOGFMT_REL * x.abs(), group_max * 2.0 ** -LOG_SPAN)
+    err = (y - x).abs()
+    assert bool((err <= bound).all()), f"worst excess {(err - bound).max()}"
+    assert bool((y[x == 0] == 0).all())
+    assert bool((torch.sign(y) * torch.sign(x) >= 0).all())
+    rel = (err / x.abs())[x.abs() > group_max * 2.0 ** -8]
+    assert 1e-4 < float(rel.max()) <= LOGFMT_REL  # lossy, but within the stated bound
+    assert float(rel.mean()) < 0.006  # uniform in the log domain: about a quarter of the step
+
+
+def test_logfmt_bit_layout():
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 1], x[0, 4] = 1.0, -1.0, 4.0  # range [0, 2]: levels 1 and 511
+    codes, ranges = logfmt_encode(x)
+    assert ranges[0, 0].tolist() == [0.0, 2.0]
+    # Codes 1, 512 | 1, 0, 0 in the first five bytes; code 511 opens the second group of five.
+    word = 1 | (512 | 1) << 10
+    assert codes[0, :5].tolist() == [(word >> s) & 0xFF for s in range(0, 40, 8)]
+    assert codes[0, 5:10].tolist() == [511 & 0xFF, 511 >> 8, 0, 0, 0]
+    assert logfmt_decode(codes, ranges)[0, :5].tolist() == [1.0, -1.0, 0.0, 0.0, 4.0]
+
+
+def test_logfmt_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="divisible by 64"):
+        logfmt_encode(torch.randn(2, 96))
+    codes, ranges = logfmt_encode(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="disagree"):
+        logfmt_decode(codes, ranges[:, :1])
+
+
+# ---------------------------------------------------------------------------------------------- NVFP4
+def test_nvfp4_codes_and_rounding():
+    # Block amax 6 with global scale 1: block scale exactly 1, so values map straight to e2m1 codes.
+    row = torch.tensor([0.5, 6.0, -1.5, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.2, 7.0, 0.0, -6.0, 2.9, 1.1])
+    packed, scales, g = nvfp4_quantize(row.clamp(-6, 6).view(1, 16), torch.tensor(1.0))
+    assert scales.float().tolist() == [[1.0]]
+    assert packed[0, 0] == (1 | 7 << 4)  # element 0 in the low nibble
+    want = [0.5, 6.0, -1.5, 0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0, 6.0, 0.0, -6.0, 3.0, 1.0]  # ties to even
+    assert nvfp4_dequantize(packed, scales, g)[0].tolist() == want
+
+
+def test_nvfp4_bound():
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(1)) * 3
+    packed, scales, g = nvfp4_quantize(x)
+    assert packed.shape == (32, 128) and scales.shape == (32, 16) and g.shape == ()
+    y = nvfp4_dequantize(packed, scales, g)
+    block_max = x.abs().view(32, 16, 16).amax(2, keepdim=True).expand(-1, -1, 16).reshape(x.shape)
+    # e2m1 spacing is at most 2 (between 4 and 6) on a grid scaled to the block max (6), block scales round
+    # to e4m3 (relative 2**-4): the error stays below a quarter of the block max.
+    assert bool(((y - x).abs() <= 0.25 * block_max).all())
+    assert float(((y - x).abs() / block_max).mean()) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- on ranks
+def _buffer(hidden, **kw):
+    n = dist.get_world_size()
+    nvl = max(Buffer.get_dispatch_config(n).get_nvl_buffer_size_hint(hidden * 4, n),
+              Buffer.get_combine_config(n).get_nvl_buffer_size_hint(hidden * 4, n))
+    return Buffer(dist.group.WORLD, nvl, kw.pop("num_rdma_bytes", 0), **kw)
+
+
+def _gather(obj):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _normal_body(rank, num_ranks):
+    gen = torch.Generator().manual_seed(10 + rank)
+    hidden, num_experts, topk = 256, 4 * num_ranks, 3
+    buffer = _buffer(hidden)
+    num_tokens = 19 + 4 * rank
+    topk_idx = torch.rand(num_tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+    topk_idx[torch.rand(num_tokens, topk, generator=gen) < 0.2] = -1
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+
+    # NVFP4 dispatch: the bytes arrive unchanged, each row with its source's global scale.
+    x = torch.randn(num_tokens, hidden, generator=gen) * (rank + 1)
+    parts = nvfp4_quantize(x)
+    recv, recv_idx, _, _, handle, _ = buffer.dispatch(parts, topk_idx=topk_idx, **args)
+    # float8 tensors do not pickle: gather the scales as bytes.
+    all_parts = [(p, sc.view(torch.float8_e4m3fn), g) for p, sc, g in
+                 _gather((parts[0], parts[1].view(torch.uint8), parts[2]))]
+    all_idx = _gather(topk_idx)
+    per_rank = num_experts // num_ranks
+    src = [(s, t) for s in range(num_ranks) for t in range(all_idx[s].size(0))
+           if any(e >= 0 and e // per_rank == rank for e in all_idx[s][t].tolist())]
+    assert len(recv) == 3 and recv[0].shape == (len(src), hidden // 2) and recv[2].shape == (len(src),)
+    for i, (s, t) in enumerate(src):
+        assert torch.equal(recv[0][i], all_parts[s][0][t])
+        assert torch.equal(recv[1][i].view(torch.uint8), all_parts[s][1][t].view(torch.uint8))
+        assert float(recv[2][i]) == float(all_parts[s][2])
+    if src:  # per-row global scales decode every row as its source encoded it
+        want = torch.cat([nvfp4_dequantize(all_parts[s][0][t:t + 1], all_parts[s][1][t:t + 1], all_parts[s][2])
+                          for s, t in src])
+        assert torch.equal(nvfp4_dequantize(*recv), want)
+    cached, *_ = buffer.dispatch(parts, handle=handle)  # cached dispatch moves the same bytes
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(cached, recv))
+    with pytest.raises(ValueError, match="global scale"):
+        buffer.dispatch((parts[0], parts[1], parts[2].double()), handle=handle)
+    with pytest.raises(ValueError, match="block scales"):
+        buffer.dispatch((parts[0], parts[1][:, 1:], parts[2]), handle=handle)
+
+    # FP8 combine: exactly the BF16 path applied to the decoded rows; within the FP8 bound of the BF16 result.
+    y = (torch.randn(handle.num_recv_tokens, hidden, generator=gen) * (1 + rank)).bfloat16()
+    got, _, _ = buffer.combine(y, handle, use_fp8=True)
+    decoded = fp8_to_float(*per_token_cast_to_fp8(y))
+    want, _, _ = buffer.combine(decoded, handle)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16())
+    exact, _, _ = buffer.combine(y.float(), handle)
+    copies, _, _ = buffer.combine(y.float().abs(), handle)
+    # FP8 per copy (plus e4m3's subnormal floor, 2**-19 of the block max), then the BF16 rounding of the result.
+    floor = 2.0 ** -17 * copies.amax(1, keepdim=True)
+    assert bool(((got.float() - exact).abs() <= FP8_REL * copies + 2.0 ** -7 * exact.abs() + floor).all())
+    assert not torch.equal(got, exact.bfloat16())  # the format was applied
+    with pytest.raises(ValueError, match="divisible by 128"):
+        buffer.combine(y[:, :192].contiguous(), handle, use_fp8=True)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_normal_mode_formats(num_ranks):
+    run_distributed(_normal_body, num_ranks)
+
+
+def _low_latency_body(rank, num_ranks):
+    gen = torch.Generator().manual_seed(20 + rank)
+    hidden, max_tokens, num_experts, topk = 256, 9, 2 * num_ranks, 2
+    buffer = _buffer(hidden, low_latency_mode=True, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(
+        max_tokens, hidden, num_ranks, num_experts))
+    num_tokens = max_tokens - rank
+    x = torch.randn(num_tokens, hidden, generator=gen).bfloat16()
+    topk_idx = torch.rand(num_tokens, num_experts, generator=gen).topk(topk, dim=1).indices
+    topk_w = torch.rand(num_tokens, topk, generator=gen)
+    recv_x, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8=False)
+    # Expert outputs spanning several octaves per row, so the log ranges matter.
+    scale = torch.exp2(torch.rand(recv_x.shape, generator=gen) * 8 - 4)
+    y = (recv_x.float() * scale).bfloat16()
+    exact, _, _ = buffer.low_latency_combine(y, topk_idx, topk_w, handle)
+    # Sum of |weighted copies|: the scale of each token's error.
+    magnitude, _, _ = buffer.low_latency_combine(y.abs(), topk_idx, topk_w.abs(), handle)
+    for kw, rel in (({"use_logfmt": True}, LOGFMT_REL), ({"use_fp8": True}, FP8_REL)):
+        got, _, hook = buffer.low_latency_combine(y, topk_idx, topk_w, handle, return_recv_hook=True, **kw)
+        hook()
+        err = (got.float() - exact.float()).abs()
+        # Per value error, then the final BF16 rounding of both results (2**-8 relative each).
+        # (plus the floors: LogFMT's 2**-16 and e4m3's 2**-19 of the group / block max).
+        floor = 2.0 ** -15 * magnitude.float().amax(1, keepdim=True)
+        assert bool((err <= rel * magnitude.float() + 2.0 ** -7 * magnitude.float() + floor).all()), kw
+        assert float(err.max()) > 0, kw  # the format was applied
+    with pytest.raises(ValueError, match="exclusive"):
+        buffer.low_latency_combine(y, topk_idx, topk_w, handle, use_logfmt=True, use_fp8=True)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_low_latency_combine_formats(num_ranks):
+    run_distributed(_low_latency_body, num_ranks)
+
+
+def test_low_latency_logfmt_needs_hidden_64():
+    run_distributed(_logfmt_hidden_body, 2)
+
+
+def _logfmt_hidden_body(rank, num_ranks):
+    hidden, max_tokens, num_experts = 96, 4, 2
+    buffer = _buffer(hidden, low_latency_mode=True, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(
+        max_tokens, hidden, num_ranks, num_experts))
+    x = torch.randn(3, hidden).bfloat16()
+    idx = torch.tensor([[0], [1], [1]])
+    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, max_tokens, num_experts, use_fp8=False)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        buffer.low_latency_combine(recv, idx, torch.ones(3, 1), handle, use_logfmt=True)
