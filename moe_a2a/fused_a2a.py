@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import checks
+from . import checks, resident
 from .buffer import Buffer
 from .config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
@@ -90,7 +90,10 @@ def get_buffer(group: dist.ProcessGroup, hidden_bytes: int) -> Buffer:
     checks.positive_int("hidden_bytes", hidden_bytes)
     num_ranks = group.size()
     configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
-    buffer = _fit_buffer(_buffers.get(group), group, hidden_bytes, configs)
+    old = _buffers.get(group)
+    buffer = _fit_buffer(old, group, hidden_bytes, configs)
+    if old is not None and buffer is not old:
+        resident.begin(old)  # views of the old buffer still held are copied out before it goes
     _buffers[group] = buffer
     return buffer
 
@@ -122,7 +125,7 @@ class FusedDispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False,
-                allocate_on_comm_stream=False):
+                allocate_on_comm_stream=False, recv_x_in_buffer=False):
         """Send each token to the ranks of its experts.
 
         Arguments:
@@ -131,6 +134,9 @@ class FusedDispatch(torch.autograd.Function):
             token_probs: ``[num_tokens, topk]`` float32 routing weights (float64 for gradient checks), or None.
             num_experts: experts in the group, divisible by the group size.
             group: the EP process group.
+            recv_x_in_buffer: receive the rows in the buffer (``Buffer.dispatch(recv_x_in_buffer=True)``);
+                ``fused_dispatch`` then holds ``recv_x`` in ``moe_a2a.resident``: read it through
+                ``resident.claim``.
 
         Returns:
             recv_x: ``[num_recv, hidden]``, ordered by source rank then source token index.
@@ -142,6 +148,7 @@ class FusedDispatch(torch.autograd.Function):
         group = _resolve_group(group)
         _check_fused_dispatch(x, token_indices, token_probs, num_experts, group)
         buffer = get_buffer(group, get_hidden_bytes(x))
+        resident.begin(buffer)  # before the event the communication waits for: it must cover any copy
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \
             buffer.get_dispatch_layout(token_indices, num_experts, previous_event=_previous_event(async_finish),
                                        async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
@@ -149,7 +156,7 @@ class FusedDispatch(torch.autograd.Function):
             x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=num_tokens_per_rank,
             num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
             num_tokens_per_expert=num_tokens_per_expert, previous_event=_pending(event), async_finish=async_finish,
-            allocate_on_comm_stream=allocate_on_comm_stream)
+            allocate_on_comm_stream=allocate_on_comm_stream, recv_x_in_buffer=bool(recv_x_in_buffer))
         if async_finish:
             _wait(after)
         ctx.group, ctx.handle = group, handle
@@ -164,7 +171,9 @@ class FusedDispatch(torch.autograd.Function):
     def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
         """Combine the gradients back to the source tokens (float32 sums); weights' gradient likewise."""
         (recv_indices,) = ctx.saved_tensors
+        grad_output = resident.claim(grad_output)  # may be the buffer's combine input, written in place
         buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+        resident.begin(buffer)
         weights = None
         if ctx.has_probs and ctx.needs_input_grad[2]:
             # A slot whose expert is not on this rank received a constant 0: no gradient flows through it.
@@ -175,15 +184,19 @@ class FusedDispatch(torch.autograd.Function):
             allocate_on_comm_stream=ctx.allocate_on_comm_stream)
         if ctx.async_finish:
             _wait(after)
-        return grad_x, None, grad_probs, None, None, None, None
+        return grad_x, None, grad_probs, None, None, None, None, None
 
 
 class FusedCombine(torch.autograd.Function):
     """Send expert outputs back and sum the copies per token; backward is a cached dispatch."""
 
     @staticmethod
-    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False, grad_in_buffer=False):
         """Combine ``x`` ``[num_recv, hidden]`` (rows as dispatched) into ``[num_tokens, hidden]``.
+
+        ``x`` may be the buffer's combine input (``combine_input``), held in ``moe_a2a.resident``.
+        ``grad_in_buffer``: the backward's cached dispatch receives the gradient in the buffer and holds
+        it in ``moe_a2a.resident``; only for a consumer that reads it through ``resident.claim``.
 
         Returns ``(combined_x, None)``; the second slot is where DeepEP returns combined weights.
         """
@@ -192,7 +205,9 @@ class FusedCombine(torch.autograd.Function):
             raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
                             f"{type(handle).__name__}")
         checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
+        x = resident.claim(x)
         buffer = get_buffer(group, get_hidden_bytes(x))
+        resident.begin(buffer)
         combined_x, _, after = buffer.combine(
             x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
             allocate_on_comm_stream=allocate_on_comm_stream)
@@ -200,6 +215,7 @@ class FusedCombine(torch.autograd.Function):
             _wait(after)
         ctx.group, ctx.handle = group, handle
         ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+        ctx.grad_in_buffer = bool(grad_in_buffer)
         return combined_x, None
 
     @staticmethod
@@ -207,29 +223,43 @@ class FusedCombine(torch.autograd.Function):
         # ``previous_event`` (Megatron's name) receives the gradient of the ``None`` output: always None.
         """Send each token's gradient to every rank that got a copy (cached dispatch)."""
         buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+        resident.begin(buffer)
         grad_x, _, _, _, _, after = buffer.dispatch(
             grad_output.contiguous(), handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
-            async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream)
+            async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream,
+            recv_x_in_buffer=ctx.grad_in_buffer)
         if ctx.async_finish:
             _wait(after)
-        return grad_x, None, None, None, None
+        if ctx.grad_in_buffer:
+            resident.hold(buffer, grad_x)
+        return grad_x, None, None, None, None, None
 
 
 def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
-                   allocate_on_comm_stream=False):
+                   allocate_on_comm_stream=False, *, recv_x_in_buffer=False):
     """Differentiable dispatch; see ``FusedDispatch.forward`` for shapes.
+
+    ``recv_x_in_buffer`` (moe_a2a extension, off by default as in Megatron's API): ``recv_x`` is received in
+    the buffer and held in ``moe_a2a.resident``; read it through ``resident.claim(recv_x)``, which gives a copy
+    when another operation on the buffer came first.
 
     Returns ``(recv_x, recv_token_indices, recv_token_probs, tokens_per_expert, handle)``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    return FusedDispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
-                               allocate_on_comm_stream)
+    out = FusedDispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+                              allocate_on_comm_stream, bool(recv_x_in_buffer))
+    if recv_x_in_buffer:
+        # Held as the autograd graph's tensor, so a copy made on a later operation keeps its gradient path.
+        resident.hold(get_buffer(group, get_hidden_bytes(x)), out[0])
+    return out
 
 
-def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
-    """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``."""
-    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False, *, grad_in_buffer=False):
+    """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``.
+
+    ``grad_in_buffer``: see ``FusedCombine.forward``."""
+    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream, bool(grad_in_buffer))
 
 
 def _check_fused_dispatch(x, token_indices, token_probs, num_experts, group) -> None:
@@ -420,6 +450,7 @@ def combine_input(buffer: Buffer, dispatch_handle, x: torch.Tensor, num_topk: in
     rows = dispatch_handle.num_recv_tokens
     if buffer.num_nvl_bytes < combine_input_bytes(rows, x.size(1) * 2, num_topk):
         return None
+    resident.begin(buffer)  # the area is where received rows of a recv_x_in_buffer dispatch live
     return buffer.get_next_combine_buffer(dispatch_handle, x.size(1))
 
 
@@ -507,6 +538,7 @@ class HybridEPDispatch(torch.autograd.Function):
         buffer = _hybrid_buffer(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api, configs)
 
         topk_idx, topk_weights = _routing_to_topk(routing_map, probs, can_sync=num_rows is None)
+        resident.begin(buffer)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
             buffer.get_dispatch_layout(topk_idx, num_experts)
         # Every received token feeds at least one output row, so num_permuted_tokens bounds the receive count.
@@ -559,6 +591,7 @@ class HybridEPDispatch(torch.autograd.Function):
             _unpermute(grad_x, h.permuted_src, num_local, num_recv, out=grad_recv)
         else:
             grad_recv = _unpermute(grad_x, h.permuted_src, num_local, num_recv)[:n].contiguous()
+        resident.begin(h.buffer)
         grad_in, grad_topk, _ = h.buffer.combine(
             grad_recv, h.dispatch_handle,
             topk_weights=weights[:n].contiguous() if weights is not None else None, config=h.combine_config)
@@ -590,6 +623,7 @@ class HybridEPCombine(torch.autograd.Function):
             _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows, out=recv)
         else:
             recv = _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows)[:n].contiguous()
+        resident.begin(handle.buffer)
         combined, _, _ = handle.buffer.combine(recv, handle.dispatch_handle, config=handle.combine_config)
         ctx.handle = handle
         return combined
@@ -598,6 +632,7 @@ class HybridEPCombine(torch.autograd.Function):
     def backward(ctx, grad_x):
         """Send each token's gradient to every rank that holds its experts, then lay it out by expert."""
         h = ctx.handle
+        resident.begin(h.buffer)
         recv, _, _, _, _, _ = h.buffer.dispatch(grad_x.contiguous(), handle=h.dispatch_handle,
                                                 num_worst_tokens=h.num_worst_tokens, config=h.dispatch_config,
                                                 recv_x_in_buffer=True)

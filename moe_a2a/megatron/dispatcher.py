@@ -9,6 +9,14 @@ paths, chosen by ``config.moe_flex_dispatcher_backend`` (the key Megatron's flex
   already grouped by local expert (padded per expert for FP8 GEMMs), ``hybrid_ep_combine`` undoes it.
   With ``moe_pad_expert_input_to_capacity`` the output size is known up front: no host sync.
 
+Buffer-resident mode (``config.moe_a2a_buffer_resident``, default True; set False for the plain calls):
+the deepep path receives the dispatched rows in the communication buffer and permutes them from there,
+and writes the summed expert output straight into the buffer's combine input; backward likewise (the
+combine's backward receives its gradient in the buffer, the permute's backward sums into the combine
+input). Every such tensor is held in ``moe_a2a.resident`` until read: if another dispatch or combine on
+the same buffer runs first (overlap schedules, other micro-batches, another layer), it is copied out
+before being overwritten, so results are the same in either mode.
+
 Tensor x expert parallelism is handled as megatron's ``flex`` dispatcher does it: one communication
 group over all TP x EP ranks (``pg_collection.tp_ep``). A token routed to an expert of EP rank ``e``
 is sent to every expert-TP rank of ``e``; each computes a partial expert output (its slice of the
@@ -34,7 +42,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_align_size_for_quantization, get_capacity
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from .. import fused_a2a
+from .. import fused_a2a, resident
 
 BACKENDS = ("deepep", "hybridep")
 
@@ -48,7 +56,8 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         config: the layer's ``TransformerConfig``; reads ``moe_flex_dispatcher_backend``,
             ``moe_router_topk``, ``moe_expert_capacity_factor``, ``moe_pad_expert_input_to_capacity``,
             ``moe_router_padding_for_quantization``, ``moe_flex_dispatcher_num_sms`` (0.19) or
-            ``moe_deepep_num_sms`` / ``moe_hybridep_num_sms`` (0.16).
+            ``moe_deepep_num_sms`` / ``moe_hybridep_num_sms`` (0.16), and ``moe_a2a_buffer_resident``
+            (moe_a2a's own attribute, default True: see the module docstring).
         pg_collection: process groups (``ep``, ``expt_tp``, ``tp_ep``).
     """
 
@@ -62,6 +71,7 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         self.num_local_experts = num_local_experts
         self.local_expert_indices = local_expert_indices
         self.backend = getattr(config, "moe_flex_dispatcher_backend", "deepep")
+        self.buffer_resident = bool(getattr(config, "moe_a2a_buffer_resident", True))
         if self.backend not in BACKENDS:
             raise ValueError(f"moe_flex_dispatcher_backend={self.backend!r} is not supported by the moe_a2a "
                              f"dispatcher; expected one of {BACKENDS}")
@@ -154,7 +164,8 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
                 self.num_permuted_tokens = int(tokens_per_expert.sum())
             return x, dispatched_probs
         x, recv_indices, recv_probs, tokens_per_expert, self.handle = fused_a2a.fused_dispatch(
-            hidden_states, self.token_indices, probs, self.num_group_experts, self.group)
+            hidden_states, self.token_indices, probs, self.num_group_experts, self.group,
+            recv_x_in_buffer=self.buffer_resident)
         self.recv_indices = recv_indices
         self.tokens_per_expert = tokens_per_expert
         return x, recv_probs
@@ -167,6 +178,7 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         """
         if self.backend == "hybridep":
             return hidden_states, self.tokens_per_expert.cpu(), self._expert_probs(probs)
+        hidden_states = resident.claim(hidden_states)  # the received rows, or their copy if overwritten since
         self.num_recv = hidden_states.size(0)
         counts = self.tokens_per_expert
         if self.pad_multiple:
@@ -174,8 +186,14 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         self.src_rows, row_probs = _group_by_expert(self.recv_indices, probs, counts, self.num_local_experts)
         self.recv_indices = None
         self.tokens_per_expert = counts
-        permuted = torch.nn.functional.pad(hidden_states, (0, 0, 0, 1)).index_select(0, self.src_rows)
+        num_topk = self.token_indices.size(1) if self.token_indices is not None else 0
+        permuted = _GatherRows.apply(hidden_states, self.src_rows, self._buffer_target(num_topk))
         return permuted, counts, self._expert_probs(row_probs)
+
+    def _buffer_target(self, num_topk: int):
+        """What a gradient or output summed into the combine input needs: ``(group, handle, num_topk)``, or
+        None in plain mode."""
+        return (self.group, self.handle, num_topk) if self.buffer_resident else None
 
     def _expert_probs(self, probs: torch.Tensor) -> torch.Tensor:
         # Communication carries float32 weights; an fp64 router gives the experts fp64 ones, as megatron does.
@@ -186,19 +204,13 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         """deepep: sum each received token's expert rows ``[P, H]`` -> ``[N, H]``; hybridep: unchanged."""
         if self.backend == "hybridep":
             return hidden_states
-        # Sum a token's expert rows in float32 (bf16 sums of top-k terms lose bits), padding rows into row N.
-        acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-        out = hidden_states.new_zeros(self.num_recv + 1, hidden_states.size(1), dtype=acc)
-        out = out.index_add(0, self.src_rows, hidden_states.to(acc))
+        target = self._buffer_target(0)
+        summed = _SumRows.apply(hidden_states, self.src_rows, self.num_recv, target)
         self.src_rows = None
-        # BF16 sums are rounded straight into the buffer's combine input when it fits: the combine then
-        # skips copying them there. The copy is differentiable like the cast it replaces.
-        buffer = fused_a2a.get_buffer(self.group, fused_a2a.get_hidden_bytes(hidden_states))
-        summed = out[: self.num_recv]
-        target = fused_a2a.combine_input(buffer, self.handle, hidden_states)
-        if target is not None and target.size(0) == self.num_recv:
-            return target.copy_(summed)
-        return summed.to(hidden_states.dtype)
+        if target is not None:
+            # Held as the graph's tensor (the one megatron hands to token_combine); never read stale.
+            resident.hold(fused_a2a.get_buffer(self.group, fused_a2a.get_hidden_bytes(hidden_states)), summed)
+        return summed
 
     def token_combine(self, hidden_states: torch.Tensor):
         """Send expert outputs back to the tokens' ranks, summed per token: ``[T, H]``."""
@@ -208,7 +220,8 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
             if not self.drop_and_pad:
                 self.num_permuted_tokens = None
         else:
-            out, _ = fused_a2a.fused_combine(hidden_states, self.group, self.handle)
+            out, _ = fused_a2a.fused_combine(resident.claim(hidden_states), self.group, self.handle,
+                                             grad_in_buffer=self.buffer_resident)
         self.handle = None
         return out
 
@@ -250,3 +263,62 @@ def _group_by_expert(recv_indices: torch.Tensor, recv_probs: torch.Tensor, count
     row_probs = torch.zeros(total + 1, dtype=torch.float32, device=device).scatter(
         0, position.t().reshape(-1), weights.t().reshape(-1).float())
     return src[:total], row_probs[:total]
+
+
+def _sum_rows(y: torch.Tensor, src_rows: torch.Tensor, num_rows: int, target) -> torch.Tensor:
+    """``[num_rows, H]``: row ``n`` is the sum of the rows ``p`` of ``y`` ``[P, H]`` with ``src_rows[p] == n``
+    (``src_rows[p] == num_rows`` drops the row), summed in float32 (float64 for float64 ``y``).
+
+    With ``target = (group, handle, num_topk)`` the sums are rounded straight into the buffer's combine input
+    where it fits (bf16), so the combine skips copying them there; the caller holds the result in
+    ``moe_a2a.resident`` (on other backends it is an ordinary tensor, held all the same).
+    """
+    acc = torch.zeros(num_rows + 1, y.size(1), dtype=torch.float64 if y.dtype == torch.float64 else torch.float32,
+                      device=y.device)
+    acc.index_add_(0, src_rows, y.to(acc.dtype))
+    if target is not None:
+        group, handle, num_topk = target
+        buffer = fused_a2a.get_buffer(group, fused_a2a.get_hidden_bytes(y))
+        view = fused_a2a.combine_input(buffer, handle, y, num_topk)
+        if view is not None and view.size(0) == num_rows:
+            return view.copy_(acc[:num_rows])
+    return acc[:num_rows].to(y.dtype)
+
+
+def _gather_rows(x: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
+    """``[P, H]`` rows ``x[src_rows]`` of ``x`` ``[N, H]``; ``src_rows == N`` gives a zero row."""
+    return torch.nn.functional.pad(x, (0, 0, 0, 1)).index_select(0, src_rows)
+
+
+class _GatherRows(torch.autograd.Function):
+    """The permute to experts: expert rows from received rows. Backward sums each received token's
+    expert-row gradients, into the combine input of the dispatch's backward (a combine) when given."""
+
+    @staticmethod
+    def forward(ctx, x, src_rows, target):
+        ctx.save_for_backward(src_rows)
+        ctx.num_rows, ctx.target = x.size(0), target
+        return _gather_rows(x, src_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (src_rows,) = ctx.saved_tensors
+        summed = _sum_rows(grad, src_rows, ctx.num_rows, ctx.target)
+        if ctx.target is not None:  # read by the dispatch's backward through resident.claim
+            resident.hold(fused_a2a.get_buffer(ctx.target[0], fused_a2a.get_hidden_bytes(grad)), summed)
+        return summed, None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """The unpermute: each received token's expert rows summed, into the combine input when given.
+    Backward reads the gradient (received by the combine's backward, maybe in the buffer) row by row."""
+
+    @staticmethod
+    def forward(ctx, y, src_rows, num_rows, target):
+        ctx.save_for_backward(src_rows)
+        return _sum_rows(y, src_rows, num_rows, target)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (src_rows,) = ctx.saved_tensors
+        return _gather_rows(resident.claim(grad), src_rows), None, None, None
