@@ -60,7 +60,7 @@ def _dispatcher(resident_mode: bool):
     return MoEA2ATokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), cfg)
 
 
-def _inputs(rank: int, mb: int):
+def _inputs(rank: int, mb: int, device="cpu"):
     gen = torch.Generator().manual_seed(1000 * rank + mb)
     x = torch.randn(TOKENS, 1, HIDDEN, generator=gen).bfloat16()
     logits = torch.randn(TOKENS, EXPERTS, generator=gen)
@@ -70,7 +70,7 @@ def _inputs(rank: int, mb: int):
     probs = torch.where(routing_map, logits.softmax(1), 0.0)
     dy = torch.randn(TOKENS, 1, HIDDEN, generator=gen).bfloat16()
     scale = 1 + torch.rand(EXPERTS, HIDDEN, generator=gen)  # an "expert": a per-expert row scaling
-    return x, routing_map, probs, dy, scale
+    return tuple(t.to(device) for t in (x, routing_map, probs, dy, scale))
 
 
 def _experts(tokens, counts, probs, scale, rank, local):
@@ -79,12 +79,12 @@ def _experts(tokens, counts, probs, scale, rank, local):
     return torch.cat(out) * probs.unsqueeze(1).to(tokens.dtype)
 
 
-def _micro_batches(rank: int, resident_mode: bool, interleave: bool):
+def _micro_batches(rank: int, resident_mode: bool, interleave: bool, device="cpu"):
     """Run two micro-batches through two dispatchers (interleaved stage by stage, or one after the other);
     returns outputs and gradients of x and probs."""
     disps = [_dispatcher(resident_mode) for _ in range(2)]
     local = disps[0].num_local_experts
-    data = [_inputs(rank, mb) for mb in range(2)]
+    data = [_inputs(rank, mb, device) for mb in range(2)]
     xs = [d[0].clone().requires_grad_(True) for d in data]
     ps = [d[2].clone().requires_grad_(True) for d in data]
 
