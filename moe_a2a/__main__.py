@@ -6,7 +6,7 @@ import sys
 
 _COMMANDS = {
     "train": ("moe_a2a.train", "train a recipe: train RECIPE.yaml [key=value ...] [--dry-run]"),
-    "bench": ("moe_a2a.bench", "benchmarks on a GPU: bench {intranode,low-latency,internode} [options]"),
+    "bench": ("moe_a2a.bench", "benchmarks on a GPU: bench {intranode,low-latency,internode,moe-layer} [options]"),
     "demo": ("moe_a2a.demo", "multi-rank dispatch/combine demo on CPU"),
 }
 

@@ -548,7 +548,7 @@ def intranode_main(argv) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m moe_a2a bench {intranode,low-latency,internode} [options]   (see: bench intranode --help)")
+        print("usage: python -m moe_a2a bench {intranode,low-latency,internode,moe-layer} [options]   (see: bench intranode --help)")
         return 0 if argv else 2
     if argv[0] == "intranode":
         return intranode_main(argv[1:])
@@ -558,7 +558,10 @@ def main(argv=None) -> int:
     if argv[0] == "internode":
         from . import bench_internode
         return int(bench_internode.main(argv[1:]) or 0)
-    raise ValueError(f"bench {argv[0]!r}: choose 'intranode', 'low-latency' or 'internode'")
+    if argv[0] == "moe-layer":  # benchmarks/moe_layer.py (run from the repository root)
+        from benchmarks import moe_layer
+        return int(moe_layer.main(argv[1:]) or 0)
+    raise ValueError(f"bench {argv[0]!r}: choose 'intranode', 'low-latency', 'internode' or 'moe-layer'")
 
 
 if __name__ == "__main__":

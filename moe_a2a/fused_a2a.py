@@ -40,6 +40,7 @@ _PROB_DTYPES = (torch.float32, torch.float64)
 # The buffer caches Megatron's API implies: one normal-mode Buffer per group (``get_buffer``), and the
 # buffer of the HybridEP functions (``init_hybrid_ep_buffer``).
 _buffers: Dict[dist.ProcessGroup, Buffer] = {}
+_receive_rows: Dict[dist.ProcessGroup, int] = {}  # rows ``get_buffer`` keeps room for (reserve_receive_rows)
 _hybrid_ep_buffer: Optional["_HybridEPState"] = None
 
 
@@ -64,7 +65,7 @@ def _resolve_group(group) -> dist.ProcessGroup:
 
 
 def _fit_buffer(buffer: Optional[Buffer], group: dist.ProcessGroup, hidden_bytes: int,
-                configs: Sequence[Config]) -> Buffer:
+                configs: Sequence[Config], receive_rows: int = 0) -> Buffer:
     """``buffer`` if it serves ``group`` with rows of ``hidden_bytes`` under ``configs``, else a larger one.
 
     A replacement never shrinks, so alternating row sizes do not reallocate on every call. Every rank
@@ -72,6 +73,10 @@ def _fit_buffer(buffer: Optional[Buffer], group: dist.ProcessGroup, hidden_bytes
     """
     num_ranks = group.size()
     nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    if receive_rows:
+        # The rows themselves (bf16, or dispatch's dtype), their top-k weights and per-token fields, beyond what
+        # the ring needs: where received rows and the combine input live.
+        nvl += combine_input_bytes(receive_rows, hidden_bytes, MAX_TOPK) + receive_rows * 64
     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     if buffer is not None and buffer.group is group:
         if buffer.num_nvl_bytes >= nvl and buffer.num_rdma_bytes >= rdma:
@@ -91,7 +96,7 @@ def get_buffer(group: dist.ProcessGroup, hidden_bytes: int) -> Buffer:
     num_ranks = group.size()
     configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
     old = _buffers.get(group)
-    buffer = _fit_buffer(old, group, hidden_bytes, configs)
+    buffer = _fit_buffer(old, group, hidden_bytes, configs, _receive_rows.get(group, 0))
     if old is not None and buffer is not old:
         resident.begin(old)  # views of the old buffer still held are copied out before it goes
     _buffers[group] = buffer
@@ -125,7 +130,7 @@ class FusedDispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False,
-                allocate_on_comm_stream=False, recv_x_in_buffer=False):
+                allocate_on_comm_stream=False):
         """Send each token to the ranks of its experts.
 
         Arguments:
@@ -134,9 +139,6 @@ class FusedDispatch(torch.autograd.Function):
             token_probs: ``[num_tokens, topk]`` float32 routing weights (float64 for gradient checks), or None.
             num_experts: experts in the group, divisible by the group size.
             group: the EP process group.
-            recv_x_in_buffer: receive the rows in the buffer (``Buffer.dispatch(recv_x_in_buffer=True)``);
-                ``fused_dispatch`` then holds ``recv_x`` in ``moe_a2a.resident``: read it through
-                ``resident.claim``.
 
         Returns:
             recv_x: ``[num_recv, hidden]``, ordered by source rank then source token index.
@@ -145,121 +147,184 @@ class FusedDispatch(torch.autograd.Function):
             tokens_per_expert: ``[num_local_experts]`` int64 on the CPU, received (token, expert) pairs.
             handle: the ``DispatchHandle`` for ``fused_combine``.
         """
-        group = _resolve_group(group)
-        _check_fused_dispatch(x, token_indices, token_probs, num_experts, group)
-        buffer = get_buffer(group, get_hidden_bytes(x))
-        resident.begin(buffer)  # before the event the communication waits for: it must cover any copy
-        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \
-            buffer.get_dispatch_layout(token_indices, num_experts, previous_event=_previous_event(async_finish),
-                                       async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
-        recv_x, recv_indices, recv_probs, tokens_per_expert_list, handle, after = buffer.dispatch(
-            x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=num_tokens_per_rank,
-            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert, previous_event=_pending(event), async_finish=async_finish,
-            allocate_on_comm_stream=allocate_on_comm_stream, recv_x_in_buffer=bool(recv_x_in_buffer))
-        if async_finish:
-            _wait(after)
-        ctx.group, ctx.handle = group, handle
-        ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
-        ctx.has_probs = token_probs is not None
-        ctx.save_for_backward(recv_indices)
-        ctx.mark_non_differentiable(recv_indices)
-        tokens_per_expert = torch.tensor(tokens_per_expert_list, dtype=torch.int64)
-        return recv_x, recv_indices, recv_probs, tokens_per_expert, handle
+        return _dispatch_forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish,
+                                 allocate_on_comm_stream, False)
 
     @staticmethod
     def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
         """Combine the gradients back to the source tokens (float32 sums); weights' gradient likewise."""
-        (recv_indices,) = ctx.saved_tensors
-        grad_output = resident.claim(grad_output)  # may be the buffer's combine input, written in place
-        buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
-        resident.begin(buffer)
-        weights = None
-        if ctx.has_probs and ctx.needs_input_grad[2]:
-            # A slot whose expert is not on this rank received a constant 0: no gradient flows through it.
-            weights = grad_token_probs.masked_fill(recv_indices < 0, 0).contiguous()
-        grad_x, grad_probs, after = buffer.combine(
-            grad_output.contiguous(), ctx.handle, topk_weights=weights,
-            previous_event=_previous_event(ctx.async_finish), async_finish=ctx.async_finish,
-            allocate_on_comm_stream=ctx.allocate_on_comm_stream)
-        if ctx.async_finish:
-            _wait(after)
-        return grad_x, None, grad_probs, None, None, None, None, None
+        return _dispatch_backward(ctx, grad_output, grad_token_probs)
+
+
+def _dispatch_forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream,
+                      recv_x_in_buffer: bool):
+    group = _resolve_group(group)
+    _check_fused_dispatch(x, token_indices, token_probs, num_experts, group)
+    buffer = get_buffer(group, get_hidden_bytes(x))
+    resident.begin(buffer)  # before the event the communication waits for: it must cover any copy
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \
+        buffer.get_dispatch_layout(token_indices, num_experts, previous_event=_previous_event(async_finish),
+                                   async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+    recv_x, recv_indices, recv_probs, tokens_per_expert_list, handle, after = buffer.dispatch(
+        x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=_pending(event), async_finish=async_finish,
+        allocate_on_comm_stream=allocate_on_comm_stream, recv_x_in_buffer=recv_x_in_buffer)
+    if async_finish:
+        _wait(after)
+    ctx.group, ctx.handle = group, handle
+    ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+    ctx.has_probs = token_probs is not None
+    ctx.save_for_backward(recv_indices)
+    ctx.mark_non_differentiable(recv_indices)
+    tokens_per_expert = torch.tensor(tokens_per_expert_list, dtype=torch.int64)
+    return recv_x, recv_indices, recv_probs, tokens_per_expert, handle
+
+
+def _dispatch_backward(ctx, grad_output, grad_token_probs):
+    (recv_indices,) = ctx.saved_tensors
+    grad_output = resident.claim(grad_output)  # may be the buffer's combine input, written in place
+    buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+    resident.begin(buffer)
+    weights = None
+    if ctx.has_probs and ctx.needs_input_grad[2]:
+        # A slot whose expert is not on this rank received a constant 0: no gradient flows through it.
+        weights = grad_token_probs.masked_fill(recv_indices < 0, 0).contiguous()
+    grad_x, grad_probs, after = buffer.combine(
+        grad_output.contiguous(), ctx.handle, topk_weights=weights,
+        previous_event=_previous_event(ctx.async_finish), async_finish=ctx.async_finish,
+        allocate_on_comm_stream=ctx.allocate_on_comm_stream)
+    if ctx.async_finish:
+        _wait(after)
+    return grad_x, None, grad_probs, None, None, None, None
+
+
+class FusedDispatchResident(FusedDispatch):
+    """``FusedDispatch`` receiving the rows in the buffer (``Buffer.dispatch(recv_x_in_buffer=True)``): ``recv_x``
+    may be a view of the buffer, valid until its next operation; ``fused_dispatch_resident`` holds it in
+    ``moe_a2a.resident``, read it through ``resident.claim``. Backward takes a gradient written in the
+    combine input (``combine_input``), held likewise."""
+
+    @staticmethod
+    def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False,
+                allocate_on_comm_stream=False):
+        """``FusedDispatch.forward`` with ``recv_x`` left in the buffer."""
+        return _dispatch_forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish,
+                                 allocate_on_comm_stream, True)
 
 
 class FusedCombine(torch.autograd.Function):
     """Send expert outputs back and sum the copies per token; backward is a cached dispatch."""
 
     @staticmethod
-    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False, grad_in_buffer=False):
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         """Combine ``x`` ``[num_recv, hidden]`` (rows as dispatched) into ``[num_tokens, hidden]``.
 
         ``x`` may be the buffer's combine input (``combine_input``), held in ``moe_a2a.resident``.
-        ``grad_in_buffer``: the backward's cached dispatch receives the gradient in the buffer and holds
-        it in ``moe_a2a.resident``; only for a consumer that reads it through ``resident.claim``.
 
         Returns ``(combined_x, None)``; the second slot is where DeepEP returns combined weights.
         """
-        group = _resolve_group(group)
-        if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
-                            f"{type(handle).__name__}")
-        checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
-        x = resident.claim(x)
-        buffer = get_buffer(group, get_hidden_bytes(x))
-        resident.begin(buffer)
-        combined_x, _, after = buffer.combine(
-            x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
-            allocate_on_comm_stream=allocate_on_comm_stream)
-        if async_finish:
-            _wait(after)
-        ctx.group, ctx.handle = group, handle
-        ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
-        ctx.grad_in_buffer = bool(grad_in_buffer)
-        return combined_x, None
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, False)
 
     @staticmethod
     def backward(ctx, grad_output, previous_event=None):
         # ``previous_event`` (Megatron's name) receives the gradient of the ``None`` output: always None.
         """Send each token's gradient to every rank that got a copy (cached dispatch)."""
-        buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
-        resident.begin(buffer)
-        grad_x, _, _, _, _, after = buffer.dispatch(
-            grad_output.contiguous(), handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
-            async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream,
-            recv_x_in_buffer=ctx.grad_in_buffer)
-        if ctx.async_finish:
-            _wait(after)
-        if ctx.grad_in_buffer:
-            resident.hold(buffer, grad_x)
-        return grad_x, None, None, None, None, None
+        return _combine_backward(ctx, grad_output)
+
+
+def _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, grad_in_buffer: bool):
+    group = _resolve_group(group)
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
+                        f"{type(handle).__name__}")
+    checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
+    x = resident.claim(x)
+    buffer = get_buffer(group, get_hidden_bytes(x))
+    resident.begin(buffer)
+    combined_x, _, after = buffer.combine(
+        x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
+        allocate_on_comm_stream=allocate_on_comm_stream)
+    if async_finish:
+        _wait(after)
+    ctx.group, ctx.handle = group, handle
+    ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+    ctx.grad_in_buffer = grad_in_buffer
+    return combined_x, None
+
+
+def _combine_backward(ctx, grad_output):
+    buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+    resident.begin(buffer)
+    grad_x, _, _, _, _, after = buffer.dispatch(
+        grad_output.contiguous(), handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
+        async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream,
+        recv_x_in_buffer=ctx.grad_in_buffer)
+    if ctx.async_finish:
+        _wait(after)
+    if ctx.grad_in_buffer:
+        resident.hold(buffer, grad_x)
+    return grad_x, None, None, None, None
+
+
+class FusedCombineResident(FusedCombine):
+    """``FusedCombine`` whose backward (a cached dispatch) receives the gradient in the buffer and holds it in
+    ``moe_a2a.resident``: only for a consumer that reads it through ``resident.claim``."""
+
+    @staticmethod
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+        """``FusedCombine.forward``; the backward's gradient stays in the buffer."""
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, True)
 
 
 def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
-                   allocate_on_comm_stream=False, *, recv_x_in_buffer=False):
+                   allocate_on_comm_stream=False):
     """Differentiable dispatch; see ``FusedDispatch.forward`` for shapes.
-
-    ``recv_x_in_buffer`` (moe_a2a extension, off by default as in Megatron's API): ``recv_x`` is received in
-    the buffer and held in ``moe_a2a.resident``; read it through ``resident.claim(recv_x)``, which gives a copy
-    when another operation on the buffer came first.
 
     Returns ``(recv_x, recv_token_indices, recv_token_probs, tokens_per_expert, handle)``.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    out = FusedDispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
-                              allocate_on_comm_stream, bool(recv_x_in_buffer))
-    if recv_x_in_buffer:
-        # Held as the autograd graph's tensor, so a copy made on a later operation keeps its gradient path.
-        resident.hold(get_buffer(group, get_hidden_bytes(x)), out[0])
+    return FusedDispatch.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+                               allocate_on_comm_stream)
+
+
+def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``."""
+    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+
+
+def fused_dispatch_resident(x, token_indices, token_probs, num_experts, group, async_finish=False,
+                            allocate_on_comm_stream=False):
+    """``fused_dispatch`` with the received rows left in the buffer (moe_a2a extension, same arguments).
+
+    ``recv_x`` is held in ``moe_a2a.resident``: read it through ``resident.claim(recv_x)``, which gives a copy
+    when another operation on the buffer came first. Size the buffer for the rows with
+    ``reserve_receive_rows``; rows that do not fit arrive in an ordinary tensor.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    out = FusedDispatchResident.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+                                      allocate_on_comm_stream)
+    # Held as the autograd graph's tensor, so a copy made on a later operation keeps its gradient path.
+    resident.hold(get_buffer(group, get_hidden_bytes(x)), out[0])
     return out
 
 
-def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=False, *, grad_in_buffer=False):
-    """Differentiable combine with the handle of ``fused_dispatch``; returns ``(combined_x, None)``.
+def fused_combine_resident(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    """``fused_combine`` whose backward receives the gradient in the buffer, held in ``moe_a2a.resident``
+    (moe_a2a extension, same arguments): for a consumer of that gradient that claims it."""
+    return FusedCombineResident.apply(x, group, handle, async_finish, allocate_on_comm_stream)
 
-    ``grad_in_buffer``: see ``FusedCombine.forward``."""
-    return FusedCombine.apply(x, group, handle, async_finish, allocate_on_comm_stream, bool(grad_in_buffer))
+
+def reserve_receive_rows(group: dist.ProcessGroup, num_rows: int) -> None:
+    """Size the cached buffer of ``group`` so ``num_rows`` received rows live in it (``fused_dispatch_resident``)
+    and as many are written in place as combine input. Collective in effect (the buffer may be rebuilt):
+    every rank passes the same ``num_rows``, e.g. tokens per rank x group size, the most a rank can receive.
+    Never shrinks."""
+    group = _resolve_group(group)
+    checks.positive_int("num_rows", num_rows, minimum=0)
+    _receive_rows[group] = max(_receive_rows.get(group, 0), num_rows)
 
 
 def _check_fused_dispatch(x, token_indices, token_probs, num_experts, group) -> None:

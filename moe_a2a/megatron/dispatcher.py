@@ -43,6 +43,7 @@ from megatron.core.transformer.moe.moe_utils import get_align_size_for_quantizat
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from .. import fused_a2a, resident
+from ..permute import GatherRows, SumRows, group_by_expert
 
 BACKENDS = ("deepep", "hybridep")
 
@@ -163,9 +164,13 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
                 self.tokens_per_expert = tokens_per_expert  # host counts of the dispatch
                 self.num_permuted_tokens = int(tokens_per_expert.sum())
             return x, dispatched_probs
-        x, recv_indices, recv_probs, tokens_per_expert, self.handle = fused_a2a.fused_dispatch(
-            hidden_states, self.token_indices, probs, self.num_group_experts, self.group,
-            recv_x_in_buffer=self.buffer_resident)
+        dispatch = fused_a2a.fused_dispatch
+        if self.buffer_resident:
+            # Room for the most rows a rank can receive (megatron gives every rank the same token count).
+            fused_a2a.reserve_receive_rows(self.group, hidden_states.size(0) * self.group_size)
+            dispatch = fused_a2a.fused_dispatch_resident
+        x, recv_indices, recv_probs, tokens_per_expert, self.handle = dispatch(
+            hidden_states, self.token_indices, probs, self.num_group_experts, self.group)
         self.recv_indices = recv_indices
         self.tokens_per_expert = tokens_per_expert
         return x, recv_probs
@@ -183,11 +188,11 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         counts = self.tokens_per_expert
         if self.pad_multiple:
             counts = (counts + self.pad_multiple - 1) // self.pad_multiple * self.pad_multiple
-        self.src_rows, row_probs = _group_by_expert(self.recv_indices, probs, counts, self.num_local_experts)
+        self.src_rows, row_probs = group_by_expert(self.recv_indices, probs, counts, self.num_local_experts)
         self.recv_indices = None
         self.tokens_per_expert = counts
         num_topk = self.token_indices.size(1) if self.token_indices is not None else 0
-        permuted = _GatherRows.apply(hidden_states, self.src_rows, self._buffer_target(num_topk))
+        permuted = GatherRows.apply(hidden_states, self.src_rows, self._buffer_target(num_topk))
         return permuted, counts, self._expert_probs(row_probs)
 
     def _buffer_target(self, num_topk: int):
@@ -205,7 +210,7 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         if self.backend == "hybridep":
             return hidden_states
         target = self._buffer_target(0)
-        summed = _SumRows.apply(hidden_states, self.src_rows, self.num_recv, target)
+        summed = SumRows.apply(hidden_states, self.src_rows, self.num_recv, target)
         self.src_rows = None
         if target is not None:
             # Held as the graph's tensor (the one megatron hands to token_combine); never read stale.
@@ -220,8 +225,8 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
             if not self.drop_and_pad:
                 self.num_permuted_tokens = None
         else:
-            out, _ = fused_a2a.fused_combine(resident.claim(hidden_states), self.group, self.handle,
-                                             grad_in_buffer=self.buffer_resident)
+            combine = fused_a2a.fused_combine_resident if self.buffer_resident else fused_a2a.fused_combine
+            out, _ = combine(resident.claim(hidden_states), self.group, self.handle)
         self.handle = None
         return out
 
@@ -229,96 +234,3 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         """Restore the layer's input shape ``[S/TP, B, H]``."""
         return hidden_states.view(self.hidden_shape)
 
-
-def _group_by_expert(recv_indices: torch.Tensor, recv_probs: torch.Tensor, counts: torch.Tensor,
-                     num_local_experts: int):
-    """Rows for the experts: expert 0's copies, then expert 1's, ..., each in received order.
-
-    Args:
-        recv_indices: ``[N, K]`` int64 local expert of each received slot, -1 for none.
-        recv_probs: ``[N, K]`` float32 weights of the slots.
-        counts: ``[L]`` int64 rows per expert (padded counts when padding; padding rows come last).
-    Returns:
-        src_rows ``[P]`` int64: received row feeding each expert row, ``N`` for padding (a zero row);
-        probs ``[P]`` float32: the slot's weight, 0 on padding.
-    """
-    n = recv_indices.size(0)
-    device = recv_indices.device
-    # [N, L] multi-hot map and weights of the local experts.
-    valid = recv_indices >= 0
-    local_map = torch.zeros(n, num_local_experts + 1, dtype=torch.bool, device=device)
-    local_map.scatter_(1, torch.where(valid, recv_indices, num_local_experts), True)
-    local_map = local_map[:, :num_local_experts]
-    # Out-of-place scatters keep the weights differentiable (the router's gradient flows back here).
-    weights = torch.zeros(n, num_local_experts + 1, dtype=recv_probs.dtype, device=device).scatter_add(
-        1, torch.where(valid, recv_indices, num_local_experts), recv_probs.masked_fill(~valid, 0))
-    weights = weights[:, :num_local_experts]
-    counts = counts.to(device)
-    total = int(counts.sum())
-    offsets = counts.cumsum(0) - counts
-    position = offsets + local_map.long().cumsum(0) - 1  # row of each (token, expert) pair
-    position = torch.where(local_map, position, total)
-    src = torch.full((total + 1,), n, dtype=torch.int64, device=device)
-    src.scatter_(0, position.t().reshape(-1), torch.arange(n, device=device).repeat(num_local_experts))
-    row_probs = torch.zeros(total + 1, dtype=torch.float32, device=device).scatter(
-        0, position.t().reshape(-1), weights.t().reshape(-1).float())
-    return src[:total], row_probs[:total]
-
-
-def _sum_rows(y: torch.Tensor, src_rows: torch.Tensor, num_rows: int, target) -> torch.Tensor:
-    """``[num_rows, H]``: row ``n`` is the sum of the rows ``p`` of ``y`` ``[P, H]`` with ``src_rows[p] == n``
-    (``src_rows[p] == num_rows`` drops the row), summed in float32 (float64 for float64 ``y``).
-
-    With ``target = (group, handle, num_topk)`` the sums are rounded straight into the buffer's combine input
-    where it fits (bf16), so the combine skips copying them there; the caller holds the result in
-    ``moe_a2a.resident`` (on other backends it is an ordinary tensor, held all the same).
-    """
-    acc = torch.zeros(num_rows + 1, y.size(1), dtype=torch.float64 if y.dtype == torch.float64 else torch.float32,
-                      device=y.device)
-    acc.index_add_(0, src_rows, y.to(acc.dtype))
-    if target is not None:
-        group, handle, num_topk = target
-        buffer = fused_a2a.get_buffer(group, fused_a2a.get_hidden_bytes(y))
-        view = fused_a2a.combine_input(buffer, handle, y, num_topk)
-        if view is not None and view.size(0) == num_rows:
-            return view.copy_(acc[:num_rows])
-    return acc[:num_rows].to(y.dtype)
-
-
-def _gather_rows(x: torch.Tensor, src_rows: torch.Tensor) -> torch.Tensor:
-    """``[P, H]`` rows ``x[src_rows]`` of ``x`` ``[N, H]``; ``src_rows == N`` gives a zero row."""
-    return torch.nn.functional.pad(x, (0, 0, 0, 1)).index_select(0, src_rows)
-
-
-class _GatherRows(torch.autograd.Function):
-    """The permute to experts: expert rows from received rows. Backward sums each received token's
-    expert-row gradients, into the combine input of the dispatch's backward (a combine) when given."""
-
-    @staticmethod
-    def forward(ctx, x, src_rows, target):
-        ctx.save_for_backward(src_rows)
-        ctx.num_rows, ctx.target = x.size(0), target
-        return _gather_rows(x, src_rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (src_rows,) = ctx.saved_tensors
-        summed = _sum_rows(grad, src_rows, ctx.num_rows, ctx.target)
-        if ctx.target is not None:  # read by the dispatch's backward through resident.claim
-            resident.hold(fused_a2a.get_buffer(ctx.target[0], fused_a2a.get_hidden_bytes(grad)), summed)
-        return summed, None, None
-
-
-class _SumRows(torch.autograd.Function):
-    """The unpermute: each received token's expert rows summed, into the combine input when given.
-    Backward reads the gradient (received by the combine's backward, maybe in the buffer) row by row."""
-
-    @staticmethod
-    def forward(ctx, y, src_rows, num_rows, target):
-        ctx.save_for_backward(src_rows)
-        return _sum_rows(y, src_rows, num_rows, target)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (src_rows,) = ctx.saved_tensors
-        return _gather_rows(resident.claim(grad), src_rows), None, None, None

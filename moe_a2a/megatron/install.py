@@ -159,10 +159,12 @@ def _resident_fused_dispatch(ours):
 
     def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
                        allocate_on_comm_stream=False):
-        return ours.fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish,
-                                   allocate_on_comm_stream, recv_x_in_buffer=True)
+        # Room for the most rows a rank can receive (megatron gives every rank the same token count).
+        ours.reserve_receive_rows(group, x.size(0) * group.size())
+        return ours.fused_dispatch_resident(x, token_indices, token_probs, num_experts, group, async_finish,
+                                            allocate_on_comm_stream)
 
-    fused_dispatch.__doc__ = ours.fused_dispatch.__doc__
+    fused_dispatch.__doc__ = ours.fused_dispatch_resident.__doc__
     return fused_dispatch
 
 
