@@ -84,7 +84,7 @@ class _Layer:
         return h * probs.unsqueeze(1).to(h.dtype)
 
 
-def _fused_step(layer, x, group, resident_mode: bool, gemms: bool):
+def _fused_step(layer, x, group, resident_mode: bool, gemms: bool, seen=None):
     from moe_a2a import fused_a2a, resident
     from moe_a2a.permute import GatherRows, SumRows, group_by_expert
 
@@ -99,6 +99,11 @@ def _fused_step(layer, x, group, resident_mode: bool, gemms: bool):
     h = GatherRows.apply(recv, src, (group, handle, idx.size(1)) if resident_mode else None)
     y = layer.experts(h, counts.tolist(), row_probs, gemms)
     summed = SumRows.apply(y, src, recv.size(0), (group, handle, 0) if resident_mode else None)
+    if seen is not None and x.is_cuda:
+        # Whether the rows really lived in the buffer (too small a buffer falls back to ordinary tensors).
+        base = fused_a2a.get_buffer(group, fused_a2a.get_hidden_bytes(x)).get_local_buffer_tensor(torch.uint8)
+        seen.update(recv_in_buffer=recv.data_ptr() == base.data_ptr(),
+                    combine_input_in_buffer=summed.data_ptr() == base.data_ptr())
     combine = fused_a2a.fused_combine_resident if resident_mode else fused_a2a.fused_combine
     return combine(summed, group, handle)[0]
 
@@ -197,19 +202,20 @@ def _worker(rank: int, num_ranks: int, opts: Dict):
     x0 = torch.randn(opts["tokens"], opts["hidden"], generator=gen).to(device, dtype)
     dy = torch.randn(opts["tokens"], opts["hidden"], generator=gen).to(device, dtype)
 
-    def run(mode, gemms=True):
+    def run(mode, gemms=True, seen=None):
         x = x0.clone().requires_grad_(True)
         if mode == "all_to_all":
             out = _all_to_all_step(layer, x, a2a_group, via_host, gemms)
         else:
-            out = _fused_step(layer, x, world, mode == "resident", gemms)
+            out = _fused_step(layer, x, world, mode == "resident", gemms, seen)
         (out.float() * dy.float()).sum().backward()
         return out.detach(), x.grad
 
     results = {}
     reference = None
     for mode in opts["modes"]:
-        out, grad = run(mode)
+        seen = {}
+        out, grad = run(mode, seen=seen)
         if reference is None:
             reference = (out, grad)
         diffs = [float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
@@ -219,7 +225,7 @@ def _worker(rank: int, num_ranks: int, opts: Dict):
         worst = torch.tensor(diffs, dtype=torch.float64)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         results[mode] = {"step_us": step, "no_gemm_step_us": bare, "comm_share": bare / step,
-                         "max_abs_diff_out": float(worst[0]), "max_abs_diff_grad_x": float(worst[1])}
+                         "max_abs_diff_out": float(worst[0]), "max_abs_diff_grad_x": float(worst[1]), **seen}
     first = opts["modes"][0]
     for mode in results:
         results[mode][f"ratio_to_{first}"] = results[mode]["step_us"] / results[first]["step_us"]
@@ -297,7 +303,9 @@ def format_table(report: Dict) -> str:
         transport = report["transport"]["all_to_all" if mode == "all_to_all" else "fused_a2a"]
         lines.append(f"{mode:12s} {r['step_us'] / 1e3:9.3f} {r['no_gemm_step_us'] / 1e3:11.3f} "
                      f"{r['comm_share']:11.2f} {r[f'ratio_to_{first}']:10.3f} "
-                     f"{max(r['max_abs_diff_out'], r['max_abs_diff_grad_x']):11.2e}  {transport}")
+                     f"{max(r['max_abs_diff_out'], r['max_abs_diff_grad_x']):11.2e}  {transport}"
+                     + (f" (received rows in buffer: {r['recv_in_buffer']}, combine input in buffer: "
+                        f"{r['combine_input_in_buffer']})" if "recv_in_buffer" in r else ""))
     return "\n".join(lines)
 
 
