@@ -74,9 +74,10 @@ def _fit_buffer(buffer: Optional[Buffer], group: dist.ProcessGroup, hidden_bytes
     num_ranks = group.size()
     nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     if receive_rows:
-        # The rows themselves (bf16, or dispatch's dtype), their top-k weights and per-token fields, beyond what
-        # the ring needs: where received rows and the combine input live.
-        nvl += combine_input_bytes(receive_rows, hidden_bytes, MAX_TOPK) + receive_rows * 64
+        # Beyond what the rings need: the rows themselves (where received rows and the combine input live) and,
+        # per row, the fields a dispatch stages behind them (top-k ids and weights, scales, source index, one
+        # slot per rank), generously.
+        nvl += combine_input_bytes(receive_rows, hidden_bytes, MAX_TOPK) + receive_rows * (256 + 4 * num_ranks)
     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     if buffer is not None and buffer.group is group:
         if buffer.num_nvl_bytes >= nvl and buffer.num_rdma_bytes >= rdma:

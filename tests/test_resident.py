@@ -192,6 +192,14 @@ def _check_interleaved(rank: int, world_size: int):
                 assert copies >= 2, (before, after)
             else:
                 assert copies == 0, (before, after)  # in order: nothing copied, everything read in place
+        # The resident dispatcher sized its buffer for the most rows a rank can receive (tokens x ranks).
+        from moe_a2a import Buffer, fused_a2a
+        from moe_a2a.config import combine_input_bytes
+
+        ring = max(c.get_nvl_buffer_size_hint(HIDDEN * 2, world_size) for c in (
+            Buffer.get_dispatch_config(world_size), Buffer.get_combine_config(world_size)))
+        assert max(b.num_nvl_bytes for b in fused_a2a._buffers.values()) >= \
+            ring + combine_input_bytes(TOKENS * world_size, HIDDEN * 2, TOPK)
         # Plain mode holds nothing.
         before = _stats()
         _micro_batches(rank, resident_mode=False, interleave=True)
