@@ -43,9 +43,12 @@ def test_claim_returns_view_copy_or_raises():
 HIDDEN, EXPERTS, TOPK, TOKENS = 16, 8, 2, 12
 
 
-def _dispatcher(resident_mode: bool):
+def _dispatcher(resident_mode: bool, kind: str):
+    """The ``moe_a2a`` dispatcher, or megatron's ``flex`` one after ``install(buffer_resident=...)``."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe.token_dispatcher import MoEFlexTokenDispatcher
 
+    import moe_a2a.megatron as mm
     from moe_a2a.megatron.dispatcher import MoEA2ATokenDispatcher
 
     cfg = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=32,
@@ -57,6 +60,13 @@ def _dispatcher(resident_mode: bool):
     ep = torch.distributed.get_world_size()
     local = EXPERTS // ep
     rank = torch.distributed.get_rank()
+    if kind == "flex":
+        mm.uninstall()
+        assert mm.install(buffer_resident=resident_mode)["buffer_resident"] == resident_mode
+        from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+        return MoEFlexTokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), cfg,
+                                      pg_collection=get_default_pg_collection())
     return MoEA2ATokenDispatcher(local, list(range(rank * local, (rank + 1) * local)), cfg)
 
 
@@ -79,10 +89,10 @@ def _experts(tokens, counts, probs, scale, rank, local):
     return torch.cat(out) * probs.unsqueeze(1).to(tokens.dtype)
 
 
-def _micro_batches(rank: int, resident_mode: bool, interleave: bool, device="cpu"):
+def _micro_batches(rank: int, resident_mode: bool, interleave: bool, device="cpu", kind="moe_a2a"):
     """Run two micro-batches through two dispatchers (interleaved stage by stage, or one after the other);
     returns outputs and gradients of x and probs."""
-    disps = [_dispatcher(resident_mode) for _ in range(2)]
+    disps = [_dispatcher(resident_mode, kind) for _ in range(2)]
     local = disps[0].num_local_experts
     data = [_inputs(rank, mb, device) for mb in range(2)]
     xs = [d[0].clone().requires_grad_(True) for d in data]
@@ -204,6 +214,17 @@ def _check_interleaved(rank: int, world_size: int):
         before = _stats()
         _micro_batches(rank, resident_mode=False, interleave=True)
         assert _stats()["copies"] == before["copies"]
+        # megatron's flex dispatcher after install(): its permute reads the received rows through claim.
+        want = _micro_batches(rank, resident_mode=False, interleave=False, kind="flex")
+        for interleave in (False, True):
+            before = _stats()
+            got = _micro_batches(rank, resident_mode=True, interleave=interleave, kind="flex")
+            after = _stats()
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0)
+            assert after["held"] == 0, after
+            assert (after["copies"] > before["copies"]) == interleave, (interleave, before, after)
+        mm.uninstall()
         ps.destroy_model_parallel()
 
 
