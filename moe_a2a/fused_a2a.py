@@ -13,6 +13,12 @@ Two families:
   them directly. With ``num_permuted_tokens`` given, the output shape is known up front and this module
   reads no count back to the host.
 
+Buffer-resident variants (moe_a2a's own, same arguments): ``fused_dispatch_resident`` leaves the received
+rows in the communication buffer, and ``fused_combine_resident``'s backward leaves the gradient there; the
+combine input can be written in place (``combine_input``). Such views are overwritten by the buffer's next
+operation, so they are held in ``moe_a2a.resident`` and read through ``resident.claim``; every operation
+here first copies out any view still held. ``reserve_receive_rows`` sizes the buffer for the rows.
+
 Gradient of the routing weights: a received weight is the sender's weight for an expert of this rank,
 or 0 for a slot whose expert lives elsewhere. Only the former carries gradient back; the rank owning
 the expert is the one that sends it, so the combined gradient of every routed slot is exact and
