@@ -58,7 +58,7 @@ class _Layer:
         self.w1 = (torch.randn(self.num_local, h, f, generator=gen) / h ** 0.5).to(device, dtype).requires_grad_(True)
         self.w2 = (torch.randn(self.num_local, f, h, generator=gen) / f ** 0.5).to(device, dtype).requires_grad_(True)
         self.topk, self.num_experts = opts["topk"], e
-        self.grouped = opts["gemm"] == "grouped" and device.type == "cuda" and hasattr(torch, "_grouped_mm")
+        self.grouped = opts["gemm"] == "grouped" and device.type == "cuda" and _grouped_mm_works(device, dtype)
 
     def route(self, x):
         """``([T, k] int64 expert ids, [T, k] float32 weights summing to 1)``."""
@@ -82,6 +82,21 @@ class _Layer:
                 parts = [F.gelu(c @ self.w1[i]) @ self.w2[i] for i, c in enumerate(h.split(counts))]
                 h = torch.cat(parts) if parts else h
         return h * probs.unsqueeze(1).to(h.dtype)
+
+
+def _grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward here (it needs a recent GPU and torch)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        a = torch.randn(48, 64, device=device, dtype=dtype, requires_grad=True)
+        b = torch.randn(3, 64, 32, device=device, dtype=dtype, requires_grad=True)
+        offs = torch.tensor([16, 32, 48], device=device, dtype=torch.int32)
+        torch._grouped_mm(a, b, offs=offs).float().sum().backward()
+        return a.grad is not None and b.grad is not None
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        print(f"torch._grouped_mm unavailable here ({exc}); the experts loop over matmuls", flush=True)
+        return False
 
 
 def _fused_step(layer, x, group, resident_mode: bool, gemms: bool, seen=None):
