@@ -161,7 +161,7 @@ def _worker(rank, args, port, out):
         dist.destroy_process_group()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--num-ranks", type=int, default=2)
@@ -172,7 +172,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", help="also write the rows to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.hidden % 128 or args.experts % args.num_ranks:
         raise SystemExit("--hidden must be divisible by 128 and --experts by --num-ranks")
     with socket.socket() as s:

@@ -22,7 +22,7 @@ if [[ $what == tests || $what == all ]]; then
   # The extension's argument errors must reach Python as RuntimeError with this torch build too.
   timeout 60 python3 -m pytest -q tests/cpu/test_build.py >"$out/test_build.log" 2>&1
   step "test_build: rc=$? $(tail -1 "$out/test_build.log")"
-  for spec in test_layout:120 test_intranode:300 test_buffer_gpu:200 test_low_latency:300 test_internode:240 test_internode_low_latency:240; do
+  for spec in test_layout:120 test_intranode:300 test_buffer_gpu:200 test_low_latency:300 test_low_latency_profile:180 test_megatron_resident_gpu:300 test_internode:240 test_internode_low_latency:240; do
     name=${spec%%:*}
     timeout "${spec##*:}" python3 -m pytest -q "tests/gpu/$name.py" >"$out/$name.log" 2>&1
     step "$name: rc=$? $(tail -1 "$out/$name.log")"
@@ -45,5 +45,9 @@ if [[ $what == bench || $what == all ]]; then
   bench low-latency --num-ranks 4 --num-ranks-per-node 2 --out "$out"
   bench low-latency --num-ranks 8 --num-ranks-per-node 4 --out "$out"
   bench internode --topology 2x2,2x4 --tokens 4096 --sms 16 --dtypes bf16,fp8 --out "$out/internode.json"
+  bench moe-layer --ranks 8 --loops 3 --iters 3 --out "$out/moe_layer_ep8.json"
+  if (( gpus >= 2 )); then
+    bench moe-layer --ranks "${ranks##*,}" --out "$out/moe_layer_nvlink.json"
+  fi
 fi
 step done

@@ -13,6 +13,12 @@ Two families:
   them directly. With ``num_permuted_tokens`` given, the output shape is known up front and this module
   reads no count back to the host.
 
+Buffer-resident variants (moe_a2a's own, same arguments): ``fused_dispatch_resident`` leaves the received
+rows in the communication buffer, and ``fused_combine_resident``'s backward leaves the gradient there; the
+combine input can be written in place (``combine_input``). Such views are overwritten by the buffer's next
+operation, so they are held in ``moe_a2a.resident`` and read through ``resident.claim``; every operation
+here first copies out any view still held. ``reserve_receive_rows`` sizes the buffer for the rows.
+
 Gradient of the routing weights: a received weight is the sender's weight for an expert of this rank,
 or 0 for a slot whose expert lives elsewhere. Only the former carries gradient back; the rank owning
 the expert is the one that sends it, so the combined gradient of every routed slot is exact and
@@ -26,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import _native, checks
+from . import _native, checks, resident
 from .buffer import Buffer
 from .config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
@@ -41,6 +47,7 @@ _PROB_DTYPES = (torch.float32, torch.float64)
 # The buffer caches Megatron's API implies: one normal-mode Buffer per group (``get_buffer``), and the
 # buffer of the HybridEP functions (``init_hybrid_ep_buffer``).
 _buffers: Dict[dist.ProcessGroup, Buffer] = {}
+_receive_rows: Dict[dist.ProcessGroup, int] = {}  # rows ``get_buffer`` keeps room for (reserve_receive_rows)
 _hybrid_ep_buffer: Optional["_HybridEPState"] = None
 
 
@@ -65,7 +72,7 @@ def _resolve_group(group) -> dist.ProcessGroup:
 
 
 def _fit_buffer(buffer: Optional[Buffer], group: dist.ProcessGroup, hidden_bytes: int,
-                configs: Sequence[Config]) -> Buffer:
+                configs: Sequence[Config], receive_rows: int = 0) -> Buffer:
     """``buffer`` if it serves ``group`` with rows of ``hidden_bytes`` under ``configs``, else a larger one.
 
     A replacement never shrinks, so alternating row sizes do not reallocate on every call. Every rank
@@ -73,6 +80,11 @@ def _fit_buffer(buffer: Optional[Buffer], group: dist.ProcessGroup, hidden_bytes
     """
     num_ranks = group.size()
     nvl = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    if receive_rows:
+        # Beyond what the rings need: the rows themselves (where received rows and the combine input live) and,
+        # per row, the fields a dispatch stages behind them (top-k ids and weights, scales, source index, one
+        # slot per rank), generously.
+        nvl += combine_input_bytes(receive_rows, hidden_bytes, MAX_TOPK) + receive_rows * (256 + 4 * num_ranks)
     rdma = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     if buffer is not None and buffer.group is group:
         if buffer.num_nvl_bytes >= nvl and buffer.num_rdma_bytes >= rdma:
@@ -91,7 +103,10 @@ def get_buffer(group: dist.ProcessGroup, hidden_bytes: int) -> Buffer:
     checks.positive_int("hidden_bytes", hidden_bytes)
     num_ranks = group.size()
     configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
-    buffer = _fit_buffer(_buffers.get(group), group, hidden_bytes, configs)
+    old = _buffers.get(group)
+    buffer = _fit_buffer(old, group, hidden_bytes, configs, _receive_rows.get(group, 0))
+    if old is not None and buffer is not old:
+        resident.begin(old)  # views of the old buffer still held are copied out before it goes
     _buffers[group] = buffer
     return buffer
 
@@ -140,43 +155,70 @@ class FusedDispatch(torch.autograd.Function):
             tokens_per_expert: ``[num_local_experts]`` int64 on the CPU, received (token, expert) pairs.
             handle: the ``DispatchHandle`` for ``fused_combine``.
         """
-        group = _resolve_group(group)
-        _check_fused_dispatch(x, token_indices, token_probs, num_experts, group)
-        buffer = get_buffer(group, get_hidden_bytes(x))
-        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \
-            buffer.get_dispatch_layout(token_indices, num_experts, previous_event=_previous_event(async_finish),
-                                       async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
-        recv_x, recv_indices, recv_probs, tokens_per_expert_list, handle, after = buffer.dispatch(
-            x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=num_tokens_per_rank,
-            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-            num_tokens_per_expert=num_tokens_per_expert, previous_event=_pending(event), async_finish=async_finish,
-            allocate_on_comm_stream=allocate_on_comm_stream)
-        if async_finish:
-            _wait(after)
-        ctx.group, ctx.handle = group, handle
-        ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
-        ctx.has_probs = token_probs is not None
-        ctx.save_for_backward(recv_indices)
-        ctx.mark_non_differentiable(recv_indices)
-        tokens_per_expert = torch.tensor(tokens_per_expert_list, dtype=torch.int64)
-        return recv_x, recv_indices, recv_probs, tokens_per_expert, handle
+        return _dispatch_forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish,
+                                 allocate_on_comm_stream, False)
 
     @staticmethod
     def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
         """Combine the gradients back to the source tokens (float32 sums); weights' gradient likewise."""
-        (recv_indices,) = ctx.saved_tensors
-        buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
-        weights = None
-        if ctx.has_probs and ctx.needs_input_grad[2]:
-            # A slot whose expert is not on this rank received a constant 0: no gradient flows through it.
-            weights = grad_token_probs.masked_fill(recv_indices < 0, 0).contiguous()
-        grad_x, grad_probs, after = buffer.combine(
-            grad_output.contiguous(), ctx.handle, topk_weights=weights,
-            previous_event=_previous_event(ctx.async_finish), async_finish=ctx.async_finish,
-            allocate_on_comm_stream=ctx.allocate_on_comm_stream)
-        if ctx.async_finish:
-            _wait(after)
-        return grad_x, None, grad_probs, None, None, None, None
+        return _dispatch_backward(ctx, grad_output, grad_token_probs)
+
+
+def _dispatch_forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish, allocate_on_comm_stream,
+                      recv_x_in_buffer: bool):
+    group = _resolve_group(group)
+    _check_fused_dispatch(x, token_indices, token_probs, num_experts, group)
+    buffer = get_buffer(group, get_hidden_bytes(x))
+    resident.begin(buffer)  # before the event the communication waits for: it must cover any copy
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = \
+        buffer.get_dispatch_layout(token_indices, num_experts, previous_event=_previous_event(async_finish),
+                                   async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream)
+    recv_x, recv_indices, recv_probs, tokens_per_expert_list, handle, after = buffer.dispatch(
+        x, topk_idx=token_indices, topk_weights=token_probs, num_tokens_per_rank=num_tokens_per_rank,
+        num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, previous_event=_pending(event), async_finish=async_finish,
+        allocate_on_comm_stream=allocate_on_comm_stream, recv_x_in_buffer=recv_x_in_buffer)
+    if async_finish:
+        _wait(after)
+    ctx.group, ctx.handle = group, handle
+    ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+    ctx.has_probs = token_probs is not None
+    ctx.save_for_backward(recv_indices)
+    ctx.mark_non_differentiable(recv_indices)
+    tokens_per_expert = torch.tensor(tokens_per_expert_list, dtype=torch.int64)
+    return recv_x, recv_indices, recv_probs, tokens_per_expert, handle
+
+
+def _dispatch_backward(ctx, grad_output, grad_token_probs):
+    (recv_indices,) = ctx.saved_tensors
+    grad_output = resident.claim(grad_output)  # may be the buffer's combine input, written in place
+    buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+    resident.begin(buffer)
+    weights = None
+    if ctx.has_probs and ctx.needs_input_grad[2]:
+        # A slot whose expert is not on this rank received a constant 0: no gradient flows through it.
+        weights = grad_token_probs.masked_fill(recv_indices < 0, 0).contiguous()
+    grad_x, grad_probs, after = buffer.combine(
+        grad_output.contiguous(), ctx.handle, topk_weights=weights,
+        previous_event=_previous_event(ctx.async_finish), async_finish=ctx.async_finish,
+        allocate_on_comm_stream=ctx.allocate_on_comm_stream)
+    if ctx.async_finish:
+        _wait(after)
+    return grad_x, None, grad_probs, None, None, None, None
+
+
+class FusedDispatchResident(FusedDispatch):
+    """``FusedDispatch`` receiving the rows in the buffer (``Buffer.dispatch(recv_x_in_buffer=True)``): ``recv_x``
+    may be a view of the buffer, valid until its next operation; ``fused_dispatch_resident`` holds it in
+    ``moe_a2a.resident``, read it through ``resident.claim``. Backward takes a gradient written in the
+    combine input (``combine_input``), held likewise."""
+
+    @staticmethod
+    def forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish=False,
+                allocate_on_comm_stream=False):
+        """``FusedDispatch.forward`` with ``recv_x`` left in the buffer."""
+        return _dispatch_forward(ctx, x, token_indices, token_probs, num_experts, group, async_finish,
+                                 allocate_on_comm_stream, True)
 
 
 class FusedCombine(torch.autograd.Function):
@@ -186,9 +228,11 @@ class FusedCombine(torch.autograd.Function):
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
         """Combine ``x`` ``[num_recv, hidden]`` (rows as dispatched) into ``[num_tokens, hidden]``.
 
+        ``x`` may be the buffer's combine input (``combine_input``), held in ``moe_a2a.resident``.
+
         Returns ``(combined_x, None)``; the second slot is where DeepEP returns combined weights.
         """
-        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, False, False)
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream)
 
     @staticmethod
     def backward(ctx, grad_output, previous_event=None):
@@ -203,21 +247,34 @@ class FusedCombineFP8(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8_backward=False):
-        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, True,
-                                use_fp8_backward)
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, use_fp8=True,
+                                use_fp8_backward=use_fp8_backward)
 
     @staticmethod
     def backward(ctx, grad_output, previous_event=None):
         return _combine_backward(ctx, grad_output) + (None,) * 5
 
 
-def _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, use_fp8, use_fp8_backward):
+class FusedCombineResident(FusedCombine):
+    """``FusedCombine`` whose backward (a cached dispatch) receives the gradient in the buffer and holds it in
+    ``moe_a2a.resident``: only for a consumer that reads it through ``resident.claim``."""
+
+    @staticmethod
+    def forward(ctx, x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+        """``FusedCombine.forward``; the backward's gradient stays in the buffer."""
+        return _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, grad_in_buffer=True)
+
+
+def _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_stream, use_fp8=False,
+                     use_fp8_backward=False, grad_in_buffer=False):
     group = _resolve_group(group)
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle must be the DispatchHandle returned by fused_dispatch, got "
                         f"{type(handle).__name__}")
     checks.tensor("x", x, _FLOAT_DTYPES, (handle.num_recv_tokens, None))
+    x = resident.claim(x)
     buffer = get_buffer(group, get_hidden_bytes(x))
+    resident.begin(buffer)
     fp8 = {"use_fp8": True} if use_fp8 else {}
     combined_x, _, after = buffer.combine(
         x.contiguous(), handle=handle, previous_event=_previous_event(async_finish), async_finish=async_finish,
@@ -227,22 +284,27 @@ def _combine_forward(ctx, x, group, handle, async_finish, allocate_on_comm_strea
     ctx.group, ctx.handle = group, handle
     ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
     ctx.use_fp8_backward = bool(use_fp8_backward)
+    ctx.grad_in_buffer = grad_in_buffer and not use_fp8_backward  # FP8 gradients are decoded into a new tensor
     return combined_x, None
 
 
 def _combine_backward(ctx, grad_output):
     """The gradient of a combine's input: ``(grad_x,)``."""
     buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
+    resident.begin(buffer)
     grad = grad_output.contiguous()
     if ctx.use_fp8_backward:
         grad = per_token_cast_to_fp8(grad)
     grad_x, _, _, _, _, after = buffer.dispatch(
         grad, handle=ctx.handle, previous_event=_previous_event(ctx.async_finish),
-        async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream)
+        async_finish=ctx.async_finish, allocate_on_comm_stream=ctx.allocate_on_comm_stream,
+        recv_x_in_buffer=ctx.grad_in_buffer)
     if ctx.async_finish:
         _wait(after)
     if ctx.use_fp8_backward:
         grad_x = fp8_to_float(*grad_x).to(grad_output.dtype)
+    if ctx.grad_in_buffer:
+        resident.hold(buffer, grad_x)
     return (grad_x,)
 
 
@@ -314,6 +376,39 @@ class NVFP4Dispatch(torch.autograd.Function):
             buffer = get_buffer(ctx.group, get_hidden_bytes(zeros))
             _, grad_token_probs, _ = buffer.combine(zeros, ctx.handle, topk_weights=weights)
         return None, None, None, None, grad_token_probs, None, None
+
+
+def fused_dispatch_resident(x, token_indices, token_probs, num_experts, group, async_finish=False,
+                            allocate_on_comm_stream=False):
+    """``fused_dispatch`` with the received rows left in the buffer (moe_a2a extension, same arguments).
+
+    ``recv_x`` is held in ``moe_a2a.resident``: read it through ``resident.claim(recv_x)``, which gives a copy
+    when another operation on the buffer came first. Size the buffer for the rows with
+    ``reserve_receive_rows``; rows that do not fit arrive in an ordinary tensor.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    out = FusedDispatchResident.apply(x.contiguous(), token_indices, token_probs, num_experts, group, async_finish,
+                                      allocate_on_comm_stream)
+    # Held as the autograd graph's tensor, so a copy made on a later operation keeps its gradient path.
+    resident.hold(get_buffer(group, get_hidden_bytes(x)), out[0])
+    return out
+
+
+def fused_combine_resident(x, group, handle, async_finish=False, allocate_on_comm_stream=False):
+    """``fused_combine`` whose backward receives the gradient in the buffer, held in ``moe_a2a.resident``
+    (moe_a2a extension, same arguments): for a consumer of that gradient that claims it."""
+    return FusedCombineResident.apply(x, group, handle, async_finish, allocate_on_comm_stream)
+
+
+def reserve_receive_rows(group: dist.ProcessGroup, num_rows: int) -> None:
+    """Size the cached buffer of ``group`` so ``num_rows`` received rows live in it (``fused_dispatch_resident``)
+    and as many are written in place as combine input. Collective in effect (the buffer may be rebuilt):
+    every rank passes the same ``num_rows``, e.g. tokens per rank x group size, the most a rank can receive.
+    Never shrinks."""
+    group = _resolve_group(group)
+    checks.positive_int("num_rows", num_rows, minimum=0)
+    _receive_rows[group] = max(_receive_rows.get(group, 0), num_rows)
 
 
 def _check_fused_dispatch(x, token_indices, token_probs, num_experts, group) -> None:
@@ -509,6 +604,7 @@ def combine_input(buffer: Buffer, dispatch_handle, x: torch.Tensor, num_topk: in
     rows = dispatch_handle.num_recv_tokens
     if buffer.num_nvl_bytes < combine_input_bytes(rows, x.size(1) * 2, num_topk):
         return None
+    resident.begin(buffer)  # the area is where received rows of a recv_x_in_buffer dispatch live
     return buffer.get_next_combine_buffer(dispatch_handle, x.size(1))
 
 
@@ -596,6 +692,7 @@ class HybridEPDispatch(torch.autograd.Function):
         buffer = _hybrid_buffer(group, x, num_local_experts, num_sms_dispatch_api, num_sms_combine_api, configs)
 
         topk_idx, topk_weights = _routing_to_topk(routing_map, probs, can_sync=num_rows is None)
+        resident.begin(buffer)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
             buffer.get_dispatch_layout(topk_idx, num_experts)
         # Every received token feeds at least one output row, so num_permuted_tokens bounds the receive count.
@@ -648,6 +745,7 @@ class HybridEPDispatch(torch.autograd.Function):
             _unpermute(grad_x, h.permuted_src, num_local, num_recv, out=grad_recv)
         else:
             grad_recv = _unpermute(grad_x, h.permuted_src, num_local, num_recv)[:n].contiguous()
+        resident.begin(h.buffer)
         grad_in, grad_topk, _ = h.buffer.combine(
             grad_recv, h.dispatch_handle,
             topk_weights=weights[:n].contiguous() if weights is not None else None, config=h.combine_config)
@@ -679,6 +777,7 @@ class HybridEPCombine(torch.autograd.Function):
             _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows, out=recv)
         else:
             recv = _unpermute(x, handle.permuted_src, handle.num_local_experts, handle.num_recv_rows)[:n].contiguous()
+        resident.begin(handle.buffer)
         combined, _, _ = handle.buffer.combine(recv, handle.dispatch_handle, config=handle.combine_config)
         ctx.handle = handle
         return combined
@@ -687,6 +786,7 @@ class HybridEPCombine(torch.autograd.Function):
     def backward(ctx, grad_x):
         """Send each token's gradient to every rank that holds its experts, then lay it out by expert."""
         h = ctx.handle
+        resident.begin(h.buffer)
         recv, _, _, _, _, _ = h.buffer.dispatch(grad_x.contiguous(), handle=h.dispatch_handle,
                                                 num_worst_tokens=h.num_worst_tokens, config=h.dispatch_config,
                                                 recv_x_in_buffer=True)

@@ -9,6 +9,14 @@ paths, chosen by ``config.moe_flex_dispatcher_backend`` (the key Megatron's flex
   already grouped by local expert (padded per expert for FP8 GEMMs), ``hybrid_ep_combine`` undoes it.
   With ``moe_pad_expert_input_to_capacity`` the output size is known up front: no host sync.
 
+Buffer-resident mode (``config.moe_a2a_buffer_resident``, default True; set False for the plain calls):
+the deepep path receives the dispatched rows in the communication buffer and permutes them from there,
+and writes the summed expert output straight into the buffer's combine input; backward likewise (the
+combine's backward receives its gradient in the buffer, the permute's backward sums into the combine
+input). Every such tensor is held in ``moe_a2a.resident`` until read: if another dispatch or combine on
+the same buffer runs first (overlap schedules, other micro-batches, another layer), it is copied out
+before being overwritten, so results are the same in either mode.
+
 Tensor x expert parallelism is handled as megatron's ``flex`` dispatcher does it: one communication
 group over all TP x EP ranks (``pg_collection.tp_ep``). A token routed to an expert of EP rank ``e``
 is sent to every expert-TP rank of ``e``; each computes a partial expert output (its slice of the
@@ -34,7 +42,8 @@ import torch
 from megatron.core.transformer.moe.moe_utils import get_align_size_for_quantization, get_capacity
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from .. import fused_a2a
+from .. import fused_a2a, resident
+from ..permute import GatherRows, SumRows, group_by_expert
 
 BACKENDS = ("deepep", "hybridep")
 
@@ -48,7 +57,8 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         config: the layer's ``TransformerConfig``; reads ``moe_flex_dispatcher_backend``,
             ``moe_router_topk``, ``moe_expert_capacity_factor``, ``moe_pad_expert_input_to_capacity``,
             ``moe_router_padding_for_quantization``, ``moe_flex_dispatcher_num_sms`` (0.19) or
-            ``moe_deepep_num_sms`` / ``moe_hybridep_num_sms`` (0.16).
+            ``moe_deepep_num_sms`` / ``moe_hybridep_num_sms`` (0.16), and ``moe_a2a_buffer_resident``
+            (moe_a2a's own attribute, default True: see the module docstring).
         pg_collection: process groups (``ep``, ``expt_tp``, ``tp_ep``).
     """
 
@@ -62,6 +72,7 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         self.num_local_experts = num_local_experts
         self.local_expert_indices = local_expert_indices
         self.backend = getattr(config, "moe_flex_dispatcher_backend", "deepep")
+        self.buffer_resident = bool(getattr(config, "moe_a2a_buffer_resident", True))
         if self.backend not in BACKENDS:
             raise ValueError(f"moe_flex_dispatcher_backend={self.backend!r} is not supported by the moe_a2a "
                              f"dispatcher; expected one of {BACKENDS}")
@@ -153,7 +164,12 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
                 self.tokens_per_expert = tokens_per_expert  # host counts of the dispatch
                 self.num_permuted_tokens = int(tokens_per_expert.sum())
             return x, dispatched_probs
-        x, recv_indices, recv_probs, tokens_per_expert, self.handle = fused_a2a.fused_dispatch(
+        dispatch = fused_a2a.fused_dispatch
+        if self.buffer_resident:
+            # Room for the most rows a rank can receive (megatron gives every rank the same token count).
+            fused_a2a.reserve_receive_rows(self.group, hidden_states.size(0) * self.group_size)
+            dispatch = fused_a2a.fused_dispatch_resident
+        x, recv_indices, recv_probs, tokens_per_expert, self.handle = dispatch(
             hidden_states, self.token_indices, probs, self.num_group_experts, self.group)
         self.recv_indices = recv_indices
         self.tokens_per_expert = tokens_per_expert
@@ -167,15 +183,22 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         """
         if self.backend == "hybridep":
             return hidden_states, self.tokens_per_expert.cpu(), self._expert_probs(probs)
+        hidden_states = resident.claim(hidden_states)  # the received rows, or their copy if overwritten since
         self.num_recv = hidden_states.size(0)
         counts = self.tokens_per_expert
         if self.pad_multiple:
             counts = (counts + self.pad_multiple - 1) // self.pad_multiple * self.pad_multiple
-        self.src_rows, row_probs = _group_by_expert(self.recv_indices, probs, counts, self.num_local_experts)
+        self.src_rows, row_probs = group_by_expert(self.recv_indices, probs, counts, self.num_local_experts)
         self.recv_indices = None
         self.tokens_per_expert = counts
-        permuted = torch.nn.functional.pad(hidden_states, (0, 0, 0, 1)).index_select(0, self.src_rows)
+        num_topk = self.token_indices.size(1) if self.token_indices is not None else 0
+        permuted = GatherRows.apply(hidden_states, self.src_rows, self._buffer_target(num_topk))
         return permuted, counts, self._expert_probs(row_probs)
+
+    def _buffer_target(self, num_topk: int):
+        """What a gradient or output summed into the combine input needs: ``(group, handle, num_topk)``, or
+        None in plain mode."""
+        return (self.group, self.handle, num_topk) if self.buffer_resident else None
 
     def _expert_probs(self, probs: torch.Tensor) -> torch.Tensor:
         # Communication carries float32 weights; an fp64 router gives the experts fp64 ones, as megatron does.
@@ -186,19 +209,13 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         """deepep: sum each received token's expert rows ``[P, H]`` -> ``[N, H]``; hybridep: unchanged."""
         if self.backend == "hybridep":
             return hidden_states
-        # Sum a token's expert rows in float32 (bf16 sums of top-k terms lose bits), padding rows into row N.
-        acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-        out = hidden_states.new_zeros(self.num_recv + 1, hidden_states.size(1), dtype=acc)
-        out = out.index_add(0, self.src_rows, hidden_states.to(acc))
+        target = self._buffer_target(0)
+        summed = SumRows.apply(hidden_states, self.src_rows, self.num_recv, target)
         self.src_rows = None
-        # BF16 sums are rounded straight into the buffer's combine input when it fits: the combine then
-        # skips copying them there. The copy is differentiable like the cast it replaces.
-        buffer = fused_a2a.get_buffer(self.group, fused_a2a.get_hidden_bytes(hidden_states))
-        summed = out[: self.num_recv]
-        target = fused_a2a.combine_input(buffer, self.handle, hidden_states)
-        if target is not None and target.size(0) == self.num_recv:
-            return target.copy_(summed)
-        return summed.to(hidden_states.dtype)
+        if target is not None:
+            # Held as the graph's tensor (the one megatron hands to token_combine); never read stale.
+            resident.hold(fused_a2a.get_buffer(self.group, fused_a2a.get_hidden_bytes(hidden_states)), summed)
+        return summed
 
     def token_combine(self, hidden_states: torch.Tensor):
         """Send expert outputs back to the tokens' ranks, summed per token: ``[T, H]``."""
@@ -208,7 +225,8 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
             if not self.drop_and_pad:
                 self.num_permuted_tokens = None
         else:
-            out, _ = fused_a2a.fused_combine(hidden_states, self.group, self.handle)
+            combine = fused_a2a.fused_combine_resident if self.buffer_resident else fused_a2a.fused_combine
+            out, _ = combine(resident.claim(hidden_states), self.group, self.handle)
         self.handle = None
         return out
 
@@ -216,37 +234,3 @@ class MoEA2ATokenDispatcher(MoETokenDispatcher):
         """Restore the layer's input shape ``[S/TP, B, H]``."""
         return hidden_states.view(self.hidden_shape)
 
-
-def _group_by_expert(recv_indices: torch.Tensor, recv_probs: torch.Tensor, counts: torch.Tensor,
-                     num_local_experts: int):
-    """Rows for the experts: expert 0's copies, then expert 1's, ..., each in received order.
-
-    Args:
-        recv_indices: ``[N, K]`` int64 local expert of each received slot, -1 for none.
-        recv_probs: ``[N, K]`` float32 weights of the slots.
-        counts: ``[L]`` int64 rows per expert (padded counts when padding; padding rows come last).
-    Returns:
-        src_rows ``[P]`` int64: received row feeding each expert row, ``N`` for padding (a zero row);
-        probs ``[P]`` float32: the slot's weight, 0 on padding.
-    """
-    n = recv_indices.size(0)
-    device = recv_indices.device
-    # [N, L] multi-hot map and weights of the local experts.
-    valid = recv_indices >= 0
-    local_map = torch.zeros(n, num_local_experts + 1, dtype=torch.bool, device=device)
-    local_map.scatter_(1, torch.where(valid, recv_indices, num_local_experts), True)
-    local_map = local_map[:, :num_local_experts]
-    # Out-of-place scatters keep the weights differentiable (the router's gradient flows back here).
-    weights = torch.zeros(n, num_local_experts + 1, dtype=recv_probs.dtype, device=device).scatter_add(
-        1, torch.where(valid, recv_indices, num_local_experts), recv_probs.masked_fill(~valid, 0))
-    weights = weights[:, :num_local_experts]
-    counts = counts.to(device)
-    total = int(counts.sum())
-    offsets = counts.cumsum(0) - counts
-    position = offsets + local_map.long().cumsum(0) - 1  # row of each (token, expert) pair
-    position = torch.where(local_map, position, total)
-    src = torch.full((total + 1,), n, dtype=torch.int64, device=device)
-    src.scatter_(0, position.t().reshape(-1), torch.arange(n, device=device).repeat(num_local_experts))
-    row_probs = torch.zeros(total + 1, dtype=torch.float32, device=device).scatter(
-        0, position.t().reshape(-1), weights.t().reshape(-1).float())
-    return src[:total], row_probs[:total]

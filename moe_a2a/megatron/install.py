@@ -7,6 +7,10 @@ After ``install()``:
   ``fused_combine``, ``hybrid_ep_dispatch``, ``hybrid_ep_combine``, ``set_deepep_num_sms``, ...) are
   rebound to ours in ``megatron.core.transformer.moe.fused_a2a`` and in every megatron module that
   imported them by name, so no ``deep_ep`` package is needed.
+  With ``buffer_resident`` (default), the deepep backend's ``fused_dispatch`` receives the rows in the
+  communication buffer and megatron's permute (``_DeepepManager.get_permuted_hidden_states_by_experts``)
+  reads them from there, through ``moe_a2a.resident.claim`` (a copy if another operation on the buffer
+  came first). Megatron's own unpermute makes a fresh tensor, so its combine stays the plain call.
   megatron-core 0.19's extra HybridEP keywords (kernel block counts, ``fused``) are accepted and
   ignored: moe_a2a permutes inside its own dispatch.
 * ``moe_token_dispatcher_type="moe_a2a"`` builds ``MoEA2ATokenDispatcher`` in ``MoELayer``; the value
@@ -50,10 +54,14 @@ def is_installed() -> bool:
     return bool(_undo)
 
 
-def install() -> Dict[str, object]:
+def install(buffer_resident: bool = True) -> Dict[str, object]:
     """Route megatron-core's flex dispatcher to moe_a2a and register ``moe_token_dispatcher_type="moe_a2a"``.
 
-    Returns a summary: ``{"megatron_core": version, "rebound": [module.name, ...], "argparse": bool}``.
+    ``buffer_resident``: flex+deepep permutes the dispatched rows straight from the buffer (see above);
+    False keeps the plain calls. The ``moe_a2a`` dispatcher reads ``config.moe_a2a_buffer_resident``.
+
+    Returns a summary: ``{"megatron_core": version, "rebound": [module.name, ...], "argparse": bool,
+    "buffer_resident": bool}`` (whether flex+deepep runs buffer-resident).
 
     Raises:
         ImportError: megatron-core is not installed.
@@ -68,7 +76,8 @@ def install() -> Dict[str, object]:
             raise ImportError("moe_a2a.megatron.install() needs megatron-core (pip install megatron-core)") from exc
         from .. import fused_a2a as ours
 
-        rebound = _rebind_fused_a2a(mfused, ours)
+        resident_flex = bool(buffer_resident) and _patch_deepep_permute()
+        rebound = _rebind_fused_a2a(mfused, ours, resident_flex)
         _patch_moe_layer()
         _patch_transformer_config()
         argparse_patched = _patch_megatron_lm_arguments()
@@ -76,7 +85,7 @@ def install() -> Dict[str, object]:
 
         _summary.clear()
         _summary.update({"megatron_core": getattr(info, "__version__", "unknown"), "rebound": rebound,
-                         "argparse": argparse_patched})
+                         "argparse": argparse_patched, "buffer_resident": resident_flex})
         return dict(_summary)
 
 
@@ -125,8 +134,44 @@ def _hybrid_ep_adapters(ours) -> Dict[str, object]:
     return {"hybrid_ep_dispatch": hybrid_ep_dispatch, "hybrid_ep_combine": hybrid_ep_combine}
 
 
-def _rebind_fused_a2a(mfused, ours) -> List[str]:
+def _patch_deepep_permute() -> bool:
+    """Make megatron's deepep manager read the dispatched rows through ``resident.claim``; False where this
+    megatron-core has no such manager (then the dispatch stays plain)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from .. import resident
+
+    manager = getattr(token_dispatcher, "_DeepepManager", None)
+    original = getattr(manager, "get_permuted_hidden_states_by_experts", None)
+    if original is None:
+        return False
+
+    def get_permuted_hidden_states_by_experts(self, hidden_states, *args, **kwargs):
+        return original(self, resident.claim(hidden_states), *args, **kwargs)
+
+    get_permuted_hidden_states_by_experts.__wrapped__ = original
+    _set(manager, "get_permuted_hidden_states_by_experts", get_permuted_hidden_states_by_experts)
+    return True
+
+
+def _resident_fused_dispatch(ours):
+    """``fused_dispatch`` receiving in the buffer, for a manager whose permute claims the rows."""
+
+    def fused_dispatch(x, token_indices, token_probs, num_experts, group, async_finish=False,
+                       allocate_on_comm_stream=False):
+        # Room for the most rows a rank can receive (megatron gives every rank the same token count).
+        ours.reserve_receive_rows(group, x.size(0) * group.size())
+        return ours.fused_dispatch_resident(x, token_indices, token_probs, num_experts, group, async_finish,
+                                            allocate_on_comm_stream)
+
+    fused_dispatch.__doc__ = ours.fused_dispatch_resident.__doc__
+    return fused_dispatch
+
+
+def _rebind_fused_a2a(mfused, ours, buffer_resident: bool = False) -> List[str]:
     replacements = {name: getattr(ours, name) for name in FUSED_A2A_NAMES}
+    if buffer_resident:
+        replacements["fused_dispatch"] = _resident_fused_dispatch(ours)
     if _megatron_version() >= (0, 19):
         replacements.update(_hybrid_ep_adapters(ours))
     originals = {name: getattr(mfused, name, None) for name in FUSED_A2A_NAMES}

@@ -1,0 +1,42 @@
+"""The Megatron dispatcher's buffer-resident mode on the kernels: two micro-batches interleaved on one buffer.
+
+On the intranode kernels the dispatched rows and the combine input really are views of the registered
+buffer, overwritten by the next operation. Interleaved or in order, the resident mode must give the plain
+mode's outputs and gradients bit for bit, and the interleaved run must have copied views out.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import run_ranks, set_rank_device, skip_reason
+
+pytest.importorskip("megatron.core")
+
+
+def _check(rank: int, num_ranks: int):
+    from megatron.core import parallel_state as ps
+
+    import test_resident as tr
+
+    device = set_rank_device(rank)
+    ps.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=num_ranks)
+    want = tr._micro_batches(rank, resident_mode=False, interleave=False, device=device)
+    for interleave in (False, True):
+        before = tr._stats()["copies"]
+        got = tr._micro_batches(rank, resident_mode=True, interleave=interleave, device=device)
+        torch.cuda.synchronize()
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        after = tr._stats()
+        assert after["held"] == 0, after
+        assert (after["copies"] - before >= 2) if interleave else after["copies"] == before, (before, after)
+    ps.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 8])
+def test_dispatcher_interleaved_micro_batches_resident_vs_plain(num_ranks):
+    reason = skip_reason(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_check, num_ranks)
