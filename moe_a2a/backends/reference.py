@@ -8,6 +8,9 @@ Received tokens are ordered by source rank, then by source token index, in every
 """
 from __future__ import annotations
 
+import atexit
+import collections
+import ctypes
 from typing import List, Optional, Sequence
 
 import torch
@@ -23,6 +26,21 @@ from .waits import Deadline
 
 #: Seconds a collective waits for its peers when no ``timeout_s`` is given (``Buffer`` passes its own).
 DEFAULT_TIMEOUT_S = 10.0
+
+# Finished collectives, each kept until 16 newer ones finished, and the last ones for good at exit. A gloo worker
+# thread drops its own reference to a work just after completing it. If Python dropped its reference first, that
+# thread runs the work's destructor, which releases the tensors' Python objects and so takes the GIL; when this
+# happens while the interpreter shuts down, Python ends the thread inside a C++ frame and the process aborts
+# ("terminate called without an active exception", from ~AsyncAlltoallWork in ProcessGroupGloo::runLoop).
+# Holding the Python reference longer makes the main thread, not the worker, release the work.
+_finished_works = collections.deque(maxlen=16)
+
+
+@atexit.register
+def _keep_finished_works() -> None:
+    """At exit the works still held are never released (the process ends): no destructor can race shutdown."""
+    for work in _finished_works:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(work))
 
 
 def _comm_device(group) -> torch.device:
@@ -63,6 +81,7 @@ class Exchanger:
         if async_op:
             return _Pending(self.deadline, work, operation)
         self.deadline.wait(work, operation)
+        _finished_works.append(work)
         return None
 
     def counts(self, send_counts: torch.Tensor, operation: str = "count exchange") -> torch.Tensor:
@@ -134,6 +153,7 @@ class _Pending:
         if self.work is not None:
             work, self.work = self.work, None
             self.deadline.wait(work, self.operation)
+            _finished_works.append(work)
 
 
 class _Failed:

@@ -3,9 +3,12 @@
 Each job is two processes on a gloo group: import moe_a2a, dispatch and combine on the reference backend
 (forward and backward through ``fused_a2a``), leave. A CPU run loads no native module; half of the jobs load
 ``moe_a2a._C`` on purpose (what every GPU run inside one node loads), so its exit path is exercised too.
-``moe_a2a._nvshmem`` is not loaded here: with NVSHMEM's host library merely loaded, 1 process in 40 ended
-with "terminate called without an active exception" at exit (no GPU, NVSHMEM never initialised), which is why
-only groups that span nodes load it.
+``moe_a2a._nvshmem`` is loaded only by groups that span nodes, never here.
+
+What used to abort (core dump of a failing process): a gloo worker thread released a finished all-to-all work
+after Python had dropped its own reference, during interpreter shutdown; releasing the work's tensors takes the
+GIL, Python ended that thread inside a C++ frame, and libstdc++ called terminate. The reference backend now keeps
+finished works alive (``reference._finished_works``), so the main thread releases them, or nobody at exit.
 """
 import importlib.util
 import os
