@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from moe_a2a import Buffer
 from moe_a2a.formats import logfmt_decode, logfmt_encode, nvfp4_dequantize, nvfp4_quantize
 from moe_a2a.fp8 import fp8_to_float, per_token_cast_to_fp8
+from moe_a2a.launch import leave
 
 
 def _row_bytes(fmt: str, hidden: int) -> int:
@@ -159,6 +160,7 @@ def _worker(rank, args, port, out):
             out.put(rows)
     finally:
         dist.destroy_process_group()
+    leave(0)
 
 
 def main(argv=None) -> None:

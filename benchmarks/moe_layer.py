@@ -42,6 +42,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from moe_a2a.launch import leave
+
 MODES = ("plain", "resident", "all_to_all")
 
 
@@ -262,6 +264,7 @@ def _rank_main(rank, num_ranks, port, opts, queue):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    leave(0)
 
 
 def run(opts: Dict) -> Dict:

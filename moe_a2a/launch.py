@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -54,6 +55,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def leave(code: int = 0) -> None:
+    """End a rank's process now with exit status ``code``, after releasing moe_a2a's native buffers.
+
+    Skips the interpreter's shutdown on purpose: gloo's worker threads may still release finished collectives
+    then, and a release that needs the GIL during shutdown aborts the process ("terminate called without an
+    active exception", torch's process-group teardown) after it finished its work. The caller has flushed
+    what it reports (queues and pipes are written synchronously).
+    """
+    from . import _native
+
+    _native.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, backend: str,
                cuda_device: bool, queue) -> None:
     import torch
@@ -74,6 +91,7 @@ def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    leave(0)
 
 
 def spawn(fn: Callable, num_ranks: int, *args: Any, backend: str = "gloo", timeout: float = 300.0,

@@ -221,14 +221,16 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
         traceback.print_exc()
         _exit_now(1)
     dist.destroy_process_group()
+    _exit_now(0)
     return 0
 
 
 def _exit_now(code: int) -> None:
-    """Leave at once: a collective abandoned by a failure may keep the process group from shutting down."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """Leave at once (``launch.leave``): a collective abandoned by a failure may keep the process group from
+    shutting down, and after a finished run gloo's threads may still release work during interpreter shutdown."""
+    from .launch import leave
+
+    leave(code)
 
 
 __all__ = ["main", "runnable_here"]
