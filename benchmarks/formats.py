@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moe_a2a import Buffer
 from moe_a2a.formats import logfmt_decode, logfmt_encode, nvfp4_dequantize, nvfp4_quantize
 from moe_a2a.fp8 import fp8_to_float, per_token_cast_to_fp8
-from moe_a2a.launch import leave
+from moe_a2a.launch import spawn
 
 
 def _row_bytes(fmt: str, hidden: int) -> int:
@@ -150,17 +147,10 @@ def _body(rank: int, args) -> list:
     return rows
 
 
-def _worker(rank, args, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.num_ranks))
-    dist.init_process_group("gloo", rank=rank, world_size=args.num_ranks)
-    try:
-        rows = _body(rank, args)
-        if rank == 0:
-            out.put(rows)
-    finally:
-        dist.destroy_process_group()
-    leave(0)
+def _rank(rank, num_ranks, args):
+    """One rank's rows (rank 0 reports them)."""
+    rows = _body(rank, args)
+    return rows if rank == 0 else None
 
 
 def main(argv=None) -> None:
@@ -177,19 +167,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.hidden % 128 or args.experts % args.num_ranks:
         raise SystemExit("--hidden must be divisible by 128 and --experts by --num-ranks")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_worker, args=(r, args, port, out)) for r in range(args.num_ranks)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode for proc in procs) or out.empty():
-        raise SystemExit("a rank failed")
-    rows = out.get()
+    rows = spawn(_rank, args.num_ranks, args, cuda_device=args.device == "cuda")[0]
     print(f"{args.num_ranks} ranks on {args.device}, {args.tokens} tokens/rank, hidden {args.hidden}, "
           f"top-{args.topk} of {args.experts} experts")
     print(f"{'mode':<12}{'op':<14}{'format':<8}{'bytes':>12}{'ratio':>7}{'time_us':>11}"
