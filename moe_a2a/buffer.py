@@ -253,8 +253,7 @@ class Buffer:
     def max_num_sms(self) -> Optional[int]:
         """Most SMs a normal-mode kernel of this buffer may use: the device's SMs divided among the ranks that
         share it (every block of every rank must be resident at once); None where no kernels run."""
-        kernels = getattr(self._kernels, "intra", self._kernels)  # the internode kernels' NVLink stage
-        return getattr(kernels, "max_num_sms", None)
+        return getattr(self._kernels, "max_num_sms", None)
 
     def _fit_config(self, config: Optional[Config], op: str) -> Config:
         """``config`` (default: the tuned one) with at most ``max_num_sms`` SMs.

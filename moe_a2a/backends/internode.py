@@ -51,7 +51,7 @@ import torch
 
 from ..event import EventHandle
 from ..handles import InternodeHandle
-from . import intranode
+from . import intranode, residency
 
 from .. import _native
 
@@ -162,6 +162,14 @@ class InternodeBackend:
             return all_gather_object(obj)[first:first + L]
 
         self.intra = intranode.IntranodeBackend(self.local_rank, L, None, num_nvl_bytes, node_gather, timeout_s)
+        # The NVLink stage counts only its node's ranks per GPU; nodes may share GPUs too (virtual nodes under
+        # MPS), and every rank's blocks, of both stages, must be resident together: count the whole group.
+        devices = all_gather_object(residency.device_id(self.device))
+        #: most SMs (blocks) per kernel of either stage such that every rank's blocks fit on its GPU at once.
+        self.max_num_sms = min(self.intra.max_num_sms,
+                               residency.sm_budget(self.intra.runtime.num_device_sms(),
+                                                   residency.most_ranks_per_device(devices)))
+        self.intra.max_num_sms = self.max_num_sms
         self._error: Optional[str] = None
         _native.track(self)
 

@@ -36,7 +36,7 @@ def _kernels_body(rank, num_ranks):
         ll.low_latency_combine(recv, idx, w, handle, use_logfmt=True)
     with pytest.raises(NotImplementedError, match="use_fp8=True on the low-latency kernels"):
         ll.low_latency_combine(recv, idx, w, handle, use_fp8=True)
-    with pytest.raises(NotImplementedError, match="rank masking on the low-latency kernels"):
+    with pytest.raises(NotImplementedError, match=r"rank masking .*on the low-latency kernels"):
         ll.low_latency_update_mask_buffer(0, True)
     combined, _, _ = ll.low_latency_combine(recv, idx, w, handle)  # the BF16 combine still works
     torch.cuda.synchronize()
