@@ -28,21 +28,21 @@ and the input gradient (a check that every mode computes the same layer). JSON g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from moe_a2a.launch import leave
+from moe_a2a.launch import mps_if_needed, spawn
+
+from . import common
 
 MODES = ("plain", "resident", "all_to_all")
 
@@ -251,62 +251,16 @@ def _worker(rank: int, num_ranks: int, opts: Dict):
     return {"results": results, "transport": transport, "gemm": "grouped_mm" if layer.grouped else "loop"}
 
 
-def _rank_main(rank, num_ranks, port, opts, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    if opts["device"] == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("gloo", rank=rank, world_size=num_ranks)
-    try:
-        out = _worker(rank, num_ranks, opts)
-        if rank == 0:
-            queue.put(out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    leave(0)
-
-
 def run(opts: Dict) -> Dict:
     """Spawn ``opts["ranks"]`` ranks (under CUDA MPS when they share GPUs) and return rank 0's results."""
-    import contextlib
-
     num_ranks = opts["ranks"]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    guard = contextlib.nullcontext()
-    if opts["device"] == "cuda":
-        from moe_a2a.launch import mps_if_needed
-
-        guard = mps_if_needed(num_ranks)
-    with guard:
-        procs = [ctx.Process(target=_rank_main, args=(r, num_ranks, port, opts, queue)) for r in range(num_ranks)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(opts["timeout"])
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-    if failed or queue.empty():
-        raise RuntimeError(f"moe-layer benchmark ranks failed (rank, exit code): {failed}")
-    return queue.get()
+    cuda = opts["device"] == "cuda"
+    with mps_if_needed(num_ranks) if cuda else contextlib.nullcontext():
+        return spawn(_worker, num_ranks, opts, cuda_device=cuda, timeout=opts["timeout"])[0]
 
 
 def _device_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def format_table(report: Dict) -> str:
@@ -358,7 +312,7 @@ def main(argv=None) -> int:
     opts = dict(vars(args), device=device, ranks=ranks, modes=modes)
     out = run(opts)
     name = _device_name(device)
-    report = {"benchmark": "moe_layer", "device": name, "ranks": ranks, "commit": _commit(), "modes": modes,
+    report = {"benchmark": "moe_layer", "device": name, "ranks": ranks, "commit": common.commit(), "modes": modes,
               "shape": {k: args.__dict__[k] for k in ("tokens", "hidden", "ffn", "experts", "topk")},
               "sms": args.sms, "warmup": args.warmup, "loops": args.loops, "iters": args.iters, **out}
     slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
