@@ -135,6 +135,12 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+def buffer_size_sufficient(buffer_bytes: int, tp_size: int, num_tokens: int, hidden_dim: int, dtype: torch.dtype,
+                           strategy: AllReduceStrategy = AllReduceStrategy.AUTO) -> bool:
+    """Whether a Lamport buffer of ``buffer_bytes`` holds ``num_tokens x hidden_dim`` on ``tp_size`` ranks."""
+    return get_required_buffer_size_bytes(tp_size, num_tokens, hidden_dim, dtype, strategy) <= buffer_bytes
+
+
 class LamportWorkspace:
     """One rank's Lamport buffers (``NUM_LAMPORT_BUFFERS`` of ``buffer_size_bytes``) and its peers' mappings.
 
@@ -210,8 +216,7 @@ class LamportWorkspace:
     def is_buffer_size_sufficient(self, tp_size: int, num_tokens: int, hidden_dim: int, dtype: torch.dtype,
                                   strategy: AllReduceStrategy = AllReduceStrategy.AUTO) -> bool:
         """Whether one buffer holds the problem (``get_required_buffer_size_bytes`` <= ``buffer_size_bytes``)."""
-        return get_required_buffer_size_bytes(tp_size, num_tokens, hidden_dim, dtype, strategy) <= \
-            self.buffer_size_bytes
+        return buffer_size_sufficient(self.buffer_size_bytes, tp_size, num_tokens, hidden_dim, dtype, strategy)
 
     @property
     def buffer_size_bytes(self) -> int:

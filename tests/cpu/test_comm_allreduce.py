@@ -298,11 +298,10 @@ def test_workspace_sizing():
     size = LamportWorkspace.size_for(8, 4096, 7168, bf)
     assert size >= get_required_buffer_size_bytes(8, 4096, 7168, bf, ST.TWOSHOT)
     assert ws_mod._round_up(size + 1, ws_mod.GROWTH_BYTES) % (8 << 20) == 0
-    fake = LamportWorkspace.__new__(LamportWorkspace)
-    fake._buffer_size_bytes = ws_mod._round_up(size, ws_mod.GROWTH_BYTES)
-    assert fake.is_buffer_size_sufficient(8, 4096, 7168, bf, ST.TWOSHOT)
-    assert fake.is_buffer_size_sufficient(8, 1, 7168, bf)
-    assert not fake.is_buffer_size_sufficient(8, 16384, 7168, bf, ST.TWOSHOT)
+    grown = ws_mod._round_up(size, ws_mod.GROWTH_BYTES)
+    assert ws_mod.buffer_size_sufficient(grown, 8, 4096, 7168, bf, ST.TWOSHOT)
+    assert ws_mod.buffer_size_sufficient(grown, 8, 1, 7168, bf)
+    assert not ws_mod.buffer_size_sufficient(grown, 8, 16384, 7168, bf, ST.TWOSHOT)
 
 
 def test_strategy_choice_fallback_and_table(tmp_path):
