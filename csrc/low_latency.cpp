@@ -37,31 +37,17 @@ void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, st
                   shape_text(shape));
 }
 
-class LowLatencyRuntime {
+class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
    public:
     LowLatencyRuntime(int rank, int num_ranks, int64_t num_bytes, double timeout_s)
-        : rank_(rank), num_ranks_(num_ranks), num_bytes_(num_bytes) {
-        MOE_A2A_CHECK(num_ranks >= 1 && num_ranks <= kLLMaxRanks, "low-latency groups have 1..", kLLMaxRanks,
-                    " ranks, got ", num_ranks);
-        MOE_A2A_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range [0, ", num_ranks, ")");
+        : IpcRuntime("low-latency", rank, num_ranks, timeout_s), num_bytes_(num_bytes) {
         MOE_A2A_CHECK(num_bytes > kLLSignalBytes, "num_bytes must exceed ", kLLSignalBytes, ", got ", num_bytes);
-        MOE_A2A_CHECK(timeout_s > 0, "timeout_s must be positive, got ", timeout_s);
-        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
         set_bytes_ = ((num_bytes - kLLSignalBytes) / 2) / 128 * 128;
-        MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
-        MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_));
-        MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, num_bytes));
+        allocate_shared(num_bytes);
         MOE_A2A_CUDA_CHECK(cudaMemset(local_, 0, num_bytes));
         MOE_A2A_CUDA_CHECK(cudaMalloc(&workspace_, kLLWorkspaceInts * sizeof(int)));
         MOE_A2A_CUDA_CHECK(cudaMemset(workspace_, 0, kLLWorkspaceInts * sizeof(int)));
-        MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
-        void* host = nullptr;
-        MOE_A2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(LLHostError), cudaHostAllocMapped));
-        std::memset(host, 0, sizeof(LLHostError));
-        host_ = static_cast<LLHostError*>(host);
-        void* host_dev = nullptr;
-        MOE_A2A_CUDA_CHECK(cudaHostGetDevicePointer(&host_dev, host, 0));
-        host_dev_ = static_cast<LLHostError*>(host_dev);
+        allocate_host_record();
         MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
     }
 
@@ -73,30 +59,13 @@ class LowLatencyRuntime {
                                      ll_recv_bytes(num_experts, max_tokens, hidden));
     }
 
-    pybind11::bytes ipc_handle() const {
-        return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
-    }
-
-    void connect(const std::vector<std::string>& handles) {
-        MOE_A2A_CHECK(!destroyed_ && !connected_, "connect() needs a fresh runtime");
-        open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
-        connected_ = true;
-    }
-
     void destroy() {
-        if (destroyed_) return;
-        destroyed_ = true;
-        cudaDeviceSynchronize();
-        if (connected_) close_ipc_peers(rank_, num_ranks_, peers_);
-        if (local_) cudaFree(local_);
+        if (!begin_destroy()) return;
+        release_shared();
         if (workspace_) cudaFree(workspace_);
-        if (host_) cudaFreeHost(const_cast<LLHostError*>(host_));
-        local_ = nullptr;
         workspace_ = nullptr;
-        host_ = nullptr;
     }
 
-    int num_device_sms() const { return num_device_sms_; }
     int64_t set_bytes() const { return set_bytes_; }
 
     // The first timeout the kernels recorded: (code, phase, peer, index, set, call); code 0 while none. The
@@ -256,7 +225,7 @@ class LowLatencyRuntime {
                     max_tokens, " tokens per rank, hidden ", hidden, ", ", num_experts, " experts: need ",
                     required_bytes(max_tokens, hidden, num_ranks_, num_experts), " bytes");
         LLCtx c{};
-        for (int r = 0; r < num_ranks_; ++r) c.peers[r] = peers_[r];
+        for (int r = 0; r < num_ranks_; ++r) c.peers[r] = static_cast<char*>(peers_[r]);
         c.workspace = workspace_;
         c.host = host_dev_;
         c.timeout_ns = timeout_ns_;
@@ -270,18 +239,9 @@ class LowLatencyRuntime {
         return c;
     }
 
-    int rank_, num_ranks_;
     unsigned long long* clock_ = nullptr;  // phase clock of the next launches, or null
     int64_t num_bytes_, set_bytes_ = 0;
-    uint64_t timeout_ns_ = 0;
-    int device_ = 0, num_device_sms_ = 0;
-    void* local_ = nullptr;
     int* workspace_ = nullptr;
-    char* peers_[kLLMaxRanks] = {};
-    cudaIpcMemHandle_t ipc_handle_{};
-    volatile LLHostError* host_ = nullptr;
-    LLHostError* host_dev_ = nullptr;
-    bool connected_ = false, destroyed_ = false;
 };
 
 }  // namespace

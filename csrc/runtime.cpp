@@ -81,56 +81,23 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>, torch::Tensor, torch::Te
 }
 
 
-class Runtime {
+class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
    public:
     Runtime(int rank, int num_ranks, int64_t num_nvl_bytes, double timeout_s)
-        : rank_(rank), num_ranks_(num_ranks), num_nvl_bytes_(num_nvl_bytes) {
-        MOE_A2A_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "intranode groups have 1..", kMaxRanks,
-                    " ranks, got ", num_ranks);
-        MOE_A2A_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range");
+        : IpcRuntime("intranode", rank, num_ranks, timeout_s), num_nvl_bytes_(num_nvl_bytes) {
         MOE_A2A_CHECK(num_nvl_bytes >= 0 && num_nvl_bytes % 16 == 0, "num_nvl_bytes must be a multiple of 16");
-        MOE_A2A_CHECK(timeout_s > 0, "timeout_s must be positive");
-        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
-        MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
-        MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_));
-        MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, kHeaderBytes + num_nvl_bytes));
+        allocate_shared(kHeaderBytes + num_nvl_bytes);
         MOE_A2A_CUDA_CHECK(cudaMemset(local_, 0, kHeaderBytes + num_nvl_bytes));
-        MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
-        void* host_raw = nullptr;
-        MOE_A2A_CUDA_CHECK(cudaHostAlloc(&host_raw, sizeof(HostInfo), cudaHostAllocMapped));
-        host_ = static_cast<HostInfo*>(host_raw);
-        std::memset(const_cast<HostInfo*>(host_), 0, sizeof(HostInfo));
-        MOE_A2A_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), const_cast<HostInfo*>(host_), 0));
+        allocate_host_record();
         MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
     }
 
     ~Runtime() { destroy(); }
 
-    pybind11::bytes ipc_handle() const {
-        return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
-    }
-
-    // Open every peer's allocation; handles[r] is rank r's ipc_handle().
-    void connect(const std::vector<std::string>& handles) {
-        MOE_A2A_CHECK(!destroyed_, "the runtime was destroyed");
-        MOE_A2A_CHECK(!connected_, "connect() was already called");
-        open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
-        connected_ = true;
-    }
-
     void destroy() {
-        if (destroyed_) return;
-        destroyed_ = true;
-        cudaDeviceSynchronize();
-        if (connected_) close_ipc_peers(rank_, num_ranks_, peers_);
-        if (local_) cudaFree(local_);
-        if (host_) cudaFreeHost(const_cast<HostInfo*>(host_));
-        local_ = nullptr;
-        host_ = nullptr;
+        if (begin_destroy()) release_shared();
     }
 
-    bool is_available() const { return connected_ && !destroyed_; }
-    int num_device_sms() const { return num_device_sms_; }
     int64_t num_nvl_bytes() const { return num_nvl_bytes_; }
 
     // The error the kernels recorded, as text; empty while none. Built without iostreams on purpose:
@@ -424,16 +391,7 @@ class Runtime {
                     "] (one block per SM, all resident), got ", num_sms);
     }
 
-    int rank_, num_ranks_;
     int64_t num_nvl_bytes_;
-    uint64_t timeout_ns_ = 0;
-    int device_ = 0, num_device_sms_ = 0;
-    void* local_ = nullptr;
-    void* peers_[kMaxRanks] = {};
-    cudaIpcMemHandle_t ipc_handle_{};
-    volatile HostInfo* host_ = nullptr;
-    HostInfo* host_dev_ = nullptr;
-    bool connected_ = false, destroyed_ = false;
     int64_t bulk_min_rows_ = 8192;
     int signature_[kSignatureInts] = {};
 };

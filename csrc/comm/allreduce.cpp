@@ -48,59 +48,31 @@ void check_tensor(const torch::Tensor& t, const char* name, const torch::Tensor&
     if (same_shape) MOE_A2A_CHECK(t.sizes() == like.sizes(), name, " must have the input's shape");
 }
 
-class AllReduceWorkspace {
+class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
    public:
     AllReduceWorkspace(int rank, int num_ranks, int64_t buffer_bytes, int elem_size, double timeout_s)
-        : rank_(rank), num_ranks_(num_ranks), buffer_bytes_(buffer_bytes), elem_size_(elem_size) {
-        MOE_A2A_CHECK(num_ranks >= 1 && num_ranks <= comm::kArMaxRanks, "all-reduce groups have 1..",
-                      comm::kArMaxRanks, " ranks, got ", num_ranks);
-        MOE_A2A_CHECK(rank >= 0 && rank < num_ranks, "rank ", rank, " out of range [0, ", num_ranks, ")");
+        : IpcRuntime("all-reduce", rank, num_ranks, timeout_s), buffer_bytes_(buffer_bytes), elem_size_(elem_size) {
         MOE_A2A_CHECK(buffer_bytes > 0 && buffer_bytes % 16 == 0, "buffer_bytes must be a positive multiple of 16, got ",
                       buffer_bytes);
         MOE_A2A_CHECK(buffer_bytes / 16 < (int64_t{1} << 31), "buffer_bytes must be below 32 GiB, got ", buffer_bytes);
         MOE_A2A_CHECK(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4, got ", elem_size);
-        MOE_A2A_CHECK(timeout_s > 0, "timeout_s must be positive, got ", timeout_s);
-        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
-        MOE_A2A_CUDA_CHECK(cudaGetDevice(&device_));
-        MOE_A2A_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
         const int64_t total = comm::kArNumBuffers * buffer_bytes;
-        MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, total));
+        allocate_shared(total);
         comm::launch_fill_sentinel(local_, total / 16, elem_size, nullptr);
         MOE_A2A_CUDA_CHECK(cudaMalloc(&flags_, comm::kNumFlags * sizeof(int)));
         MOE_A2A_CUDA_CHECK(cudaMemset(flags_, 0, comm::kNumFlags * sizeof(int)));
-        MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
-        void* host = nullptr;
-        MOE_A2A_CUDA_CHECK(cudaHostAlloc(&host, sizeof(ArHostError), cudaHostAllocMapped));
-        std::memset(host, 0, sizeof(ArHostError));
-        host_ = static_cast<ArHostError*>(host);
-        MOE_A2A_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host, 0));
+        allocate_host_record();
         // The peers map this buffer only after the handles are exchanged: the fill is complete by then.
         MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
     }
 
     ~AllReduceWorkspace() { destroy(); }
 
-    pybind11::bytes ipc_handle() const {
-        return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
-    }
-
-    void connect(const std::vector<std::string>& handles) {
-        MOE_A2A_CHECK(!destroyed_ && !connected_, "connect() needs a fresh workspace");
-        open_ipc_peers(handles, rank_, num_ranks_, local_, peers_);
-        connected_ = true;
-    }
-
     void destroy() {
-        if (destroyed_) return;
-        destroyed_ = true;
-        cudaDeviceSynchronize();
-        if (connected_) close_ipc_peers(rank_, num_ranks_, peers_);
-        if (local_) cudaFree(local_);
+        if (!begin_destroy()) return;
+        release_shared();
         if (flags_) cudaFree(flags_);
-        if (host_) cudaFreeHost(const_cast<ArHostError*>(host_));
-        local_ = nullptr;
         flags_ = nullptr;
-        host_ = nullptr;
     }
 
     int64_t buffer_bytes() const { return buffer_bytes_; }
@@ -194,7 +166,7 @@ class AllReduceWorkspace {
             a.out = out->data_ptr();
         }
         int blocks = static_cast<int>(num_blocks > 0 ? num_blocks : std::min(tokens, kDefaultBlocks));
-        blocks = std::max(1, std::min(blocks, num_sms_));
+        blocks = std::max(1, std::min(blocks, num_device_sms_));
         const int row_vecs = static_cast<int>(row_bytes / 16);
         const int threads = std::min(comm::kArMaxThreads, std::max(32, (row_vecs + 31) / 32 * 32));
         const c10::cuda::CUDAGuard guard(x.device());
@@ -202,18 +174,9 @@ class AllReduceWorkspace {
     }
 
    private:
-    int rank_, num_ranks_;
     int64_t buffer_bytes_;
     int elem_size_;
-    uint64_t timeout_ns_ = 0;
-    int device_ = 0, num_sms_ = 0;
-    void* local_ = nullptr;
-    void* peers_[comm::kArMaxRanks] = {};
     int* flags_ = nullptr;
-    cudaIpcMemHandle_t ipc_handle_{};
-    volatile ArHostError* host_ = nullptr;
-    ArHostError* host_dev_ = nullptr;
-    bool connected_ = false, destroyed_ = false;
 };
 
 }  // namespace
