@@ -6,7 +6,7 @@ import os
 import sys
 
 _COMMANDS = {
-    "train": ("moe_a2a.train", "train a recipe: train RECIPE.yaml [key=value ...] [--dry-run]"),
+    "train": ("moe_a2a.train.cli", "train a recipe: train RECIPE.yaml [key=value ...] [--dry-run]"),
     "demo": ("moe_a2a.demo", "multi-rank dispatch/combine demo on CPU"),
     "bench": (None, "benchmarks on a GPU (source tree only): bench {intranode,low-latency,internode,...} [options]"),
 }

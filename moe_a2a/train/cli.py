@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from .megatron.recipe import RecipeError, describe, environment_problem, load, output_dir, parallel_sizes
+from .recipe import RecipeError, describe, environment_problem, load, output_dir, parallel_sizes
 
 USAGE = "usage: python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]"
 
@@ -47,7 +47,7 @@ def runnable_here(recipe: Dict[str, Any], world_size: Optional[int] = None) -> O
         return "megatron-core is not installed (pip install megatron-core)"
     if sizes["pp"] > 1:
         return "parallel.pipeline > 1 is not supported by this runner (use Megatron-LM's pretrain_gpt.py)"
-    from .megatron.model import have_transformer_engine
+    from .model import have_transformer_engine
 
     if sizes["tp"] > 1 and not (tr["device"] == "cuda" and have_transformer_engine()):
         return ("parallel.tensor > 1 needs Transformer Engine on GPU: megatron's local (torch) layer norms "
@@ -58,7 +58,7 @@ def runnable_here(recipe: Dict[str, Any], world_size: Optional[int] = None) -> O
         return f"{key}=true needs Transformer Engine, which is not installed"
     if disp["type"] in ("moe_a2a", "flex"):
         try:
-            from . import fused_a2a  # noqa: F401
+            from .. import fused_a2a  # noqa: F401
         except ImportError as exc:
             return f"dispatcher.type={disp['type']!r} needs moe_a2a.fused_a2a: {exc}"
         if tr["device"] == "cuda" and importlib.util.find_spec("moe_a2a._C") is None:
@@ -94,14 +94,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = runnable_here(recipe, world)
         if importlib.util.find_spec("megatron.core") is not None:
             _quiet_imports()
-            from .megatron.model import megatron_rejects
+            from .model import megatron_rejects
 
             rejected = megatron_rejects(recipe, sizes)
             if rejected:
                 raise RecipeError(rejected)
         resume_step = None
         if reason is None and not dry_run:
-            from .megatron.loop import select_checkpoint
+            from .loop import select_checkpoint
 
             resume_step, warnings = select_checkpoint(recipe, sizes)
             for warning in warnings:
@@ -189,8 +189,8 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
     import torch
     import torch.distributed as dist
 
-    from .backends.waits import CollectiveError
-    from .megatron.loop import TrainingStopped
+    from ..backends.waits import CollectiveError
+    from .loop import TrainingStopped
 
     tr = recipe["train"]
     _quiet_imports()
@@ -206,7 +206,7 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
     dist.init_process_group("nccl" if tr["device"] == "cuda" else "gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=tr["timeout_s"]))
     try:
-        from .megatron.loop import train
+        from .loop import train
 
         train(recipe, parallel_sizes(recipe, world), resume_step)
     except (TrainingStopped, CollectiveError) as exc:
@@ -228,7 +228,7 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
 def _exit_now(code: int) -> None:
     """Leave at once (``launch.leave``): a collective abandoned by a failure may keep the process group from
     shutting down, and after a finished run gloo's threads may still release work during interpreter shutdown."""
-    from .launch import leave
+    from ..launch import leave
 
     leave(code)
 
