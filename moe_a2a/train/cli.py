@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
-import time
 from typing import Any, Dict, List, Optional
 
 from .recipe import RecipeError, describe, environment_problem, load, output_dir, parallel_sizes
@@ -121,50 +121,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     if "RANK" in os.environ:  # launched by torchrun: this process is one rank
-        return _worker_main(int(os.environ["RANK"]), sizes["world"], recipe, None, resume_step)
+        return _torchrun_rank(recipe, sizes["world"], resume_step)
     return _spawn(recipe, sizes["world"], resume_step)
 
 
-#: Seconds the runner gives the other ranks to exit once one failed, before it kills them.
+#: Seconds the other ranks have, once one failed, to report their own error before the runner kills them.
 STOP_GRACE_S = 5.0
 
 
 def _spawn(recipe: Dict[str, Any], world: int, resume_step: Optional[int] = None) -> int:
-    import socket
+    """Run the recipe on ``world`` ranks of this machine (``launch.spawn``); 0, or 1 when a rank failed."""
+    from ..launch import RanksFailed, spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_spawned_worker, args=(r, world, recipe, port, resume_step)) for r in range(world)]
-    for p in procs:
-        p.start()
-    # A rank that fails leaves its peers blocked in a collective: stop them instead of waiting forever. A
-    # stalled rank makes its peers' collectives time out after train.timeout_s, and they fail in turn.
-    # terminate() (SIGTERM) cannot reach a stopped process, so the runner kills what is left after a grace.
-    from multiprocessing.connection import wait
-
-    pending = {p.sentinel: p for p in procs}
-    kill_at = None
-    while pending:
-        timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
-        ready = wait(list(pending), timeout)
-        for sentinel in ready:
-            proc = pending.pop(sentinel)
-            proc.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
-            if proc.exitcode and kill_at is None:
-                kill_at = time.monotonic() + STOP_GRACE_S
-                for other in pending.values():
-                    other.terminate()
-        if not ready and kill_at is not None:
-            for other in pending.values():
-                other.kill()
-            kill_at = time.monotonic() + STOP_GRACE_S
-    codes = [p.exitcode for p in procs]
-    if any(codes):
-        print(f"error: ranks exited with codes {codes}", file=sys.stderr)
+    tr = recipe["train"]
+    cuda = tr["device"] == "cuda"
+    try:
+        # No deadline for the whole run: it takes as long as its steps do. A stalled rank makes its peers'
+        # collectives time out after train.timeout_s (the group's timeout); they fail and report it, and
+        # the runner kills what is left STOP_GRACE_S later (SIGKILL reaches a stopped process too).
+        spawn(_train_rank, world, recipe, resume_step, backend="nccl" if cuda else "gloo", cuda_device=cuda,
+              timeout=math.inf, grace=STOP_GRACE_S, group_timeout=tr["timeout_s"])
+    except RanksFailed as exc:
+        # The ranks reported their own errors; a rank that failed before training (joining the group) has its
+        # traceback printed by multiprocessing.
+        codes = [exc.exit_codes.get(r) for r in range(world)]
+        killed = f"; ranks {exc.hung} killed {STOP_GRACE_S:g} s after the first failure" if exc.hung else ""
+        print(f"error: ranks exited with codes {codes}{killed}", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -181,16 +163,29 @@ def _quiet_imports() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _spawned_worker(rank: int, world: int, recipe: Dict[str, Any], port: int, resume_step: Optional[int]) -> None:
-    sys.exit(_worker_main(rank, world, recipe, port, resume_step))
-
-
-def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[int],
-                 resume_step: Optional[int] = None) -> int:
+def _torchrun_rank(recipe: Dict[str, Any], world: int, resume_step: Optional[int]) -> int:
+    """This process is one rank of a torchrun launch (``RANK``, ``LOCAL_RANK``, ``MASTER_*`` in the
+    environment): join the group, train, leave."""
     import datetime
 
     import torch
     import torch.distributed as dist
+
+    rank, cuda = int(os.environ["RANK"]), recipe["train"]["device"] == "cuda"
+    if cuda:  # before the group: NCCL binds to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=recipe["train"]["timeout_s"]))
+    _train_rank(rank, world, recipe, resume_step)
+    dist.destroy_process_group()
+    _exit_now(0)
+    return 0
+
+
+def _train_rank(rank: int, world: int, recipe: Dict[str, Any], resume_step: Optional[int]) -> None:
+    """Train the recipe on this rank (its process group is up; ``launch.spawn`` calls it on spawned ranks).
+    Returns when the run is done; a failure is reported here and ends the process with code 1."""
+    import torch
 
     from ..backends.waits import CollectiveError
     from .loop import TrainingStopped
@@ -198,16 +193,9 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
     tr = recipe["train"]
     _quiet_imports()
     torch.set_num_threads(tr["threads_per_rank"])
-    if port is not None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    # Every wait on a peer ends after train.timeout_s: the collectives of every group and the dispatcher's
-    # Buffer (unless MOE_A2A_TIMEOUT_S says otherwise).
+    # Every wait on a peer ends after train.timeout_s: the collectives of every group (the process group's
+    # timeout) and the dispatcher's Buffer (unless MOE_A2A_TIMEOUT_S says otherwise).
     os.environ.setdefault("MOE_A2A_TIMEOUT_S", str(tr["timeout_s"]))
-    if tr["device"] == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if tr["device"] == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=tr["timeout_s"]))
     try:
         from .loop import train
 
@@ -223,9 +211,6 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
 
         traceback.print_exc()
         _exit_now(1)
-    dist.destroy_process_group()
-    _exit_now(0)
-    return 0
 
 
 def _exit_now(code: int) -> None:
