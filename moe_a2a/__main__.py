@@ -5,10 +5,12 @@ import importlib
 import os
 import sys
 
+# command -> (module, function called with the remaining arguments, help line)
 _COMMANDS = {
-    "train": ("moe_a2a.train", "train a recipe: train RECIPE.yaml [key=value ...] [--dry-run]"),
-    "demo": ("moe_a2a.demo", "multi-rank dispatch/combine demo on CPU"),
-    "bench": (None, "benchmarks on a GPU (source tree only): bench {intranode,low-latency,internode,...} [options]"),
+    "train": ("moe_a2a.train.cli", "main", "train a recipe: train RECIPE.yaml [key=value ...] [--dry-run]"),
+    "demo": ("moe_a2a.train.cli", "demo", "multi-rank dispatch/combine demo on CPU"),
+    "bench": (None, None, "benchmarks on a GPU (source tree only): bench {intranode,low-latency,internode,...} "
+              "[options]"),
 }
 
 
@@ -30,13 +32,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
         print("usage: python -m moe_a2a COMMAND [args]\n\ncommands:")
-        for name, (_, text) in _COMMANDS.items():
+        for name, (_, _, text) in _COMMANDS.items():
             print(f"  {name:7s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     if argv[0] == "bench":
         return _bench(argv[1:])
-    module = importlib.import_module(_COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    module, function, _ = _COMMANDS[argv[0]]
+    return int(getattr(importlib.import_module(module), function)(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ control daemon (its own pipe and log directories) when there are more ranks than
 after. ``max_num_sms_per_rank`` says how many SMs each rank may use so that every rank's blocks are
 resident together.
 
-The benchmarks, the demo and the tests launch their ranks through this module.
+The trainer, the benchmarks, the demo and the tests launch their ranks through this module.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import socket
@@ -72,7 +73,7 @@ def leave(code: int = 0) -> None:
 
 
 def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, backend: str,
-               cuda_device: bool, queue) -> None:
+               cuda_device: bool, group_timeout: Optional[float], queue) -> None:
     import torch
     import torch.distributed as dist
 
@@ -81,7 +82,8 @@ def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, 
     try:
         if cuda_device:  # before the group: NCCL binds to the current device
             torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group(backend, rank=rank, world_size=num_ranks)
+        timeout = {} if group_timeout is None else {"timeout": datetime.timedelta(seconds=group_timeout)}
+        dist.init_process_group(backend, rank=rank, world_size=num_ranks, **timeout)
         result = fn(rank, num_ranks, *args)
         dist.barrier()
         queue.put(("ok", rank, result))
@@ -95,14 +97,15 @@ def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, 
 
 
 def spawn(fn: Callable, num_ranks: int, *args: Any, backend: str = "gloo", timeout: float = 300.0,
-          cuda_device: bool = False, grace: float = 30.0) -> List[Any]:
+          cuda_device: bool = False, grace: float = 30.0, group_timeout: Optional[float] = None) -> List[Any]:
     """Run ``fn(rank, num_ranks, *args)`` on ``num_ranks`` spawned ranks; return their results by rank.
 
     ``fn`` and ``args`` are pickled into the children: ``fn`` must be a module-level function.
     ``backend``: the process group's (``"gloo"``, ``"nccl"``, ``"cpu:gloo,cuda:nccl"``).
-    ``timeout``: seconds every rank has to finish; ranks still running then are killed.
+    ``timeout``: seconds every rank has to finish (``math.inf``: no limit); ranks still running then are killed.
     ``cuda_device``: each rank selects GPU ``rank % torch.cuda.device_count()`` first.
     ``grace``: once a rank has failed, seconds the others have left to finish or report their own error.
+    ``group_timeout``: seconds a collective of the group waits for a peer before it fails (None: torch's default).
     Raises ``RanksFailed`` unless every rank returned and exited with code 0.
     """
     import torch.multiprocessing as mp
@@ -114,7 +117,8 @@ def spawn(fn: Callable, num_ranks: int, *args: Any, backend: str = "gloo", timeo
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, num_ranks, port, fn, args, backend, cuda_device, queue))
+    procs = [ctx.Process(target=_rank_main,
+                         args=(r, num_ranks, port, fn, args, backend, cuda_device, group_timeout, queue))
              for r in range(num_ranks)]
     for p in procs:
         p.start()

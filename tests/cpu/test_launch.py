@@ -75,6 +75,17 @@ def test_peers_stopped_after_a_failure():
     assert time.monotonic() - start < 120
 
 
+def test_group_timeout_bounds_a_collective():
+    # Rank 1 never joins the all-reduce: with group_timeout rank 0's collective fails after 3 s (torch's
+    # default would wait 30 minutes and the whole spawn would reach its 120 s deadline instead).
+    start = time.monotonic()
+    with pytest.raises(RanksFailed, match="ranks failed") as info:
+        spawn(_rank_hangs, 2, timeout=120, grace=3, group_timeout=3)
+    assert set(info.value.errors) == {0} and info.value.hung == [1]
+    assert "Timed out waiting 3000ms" in info.value.errors[0]  # gloo's message, naming the group's timeout
+    assert time.monotonic() - start < 60
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="num_ranks"):
         spawn(_sum_ranks, 0)

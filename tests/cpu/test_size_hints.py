@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_a2a import Buffer
-from moe_a2a.demo import main as demo_main
+from moe_a2a.train.cli import demo as demo_main
 
 
 @pytest.mark.parametrize("num_ranks", range(2, 9))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_a2a.megatron import recipe as rc
-from moe_a2a.train import main
+from moe_a2a.train import recipe as rc
+from moe_a2a.train.cli import main
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 TINY = next(p for p in RECIPES if p.name == "tiny_moe_cpu.yaml")

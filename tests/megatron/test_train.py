@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from moe_a2a.megatron.recipe import load, parallel_sizes
-from moe_a2a.train import main
+from moe_a2a.train.cli import main
+from moe_a2a.train.recipe import load, parallel_sizes
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.megatron
 
-from moe_a2a.megatron.loop import select_checkpoint, write_manifest  # noqa: E402
+from moe_a2a.train.loop import select_checkpoint, write_manifest  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[2] / "recipes" / "tiny_moe_cpu.yaml"
 # Small and fast: 2 ranks, short sequences; warmup short enough that 6 steps learn something.
@@ -145,7 +145,7 @@ def _non_finite_body(rank, num_ranks):
 
     import torch
 
-    from moe_a2a.megatron.loop import Trainer, TrainingStopped
+    from moe_a2a.train.loop import Trainer, TrainingStopped
 
     fake = SimpleNamespace(device=torch.device("cpu"), rank=rank, _ckpt_root=lambda: Path("runs/x/checkpoints"))
     Trainer._stop_if_not_finite(fake, 5, torch.tensor(2.5, requires_grad=True), 0.7)  # finite: goes on

@@ -1,4 +1,18 @@
-"""Recipe runner: ``python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]``.
+"""The commands ``python -m moe_a2a train`` (``main``: the recipe runner, ``TRAIN_HELP``) and
+``python -m moe_a2a demo`` (``demo``: dispatch and combine across CPU ranks, checked end to end)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+from .recipe import RecipeError, describe, environment_problem, load, output_dir, parallel_sizes
+
+USAGE = "usage: python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]"
+TRAIN_HELP = """Recipe runner: ``python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]``.
 
 Builds a megatron-core GPT model with MoE layers from a YAML recipe (``recipes/``), sets up the
 process groups, trains a byte-level language model on the shipped corpus and reports training loss,
@@ -15,17 +29,6 @@ naming the key, before anything is written. A damaged latest checkpoint falls ba
 one (with a warning). A non-finite loss or gradient, a rank that dies, or one that stalls for longer than
 ``train.timeout_s`` ends the run with exit code 1 (within ``train.timeout_s + 30`` seconds).
 """
-from __future__ import annotations
-
-import importlib.util
-import os
-import sys
-import time
-from typing import Any, Dict, List, Optional
-
-from .megatron.recipe import RecipeError, describe, environment_problem, load, output_dir, parallel_sizes
-
-USAGE = "usage: python -m moe_a2a train RECIPE.yaml [section.key=value ...] [--dry-run]"
 
 
 # ----------------------------------------------------------------------------- checks before launch
@@ -47,7 +50,7 @@ def runnable_here(recipe: Dict[str, Any], world_size: Optional[int] = None) -> O
         return "megatron-core is not installed (pip install megatron-core)"
     if sizes["pp"] > 1:
         return "parallel.pipeline > 1 is not supported by this runner (use Megatron-LM's pretrain_gpt.py)"
-    from .megatron.model import have_transformer_engine
+    from .model import have_transformer_engine
 
     if sizes["tp"] > 1 and not (tr["device"] == "cuda" and have_transformer_engine()):
         return ("parallel.tensor > 1 needs Transformer Engine on GPU: megatron's local (torch) layer norms "
@@ -58,7 +61,7 @@ def runnable_here(recipe: Dict[str, Any], world_size: Optional[int] = None) -> O
         return f"{key}=true needs Transformer Engine, which is not installed"
     if disp["type"] in ("moe_a2a", "flex"):
         try:
-            from . import fused_a2a  # noqa: F401
+            from .. import fused_a2a  # noqa: F401
         except ImportError as exc:
             return f"dispatcher.type={disp['type']!r} needs moe_a2a.fused_a2a: {exc}"
         if tr["device"] == "cuda" and importlib.util.find_spec("moe_a2a._C") is None:
@@ -86,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         path, overrides, dry_run = _parse_args(argv)
         if path is None:
-            print(__doc__.strip() + "\n\n" + USAGE)
+            print(TRAIN_HELP.strip() + "\n\n" + USAGE)
             return 0
         recipe = load(path, overrides)
         world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
@@ -94,14 +97,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = runnable_here(recipe, world)
         if importlib.util.find_spec("megatron.core") is not None:
             _quiet_imports()
-            from .megatron.model import megatron_rejects
+            from .model import megatron_rejects
 
             rejected = megatron_rejects(recipe, sizes)
             if rejected:
                 raise RecipeError(rejected)
         resume_step = None
         if reason is None and not dry_run:
-            from .megatron.loop import select_checkpoint
+            from .loop import select_checkpoint
 
             resume_step, warnings = select_checkpoint(recipe, sizes)
             for warning in warnings:
@@ -118,50 +121,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     if "RANK" in os.environ:  # launched by torchrun: this process is one rank
-        return _worker_main(int(os.environ["RANK"]), sizes["world"], recipe, None, resume_step)
+        return _torchrun_rank(recipe, sizes["world"], resume_step)
     return _spawn(recipe, sizes["world"], resume_step)
 
 
-#: Seconds the runner gives the other ranks to exit once one failed, before it kills them.
+#: Seconds the other ranks have, once one failed, to report their own error before the runner kills them.
 STOP_GRACE_S = 5.0
 
 
 def _spawn(recipe: Dict[str, Any], world: int, resume_step: Optional[int] = None) -> int:
-    import socket
+    """Run the recipe on ``world`` ranks of this machine (``launch.spawn``); 0, or 1 when a rank failed."""
+    from ..launch import RanksFailed, spawn
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_spawned_worker, args=(r, world, recipe, port, resume_step)) for r in range(world)]
-    for p in procs:
-        p.start()
-    # A rank that fails leaves its peers blocked in a collective: stop them instead of waiting forever. A
-    # stalled rank makes its peers' collectives time out after train.timeout_s, and they fail in turn.
-    # terminate() (SIGTERM) cannot reach a stopped process, so the runner kills what is left after a grace.
-    from multiprocessing.connection import wait
-
-    pending = {p.sentinel: p for p in procs}
-    kill_at = None
-    while pending:
-        timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
-        ready = wait(list(pending), timeout)
-        for sentinel in ready:
-            proc = pending.pop(sentinel)
-            proc.join()  # the sentinel fires as the process closes its files, a moment before it can be reaped
-            if proc.exitcode and kill_at is None:
-                kill_at = time.monotonic() + STOP_GRACE_S
-                for other in pending.values():
-                    other.terminate()
-        if not ready and kill_at is not None:
-            for other in pending.values():
-                other.kill()
-            kill_at = time.monotonic() + STOP_GRACE_S
-    codes = [p.exitcode for p in procs]
-    if any(codes):
-        print(f"error: ranks exited with codes {codes}", file=sys.stderr)
+    tr = recipe["train"]
+    cuda = tr["device"] == "cuda"
+    try:
+        # No deadline for the whole run: it takes as long as its steps do. A stalled rank makes its peers'
+        # collectives time out after train.timeout_s (the group's timeout); they fail and report it, and
+        # the runner kills what is left STOP_GRACE_S later (SIGKILL reaches a stopped process too).
+        spawn(_train_rank, world, recipe, resume_step, backend="nccl" if cuda else "gloo", cuda_device=cuda,
+              timeout=math.inf, grace=STOP_GRACE_S, group_timeout=tr["timeout_s"])
+    except RanksFailed as exc:
+        # The ranks reported their own errors; a rank that failed before training (joining the group) has its
+        # traceback printed by multiprocessing.
+        codes = [exc.exit_codes.get(r) for r in range(world)]
+        killed = f"; ranks {exc.hung} killed {STOP_GRACE_S:g} s after the first failure" if exc.hung else ""
+        print(f"error: ranks exited with codes {codes}{killed}", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -178,35 +163,41 @@ def _quiet_imports() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _spawned_worker(rank: int, world: int, recipe: Dict[str, Any], port: int, resume_step: Optional[int]) -> None:
-    sys.exit(_worker_main(rank, world, recipe, port, resume_step))
-
-
-def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[int],
-                 resume_step: Optional[int] = None) -> int:
+def _torchrun_rank(recipe: Dict[str, Any], world: int, resume_step: Optional[int]) -> int:
+    """This process is one rank of a torchrun launch (``RANK``, ``LOCAL_RANK``, ``MASTER_*`` in the
+    environment): join the group, train, leave."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
-    from .backends.waits import CollectiveError
-    from .megatron.loop import TrainingStopped
+    rank, cuda = int(os.environ["RANK"]), recipe["train"]["device"] == "cuda"
+    if cuda:  # before the group: NCCL binds to the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=recipe["train"]["timeout_s"]))
+    _train_rank(rank, world, recipe, resume_step)
+    dist.destroy_process_group()
+    _exit_now(0)
+    return 0
+
+
+def _train_rank(rank: int, world: int, recipe: Dict[str, Any], resume_step: Optional[int]) -> None:
+    """Train the recipe on this rank (its process group is up; ``launch.spawn`` calls it on spawned ranks).
+    Returns when the run is done; a failure is reported here and ends the process with code 1."""
+    import torch
+
+    from ..backends.waits import CollectiveError
+    from .loop import TrainingStopped
 
     tr = recipe["train"]
     _quiet_imports()
     torch.set_num_threads(tr["threads_per_rank"])
-    if port is not None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    # Every wait on a peer ends after train.timeout_s: the collectives of every group and the dispatcher's
-    # Buffer (unless MOE_A2A_TIMEOUT_S says otherwise).
+    # Every wait on a peer ends after train.timeout_s: the collectives of every group (the process group's
+    # timeout) and the dispatcher's Buffer (unless MOE_A2A_TIMEOUT_S says otherwise).
     os.environ.setdefault("MOE_A2A_TIMEOUT_S", str(tr["timeout_s"]))
-    if tr["device"] == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    dist.init_process_group("nccl" if tr["device"] == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=tr["timeout_s"]))
     try:
-        from .megatron.loop import train
+        from .loop import train
 
         train(recipe, parallel_sizes(recipe, world), resume_step)
     except (TrainingStopped, CollectiveError) as exc:
@@ -220,17 +211,82 @@ def _worker_main(rank: int, world: int, recipe: Dict[str, Any], port: Optional[i
 
         traceback.print_exc()
         _exit_now(1)
-    dist.destroy_process_group()
-    _exit_now(0)
-    return 0
 
 
 def _exit_now(code: int) -> None:
     """Leave at once (``launch.leave``): a collective abandoned by a failure may keep the process group from
     shutting down, and after a finished run gloo's threads may still release work during interpreter shutdown."""
-    from .launch import leave
+    from ..launch import leave
 
     leave(code)
 
 
-__all__ = ["main", "runnable_here"]
+# ----------------------------------------------------------------------------- demo
+def _demo_rank(rank: int, num_ranks: int, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from .. import Buffer
+
+    num_experts = args.experts
+    per_rank = num_experts // num_ranks
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.tokens, args.hidden, generator=gen).bfloat16()
+    topk_weights, topk_idx = torch.rand(args.tokens, num_experts, generator=gen).softmax(1).topk(args.topk, dim=1)
+    expert_scale = torch.arange(1, num_experts + 1, dtype=torch.float32) / num_experts  # expert e multiplies by this
+
+    # Room for both directions: the default combine config may need more than the dispatch one.
+    num_nvl_bytes = max(config.get_nvl_buffer_size_hint(args.hidden * 2, num_ranks)
+                        for config in (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks)))
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes)
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
+        topk_idx, num_experts)
+    recv_x, recv_idx, recv_w, per_expert, handle, _ = buffer.dispatch(
+        x, num_tokens_per_rank=num_tokens_per_rank, is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+
+    # Each received token: sum over its local experts of weight * scale_e * x.
+    local_scale = expert_scale[rank * per_rank:(rank + 1) * per_rank]
+    factor = (recv_w * torch.where(recv_idx >= 0, local_scale[recv_idx.clamp(min=0)], 0)).sum(1, keepdim=True)
+    expert_out = (recv_x.float() * factor).bfloat16()
+    combined, _, _ = buffer.combine(expert_out, handle)
+
+    want = x.float() * (topk_weights * expert_scale[topk_idx]).sum(1, keepdim=True)
+    err = (combined.float() - want).abs().max().item() if args.tokens else 0.0
+    ok = err <= 0.05 * max(1.0, want.abs().max().item())
+    print(f"rank {rank}: sent {num_tokens_per_rank.tolist()} tokens to ranks, received {recv_x.size(0)} "
+          f"(per local expert {per_expert}), combine max error {err:.4f} {'OK' if ok else 'MISMATCH'}", flush=True)
+    if not ok:
+        raise RuntimeError(f"rank {rank}: combined tokens differ from the local MoE by {err:.4f}")
+
+
+def demo(argv: Optional[List[str]] = None) -> int:
+    """``python -m moe_a2a demo``: dispatch and combine across CPU ranks, checked end to end.
+
+    Spawns ``--ranks`` gloo processes. Each routes random BF16 tokens to top-k experts, dispatches them,
+    applies one scalar "expert" per local expert, combines with the routing weights, and checks the result
+    against the same MoE computed locally. Prints what each rank sent and received.
+    """
+    from ..launch import RanksFailed, spawn
+
+    parser = argparse.ArgumentParser(prog="python -m moe_a2a demo", description=demo.__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--topk", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.experts % args.ranks or args.topk > args.experts:
+        print(f"error: --experts ({args.experts}) must be divisible by --ranks ({args.ranks}) and >= --topk",
+              file=sys.stderr)
+        return 2
+    try:
+        spawn(_demo_rank, args.ranks, args, timeout=600.0)
+    except RanksFailed as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"demo: {args.ranks} ranks dispatched and combined {args.tokens} tokens each, results match")
+    return 0
+
+
+__all__ = ["demo", "main", "runnable_here"]

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from ..data import ByteCorpus, load_corpus
+from .corpus import ByteCorpus, load_corpus
 from .recipe import RecipeError, output_dir
 
 
@@ -389,7 +389,7 @@ class Trainer:
         model's non-parameter state (buffers, extra state), which may differ between ranks."""
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        from .cpu import _rng
+        from ..megatron.cpu import _rng
 
         params = {n for n, _ in self.model.named_parameters()}
         return {"step": self.step, "layout": self.layout(), "history": self.history,
@@ -445,7 +445,7 @@ class Trainer:
         import torch.distributed.checkpoint as dcp
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-        from .cpu import _rng
+        from ..megatron.cpu import _rng
 
         if step is None:
             return False
@@ -564,8 +564,7 @@ def remove_unfinished(root: Path) -> List[Path]:
 
 def train(recipe: Dict[str, Any], sizes: Dict[str, int], resume_step: Optional[int] = None) -> None:
     """Run (or resume, from ``resume_step`` as ``select_checkpoint`` chose it) the recipe on this rank."""
-    from . import install
-    from .cpu import cpu_context
+    from ..megatron import cpu_context, install
 
     tr = recipe["train"]
     wall = time.perf_counter()

@@ -23,7 +23,7 @@ def _num_sms_kwargs(config_cls, disp: Dict[str, Any]) -> Dict[str, int]:
 
 
 def transformer_config(recipe: Dict[str, Any], sizes: Dict[str, int]):
-    """The ``TransformerConfig`` of a recipe (see ``moe_a2a.megatron.recipe.SCHEMA`` for the keys)."""
+    """The ``TransformerConfig`` of a recipe (see ``moe_a2a.train.recipe.SCHEMA`` for the keys)."""
     from megatron.core.transformer import TransformerConfig
 
     m, moe, disp, tr = recipe["model"], recipe["moe"], recipe["dispatcher"], recipe["train"]

@@ -369,7 +369,7 @@ def environment_problem(recipe: Dict[str, Any], world_size: Optional[int] = None
     """
     import os
 
-    from ..data import DEFAULT_CORPUS
+    from .corpus import DEFAULT_CORPUS
 
     corpus = recipe["data"]["corpus"]
     path = DEFAULT_CORPUS if corpus in (None, "", "builtin") else Path(corpus).expanduser()

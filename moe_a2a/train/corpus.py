@@ -13,7 +13,8 @@ from typing import Iterator, Tuple
 import torch
 
 VOCAB_SIZE = 256
-DEFAULT_CORPUS = Path(__file__).with_name("kjv_genesis_exodus.txt")
+# The text ships in moe_a2a/data/ (package data), next to the tables the defaults read.
+DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "kjv_genesis_exodus.txt"
 
 
 def load_corpus(path: str | Path | None = None) -> bytes:
