@@ -26,11 +26,12 @@ from . import checks
 from .backends import internode, internode_low_latency, intranode, low_latency
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
-from .config import (NUM_MAX_NVL_PEERS, Config, combine_input_bytes, default_combine_config, default_dispatch_config,
+from .config import (Config, combine_input_bytes, default_combine_config, default_dispatch_config,
                      min_nvl_buffer_bytes)
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handles import DispatchHandle, HandleIdentity, InternodeHandle, LowLatencyHandle
+from .limits import MAX_NVL_PEERS
 from .tuning import tuned_num_sms
 
 Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -114,7 +115,7 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.check_values = check_values
         if num_ranks_per_node is None:
-            num_ranks_per_node = int(os.environ.get("MOE_A2A_NUM_RANKS_PER_NODE", NUM_MAX_NVL_PEERS))
+            num_ranks_per_node = int(os.environ.get("MOE_A2A_NUM_RANKS_PER_NODE", MAX_NVL_PEERS))
         checks.positive_int("num_ranks_per_node", num_ranks_per_node)
         if self.group_size > num_ranks_per_node and self.group_size % num_ranks_per_node:
             raise ValueError(f"group size {self.group_size} must be a multiple of num_ranks_per_node "
@@ -684,7 +685,7 @@ class Buffer:
         if self.num_rdma_ranks > 1:
             # The internode kernels size their rounds by the real node size; the reference needs no buffer.
             per_node = self.num_ranks_per_node if isinstance(self._kernels, internode.InternodeBackend) else \
-                NUM_MAX_NVL_PEERS
+                MAX_NVL_PEERS
             need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size, per_node)
             if self.num_rdma_bytes < need:
                 raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small: need at least {need} "

@@ -51,6 +51,7 @@ import torch
 
 from ..event import EventHandle
 from ..handles import InternodeHandle
+from ..limits import MAX_NODES, MAX_NVL_PEERS, MAX_TOPK
 from . import intranode, residency
 
 from .. import _native
@@ -127,11 +128,11 @@ class InternodeBackend:
         L = num_ranks_per_node
         if num_ranks % L or num_ranks // L < 2:
             raise ValueError(f"internode kernels need a group of several nodes: {num_ranks} ranks, {L} per node")
-        if L > _nvshmem.max_local_ranks:
-            raise NotImplementedError(f"internode kernels support up to {_nvshmem.max_local_ranks} ranks per node, "
+        if L > MAX_NVL_PEERS:
+            raise NotImplementedError(f"internode kernels support up to {MAX_NVL_PEERS} ranks per node, "
                                       f"got {L}")
-        if num_ranks // L > _nvshmem.max_nodes:
-            raise NotImplementedError(f"internode kernels support up to {_nvshmem.max_nodes} nodes, "
+        if num_ranks // L > MAX_NODES:
+            raise NotImplementedError(f"internode kernels support up to {MAX_NODES} nodes, "
                                       f"got {num_ranks // L}")
         sizes = all_gather_object((int(num_nvl_bytes), int(num_rdma_bytes)))
         if len(set(sizes)) != 1:
@@ -270,8 +271,8 @@ class InternodeBackend:
                 raise ValueError(f"{num_experts} experts on {N} nodes exceed the notify area")
             if topk_idx is not None:
                 self._check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
-                if topk_idx.size(0) != T or topk_idx.size(1) > _nvshmem.max_topk:
-                    raise ValueError(f"topk_idx must be [{T}, <={_nvshmem.max_topk}], got {list(topk_idx.shape)}")
+                if topk_idx.size(0) != T or topk_idx.size(1) > MAX_TOPK:
+                    raise ValueError(f"topk_idx must be [{T}, <={MAX_TOPK}], got {list(topk_idx.shape)}")
                 if topk_weights is not None:
                     self._check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
                     if topk_weights.shape != topk_idx.shape:
@@ -397,8 +398,8 @@ class InternodeBackend:
         num_topk = 0
         if topk_weights is not None:
             self._check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
-            if topk_weights.size(0) != num_recv or topk_weights.size(1) > _nvshmem.max_topk:
-                raise ValueError(f"topk_weights must be [{num_recv}, <={_nvshmem.max_topk}], got "
+            if topk_weights.size(0) != num_recv or topk_weights.size(1) > MAX_TOPK:
+                raise ValueError(f"topk_weights must be [{num_recv}, <={MAX_TOPK}], got "
                                  f"{list(topk_weights.shape)}")
             num_topk = topk_weights.size(1)
         biases = []

@@ -85,16 +85,13 @@ import torch
 from ..config import combine_input_bytes
 from ..event import EventHandle
 from ..handles import DispatchHandle
+from ..limits import LAYOUT_MAX_EXPERTS, MAX_NVL_PEERS, MAX_TOPK
 from . import residency
 
 from .. import _native
 
 _C = _native.Lazy("_C")  # loaded at the first kernel call; absent without CUDA (the reference backend serves)
 
-#: Ranks one intranode group may have (the peer table of the kernels).
-MAX_RANKS = 8
-#: Top-k columns (expert ids and weights) a dispatched token may carry.
-MAX_TOPK = 32
 #: Received rows from which dispatch pulls with bulk copies (override: ``MOE_A2A_BULK_MIN_ROWS``).
 BULK_MIN_ROWS = 8192
 _FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -134,8 +131,8 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
     if num_ranks > num_ranks_per_node and num_ranks % num_ranks_per_node:
         raise ValueError(f"num_ranks ({num_ranks}) must be a multiple of num_ranks_per_node ({num_ranks_per_node})")
-    if num_experts > 8192:
-        raise ValueError(f"the layout kernel supports at most 8192 experts, got {num_experts}")
+    if num_experts > LAYOUT_MAX_EXPERTS:
+        raise ValueError(f"the layout kernel supports at most {LAYOUT_MAX_EXPERTS} experts, got {num_experts}")
     return _C.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
 
 
@@ -165,8 +162,8 @@ class IntranodeBackend:
 
     def __init__(self, rank: int, num_ranks: int, group, num_nvl_bytes: int, all_gather_object, timeout_s: float):
         _require_extension()
-        if num_ranks > MAX_RANKS:
-            raise NotImplementedError(f"intranode kernels support up to {MAX_RANKS} ranks, got {num_ranks}")
+        if num_ranks > MAX_NVL_PEERS:
+            raise NotImplementedError(f"intranode kernels support up to {MAX_NVL_PEERS} ranks, got {num_ranks}")
         if not torch.cuda.is_available():
             raise RuntimeError("intranode kernels need a CUDA device")
         self.rank, self.num_ranks, self.group = rank, num_ranks, group

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..handles import LowLatencyHandle
+from ..limits import LOW_LATENCY_MAX_EXPERTS, MAX_NVL_PEERS, MAX_TOPK
 from . import residency
 
 from .. import _native
@@ -38,9 +39,6 @@ from .. import _native
 _C = _native.Lazy("_C")  # loaded at first use; absent without CUDA
 
 _SIGNAL_BYTES = 2 * 2 * 1024 * 4  # two sets of dispatch + combine flags, 1024 ints each
-MAX_EXPERTS = 1024
-MAX_RANKS = 8
-MAX_TOPK = 32
 _SEND, _RECV = 1, 2  # kernel phases (csrc/kernels/low_latency.cuh)
 
 
@@ -104,8 +102,8 @@ class LowLatencyBackend:
                  num_sms: Optional[int] = None) -> None:
         if not available():
             raise NotImplementedError("the low-latency kernels are not built: moe_a2a._C has no LowLatencyRuntime")
-        if not 1 <= num_ranks <= MAX_RANKS:
-            raise NotImplementedError(f"low-latency kernels run inside one node of at most {MAX_RANKS} ranks, "
+        if not 1 <= num_ranks <= MAX_NVL_PEERS:
+            raise NotImplementedError(f"low-latency kernels run inside one node of at most {MAX_NVL_PEERS} ranks, "
                                       f"got {num_ranks} ranks")
         self.rank, self.num_ranks, self.group = rank, num_ranks, group
         self.num_rdma_bytes, self.timeout_s = num_rdma_bytes, float(timeout_s)
@@ -174,8 +172,9 @@ class LowLatencyBackend:
         return s, call
 
     def _check_shape(self, num_tokens: int, num_max: int, num_experts: int, num_topk: int, hidden: int) -> None:
-        if num_experts % self.num_ranks or not 0 < num_experts <= MAX_EXPERTS:
-            raise ValueError(f"num_experts={num_experts}: expected a multiple of {self.num_ranks} in [1, {MAX_EXPERTS}]")
+        if num_experts % self.num_ranks or not 0 < num_experts <= LOW_LATENCY_MAX_EXPERTS:
+            raise ValueError(f"num_experts={num_experts}: expected a multiple of {self.num_ranks} in "
+                             f"[1, {LOW_LATENCY_MAX_EXPERTS}]")
         if not 1 <= num_topk <= MAX_TOPK:
             raise ValueError(f"num_topk={num_topk}: expected 1..{MAX_TOPK}")
         if num_tokens > num_max:
