@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from moe_a2a import Buffer, Config, tuning
+from moe_a2a import Buffer, Config, checks, limits, tuning
 from moe_a2a.fp8 import fp8_to_float, pack_ue8m0, per_token_cast_to_fp8, unpack_ue8m0
 from moe_a2a.layout import compute_layout
 
@@ -26,6 +26,20 @@ def test_configs_and_hints():
     assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) > 2 * 256 * 128 * 7168 * 2
     with pytest.raises(ValueError, match="divisible by num_ranks"):
         Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 100)
+
+
+def test_kernel_limit_checks():
+    # What Buffer checks before a call runs on the CUDA kernels (the kernels do not check again).
+    checks.at_most("topk_idx's top-k width", limits.MAX_TOPK, limits.MAX_TOPK, "the CUDA kernels")
+    with pytest.raises(ValueError, match=r"topk_idx's top-k width is 33; the CUDA kernels take at most 32"):
+        checks.at_most("topk_idx's top-k width", limits.MAX_TOPK + 1, limits.MAX_TOPK, "the CUDA kernels")
+    for hidden, element_size in ((8, 2), (7168, 2), (16, 1), (128, 1), (4, 4)):
+        checks.kernel_rows("x", hidden, element_size)
+    with pytest.raises(ValueError, match=r"x: rows of hidden size 7164 \(14328 bytes\) must be a multiple of 16 "
+                                         r"bytes .*hidden a multiple of 8 for 2-byte elements"):
+        checks.kernel_rows("x", 7164, 2)
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        checks.kernel_rows("x", 24, 1)
 
 
 def test_fp8_cast_round_trip():

@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import expect_fault, gather, rank_num_sms, run_ranks, set_rank_device, skip_reason, synchronize_after_fault
+from harness import (dispatch_request, expect_fault, gather, rank_num_sms, run_ranks, set_rank_device, skip_reason,
+                     synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, internode_low_latency, low_latency
+from moe_a2a.backends.base import CombineRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
@@ -112,13 +114,12 @@ def _public_api(rank, num_ranks, per_node, ref):
     rx, _, rw, counts, h, _ = buf.internode_dispatch(cx, None, per_rank, per_node_counts, in_rank, per_expert, cidx,
                                                       cw)
     nref = ReferenceBackend(rank, num_ranks, dist.group.WORLD, per_node)
-    nwant = nref.dispatch(case.x, None, None, case.layout[0], case.layout[3], case.layout[2], case.topk_idx,
-                          case.topk_weights, 1, 0, dcfg)
-    _assert_equal("normal dispatch on a low-latency buffer", rx, nwant[0])
-    assert counts == nwant[4]
+    nwant = nref.dispatch(dispatch_request(case.x, None, dcfg, case.layout, case.topk_idx, case.topk_weights))
+    _assert_equal("normal dispatch on a low-latency buffer", rx, nwant.recv_x)
+    assert counts == nwant.num_recv_tokens_per_expert_list
     combined, _, _ = buf.internode_combine(rx, h, rw)
-    nwant_c = nref.combine(rx.cpu(), nwant[5], nwant[3], None, None, dcfg)[0]
-    magnitude = nref.combine(rx.cpu().float().abs(), nwant[5], None, None, None, dcfg)[0]
+    nwant_c = nref.combine(CombineRequest(rx.cpu(), nwant.handle, dcfg, nwant.recv_topk_weights)).combined_x
+    magnitude = nref.combine(CombineRequest(rx.cpu().float().abs(), nwant.handle, dcfg)).combined_x
     _assert_combine_close("normal combine on a low-latency buffer", combined, nwant_c, magnitude)
     # The low-latency path still works after normal calls.
     (recv_x2, _), count2, _, _, _ = buf.low_latency_dispatch(xd, idxd, num_max, num_experts, use_fp8=True)
