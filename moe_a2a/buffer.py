@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from . import checks
 from .backends import internode, internode_low_latency, intranode, low_latency
-from .backends.base import (CombineRequest, DispatchRequest, LayoutRequest, NormalHandle, NormalModeBackend,
+from .backends.base import (CombineRequest, DispatchRequest, LayoutRequest, LowLatencyCombineRequest,
+                            LowLatencyDispatchRequest, LowLatencyModeKernels, NormalHandle, NormalModeBackend,
                             NormalModeKernels)
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
@@ -33,7 +34,8 @@ from .config import (Config, combine_input_bytes, default_combine_config, defaul
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handles import DispatchHandle, HandleIdentity, InternodeHandle, LowLatencyHandle
-from .limits import LAYOUT_MAX_EXPERTS, MAX_NVL_PEERS, MAX_TOPK
+from .limits import (INTERNODE_LOW_LATENCY_MAX_TOKENS, LAYOUT_MAX_EXPERTS, LOW_LATENCY_MAX_EXPERTS, MAX_NVL_PEERS,
+                     MAX_TOPK)
 from .tuning import tuned_num_sms
 
 Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -138,7 +140,7 @@ class Buffer:
         # The backends each call is handed to (contract: moe_a2a.backends.base): the kernels where they serve the
         # call's tensors, the reference backends otherwise.
         self._kernels: Optional[NormalModeKernels] = self._make_kernel_backend(backend)
-        self._ll_kernels = self._make_low_latency_backend(backend)
+        self._ll_kernels: Optional[LowLatencyModeKernels] = self._make_low_latency_backend(backend)
         self.backend = "cuda" if self._kernels is not None or self._ll_kernels is not None else "reference"
         self._local_buffers = {}
         self._ll_combine_buffers: List[Optional[torch.Tensor]] = [None, None]
@@ -195,7 +197,7 @@ class Buffer:
         return intranode.IntranodeBackend(self.rank, self.group_size, self.group, self.num_nvl_bytes,
                                           self._all_gather_object, self.timeout_s)
 
-    def _make_low_latency_backend(self, backend: str):
+    def _make_low_latency_backend(self, backend: str) -> Optional[LowLatencyModeKernels]:
         """The low-latency kernels (``low_latency_mode``), or None where the reference backend serves."""
         if backend == "reference" or not self.low_latency_mode:
             return None
@@ -727,6 +729,21 @@ class Buffer:
                              f"{num_max_dispatch_tokens_per_rank} tokens, hidden {hidden}, {num_experts} experts: "
                              f"need at least {need} (Buffer.get_low_latency_rdma_size_hint)")
 
+    def _check_low_latency_kernels(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """The call shape the low-latency kernels take (``moe_a2a.limits``), for a call about to run on them."""
+        checks.kernel_rows("x", hidden, 2)
+        checks.at_most("num_experts", num_experts, LOW_LATENCY_MAX_EXPERTS, "the low-latency kernels")
+        if isinstance(self._ll_kernels, internode_low_latency.InternodeLowLatencyBackend):
+            checks.at_most("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
+                           INTERNODE_LOW_LATENCY_MAX_TOKENS, "the internode low-latency kernels")
+
+    @staticmethod
+    def _check_low_latency_kernel_topk(topk_idx: torch.Tensor) -> None:
+        """The top-k width the low-latency kernels take: 1 to ``MAX_TOPK`` columns."""
+        if not 1 <= topk_idx.size(1) <= MAX_TOPK:
+            raise ValueError(f"topk_idx has {topk_idx.size(1)} top-k columns; the low-latency kernels take 1 to "
+                             f"{MAX_TOPK}")
+
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency receive state (needed after normal-mode use of the same memory)."""
         self._check_alive()
@@ -791,9 +808,12 @@ class Buffer:
             checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
         backend = self._ll_kernels if x.is_cuda and self._ll_kernels is not None else self._reference_ll
-        recv_x, recv_scales, recv_count, handle, hook = backend.dispatch(
-            x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
-            num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook)
+        if backend is self._ll_kernels:
+            self._check_low_latency_kernels(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            self._check_low_latency_kernel_topk(topk_idx)
+        recv_x, recv_scales, recv_count, handle, hook = backend.dispatch(LowLatencyDispatchRequest(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, return_recv_hook))
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
         tensors = (x, topk_idx, recv_x, recv_scales, recv_count, handle.src_info, handle.layout_range)
@@ -840,6 +860,9 @@ class Buffer:
         if kernels is not None and wire_format != "bf16":
             raise NotImplementedError(f"use_{wire_format}=True on the low-latency kernels is not implemented (they "
                                       "send BF16 rows): create the Buffer with backend='reference' for this format")
+        if kernels is not None:
+            self._check_low_latency_kernels(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                                            handle.num_experts)
         if zero_copy:
             # The expert outputs are already in the registered buffer of the next combine.
             if kernels is not None:
@@ -863,11 +886,11 @@ class Buffer:
             checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
         if kernels is not None:
-            combined, hook = kernels.combine(x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats,
-                                             return_recv_hook)
-        else:
-            combined, hook = self._reference_ll.combine(x, topk_idx, topk_weights, handle, out,
-                                                        combine_wait_recv_cost_stats, return_recv_hook, wire_format)
+            self._check_low_latency_kernel_topk(topk_idx)
+            if out is not None and not out.is_contiguous():
+                raise ValueError("out must be contiguous on the low-latency kernels")
+        combined, hook = (kernels or self._reference_ll).combine(LowLatencyCombineRequest(
+            x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats, return_recv_hook, wire_format))
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
         tensors = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined)
         return combined, EventOverlap(event, tensors if async_finish else None), hook
@@ -882,6 +905,8 @@ class Buffer:
             raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
         self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         if handle.src_info.is_cuda and self._ll_kernels is not None:
+            self._check_low_latency_kernels(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                                            handle.num_experts)
             return self._ll_kernels.get_next_combine_buffer(handle)
         shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank,
                  handle.hidden)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..handles import LowLatencyHandle
-from ..limits import INTERNODE_LOW_LATENCY_MAX_TOKENS, LOW_LATENCY_MAX_EXPERTS
+from ..limits import LOW_LATENCY_MAX_EXPERTS
 from . import internode
 from . import residency
 from .low_latency import LowLatencyBackend
@@ -73,7 +73,9 @@ class _Runtime:
 
 
 class InternodeLowLatencyBackend(LowLatencyBackend):
-    """Low-latency kernels for one rank of a group spanning nodes (all ranks construct it together).
+    """Low-latency kernels for one rank of a group spanning nodes (all ranks construct it together); a
+    ``LowLatencyModeKernels`` (``base``). Its calls take at most ``limits.INTERNODE_LOW_LATENCY_MAX_TOKENS``
+    tokens per rank (``Buffer`` checks).
 
     Arguments:
         rank, num_ranks: this rank and the group size (at most ``LOW_LATENCY_MAX_EXPERTS``).
@@ -119,14 +121,6 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         self.num_sms = num_sms
         self._set = 0
         self._calls = 0
-
-    def _check_shape(self, num_tokens: int, num_max: int, num_experts: int, num_topk: int, hidden: int) -> None:
-        if hidden % 8:
-            raise ValueError(f"hidden={hidden}: expected a multiple of 8 (16-byte rows)")
-        if num_max > INTERNODE_LOW_LATENCY_MAX_TOKENS:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max}: expected at most "
-                             f"{INTERNODE_LOW_LATENCY_MAX_TOKENS}")
-        super()._check_shape(num_tokens, num_max, num_experts, num_topk, hidden)
 
     def destroy(self, at_exit: bool = False) -> None:
         """Free the symmetric buffer (collective: NVSHMEM frees with a barrier). ``at_exit``: nothing is freed

@@ -8,8 +8,11 @@ import pytest
 
 from moe_a2a.backends import base
 from moe_a2a.backends.internode import InternodeBackend
+from moe_a2a.backends.internode_low_latency import InternodeLowLatencyBackend
 from moe_a2a.backends.intranode import IntranodeBackend
+from moe_a2a.backends.low_latency import LowLatencyBackend
 from moe_a2a.backends.reference import ReferenceBackend
+from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 
 
 def _methods(protocol):
@@ -25,6 +28,9 @@ def _methods(protocol):
     (ReferenceBackend, base.NormalModeBackend),
     (IntranodeBackend, base.NormalModeKernels),
     (InternodeBackend, base.NormalModeKernels),
+    (ReferenceLowLatency, base.LowLatencyModeBackend),
+    (LowLatencyBackend, base.LowLatencyModeKernels),
+    (InternodeLowLatencyBackend, base.LowLatencyModeKernels),
 ])
 def test_backend_has_the_methods_of_its_protocol(cls, protocol):
     methods = _methods(protocol)
@@ -42,6 +48,8 @@ def test_every_operation_takes_its_request():
         (base.NormalModeBackend, "get_dispatch_layout"): base.LayoutRequest,
         (base.NormalModeBackend, "dispatch"): base.DispatchRequest,
         (base.NormalModeBackend, "combine"): base.CombineRequest,
+        (base.LowLatencyModeBackend, "dispatch"): base.LowLatencyDispatchRequest,
+        (base.LowLatencyModeBackend, "combine"): base.LowLatencyCombineRequest,
     }
     for (protocol, name), request in hints.items():
         assert typing.get_type_hints(getattr(protocol, name))["request"] is request

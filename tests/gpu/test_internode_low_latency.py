@@ -19,7 +19,7 @@ from harness import (dispatch_request, expect_fault, gather, rank_num_sms, run_r
                      synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, internode_low_latency, low_latency
-from moe_a2a.backends.base import CombineRequest
+from moe_a2a.backends.base import CombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
@@ -91,7 +91,7 @@ def _public_api(rank, num_ranks, per_node, ref):
     (recv_x, scales), count, handle, _, hook = buf.low_latency_dispatch(
         xd, idxd, num_max, num_experts, cumulative_local_expert_recv_stats=cum, use_fp8=True, return_recv_hook=True)
     hook()
-    want = ref.dispatch(x, idx, None, None, num_max, num_experts, True, False, False, False)
+    want = ref.dispatch(LowLatencyDispatchRequest(x, idx, num_max, num_experts))
     torch.cuda.synchronize()
     assert torch.equal(count.cpu(), want[2]) and torch.equal(cum.cpu(), want[2])
     L = num_experts // num_ranks
@@ -135,14 +135,15 @@ def _timeout(rank, num_ranks, per_node):
     dev = kern.device
     x = torch.randn(8, 2048, device=dev).to(torch.bfloat16)
     idx = torch.randint(0, 8 * num_ranks, (8, 1), device=dev)
-    kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+    request = LowLatencyDispatchRequest(x, idx, 8, 8 * num_ranks)
+    kern.dispatch(request)
     torch.cuda.synchronize()
     kern.raise_if_error()
     dist.barrier()
     missing = num_ranks - 1  # on the other node than rank 0
     if rank != missing:
         start = time.monotonic()
-        expect_fault(lambda: kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False))
+        expect_fault(lambda: kern.dispatch(request))
         assert time.monotonic() - start < 10
     # The first rank to time out records it and traps; under MPS the trap ends the others' kernels too.
     records = gather(kern.error())
@@ -150,7 +151,7 @@ def _timeout(rank, num_ranks, per_node):
     if rank != missing:
         match = rf"rank {rank} timed out .* dispatch receive .* cannot be used again" if records[rank] else None
         with pytest.raises(RuntimeError, match=match):
-            kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+            kern.dispatch(request)
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()
