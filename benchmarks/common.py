@@ -155,34 +155,37 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     input written into the buffer beforehand (``combine_zero_copy_us``) and the cached dispatch whose senders
     write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank."""
     from moe_a2a.backends import intranode
+    from moe_a2a.backends.base import CombineRequest, DispatchRequest
     from moe_a2a.config import combine_input_bytes
 
-    recv = kern.dispatch(x, scales, None, layout[0], layout[3], layout[2], idx, weights, 1, 0, cfg)
-    handle, recv_weights = recv[5], recv[3]
+    def dispatch_request(lay, **extra):
+        return DispatchRequest(x, cfg, scales, is_token_in_rank=lay[3], num_tokens_per_expert=lay[2], topk_idx=idx,
+                               topk_weights=weights, **extra)
+
+    recv = kern.dispatch(dispatch_request(layout))
+    handle, recv_weights = recv.handle, recv.recv_topk_weights
     num_recv, hidden = handle.num_recv_tokens, x.size(1)
     y = torch.randn(num_recv, hidden, device=x.device).to(torch.bfloat16)
+    cached = DispatchRequest(x, cfg, scales, handle=handle)
 
     def full():
-        lay = intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)
-        kern.dispatch(x, scales, None, lay[0], lay[3], lay[2], idx, weights, 1, 0, cfg)
+        kern.dispatch(dispatch_request(intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)))
 
     t_full = time_us(full, warmup, loops, max(1, iters // 2))
-    t_disp = time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg),
-                     warmup, loops, iters)
-    t_comb = time_us(lambda: kern.combine(y, handle, recv_weights, None, None, cfg), warmup, loops, iters)
+    t_disp = time_us(lambda: kern.dispatch(cached), warmup, loops, iters)
+    t_comb = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)), warmup, loops, iters)
     times = dict(num_recv=num_recv, dispatch_bytes=num_recv * row_bytes(hidden, scales is not None),
                  combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
     if zero_copy and hasattr(kern, "dispatch_receive_rows"):
         room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
         if all(gather(num_recv <= room)):  # every rank takes the same path
-            t = time_us(lambda: kern.dispatch(x, scales, handle, None, None, None, None, None, 1, 0, cfg,
-                                              recv_x_in_buffer=True), warmup, loops, iters)
-            times["dispatch_in_buffer_us"] = t
+            in_buffer = DispatchRequest(x, cfg, scales, handle=handle, recv_x_in_buffer=True)
+            times["dispatch_in_buffer_us"] = time_us(lambda: kern.dispatch(in_buffer), warmup, loops, iters)
     if zero_copy and combine_input_bytes(num_recv, hidden * 2, idx.size(1)) <= kern.num_nvl_bytes:
-        view = kern.get_next_combine_buffer(num_recv, hidden)
+        view = kern.get_next_combine_buffer(handle, hidden)
         view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
-        times["combine_zero_copy_us"] = time_us(lambda: kern.combine(view, handle, recv_weights, None, None, cfg),
-                                                warmup, loops, iters)
+        times["combine_zero_copy_us"] = time_us(
+            lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
     return handle, times
 
 

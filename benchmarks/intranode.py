@@ -151,6 +151,8 @@ def _time_megatron_alltoall(group, x, idx, weights, num_experts, num_ranks, warm
 
 
 def _time_reference(ref, rank, num_ranks, x, scales, idx, weights, layout, cfg) -> float:
+    from moe_a2a.backends.base import DispatchRequest
+
     xc = (x.view(torch.uint8) if x.dtype == FP8 else x).cpu()
     sc = scales.cpu() if scales is not None else None
     lay = [t.cpu() if t is not None else None for t in layout]
@@ -159,7 +161,8 @@ def _time_reference(ref, rank, num_ranks, x, scales, idx, weights, layout, cfg) 
     for _ in range(3):
         dist.barrier()
         start = time.perf_counter()
-        ref.dispatch(xc, sc, None, lay[0], lay[3], lay[2], ic, wc, 1, 0, cfg)
+        ref.dispatch(DispatchRequest(xc, cfg, sc, is_token_in_rank=lay[3], num_tokens_per_expert=lay[2],
+                                     topk_idx=ic, topk_weights=wc))
         samples.append((time.perf_counter() - start) * 1e6)
     return statistics.median(samples)
 

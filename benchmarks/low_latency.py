@@ -85,6 +85,8 @@ def _timed_alone(fn):
 
 
 def _bench_rank(rank: int, num_ranks: int, args) -> dict:
+    from moe_a2a.backends.base import LowLatencyCombineRequest as Combine
+    from moe_a2a.backends.base import LowLatencyDispatchRequest
     from moe_a2a.backends.low_latency import LowLatencyBackend, low_latency_buffer_bytes
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -105,10 +107,12 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     idx = torch.rand(M, E, generator=gen).topk(K, dim=1).indices.to(device)
     w = torch.rand(M, K, generator=gen).to(device)
     y = torch.randn(L, M * num_ranks, hidden, generator=gen).to(torch.bfloat16).to(device)
+    dispatch_fp8 = LowLatencyDispatchRequest(x, idx, M, E, use_fp8=True)
+    dispatch_bf16 = LowLatencyDispatchRequest(x, idx, M, E, use_fp8=False)
 
     def pair(fp8: bool):
-        _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, fp8, False, False, False)
-        kern.combine(y, idx, w, handle, None, None, False)
+        handle = kern.dispatch(dispatch_fp8 if fp8 else dispatch_bf16).handle
+        kern.combine(Combine(y, idx, w, handle))
 
     for _ in range(args.warmup):
         pair(True)
@@ -126,14 +130,14 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
         for i in range(args.iters):
             e = ev[5 * i:5 * i + 5]
             e[0].record()
-            _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, True, False, False, False)
+            handle = kern.dispatch(dispatch_fp8).handle
             e[1].record()
-            kern.combine(y, idx, w, handle, None, None, False)
+            kern.combine(Combine(y, idx, w, handle))
             e[2].record()
-            _, _, _, handle, _ = kern.dispatch(x, idx, None, None, M, E, False, False, False, False)
+            handle = kern.dispatch(dispatch_bf16).handle
             buf = kern.get_next_combine_buffer(handle)
             e[3].record()
-            kern.combine(buf, idx, w, handle, None, None, False)
+            kern.combine(Combine(buf, idx, w, handle))
             e[4].record()
         torch.cuda.synchronize()
         for i in range(skip, args.iters):
@@ -147,11 +151,11 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     hook = {"dispatch_send": [], "dispatch_recv": [], "combine_send": [], "combine_recv": []}
     for _ in range(args.hook_iters):
         (_, _, _, handle, recv_hook), send_us = _timed_alone(
-            lambda: kern.dispatch(x, idx, None, None, M, E, True, False, False, True))
+            lambda: kern.dispatch(LowLatencyDispatchRequest(x, idx, M, E, return_recv_hook=True)))
         _, recv_us = _timed_alone(recv_hook)
         hook["dispatch_send"].append(send_us)
         hook["dispatch_recv"].append(recv_us)
-        (_, recv_hook), send_us = _timed_alone(lambda: kern.combine(y, idx, w, handle, None, None, True))
+        (_, recv_hook), send_us = _timed_alone(lambda: kern.combine(Combine(y, idx, w, handle, return_recv_hook=True)))
         _, recv_us = _timed_alone(recv_hook)
         hook["combine_send"].append(send_us)
         hook["combine_recv"].append(recv_us)
@@ -169,11 +173,11 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     for i in range(args.iters):
         if stamped:
             kern.set_phase_clock(clocks[i, 0])
-        _, _, _, handle, _ = kern.dispatch(x, idx, None, wait_ns if i >= skip else None, M, E, True, False, False,
-                                           False)
+        handle = kern.dispatch(LowLatencyDispatchRequest(
+            x, idx, M, E, dispatch_wait_recv_cost_stats=wait_ns if i >= skip else None)).handle
         if stamped:
             kern.set_phase_clock(clocks[i, 1])
-        kern.combine(y, idx, w, handle, None, None, False)
+        kern.combine(Combine(y, idx, w, handle))
     if stamped:
         kern.set_phase_clock(None)
     torch.cuda.synchronize()

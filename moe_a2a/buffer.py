@@ -24,13 +24,18 @@ import torch.distributed as dist
 
 from . import checks
 from .backends import internode, internode_low_latency, intranode, low_latency
+from .backends.base import (CombineRequest, DispatchRequest, LayoutRequest, LowLatencyCombineRequest,
+                            LowLatencyDispatchRequest, LowLatencyModeKernels, NormalHandle, NormalModeBackend,
+                            NormalModeKernels)
 from .backends.reference import ReferenceBackend
 from .backends.reference_low_latency import ReferenceLowLatency
-from .config import (NUM_MAX_NVL_PEERS, Config, combine_input_bytes, default_combine_config, default_dispatch_config,
+from .config import (Config, combine_input_bytes, default_combine_config, default_dispatch_config,
                      min_nvl_buffer_bytes)
 from .config import get_low_latency_rdma_size_hint as _ll_size_hint
 from .event import EventHandle, EventOverlap
 from .handles import DispatchHandle, HandleIdentity, InternodeHandle, LowLatencyHandle
+from .limits import (INTERNODE_LOW_LATENCY_MAX_TOKENS, LAYOUT_MAX_EXPERTS, LOW_LATENCY_MAX_EXPERTS, MAX_NVL_PEERS,
+                     MAX_TOPK)
 from .tuning import tuned_num_sms
 
 Tokens = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -114,7 +119,7 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.check_values = check_values
         if num_ranks_per_node is None:
-            num_ranks_per_node = int(os.environ.get("MOE_A2A_NUM_RANKS_PER_NODE", NUM_MAX_NVL_PEERS))
+            num_ranks_per_node = int(os.environ.get("MOE_A2A_NUM_RANKS_PER_NODE", MAX_NVL_PEERS))
         checks.positive_int("num_ranks_per_node", num_ranks_per_node)
         if self.group_size > num_ranks_per_node and self.group_size % num_ranks_per_node:
             raise ValueError(f"group size {self.group_size} must be a multiple of num_ranks_per_node "
@@ -132,8 +137,10 @@ class Buffer:
         self._reference = ReferenceBackend(self.rank, self.group_size, group, self.num_ranks_per_node, self.timeout_s)
         self._reference_ll = ReferenceLowLatency(self.rank, self.group_size, group, self.timeout_s,
                                                  auto_mask=bool(enable_shrink))
-        self._kernels = self._make_kernel_backend(backend)
-        self._ll_kernels = self._make_low_latency_backend(backend)
+        # The backends each call is handed to (contract: moe_a2a.backends.base): the kernels where they serve the
+        # call's tensors, the reference backends otherwise.
+        self._kernels: Optional[NormalModeKernels] = self._make_kernel_backend(backend)
+        self._ll_kernels: Optional[LowLatencyModeKernels] = self._make_low_latency_backend(backend)
         self.backend = "cuda" if self._kernels is not None or self._ll_kernels is not None else "reference"
         self._local_buffers = {}
         self._ll_combine_buffers: List[Optional[torch.Tensor]] = [None, None]
@@ -172,7 +179,7 @@ class Buffer:
         dist.all_gather_object(objects, obj, self.group)
         return objects
 
-    def _make_kernel_backend(self, backend: str):
+    def _make_kernel_backend(self, backend: str) -> Optional[NormalModeKernels]:
         """The intranode kernels for normal mode, or None where the reference backend serves."""
         if backend == "reference":
             return None
@@ -190,7 +197,7 @@ class Buffer:
         return intranode.IntranodeBackend(self.rank, self.group_size, self.group, self.num_nvl_bytes,
                                           self._all_gather_object, self.timeout_s)
 
-    def _make_low_latency_backend(self, backend: str):
+    def _make_low_latency_backend(self, backend: str) -> Optional[LowLatencyModeKernels]:
         """The low-latency kernels (``low_latency_mode``), or None where the reference backend serves."""
         if backend == "reference" or not self.low_latency_mode:
             return None
@@ -341,7 +348,7 @@ class Buffer:
             raise TypeError(f"previous_event must be an EventOverlap, got {type(previous_event).__name__}")
         return previous_event
 
-    def _backend_for(self, t: torch.Tensor, kernel_dtypes):
+    def _backend_for(self, t: torch.Tensor, kernel_dtypes) -> NormalModeBackend:
         """The kernels for CUDA tensors of the dtypes they take, the reference backend otherwise.
 
         Both backends read a ``DispatchHandle`` the same way, so a handle made by one serves the other.
@@ -350,10 +357,21 @@ class Buffer:
             return self._kernels
         return self._reference
 
+    def _backend_for_handle(self, handle: NormalHandle) -> NormalModeBackend:
+        """The kernels for a handle on CUDA of the kind they make, the reference backend otherwise."""
+        if self._kernels is not None and handle.recv_src_idx.is_cuda and \
+                isinstance(handle, InternodeHandle) == isinstance(self._kernels, internode.InternodeBackend):
+            return self._kernels
+        return self._reference
+
     def _check_handle(self, handle, backend) -> None:
-        """A handle serves the backend kind that made it: internode kernels make ``InternodeHandle``s."""
+        """A handle serves the backend kind that made it (internode kernels make ``InternodeHandle``s), and a
+        group of this size."""
         if not isinstance(handle, (DispatchHandle, InternodeHandle)):
             raise TypeError(f"handle must be a handle from dispatch(), got {type(handle).__name__}")
+        if handle.is_token_in_rank.dim() != 2 or handle.is_token_in_rank.size(1) != self.group_size:
+            raise ValueError(f"the handle was made for a group of {handle.is_token_in_rank.size(-1)} ranks, this "
+                             f"buffer's has {self.group_size}")
         made_by_internode = isinstance(handle, InternodeHandle)
         for_internode = isinstance(backend, internode.InternodeBackend)
         if made_by_internode != for_internode:
@@ -387,15 +405,11 @@ class Buffer:
         checks.experts_divisible(num_experts, self.group_size)
         if self.check_values:
             checks.expert_ids("topk_idx", topk_idx, num_experts)
-        previous_event = self._event_to_wait(previous_event)
-        if topk_idx.is_cuda and intranode.extension_available():
-            if previous_event is not None:
-                previous_event.current_stream_wait()
-            layout = intranode.get_dispatch_layout(topk_idx, num_experts, self.group_size, self.num_ranks_per_node)
-            event = EventHandle() if async_finish else None
-        else:
-            *layout, event = self._reference.get_dispatch_layout(topk_idx, num_experts, previous_event,
-                                                                 async_finish, allocate_on_comm_stream)
+        if topk_idx.is_cuda and intranode.extension_available():  # every backend counts CUDA ids with the kernel
+            checks.at_most("num_experts", num_experts, LAYOUT_MAX_EXPERTS, "the layout kernel")
+        backend = self._kernels if topk_idx.is_cuda and self._kernels is not None else self._reference
+        *layout, event = backend.get_dispatch_layout(LayoutRequest(
+            topk_idx, num_experts, self._event_to_wait(previous_event), async_finish, allocate_on_comm_stream))
         return (*layout, EventOverlap(event))
 
     def dispatch(self, x: Tokens, handle: Optional[DispatchHandle] = None,
@@ -462,6 +476,9 @@ class Buffer:
         if nvfp4 and x.is_cuda and self._kernels is not None:
             raise NotImplementedError("NVFP4 dispatch on the CUDA kernels is not implemented (they move BF16 and "
                                       "FP8 rows): create the Buffer with backend='reference' for NVFP4 tokens")
+        on_kernels = backend is self._kernels
+        if on_kernels:
+            checks.kernel_rows("x", hidden, x.element_size())
         if handle is not None:
             self._check_handle(handle, backend)
             if topk_idx is not None or topk_weights is not None:
@@ -489,19 +506,25 @@ class Buffer:
             check_values = self.check_values and not num_worst_tokens
             if topk_idx is not None:
                 checks.tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, None), device)
+                if on_kernels:
+                    checks.at_most("topk_idx's top-k width", topk_idx.size(1), MAX_TOPK, "the CUDA kernels")
                 if check_values:
                     checks.expert_ids("topk_idx", topk_idx, num_experts)
                 if topk_weights is not None:
-                    weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
+                    weight_dtypes = (torch.float32,) if on_kernels else (torch.float32, torch.float64)
                     checks.tensor("topk_weights", topk_weights, weight_dtypes, tuple(topk_idx.shape), device)
             if check_values and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
                 checks.routing_metadata(topk_idx, num_experts, r, self.num_ranks_per_node, num_tokens_per_rank,
                                         is_token_in_rank, num_tokens_per_expert,
                                         num_tokens_per_rdma_rank if multi_node else None)
+        routing = {} if handle is not None else dict(
+            is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
+            topk_weights=topk_weights)
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts, new_handle, event = backend.dispatch(
-            x, x_scales, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-            topk_weights, expert_alignment, num_worst_tokens, config, self._event_to_wait(previous_event),
-            async_finish, allocate_on_comm_stream, recv_x_in_buffer)
+            DispatchRequest(x, config, x_scales, handle, **routing, expert_alignment=expert_alignment,
+                            num_worst_tokens=num_worst_tokens, previous_event=self._event_to_wait(previous_event),
+                            async_finish=async_finish, allocate_on_comm_stream=allocate_on_comm_stream,
+                            recv_x_in_buffer=bool(recv_x_in_buffer)))
         recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
         if new_handle is not None:
             new_handle = self._stamp(new_handle)
@@ -541,24 +564,28 @@ class Buffer:
             raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
         checks.tensor("x", x, _FLOAT_TOKENS, (handle.num_recv_tokens, None), handle.recv_src_idx.device)
         backend = self._backend_for(x, (torch.bfloat16,))
+        on_kernels = backend is self._kernels
         if use_fp8:
             checks.hidden_divisible(x.size(1), 128, "FP8 combine with per-128 scales")
-            if backend is self._kernels:
+            if on_kernels:
                 raise NotImplementedError("combine(use_fp8=True) on the CUDA kernels is not implemented (they send "
                                           "BF16 rows): create the Buffer with backend='reference' for FP8 combine")
         self._check_handle(handle, backend)
         self._check_buffer_sizes(config, x)
+        if on_kernels:
+            checks.kernel_rows("x", x.size(1), x.element_size())
         if topk_weights is not None:
-            weight_dtypes = (torch.float32,) if backend is self._kernels else (torch.float32, torch.float64)
+            weight_dtypes = (torch.float32,) if on_kernels else (torch.float32, torch.float64)
             checks.tensor("topk_weights", topk_weights, weight_dtypes, (handle.num_recv_tokens, None), x.device)
+            if on_kernels:
+                checks.at_most("topk_weights' top-k width", topk_weights.size(1), MAX_TOPK, "the CUDA kernels")
         bias_0, bias_1 = bias if isinstance(bias, tuple) else (bias, None)
         for name, b in (("bias[0]", bias_0), ("bias[1]", bias_1)):
             if b is not None:
                 checks.tensor(name, b, (x.dtype,), (handle.num_sent_tokens, x.size(1)), x.device)
-        fp8 = {"use_fp8": True} if use_fp8 else {}  # only the reference backend takes it
-        combined_x, combined_weights, event = backend.combine(x, handle, topk_weights, bias_0, bias_1, config,
-                                                              self._event_to_wait(previous_event), async_finish,
-                                                              allocate_on_comm_stream, **fp8)
+        combined_x, combined_weights, event = backend.combine(CombineRequest(
+            x, handle, config, topk_weights, bias_0, bias_1, self._event_to_wait(previous_event), async_finish,
+            allocate_on_comm_stream, use_fp8))
         self._remember_hidden(handle, x.size(1))
         return combined_x, combined_weights, EventOverlap(event)
 
@@ -599,10 +626,10 @@ class Buffer:
             raise ValueError(f"get_next_combine_buffer: [{num_recv}, {hidden}] bf16 rows need num_nvl_bytes >= "
                              f"{need}, got {self.num_nvl_bytes} (Config.get_nvl_buffer_size_hint(hidden * 2, "
                              f"num_ranks, num_recv_tokens={num_recv}))")
-        if isinstance(self._kernels, intranode.IntranodeBackend) and isinstance(handle, DispatchHandle) and \
-                handle.recv_src_idx.is_cuda:
-            return self._kernels.get_next_combine_buffer(num_recv, hidden)
-        return self._reference.get_next_combine_buffer(handle, hidden)
+        backend = self._backend_for_handle(handle)
+        if backend is self._kernels:
+            checks.kernel_rows("the combine input", hidden, 2)
+        return backend.get_next_combine_buffer(handle, hidden)
 
     def _stamp(self, handle):
         """``handle`` with its ``HandleIdentity``: this dispatch's epoch (the same on every rank) and, where
@@ -684,7 +711,7 @@ class Buffer:
         if self.num_rdma_ranks > 1:
             # The internode kernels size their rounds by the real node size; the reference needs no buffer.
             per_node = self.num_ranks_per_node if isinstance(self._kernels, internode.InternodeBackend) else \
-                NUM_MAX_NVL_PEERS
+                MAX_NVL_PEERS
             need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size, per_node)
             if self.num_rdma_bytes < need:
                 raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small: need at least {need} "
@@ -701,6 +728,21 @@ class Buffer:
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
                              f"{num_max_dispatch_tokens_per_rank} tokens, hidden {hidden}, {num_experts} experts: "
                              f"need at least {need} (Buffer.get_low_latency_rdma_size_hint)")
+
+    def _check_low_latency_kernels(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """The call shape the low-latency kernels take (``moe_a2a.limits``), for a call about to run on them."""
+        checks.kernel_rows("x", hidden, 2)
+        checks.at_most("num_experts", num_experts, LOW_LATENCY_MAX_EXPERTS, "the low-latency kernels")
+        if isinstance(self._ll_kernels, internode_low_latency.InternodeLowLatencyBackend):
+            checks.at_most("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank,
+                           INTERNODE_LOW_LATENCY_MAX_TOKENS, "the internode low-latency kernels")
+
+    @staticmethod
+    def _check_low_latency_kernel_topk(topk_idx: torch.Tensor) -> None:
+        """The top-k width the low-latency kernels take: 1 to ``MAX_TOPK`` columns."""
+        if not 1 <= topk_idx.size(1) <= MAX_TOPK:
+            raise ValueError(f"topk_idx has {topk_idx.size(1)} top-k columns; the low-latency kernels take 1 to "
+                             f"{MAX_TOPK}")
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Reset the low-latency receive state (needed after normal-mode use of the same memory)."""
@@ -766,9 +808,12 @@ class Buffer:
             checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
         backend = self._ll_kernels if x.is_cuda and self._ll_kernels is not None else self._reference_ll
-        recv_x, recv_scales, recv_count, handle, hook = backend.dispatch(
-            x, topk_idx, cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats,
-            num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook)
+        if backend is self._ll_kernels:
+            self._check_low_latency_kernels(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            self._check_low_latency_kernel_topk(topk_idx)
+        recv_x, recv_scales, recv_count, handle, hook = backend.dispatch(LowLatencyDispatchRequest(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, return_recv_hook))
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
         tensors = (x, topk_idx, recv_x, recv_scales, recv_count, handle.src_info, handle.layout_range)
@@ -815,6 +860,9 @@ class Buffer:
         if kernels is not None and wire_format != "bf16":
             raise NotImplementedError(f"use_{wire_format}=True on the low-latency kernels is not implemented (they "
                                       "send BF16 rows): create the Buffer with backend='reference' for this format")
+        if kernels is not None:
+            self._check_low_latency_kernels(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                                            handle.num_experts)
         if zero_copy:
             # The expert outputs are already in the registered buffer of the next combine.
             if kernels is not None:
@@ -838,11 +886,11 @@ class Buffer:
             checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats, (torch.int64,),
                           (self.group_size, self.group_size), x.device)
         if kernels is not None:
-            combined, hook = kernels.combine(x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats,
-                                             return_recv_hook)
-        else:
-            combined, hook = self._reference_ll.combine(x, topk_idx, topk_weights, handle, out,
-                                                        combine_wait_recv_cost_stats, return_recv_hook, wire_format)
+            self._check_low_latency_kernel_topk(topk_idx)
+            if out is not None and not out.is_contiguous():
+                raise ValueError("out must be contiguous on the low-latency kernels")
+        combined, hook = (kernels or self._reference_ll).combine(LowLatencyCombineRequest(
+            x, topk_idx, topk_weights, handle, out, combine_wait_recv_cost_stats, return_recv_hook, wire_format))
         event = EventHandle(device=x.device) if async_finish and x.is_cuda else None
         tensors = (x, topk_idx, topk_weights, handle.src_info, handle.layout_range, combined)
         return combined, EventOverlap(event, tensors if async_finish else None), hook
@@ -857,6 +905,8 @@ class Buffer:
             raise TypeError(f"handle must be a LowLatencyHandle, got {type(handle).__name__}")
         self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         if handle.src_info.is_cuda and self._ll_kernels is not None:
+            self._check_low_latency_kernels(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                                            handle.num_experts)
             return self._ll_kernels.get_next_combine_buffer(handle)
         shape = (handle.num_experts // self.group_size, self.group_size * handle.num_max_dispatch_tokens_per_rank,
                  handle.hidden)

@@ -2,13 +2,17 @@
 
 Every check runs on the rank that holds the bad input, before any communication, and raises
 ``TypeError`` (wrong type/dtype) or ``ValueError`` (wrong shape, size, device or value) naming the
-argument, what it got and what was expected.
+argument, what it got and what was expected. ``Buffer`` runs them once per call; the backends it hands the
+call to do not check again (``moe_a2a.backends.base``). ``kernel_rows`` and ``at_most`` with a limit of
+``moe_a2a.limits`` hold for calls that run on the CUDA kernels.
 """
 from __future__ import annotations
 
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from .limits import ROW_ALIGN_BYTES
 
 
 def tensor(name: str, t, dtypes: Iterable[torch.dtype], shape: Optional[Sequence[Optional[int]]] = None,
@@ -31,6 +35,21 @@ def tensor(name: str, t, dtypes: Iterable[torch.dtype], shape: Optional[Sequence
 def positive_int(name: str, value, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def at_most(name: str, value: int, limit: int, who: str) -> None:
+    """``value`` does not exceed ``limit``, what ``who`` (e.g. "the CUDA kernels") can take."""
+    if value > limit:
+        raise ValueError(f"{name} is {value}; {who} take at most {limit}")
+
+
+def kernel_rows(name: str, hidden: int, element_size: int) -> None:
+    """Rows of ``hidden`` elements of ``element_size`` bytes are whole ``ROW_ALIGN_BYTES`` pieces, as the
+    kernels load and store them."""
+    if hidden * element_size % ROW_ALIGN_BYTES:
+        raise ValueError(f"{name}: rows of hidden size {hidden} ({hidden * element_size} bytes) must be a multiple "
+                         f"of {ROW_ALIGN_BYTES} bytes on the CUDA kernels (hidden a multiple of "
+                         f"{ROW_ALIGN_BYTES // element_size} for {element_size}-byte elements)")
 
 
 def experts_divisible(num_experts: int, num_ranks: int) -> None:

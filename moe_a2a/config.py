@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Ranks reachable over NVLink inside one node; larger groups are internode.
-NUM_MAX_NVL_PEERS = 8
-#: Largest top-k the ring buffers reserve space for (DeepSeek-V3 and Qwen3 use 8).
-NUM_MAX_TOPK = 16
+from .limits import MAX_NVL_PEERS
+
+#: Top-k columns the size hints budget for each buffered token (DeepSeek-V3 and Qwen3 use 8). A sizing
+#: assumption, not a limit: the kernels take up to ``limits.MAX_TOPK`` columns and fit their rounds to the
+#: real top-k and the buffer they were given, so a wider top-k only moves fewer tokens per round.
+SIZE_HINT_TOPK = 16
 #: Channels of the FP8 scales: one float32 scale per 128 hidden elements.
 FP8_SCALE_BLOCK = 128
 #: Bytes of each per-channel counter (head, tail, start, end) in the ring buffers.
@@ -33,7 +35,7 @@ def _align(n: int, a: int = _ALIGN) -> int:
 def _bytes_per_buffered_token(hidden_bytes: int) -> int:
     """Bytes one token occupies in a ring buffer: data, source index, top-k ids/weights, FP8 scales."""
     num_scales = max(1, hidden_bytes // (2 * FP8_SCALE_BLOCK))  # hidden // 128 for BF16-sized rows
-    return hidden_bytes + 4 + NUM_MAX_TOPK * (8 + 4) + num_scales * 4
+    return hidden_bytes + 4 + SIZE_HINT_TOPK * (8 + 4) + num_scales * 4
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Config:
                                                                                   num_topk))
 
     def _ring_bytes(self, hidden_bytes: int, num_ranks: int) -> int:
-        num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
+        num_nvl_ranks = min(num_ranks, MAX_NVL_PEERS)
         # Counters: start/end/head/tail per (channel, peer), plus the rank and expert prefix matrices.
         counters = num_nvl_ranks * (num_nvl_ranks + 1) * COUNTER_BYTES
         counters += num_nvl_ranks * 4 * self.num_channels * COUNTER_BYTES
@@ -102,7 +104,7 @@ class Config:
         return _align(counters) + _align(ring * _bytes_per_buffered_token(hidden_bytes))
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
-                                  num_ranks_per_node: int = NUM_MAX_NVL_PEERS) -> int:
+                                  num_ranks_per_node: int = MAX_NVL_PEERS) -> int:
         """Bytes of RDMA buffer the internode kernels need; 0 when the group fits in one node.
 
         The internode kernels move rows in rounds through a send and a receive area of
@@ -124,7 +126,7 @@ def min_nvl_buffer_bytes(hidden_bytes: int, num_ranks: int, num_sms: int) -> int
     buffered row per peer (the kernels then run one round per row). ``Buffer`` refuses smaller buffers; every
     ``get_nvl_buffer_size_hint`` is far above this."""
     _check_positive(hidden_bytes=hidden_bytes, num_ranks=num_ranks, num_sms=num_sms)
-    num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
+    num_nvl_ranks = min(num_ranks, MAX_NVL_PEERS)
     floor = Config(num_sms=max(2, num_sms // 2 * 2), num_max_nvl_chunked_send_tokens=1,
                    num_max_nvl_chunked_recv_tokens=1)
     counters = floor._ring_bytes(hidden_bytes, num_ranks) - _align(floor.num_channels * num_nvl_ranks *
@@ -149,8 +151,8 @@ def combine_input_bytes(num_recv_tokens: int, hidden_bytes: int, num_topk: int =
 def _rdma_slot_bytes(hidden_bytes: int) -> int:
     """Bytes of one RDMA slot: the row, FP8 scales, top-k ids and weights, source index and node mask."""
     num_scales = max(1, hidden_bytes // (2 * FP8_SCALE_BLOCK))
-    return (_align(hidden_bytes, 16) + _align(num_scales * 4, 16) + NUM_MAX_TOPK * (8 + 4)
-            + _align(4 + NUM_MAX_NVL_PEERS, 16))
+    return (_align(hidden_bytes, 16) + _align(num_scales * 4, 16) + SIZE_HINT_TOPK * (8 + 4)
+            + _align(4 + MAX_NVL_PEERS, 16))
 
 
 def _check_positive(**values: int) -> None:

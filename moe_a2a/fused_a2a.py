@@ -36,9 +36,9 @@ from . import _native, checks, resident
 from .buffer import Buffer
 from .config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from .event import EventHandle, EventOverlap
-from .backends.intranode import MAX_TOPK
 from .fp8 import fp8_to_float, per_token_cast_to_fp8
 from .handles import DispatchHandle
+from .limits import MAX_TOPK
 
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # float32 as DeepEP/HybridEP require; float64 so gradients can be checked in double precision.

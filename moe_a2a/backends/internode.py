@@ -51,7 +51,9 @@ import torch
 
 from ..event import EventHandle
 from ..handles import InternodeHandle
+from ..limits import MAX_NODES, MAX_NVL_PEERS
 from . import intranode, residency
+from .base import CombineRequest, CombineResult, DispatchRequest, DispatchResult, LayoutRequest, LayoutResult
 
 from .. import _native
 
@@ -117,7 +119,7 @@ def _exclusive_prefix(values: List[int]) -> List[int]:
 
 
 class InternodeBackend:
-    """Normal-mode kernels across nodes; same interface as ``ReferenceBackend`` and ``IntranodeBackend``."""
+    """Normal-mode kernels across nodes; a ``NormalModeKernels`` (``base``)."""
 
     def __init__(self, rank: int, num_ranks: int, num_ranks_per_node: int, num_nvl_bytes: int, num_rdma_bytes: int,
                  all_gather_object, timeout_s: float, nvshmem_over_group: bool = False):
@@ -127,11 +129,11 @@ class InternodeBackend:
         L = num_ranks_per_node
         if num_ranks % L or num_ranks // L < 2:
             raise ValueError(f"internode kernels need a group of several nodes: {num_ranks} ranks, {L} per node")
-        if L > _nvshmem.max_local_ranks:
-            raise NotImplementedError(f"internode kernels support up to {_nvshmem.max_local_ranks} ranks per node, "
+        if L > MAX_NVL_PEERS:
+            raise NotImplementedError(f"internode kernels support up to {MAX_NVL_PEERS} ranks per node, "
                                       f"got {L}")
-        if num_ranks // L > _nvshmem.max_nodes:
-            raise NotImplementedError(f"internode kernels support up to {_nvshmem.max_nodes} nodes, "
+        if num_ranks // L > MAX_NODES:
+            raise NotImplementedError(f"internode kernels support up to {MAX_NODES} nodes, "
                                       f"got {num_ranks // L}")
         sizes = all_gather_object((int(num_nvl_bytes), int(num_rdma_bytes)))
         if len(set(sizes)) != 1:
@@ -209,82 +211,48 @@ class InternodeBackend:
                              f"direction ({self.num_nodes} nodes); use Config.get_rdma_buffer_size_hint")
         return window
 
-    @staticmethod
-    def _check_cuda(name, t, dtype, dim, device):
-        intranode._check_cuda(name, t, dtype, dim, device)
-
     def _error_check(self, err: str) -> None:
         if err:
             self._error = f"moe_a2a internode: {err}"
             raise RuntimeError(self._error)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[InternodeHandle],
-                 num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                 expert_alignment: int, num_worst_tokens: int, config, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False, recv_x_in_buffer=False):
-        """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
+    def get_dispatch_layout(self, request: LayoutRequest) -> LayoutResult:
+        """The layout kernel on the current stream, over the whole group (``num_tokens_per_rdma_rank`` per node)."""
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
+        layout = intranode.get_dispatch_layout(request.topk_idx, request.num_experts, self.num_ranks,
+                                               self.num_local_ranks)
+        return LayoutResult(*layout, EventHandle() if request.async_finish else None)
 
-        Returns ``(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-        handle, event)`` like ``ReferenceBackend.dispatch``, in the same row order. ``recv_x_in_buffer`` is
-        accepted and ignored: the rows end in a reordered ordinary tensor.
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32), in the
+        reference's row order. ``recv_x_in_buffer`` is accepted and ignored: the rows end in a reordered ordinary
+        tensor. ``num_worst_tokens`` is 0 (intranode only).
         """
         self._check_usable()
-        dev, R, N, L = self.device, self.num_ranks, self.num_nodes, self.num_local_ranks
-        if x.dtype not in (torch.bfloat16, _FP8):
-            raise TypeError(f"internode dispatch takes bfloat16 or float8_e4m3fn tokens, got {x.dtype}")
-        self._check_cuda("x", x, x.dtype, 2, dev)
-        if (x_scales is not None) != (x.dtype == _FP8):
-            raise ValueError("x_scales must be given exactly when x is float8_e4m3fn")
+        x, x_scales, handle, config = request.x, request.x_scales, request.handle, request.config
+        intranode.check_device("x", x, self.device)
+        dev, N, L = self.device, self.num_nodes, self.num_local_ranks
         row_bytes = x.size(1) * x.element_size()
-        if row_bytes % 16:
-            raise ValueError(f"hidden size {x.size(1)} * {x.element_size()} bytes must be a multiple of 16")
-        if num_worst_tokens:
-            raise ValueError("num_worst_tokens is intranode only")
-        num_scales = 0
-        if x_scales is not None:
-            self._check_cuda("x_scales", x_scales, torch.float32, 2, dev)
-            if x_scales.size(0) != x.size(0):
-                raise ValueError(f"x_scales has {x_scales.size(0)} rows, expected {x.size(0)}")
-            num_scales = x_scales.size(1)
+        num_scales = x_scales.size(1) if x_scales is not None else 0
         T = x.size(0)
-        cached = handle is not None
+        cached = request.cached
         if cached:
-            if not isinstance(handle, InternodeHandle):
-                raise TypeError(f"handle must be an InternodeHandle, got {type(handle).__name__}")
-            if topk_idx is not None or topk_weights is not None:
-                raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
-            if handle.num_sent_tokens != T:
-                raise ValueError(f"x has {T} tokens but the handle was made for {handle.num_sent_tokens}")
             is_token_in_rank = handle.is_token_in_rank
             topk_idx = topk_weights = None
         else:
-            self._check_cuda("is_token_in_rank", is_token_in_rank, torch.bool, 2, dev)
-            if tuple(is_token_in_rank.shape) != (T, R):
-                raise ValueError(f"is_token_in_rank must be [{T}, {R}], got {list(is_token_in_rank.shape)}")
-            self._check_cuda("num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, dev)
-            num_experts = num_tokens_per_expert.numel()
-            if num_experts % R:
-                raise ValueError(f"num_tokens_per_expert has {num_experts} experts, not a multiple of {R} ranks")
+            is_token_in_rank, num_tokens_per_expert = request.is_token_in_rank, request.num_tokens_per_expert
+            topk_idx, topk_weights = request.topk_idx, request.topk_weights
+            num_experts = request.num_experts
             if 1 + N + num_experts // N > _nvshmem.max_notify_ints // N:
                 raise ValueError(f"{num_experts} experts on {N} nodes exceed the notify area")
-            if topk_idx is not None:
-                self._check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
-                if topk_idx.size(0) != T or topk_idx.size(1) > _nvshmem.max_topk:
-                    raise ValueError(f"topk_idx must be [{T}, <={_nvshmem.max_topk}], got {list(topk_idx.shape)}")
-                if topk_weights is not None:
-                    self._check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
-                    if topk_weights.shape != topk_idx.shape:
-                        raise ValueError(f"topk_weights shape {list(topk_weights.shape)} != topk_idx shape "
-                                         f"{list(topk_idx.shape)}")
-            elif topk_weights is not None:
-                raise ValueError("topk_weights needs topk_idx")
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         stride = _nvshmem.dispatch_slot_bytes(row_bytes, num_scales, num_topk, L)
         window = self._window(stride)
 
-        if previous_event is not None:
-            previous_event.current_stream_wait()
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
         x = x.contiguous()
         x_scales = x_scales.contiguous() if x_scales is not None else None
         i32 = dict(dtype=torch.int32, device=dev)
@@ -338,18 +306,18 @@ class InternodeBackend:
         # Stage 2: forward inside the node.
         rx_tokens = rx.view(x.dtype) if num_rows else torch.empty(0, x.size(1), dtype=x.dtype, device=dev)
         if cached:
-            recv2 = self._nvlink(self.intra.dispatch, rx_tokens, rscales, handle.intra_handle, None, None, None, None,
-                                 None, 1, 0, config)
+            recv2 = self._nvlink(self.intra.dispatch, DispatchRequest(rx_tokens, config, rscales,
+                                                                      handle=handle.intra_handle))
             perm, out_handle, expert_list = handle.recv_perm, None, None
         else:
-            per_rank2 = rin_rank.sum(0, dtype=torch.int32)
-            recv2 = self._nvlink(self.intra.dispatch, rx_tokens, rscales, None, per_rank2, rin_rank, per_expert2,
-                                 rtopk, rweights, expert_alignment, 0, config)
-            h2 = recv2[5]
+            recv2 = self._nvlink(self.intra.dispatch, DispatchRequest(
+                rx_tokens, config, rscales, is_token_in_rank=rin_rank, num_tokens_per_expert=per_expert2,
+                topk_idx=rtopk, topk_weights=rweights, expert_alignment=request.expert_alignment))
+            h2 = recv2.handle
             origin_rows = origin.view(torch.bfloat16) if num_rows else torch.empty(0, 8, dtype=torch.bfloat16,
                                                                                      device=dev)
-            origin2 = self._nvlink(self.intra.dispatch, origin_rows, None, h2, None, None, None, None, None, 1, 0,
-                                   config)[0].view(torch.int32).view(-1, 4)
+            origin2 = self._nvlink(self.intra.dispatch, DispatchRequest(origin_rows, config, handle=h2)
+                                   ).recv_x.view(torch.int32).view(-1, 4)
             key = (origin2[:, 0].to(torch.int64) << 32) | origin2[:, 1].to(torch.int64)
             perm = torch.argsort(key)
             inv_perm = torch.empty_like(perm)
@@ -358,7 +326,7 @@ class InternodeBackend:
             recv_src_rank = origin2[:, 0].index_select(0, perm).contiguous()
             out_handle = InternodeHandle(is_token_in_rank, send_pos, counts, team_tokens, origin, h2, perm, inv_perm,
                                          recv_src_idx, recv_src_rank)
-            expert_list = recv2[4]
+            expert_list = recv2.num_recv_tokens_per_expert_list
 
         def reorder(t):
             if t is None:
@@ -367,56 +335,31 @@ class InternodeBackend:
                 return t.view(torch.uint8).index_select(0, perm).view(_FP8)
             return t.index_select(0, perm)
 
-        recv_x, recv_scales = reorder(recv2[0]), reorder(recv2[1])
-        recv_topk_idx, recv_topk_weights = (None, None) if cached else (reorder(recv2[2]), reorder(recv2[3]))
-        event = EventHandle(device=dev) if async_finish else None
-        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, expert_list, out_handle, event
+        recv_x, recv_scales = reorder(recv2.recv_x), reorder(recv2.recv_x_scales)
+        recv_topk_idx, recv_topk_weights = ((None, None) if cached else
+                                            (reorder(recv2.recv_topk_idx), reorder(recv2.recv_topk_weights)))
+        event = EventHandle(device=dev) if request.async_finish else None
+        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, expert_list, out_handle, event)
 
     # ------------------------------------------------------------------ combine
-    def combine(self, x: torch.Tensor, handle: InternodeHandle, topk_weights: Optional[torch.Tensor],
-                bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config, previous_event=None,
-                async_finish=False, allocate_on_comm_stream=False):
-        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation).
-
-        Returns ``(combined_x [T, hidden] bf16, combined_topk_weights [T, K] f32 or None, event)``.
-        """
+    def combine(self, request: CombineRequest) -> CombineResult:
+        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation)."""
         self._check_usable()
+        x, handle, topk_weights, config = request.x, request.handle, request.topk_weights, request.config
+        intranode.check_device("x", x, self.device)
         dev = self.device
-        if not isinstance(handle, InternodeHandle):
-            raise TypeError(f"handle must be an InternodeHandle from an internode dispatch, got {type(handle).__name__}")
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"internode combine takes bfloat16 tokens, got {x.dtype}")
-        self._check_cuda("x", x, torch.bfloat16, 2, dev)
         hidden = x.size(1)
-        if hidden % 8:
-            raise ValueError(f"hidden size must be a multiple of 8, got {hidden}")
-        num_recv = handle.num_recv_tokens
-        if x.size(0) != num_recv:
-            raise ValueError(f"x has {x.size(0)} rows, expected {num_recv} (the rows dispatch returned)")
         T = handle.num_sent_tokens
-        num_topk = 0
-        if topk_weights is not None:
-            self._check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
-            if topk_weights.size(0) != num_recv or topk_weights.size(1) > _nvshmem.max_topk:
-                raise ValueError(f"topk_weights must be [{num_recv}, <={_nvshmem.max_topk}], got "
-                                 f"{list(topk_weights.shape)}")
-            num_topk = topk_weights.size(1)
-        biases = []
-        for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
-            if b is not None:
-                self._check_cuda(name, b, torch.bfloat16, 2, dev)
-                if tuple(b.shape) != (T, hidden):
-                    raise ValueError(f"{name} must be [{T}, {hidden}], got {list(b.shape)}")
-                b = b.contiguous()
-            biases.append(b)
+        num_topk = topk_weights.size(1) if topk_weights is not None else 0
+        biases = [b.contiguous() if b is not None else None for b in (request.bias_0, request.bias_1)]
         window = self._window(_nvshmem.combine_slot_bytes(hidden, num_topk))
-        if previous_event is not None:
-            previous_event.current_stream_wait()
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
 
         # Stage 2 backwards: rows back into the NVLink stage's order, node-level partial sums on the forwarders.
         x2 = x.index_select(0, handle.recv_inv_perm)
         w2 = topk_weights.index_select(0, handle.recv_inv_perm) if topk_weights is not None else None
-        partial, partial_w, _ = self._nvlink(self.intra.combine, x2, handle.intra_handle, w2, None, None, config)
+        partial, partial_w, _ = self._nvlink(self.intra.combine, CombineRequest(x2, handle.intra_handle, config, w2))
         partial = partial.contiguous()
         partial_w = partial_w.contiguous() if partial_w is not None else None
 
@@ -428,8 +371,13 @@ class InternodeBackend:
             self._error_check(self.runtime.combine_round(
                 partial, partial_w, num_topk, handle.rdma_origin, handle.send_pos, biases[0], biases[1], k,
                 k * window, window, config.num_sms, out, out_w))
-        event = EventHandle(device=dev) if async_finish else None
-        return out, out_w, event
+        event = EventHandle(device=dev) if request.async_finish else None
+        return CombineResult(out, out_w, event)
+
+    def get_next_combine_buffer(self, handle: InternodeHandle, hidden: int) -> torch.Tensor:
+        """A fresh ``[N, hidden]`` bf16 tensor: the NVLink stage reads its input reordered, so no registered area
+        can hold it in place; the combine takes it as any input."""
+        return torch.empty(handle.num_recv_tokens, hidden, dtype=torch.bfloat16, device=self.device)
 
     # ------------------------------------------------------------------ resources
     def get_comm_stream(self) -> torch.cuda.Stream:

@@ -30,9 +30,10 @@ from typing import Optional
 import torch
 
 from ..handles import LowLatencyHandle
+from ..limits import LOW_LATENCY_MAX_EXPERTS
 from . import internode
 from . import residency
-from .low_latency import MAX_EXPERTS, LowLatencyBackend
+from .low_latency import LowLatencyBackend
 
 from .. import _native
 
@@ -72,10 +73,12 @@ class _Runtime:
 
 
 class InternodeLowLatencyBackend(LowLatencyBackend):
-    """Low-latency kernels for one rank of a group spanning nodes (all ranks construct it together).
+    """Low-latency kernels for one rank of a group spanning nodes (all ranks construct it together); a
+    ``LowLatencyModeKernels`` (``base``). Its calls take at most ``limits.INTERNODE_LOW_LATENCY_MAX_TOKENS``
+    tokens per rank (``Buffer`` checks).
 
     Arguments:
-        rank, num_ranks: this rank and the group size (at most ``MAX_EXPERTS``).
+        rank, num_ranks: this rank and the group size (at most ``LOW_LATENCY_MAX_EXPERTS``).
         group: the process group (used by ``clean``).
         num_rdma_bytes: bytes of the symmetric buffer, at least ``low_latency_buffer_bytes(...)`` of the
             calls (``config.get_low_latency_rdma_size_hint``); the same on every rank.
@@ -93,8 +96,9 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
                                       "headers at build time) has no LowLatencyRuntime")
         if isinstance(num_qps_per_rank, bool) or not isinstance(num_qps_per_rank, int) or num_qps_per_rank < 1:
             raise ValueError(f"num_qps_per_rank must be an int >= 1, got {num_qps_per_rank!r}")
-        if not 2 <= num_ranks <= MAX_EXPERTS:
-            raise NotImplementedError(f"internode low-latency kernels need 2..{MAX_EXPERTS} ranks, got {num_ranks}")
+        if not 2 <= num_ranks <= LOW_LATENCY_MAX_EXPERTS:
+            raise NotImplementedError(f"internode low-latency kernels need 2..{LOW_LATENCY_MAX_EXPERTS} ranks, "
+                                      f"got {num_ranks}")
         sizes = all_gather_object(int(num_rdma_bytes))
         if len(set(sizes)) != 1:
             raise ValueError(f"every rank must pass the same num_rdma_bytes, got {sizes}")
@@ -117,13 +121,6 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         self.num_sms = num_sms
         self._set = 0
         self._calls = 0
-
-    def _check_shape(self, num_tokens: int, num_max: int, num_experts: int, num_topk: int, hidden: int) -> None:
-        if hidden % 8:
-            raise ValueError(f"hidden={hidden}: expected a multiple of 8 (16-byte rows)")
-        if num_max > _nvshmem.ll_max_tokens:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank={num_max}: expected at most {_nvshmem.ll_max_tokens}")
-        super()._check_shape(num_tokens, num_max, num_experts, num_topk, hidden)
 
     def destroy(self, at_exit: bool = False) -> None:
         """Free the symmetric buffer (collective: NVSHMEM frees with a barrier). ``at_exit``: nothing is freed

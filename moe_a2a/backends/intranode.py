@@ -85,19 +85,16 @@ import torch
 from ..config import combine_input_bytes
 from ..event import EventHandle
 from ..handles import DispatchHandle
+from ..limits import MAX_NVL_PEERS
 from . import residency
+from .base import CombineRequest, CombineResult, DispatchRequest, DispatchResult, LayoutRequest, LayoutResult
 
 from .. import _native
 
 _C = _native.Lazy("_C")  # loaded at the first kernel call; absent without CUDA (the reference backend serves)
 
-#: Ranks one intranode group may have (the peer table of the kernels).
-MAX_RANKS = 8
-#: Top-k columns (expert ids and weights) a dispatched token may carry.
-MAX_TOPK = 32
 #: Received rows from which dispatch pulls with bulk copies (override: ``MOE_A2A_BULK_MIN_ROWS``).
 BULK_MIN_ROWS = 8192
-_FP8 = getattr(torch, "float8_e4m3fn", None)
 
 
 def extension_available() -> bool:
@@ -114,28 +111,15 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
     """The layout kernel on the current stream (definition: ``moe_a2a.layout.compute_layout``).
 
     Args:
-        topk_idx: ``[num_tokens, num_topk]`` int64 CUDA tensor, ``-1`` for "no expert".
+        topk_idx: ``[num_tokens, num_topk]`` int64 CUDA tensor, ``-1`` for "no expert" (``Buffer`` validates the
+            call; the extension's own guards raise ``RuntimeError`` on input it cannot take).
+        num_experts: a multiple of ``num_ranks``, at most ``limits.LAYOUT_MAX_EXPERTS``.
 
     Returns:
         ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [num_nodes] int32 or None,
         num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)``.
     """
     _require_extension()
-    if not isinstance(topk_idx, torch.Tensor) or not topk_idx.is_cuda:
-        raise TypeError(f"topk_idx must be a CUDA tensor, got {type(topk_idx).__name__}"
-                        f"{'' if not isinstance(topk_idx, torch.Tensor) else ' on ' + str(topk_idx.device)}")
-    if topk_idx.dim() != 2 or topk_idx.dtype != torch.int64:
-        raise TypeError(f"topk_idx must be [num_tokens, num_topk] int64, got {list(topk_idx.shape)} {topk_idx.dtype}")
-    for name, value in (("num_experts", num_experts), ("num_ranks", num_ranks),
-                        ("num_ranks_per_node", num_ranks_per_node)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if num_experts % num_ranks:
-        raise ValueError(f"num_experts ({num_experts}) must be a multiple of num_ranks ({num_ranks})")
-    if num_ranks > num_ranks_per_node and num_ranks % num_ranks_per_node:
-        raise ValueError(f"num_ranks ({num_ranks}) must be a multiple of num_ranks_per_node ({num_ranks_per_node})")
-    if num_experts > 8192:
-        raise ValueError(f"the layout kernel supports at most 8192 experts, got {num_experts}")
     return _C.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
 
 
@@ -149,24 +133,20 @@ def start_address(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
 
 
-def _check_cuda(name: str, t: torch.Tensor, dtype, dim: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    """``t`` is on the kernels' ``device``. The one tensor check left to the kernel backends: ``Buffer`` checked
+    that the call's tensors share one device, but only the backend knows which device its buffer lives on."""
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype}")
-    if t.dim() != dim:
-        raise ValueError(f"{name} must have {dim} dimensions, got shape {list(t.shape)}")
+        raise ValueError(f"{name} is on {t.device}, but this buffer's kernels run on {device}")
 
 
 class IntranodeBackend:
-    """The normal-mode kernels of one rank; same interface as ``ReferenceBackend``."""
+    """The normal-mode kernels of one rank inside one node; a ``NormalModeKernels`` (``base``)."""
 
     def __init__(self, rank: int, num_ranks: int, group, num_nvl_bytes: int, all_gather_object, timeout_s: float):
         _require_extension()
-        if num_ranks > MAX_RANKS:
-            raise NotImplementedError(f"intranode kernels support up to {MAX_RANKS} ranks, got {num_ranks}")
+        if num_ranks > MAX_NVL_PEERS:
+            raise NotImplementedError(f"intranode kernels support up to {MAX_NVL_PEERS} ranks, got {num_ranks}")
         if not torch.cuda.is_available():
             raise RuntimeError("intranode kernels need a CUDA device")
         self.rank, self.num_ranks, self.group = rank, num_ranks, group
@@ -290,15 +270,17 @@ class IntranodeBackend:
         return (start_address(x) == self._staging[0] and x.dtype == torch.bfloat16 and x.dim() == 2 and
                 x.size(0) == num_rows and x.is_contiguous())
 
-    # ------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
-                 num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                 expert_alignment: int, num_worst_tokens: int, config, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False, recv_x_in_buffer=False):
-        """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, request: LayoutRequest) -> LayoutResult:
+        """The layout kernel on the current stream."""
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
+        layout = get_dispatch_layout(request.topk_idx, request.num_experts, self.num_ranks, self.num_ranks)
+        return LayoutResult(*layout, EventHandle() if request.async_finish else None)
 
-        Returns ``(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list,
-        handle, event)`` like ``ReferenceBackend.dispatch``.
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """Dispatch ``x`` ``[T, hidden]`` (bf16, or fp8 e4m3 with ``x_scales`` ``[T, hidden // 128]`` f32).
 
         ``recv_x_in_buffer``: the senders write every received row straight into this rank's registered buffer
         and ``recv_x`` is a view of it, valid until the next dispatch or combine on this buffer (read it, for
@@ -309,43 +291,15 @@ class IntranodeBackend:
         this buffer has not seen (the check reads the handle's counts on the host).
         """
         self._check_usable()
+        x, x_scales, handle, config = request.x, request.x_scales, request.handle, request.config
+        check_device("x", x, self.device)
         dev, R = self.device, self.num_ranks
-        if x.dtype not in (torch.bfloat16, _FP8):
-            raise TypeError(f"intranode dispatch takes bfloat16 or float8_e4m3fn tokens, got {x.dtype}")
-        _check_cuda("x", x, x.dtype, 2, dev)
-        if (x_scales is not None) != (x.dtype == _FP8):
-            raise ValueError("x_scales must be given exactly when x is float8_e4m3fn")
-        if (x.size(1) * x.element_size()) % 16:
-            raise ValueError(f"hidden size {x.size(1)} * {x.element_size()} bytes must be a multiple of 16")
-        if x_scales is not None:
-            _check_cuda("x_scales", x_scales, torch.float32, 2, dev)
-            if x_scales.size(0) != x.size(0):
-                raise ValueError(f"x_scales has {x_scales.size(0)} rows, expected {x.size(0)}")
+        num_tokens_per_expert, topk_idx, topk_weights = (request.num_tokens_per_expert, request.topk_idx,
+                                                         request.topk_weights)
+        num_worst_tokens, previous_event = request.num_worst_tokens, request.previous_event
         num_tokens = x.size(0)
-        cached = handle is not None
-        if cached:
-            is_token_in_rank = handle.is_token_in_rank
-            if topk_idx is not None or topk_weights is not None:
-                raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
-        else:
-            _check_cuda("num_tokens_per_expert", num_tokens_per_expert, torch.int32, 1, dev)
-            if num_tokens_per_expert.numel() % R:
-                raise ValueError(f"num_tokens_per_expert has {num_tokens_per_expert.numel()} experts, "
-                                 f"not a multiple of {R} ranks")
-            if topk_idx is not None:
-                _check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
-                if topk_idx.size(0) != num_tokens or topk_idx.size(1) > MAX_TOPK:
-                    raise ValueError(f"topk_idx must be [{num_tokens}, <={MAX_TOPK}], got {list(topk_idx.shape)}")
-                if topk_weights is not None:
-                    _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
-                    if topk_weights.shape != topk_idx.shape:
-                        raise ValueError(f"topk_weights shape {list(topk_weights.shape)} != topk_idx shape "
-                                         f"{list(topk_idx.shape)}")
-        _check_cuda("is_token_in_rank", is_token_in_rank, torch.bool, 2, dev)
-        if tuple(is_token_in_rank.shape) != (num_tokens, R):
-            raise ValueError(f"is_token_in_rank must be [{num_tokens}, {R}], got {list(is_token_in_rank.shape)}")
-        if num_worst_tokens < 0:
-            raise ValueError(f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
+        cached = request.cached
+        is_token_in_rank = handle.is_token_in_rank if cached else request.is_token_in_rank
 
         x = self._outside_staging(x.contiguous())
         x_scales = self._outside_staging(x_scales.contiguous()) if x_scales is not None else None
@@ -357,7 +311,7 @@ class IntranodeBackend:
                                    topk_idx.size(1) if topk_idx is not None else 0,
                                    0 if cached else num_tokens_per_expert.numel())
         compute = self._start(previous_event)
-        alloc = self._alloc_stream(compute, allocate_on_comm_stream)
+        alloc = self._alloc_stream(compute, request.allocate_on_comm_stream)
         i32 = dict(dtype=torch.int32, device=dev)
         num_experts = 0
         with torch.cuda.stream(self.comm_stream):
@@ -375,7 +329,7 @@ class IntranodeBackend:
                     recv_channel_prefix = torch.empty(R, channels, **i32)
                 self._seq = self._seq % (1 << 30) + 1
                 self._launch("dispatch (notify)", self.runtime.notify, num_tokens_per_expert.contiguous(),
-                             is_token_in_rank, channels, int(expert_alignment), int(num_worst_tokens),
+                             is_token_in_rank, channels, request.expert_alignment, num_worst_tokens,
                              self._seq if not num_worst_tokens else 0, send_head, channel_prefix, rank_prefix,
                              recv_channel_prefix)
                 if num_worst_tokens:
@@ -386,7 +340,7 @@ class IntranodeBackend:
                         self._error = f"moe_a2a intranode: {error}; the buffer cannot be used again: rebuild it"
                         raise (ValueError if "ranks disagree" in error else RuntimeError)(self._error)
             row_bytes = x.size(1) * x.element_size()
-            recv_x_in_buffer = bool(recv_x_in_buffer) and self._receive_area_fits(
+            recv_x_in_buffer = request.recv_x_in_buffer and self._receive_area_fits(
                 rank_prefix, num_worst_tokens, row_bytes, x_scales.size(1) if x_scales is not None else 0,
                 topk_idx.size(1) if topk_idx is not None else 0)
             if recv_x_in_buffer:
@@ -403,52 +357,29 @@ class IntranodeBackend:
                 recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
             self._launch("dispatch", self.runtime.dispatch, x, x_scales, topk_idx, topk_weights, send_head,
                          rank_prefix, num_experts, config.num_sms, recv_x, recv_x_scales, recv_topk_idx,
-                         recv_topk_weights, recv_src_idx, not cached, bool(recv_x_in_buffer))
+                         recv_topk_weights, recv_src_idx, not cached, recv_x_in_buffer)
             self._combine_input = None  # the staged tokens overwrite any combine input written in place
         if cached:
             out_handle = None
         else:
             out_handle = DispatchHandle(rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx,
                                         is_token_in_rank, send_head)
-        event = self._finish(compute, async_finish,
+        event = self._finish(compute, request.async_finish,
                              (x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_head, rank_prefix, recv_x,
                               recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx))
-        return recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, expert_list, out_handle, event
+        return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, expert_list, out_handle, event)
 
     # ------------------------------------------------------------------ combine
-    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
-                bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config, previous_event=None,
-                async_finish=False, allocate_on_comm_stream=False):
-        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation).
-
-        Returns ``(combined_x [T, hidden] bf16, combined_topk_weights [T, K] f32 or None, event)``.
-        """
+    def combine(self, request: CombineRequest) -> CombineResult:
+        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation)."""
         self._check_usable()
+        x, handle, topk_weights = request.x, request.handle, request.topk_weights
+        check_device("x", x, self.device)
         dev = self.device
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"intranode combine takes bfloat16 tokens, got {x.dtype}")
-        _check_cuda("x", x, torch.bfloat16, 2, dev)
-        if x.size(1) % 8:
-            raise ValueError(f"hidden size must be a multiple of 8, got {x.size(1)}")
         num_rows = handle.recv_src_idx.size(0)
-        if x.size(0) < num_rows:
-            raise ValueError(f"x has {x.size(0)} rows, expected {num_rows} (the rows dispatch returned)")
         num_tokens = handle.is_token_in_rank.size(0)
-        if tuple(handle.send_head.shape) != (num_tokens, self.num_ranks) or handle.send_head.dtype != torch.int32:
-            raise ValueError(f"handle.send_head must be [{num_tokens}, {self.num_ranks}] int32, got "
-                             f"{list(handle.send_head.shape)} {handle.send_head.dtype}")
-        if topk_weights is not None:
-            _check_cuda("topk_weights", topk_weights, torch.float32, 2, dev)
-            if topk_weights.size(0) != x.size(0) or topk_weights.size(1) > MAX_TOPK:
-                raise ValueError(f"topk_weights must be [{x.size(0)}, <={MAX_TOPK}], got {list(topk_weights.shape)}")
-        biases = []
-        for name, b in (("bias_0", bias_0), ("bias_1", bias_1)):
-            if b is not None:
-                _check_cuda(name, b, torch.bfloat16, 2, dev)
-                if tuple(b.shape) != (num_tokens, x.size(1)):
-                    raise ValueError(f"{name} must be [{num_tokens}, {x.size(1)}], got {list(b.shape)}")
-                b = self._outside_staging(b.contiguous())
-            biases.append(b)
+        biases = [self._outside_staging(b.contiguous()) if b is not None else None
+                  for b in (request.bias_0, request.bias_1)]
         in_place = self._is_combine_input(x, num_rows)
         if in_place:
             if self._combine_input != (num_rows, x.size(1)):
@@ -466,8 +397,8 @@ class IntranodeBackend:
             x = self._outside_staging(x.contiguous())
         topk_weights = self._outside_staging(topk_weights.contiguous()) if topk_weights is not None else None
         self.runtime.set_signature(2, x.size(1) * 2, 0, topk_weights.size(1) if topk_weights is not None else 0, 0)
-        compute = self._start(previous_event)
-        alloc = self._alloc_stream(compute, allocate_on_comm_stream)
+        compute = self._start(request.previous_event)
+        alloc = self._alloc_stream(compute, request.allocate_on_comm_stream)
         with torch.cuda.stream(self.comm_stream):
             with torch.cuda.stream(alloc):
                 out = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=dev)
@@ -475,15 +406,16 @@ class IntranodeBackend:
                                if topk_weights is not None else None)
             self._launch("combine", self.runtime.combine, x, topk_weights, handle.recv_src_idx,
                          handle.rank_prefix_matrix, handle.is_token_in_rank.contiguous(),
-                         handle.send_head.contiguous(), biases[0], biases[1], config.num_sms, out, out_weights,
+                         handle.send_head.contiguous(), biases[0], biases[1], request.config.num_sms, out, out_weights,
                          in_place)
             if not in_place:  # the staged rows overwrote any combine input written in place
                 self._combine_input = None
-        event = self._finish(compute, async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
-        return out, out_weights, event
+        event = self._finish(compute, request.async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
+        return CombineResult(out, out_weights, event)
 
-    def get_next_combine_buffer(self, num_rows: int, hidden: int) -> torch.Tensor:
-        """The zero-copy combine input: ``[num_rows, hidden]`` bf16 at the start of this rank's staging area.
+    def get_next_combine_buffer(self, handle: DispatchHandle, hidden: int) -> torch.Tensor:
+        """The zero-copy combine input: ``[N, hidden]`` bf16 at the start of this rank's staging area, ``N`` the
+        rows ``handle``'s dispatch received.
 
         Write the expert outputs into it on the current stream, then pass it to ``combine`` as ``x``: the
         combine finds its rows staged already and skips the copy. The view stays valid for any number of
@@ -500,11 +432,7 @@ class IntranodeBackend:
         (cached handles, backward passes, repeats, CUDA graph replays).
         """
         self._check_usable()
-        for name, value in (("num_rows", num_rows), ("hidden", hidden)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if hidden % 8:
-            raise ValueError(f"hidden size must be a multiple of 8, got {hidden}")
+        num_rows = handle.num_recv_tokens
         need = combine_input_bytes(num_rows, hidden * 2)
         if need > self.num_nvl_bytes:
             raise ValueError(f"a combine input of [{num_rows}, {hidden}] bf16 rows written in place needs "

@@ -31,16 +31,16 @@ import torch
 import torch.distributed as dist
 
 from ..handles import LowLatencyHandle
+from ..limits import MAX_NVL_PEERS
 from . import residency
+from .base import (LowLatencyCombineRequest, LowLatencyCombineResult, LowLatencyDispatchRequest,
+                   LowLatencyDispatchResult)
 
 from .. import _native
 
 _C = _native.Lazy("_C")  # loaded at first use; absent without CUDA
 
 _SIGNAL_BYTES = 2 * 2 * 1024 * 4  # two sets of dispatch + combine flags, 1024 ints each
-MAX_EXPERTS = 1024
-MAX_RANKS = 8
-MAX_TOPK = 32
 _SEND, _RECV = 1, 2  # kernel phases (csrc/kernels/low_latency.cuh)
 
 
@@ -87,7 +87,8 @@ def _run_phases(launch: Callable[[int], None], return_recv_hook: bool, what: str
 
 
 class LowLatencyBackend:
-    """Low-latency kernels for one rank of an intranode group (all ranks construct it together).
+    """Low-latency kernels for one rank of an intranode group (all ranks construct it together); a
+    ``LowLatencyModeKernels`` (``base``).
 
     Arguments:
         rank, num_ranks: this rank and the group size (at most 8).
@@ -104,8 +105,8 @@ class LowLatencyBackend:
                  num_sms: Optional[int] = None) -> None:
         if not available():
             raise NotImplementedError("the low-latency kernels are not built: moe_a2a._C has no LowLatencyRuntime")
-        if not 1 <= num_ranks <= MAX_RANKS:
-            raise NotImplementedError(f"low-latency kernels run inside one node of at most {MAX_RANKS} ranks, "
+        if not 1 <= num_ranks <= MAX_NVL_PEERS:
+            raise NotImplementedError(f"low-latency kernels run inside one node of at most {MAX_NVL_PEERS} ranks, "
                                       f"got {num_ranks} ranks")
         self.rank, self.num_ranks, self.group = rank, num_ranks, group
         self.num_rdma_bytes, self.timeout_s = num_rdma_bytes, float(timeout_s)
@@ -173,35 +174,26 @@ class LowLatencyBackend:
         self._calls += 1
         return s, call
 
-    def _check_shape(self, num_tokens: int, num_max: int, num_experts: int, num_topk: int, hidden: int) -> None:
-        if num_experts % self.num_ranks or not 0 < num_experts <= MAX_EXPERTS:
-            raise ValueError(f"num_experts={num_experts}: expected a multiple of {self.num_ranks} in [1, {MAX_EXPERTS}]")
-        if not 1 <= num_topk <= MAX_TOPK:
-            raise ValueError(f"num_topk={num_topk}: expected 1..{MAX_TOPK}")
-        if num_tokens > num_max:
-            raise ValueError(f"{num_tokens} tokens exceed num_max_dispatch_tokens_per_rank={num_max}")
+    def _check_allocation(self, num_max: int, hidden: int, num_experts: int) -> None:
+        """This rank's buffer holds calls of this shape (``Buffer`` checked the shape against the kernels' limits)."""
         need = low_latency_buffer_bytes(num_max, hidden, self.num_ranks, num_experts)
         if need > self.num_rdma_bytes:
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for {num_max} tokens per rank, "
                              f"hidden {hidden}, {num_experts} experts: need {need}")
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, cumulative_local_expert_recv_stats,
-                 dispatch_wait_recv_cost_stats, num_max_dispatch_tokens_per_rank: int, num_experts: int,
-                 use_fp8: bool, round_scale: bool, use_ue8m0: bool, return_recv_hook: bool):
-        """Returns ``(recv_x, recv_x_scales, recv_count, handle, hook)`` as ``ReferenceLowLatency.dispatch``.
-
-        ``recv_x``: ``[L, M * R, hidden]`` bf16 or float8_e4m3fn (rows past ``recv_count`` are undefined);
+    def dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """``recv_x``: ``[L, M * R, hidden]`` bf16 or float8_e4m3fn (rows past ``recv_count`` are undefined);
         ``recv_x_scales``: ``[L, M * R, hidden // 128]`` float32 or ``[..., hidden // 512]`` int32 (UE8M0),
         column-major in the last two dims, or None; ``recv_count``: ``[L]`` int32.
         """
-        num_tokens, hidden = x.shape
-        num_max, R = num_max_dispatch_tokens_per_rank, self.num_ranks
-        self._check_shape(num_tokens, num_max, num_experts, topk_idx.size(1), hidden)
-        if use_ue8m0 and not (use_fp8 and round_scale):
-            raise ValueError("use_ue8m0 needs use_fp8=True and round_scale=True")
+        hidden = request.x.size(1)
+        num_max, num_experts, R = request.num_max_dispatch_tokens_per_rank, request.num_experts, self.num_ranks
+        use_fp8, round_scale, use_ue8m0 = request.use_fp8, request.round_scale, request.use_ue8m0
+        self._check_allocation(num_max, hidden, num_experts)
         L, slots = num_experts // R, num_max * R
-        x, topk_idx = x.contiguous(), topk_idx.contiguous()
+        x, topk_idx = request.x.contiguous(), request.topk_idx.contiguous()
+        cumulative_stats, wait_stats = request.cumulative_local_expert_recv_stats, request.dispatch_wait_recv_cost_stats
         set_, call = self._next_set()
         dev = x.device
         recv_x = torch.empty((L, slots, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16, device=dev)
@@ -217,34 +209,29 @@ class LowLatencyBackend:
 
         def launch(phases: int) -> None:
             self._guard("dispatch", self._rt.dispatch, x, topk_idx, num_experts, num_max, use_fp8, round_scale,
-                        use_ue8m0, recv_x, recv_scales, recv_count, src_info, layout_range,
-                        cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, set_, self.num_sms, call,
-                        phases)
+                        use_ue8m0, recv_x, recv_scales, recv_count, src_info, layout_range, cumulative_stats,
+                        wait_stats, set_, self.num_sms, call, phases)
 
-        return recv_x, recv_scales, recv_count, handle, _run_phases(launch, return_recv_hook, "dispatch")
+        return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle,
+                                        _run_phases(launch, request.return_recv_hook, "dispatch"))
 
     # ------------------------------------------------------------------ combine
-    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, handle: LowLatencyHandle,
-                out: Optional[torch.Tensor], combine_wait_recv_cost_stats, return_recv_hook: bool):
-        """Weighted sum over experts of ``x`` ``[L, M * R, hidden]`` bf16; returns ``(combined_x, hook)``.
-
-        ``combined_x``: ``[num_tokens, hidden]`` bf16 (``out`` when given, written in place).
-        """
-        num_tokens, num_topk = topk_idx.shape
-        num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        self._check_shape(num_tokens, num_max, num_experts, num_topk, hidden)
-        if out is not None and not out.is_contiguous():
-            raise ValueError("out must be contiguous")
-        x, topk_idx, topk_weights = x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous()
+    def combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """Weighted sum over experts of ``x`` ``[L, M * R, hidden]`` bf16 into ``[T, hidden]`` bf16 (``out`` when
+        given, written in place); ``wire_format`` is ``"bf16"``."""
+        handle = request.handle
+        self._check_allocation(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        x, topk_idx = request.x.contiguous(), request.topk_idx.contiguous()
+        topk_weights = request.topk_weights.contiguous()
         set_, call = self._next_set()
-        combined = out if out is not None else torch.empty((num_tokens, hidden), dtype=torch.bfloat16,
-                                                           device=x.device)
+        combined = request.out if request.out is not None else torch.empty(
+            (topk_idx.size(0), handle.hidden), dtype=torch.bfloat16, device=x.device)
 
         def launch(phases: int) -> None:
             self._guard("combine", self._launch_combine, x, handle, topk_idx, topk_weights, combined,
-                        combine_wait_recv_cost_stats, set_, call, phases)
+                        request.combine_wait_recv_cost_stats, set_, call, phases)
 
-        return combined, _run_phases(launch, return_recv_hook, "combine")
+        return LowLatencyCombineResult(combined, _run_phases(launch, request.return_recv_hook, "combine"))
 
     def _launch_combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, combined, wait_stats, set_: int,
                         call: int, phases: int) -> None:
@@ -281,6 +268,6 @@ class LowLatencyBackend:
         """``[L, M * R, hidden]`` bf16 view of the registered buffer: fill it with the expert outputs and pass
         it as ``x`` to ``combine`` (zero copy; valid until ``destroy``, refilled by the caller every time)."""
         num_max, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        self._check_shape(0, num_max, num_experts, 1, hidden)
+        self._check_allocation(num_max, hidden, num_experts)
         self.raise_if_error()
         return self._rt.send_buffer(self._set, num_experts, num_max, hidden)

@@ -17,11 +17,13 @@ import torch
 import torch.distributed as dist
 
 from .. import agreement
-from ..config import Config
 from ..event import EventHandle
 from ..fp8 import fp8_to_float, per_token_cast_to_fp8
 from ..handles import DispatchHandle
 from ..layout import compute_layout
+from . import intranode
+from .base import (CombineRequest, CombineResult, DispatchRequest, DispatchResult, LayoutRequest, LayoutResult,
+                   NormalHandle)
 from .waits import Deadline
 
 #: Seconds a collective waits for its peers when no ``timeout_s`` is given (``Buffer`` passes its own).
@@ -184,7 +186,7 @@ def _maybe_event(device: torch.device, async_finish: bool) -> Optional[EventHand
 
 
 class ReferenceBackend:
-    """Normal-mode dispatch/combine on ``all_to_all_single`` (any device, any group)."""
+    """Normal-mode dispatch/combine on ``all_to_all_single`` (any device, any group); a ``NormalModeBackend``."""
 
     def __init__(self, rank: int, num_ranks: int, group, num_ranks_per_node: int,
                  timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -201,21 +203,28 @@ class ReferenceBackend:
             self._exchanger = Exchanger(self.group, self.timeout_s)
         return self._exchanger
 
-    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
-                            allocate_on_comm_stream=False):
-        if previous_event is not None:
-            previous_event.current_stream_wait()
-        layout = compute_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
-        return (*layout, _maybe_event(topk_idx.device, async_finish))
+    def get_dispatch_layout(self, request: LayoutRequest) -> LayoutResult:
+        """``compute_layout``; for CUDA tensors the layout kernel where ``moe_a2a._C`` is built: the same counts
+        (``tests/gpu/test_layout.py``) without host syncs, so a CUDA graph can capture the call."""
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
+        topk_idx = request.topk_idx
+        if topk_idx.is_cuda and intranode.extension_available():
+            layout = intranode.get_dispatch_layout(topk_idx, request.num_experts, self.num_ranks,
+                                                   self.num_ranks_per_node)
+        else:
+            layout = compute_layout(topk_idx, request.num_experts, self.num_ranks, self.num_ranks_per_node)
+        return LayoutResult(*layout, _maybe_event(topk_idx.device, request.async_finish))
 
-    def dispatch(self, x: torch.Tensor, x_scales: Optional[torch.Tensor], handle: Optional[DispatchHandle],
-                 num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                 expert_alignment: int, num_worst_tokens: int, config: Config, previous_event=None,
-                 async_finish=False, allocate_on_comm_stream=False, recv_x_in_buffer=False):
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
         # recv_x_in_buffer asks for rows written into a registered buffer; this backend has none, and an
         # ordinary recv_x meets the contract (valid at least until the next operation).
-        if previous_event is not None:
-            previous_event.current_stream_wait()
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
+        x, x_scales, handle, config = request.x, request.x_scales, request.handle, request.config
+        is_token_in_rank, num_tokens_per_expert = request.is_token_in_rank, request.num_tokens_per_expert
+        topk_idx, topk_weights = request.topk_idx, request.topk_weights
+        expert_alignment, num_worst_tokens = request.expert_alignment, request.num_worst_tokens
         ex, me, num_ranks = self.exchanger, self.rank, self.num_ranks
         device = x.device
         cached = handle is not None
@@ -227,7 +236,7 @@ class ReferenceBackend:
 
         # Every operation starts with the same-shaped header: what must agree, and the counts.
         operation = "cached dispatch" if cached else "dispatch"
-        num_experts = 0 if cached else num_tokens_per_expert.numel()
+        num_experts = request.num_experts
         signature = agreement.signature(
             operation, x.size(1), x.dtype, x_scales is not None, num_experts,
             -1 if topk_idx is None else topk_idx.size(1), None if topk_weights is None else topk_weights.dtype,
@@ -312,15 +321,14 @@ class ReferenceBackend:
             # A handle from a num_worst_tokens dispatch: keep its padded row count.
             recv_x = _pad_rows(recv_x, handle.num_recv_tokens, 0)
             recv_x_scales = _pad_rows(recv_x_scales, handle.num_recv_tokens, 0)
-        return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, out_list, out_handle,
-                _maybe_event(device, async_finish))
+        return DispatchResult(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, out_list, out_handle,
+                              _maybe_event(device, request.async_finish))
 
-    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
-                bias_0: Optional[torch.Tensor], bias_1: Optional[torch.Tensor], config: Config,
-                previous_event=None, async_finish=False, allocate_on_comm_stream=False, use_fp8: bool = False):
+    def combine(self, request: CombineRequest) -> CombineResult:
         """Sum the copies of each token; ``use_fp8``: rows travel as FP8 e4m3 with per-128 scales."""
-        if previous_event is not None:
-            previous_event.current_stream_wait()
+        if request.previous_event is not None:
+            request.previous_event.current_stream_wait()
+        x, handle, topk_weights, use_fp8 = request.x, request.handle, request.topk_weights, request.use_fp8
         ex, me = self.exchanger, self.rank
         device = x.device
         ex.header(agreement.signature("combine", x.size(1), x.dtype, False, 0,
@@ -343,7 +351,7 @@ class ReferenceBackend:
         num_tokens = handle.num_sent_tokens
         acc = torch.zeros(num_tokens, *x.shape[1:], dtype=_acc_dtype(x.dtype), device=device)
         acc.index_add_(0, token, received[0].to(acc.dtype))
-        for bias in (bias_0, bias_1):
+        for bias in (request.bias_0, request.bias_1):
             if bias is not None:
                 acc += bias.to(acc.dtype)
         combined_weights = None
@@ -351,9 +359,9 @@ class ReferenceBackend:
             w = torch.zeros(num_tokens, topk_weights.size(1), dtype=_acc_dtype(topk_weights.dtype), device=device)
             w.index_add_(0, token, received[1].to(w.dtype))
             combined_weights = w.to(topk_weights.dtype)
-        return acc.to(x.dtype), combined_weights, _maybe_event(device, async_finish)
+        return CombineResult(acc.to(x.dtype), combined_weights, _maybe_event(device, request.async_finish))
 
-    def get_next_combine_buffer(self, handle: DispatchHandle, hidden: int) -> torch.Tensor:
+    def get_next_combine_buffer(self, handle: NormalHandle, hidden: int) -> torch.Tensor:
         """A fresh ``[num_recv, hidden]`` bf16 tensor on the handle's device: this backend has no staging area
         to write into, so the combine that takes it sends it as it sends any input."""
         return torch.empty(handle.recv_src_idx.size(0), hidden, dtype=torch.bfloat16,

@@ -15,7 +15,6 @@ per 128 channels) or ``"logfmt"`` (``moe_a2a.formats.logfmt``), decoded to float
 from __future__ import annotations
 
 import time
-from typing import Optional
 
 import torch
 
@@ -23,14 +22,15 @@ from .. import agreement
 from ..formats.logfmt import logfmt_decode, logfmt_encode
 from ..fp8 import fp8_to_float, pack_ue8m0, per_token_cast_to_fp8
 from ..handles import LowLatencyHandle, unpack_layout_range
+from .base import (LowLatencyCombineRequest, LowLatencyCombineResult, LowLatencyDispatchRequest,
+                   LowLatencyDispatchResult)
 from .peer_exchange import PeerExchanger
 from .reference import DEFAULT_TIMEOUT_S, Exchanger
 
-COMBINE_FORMATS = ("bf16", "fp8", "logfmt")
-
 
 class ReferenceLowLatency:
-    """Low-latency entry points of the reference backend for one rank of ``group``."""
+    """Low-latency entry points of the reference backend for one rank of ``group``; a ``LowLatencyModeBackend``
+    (``base``), with rank masking besides."""
 
     def __init__(self, rank: int, num_ranks: int, group, timeout_s: float = DEFAULT_TIMEOUT_S,
                  auto_mask: bool = False):
@@ -62,11 +62,13 @@ class ReferenceLowLatency:
             return unpack()
         return finish
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, cumulative_local_expert_recv_stats,
-                 dispatch_wait_recv_cost_stats, num_max_dispatch_tokens_per_rank: int, num_experts: int,
-                 use_fp8: bool, round_scale: bool, use_ue8m0: bool, return_recv_hook: bool):
-        """Returns ``(recv_x, recv_x_scales, recv_count, handle, hook)``; ``hook`` is None without
-        ``return_recv_hook``, else the data is only valid after calling it."""
+    def dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """``hook`` is None without ``return_recv_hook``, else the data is only valid after calling it."""
+        x, topk_idx, num_experts = request.x, request.topk_idx, request.num_experts
+        num_max_dispatch_tokens_per_rank = request.num_max_dispatch_tokens_per_rank
+        use_fp8, round_scale, use_ue8m0 = request.use_fp8, request.round_scale, request.use_ue8m0
+        cumulative_local_expert_recv_stats = request.cumulative_local_expert_recv_stats
+        dispatch_wait_recv_cost_stats = request.dispatch_wait_recv_cost_stats
         ex, num_ranks, device = self.exchanger, self.num_ranks, x.device
         ex.step = "dispatch"
         num_tokens, hidden = x.shape
@@ -144,20 +146,17 @@ class ReferenceLowLatency:
             if cumulative_local_expert_recv_stats is not None:
                 cumulative_local_expert_recv_stats.add_(recv_count.to(cumulative_local_expert_recv_stats.device))
 
-        if return_recv_hook:
-            return recv_x, recv_scales, recv_count, handle, receive
+        if request.return_recv_hook:
+            return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, receive)
         receive()
-        return recv_x, recv_scales, recv_count, handle, None
+        return LowLatencyDispatchResult(recv_x, recv_scales, recv_count, handle, None)
 
-    def combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                handle: LowLatencyHandle, out: Optional[torch.Tensor], combine_wait_recv_cost_stats,
-                return_recv_hook: bool, wire_format: str = "bf16"):
-        """Weighted sum over experts of the expert outputs ``x``; returns ``(combined_x, hook)``.
-
-        ``wire_format``: how the rows travel, one of ``COMBINE_FORMATS``.
-        """
-        if wire_format not in COMBINE_FORMATS:
-            raise ValueError(f"wire_format must be one of {COMBINE_FORMATS}, got {wire_format!r}")
+    def combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """Weighted sum over experts of the expert outputs ``x``; the rows travel as ``wire_format``: ``"bf16"``,
+        ``"fp8"`` or ``"logfmt"`` (module doc)."""
+        x, topk_idx, topk_weights, handle = request.x, request.topk_idx, request.topk_weights, request.handle
+        wire_format, combine_wait_recv_cost_stats = request.wire_format, request.combine_wait_recv_cost_stats
+        out = request.out
         ex, num_ranks, device = self.exchanger, self.num_ranks, x.device
         ex.step = "combine"
         num_local_experts = x.size(0)
@@ -216,7 +215,7 @@ class ReferenceLowLatency:
             acc.index_add_(0, token, rows.float() * weight.unsqueeze(1))
             combined.copy_(acc)
 
-        if return_recv_hook:
-            return combined, receive
+        if request.return_recv_hook:
+            return LowLatencyCombineResult(combined, receive)
         receive()
-        return combined, None
+        return LowLatencyCombineResult(combined, None)

@@ -21,11 +21,12 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ..limits import MAX_NVL_PEERS
 from . import reference
 from .autograd import FusedAllReduceFunction
 from .types import (FP8_OPS, NORM_OPS, NVFP4_OPS, AllReduceFusionOp, AllReduceParams, AllReduceStrategy,
                     MoEAllReduceParams)
-from .workspace import KERNEL_DTYPES, MAX_RANKS, LamportWorkspace, choose_strategy, kernels_available
+from .workspace import KERNEL_DTYPES, LamportWorkspace, choose_strategy, kernels_available
 
 Outputs = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -226,8 +227,8 @@ class AllReduce(torch.nn.Module):
     def _kernels_unusable(self, x: torch.Tensor) -> Optional[str]:
         if not kernels_available():
             return "moe_a2a._C is not built with the all-reduce kernels"
-        if self.world_size > MAX_RANKS:
-            return f"the kernels serve at most {MAX_RANKS} ranks, the group has {self.world_size}"
+        if self.world_size > MAX_NVL_PEERS:
+            return f"the kernels serve at most {MAX_NVL_PEERS} ranks, the group has {self.world_size}"
         if x.dtype not in KERNEL_DTYPES:
             return f"the kernels take float16, bfloat16 or float32, got {x.dtype}"
         if (x.shape[-1] * x.element_size()) % 16:

@@ -28,6 +28,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ..limits import MAX_NVL_PEERS
 from .types import FP8_OPS, NORM_OPS, AllReduceFusionOp, AllReduceStrategy
 
 try:
@@ -36,8 +37,6 @@ except ImportError:  # built without CUDA
     _C = None
 
 NUM_LAMPORT_BUFFERS = 3
-#: Ranks one group of the kernels may have (its peer table).
-MAX_RANKS = 8
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Buffers grow in steps of this many bytes, so a slowly growing batch does not reallocate every call.
 GROWTH_BYTES = 8 * 1024 * 1024
@@ -170,8 +169,8 @@ class LamportWorkspace:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if self.world_size > MAX_RANKS:
-            raise ValueError(f"the kernels serve at most {MAX_RANKS} ranks, the group has {self.world_size}")
+        if self.world_size > MAX_NVL_PEERS:
+            raise ValueError(f"the kernels serve at most {MAX_NVL_PEERS} ranks, the group has {self.world_size}")
         if dtype not in KERNEL_DTYPES:
             raise TypeError(f"dtype must be float16, bfloat16 or float32 (the sentinel is its -0.0), got {dtype!r}")
         if buffer_size_in_bytes is None:

@@ -301,10 +301,15 @@ def _bad_input_body(rank, num_ranks):
     with pytest.raises(ValueError, match="FP8 tokens"):
         buffer.dispatch((x[:, :100].to(torch.float8_e4m3fn), torch.ones(4, 1)), num_tokens_per_rank=ntpr,
                         is_token_in_rank=in_rank, num_tokens_per_expert=ntpe)
+    with pytest.raises(ValueError, match="topk_weights needs topk_idx"):
+        buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
+                        topk_weights=torch.ones(4, 2))
     recv_x, _, _, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank,
                                                  num_tokens_per_expert=ntpe, topk_idx=idx)
     with pytest.raises(ValueError, match="handle was made for 4"):
         buffer.dispatch(x[:2], handle=handle)
+    with pytest.raises(ValueError, match="cached dispatch .handle given. takes no topk_idx"):
+        buffer.dispatch(x, handle=handle, topk_idx=idx)
     with pytest.raises(ValueError, match="x must have shape"):
         buffer.combine(recv_x[:, :8], handle) if recv_x.size(0) == 0 else buffer.combine(recv_x[1:], handle)
     with pytest.raises(TypeError, match="handle must be a handle from dispatch"):
@@ -325,6 +330,12 @@ def _bad_input_body(rank, num_ranks):
     ll = Buffer(dist.group.WORLD, 0, 1024, low_latency_mode=True)
     with pytest.raises(ValueError, match="num_rdma_bytes=1024 is too small"):
         ll.low_latency_dispatch(x, idx, 8, 4)
+    ll = Buffer(dist.group.WORLD, 0, Buffer.get_low_latency_rdma_size_hint(8, HIDDEN, num_ranks, 4),
+                low_latency_mode=True)
+    with pytest.raises(ValueError, match="x has 4 tokens, more than num_max_dispatch_tokens_per_rank=2"):
+        ll.low_latency_dispatch(x, idx, 2, 4)
+    with pytest.raises(ValueError, match="use_ue8m0 needs use_fp8=True and round_scale=True"):
+        ll.low_latency_dispatch(x, idx, 8, 4, use_ue8m0=True)
     with pytest.raises(ValueError, match="Config.num_sms must be even"):
         Config(num_sms=3)
     with pytest.raises(ValueError, match="must be even"):

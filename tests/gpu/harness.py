@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from moe_a2a.backends import intranode
+from moe_a2a.backends.base import DispatchRequest
 from moe_a2a.launch import max_num_sms_per_rank, mps_if_needed
 
 
@@ -104,3 +105,13 @@ def check_repeats(round_trip, iterations: int, check_every: int) -> None:
     del recv_x, out
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= mem, "device memory grew over repeated calls"
+
+
+def dispatch_request(x, scales, config, layout=None, topk_idx=None, topk_weights=None, handle=None,
+                     **options) -> DispatchRequest:
+    """A ``DispatchRequest`` for a backend called directly: routed by ``layout`` (the 4-tuple of
+    ``compute_layout`` or the layout kernel), or cached with ``handle``. ``options``: the request's other
+    fields (``expert_alignment``, ``num_worst_tokens``, ``recv_x_in_buffer``, ...)."""
+    routing = {} if layout is None else dict(is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+    return DispatchRequest(x, config, scales, handle, **routing, topk_idx=topk_idx, topk_weights=topk_weights,
+                           **options)

@@ -7,6 +7,7 @@ from harness import rank_num_sms, run_ranks, set_rank_device, skip_reason
 from moe_a2a import Buffer, fused_a2a, fused_combine, fused_dispatch
 from moe_a2a.backends import low_latency
 from moe_a2a.fp8 import per_token_cast_to_fp8
+from moe_a2a.limits import MAX_TOPK
 
 
 def _routing(num_tokens, num_experts, topk, gen, device):
@@ -66,6 +67,18 @@ def _normal(rank, num_ranks, use_nccl=False):
         kernels.dispatch(x, handle=handle)  # restages tokens where the combine input was
         with pytest.raises(ValueError, match="overwrote it"):  # on every rank, empty views included
             kernels.combine(buf, handle)
+
+    # Bad input for the kernels raises on every rank before any communication: more top-k columns than they
+    # carry, rows that are no whole 16-byte pieces.
+    wide = torch.full((16, MAX_TOPK + 1), -1, dtype=torch.int64, device=device)
+    ntpr, _, ntpe, in_rank, _ = kernels.get_dispatch_layout(wide, num_experts)
+    x = torch.zeros(16, hidden, dtype=torch.bfloat16, device=device)
+    with pytest.raises(ValueError, match=f"take at most {MAX_TOPK}"):
+        kernels.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
+                         topk_idx=wide)
+    with pytest.raises(ValueError, match="multiple of 16 bytes"):
+        kernels.dispatch(x[:, :hidden - 4], num_tokens_per_rank=ntpr, is_token_in_rank=in_rank,
+                         num_tokens_per_expert=ntpe)
 
     # fused_a2a forward and backward on the kernels equal the reference's.
     x = torch.randn(200, hidden, generator=gen).bfloat16().to(device)

@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import (check_repeats, expect_fault, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason,
-                     synchronize_after_fault)
+from harness import (check_repeats, dispatch_request, expect_fault, gather, rank_num_sms, routing, run_ranks,
+                     set_rank_device, skip_reason, synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, intranode
+from moe_a2a.backends.base import CombineRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import default_combine_config, default_dispatch_config
 from moe_a2a.handles import InternodeHandle
@@ -103,12 +104,11 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
     layout_gpu = intranode.get_dispatch_layout(case.topk_idx.to(dev), case.num_experts, R, L)
     for name, w, g in zip(("per_rank", "per_node", "per_expert", "in_rank"), case.layout, layout_gpu):
         _assert_equal(f"layout.{name}", g, w)
-    per_rank, _, per_expert, in_rank = case.layout
-    want = ref.dispatch(_bytes(case.x), case.x_scales, None, per_rank, in_rank, per_expert, case.topk_idx,
-                        case.topk_weights, expert_alignment, 0, config)
+    want = ref.dispatch(dispatch_request(_bytes(case.x), case.x_scales, config, case.layout, case.topk_idx,
+                                         case.topk_weights, expert_alignment=expert_alignment))
     xs = None if case.x_scales is None else case.x_scales.to(dev)
-    got = kern.dispatch(case.x.to(dev), xs, None, layout_gpu[0], layout_gpu[3], layout_gpu[2],
-                        case.topk_idx.to(dev), case.topk_weights.to(dev), expert_alignment, 0, config)
+    got = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, layout_gpu, case.topk_idx.to(dev),
+                                         case.topk_weights.to(dev), expert_alignment=expert_alignment))
     torch.cuda.synchronize()
     for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
         if want[i] is None:
@@ -124,7 +124,7 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
     _assert_equal("handle.recv_src_rank", gh.recv_src_rank.to(torch.int64),
                   torch.repeat_interleave(torch.arange(R), counts))
 
-    cached = kern.dispatch(case.x.to(dev), xs, gh, None, None, None, None, None, expert_alignment, 0, config)
+    cached = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, handle=gh, expert_alignment=expert_alignment))
     torch.cuda.synchronize()
     _assert_equal("cached recv_x", cached[0], got[0])
     if xs is not None:
@@ -136,10 +136,10 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
     biases = [torch.randn(case.x.size(0), case.x.size(1), generator=case.gen).to(torch.bfloat16)
               for _ in range(num_bias)] + [None] * (2 - num_bias)
     w_in = got[3].cpu() if got[3] is not None else None
-    want_c = ref.combine(y, wh, w_in, biases[0], biases[1], config)
-    magnitude = ref.combine(y.float().abs(), wh, None, None, None, config)[0]
-    got_c = kern.combine(y.to(dev), gh, None if w_in is None else w_in.to(dev),
-                         *[None if b is None else b.to(dev) for b in biases], config)
+    want_c = ref.combine(CombineRequest(y, wh, config, w_in, *biases))
+    magnitude = ref.combine(CombineRequest(y.float().abs(), wh, config)).combined_x
+    got_c = kern.combine(CombineRequest(y.to(dev), gh, config, None if w_in is None else w_in.to(dev),
+                                        *[None if b is None else b.to(dev) for b in biases]))
     torch.cuda.synchronize()
     _assert_combine_close("combine", got_c[0], want_c[0], magnitude)
     if want_c[1] is not None:
@@ -198,16 +198,6 @@ def _correctness(rank, num_ranks, per_node):
     small.destroy()
     _progress(rank, "small RDMA buffer ok")
 
-    # Bad input raises before any communication (every rank raises the same error).
-    with pytest.raises(TypeError):
-        kern.dispatch(torch.zeros(4, 128, device=device), None, None, None,
-                      torch.zeros(4, num_ranks, dtype=torch.bool, device=device),
-                      torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 0, dcfg)
-    with pytest.raises(ValueError, match="num_worst_tokens"):
-        kern.dispatch(torch.zeros(4, 128, dtype=torch.bfloat16, device=device), None, None, None,
-                      torch.zeros(4, num_ranks, dtype=torch.bool, device=device),
-                      torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 64, dcfg)
-
     _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg)
     kern.check()
     kern.destroy()
@@ -225,9 +215,9 @@ def _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg):
 
     def once():
         layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, per_node)
-        recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, 0, dcfg)
-        out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
-        return recv[0], out[0]
+        recv = kern.dispatch(dispatch_request(x, None, dcfg, layout, idx, w))
+        out = kern.combine(CombineRequest(recv.recv_x, recv.handle, ccfg, recv.recv_topk_weights))
+        return recv.recv_x, out.combined_x
 
     check_repeats(once, 200, 50)
 
@@ -245,8 +235,8 @@ def _public_api(rank, num_ranks, per_node, ref):
     _assert_equal("num_tokens_per_rdma_rank", per_node_counts, case.layout[1])
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.internode_dispatch(
         x, None, per_rank, per_node_counts, in_rank, per_expert, idx, w)
-    want = ref.dispatch(case.x, None, None, case.layout[0], case.layout[3], case.layout[2], case.topk_idx,
-                        case.topk_weights, 1, 0, buf.get_dispatch_config(num_ranks))
+    want = ref.dispatch(dispatch_request(case.x, None, buf.get_dispatch_config(num_ranks), case.layout,
+                                         case.topk_idx, case.topk_weights))
     _assert_equal("Buffer recv_x", recv_x, want[0])
     _assert_equal("Buffer recv_topk_idx", recv_idx, want[2])
     assert counts == want[4]
@@ -254,13 +244,18 @@ def _public_api(rank, num_ranks, per_node, ref):
     _assert_equal("Buffer cached recv_x", again, recv_x)
     y = recv_x * 2
     combined, combined_w, _ = buf.internode_combine(y, handle, recv_w)
-    want_c = ref.combine(y.cpu(), want[5], want[3], None, None, buf.get_combine_config(num_ranks))
-    magnitude = ref.combine(y.cpu().float().abs(), want[5], None, None, None, buf.get_combine_config(num_ranks))[0]
+    ccfg = buf.get_combine_config(num_ranks)
+    want_c = ref.combine(CombineRequest(y.cpu(), want.handle, ccfg, want.recv_topk_weights))
+    magnitude = ref.combine(CombineRequest(y.cpu().float().abs(), want.handle, ccfg)).combined_x
     _assert_combine_close("Buffer combine", combined, want_c[0], magnitude)
     torch.testing.assert_close(combined_w.cpu(), want_c[1], rtol=1e-6, atol=1e-6)
     # float32 tokens run on the reference path; an internode handle does not serve it.
     with pytest.raises(ValueError, match="internode kernels"):
         buf.combine(y.float(), handle)
+    # Bad input raises before any communication (every rank raises the same error): num_worst_tokens is
+    # intranode only.
+    with pytest.raises(ValueError, match="num_worst_tokens"):
+        buf.dispatch(x, None, per_rank, per_node_counts, in_rank, per_expert, idx, w, num_worst_tokens=64)
     buf.destroy()
 
 
@@ -274,8 +269,8 @@ def _timeout(rank, num_ranks, per_node):
     idx = torch.randint(0, 8 * num_ranks, (64, 2), device=dev)
     x = torch.randn(64, 2048, device=dev).to(torch.bfloat16)
     layout = intranode.get_dispatch_layout(idx, 8 * num_ranks, num_ranks, per_node)
-    args = (None, None, layout[0], layout[3], layout[2], idx, None, 1, 0, dcfg)
-    kern.dispatch(x, *args)  # everyone present: fine
+    request = dispatch_request(x, None, dcfg, layout, idx)
+    kern.dispatch(request)  # everyone present: fine
     torch.cuda.synchronize()
     dist.barrier()
     missing = num_ranks - 1
@@ -284,10 +279,10 @@ def _timeout(rank, num_ranks, per_node):
         # The missing rank's team waits for it over RDMA; its node waits for it over NVLink; every other
         # rank then waits for a rank that gave up. Every rank raises: its own timeout, naming a rank it waited
         # for, or (under MPS, where the first trap ends every process's kernels on the GPU) a CUDA error.
-        expect_fault(lambda: kern.dispatch(x, *args))
+        expect_fault(lambda: kern.dispatch(request))
         assert time.monotonic() - start < 3 * 2.0 + 10
         with pytest.raises(RuntimeError):
-            kern.dispatch(x, *args)
+            kern.dispatch(request)
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()

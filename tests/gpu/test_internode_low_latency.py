@@ -15,9 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import expect_fault, gather, rank_num_sms, run_ranks, set_rank_device, skip_reason, synchronize_after_fault
+from harness import (dispatch_request, expect_fault, gather, rank_num_sms, run_ranks, set_rank_device, skip_reason,
+                     synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, internode_low_latency, low_latency
+from moe_a2a.backends.base import CombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
@@ -89,7 +91,7 @@ def _public_api(rank, num_ranks, per_node, ref):
     (recv_x, scales), count, handle, _, hook = buf.low_latency_dispatch(
         xd, idxd, num_max, num_experts, cumulative_local_expert_recv_stats=cum, use_fp8=True, return_recv_hook=True)
     hook()
-    want = ref.dispatch(x, idx, None, None, num_max, num_experts, True, False, False, False)
+    want = ref.dispatch(LowLatencyDispatchRequest(x, idx, num_max, num_experts))
     torch.cuda.synchronize()
     assert torch.equal(count.cpu(), want[2]) and torch.equal(cum.cpu(), want[2])
     L = num_experts // num_ranks
@@ -112,13 +114,12 @@ def _public_api(rank, num_ranks, per_node, ref):
     rx, _, rw, counts, h, _ = buf.internode_dispatch(cx, None, per_rank, per_node_counts, in_rank, per_expert, cidx,
                                                       cw)
     nref = ReferenceBackend(rank, num_ranks, dist.group.WORLD, per_node)
-    nwant = nref.dispatch(case.x, None, None, case.layout[0], case.layout[3], case.layout[2], case.topk_idx,
-                          case.topk_weights, 1, 0, dcfg)
-    _assert_equal("normal dispatch on a low-latency buffer", rx, nwant[0])
-    assert counts == nwant[4]
+    nwant = nref.dispatch(dispatch_request(case.x, None, dcfg, case.layout, case.topk_idx, case.topk_weights))
+    _assert_equal("normal dispatch on a low-latency buffer", rx, nwant.recv_x)
+    assert counts == nwant.num_recv_tokens_per_expert_list
     combined, _, _ = buf.internode_combine(rx, h, rw)
-    nwant_c = nref.combine(rx.cpu(), nwant[5], nwant[3], None, None, dcfg)[0]
-    magnitude = nref.combine(rx.cpu().float().abs(), nwant[5], None, None, None, dcfg)[0]
+    nwant_c = nref.combine(CombineRequest(rx.cpu(), nwant.handle, dcfg, nwant.recv_topk_weights)).combined_x
+    magnitude = nref.combine(CombineRequest(rx.cpu().float().abs(), nwant.handle, dcfg)).combined_x
     _assert_combine_close("normal combine on a low-latency buffer", combined, nwant_c, magnitude)
     # The low-latency path still works after normal calls.
     (recv_x2, _), count2, _, _, _ = buf.low_latency_dispatch(xd, idxd, num_max, num_experts, use_fp8=True)
@@ -134,14 +135,15 @@ def _timeout(rank, num_ranks, per_node):
     dev = kern.device
     x = torch.randn(8, 2048, device=dev).to(torch.bfloat16)
     idx = torch.randint(0, 8 * num_ranks, (8, 1), device=dev)
-    kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+    request = LowLatencyDispatchRequest(x, idx, 8, 8 * num_ranks)
+    kern.dispatch(request)
     torch.cuda.synchronize()
     kern.raise_if_error()
     dist.barrier()
     missing = num_ranks - 1  # on the other node than rank 0
     if rank != missing:
         start = time.monotonic()
-        expect_fault(lambda: kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False))
+        expect_fault(lambda: kern.dispatch(request))
         assert time.monotonic() - start < 10
     # The first rank to time out records it and traps; under MPS the trap ends the others' kernels too.
     records = gather(kern.error())
@@ -149,7 +151,7 @@ def _timeout(rank, num_ranks, per_node):
     if rank != missing:
         match = rf"rank {rank} timed out .* dispatch receive .* cannot be used again" if records[rank] else None
         with pytest.raises(RuntimeError, match=match):
-            kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+            kern.dispatch(request)
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()

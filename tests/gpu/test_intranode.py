@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import (check_repeats, gather, rank_num_sms, routing, run_ranks, set_rank_device, skip_reason,
-                     synchronize_after_fault)
+from harness import (check_repeats, dispatch_request, gather, rank_num_sms, routing, run_ranks, set_rank_device,
+                     skip_reason, synchronize_after_fault)
 from moe_a2a.backends import intranode
+from moe_a2a.backends.base import CombineRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
 from moe_a2a.layout import compute_layout
@@ -65,12 +66,12 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
         for name, w, g in zip(("per_rank", "per_node", "per_expert", "in_rank"), case.layout, layout_gpu):
             if w is not None:
                 _assert_equal(f"layout.{name}", g, w)
-    per_rank, _, per_expert, in_rank = case.layout
-    want = ref.dispatch(_bytes(case.x), case.x_scales, None, per_rank, in_rank, per_expert, case.topk_idx,
-                        case.topk_weights, expert_alignment, num_worst_tokens, config)
-    got = kern.dispatch(case.x.to(dev), None if case.x_scales is None else case.x_scales.to(dev), None,
-                        layout_gpu[0], layout_gpu[3], layout_gpu[2], case.topk_idx.to(dev),
-                        case.topk_weights.to(dev), expert_alignment, num_worst_tokens, config)
+    options = dict(expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
+    want = ref.dispatch(dispatch_request(_bytes(case.x), case.x_scales, config, case.layout, case.topk_idx,
+                                         case.topk_weights, **options))
+    xs = None if case.x_scales is None else case.x_scales.to(dev)
+    got = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, layout_gpu, case.topk_idx.to(dev),
+                                         case.topk_weights.to(dev), **options))
     torch.cuda.synchronize()
     for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
         if want[i] is None:
@@ -88,8 +89,7 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
         assert (gh.recv_src_idx[num_recv:] == -1).all(), "padding of recv_src_idx must be -1"
 
     # Cached dispatch reuses the handle: same rows again.
-    cached = kern.dispatch(case.x.to(dev), None if case.x_scales is None else case.x_scales.to(dev), gh, None, None,
-                           None, None, None, expert_alignment, num_worst_tokens, config)
+    cached = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, handle=gh, **options))
     torch.cuda.synchronize()
     _assert_equal("cached recv_x", cached[0], got[0])
     if case.x_scales is not None:
@@ -102,9 +102,9 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
     biases = [torch.randn(case.x.size(0), case.x.size(1), generator=case.gen).to(torch.bfloat16)
               for _ in range(num_bias)] + [None] * (2 - num_bias)
     w_in = got[3].cpu() if got[3] is not None else None
-    want_c = ref.combine(y, wh, w_in, biases[0], biases[1], config)
-    got_c = kern.combine(y.to(dev), gh, None if w_in is None else w_in.to(dev),
-                         *[None if b is None else b.to(dev) for b in biases], config)
+    want_c = ref.combine(CombineRequest(y, wh, config, w_in, *biases))
+    got_c = kern.combine(CombineRequest(y.to(dev), gh, config, None if w_in is None else w_in.to(dev),
+                                        *[None if b is None else b.to(dev) for b in biases]))
     torch.cuda.synchronize()
     gx, wx = got_c[0].cpu().float(), want_c[0].float()
     assert gx.shape == wx.shape
@@ -130,16 +130,16 @@ def _in_buffer_dispatch(kern, case, layout_gpu, want, expert_alignment, num_wors
     base = kern.get_local_buffer_tensor(torch.uint8).data_ptr()
     fits = all(gather(rows <= kern.dispatch_receive_rows(x.size(1) * x.element_size(), num_scales,
                                                          case.topk_idx.size(1))))
-    got = kern.dispatch(x, scales, None, layout_gpu[0], layout_gpu[3], layout_gpu[2], case.topk_idx.to(dev),
-                        case.topk_weights.to(dev), expert_alignment, num_worst_tokens, config, recv_x_in_buffer=True)
+    options = dict(expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, recv_x_in_buffer=True)
+    got = kern.dispatch(dispatch_request(x, scales, config, layout_gpu, case.topk_idx.to(dev),
+                                         case.topk_weights.to(dev), **options))
     torch.cuda.synchronize()
     assert rows == 0 or (got[0].data_ptr() == base) == fits, f"in-buffer recv_x: view {fits} expected"
     for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
         if want[i] is not None:
             _assert_equal(f"in-buffer {name}", got[i], want[i])
     _assert_equal("in-buffer handle.recv_src_idx", got[5].recv_src_idx, want[5].recv_src_idx)
-    cached = kern.dispatch(x, scales, want[5], None, None, None, None, None, expert_alignment, num_worst_tokens,
-                           config, recv_x_in_buffer=True)
+    cached = kern.dispatch(dispatch_request(x, scales, config, handle=want[5], **options))
     torch.cuda.synchronize()
     _assert_equal("in-buffer cached recv_x", cached[0], want[0])
     if scales is not None:
@@ -155,13 +155,13 @@ def _zero_copy_combine(kern, handle, y, weights, biases, config, want):
     num_topk = weights.size(1) if weights is not None else 0
     x = y
     if combine_input_bytes(rows, hidden * 2, num_topk) <= kern.num_nvl_bytes:
-        x = kern.get_next_combine_buffer(rows, hidden)
+        x = kern.get_next_combine_buffer(handle, hidden)
         x.copy_(y)
     elif combine_input_bytes(rows, hidden * 2) > kern.num_nvl_bytes:
         with pytest.raises(ValueError, match=f"needs num_nvl_bytes >= {combine_input_bytes(rows, hidden * 2)}"):
-            kern.get_next_combine_buffer(rows, hidden)
+            kern.get_next_combine_buffer(handle, hidden)
     for repeat in range(2):  # the second combine reads the same input again, nothing rewritten
-        got = kern.combine(x, handle, weights, *biases, config)
+        got = kern.combine(CombineRequest(x, handle, config, weights, *biases))
         torch.cuda.synchronize()
         _assert_equal(f"zero-copy combine {repeat}", got[0], want[0])
         if want[1] is not None:
@@ -216,12 +216,6 @@ def _correctness(rank, num_ranks):
     _round_trip(small, ref, case, dcfg, 1, 1000 * num_ranks, 0)
     small.destroy()
 
-    # Bad input raises before any communication (every rank raises the same error).
-    with pytest.raises(TypeError):
-        kern.dispatch(torch.zeros(4, 128, device=device), None, None, None, torch.zeros(4, num_ranks, dtype=torch.bool,
-                      device=device), torch.zeros(8 * num_ranks, dtype=torch.int32, device=device), None, None, 1, 0,
-                      dcfg)
-
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg)
     kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
@@ -242,19 +236,20 @@ def _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=60):
     case = Case(rank, num_ranks, 21, num_tokens=2048 if rank == 0 else 64, hidden=7168, num_experts=256, topk=8)
     x, idx, w = case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev)
     layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, num_ranks)
-    recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, 0, dcfg)
-    handle, recv_w = recv[5], recv[3]
-    y = torch.randn(recv[0].shape, generator=case.gen).to(torch.bfloat16).to(dev)
-    base, base_w, _ = kern.combine(y, handle, recv_w, None, None, ccfg)
+    recv = kern.dispatch(dispatch_request(x, None, dcfg, layout, idx, w))
+    handle, recv_w = recv.handle, recv.recv_topk_weights
+    cached = dispatch_request(x, None, dcfg, handle=handle)
+    y = torch.randn(recv.recv_x.shape, generator=case.gen).to(torch.bfloat16).to(dev)
+    base, base_w, _ = kern.combine(CombineRequest(y, handle, ccfg, recv_w))
     bad = torch.zeros((), dtype=torch.int64, device=dev)
     for it in range(iterations):
         if it % 4 == 3:  # dispatch, then a zero-copy combine over the rows it staged
-            again = kern.dispatch(x, None, handle, None, None, None, None, None, 1, 0, dcfg)
-            bad += (again[0] != recv[0]).sum()
+            again = kern.dispatch(cached)
+            bad += (again.recv_x != recv.recv_x).sum()
         scale = 2.0 ** (it % 7 - 3)
-        view = kern.get_next_combine_buffer(y.size(0), y.size(1))
+        view = kern.get_next_combine_buffer(handle, y.size(1))
         torch.mul(y, scale, out=view)
-        out, out_w, _ = kern.combine(view, handle, recv_w, None, None, ccfg)
+        out, out_w, _ = kern.combine(CombineRequest(view, handle, ccfg, recv_w))
         bad += (out != (base.float() * scale).to(torch.bfloat16)).sum() + (out_w != base_w).sum()
         # A rank still runs ahead of its peers by up to one operation; the host only stops queueing
         # operations on an error (each queued barrier would wait out the timeout on its own).
@@ -262,10 +257,10 @@ def _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=60):
         kern.check()
     assert int(bad) == 0, f"{int(bad)} values differ in zero-copy combines back to back"
     # A dispatch overwrote the input: the stale view is refused.
-    view = kern.get_next_combine_buffer(y.size(0), y.size(1))
-    kern.dispatch(x, None, handle, None, None, None, None, None, 1, 0, dcfg)
+    view = kern.get_next_combine_buffer(handle, y.size(1))
+    kern.dispatch(cached)
     with pytest.raises(ValueError, match="overwrote it"):
-        kern.combine(view, handle, recv_w, None, None, ccfg)
+        kern.combine(CombineRequest(view, handle, ccfg, recv_w))
     kern.check()
 
 
@@ -278,9 +273,9 @@ def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
 
     def eager():
         layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, num_ranks)
-        recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, 0, dcfg)
-        out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
-        return recv[0], out[0]
+        recv = kern.dispatch(dispatch_request(x, None, dcfg, layout, idx, w))
+        out = kern.combine(CombineRequest(recv.recv_x, recv.handle, ccfg, recv.recv_topk_weights))
+        return recv.recv_x, out.combined_x
 
     check_repeats(eager, 1000, 250)
 
@@ -291,8 +286,8 @@ def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
 
     def step():
         layout = intranode.get_dispatch_layout(idx, case.num_experts, num_ranks, num_ranks)
-        recv = kern.dispatch(x, None, None, layout[0], layout[3], layout[2], idx, w, 1, worst, dcfg)
-        out = kern.combine(recv[0], recv[5], recv[3], None, None, ccfg)
+        recv = kern.dispatch(dispatch_request(x, None, dcfg, layout, idx, w, num_worst_tokens=worst))
+        out = kern.combine(CombineRequest(recv.recv_x, recv.handle, ccfg, recv.recv_topk_weights))
         return recv, out
 
     with torch.cuda.stream(stream):
@@ -309,12 +304,11 @@ def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
         w.copy_(new.topk_weights)
         graph.replay()
         torch.cuda.synchronize()
-        per_rank, _, per_expert, in_rank = new.layout
-        want = ref.dispatch(new.x, None, None, per_rank, in_rank, per_expert, new.topk_idx, new.topk_weights, 1,
-                            worst, dcfg)
+        want = ref.dispatch(dispatch_request(new.x, None, dcfg, new.layout, new.topk_idx, new.topk_weights,
+                                             num_worst_tokens=worst))
         _assert_equal(f"graph replay {it} recv_x", recv[0], want[0])
         _assert_equal(f"graph replay {it} recv_topk_idx", recv[2], want[2])
-        want_c = ref.combine(want[0], want[5], want[3], None, None, ccfg)
+        want_c = ref.combine(CombineRequest(want.recv_x, want.handle, ccfg, want.recv_topk_weights))
         gx, wx = out[0].cpu().float(), want_c[0].float()
         assert ((gx - wx).abs() <= wx.abs() * 2 ** -7 + 1e-6).all(), f"graph replay {it} combine differs"
     del graph
@@ -331,17 +325,17 @@ def _timeout(rank, num_ranks):
     idx = torch.randint(0, 8 * num_ranks, (64, 2), device=dev)
     x = torch.randn(64, 2048, device=dev).to(torch.bfloat16)
     layout = intranode.get_dispatch_layout(idx, 8 * num_ranks, num_ranks, num_ranks)
-    args = (None, None, layout[0], layout[3], layout[2], idx, None, 1, 0, cfg)
-    kern.dispatch(x, *args)  # everyone present: fine
+    request = dispatch_request(x, None, cfg, layout, idx)
+    kern.dispatch(request)  # everyone present: fine
     torch.cuda.synchronize()
     dist.barrier()
     if rank != num_ranks - 1:  # the last rank skips the call
         start = time.monotonic()
         with pytest.raises(RuntimeError, match=rf"timed out .* waiting for rank {num_ranks - 1}"):
-            kern.dispatch(x, *args)
+            kern.dispatch(request)
         assert time.monotonic() - start < 2.0 * 2 + 10
         with pytest.raises(RuntimeError, match="cannot be used again"):
-            kern.dispatch(x, *args)
+            kern.dispatch(request)
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from harness import expect_fault, gather, run_ranks, set_rank_device, skip_reason, synchronize_after_fault
 from moe_a2a.backends import low_latency
+from moe_a2a.backends.base import LowLatencyCombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 from moe_a2a.fp8 import fp8_to_float, unpack_ue8m0
 from moe_a2a.handles import unpack_layout_range
@@ -141,7 +142,8 @@ def _round_trip(kern, ref, rank, num_ranks, name, seed, num_max, num_tokens, hid
     all_x = _gather(x)
     cum = torch.zeros(L, dtype=torch.int32, device=dev)
     wait = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=dev)
-    got = kern.dispatch(x.to(dev), idx.to(dev), cum, wait, num_max, num_experts, use_fp8, round_scale, ue8m0, hook)
+    got = kern.dispatch(LowLatencyDispatchRequest(x.to(dev), idx.to(dev), num_max, num_experts, cum, wait, use_fp8,
+                                                  round_scale, ue8m0, hook))
     if hook:
         assert got[4] is not None
         got[4]()
@@ -149,7 +151,8 @@ def _round_trip(kern, ref, rank, num_ranks, name, seed, num_max, num_tokens, hid
             got[4]()
     else:
         assert got[4] is None
-    want = ref.dispatch(x, idx, None, None, num_max, num_experts, use_fp8, round_scale, ue8m0, False)
+    want = ref.dispatch(LowLatencyDispatchRequest(x, idx, num_max, num_experts, use_fp8=use_fp8,
+                                                  round_scale=round_scale, use_ue8m0=ue8m0))
     torch.cuda.synchronize()
     kern.raise_if_error()
     _check_dispatch(name, got[:4], want[:4], num_ranks, num_max, mode)
@@ -167,12 +170,12 @@ def _round_trip(kern, ref, rank, num_ranks, name, seed, num_max, num_tokens, hid
         y_dev = y.to(dev)
     out = torch.full((num_tokens, hidden), float("nan"), dtype=torch.bfloat16, device=dev) if use_out else None
     cwait = torch.zeros(num_ranks, num_ranks, dtype=torch.int64, device=dev)
-    combined, chook = kern.combine(y_dev, idx.to(dev), w.to(dev), handle, out, cwait, hook)
+    combined, chook = kern.combine(LowLatencyCombineRequest(y_dev, idx.to(dev), w.to(dev), handle, out, cwait, hook))
     if hook:
         chook()
     if use_out:
         assert combined.data_ptr() == out.data_ptr()
-    want_c, _ = ref.combine(y_ref, idx, w, want[3], None, None, False)
+    want_c, _ = ref.combine(LowLatencyCombineRequest(y_ref, idx, w, want.handle))
     torch.cuda.synchronize()
     kern.raise_if_error()
     want32, mag = _want_combine(x, idx, w)
@@ -213,8 +216,8 @@ def _correctness(rank, num_ranks):
 
 
 def _run_cases(kern, ref, rank, num_ranks):
-    """Every shape case of ``_cases`` (random token counts, a rank with none, one with the maximum), then a
-    call with more tokens than ``num_max_dispatch_tokens_per_rank``, refused before communicating."""
+    """Every shape case of ``_cases`` (random token counts, a rank with none, one with the maximum). More tokens
+    than ``num_max_dispatch_tokens_per_rank`` are refused by ``Buffer`` (``tests/cpu/test_buffer.py``)."""
     for i, (num_max, hidden, num_experts, topk, mode, hook, zero_copy, use_out) in enumerate(_cases(num_ranks)):
         gen = torch.Generator().manual_seed(7 * i + rank)
         num_tokens = int(torch.randint(1, num_max + 1, (1,), generator=gen))
@@ -225,10 +228,6 @@ def _run_cases(kern, ref, rank, num_ranks):
         name = f"case {i} ({mode}, hidden {hidden}, {num_experts} experts, top-{topk}, rank {rank})"
         _round_trip(kern, ref, rank, num_ranks, name, 100 + i, num_max, num_tokens, hidden, num_experts, topk, mode,
                     hook, zero_copy, use_out)
-    with pytest.raises(ValueError, match="exceed num_max_dispatch_tokens_per_rank"):
-        kern.dispatch(torch.zeros(9, 2048, dtype=torch.bfloat16, device=kern.device),
-                      torch.zeros(9, 2, dtype=torch.int64, device=kern.device), None, None, 8, 8 * num_ranks, False,
-                      False, False, False)
 
 
 def _graph(rank, num_ranks, kern, ref):
@@ -243,12 +242,12 @@ def _graph(rank, num_ranks, kern, ref):
     mult = (torch.arange(L, device=dev) + rank * L + 1).float().view(L, 1, 1)
 
     def step():
-        recv, _, count, handle, hook = kern.dispatch(x, idx, None, None, num_max, num_experts, False, False, False,
-                                                     True)
+        recv, _, count, handle, hook = kern.dispatch(LowLatencyDispatchRequest(x, idx, num_max, num_experts,
+                                                                               use_fp8=False, return_recv_hook=True))
         hook()
         buf = kern.get_next_combine_buffer(handle)
         buf.copy_((recv.float() * mult).bfloat16())
-        kern.combine(buf, idx, w, handle, out, None, False)
+        kern.combine(LowLatencyCombineRequest(buf, idx, w, handle, out))
         return count
 
     stream = torch.cuda.Stream(dev)
@@ -268,7 +267,7 @@ def _graph(rank, num_ranks, kern, ref):
         graph.replay()
         torch.cuda.synchronize()
         kern.raise_if_error()
-        want = ref.dispatch(nx, nidx, None, None, num_max, num_experts, False, False, False, False)
+        want = ref.dispatch(LowLatencyDispatchRequest(nx, nidx, num_max, num_experts, use_fp8=False))
         assert torch.equal(count.cpu(), want[2]), f"graph replay {it}: recv_count"
         want32, mag = _want_combine(nx, nidx, nw)
         _check_combine(f"graph replay {it}", out, want32, mag)
@@ -285,8 +284,8 @@ def _many_calls(rank, num_ranks, kern, num_pairs=5000):
     drift = torch.zeros((), dtype=torch.float32, device=dev)
     for i in range(num_pairs):
         use_fp8, hook = i % 2 == 1, i % 3 == 1
-        recv_x, scales, count, handle, dhook = kern.dispatch(x, idx, None, None, num_max, num_experts, use_fp8,
-                                                             use_fp8, False, hook)
+        recv_x, scales, count, handle, dhook = kern.dispatch(LowLatencyDispatchRequest(
+            x, idx, num_max, num_experts, use_fp8=use_fp8, round_scale=use_fp8, return_recv_hook=hook))
         if dhook:
             dhook()
         if use_fp8 not in first:
@@ -298,7 +297,7 @@ def _many_calls(rank, num_ranks, kern, num_pairs=5000):
                 y = (recv_x.float() * 0.5).bfloat16() * mask
         ref_x, ref_count, mask = first[use_fp8]
         bad += (count != ref_count).sum() + ((recv_x.view(torch.uint8) != ref_x) & mask).sum()
-        combined, chook = kern.combine(y, idx, w, handle, None, None, hook)
+        combined, chook = kern.combine(LowLatencyCombineRequest(y, idx, w, handle, return_recv_hook=hook))
         if chook:
             chook()
         if i == 0:
@@ -332,13 +331,14 @@ def _timeout(rank, num_ranks):
     dev = kern.device
     x = torch.randn(8, 2048, device=dev).to(torch.bfloat16)
     idx = torch.randint(0, 8 * num_ranks, (8, 1), device=dev)
-    kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+    request = LowLatencyDispatchRequest(x, idx, 8, 8 * num_ranks)
+    kern.dispatch(request)
     torch.cuda.synchronize()
     dist.barrier()
     missing = num_ranks - 1  # skips the call
     if rank != missing:
         start = time.monotonic()
-        expect_fault(lambda: kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False))
+        expect_fault(lambda: kern.dispatch(request))
         assert time.monotonic() - start < 10
     # The first rank to time out records it and traps; under MPS the trap ends the others' kernels too, so
     # some ranks may hold no record. Every record names the missing rank.
@@ -347,7 +347,7 @@ def _timeout(rank, num_ranks):
     if rank != missing:
         match = rf"rank {rank} timed out .* dispatch receive .* cannot be used again" if records[rank] else None
         with pytest.raises(RuntimeError, match=match):
-            kern.dispatch(x, idx, None, None, 8, 8 * num_ranks, True, False, False, False)
+            kern.dispatch(request)
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()
