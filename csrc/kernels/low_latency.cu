@@ -14,6 +14,10 @@
 // (the rank of the pair among this rank's pairs to that expert, plus the published first slot) and sums the
 // weighted rows in float32 straight from the experts' send areas, all top-k loads of a chunk in flight.
 // Without a hook, send and receive run as one kernel (one launch, no drain in between).
+// Every flag carries the sender's signature (ll_signature, stored just before the flag's release): a
+// receiver compares it with its own call once the flag is there, before it reads anything of that sender,
+// and records a mismatch (naming the field, both values and the peer) instead of copying rows of another
+// shape. One 16-byte store per peer on the send side, one load per peer and block on the receive side.
 #include "kernels/ll_device.cuh"
 
 namespace moe_a2a {
@@ -153,10 +157,14 @@ __device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, 
         }
     }
 
-    // Everything of this rank is staged once the last block arrives: it tells every rank.
+    // Everything of this rank is staged once the last block arrives: it tells every rank, this call's
+    // signature first (the flag's release orders the store before it).
     int* ws = set_workspace(c);
     if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, s_flag)) {
-        if (tid < c.num_ranks) st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
+        if (tid < c.num_ranks) {
+            st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[tid], c.set, c.rank)), ll_signature(a));
+            st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
+        }
         if (tid == 0) stamp(c, kClockSent);
     }
 }
@@ -167,7 +175,11 @@ __device__ void dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int tag, 
     if (tid < R) {
         unsigned long long* stat =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr;
-        sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigDispatch + tid, tag, kLLPhaseDispatchRecv, tid, stat);
+        bool ok = wait_tag(c, signals(c, c.rank) + kLLSigDispatch + tid, tag, kLLPhaseDispatchRecv, tid, stat);
+        // Source tid's counts and rows are read only if its call matches this one.
+        if (ok) ok = signatures_agree(c, ll_signature(a), signature_slot(c.peers[c.rank], c.set, tid),
+                                      kLLPhaseDispatchRecv, tid);
+        sh.ok[tid] = ok;
     }
     __syncthreads();
     if (blockIdx.x == 0 && tid == 0) stamp(c, kClockReady);
@@ -278,7 +290,10 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     }
     int* ws = set_workspace(c);
     if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag)) {
-        if (tid < R) st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
+        if (tid < R) {
+            st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[tid], c.set, c.rank)), ll_signature(a));
+            st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
+        }
         if (tid == 0) stamp(c, kClockSent);
     }
 }
@@ -294,7 +309,10 @@ __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     if (tid < R) {
         unsigned long long* stat =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr;
-        sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigCombine + tid, tag, kLLPhaseCombineRecv, tid, stat);
+        bool ok = wait_tag(c, signals(c, c.rank) + kLLSigCombine + tid, tag, kLLPhaseCombineRecv, tid, stat);
+        if (ok) ok = signatures_agree(c, ll_signature(a), signature_slot(c.peers[c.rank], c.set, tid),
+                                      kLLPhaseCombineRecv, tid);
+        sh.ok[tid] = ok;
     }
     if (my_tokens == 0) return;  // no block-wide sync follows for this block
     for (int i = tid; i < n; i += blockDim.x) {

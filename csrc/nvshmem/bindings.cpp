@@ -298,12 +298,13 @@ class LowLatencyRuntime {
     bool is_available() const { return sym_ != nullptr; }
     int num_device_sms() const { return num_device_sms_; }
 
-    // The first timeout the kernels recorded: (code, phase, peer, index, set, call); code 0 while none.
-    std::tuple<int, int, int, int, int, int> error_record() const {
-        if (!host_) return {0, 0, 0, 0, 0, 0};
+    // The first error the kernels recorded: (code, phase, peer, index, set, call, mine, theirs) as in
+    // LLHostError; code 0 while none.
+    std::tuple<int, int, int, int, int, int, int, int> error_record() const {
+        if (!host_) return {0, 0, 0, 0, 0, 0, 0, 0};
         const int code = host_->code;
         std::atomic_thread_fence(std::memory_order_acquire);
-        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call};
+        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call, host_->mine, host_->theirs};
     }
 
     // Zero the signals and the workspace (collective: the caller synchronizes the ranks around it).
@@ -365,7 +366,8 @@ class LowLatencyRuntime {
     std::string ctx(nvshmem_ll::Ctx& c, int set, int num_experts, int max_tokens, int hidden, int call, int num_sms,
                     int phases) const {
         if (!sym_) return "the low-latency buffer is not allocated or was destroyed";
-        if (host_->code != 0) return "a kernel timed out earlier; the buffer cannot be used again";
+        if (host_->code != 0)
+            return "a kernel failed earlier (a timeout or ranks that disagree); the buffer cannot be used again";
         if (set != 0 && set != 1) return "buffer set must be 0 or 1";
         if (phases < 1 || phases > 3) return "phases must be 1, 2 or 3";
         if (num_sms < 1 || num_sms > num_device_sms_) return "num_sms out of range";
