@@ -33,7 +33,10 @@ each (token, k) is non-zero on one rank only).
 All internode calls run on the caller's stream (the NVLink stage uses the intranode comm stream and
 joins back). Dispatch reads the count matrix on the host (as DeepEP's non-cached dispatch does);
 ``num_worst_tokens`` is intranode only. Every wait times out after ``timeout_s`` and names the rank,
-step and round; the buffer then refuses further calls.
+step and round; the buffer then refuses further calls. Ranks whose calls differ (bytes or scales per row,
+top-k width, experts, dispatch against combine) are told so: the notify records and every round
+barrier's arrival carry each rank's call, and every team member compares them before it uses anything
+else, naming the field, both ranks and both values.
 
 NVSHMEM is one runtime per process: the first internode buffer of a process initialises it for its
 team; later buffers must have the same team (their symmetric buffers come from the same heap). A buffer
@@ -266,7 +269,7 @@ class InternodeBackend:
             num_experts = num_tokens_per_expert.numel()
             if num_experts % R:
                 raise ValueError(f"num_tokens_per_expert has {num_experts} experts, not a multiple of {R} ranks")
-            if 1 + N + num_experts // N > _nvshmem.max_notify_ints // N:
+            if 1 + N + num_experts // N > _nvshmem.max_notify_ints // N - _nvshmem.notify_signature_ints:
                 raise ValueError(f"{num_experts} experts on {N} nodes exceed the notify area")
             if topk_idx is not None:
                 self._check_cuda("topk_idx", topk_idx, torch.int64, 2, dev)
@@ -282,6 +285,8 @@ class InternodeBackend:
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         stride = _nvshmem.dispatch_slot_bytes(row_bytes, num_scales, num_topk, L)
         window = self._window(stride)
+        # What every team member's call must match (compared by the notify and round kernels).
+        self.runtime.set_signature(1, row_bytes, num_scales, num_topk, 0 if cached else num_experts)
 
         if previous_event is not None:
             previous_event.current_stream_wait()
@@ -410,6 +415,7 @@ class InternodeBackend:
                 b = b.contiguous()
             biases.append(b)
         window = self._window(_nvshmem.combine_slot_bytes(hidden, num_topk))
+        self.runtime.set_signature(2, hidden * 2, 0, num_topk, 0)
         if previous_event is not None:
             previous_event.current_stream_wait()
 
