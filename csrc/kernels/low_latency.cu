@@ -14,10 +14,11 @@
 // (the rank of the pair among this rank's pairs to that expert, plus the published first slot) and sums the
 // weighted rows in float32 straight from the experts' send areas, all top-k loads of a chunk in flight.
 // Without a hook, send and receive run as one kernel (one launch, no drain in between).
-// Every flag carries the sender's signature (ll_signature, stored just before the flag's release): a
-// receiver compares it with its own call once the flag is there, before it reads anything of that sender,
-// and records a mismatch (naming the field, both values and the peer) instead of copying rows of another
-// shape. One 16-byte store per peer on the send side, one load per peer and block on the receive side.
+// Every flag carries the sender's signature (ll_signature, stored at the start of the send phase and
+// released by the flag as the staged rows are): a receiver compares it with its own call once the flag is
+// there, before it reads anything of that sender, and records a mismatch (naming the field, both values and
+// the peer) instead of copying rows of another shape. One 16-byte store per peer on the send side, one load
+// per peer and block on the receive side.
 #include "kernels/ll_device.cuh"
 
 namespace moe_a2a {
@@ -81,6 +82,15 @@ __device__ __forceinline__ void stamp_end(const LLCtx& c) {
     if (c.clock != nullptr && threadIdx.x == 0) atomicMax(c.clock + kClockEnd, global_timer_ns());
 }
 
+// Block 0 of a send phase, first thing: this call's signature into this rank's slot of the set on every rank.
+// The flags released at the end of the send phase order it as they order the staged rows (every block's
+// stores, then its system fence and arrival, then the last block's release stores), and it is written long
+// before them, so the releases wait for nothing more than before.
+__device__ __forceinline__ void send_signature(const LLCtx& c, const int4& sig) {
+    if (blockIdx.x == 0 && threadIdx.x < c.num_ranks)
+        st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[threadIdx.x], c.set, c.rank)), sig);
+}
+
 // ------------------------------------------------------------------------------------------ dispatch
 struct DispatchShared {
     int scan[kLLMaxExperts + 1];   // received rows before (local expert, source) pair i, then the total
@@ -99,6 +109,7 @@ __device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, 
     int* lists = reinterpret_cast<int*>(stage + ll_lists_offset(M, a.hidden));
     const int64_t row_bytes = ll_stage_row_bytes(a.hidden, kFp8);
 
+    send_signature(c, ll_signature(a));
     for (int i = tid; i < n; i += blockDim.x) {
         const int64_t e = __ldg(a.topk_idx + i);
         s_idx[i] = e >= 0 && e < E ? static_cast<int>(e) : -1;
@@ -157,14 +168,10 @@ __device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, 
         }
     }
 
-    // Everything of this rank is staged once the last block arrives: it tells every rank, this call's
-    // signature first (the flag's release orders the store before it).
+    // Everything of this rank is staged once the last block arrives: it tells every rank.
     int* ws = set_workspace(c);
     if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, s_flag)) {
-        if (tid < c.num_ranks) {
-            st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[tid], c.set, c.rank)), ll_signature(a));
-            st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
-        }
+        if (tid < c.num_ranks) st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
         if (tid == 0) stamp(c, kClockSent);
     }
 }
@@ -242,6 +249,7 @@ struct CombineShared {
 __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh) {
     const int R = c.num_ranks, E = a.num_experts, L = E / R, RM = R * a.max_tokens;
     const int tid = threadIdx.x, G = gridDim.x;
+    send_signature(c, ll_signature(a));
     // Publish where each source's rows start in every local expert (read by the token owners).
     if (blockIdx.x == 0 && tid < E)
         signals(c, c.rank)[kLLSigBegins + tid] = static_cast<int>(__ldg(a.layout_range + tid) >> 32);
@@ -290,10 +298,7 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     }
     int* ws = set_workspace(c);
     if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag)) {
-        if (tid < R) {
-            st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[tid], c.set, c.rank)), ll_signature(a));
-            st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
-        }
+        if (tid < R) st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
         if (tid == 0) stamp(c, kClockSent);
     }
 }

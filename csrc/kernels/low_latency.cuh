@@ -14,9 +14,9 @@
 //   [kLLSigBegins + l * R + s]  written by this rank's combine: first slot of source s in local expert l
 // Signatures of set b (kLLSetSignatureInts ints at kLLSignatureBase + b * kLLSetSignatureInts, after both
 // sets' signals), written by peers:
-//   [s * kLLSignatureInts]  what source s's last call on this set was (ll_signature), written by s before it
-//                           releases its dispatch or combine flag, in the same thread (the release orders
-//                           it); the receiver compares it with its own call before it reads any count
+//   [s * kLLSignatureInts]  what source s's last call on this set was (ll_signature), written by s in its
+//                           send phase before the dispatch or combine flag that releases it; the receiver
+//                           compares it with its own call before it reads any count
 // A flag holds the tag of the last call that released it: the number of calls of its kind on that set
 // since the last clean, which every rank counts alike (local workspace epochs, so graph replays count).
 // A waiter waits for its own epoch; nothing is reset, so many blocks may wait on one flag.
