@@ -68,13 +68,13 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
 
     int64_t set_bytes() const { return set_bytes_; }
 
-    // The first timeout the kernels recorded: (code, phase, peer, index, set, call); code 0 while none. The
-    // message is built in Python.
-    std::tuple<int, int, int, int, int, int> error_record() const {
-        if (!host_) return {0, 0, 0, 0, 0, 0};
+    // The first error the kernels recorded: (code, phase, peer, index, set, call, mine, theirs) as in
+    // LLHostError; code 0 while none. The message is built in Python.
+    std::tuple<int, int, int, int, int, int, int, int> error_record() const {
+        if (!host_) return {0, 0, 0, 0, 0, 0, 0, 0};
         const int code = host_->code;
         std::atomic_thread_fence(std::memory_order_acquire);
-        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call};
+        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call, host_->mine, host_->theirs};
     }
 
     // Zero every flag and counter (collective: the caller synchronizes the ranks around it).
@@ -189,7 +189,8 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
         MOE_A2A_CHECK(connected_, "moe_a2a low-latency: connect() was not called");
         // The Python backend raises the detailed message before calling in; this is the backstop.
         if (host_ && host_->code != 0)
-            throw std::runtime_error("moe_a2a low-latency: a kernel timed out earlier; the buffer cannot be used again");
+            throw std::runtime_error("moe_a2a low-latency: a kernel failed earlier (a timeout or ranks that disagree); "
+                                     "the buffer cannot be used again");
     }
 
     char* send_base(int set) const { return static_cast<char*>(local_) + kLLSignalBytes + set * set_bytes_; }

@@ -24,8 +24,9 @@ FP8_SCALE_BLOCK = 128
 #: Bytes of each per-channel counter (head, tail, start, end) in the ring buffers.
 COUNTER_BYTES = 4
 _ALIGN = 128
-#: Flags of the low-latency kernels: two sets of dispatch and combine flags, 1024 int32 each.
-LOW_LATENCY_SIGNAL_BYTES = 2 * 2 * 1024 * 4
+#: Flags of the low-latency kernels: two sets of dispatch and combine flags (2048 int32 each), then two sets
+#: of call signatures (four int32 for each of up to 1024 source ranks).
+LOW_LATENCY_SIGNAL_BYTES = 2 * 2048 * 4 + 2 * 1024 * 4 * 4
 
 
 def _align(n: int, a: int = _ALIGN) -> int:
@@ -197,9 +198,10 @@ def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden
     """Bytes of buffer the low-latency kernels need (BF16 sizing, two alternating buffer sets).
 
     With ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``: per-(expert, source) signal
-    flags, then two sets of a send area ``E * M * hidden`` BF16 (also the zero-copy combine input
-    ``[num_local_experts, num_ranks * M, hidden]``) and a receive area of ``E * M`` messages, each one BF16
-    token (or an FP8 token with its scales, which is smaller) behind a 16-byte header.
+    flags and per-source call signatures (``LOW_LATENCY_SIGNAL_BYTES``), then two sets of a send area
+    ``E * M * hidden`` BF16 (also the zero-copy combine input ``[num_local_experts, num_ranks * M, hidden]``)
+    and a receive area of ``E * M`` messages, each one BF16 token (or an FP8 token with its scales, which is
+    smaller) behind a 16-byte header.
     """
     _check_positive(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
                     num_ranks=num_ranks, num_experts=num_experts)

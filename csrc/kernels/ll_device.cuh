@@ -192,10 +192,10 @@ __device__ __forceinline__ int ld_relaxed_sys(const int* p) {
 
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
-// First timeout wins: it fills the host record (code last), aborts later waits of this rank and traps. `Ctx`: the
+// First error wins: it fills the host record (code last), aborts later waits of this rank and traps. `Ctx`: the
 // IPC or the NVSHMEM kernels' context (workspace, host record, set, call).
 template <typename Ctx>
-__device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
+__device__ void record_error(const Ctx& c, int code, int phase, int peer, int index, int mine, int theirs) {
     int* ws = c.workspace;
     if (atomicCAS(ws + kLLWorkspaceClaim, 0, 1) == 0) {
         c.host->phase = phase;
@@ -203,12 +203,55 @@ __device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
         c.host->index = index;
         c.host->set = c.set;
         c.host->call = c.call;
+        c.host->mine = mine;
+        c.host->theirs = theirs;
         __threadfence_system();
-        c.host->code = 1;
+        c.host->code = code;
     }
     atomicExch(ws + kLLWorkspaceAbort, 1);
     __threadfence_system();
-    trap_after_error("low-latency", c.rank, 1, phase, peer);
+    trap_after_error("low-latency", c.rank, code, phase, peer);
+}
+
+template <typename Ctx>
+__device__ void record_timeout(const Ctx& c, int phase, int peer, int index) {
+    record_error(c, kLLErrTimeout, phase, peer, index, 0, 0);
+}
+
+// This rank's signature of a call (kLLSignatureInts): hidden, tokens per rank, experts, wire format.
+__device__ __forceinline__ int4 ll_signature(const LLDispatchArgs& a) {
+    const int format = !a.fp8         ? kLLFormatBF16Dispatch
+                       : a.round_scale ? kLLFormatFP8RoundDispatch
+                                       : kLLFormatFP8Dispatch;
+    return make_int4(a.hidden, a.max_tokens, a.num_experts, format);
+}
+
+__device__ __forceinline__ int4 ll_signature(const LLCombineArgs& a) {
+    return make_int4(a.hidden, a.max_tokens, a.num_experts, kLLFormatBF16Combine);
+}
+
+// Signature slot of source rank `src` in set `set` of an allocation whose signal area starts at `base`.
+__device__ __forceinline__ int* signature_slot(void* base, int set, int src) {
+    return static_cast<int*>(base) + kLLSignatureBase + set * kLLSetSignatureInts + src * kLLSignatureInts;
+}
+
+// One thread, after the acquire that made `peer`'s flag (or count) of this call visible: compare the
+// signature the peer wrote before it with this rank's `mine`. A difference is an error (recorded with the
+// first field that differs, then a trap): rows of another size, format or layout would be copied into
+// outputs that look valid. Both ranks of a pair compare, so each reports the other.
+template <typename Ctx>
+__device__ bool signatures_agree(const Ctx& c, const int4& mine, const int* slot, int phase, int peer) {
+    const int4 got = ld_cg_v4(reinterpret_cast<const int4*>(slot));
+    const int m[kLLSignatureInts] = {mine.x, mine.y, mine.z, mine.w};
+    const int t[kLLSignatureInts] = {got.x, got.y, got.z, got.w};
+#pragma unroll
+    for (int i = 0; i < kLLSignatureInts; ++i) {
+        if (m[i] != t[i]) {
+            record_error(c, kLLErrMismatch, phase, peer, i, m[i], t[i]);
+            return false;
+        }
+    }
+    return true;
 }
 
 // Block-wide arrival at a grid-wide counter; true in the last block of the grid, which resets the counter,

@@ -14,6 +14,11 @@
 // (the rank of the pair among this rank's pairs to that expert, plus the published first slot) and sums the
 // weighted rows in float32 straight from the experts' send areas, all top-k loads of a chunk in flight.
 // Without a hook, send and receive run as one kernel (one launch, no drain in between).
+// Every flag carries the sender's signature (ll_signature, stored at the start of the send phase and
+// released by the flag as the staged rows are): a receiver compares it with its own call once the flag is
+// there, before it reads anything of that sender, and records a mismatch (naming the field, both values and
+// the peer) instead of copying rows of another shape. One 16-byte store per peer on the send side, one load
+// per peer and block on the receive side.
 #include "kernels/ll_device.cuh"
 
 namespace moe_a2a {
@@ -77,6 +82,15 @@ __device__ __forceinline__ void stamp_end(const LLCtx& c) {
     if (c.clock != nullptr && threadIdx.x == 0) atomicMax(c.clock + kClockEnd, global_timer_ns());
 }
 
+// Block 0 of a send phase, first thing: this call's signature into this rank's slot of the set on every rank.
+// The flags released at the end of the send phase order it as they order the staged rows (every block's
+// stores, then its system fence and arrival, then the last block's release stores), and it is written long
+// before them, so the releases wait for nothing more than before.
+__device__ __forceinline__ void send_signature(const LLCtx& c, const int4& sig) {
+    if (blockIdx.x == 0 && threadIdx.x < c.num_ranks)
+        st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[threadIdx.x], c.set, c.rank)), sig);
+}
+
 // ------------------------------------------------------------------------------------------ dispatch
 struct DispatchShared {
     int scan[kLLMaxExperts + 1];   // received rows before (local expert, source) pair i, then the total
@@ -95,6 +109,7 @@ __device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, 
     int* lists = reinterpret_cast<int*>(stage + ll_lists_offset(M, a.hidden));
     const int64_t row_bytes = ll_stage_row_bytes(a.hidden, kFp8);
 
+    send_signature(c, ll_signature(a));
     for (int i = tid; i < n; i += blockDim.x) {
         const int64_t e = __ldg(a.topk_idx + i);
         s_idx[i] = e >= 0 && e < E ? static_cast<int>(e) : -1;
@@ -167,7 +182,11 @@ __device__ void dispatch_recv(const LLCtx& c, const LLDispatchArgs& a, int tag, 
     if (tid < R) {
         unsigned long long* stat =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr;
-        sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigDispatch + tid, tag, kLLPhaseDispatchRecv, tid, stat);
+        bool ok = wait_tag(c, signals(c, c.rank) + kLLSigDispatch + tid, tag, kLLPhaseDispatchRecv, tid, stat);
+        // Source tid's counts and rows are read only if its call matches this one.
+        if (ok) ok = signatures_agree(c, ll_signature(a), signature_slot(c.peers[c.rank], c.set, tid),
+                                      kLLPhaseDispatchRecv, tid);
+        sh.ok[tid] = ok;
     }
     __syncthreads();
     if (blockIdx.x == 0 && tid == 0) stamp(c, kClockReady);
@@ -230,6 +249,7 @@ struct CombineShared {
 __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh) {
     const int R = c.num_ranks, E = a.num_experts, L = E / R, RM = R * a.max_tokens;
     const int tid = threadIdx.x, G = gridDim.x;
+    send_signature(c, ll_signature(a));
     // Publish where each source's rows start in every local expert (read by the token owners).
     if (blockIdx.x == 0 && tid < E)
         signals(c, c.rank)[kLLSigBegins + tid] = static_cast<int>(__ldg(a.layout_range + tid) >> 32);
@@ -294,7 +314,10 @@ __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     if (tid < R) {
         unsigned long long* stat =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + tid) : nullptr;
-        sh.ok[tid] = wait_tag(c, signals(c, c.rank) + kLLSigCombine + tid, tag, kLLPhaseCombineRecv, tid, stat);
+        bool ok = wait_tag(c, signals(c, c.rank) + kLLSigCombine + tid, tag, kLLPhaseCombineRecv, tid, stat);
+        if (ok) ok = signatures_agree(c, ll_signature(a), signature_slot(c.peers[c.rank], c.set, tid),
+                                      kLLPhaseCombineRecv, tid);
+        sh.ok[tid] = ok;
     }
     if (my_tokens == 0) return;  // no block-wide sync follows for this block
     for (int i = tid; i < n; i += blockDim.x) {

@@ -12,6 +12,11 @@
 //   [kLLSigCombine + r]   combine flag of rank r: its expert outputs of this set are ready
 //   [kLLSigPing]          flag round-trip probe (set 0 only)
 //   [kLLSigBegins + l * R + s]  written by this rank's combine: first slot of source s in local expert l
+// Signatures of set b (kLLSetSignatureInts ints at kLLSignatureBase + b * kLLSetSignatureInts, after both
+// sets' signals), written by peers:
+//   [s * kLLSignatureInts]  what source s's last call on this set was (ll_signature), written by s in its
+//                           send phase before the dispatch or combine flag that releases it; the receiver
+//                           compares it with its own call before it reads any count
 // A flag holds the tag of the last call that released it: the number of calls of its kind on that set
 // since the last clean, which every rank counts alike (local workspace epochs, so graph replays count).
 // A waiter waits for its own epoch; nothing is reset, so many blocks may wait on one flag.
@@ -39,11 +44,21 @@ constexpr int kLLMaxExperts = 1024;
 constexpr int kLLMaxTopk = 32;
 constexpr int kLLThreads = 1024;
 constexpr int kLLSetSignalInts = 2 * kLLMaxExperts;
-constexpr int64_t kLLSignalBytes = 2LL * kLLSetSignalInts * 4;
 constexpr int kLLSigDispatch = 0;
 constexpr int kLLSigCombine = kLLMaxRanks;
 constexpr int kLLSigPing = 2 * kLLMaxRanks;
 constexpr int kLLSigBegins = kLLMaxExperts;
+// Signatures: one int4 per source rank and set. Sized for the NVSHMEM kernels' groups (every rank holds an
+// expert, so at most kLLMaxExperts ranks), which use every flag int of a set already.
+constexpr int kLLSignatureInts = 4;
+constexpr int kLLSetSignatureInts = kLLMaxExperts * kLLSignatureInts;
+constexpr int kLLSignatureBase = 2 * kLLSetSignalInts;
+constexpr int64_t kLLSignalBytes = (2LL * kLLSetSignalInts + 2LL * kLLSetSignatureInts) * 4;
+// What ranks of one call must agree on, one int each (ll_signature): the hidden size, the tokens per rank
+// (num_max_dispatch_tokens_per_rank), the number of experts and the wire format below, which also names
+// the operation. The top-k width is not part of it: the messages carry token indices, not top-k slots.
+enum LLFormat : int { kLLFormatBF16Dispatch = 1, kLLFormatFP8Dispatch = 2, kLLFormatFP8RoundDispatch = 3,
+                      kLLFormatBF16Combine = 4 };
 // Local (not shared) workspace ints: per set the dispatch and combine epochs and the arrival counters of
 // their send phases, then the abort flag, the error claim and the ping epoch.
 constexpr int kLLWsDispatchEpoch = 0;
@@ -62,14 +77,18 @@ constexpr int kLLRecv = 2;
 
 enum LLPhase : int { kLLPhaseDispatchRecv = 1, kLLPhaseCombineRecv = 2, kLLPhasePing = 3 };
 
-// Pinned, device-mapped host record of the first timeout.
+enum LLErrorCode : int { kLLErrNone = 0, kLLErrTimeout = 1, kLLErrMismatch = 2 };
+
+// Pinned, device-mapped host record of the first error.
 struct LLHostError {
-    volatile int code;      // 0 none, 1 peer timeout; written last
+    volatile int code;      // LLErrorCode; written last
     volatile int phase;     // LLPhase
-    volatile int peer;      // rank waited for
-    volatile int index;     // flag tag waited for
+    volatile int peer;      // rank waited for, or whose signature differs
+    volatile int index;     // timeout: flag tag waited for; mismatch: the signature field that differs
     volatile int set;       // buffer set
     volatile int call;      // host call number of the launch (repeats under graph replay)
+    volatile int mine;      // mismatch: this rank's value of the field
+    volatile int theirs;    // mismatch: the peer's value
 };
 
 struct LLCtx {

@@ -110,16 +110,40 @@ class Runtime {
     std::string error() const {
         if (!host_ || host_->code == kErrNone) return "";
         const int peer = host_->peer * num_local_ranks_ + local_rank_;
+        if (host_->code == kErrMismatch) {
+            static const char* const fields[kSignatureInts] = {"operation (1 dispatch, 2 combine)", "bytes per row",
+                                                               "scales per row", "top-k width", "number of experts"};
+            const int field = host_->field;
+            const char* step = host_->phase == kPhaseNotify           ? "dispatch (count exchange)"
+                               : host_->phase == kPhaseCombineBarrier ? "combine (round barrier)"
+                                                                      : "dispatch (round barrier)";
+            return "rank " + std::to_string(rank_) + ": ranks disagree on the " +
+                   std::string(field >= 0 && field < kSignatureInts ? fields[field] : "?") + " in internode " + step +
+                   ": rank " + std::to_string(rank_) + " has " +
+                   std::to_string(static_cast<long long>(host_->expected)) + ", rank " + std::to_string(peer) +
+                   " (node " + std::to_string(host_->peer) + ") has " +
+                   std::to_string(static_cast<long long>(host_->seen));
+        }
         return "rank " + std::to_string(rank_) + " timed out after " + std::to_string(timeout_ns_ / 1000000) +
                " ms in internode " + phase_name(host_->phase) + " (round " + std::to_string(host_->round) +
                ") waiting for rank " + std::to_string(peer) + " (node " + std::to_string(host_->peer) +
                "): signal " + std::to_string(host_->seen) + " of " + std::to_string(host_->expected);
     }
 
+    // What the next operation's team members must agree with (kSignatureInts); set before notify and the
+    // rounds of every dispatch and combine.
+    void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
+        signature_[0] = op;
+        signature_[1] = static_cast<int>(row_bytes);
+        signature_[2] = static_cast<int>(num_scales);
+        signature_[3] = static_cast<int>(num_topk);
+        signature_[4] = static_cast<int>(num_experts);
+    }
+
     // records/out: [num_nodes, record_ints] int32 contiguous CUDA tensors.
     std::string notify(const torch::Tensor& records, torch::Tensor& out, int64_t record_ints) {
         if (!sym_) return "the internode buffer is not allocated";
-        if (record_ints * num_nodes_ > kNotifyInts) return "notify record too large";
+        if (record_ints < 1 || record_ints > notify_max_record_ints(num_nodes_)) return "notify record too large";
         NotifyArgs a{};
         a.sym = sym_;
         a.me = node_;
@@ -133,6 +157,7 @@ class Runtime {
         a.out = ptr<int>(out);
         a.err = host_dev_;
         a.timeout_ns = timeout_ns_;
+        for (int i = 0; i < kSignatureInts; ++i) a.signature[i] = signature_[i];
         return launch_notify(a, c10::cuda::getCurrentCUDAStream());
     }
 
@@ -241,6 +266,7 @@ class Runtime {
         c.data_expect = data_count_;
         c.err = host_dev_;
         c.timeout_ns = timeout_ns_;
+        for (int i = 0; i < kSignatureInts; ++i) c.signature[i] = signature_[i];
         return true;
     }
 
@@ -251,6 +277,7 @@ class Runtime {
     int pe_offset_ = 0, pe_stride_ = 1;
     int64_t slot_bytes_ = 0;
     unsigned long long timeout_ns_ = 0, notify_count_ = 0, arrive_count_ = 0, data_count_ = 0;
+    int signature_[kSignatureInts] = {};
 };
 
 
@@ -298,12 +325,13 @@ class LowLatencyRuntime {
     bool is_available() const { return sym_ != nullptr; }
     int num_device_sms() const { return num_device_sms_; }
 
-    // The first timeout the kernels recorded: (code, phase, peer, index, set, call); code 0 while none.
-    std::tuple<int, int, int, int, int, int> error_record() const {
-        if (!host_) return {0, 0, 0, 0, 0, 0};
+    // The first error the kernels recorded: (code, phase, peer, index, set, call, mine, theirs) as in
+    // LLHostError; code 0 while none.
+    std::tuple<int, int, int, int, int, int, int, int> error_record() const {
+        if (!host_) return {0, 0, 0, 0, 0, 0, 0, 0};
         const int code = host_->code;
         std::atomic_thread_fence(std::memory_order_acquire);
-        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call};
+        return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call, host_->mine, host_->theirs};
     }
 
     // Zero the signals and the workspace (collective: the caller synchronizes the ranks around it).
@@ -365,7 +393,8 @@ class LowLatencyRuntime {
     std::string ctx(nvshmem_ll::Ctx& c, int set, int num_experts, int max_tokens, int hidden, int call, int num_sms,
                     int phases) const {
         if (!sym_) return "the low-latency buffer is not allocated or was destroyed";
-        if (host_->code != 0) return "a kernel timed out earlier; the buffer cannot be used again";
+        if (host_->code != 0)
+            return "a kernel failed earlier (a timeout or ranks that disagree); the buffer cannot be used again";
         if (set != 0 && set != 1) return "buffer set must be 0 or 1";
         if (phases < 1 || phases > 3) return "phases must be 1, 2 or 3";
         if (num_sms < 1 || num_sms > num_device_sms_) return "num_sms out of range";
@@ -411,6 +440,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("max_local_ranks") = moe_a2a::internode::kMaxLocalRanks;
     m.attr("max_topk") = moe_a2a::internode::kMaxTopk;
     m.attr("max_notify_ints") = moe_a2a::internode::kNotifyInts;
+    m.attr("notify_signature_ints") = moe_a2a::internode::kSignatureSlotInts;
     m.def("unique_id", &moe_a2a::internode::unique_id, "(id bytes, error) from nvshmemx_get_uniqueid");
     m.def("init", &moe_a2a::internode::init_py, "Initialise NVSHMEM by unique id; returns an error or ''");
     m.def("is_initialized", &moe_a2a::internode::is_initialized);
@@ -439,6 +469,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("set_pe_map", &Runtime::set_pe_map)
         .def("slot_bytes", &Runtime::slot_bytes)
         .def("error", &Runtime::error)
+        .def("set_signature", &Runtime::set_signature)
         .def("notify", &Runtime::notify)
         .def("dispatch_round", &Runtime::dispatch_round)
         .def("combine_round", &Runtime::combine_round)

@@ -8,6 +8,9 @@
 //   3. nvshmem_quiet, then every block adds 1 to `data[me]` on every peer;
 //   4. every block waits until each peer's blocks are all done (data_expect), then reads its receive slots.
 // Waits time out after `timeout_ns` (globaltimer) and record the phase, round and peer in host memory.
+// Ranks that disagree: block 0's arrival in step 1 (and every notify record) carries this rank's signature
+// (kSignatureInts); once a peer's arrival is there, its signature is too, and a difference is recorded
+// (field, both values, the peer) instead of moving rows of another size or layout.
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -34,6 +37,23 @@ __device__ __forceinline__ bool aborted(const char* sym) {
     return ld_volatile(reinterpret_cast<const int*>(sym + kOffClaim)) != 0;
 }
 
+// The first error claims the flag in this PE's header and fills the host record (code last); false if an
+// earlier error holds the claim.
+__device__ bool record_error(char* sym, ErrorRecord* err, int code, int phase, int peer, int round,
+                             unsigned long long expected, unsigned long long seen, int field) {
+    if (atomicCAS(reinterpret_cast<int*>(sym + kOffClaim), 0, 1) != 0) return false;
+    err->phase = phase;
+    err->peer = peer;
+    err->round = round;
+    err->expected = expected;
+    err->seen = seen;
+    err->field = field;
+    __threadfence_system();
+    err->code = code;
+    __threadfence_system();
+    return true;
+}
+
 // Spin until *p >= expect; false (with the error recorded) on timeout or if another wait failed.
 __device__ bool wait_signal(char* sym, const uint64_t* p, unsigned long long expect, ErrorRecord* err,
                             unsigned long long timeout_ns, int phase, int peer, int round) {
@@ -44,32 +64,58 @@ __device__ bool wait_signal(char* sym, const uint64_t* p, unsigned long long exp
         if ((it & 1023) == 1023) {
             if (aborted(sym)) return false;
             if (global_timer_ns() - start > timeout_ns) {
-                if (atomicCAS(reinterpret_cast<int*>(sym + kOffClaim), 0, 1) == 0) {
-                    err->phase = phase;
-                    err->peer = peer;
-                    err->round = round;
-                    err->expected = expect;
-                    err->seen = v;
-                    __threadfence_system();
-                    err->code = kErrTimeout;
-                    __threadfence_system();
+                if (record_error(sym, err, kErrTimeout, phase, peer, round, expect, v, -1))
                     trap_after_error("internode", nvshmem_my_pe(), kErrTimeout, phase, peer);
-                }
                 return false;
             }
         }
     }
 }
 
-// Steps 1 (barrier) and, with `signal_data`, 3-4 for one block. Returns false if the kernel must stop.
+// One thread, once every team member's signature arrived (slot m of `slots` from member m, slot_ints
+// apart): compare each with this rank's. A difference is recorded with the first field that differs and
+// the peer; `trap` then ends the kernel (where the host would not look before using the outputs).
+// False on a difference.
+__device__ bool signatures_agree(char* sym, ErrorRecord* err, const int* mine, const int* slots, int slot_ints,
+                                 int num_nodes, int phase, int round, bool trap) {
+    for (int m = 0; m < num_nodes; ++m) {
+        for (int i = 0; i < kSignatureInts; ++i) {
+            const int theirs = ld_cg(slots + m * slot_ints + i);
+            if (theirs == mine[i]) continue;
+            if (record_error(sym, err, kErrMismatch, phase, m, round,
+                             static_cast<unsigned long long>(static_cast<long long>(mine[i])),
+                             static_cast<unsigned long long>(static_cast<long long>(theirs)), i) && trap)
+                trap_after_error("internode", nvshmem_my_pe(), kErrMismatch, phase, m);
+            return false;
+        }
+    }
+    return true;
+}
+
+// Step 1 for one block: the barrier, which also compares the team members' calls. Returns false if the
+// kernel must stop. A mismatch traps in combine, whose outputs the host does not check before returning
+// them; dispatch's host code synchronizes and raises the recorded error before it uses any output.
 __device__ bool round_barrier(const Common& c, int phase, int* ok) {
     if (threadIdx.x == 0) {
         int good = !aborted(c.sym);
         auto* arrive = reinterpret_cast<uint64_t*>(c.sym + kOffArrive);
-        if (good && blockIdx.x == 0)
-            for (int pe = 0; pe < c.num_nodes; ++pe) nvshmemx_signal_op(arrive + c.me, 1, NVSHMEM_SIGNAL_ADD, team_pe(c.pe_offset, c.pe_stride, pe));
+        int* slots = reinterpret_cast<int*>(c.sym + kOffSignatureRecv);
+        if (good && blockIdx.x == 0) {
+            // The arrival carries this rank's signature: a put-with-signal lands its data before its signal.
+            // The last round's puts from `send` completed at that round's quiet (this thread, round_data).
+            int* send = reinterpret_cast<int*>(c.sym + kOffSignatureSend);
+            for (int i = 0; i < kSignatureInts; ++i) send[i] = c.signature[i];
+            __threadfence_system();
+            for (int pe = 0; pe < c.num_nodes; ++pe)
+                nvshmem_putmem_signal_nbi(slots + c.me * kSignatureSlotInts, send, 4 * kSignatureInts, arrive + c.me, 1,
+                                          NVSHMEM_SIGNAL_ADD, team_pe(c.pe_offset, c.pe_stride, pe));
+        }
         for (int pe = 0; pe < c.num_nodes && good; ++pe)
             good = wait_signal(c.sym, arrive + pe, c.arrive_expect, c.err, c.timeout_ns, phase, pe, c.round);
+        // A member's slot changes only at its next arrival, after this block's data signal of this round.
+        if (good)
+            good = signatures_agree(c.sym, c.err, c.signature, slots, kSignatureSlotInts, c.num_nodes, phase, c.round,
+                                    phase == kPhaseCombineBarrier);
         *ok = good;
     }
     __syncthreads();
@@ -100,21 +146,27 @@ __device__ __forceinline__ char* recv_slot(const Common& c, int node, int j) {
     return c.sym + kHeaderBytes + (static_cast<size_t>(c.num_nodes + node) * c.window + j) * c.stride;
 }
 
+// Rows of both notify areas are notify_row_ints apart: this rank's signature slot, then its record. A
+// mismatch does not trap: the host reads the outputs only after it checked the error record.
 __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_constant__ NotifyArgs a) {
     __shared__ int ok;
     auto* sig = reinterpret_cast<uint64_t*>(a.sym + kOffNotifySig);
     int* send = reinterpret_cast<int*>(a.sym + kOffNotifySend);
     int* recv = reinterpret_cast<int*>(a.sym + kOffNotifyRecv) + a.parity * kNotifyInts;
+    const int row = notify_row_ints(a.num_nodes), put_ints = kSignatureSlotInts + a.record_ints;
     if (threadIdx.x == 0) ok = !aborted(a.sym);
     __syncthreads();
     if (!ok) return;
     const int total = a.num_nodes * a.record_ints;
-    for (int i = threadIdx.x; i < total; i += blockDim.x) send[i] = a.records[i];
+    for (int i = threadIdx.x; i < a.num_nodes * kSignatureInts; i += blockDim.x)
+        send[(i / kSignatureInts) * row + i % kSignatureInts] = a.signature[i % kSignatureInts];
+    for (int i = threadIdx.x; i < total; i += blockDim.x)
+        send[(i / a.record_ints) * row + kSignatureSlotInts + i % a.record_ints] = a.records[i];
     __syncthreads();
     if (threadIdx.x < a.num_nodes) {
         const int pe = threadIdx.x;
-        nvshmem_putmem_signal_nbi(recv + a.me * a.record_ints, send + pe * a.record_ints, 4 * a.record_ints,
-                                  sig + a.me, 1, NVSHMEM_SIGNAL_ADD, team_pe(a.pe_offset, a.pe_stride, pe));
+        nvshmem_putmem_signal_nbi(recv + a.me * row, send + pe * row, 4 * put_ints, sig + a.me, 1, NVSHMEM_SIGNAL_ADD,
+                                  team_pe(a.pe_offset, a.pe_stride, pe));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -122,11 +174,14 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_consta
         int good = 1;
         for (int pe = 0; pe < a.num_nodes && good; ++pe)
             good = wait_signal(a.sym, sig + pe, a.expect, a.err, a.timeout_ns, kPhaseNotify, pe, 0);
+        // Before anything reads counts whose meaning could differ.
+        if (good) good = signatures_agree(a.sym, a.err, a.signature, recv, row, a.num_nodes, kPhaseNotify, 0, false);
         ok = good;
     }
     __syncthreads();
     if (!ok) return;
-    for (int i = threadIdx.x; i < total; i += blockDim.x) a.out[i] = ld_cg(recv + i);
+    for (int i = threadIdx.x; i < total; i += blockDim.x)
+        a.out[i] = ld_cg(recv + (i / a.record_ints) * row + kSignatureSlotInts + i % a.record_ints);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) dispatch_round_kernel(const __grid_constant__ DispatchArgs a) {

@@ -20,17 +20,32 @@ constexpr int kMaxLocalRanks = 8;    // ranks per node (one NVLink domain)
 constexpr int kMaxTopk = 32;
 constexpr int kThreads = 512;
 
+// What the team members' calls must agree on, as for the intranode kernels (kSignatureInts of
+// kernels/api.cuh): the operation (1 dispatch, 2 combine), bytes per row, scales per row, top-k width and
+// number of experts (0 where the operation has none). It travels with the notify records and with every
+// round barrier's arrival, in a slot of kSignatureSlotInts ints.
+constexpr int kSignatureInts = 5;
+constexpr int kSignatureSlotInts = 8;
+
 // Byte offsets in the symmetric header.
 constexpr size_t kOffArrive = 0;                              // [kMaxNodes] u64: round barriers entered by each peer
 constexpr size_t kOffData = kOffArrive + 8 * kMaxNodes;       // [kMaxNodes] u64: blocks of each peer done putting
 constexpr size_t kOffNotifySig = kOffData + 8 * kMaxNodes;    // [kMaxNodes] u64: notify records received per peer
 constexpr size_t kOffClaim = kOffNotifySig + 8 * kMaxNodes;  // int: set by the first error (local only)
-constexpr int kNotifyInts = 16384;                            // one notify area: [num_nodes][record] int32
+// One notify area: [num_nodes] rows of kNotifyInts / num_nodes int32, a row being a signature slot then the
+// record. Rows have a fixed place whatever the record's length, so a peer whose record is longer or shorter
+// (another number of experts) still lands its signature where this rank compares it.
+constexpr int kNotifyInts = 16384;
 constexpr size_t kOffNotifySend = 1024;
 constexpr size_t kOffNotifyRecv = kOffNotifySend + 4 * kNotifyInts;   // two areas, alternating per notify
+// Round barriers: this PE's signature (the source of its puts), and the one each team member sent with its
+// last arrival ([kMaxNodes] slots).
+constexpr size_t kOffSignatureSend = kOffNotifyRecv + 2 * 4 * kNotifyInts;
+constexpr size_t kOffSignatureRecv = kOffSignatureSend + 4 * kSignatureSlotInts;
 constexpr size_t kHeaderBytes = size_t(1) << 18;
+static_assert(kOffSignatureRecv + 4 * kSignatureSlotInts * kMaxNodes <= kHeaderBytes, "header overflow");
 
-enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1 };
+enum ErrorCode : int { kErrNone = 0, kErrTimeout = 1, kErrMismatch = 2 };
 enum Phase : int { kPhaseNotify = 1, kPhaseDispatchBarrier = 2, kPhaseDispatchData = 3, kPhaseCombineBarrier = 4,
                    kPhaseCombineData = 5 };
 
@@ -38,10 +53,11 @@ enum Phase : int { kPhaseNotify = 1, kPhaseDispatchBarrier = 2, kPhaseDispatchDa
 struct ErrorRecord {
     volatile int code;
     volatile int phase;
-    volatile int peer;      // team index (node) waited for
+    volatile int peer;      // team index (node) waited for, or whose signature differs
     volatile int round;
-    volatile unsigned long long expected;
-    volatile unsigned long long seen;
+    volatile unsigned long long expected;   // mismatch: this rank's value of the field
+    volatile unsigned long long seen;       // mismatch: the peer's value
+    volatile int field;     // mismatch: the signature field that differs
 };
 
 struct Common {
@@ -54,6 +70,7 @@ struct Common {
     unsigned long long arrive_expect, data_expect;
     ErrorRecord* err;               // device pointer of the mapped host record
     unsigned long long timeout_ns;
+    int signature[kSignatureInts];  // this rank's call (sent with the round barrier's arrival)
 };
 
 // Slot layout of a dispatched row: data, FP8 scales, top-k ids (int64) and weights, source token, node mask.
@@ -110,7 +127,12 @@ struct NotifyArgs {
     int* out;                       // [num_nodes, record_ints]: row m came from node m
     ErrorRecord* err;
     unsigned long long timeout_ns;
+    int signature[kSignatureInts];  // this rank's call (sent in front of every record)
 };
+
+// Int32 per row of a notify area with `num_nodes` rows, and the most record ints a row holds.
+constexpr int notify_row_ints(int num_nodes) { return kNotifyInts / num_nodes; }
+constexpr int notify_max_record_ints(int num_nodes) { return notify_row_ints(num_nodes) - kSignatureSlotInts; }
 
 // Host side. None of these throws: failures come back as a non-empty message.
 std::string get_unique_id(std::string* id);

@@ -14,6 +14,9 @@
 // Combine send: every valid slot's row goes back to its source rank, into [global expert][source token]
 // of its recv area; the last block then flags every rank. Combine receive: wait for every rank's flag,
 // then sum each token's top-k rows, weighted, in float32.
+// Signatures: block 0 of a send phase puts this call's signature (ll_signature, 16 bytes) into every rank's
+// slot for this rank before the quiet that precedes the counts or flags, so a receiver that saw them
+// compares each source's call with its own before it uses any count (send_signature, signatures_agree).
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -65,14 +68,33 @@ __device__ bool wait_flag(const Ctx& c, const int* flag, int tag, int phase, int
     return true;
 }
 
+// Block-wide, in one block of a send phase: this call's signature `sig` into this rank's slot of the set on
+// every rank (the slot is a symmetric address). Plain stores where NVSHMEM maps the peer, else a put from
+// this rank's own slot; each thread's quiet before the arrival completes them before any count or flag.
+__device__ void send_signature(const Ctx& c, const int4& sig) {
+    int* mine = signature_slot(c.sym, c.set, c.rank);
+    if (threadIdx.x == 0) {
+        *reinterpret_cast<int4*>(mine) = sig;
+        __threadfence_system();  // the source of the puts below, which the NIC reads
+    }
+    __syncthreads();
+    for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
+        if (r == c.rank) continue;
+        if (int* mapped = reinterpret_cast<int*>(peer_ptr(c, mine, r))) st_na_v4(reinterpret_cast<int4*>(mapped), sig);
+        else nvshmem_putmem_nbi(mine, mine, sizeof(int4), r);
+    }
+}
+
 // Warp 0 of a block waits for the dispatch counts sig[0..n) of this call (signal i from source i % R):
 // each lane polls every 32nd signal with relaxed loads, the warp sleeps briefly between rounds, and one
 // acquire fence follows. values[i] gets signal i, or 0 (no rows) for one that timed out. One polling warp
 // per block instead of one thread per signal keeps the pollers from crowding out the senders' stores
 // while the other ranks are still sending. Adds, in block 0, the nanoseconds waited for source s's first
-// signal to stats[s] when given.
+// signal to stats[s] when given. At the timeout, the sources whose first count came are compared with
+// `mine` first: a source whose call has fewer experts never sends some counts, and the difference is the
+// error to report, not the wait.
 __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, unsigned long long* stats,
-                                 int* values) {
+                                 int* values, const int4& mine) {
     const int lane = threadIdx.x & 31, R = c.num_ranks;
     const uint32_t want = static_cast<uint32_t>(tag) & 0xFFFFu;
     uint32_t pending = 0;  // bit j: signal lane + 32 j not seen yet
@@ -94,6 +116,12 @@ __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, u
         const bool aborted = ld_volatile(c.workspace + kLLWorkspaceAbort) != 0;
         const bool late = global_timer_ns() - start > c.timeout_ns;
         if (aborted || late) {
+            if (late && !aborted) {
+                fence_acq_rel_sys();
+                for (int j = 0, i = lane; i < R && i < n; ++j, i += 32)  // signal i < R: source i's first
+                    if (!((pending >> j) & 1u))
+                        signatures_agree(c, mine, signature_slot(c.sym, c.set, i), kLLPhaseDispatchRecv, i);
+            }
             if (late && lane == __ffs(waiting) - 1)  // name the first source still missing
                 record_timeout(c, kLLPhaseDispatchRecv, (lane + 32 * (__ffs(pending) - 1)) % R, tag);
             for (int j = 0, i = lane; i < n; ++j, i += 32)
@@ -139,6 +167,8 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
         if (v >= 0) atomicAdd(sh.scan + v, 1);
     }
     __syncthreads();
+
+    if (blockIdx.x == 0) send_signature(c, ll_signature(a));
 
     char* stage = set_base(c);  // the send area starts the set
     char* recv = recv_area(c);
@@ -201,11 +231,17 @@ __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, Di
     const int tid = threadIdx.x, G = gridDim.x;
     // Pair i = l * R + s: messages of source s for local expert l (0 for a source that timed out). The
     // signals land in sh.scan, which the scan below overwrites only after every thread read its count.
+    const int4 mine = ll_signature(a);
     if (tid < 32) {
         unsigned long long* stats =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats) : nullptr;
-        warp_wait_counts(c, signals(c) + kSigDispatch, E, tag, stats, sh.scan);
+        warp_wait_counts(c, signals(c) + kSigDispatch, E, tag, stats, sh.scan, mine);
     }
+    __syncthreads();
+    // Every source's counts came (its signature was put before them): compare before using any.
+    if (!ld_volatile(c.workspace + kLLWorkspaceAbort))
+        for (int s = tid; s < R; s += blockDim.x)
+            signatures_agree(c, mine, signature_slot(c.sym, c.set, s), kLLPhaseDispatchRecv, s);
     __syncthreads();
     const int count = tid < E ? min(static_cast<int>(static_cast<uint32_t>(sh.scan[tid]) & 0xFFFFu), M) : 0;
     const int num_rows = scan_received_counts(a, count, R, sh.scan, sh.warp);
@@ -259,6 +295,7 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
     const LLCombineArgs& a = ca.a;
     const int R = c.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, RM = R * M;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (blockIdx.x == 0) send_signature(c, ll_signature(a));
     int count = 0;
     if (tid < E) {
         const int64_t range = __ldg(a.layout_range + tid);
@@ -308,7 +345,9 @@ __device__ void combine_recv(const Ctx& c, const CombineArgs& ca, int tag, Combi
     for (int r = tid; r < R; r += blockDim.x) {
         unsigned long long* stat =
             blockIdx.x == 0 && a.wait_stats ? reinterpret_cast<unsigned long long*>(a.wait_stats + r) : nullptr;
-        sh.ok[r] = wait_flag(c, signals(c) + kSigCombine + r, tag, kLLPhaseCombineRecv, r, stat);
+        bool ok = wait_flag(c, signals(c) + kSigCombine + r, tag, kLLPhaseCombineRecv, r, stat);
+        if (ok) ok = signatures_agree(c, ll_signature(a), signature_slot(c.sym, c.set, r), kLLPhaseCombineRecv, r);
+        sh.ok[r] = ok;
     }
     __syncthreads();
     const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + G - 1) / G : 0;

@@ -15,6 +15,8 @@
 //   [kSigCombine + s]           combine flag of source s: the tag of its last combine send
 // Tags count the calls of a kind on a set since the last clean (device-side epochs, so graph replays
 // count); nothing is reset between calls.
+// Signatures of set b (after both sets' signals, as in kernels/low_latency.cuh): [s] what source s's last
+// call on this set was (ll_signature), put by s before the quiet that precedes its counts or flag.
 // Send area: dispatch stages each token once there ([M] messages); combine reads its rows from there
 //   ([L, R * M, hidden] bf16, the zero-copy buffer; other inputs are copied there for RDMA puts).
 // Recv area: dispatch messages [L][R][M] (16-byte header with the source token, then the BF16 token or

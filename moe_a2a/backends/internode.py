@@ -33,7 +33,10 @@ each (token, k) is non-zero on one rank only).
 All internode calls run on the caller's stream (the NVLink stage uses the intranode comm stream and
 joins back). Dispatch reads the count matrix on the host (as DeepEP's non-cached dispatch does);
 ``num_worst_tokens`` is intranode only. Every wait times out after ``timeout_s`` and names the rank,
-step and round; the buffer then refuses further calls.
+step and round; the buffer then refuses further calls. Ranks whose calls differ (bytes or scales per row,
+top-k width, experts, dispatch against combine) are told so: the notify records and every round
+barrier's arrival carry each rank's call, and every team member compares them before it uses anything
+else, naming the field, both ranks and both values.
 
 NVSHMEM is one runtime per process: the first internode buffer of a process initialises it for its
 team; later buffers must have the same team (their symmetric buffers come from the same heap). A buffer
@@ -245,11 +248,13 @@ class InternodeBackend:
             is_token_in_rank, num_tokens_per_expert = request.is_token_in_rank, request.num_tokens_per_expert
             topk_idx, topk_weights = request.topk_idx, request.topk_weights
             num_experts = request.num_experts
-            if 1 + N + num_experts // N > _nvshmem.max_notify_ints // N:
+            if 1 + N + num_experts // N > _nvshmem.max_notify_ints // N - _nvshmem.notify_signature_ints:
                 raise ValueError(f"{num_experts} experts on {N} nodes exceed the notify area")
         num_topk = topk_idx.size(1) if topk_idx is not None else 0
         stride = _nvshmem.dispatch_slot_bytes(row_bytes, num_scales, num_topk, L)
         window = self._window(stride)
+        # What every team member's call must match (compared by the notify and round kernels).
+        self.runtime.set_signature(1, row_bytes, num_scales, num_topk, 0 if cached else num_experts)
 
         if request.previous_event is not None:
             request.previous_event.current_stream_wait()
@@ -353,6 +358,7 @@ class InternodeBackend:
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
         biases = [b.contiguous() if b is not None else None for b in (request.bias_0, request.bias_1)]
         window = self._window(_nvshmem.combine_slot_bytes(hidden, num_topk))
+        self.runtime.set_signature(2, hidden * 2, 0, num_topk, 0)
         if request.previous_event is not None:
             request.previous_event.current_stream_wait()
 

@@ -17,6 +17,10 @@ Fixed shapes, no host synchronization: a dispatch plus a combine can be captured
 * Without a hook both phases run in one kernel. Hook mode: the call launches only the send phase and
   returns; the hook launches the receive phase, so no SM waits on peers while compute runs in between.
 * Every wait times out after ``timeout_s``; the next call raises naming the rank, step and peer.
+* Ranks that disagree are told so: every flag carries its sender's call (hidden size, tokens per rank,
+  number of experts, wire format), and a receiver compares it with its own call before it reads anything
+  of that sender. A difference stops the kernel; the next call raises on every rank that compared with the
+  odd one out, naming the field, both ranks and both values (``error_text``).
 
 Debug probes (used by ``python -m benchmarks low-latency``, never by ``Buffer``): ``empty_kernel`` and
 ``flag_round_trip`` launch measuring kernels of their own; ``set_phase_clock(clock)`` makes the following
@@ -40,7 +44,9 @@ from .. import _native
 
 _C = _native.Lazy("_C")  # loaded at first use; absent without CUDA
 
-_SIGNAL_BYTES = 2 * 2 * 1024 * 4  # two sets of dispatch + combine flags, 1024 ints each
+# Two sets of dispatch + combine flags (2048 ints each), then two sets of signatures (four ints for each of
+# up to 1024 source ranks): kLLSignalBytes of csrc/kernels/low_latency.cuh.
+_SIGNAL_BYTES = 2 * 2048 * 4 + 2 * 1024 * 4 * 4
 _SEND, _RECV = 1, 2  # kernel phases (csrc/kernels/low_latency.cuh)
 
 
@@ -52,15 +58,51 @@ def low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int,
                              num_experts: int) -> int:
     """Bytes of IPC buffer the kernels need for calls up to this shape (BF16 and FP8 alike).
 
-    Signals, then two sets of: a send area ``E * M * hidden * 2`` (the combine input, zero copy or copied
-    there) and a stage area ``E * M * align16(16 + 2 * hidden)`` (staged dispatch tokens and per-expert token
-    lists, which need far less; the size matches ``config.get_low_latency_rdma_size_hint``), each rounded up
-    to 128 bytes, with ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``.
+    Signals and call signatures, then two sets of: a send area ``E * M * hidden * 2`` (the combine input, zero
+    copy or copied there) and a stage area ``E * M * align16(16 + 2 * hidden)`` (staged dispatch tokens and
+    per-expert token lists, which need far less; the size matches ``config.get_low_latency_rdma_size_hint``),
+    each rounded up to 128 bytes, with ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``.
     """
     em = num_experts * num_max_dispatch_tokens_per_rank
     send = _align(em * hidden * 2, 128)
     recv = _align(em * _align(16 + 2 * hidden, 16), 128)
     return _SIGNAL_BYTES + 2 * (send + recv)
+
+
+#: Fields of the call signature the kernels compare (``ll_signature`` in csrc/kernels/ll_device.cuh), in order.
+SIGNATURE_FIELDS = ("hidden size", "tokens per rank (num_max_dispatch_tokens_per_rank)", "number of experts",
+                    "wire format")
+#: Wire formats by code (``LLFormat``); the format also names the operation.
+WIRE_FORMATS = {1: "BF16 dispatch", 2: "FP8 dispatch", 3: "FP8 dispatch with power-of-two scales (round_scale)",
+                4: "BF16 combine"}
+
+
+def error_text(record, rank: int, timeout_s: float) -> str:
+    """The message of a low-latency error record, or ``""`` when there is none.
+
+    ``record``: ``(code, phase, peer, index, set, call, mine, theirs)`` from ``error_record()`` of either
+    low-latency runtime (``LLHostError``): code 0 none, 1 a timeout waiting for rank ``peer`` (flag tag
+    ``index``), 2 rank ``peer``'s call differs from this rank's in signature field ``index``
+    (``SIGNATURE_FIELDS``: this rank has ``mine``, the peer ``theirs``); phase 1 dispatch receive, 2 combine
+    receive, 3 the flag round-trip probe.
+    """
+    code, phase, peer, index, set_, call, mine, theirs = record
+    if code == 0:
+        return ""
+    if code == 2:
+        operation = {1: "dispatch", 2: "combine"}.get(phase, f"phase {phase}")
+        field = SIGNATURE_FIELDS[index] if 0 <= index < len(SIGNATURE_FIELDS) else f"signature field {index}"
+
+        def show(value: int) -> str:
+            return WIRE_FORMATS.get(value, f"format code {value}") if index == 3 else str(value)
+
+        return (f"rank {rank} and rank {peer} disagree on the {field} of low-latency {operation} (call {call}, "
+                f"buffer set {set_}): rank {rank} has {show(mine)}, rank {peer} has {show(theirs)} (every rank "
+                f"must make the same call in the same order)")
+    step, what = {1: ("dispatch receive", "tokens"), 2: ("combine receive", "expert outputs")}.get(
+        phase, ("flag round trip", "flag"))
+    return (f"rank {rank} timed out after {timeout_s:g} s in low-latency {step} (call {call}, buffer set {set_}) "
+            f"waiting for rank {peer}'s {what} (tag {index})")
 
 
 def available() -> bool:
@@ -132,14 +174,9 @@ class LowLatencyBackend:
         self._rt.destroy()
 
     def error(self) -> str:
-        """The first timeout a kernel recorded, as text; empty while none (reads pinned memory, no sync)."""
-        code, phase, peer, index, set_, call = self._rt.error_record()
-        if code == 0:
-            return ""
-        step, what = {1: ("dispatch receive", "tokens"), 2: ("combine receive", "expert outputs")}.get(
-            phase, ("flag round trip", "flag"))
-        return (f"rank {self.rank} timed out after {self.timeout_s:g} s in low-latency {step} (call {call}, buffer "
-                f"set {set_}) waiting for rank {peer}'s {what} (tag {index})")
+        """The first error a kernel recorded (a timeout, or a peer whose call differs), as text; empty while
+        none (reads pinned memory, no sync)."""
+        return error_text(self._rt.error_record(), self.rank, self.timeout_s)
 
     _failure: Optional[str] = None  # a launch that failed: every later call raises it
 
@@ -154,8 +191,8 @@ class LowLatencyBackend:
             raise RuntimeError(f"moe_a2a low-latency: {self._failure}; the buffer cannot be used again") from e
 
     def raise_if_error(self) -> None:
-        """Raise ``RuntimeError`` if a kernel of this rank timed out or failed to launch (the buffer is then
-        unusable)."""
+        """Raise ``RuntimeError`` if a kernel of this rank timed out, met a peer whose call differs, or failed to
+        launch (the buffer is then unusable)."""
         message = self._failure or self.error()
         if message:
             raise RuntimeError(f"moe_a2a low-latency: {message}; the buffer cannot be used again")

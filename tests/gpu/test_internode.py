@@ -4,10 +4,12 @@ Virtual nodes on one GPU: 2 nodes of 2 ranks and 2 nodes of 4 ranks (``num_ranks
 a process under CUDA MPS. NVSHMEM joins the ranks with the same local index; the intranode kernels join
 the ranks of a node. Every rank runs the same cases in lockstep: kernels on its GPU, the reference backend
 on CPU over gloo. Dispatch must be bit-exact, in the reference's row order; combine may differ from the
-reference's single float32 sum by one BF16 rounding of each node-level partial sum.
+reference's single float32 sum by one BF16 rounding of each node-level partial sum. Ranks whose calls
+differ must be told how, by every rank that compares with them.
 """
 import faulthandler
 import os
+import re
 import time
 
 import pytest
@@ -286,6 +288,81 @@ def _timeout(rank, num_ranks, per_node):
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()
+
+
+def _ranks_disagree(rank, num_ranks, per_node, what):
+    """Ranks whose calls differ are told so by the RDMA stage's comparison of every team member's call.
+
+    ``hidden``: the last rank dispatches rows of another size. Its team finds out at the count exchange and
+    raises at once, naming the field, both ranks and both values; the other ranks then wait for it in the
+    NVLink stage and time out. ``operation``: node 0 runs a cached dispatch while node 1 combines: every team
+    finds out at the round barrier (the combine side traps, so under MPS some ranks see only a CUDA error;
+    the records of those that compared name the difference)."""
+    _nvshmem_env()
+    set_rank_device(rank)
+    num_sms = rank_num_sms(num_ranks)
+    dcfg, ccfg, nvl, rdma = _buffer_bytes(num_ranks, per_node, num_sms, 512 * 2)
+    kern = internode.InternodeBackend(rank, num_ranks, per_node, nvl, rdma, gather, 5.0)
+    dev, E, odd = kern.device, 8 * num_ranks, num_ranks - 1
+    gen = torch.Generator().manual_seed(rank)
+    idx = routing(64, E, 2, gen).to(dev)
+    layout = intranode.get_dispatch_layout(idx, E, num_ranks, per_node)
+    args = (None, None, layout[0], layout[3], layout[2], idx, None, 1, 0, dcfg)
+    x = torch.randn(64, 256, generator=gen).to(torch.bfloat16).to(dev)
+    recv = kern.dispatch(x, *args)  # everyone agrees
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.monotonic()
+    message = ""
+    try:
+        if what == "hidden":
+            kern.dispatch(torch.randn(64, 512 if rank == odd else 256, device=dev).to(torch.bfloat16), *args)
+        elif rank // per_node == 0:
+            kern.dispatch(x, None, recv[5], None, None, None, None, None, 1, 0, dcfg)
+        else:
+            kern.combine(recv[0], recv[5], None, None, None, ccfg)
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"rank {rank}: a call its peers did not match returned without an error")
+    assert time.monotonic() - start < 30
+    if "disagree" not in message:  # a CUDA error (a trap): the record, if this rank made one, has the text
+        try:
+            kern.check()
+        except RuntimeError as e:
+            message = str(e) if "disagree" in str(e) else message
+    messages = gather(message)
+    for r, text in enumerate(messages):
+        assert text, f"rank {r} raised nothing"
+        node = r // per_node
+        if what == "hidden":
+            if r % per_node != odd % per_node:
+                continue  # not in the odd rank's team: it timed out waiting for a rank that raised
+            mine, theirs = (1024, 512) if r == odd else (512, 1024)
+            pattern = (rf"rank {r}: ranks disagree on the bytes per row in internode dispatch \(count exchange\): "
+                       rf"rank {r} has {mine}, rank (\d+) \(node \d\) has {theirs}")
+        else:
+            if "disagree" not in text:
+                continue
+            op = "dispatch" if node == 0 else "combine"
+            mine, theirs = (1, 2) if node == 0 else (2, 1)
+            pattern = (rf"rank {r}: ranks disagree on the operation \(1 dispatch, 2 combine\) in internode {op} "
+                       rf"\(round barrier\): rank {r} has {mine}, rank (\d+) \(node {1 - node}\) has {theirs}")
+        found = re.search(pattern, text)
+        assert found and int(found.group(1)) % per_node == r % per_node, (r, text)
+    assert any("disagree" in m for m in messages), messages
+    dist.barrier()
+    synchronize_after_fault()
+    kern.destroy(at_exit=True)  # after a failure no collective free: a peer's CUDA context may be gone
+
+
+@pytest.mark.parametrize("what", ["hidden", "operation"])
+def test_ranks_that_disagree_are_told(what):
+    reason = _skip(4)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_ranks_disagree, 4, 2, what, timeout=120.0)
 
 
 @pytest.mark.parametrize("num_ranks,per_node", [(4, 2), (8, 4)])

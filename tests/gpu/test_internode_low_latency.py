@@ -6,7 +6,7 @@ cases in lockstep as ``test_low_latency.py`` (whose checks are reused): received
 the reference's through the source info, BF16 rows exact, FP8 within one e4m3 step, combine within BF16
 rounding; hook mode, zero copy, ``out=``, CUDA graph replay on new data, 1,000 alternating calls without
 drift; NVSHMEM puts only (``allow_nvlink=False``); the public ``Buffer`` with normal internode calls on the
-same buffer; and a timeout naming the missing rank.
+same buffer; a timeout naming the missing rank; and ranks whose calls differ, each told how.
 """
 import os
 import time
@@ -23,7 +23,8 @@ from moe_a2a.backends.base import CombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
 from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
-from test_low_latency import _graph, _inputs, _many_calls, _round_trip, _run_cases, _want_combine
+from test_low_latency import (DISAGREEMENTS, _disagree, _graph, _inputs, _many_calls, _round_trip, _run_cases,
+                              _want_combine)
 
 pytestmark = pytest.mark.gpu
 
@@ -155,6 +156,26 @@ def _timeout(rank, num_ranks, per_node):
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()
+
+
+def _ranks_disagree(rank, num_ranks, per_node, what):
+    """As the intranode low-latency test: the last rank (on the other node than rank 0) makes another call;
+    every rank that compares with it names the field, both ranks and both values. None waits for the timeout,
+    except where the last rank has more experts: the counts it waits for beyond the others' experts never
+    come, and at the timeout it compares the calls of the sources whose first counts came."""
+    _env()
+    set_rank_device(rank)
+    timeout_s, within_s = (5.0, 20.0) if what == "experts" else (30.0, 15.0)
+    _disagree(rank, num_ranks, _backend(rank, num_ranks, 16, 512, 16 * num_ranks, timeout_s=timeout_s), what,
+              within_s)
+
+
+@pytest.mark.parametrize("what", sorted(DISAGREEMENTS))
+def test_ranks_that_disagree_are_told(what):
+    reason = _skip(4)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_ranks_disagree, 4, 2, what, timeout=120.0)
 
 
 @pytest.mark.parametrize("num_ranks,per_node", [(4, 2), (8, 4)])

@@ -3,8 +3,10 @@
 Every rank runs the same cases in lockstep: the kernels on its GPU, ``ReferenceLowLatency`` on CPU over
 the gloo group, then compares. Received token sets per expert are compared through the handles' source
 info; BF16 rows and scales must be exact, FP8 values within one e4m3 step; combine within BF16 rounding
-of a float32 weighted sum. Then hook mode, CUDA graph replay, 10,000 alternating calls, and a timeout.
+of a float32 weighted sum. Then hook mode, CUDA graph replay, 10,000 alternating calls, a timeout, and ranks
+whose calls differ (each told which field differs and both values, without waiting for the timeout).
 """
+import re
 import time
 
 import pytest
@@ -351,6 +353,83 @@ def _timeout(rank, num_ranks):
     dist.barrier()
     synchronize_after_fault()
     kern.destroy()
+
+
+# What the last rank changes: the field the error names, the operation, the others' value and its own.
+DISAGREEMENTS = {"hidden": ("hidden size", "dispatch", 256, 512),
+                 "fp8": ("wire format", "dispatch", "BF16 dispatch", "FP8 dispatch"),
+                 "tokens_per_rank": ("tokens per rank", "dispatch", 8, 16),
+                 "experts": ("number of experts", "dispatch", "8R", "16R"),
+                 "combine_hidden": ("hidden size", "combine", 256, 512)}
+
+
+def _disagree(rank, num_ranks, kern, what, within_s=15.0):
+    """The last rank's call differs from the others' (``what``, see ``DISAGREEMENTS``): every rank that compares
+    with it records the difference, naming the field, both ranks and both values, and stops instead of copying
+    rows of another shape; all within ``within_s`` seconds. ``kern``'s buffer fits hidden 512, 16 tokens per
+    rank and 16 experts per rank."""
+    field, operation, value, odd_value = DISAGREEMENTS[what]
+    if what == "experts":
+        value, odd_value = 8 * num_ranks, 16 * num_ranks
+    odd, dev, E = num_ranks - 1, kern.device, 8 * num_ranks
+    gen = torch.Generator().manual_seed(rank)
+    idx = _routing(8, E, 2, gen).to(dev)
+    x = torch.randn(8, 256, generator=gen).to(torch.bfloat16).to(dev)
+    recv_x, _, _, handle, _ = kern.dispatch(x, idx, None, None, 8, E, False, False, False, False)  # all agree
+    torch.cuda.synchronize()
+    kern.raise_if_error()
+    dist.barrier()
+    start = time.monotonic()
+    if what == "combine_hidden":
+        y = torch.zeros(recv_x.shape, dtype=torch.bfloat16, device=dev)
+        if rank == odd:
+            handle = handle._replace(hidden=512)
+            y = torch.zeros(*recv_x.shape[:2], 512, dtype=torch.bfloat16, device=dev)
+        w = torch.rand(idx.shape, generator=gen).to(dev)
+        expect_fault(lambda: kern.combine(y, idx, w, handle, None, None, False))
+    else:
+        odd_call = rank == odd
+        hidden = 512 if what == "hidden" and odd_call else 256
+        num_max = 16 if what == "tokens_per_rank" and odd_call else 8
+        num_experts = 2 * E if what == "experts" and odd_call else E
+        use_fp8 = what == "fp8" and odd_call
+        xs = torch.randn(8, hidden, generator=gen).to(torch.bfloat16).to(dev)
+        expect_fault(lambda: kern.dispatch(xs, idx, None, None, num_max, num_experts, use_fp8, False, False, False))
+    assert time.monotonic() - start < within_s, "a mismatch must stop the kernel"
+    # The first rank to see the difference records it and traps; under MPS that trap ends the other ranks'
+    # kernels too, so some ranks may hold no record. Each record names both ranks and both values.
+    records = gather(kern.error())
+    assert any(records), records
+    for r, text in enumerate(records):
+        if not text:
+            continue
+        found = re.search(rf"rank {r} and rank (\d+) disagree on the {re.escape(field)}[^:]* of low-latency "
+                          rf"{operation} \(call 1, buffer set 1\): rank {r} has (.+), rank (\d+) has (.+) \(every",
+                          text)
+        assert found, (r, text)
+        peer = int(found.group(1))
+        assert peer == int(found.group(3)) and (r == odd) != (peer == odd), (r, text)
+        want = (odd_value, value) if r == odd else (value, odd_value)
+        assert (found.group(2), found.group(4)) == tuple(map(str, want)), (r, text)
+    if records[rank]:
+        with pytest.raises(RuntimeError, match=r"disagree .* the buffer cannot be used again"):
+            kern.dispatch(x, idx, None, None, 8, E, False, False, False, False)
+    dist.barrier()
+    synchronize_after_fault()
+    kern.destroy(at_exit=True)  # no collective free (NVSHMEM) after a failure: a peer's CUDA context may be gone
+
+
+def _ranks_disagree(rank, num_ranks, what):
+    set_rank_device(rank)
+    _disagree(rank, num_ranks, _backend(rank, num_ranks, 16, 512, 16 * num_ranks, timeout_s=30.0), what)
+
+
+@pytest.mark.parametrize("what", sorted(DISAGREEMENTS))
+def test_ranks_that_disagree_are_told(what):
+    reason = skip_reason(2) or (None if low_latency.available() else "no low-latency kernels in moe_a2a._C")
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_ranks_disagree, 2, what, timeout=120.0)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
