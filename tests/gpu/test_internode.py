@@ -307,20 +307,20 @@ def _ranks_disagree(rank, num_ranks, per_node, what):
     gen = torch.Generator().manual_seed(rank)
     idx = routing(64, E, 2, gen).to(dev)
     layout = intranode.get_dispatch_layout(idx, E, num_ranks, per_node)
-    args = (None, None, layout[0], layout[3], layout[2], idx, None, 1, 0, dcfg)
     x = torch.randn(64, 256, generator=gen).to(torch.bfloat16).to(dev)
-    recv = kern.dispatch(x, *args)  # everyone agrees
+    recv = kern.dispatch(dispatch_request(x, None, dcfg, layout, idx))  # everyone agrees
     torch.cuda.synchronize()
     dist.barrier()
     start = time.monotonic()
     message = ""
     try:
         if what == "hidden":
-            kern.dispatch(torch.randn(64, 512 if rank == odd else 256, device=dev).to(torch.bfloat16), *args)
+            wide = torch.randn(64, 512 if rank == odd else 256, device=dev).to(torch.bfloat16)
+            kern.dispatch(dispatch_request(wide, None, dcfg, layout, idx))
         elif rank // per_node == 0:
-            kern.dispatch(x, None, recv[5], None, None, None, None, None, 1, 0, dcfg)
+            kern.dispatch(dispatch_request(x, None, dcfg, handle=recv.handle))
         else:
-            kern.combine(recv[0], recv[5], None, None, None, ccfg)
+            kern.combine(CombineRequest(recv.recv_x, recv.handle, ccfg))
         torch.cuda.synchronize()
     except RuntimeError as e:
         message = str(e)

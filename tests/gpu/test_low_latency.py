@@ -375,7 +375,7 @@ def _disagree(rank, num_ranks, kern, what, within_s=15.0):
     gen = torch.Generator().manual_seed(rank)
     idx = _routing(8, E, 2, gen).to(dev)
     x = torch.randn(8, 256, generator=gen).to(torch.bfloat16).to(dev)
-    recv_x, _, _, handle, _ = kern.dispatch(x, idx, None, None, 8, E, False, False, False, False)  # all agree
+    recv_x, _, _, handle, _ = kern.dispatch(LowLatencyDispatchRequest(x, idx, 8, E, use_fp8=False))  # all agree
     torch.cuda.synchronize()
     kern.raise_if_error()
     dist.barrier()
@@ -386,7 +386,7 @@ def _disagree(rank, num_ranks, kern, what, within_s=15.0):
             handle = handle._replace(hidden=512)
             y = torch.zeros(*recv_x.shape[:2], 512, dtype=torch.bfloat16, device=dev)
         w = torch.rand(idx.shape, generator=gen).to(dev)
-        expect_fault(lambda: kern.combine(y, idx, w, handle, None, None, False))
+        expect_fault(lambda: kern.combine(LowLatencyCombineRequest(y, idx, w, handle)))
     else:
         odd_call = rank == odd
         hidden = 512 if what == "hidden" and odd_call else 256
@@ -394,7 +394,7 @@ def _disagree(rank, num_ranks, kern, what, within_s=15.0):
         num_experts = 2 * E if what == "experts" and odd_call else E
         use_fp8 = what == "fp8" and odd_call
         xs = torch.randn(8, hidden, generator=gen).to(torch.bfloat16).to(dev)
-        expect_fault(lambda: kern.dispatch(xs, idx, None, None, num_max, num_experts, use_fp8, False, False, False))
+        expect_fault(lambda: kern.dispatch(LowLatencyDispatchRequest(xs, idx, num_max, num_experts, use_fp8=use_fp8)))
     assert time.monotonic() - start < within_s, "a mismatch must stop the kernel"
     # The first rank to see the difference records it and traps; under MPS that trap ends the other ranks'
     # kernels too, so some ranks may hold no record. Each record names both ranks and both values.
@@ -413,7 +413,7 @@ def _disagree(rank, num_ranks, kern, what, within_s=15.0):
         assert (found.group(2), found.group(4)) == tuple(map(str, want)), (r, text)
     if records[rank]:
         with pytest.raises(RuntimeError, match=r"disagree .* the buffer cannot be used again"):
-            kern.dispatch(x, idx, None, None, 8, E, False, False, False, False)
+            kern.dispatch(LowLatencyDispatchRequest(x, idx, 8, E, use_fp8=False))
     dist.barrier()
     synchronize_after_fault()
     kern.destroy(at_exit=True)  # no collective free (NVSHMEM) after a failure: a peer's CUDA context may be gone
