@@ -195,7 +195,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         MOE_A2A_CHECK(hidden_bytes > 0 && hidden_bytes % 16 == 0, "hidden bytes must be a positive multiple of 16, got ",
                       hidden_bytes);
         const int q = dispatch_capacity(hidden_bytes, num_scales, num_topk);
-        const int64_t small_base = dispatch_push_small_base(num_nvl_bytes_, q, num_ranks_, num_scales, num_topk);
+        const int64_t small_base = dispatch_in_buffer_fields_base(num_nvl_bytes_, q, num_ranks_, num_scales, num_topk);
         return {small_base, std::max<int64_t>(small_base, 0) / hidden_bytes};
     }
 
@@ -212,7 +212,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
                   const torch::Tensor& send_head, const torch::Tensor& rank_prefix, int num_experts, int num_sms,
                   torch::Tensor& recv_x, const std::optional<torch::Tensor>& recv_x_scales,
                   const std::optional<torch::Tensor>& recv_topk_idx, const std::optional<torch::Tensor>& recv_topk_weights,
-                  const std::optional<torch::Tensor>& recv_src_idx, bool after_notify, bool push) {
+                  const std::optional<torch::Tensor>& recv_src_idx, bool after_notify, bool recv_x_in_buffer) {
         check_ready();
         MOE_A2A_CHECK(x.is_cuda() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous [T, hidden] CUDA tensor");
         const int hidden_bytes = static_cast<int>(x.size(1) * x.element_size());
@@ -244,7 +244,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         a.capacity = dispatch_capacity(hidden_bytes, num_scales, num_topk);
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token of ", hidden_bytes,
                     " bytes; use Config.get_nvl_buffer_size_hint");
-        if (push) {
+        if (recv_x_in_buffer) {
             const auto [small_base, recv_rows] = dispatch_receive_area(hidden_bytes, num_scales, num_topk);
             // An empty view has no address (data_ptr() is 0): the kernel writes no rows of it anyway.
             MOE_A2A_CHECK(recv_x.numel() == 0 || recv_x.data_ptr() == static_cast<void*>(staging_base()),
@@ -252,7 +252,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
             a.recv_x = staging_base();
             MOE_A2A_CHECK(a.num_alloc_rows <= recv_rows, "the receive area holds ", recv_rows, " rows, ",
                           a.num_alloc_rows, " received");
-            a.push = 1;
+            a.recv_x_in_buffer = 1;
             a.small_base = small_base;
             a.recv_rows = static_cast<int>(recv_rows);
             a.bulk = 0;
@@ -263,7 +263,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         if (!after_notify) launch_prologue(ctx(), a.num_tokens, -1, kPhaseDispatchStart, stream);
         // When every token fits one round, the copy engine stages the rows (faster than SM copies; the size
         // is the input's, known on the host, so this also holds under CUDA graph capture).
-        if (!push && a.num_tokens > 0 && a.num_tokens <= a.capacity) {
+        if (!recv_x_in_buffer && a.num_tokens > 0 && a.num_tokens <= a.capacity) {
             MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
                                                static_cast<size_t>(a.num_tokens) * hidden_bytes,
                                                cudaMemcpyDeviceToDevice, stream));

@@ -114,14 +114,14 @@ struct DispatchArgs {
     // Rows written by their senders (recv_x is the receive area at the start of every rank's staging area):
     // the per-token fields are staged at byte `small_base` of the staging area (layout without data rows),
     // and the receive area holds `recv_rows` rows. 0: the receivers pull the rows.
-    int push; int64_t small_base; int recv_rows;
+    int recv_x_in_buffer; int64_t small_base; int recv_rows;
 };
 
 void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, cudaStream_t stream);
 int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_scales, int num_topk);
-// Where the per-token fields go when senders write the rows (`push`): the end of a staging area of
+// Where the per-token fields go when senders write the rows (`recv_x_in_buffer`): the end of a staging area of
 // `staging_bytes`, aligned down to 128 bytes; the receive rows fill the area before it.
-int64_t dispatch_push_small_base(int64_t staging_bytes, int capacity, int num_ranks, int num_scales, int num_topk);
+int64_t dispatch_in_buffer_fields_base(int64_t staging_bytes, int capacity, int num_ranks, int num_scales, int num_topk);
 
 struct CombineArgs {
     const void* x; int hidden_int4;                 // [N, hidden] bf16

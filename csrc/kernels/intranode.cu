@@ -162,7 +162,7 @@ struct BulkRing {
         ++done;
     }
 
-    __device__ void push(void* d, const void* src, int n, const PeerCtx& c, int phase, int round) {
+    __device__ void issue(void* d, const void* src, int n, const PeerCtx& c, int phase, int round) {
         while (issued - done > kBulkLag) complete_one(c, phase, round);
         if (!ok) return;
         const int s = issued % kDispatchBulkSlots;
@@ -410,7 +410,7 @@ __device__ int load_peer_tokens(const PeerCtx& c, int* s_tokens) {
 // Senders write the rows: every token is read once and stored into the receive rows of each rank that
 // receives it (row rank_prefix[me - 1, d] + send_head[t, d] there), so a row crosses memory once instead of
 // being staged and pulled. One warp per token, four 16-byte words per lane in flight.
-__device__ void push_rows(const PeerCtx& c, const DispatchArgs& a, int me, int gwarp, int num_warps, int lane) {
+__device__ void write_rows_in_buffer(const PeerCtx& c, const DispatchArgs& a, int me, int gwarp, int num_warps, int lane) {
     const int R = c.num_ranks, H4 = a.hidden_int4;
     const int64_t row_int4 = H4;
     for (int t = gwarp; t < a.num_tokens; t += num_warps) {
@@ -440,7 +440,7 @@ __device__ void push_rows(const PeerCtx& c, const DispatchArgs& a, int me, int g
 
 // Senders write the rows only if every rank's receive rows fit its area and every rank stages its tokens in
 // one round: the same answer on every rank (rank_prefix and the token counts are), so all take the same exit.
-__device__ bool push_fits(const PeerCtx& c, const DispatchArgs& a, int max_tokens) {
+__device__ bool in_buffer_fits(const PeerCtx& c, const DispatchArgs& a, int max_tokens) {
     if (max_tokens > a.capacity || a.num_alloc_rows > a.recv_rows) return false;
     for (int d = 0; d < c.num_ranks; ++d)
         if (a.rank_prefix[(c.num_ranks - 1) * c.num_ranks + d] > a.recv_rows) return false;
@@ -458,20 +458,20 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
     if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
     __syncthreads();
     const int num_recv = s_offset[R];
-    if (a.push && !push_fits(c, a, max_tokens)) {
+    if (a.recv_x_in_buffer && !in_buffer_fits(c, a, max_tokens)) {
         if (threadIdx.x == 0 && blockIdx.x == 0)
             record_error(c, kErrRecvOverflow, me, kPhaseDispatchStart, a.recv_rows, max(num_recv, a.num_alloc_rows), 0);
         return;
     }
     const int Q = a.capacity, S = a.num_scales, K = a.num_topk, H4 = a.hidden_int4;
     // With senders writing the rows, the staged per-token fields sit at small_base, after the receive rows.
-    const int64_t base = a.push ? a.small_base : 0;
-    const DispatchLayout L(Q, a.push ? 0 : H4, R, S, K);
+    const int64_t base = a.recv_x_in_buffer ? a.small_base : 0;
+    const DispatchLayout L(Q, a.recv_x_in_buffer ? 0 : H4, R, S, K);
     const int expert_begin = me * a.num_experts_per_rank;
     const int num_warps = gridDim.x * (blockDim.x / 32);
     const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int num_rounds = (max_tokens + Q - 1) / Q;
-    const bool bulk = a.bulk != 0 && !a.push;
+    const bool bulk = a.bulk != 0 && !a.recv_x_in_buffer;
     const int warp = threadIdx.x / 32, row_bytes = H4 * 16;
     __shared__ char* s_bulk_dst[kDispatchThreads / 32][kDispatchBulkSlots];
     __shared__ int s_bulk_len[kDispatchThreads / 32][kDispatchBulkSlots];
@@ -494,7 +494,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
         // Stage this rank's tokens [first, first + n) once; every receiver reads them from here.
         const int n = max(0, min(Q, a.num_tokens - first));
         char* mine = staging(c, me);
-        if (!a.data_staged && !a.push)  // the copy engine staged all rows before this kernel, or senders write them
+        if (!a.data_staged && !a.recv_x_in_buffer)  // the copy engine staged all rows before this kernel, or senders write them
             grid_copy_int4(reinterpret_cast<int4*>(mine + L.data),
                            static_cast<const int4*>(a.x) + static_cast<int64_t>(first) * H4,
                            static_cast<int64_t>(n) * H4);
@@ -513,7 +513,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                                 reinterpret_cast<const int*>(a.topk_weights) + static_cast<int64_t>(first) * K,
                                 static_cast<int64_t>(n) * K);
         }
-        if (a.push) push_rows(c, a, me, gwarp, num_warps, lane);
+        if (a.recv_x_in_buffer) write_rows_in_buffer(c, a, me, gwarp, num_warps, lane);
         if (!grid_barrier(c, true, kPhaseDispatchStaged, round)) return;
         if (bulk && lane == 0) fence_proxy_async_global();
 
@@ -542,14 +542,14 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                     if (lane == 0) record_error(c, kErrRecvOverflow, s, kPhaseDispatchStaged, a.num_alloc_rows, row + 1, round);
                     continue;
                 }
-                if (a.push) {
+                if (a.recv_x_in_buffer) {
                     // The sender wrote the row already.
                 } else if (bulk) {
                     if (lane == 0) {
                         char* dst = static_cast<char*>(a.recv_x) + static_cast<int64_t>(row) * row_bytes;
                         const char* from = src + L.data + static_cast<int64_t>(i) * row_bytes;
                         for (int off = 0; off < row_bytes; off += piece_bytes)
-                            ring.push(dst + off, from + off, min(piece_bytes, row_bytes - off), c,
+                            ring.issue(dst + off, from + off, min(piece_bytes, row_bytes - off), c,
                                       kPhaseDispatchStaged, round);
                     }
                 } else {
@@ -751,7 +751,7 @@ int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int
     return DispatchLayout(capacity, hidden_int4, num_ranks, num_scales, num_topk).end;
 }
 
-int64_t dispatch_push_small_base(int64_t staging_bytes, int capacity, int num_ranks, int num_scales, int num_topk) {
+int64_t dispatch_in_buffer_fields_base(int64_t staging_bytes, int capacity, int num_ranks, int num_scales, int num_topk) {
     const int64_t small = DispatchLayout(capacity, 0, num_ranks, num_scales, num_topk).end;
     return (staging_bytes - small) / 128 * 128;
 }

@@ -54,10 +54,8 @@ finished their earlier operations, and published this rank's token count.
 Bytes moved per rank, with ``T`` tokens in, ``S`` rows sent (a token counted once per destination) and
 ``N`` rows received: dispatch reads ``T`` and writes ``T`` rows locally, then moves each received row
 once (read ``N`` over NVLink, write ``N``); combine stages ``N`` rows locally and pulls them once.
-A push design through per-peer ring buffers (DeepEP's) moves every sent row twice (into the ring, then
-out of it), ``T + 3S`` row transfers against ``2T + 2S`` here for dispatch; a token that goes to k
-ranks is read from the input once. Direct remote writes into the receiver's output are not possible
-because outputs are fresh tensors that no peer has mapped.
+A token that goes to k ranks is read from the input once. Outputs that are fresh tensors cannot be written
+by the peers (no peer maps them): that is why rows written by their senders need ``recv_x_in_buffer``.
 
 When the rows do not fit the buffer in one go the kernel runs several rounds over windows of tokens
 (``capacity`` tokens per round, computed from ``num_nvl_bytes``), with one extra barrier per round; any
@@ -131,6 +129,14 @@ def start_address(t: torch.Tensor) -> int:
     where the view starts.
     """
     return t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+
+
+def is_combine_input_view(x: torch.Tensor, staging_start: int, num_rows: int) -> bool:
+    """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows of a staging
+    area starting at address ``staging_start`` (empty views included: every rank must take the same path,
+    raise or communicate, for the same calls)."""
+    return (start_address(x) == staging_start and x.dtype == torch.bfloat16 and x.dim() == 2 and
+            x.size(0) == num_rows and x.is_contiguous())
 
 
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
@@ -265,10 +271,7 @@ class IntranodeBackend:
         return self.runtime.local_buffer(0)[:num_rows * row_bytes].view(dtype).view(num_rows, hidden)
 
     def _is_combine_input(self, x: torch.Tensor, num_rows: int) -> bool:
-        """Whether ``x`` is exactly the view ``get_next_combine_buffer`` gives for ``num_rows`` rows (empty
-        views included: every rank must take the same path, raise or communicate, for the same calls)."""
-        return (start_address(x) == self._staging[0] and x.dtype == torch.bfloat16 and x.dim() == 2 and
-                x.size(0) == num_rows and x.is_contiguous())
+        return is_combine_input_view(x, self._staging[0], num_rows)
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, request: LayoutRequest) -> LayoutResult:

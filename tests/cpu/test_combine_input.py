@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from moe_a2a import Config
-from moe_a2a.backends.intranode import IntranodeBackend, start_address
+from moe_a2a.backends.intranode import is_combine_input_view, start_address
 from moe_a2a.config import combine_input_bytes
 
 
@@ -28,14 +28,13 @@ def test_empty_combine_input_is_recognised():
     # one: the intranode backend must still tell it from other inputs, or that rank alone would take a
     # stale view as an ordinary input and communicate where its peers raise.
     raw = torch.empty(1024, dtype=torch.uint8)  # stands for the staging area
-    backend = IntranodeBackend.__new__(IntranodeBackend)  # only the address bookkeeping, no device
-    backend._staging = (raw.data_ptr(), raw.data_ptr() + raw.numel())
+    start = raw.data_ptr()
     for rows in (0, 3):
         view = raw[:rows * 16 * 2].view(torch.bfloat16).view(rows, 16)  # what get_next_combine_buffer returns
         assert start_address(view) == raw.data_ptr()
-        assert backend._is_combine_input(view, rows)
-        assert not backend._is_combine_input(view, rows + 1)
-        assert not backend._is_combine_input(torch.zeros(rows, 16, dtype=torch.bfloat16), rows)
+        assert is_combine_input_view(view, start, rows)
+        assert not is_combine_input_view(view, start, rows + 1)
+        assert not is_combine_input_view(torch.zeros(rows, 16, dtype=torch.bfloat16), start, rows)
     assert torch.empty(0, 16).data_ptr() == 0 == raw[:0].data_ptr()  # why data_ptr() cannot tell them apart
     assert start_address(raw[32:].view(torch.bfloat16)[:0]) == raw.data_ptr() + 32
-    assert not backend._is_combine_input(raw[32:32 + 3 * 32].view(torch.bfloat16).view(3, 16), 3)
+    assert not is_combine_input_view(raw[32:32 + 3 * 32].view(torch.bfloat16).view(3, 16), start, 3)
