@@ -17,6 +17,7 @@ from dist_utils import run_distributed
 from moe_a2a.backends import intranode
 from moe_a2a.backends.base import DispatchRequest
 from moe_a2a.launch import max_num_sms_per_rank, mps_if_needed
+from moe_a2a.layout import compute_layout
 
 
 def skip_reason(num_ranks: int = 1):
@@ -115,3 +116,61 @@ def dispatch_request(x, scales, config, layout=None, topk_idx=None, topk_weights
     routing = {} if layout is None else dict(is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
     return DispatchRequest(x, config, scales, handle, **routing, topk_idx=topk_idx, topk_weights=topk_weights,
                            **options)
+
+
+FP8 = torch.float8_e4m3fn
+
+
+class Case:
+    """Per-rank inputs of one normal-mode round trip, identical on every backend: tokens (BF16, or FP8 with
+    per-128 scales), routing and weights, and the layout computed on the CPU (``per_node`` ranks per node;
+    default: one node)."""
+
+    def __init__(self, rank, num_ranks, seed, num_tokens, hidden, num_experts, topk, fp8=False, mode="skew",
+                 per_node=None):
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.num_experts, self.fp8 = num_experts, fp8
+        self.per_node = num_ranks if per_node is None else per_node
+        self.topk_idx = routing(num_tokens, num_experts, topk, gen, mode)
+        self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
+        x = torch.randn(num_tokens, hidden, generator=gen)
+        if fp8:
+            self.x = (x * 8).to(FP8)
+            self.x_scales = torch.rand(num_tokens, hidden // 128, generator=gen) + 0.5
+        else:
+            self.x, self.x_scales = x.to(torch.bfloat16), None
+        self.layout = compute_layout(self.topk_idx, num_experts, num_ranks, self.per_node)
+        self.gen = gen
+
+
+def round_trip_cases(rank, num_ranks, seed, skewed_tokens):
+    """``Case`` arguments of the round-trip sweep: token counts 0, 1, odd and large (rank 0 sends
+    ``skewed_tokens``, the others 37), hidden 2048/4096/7168, top-k 1..8, experts 8..256, FP8."""
+    counts = torch.Generator().manual_seed(seed)
+    many = [int(v) for v in torch.randint(1, 700, (num_ranks,), generator=counts)]
+    zero_first = [0] + many[1:]
+    e_small = max(8, num_ranks)
+    return [
+        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8),
+        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8, fp8=True),
+        dict(num_tokens=zero_first[rank], hidden=2048, num_experts=e_small, topk=1),
+        dict(num_tokens=1 if rank else 0, hidden=4096, num_experts=e_small, topk=2),
+        dict(num_tokens=many[rank] // 2 + 1, hidden=2048, num_experts=64, topk=6, mode="last_rank"),
+        dict(num_tokens=skewed_tokens if rank == 0 else 37, hidden=7168, num_experts=256, topk=8),
+    ]
+
+
+def as_bytes(t):
+    """FP8 tensors as bytes (``torch.equal`` and indexing on raw values), others unchanged."""
+    return t.contiguous().view(torch.uint8) if t.dtype == FP8 else t
+
+
+def assert_same(name, got, want):
+    """Bitwise equal (after moving both to the CPU), naming the first differing positions."""
+    assert got is not None and want is not None, f"{name}: one side is None"
+    got, want = as_bytes(got.cpu()), as_bytes(want.cpu())
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:5].tolist()
+        raise AssertionError(f"{name} differs at {bad}")

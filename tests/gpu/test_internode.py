@@ -16,19 +16,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import (check_repeats, dispatch_request, expect_fault, gather, rank_num_sms, routing, run_ranks,
-                     set_rank_device, skip_reason, synchronize_after_fault)
+from harness import (as_bytes, assert_same, Case, check_repeats, dispatch_request, expect_fault, gather, rank_num_sms,
+                     round_trip_cases, routing, run_ranks, set_rank_device, skip_reason, synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, intranode
 from moe_a2a.backends.base import CombineRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import default_combine_config, default_dispatch_config
 from moe_a2a.handles import InternodeHandle
-from moe_a2a.layout import compute_layout
 
 pytestmark = pytest.mark.gpu
 
-FP8 = torch.float8_e4m3fn
 
 
 def _skip(num_ranks):
@@ -60,37 +58,6 @@ def _progress(rank, what):
         print(f"[rank 0, {time.monotonic() - _START:.1f} s] {what}", flush=True)
 
 
-class Case:
-    def __init__(self, rank, num_ranks, per_node, seed, num_tokens, hidden, num_experts, topk, fp8=False,
-                 mode="skew"):
-        gen = torch.Generator().manual_seed(seed * 1000 + rank)
-        self.num_experts, self.per_node = num_experts, per_node
-        self.topk_idx = routing(num_tokens, num_experts, topk, gen, mode)
-        self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
-        x = torch.randn(num_tokens, hidden, generator=gen)
-        if fp8:
-            self.x = (x * 8).to(FP8)
-            self.x_scales = torch.rand(num_tokens, hidden // 128, generator=gen) + 0.5
-        else:
-            self.x, self.x_scales = x.to(torch.bfloat16), None
-        self.layout = compute_layout(self.topk_idx, num_experts, num_ranks, per_node)
-        self.gen = gen
-
-
-def _bytes(t):
-    return t.contiguous().view(torch.uint8) if t.dtype == FP8 else t
-
-
-def _assert_equal(name, got, want):
-    assert got is not None and want is not None, f"{name}: one side is None"
-    got, want = _bytes(got.cpu()), _bytes(want.cpu())
-    assert got.shape == want.shape and got.dtype == want.dtype, \
-        f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()[:5].tolist()
-        raise AssertionError(f"{name} differs at {bad}")
-
-
 def _assert_combine_close(name, got, want, magnitude):
     """Within one BF16 rounding of each node partial (bounded by the sum of |copies|) and of the result."""
     g, w = got.cpu().float(), want.float()
@@ -105,8 +72,8 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
     R, L = kern.num_ranks, kern.num_local_ranks
     layout_gpu = intranode.get_dispatch_layout(case.topk_idx.to(dev), case.num_experts, R, L)
     for name, w, g in zip(("per_rank", "per_node", "per_expert", "in_rank"), case.layout, layout_gpu):
-        _assert_equal(f"layout.{name}", g, w)
-    want = ref.dispatch(dispatch_request(_bytes(case.x), case.x_scales, config, case.layout, case.topk_idx,
+        assert_same(f"layout.{name}", g, w)
+    want = ref.dispatch(dispatch_request(as_bytes(case.x), case.x_scales, config, case.layout, case.topk_idx,
                                          case.topk_weights, expert_alignment=expert_alignment))
     xs = None if case.x_scales is None else case.x_scales.to(dev)
     got = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, layout_gpu, case.topk_idx.to(dev),
@@ -116,21 +83,21 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
         if want[i] is None:
             assert got[i] is None, name
         else:
-            _assert_equal(name, got[i], want[i])
+            assert_same(name, got[i], want[i])
     assert got[4] == want[4], f"num_recv_tokens_per_expert_list {got[4]} != {want[4]}"
     gh, wh = got[5], want[5]
     assert isinstance(gh, InternodeHandle)
-    _assert_equal("handle.recv_src_idx", gh.recv_src_idx, wh.recv_src_idx)
+    assert_same("handle.recv_src_idx", gh.recv_src_idx, wh.recv_src_idx)
     column = wh.rank_prefix_matrix[:, kern.rank].to(torch.int64)
     counts = torch.cat([column[:1], column[1:] - column[:-1]])
-    _assert_equal("handle.recv_src_rank", gh.recv_src_rank.to(torch.int64),
+    assert_same("handle.recv_src_rank", gh.recv_src_rank.to(torch.int64),
                   torch.repeat_interleave(torch.arange(R), counts))
 
     cached = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, handle=gh, expert_alignment=expert_alignment))
     torch.cuda.synchronize()
-    _assert_equal("cached recv_x", cached[0], got[0])
+    assert_same("cached recv_x", cached[0], got[0])
     if xs is not None:
-        _assert_equal("cached recv_x_scales", cached[1], got[1])
+        assert_same("cached recv_x_scales", cached[1], got[1])
     assert cached[5] is None
 
     rows = got[0].size(0)
@@ -147,21 +114,6 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
     if want_c[1] is not None:
         torch.testing.assert_close(got_c[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
     return got, got_c
-
-
-def _cases(rank, num_ranks, seed):
-    counts = torch.Generator().manual_seed(seed)
-    many = [int(v) for v in torch.randint(1, 700, (num_ranks,), generator=counts)]
-    zero_first = [0] + many[1:]
-    e_small = max(8, num_ranks)
-    return [
-        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8),
-        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8, fp8=True),
-        dict(num_tokens=zero_first[rank], hidden=2048, num_experts=e_small, topk=1),
-        dict(num_tokens=1 if rank else 0, hidden=4096, num_experts=e_small, topk=2),
-        dict(num_tokens=many[rank] // 2 + 1, hidden=2048, num_experts=64, topk=6, mode="last_rank"),
-        dict(num_tokens=3000 if rank == 0 else 37, hidden=7168, num_experts=256, topk=8),
-    ]
 
 
 def _buffer_bytes(num_ranks, per_node, num_sms, hidden_bytes=7168 * 2):
@@ -184,8 +136,8 @@ def _correctness(rank, num_ranks, per_node):
     assert kern.device == device
     _progress(rank, "buffer ready")
 
-    for i, spec in enumerate(_cases(rank, num_ranks, 7)):
-        case = Case(rank, num_ranks, per_node, i, **spec)
+    for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 3000)):
+        case = Case(rank, num_ranks, i, per_node=per_node, **spec)
         for align, bias in ((1, 0), (128, 2)):
             _round_trip(kern, ref, case, dcfg, align, bias)
             _progress(rank, f"case {i} {spec} alignment {align} biases {bias} ok")
@@ -193,9 +145,10 @@ def _correctness(rank, num_ranks, per_node):
     # An RDMA buffer of a few rows per node: many rounds, same answers.
     small = internode.InternodeBackend(rank, num_ranks, per_node, nvl, 2 * (num_ranks // per_node) * 5 * 15 * 1024,
                                        gather, 30.0)
-    case = Case(rank, num_ranks, per_node, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
+    case = Case(rank, num_ranks, 99, per_node=per_node,
+                num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
     _round_trip(small, ref, case, dcfg, 1, 1)
-    case = Case(rank, num_ranks, per_node, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
+    case = Case(rank, num_ranks, 98, per_node=per_node, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
     _round_trip(small, ref, case, dcfg, 1, 0)
     small.destroy()
     _progress(rank, "small RDMA buffer ok")
@@ -211,7 +164,7 @@ def _correctness(rank, num_ranks, per_node):
 def _repeat(rank, num_ranks, per_node, kern, ref, dcfg, ccfg):
     """Repeated round trips on one buffer: no drift, no device memory growth."""
     dev = kern.device
-    case = Case(rank, num_ranks, per_node, 5, num_tokens=128 + rank, hidden=2048, num_experts=64, topk=4)
+    case = Case(rank, num_ranks, 5, per_node=per_node, num_tokens=128 + rank, hidden=2048, num_experts=64, topk=4)
     _round_trip(kern, ref, case, dcfg)
     x, idx, w = case.x.to(dev), case.topk_idx.to(dev), case.topk_weights.to(dev)
 
@@ -231,19 +184,19 @@ def _public_api(rank, num_ranks, per_node, ref):
     _, _, nvl, rdma = _buffer_bytes(num_ranks, per_node, Buffer.num_sms)
     buf = Buffer(dist.group.WORLD, nvl, rdma, num_ranks_per_node=per_node, explicitly_destroy=True, timeout_s=30.0)
     assert buf.backend == "cuda" and isinstance(buf._kernels, internode.InternodeBackend)
-    case = Case(rank, num_ranks, per_node, 11, num_tokens=257 + 3 * rank, hidden=4096, num_experts=128, topk=8)
+    case = Case(rank, num_ranks, 11, per_node=per_node, num_tokens=257 + 3 * rank, hidden=4096, num_experts=128, topk=8)
     idx, w, x = case.topk_idx.to(dev), case.topk_weights.to(dev), case.x.to(dev)
     per_rank, per_node_counts, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
-    _assert_equal("num_tokens_per_rdma_rank", per_node_counts, case.layout[1])
+    assert_same("num_tokens_per_rdma_rank", per_node_counts, case.layout[1])
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.internode_dispatch(
         x, None, per_rank, per_node_counts, in_rank, per_expert, idx, w)
     want = ref.dispatch(dispatch_request(case.x, None, buf.get_dispatch_config(num_ranks), case.layout,
                                          case.topk_idx, case.topk_weights))
-    _assert_equal("Buffer recv_x", recv_x, want[0])
-    _assert_equal("Buffer recv_topk_idx", recv_idx, want[2])
+    assert_same("Buffer recv_x", recv_x, want[0])
+    assert_same("Buffer recv_topk_idx", recv_idx, want[2])
     assert counts == want[4]
     again = buf.dispatch(x, handle=handle)[0]
-    _assert_equal("Buffer cached recv_x", again, recv_x)
+    assert_same("Buffer cached recv_x", again, recv_x)
     y = recv_x * 2
     combined, combined_w, _ = buf.internode_combine(y, handle, recv_w)
     ccfg = buf.get_combine_config(num_ranks)

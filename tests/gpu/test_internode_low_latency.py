@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import (dispatch_request, expect_fault, gather, rank_num_sms, run_ranks, set_rank_device, skip_reason,
-                     synchronize_after_fault)
+from harness import (assert_same, Case, dispatch_request, expect_fault, gather, rank_num_sms, run_ranks,
+                     set_rank_device, skip_reason, synchronize_after_fault)
 from moe_a2a import Buffer
 from moe_a2a.backends import internode, internode_low_latency, low_latency
 from moe_a2a.backends.base import CombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
-from test_internode import Case, _assert_combine_close, _assert_equal, _buffer_bytes, _nvshmem_env
+from test_internode import _assert_combine_close, _buffer_bytes, _nvshmem_env
 from test_low_latency import (DISAGREEMENTS, _disagree, _graph, _inputs, _many_calls, _round_trip, _run_cases,
                               _want_combine)
 
@@ -109,14 +109,14 @@ def _public_api(rank, num_ranks, per_node, ref):
     assert int(bad) == 0, f"Buffer FP8 round trip: {int(bad)} values off"
 
     # Normal internode dispatch + combine on the same buffer.
-    case = Case(rank, num_ranks, per_node, 12, num_tokens=97 + 5 * rank, hidden=2048, num_experts=64, topk=4)
+    case = Case(rank, num_ranks, 12, per_node=per_node, num_tokens=97 + 5 * rank, hidden=2048, num_experts=64, topk=4)
     cidx, cw, cx = case.topk_idx.to(dev), case.topk_weights.to(dev), case.x.to(dev)
     per_rank, per_node_counts, per_expert, in_rank, _ = buf.get_dispatch_layout(cidx, case.num_experts)
     rx, _, rw, counts, h, _ = buf.internode_dispatch(cx, None, per_rank, per_node_counts, in_rank, per_expert, cidx,
                                                       cw)
     nref = ReferenceBackend(rank, num_ranks, dist.group.WORLD, per_node)
     nwant = nref.dispatch(dispatch_request(case.x, None, dcfg, case.layout, case.topk_idx, case.topk_weights))
-    _assert_equal("normal dispatch on a low-latency buffer", rx, nwant.recv_x)
+    assert_same("normal dispatch on a low-latency buffer", rx, nwant.recv_x)
     assert counts == nwant.num_recv_tokens_per_expert_list
     combined, _, _ = buf.internode_combine(rx, h, rw)
     nwant_c = nref.combine(CombineRequest(rx.cpu(), nwant.handle, dcfg, nwant.recv_topk_weights)).combined_x

@@ -10,52 +10,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from harness import (check_repeats, dispatch_request, gather, rank_num_sms, routing, run_ranks, set_rank_device,
-                     skip_reason, synchronize_after_fault)
+from harness import (as_bytes, assert_same, Case, check_repeats, dispatch_request, gather, rank_num_sms,
+                     round_trip_cases, run_ranks, set_rank_device, skip_reason, synchronize_after_fault)
 from moe_a2a.backends import intranode
 from moe_a2a.backends.base import CombineRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.config import Config, combine_input_bytes, default_combine_config, default_dispatch_config
-from moe_a2a.layout import compute_layout
 
 pytestmark = pytest.mark.gpu
 
-FP8 = torch.float8_e4m3fn
 #: Seconds a kernel waits on a peer: every wait here lasts milliseconds, so a missing peer fails the test
 #: in seconds (with the rank, phase and counters in the error) instead of stalling it.
 KERNEL_TIMEOUT_S = 10.0
-
-
-class Case:
-    """Per-rank inputs of one dispatch/combine round trip (identical on every backend)."""
-
-    def __init__(self, rank, num_ranks, seed, num_tokens, hidden, num_experts, topk, fp8=False, mode="skew"):
-        gen = torch.Generator().manual_seed(seed * 1000 + rank)
-        self.num_experts, self.fp8 = num_experts, fp8
-        self.topk_idx = routing(num_tokens, num_experts, topk, gen, mode)
-        self.topk_weights = torch.rand(num_tokens, topk, generator=gen)
-        x = torch.randn(num_tokens, hidden, generator=gen)
-        if fp8:
-            self.x = (x * 8).to(FP8)
-            self.x_scales = torch.rand(num_tokens, hidden // 128, generator=gen) + 0.5
-        else:
-            self.x = x.to(torch.bfloat16)
-            self.x_scales = None
-        self.layout = compute_layout(self.topk_idx, num_experts, num_ranks, num_ranks)
-        self.gen = gen
-
-
-def _bytes(t):
-    return t.contiguous().view(torch.uint8) if t.dtype == FP8 else t
-
-
-def _assert_equal(name, got, want):
-    assert got is not None and want is not None, f"{name}: one side is None"
-    got, want = _bytes(got.cpu()), _bytes(want.cpu())
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{name}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()[:5].tolist()
-        raise AssertionError(f"{name} differs at {bad}")
 
 
 def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0, num_bias=0, check_layout=True):
@@ -65,9 +31,9 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
     if check_layout:
         for name, w, g in zip(("per_rank", "per_node", "per_expert", "in_rank"), case.layout, layout_gpu):
             if w is not None:
-                _assert_equal(f"layout.{name}", g, w)
+                assert_same(f"layout.{name}", g, w)
     options = dict(expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens)
-    want = ref.dispatch(dispatch_request(_bytes(case.x), case.x_scales, config, case.layout, case.topk_idx,
+    want = ref.dispatch(dispatch_request(as_bytes(case.x), case.x_scales, config, case.layout, case.topk_idx,
                                          case.topk_weights, **options))
     xs = None if case.x_scales is None else case.x_scales.to(dev)
     got = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, layout_gpu, case.topk_idx.to(dev),
@@ -77,23 +43,23 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
         if want[i] is None:
             assert got[i] is None, name
         else:
-            _assert_equal(name, got[i], want[i])
+            assert_same(name, got[i], want[i])
     assert got[4] == want[4], f"num_recv_tokens_per_expert_list {got[4]} != {want[4]}"
     gh, wh = got[5], want[5]
     num_recv = wh.recv_src_idx.numel()
     for name in ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix", "is_token_in_rank",
                  "send_head"):
-        _assert_equal(f"handle.{name}", getattr(gh, name), getattr(wh, name))
-    _assert_equal("handle.recv_src_idx", gh.recv_src_idx[:num_recv], wh.recv_src_idx)
+        assert_same(f"handle.{name}", getattr(gh, name), getattr(wh, name))
+    assert_same("handle.recv_src_idx", gh.recv_src_idx[:num_recv], wh.recv_src_idx)
     if num_worst_tokens:
         assert (gh.recv_src_idx[num_recv:] == -1).all(), "padding of recv_src_idx must be -1"
 
     # Cached dispatch reuses the handle: same rows again.
     cached = kern.dispatch(dispatch_request(case.x.to(dev), xs, config, handle=gh, **options))
     torch.cuda.synchronize()
-    _assert_equal("cached recv_x", cached[0], got[0])
+    assert_same("cached recv_x", cached[0], got[0])
     if case.x_scales is not None:
-        _assert_equal("cached recv_x_scales", cached[1], got[1])
+        assert_same("cached recv_x_scales", cached[1], got[1])
     _in_buffer_dispatch(kern, case, layout_gpu, got, expert_alignment, num_worst_tokens, config)
 
     # Combine BF16 rows derived from what arrived, with the received weights and 0-2 biases.
@@ -137,13 +103,13 @@ def _in_buffer_dispatch(kern, case, layout_gpu, want, expert_alignment, num_wors
     assert rows == 0 or (got[0].data_ptr() == base) == fits, f"in-buffer recv_x: view {fits} expected"
     for i, name in enumerate(("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights")):
         if want[i] is not None:
-            _assert_equal(f"in-buffer {name}", got[i], want[i])
-    _assert_equal("in-buffer handle.recv_src_idx", got[5].recv_src_idx, want[5].recv_src_idx)
+            assert_same(f"in-buffer {name}", got[i], want[i])
+    assert_same("in-buffer handle.recv_src_idx", got[5].recv_src_idx, want[5].recv_src_idx)
     cached = kern.dispatch(dispatch_request(x, scales, config, handle=want[5], **options))
     torch.cuda.synchronize()
-    _assert_equal("in-buffer cached recv_x", cached[0], want[0])
+    assert_same("in-buffer cached recv_x", cached[0], want[0])
     if scales is not None:
-        _assert_equal("in-buffer cached recv_x_scales", cached[1], want[1])
+        assert_same("in-buffer cached recv_x_scales", cached[1], want[1])
 
 
 def _zero_copy_combine(kern, handle, y, weights, biases, config, want):
@@ -163,25 +129,9 @@ def _zero_copy_combine(kern, handle, y, weights, biases, config, want):
     for repeat in range(2):  # the second combine reads the same input again, nothing rewritten
         got = kern.combine(CombineRequest(x, handle, config, weights, *biases))
         torch.cuda.synchronize()
-        _assert_equal(f"zero-copy combine {repeat}", got[0], want[0])
+        assert_same(f"zero-copy combine {repeat}", got[0], want[0])
         if want[1] is not None:
-            _assert_equal(f"zero-copy combined weights {repeat}", got[1], want[1])
-
-
-def _cases(rank, num_ranks, seed):
-    """Shapes: token counts 0, 1, odd and large; hidden 2048/7168; topk 1..8; experts 8..256; skew."""
-    counts = torch.Generator().manual_seed(seed)
-    many = [int(v) for v in torch.randint(1, 700, (num_ranks,), generator=counts)]
-    zero_first = [0] + many[1:]
-    e_small = max(8, num_ranks)
-    return [
-        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8),
-        dict(num_tokens=many[rank], hidden=7168, num_experts=256, topk=8, fp8=True),
-        dict(num_tokens=zero_first[rank], hidden=2048, num_experts=e_small, topk=1),
-        dict(num_tokens=1 if rank else 0, hidden=4096, num_experts=e_small, topk=2),
-        dict(num_tokens=many[rank] // 2 + 1, hidden=2048, num_experts=64, topk=6, mode="last_rank"),
-        dict(num_tokens=4096 if rank == 0 else 37, hidden=7168, num_experts=256, topk=8),
-    ]
+            assert_same(f"zero-copy combined weights {repeat}", got[1], want[1])
 
 
 def _correctness(rank, num_ranks):
@@ -197,7 +147,7 @@ def _correctness(rank, num_ranks):
 
     # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
     # shared memory: the middle configuration of every case takes the bulk path whatever its size.
-    for i, spec in enumerate(_cases(rank, num_ranks, 7)):
+    for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 4096)):
         case = Case(rank, num_ranks, i, **spec)
         for j, (align, worst, bias) in enumerate(((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2))):
             kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
@@ -306,8 +256,8 @@ def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
         torch.cuda.synchronize()
         want = ref.dispatch(dispatch_request(new.x, None, dcfg, new.layout, new.topk_idx, new.topk_weights,
                                              num_worst_tokens=worst))
-        _assert_equal(f"graph replay {it} recv_x", recv[0], want[0])
-        _assert_equal(f"graph replay {it} recv_topk_idx", recv[2], want[2])
+        assert_same(f"graph replay {it} recv_x", recv[0], want[0])
+        assert_same(f"graph replay {it} recv_topk_idx", recv[2], want[2])
         want_c = ref.combine(CombineRequest(want.recv_x, want.handle, ccfg, want.recv_topk_weights))
         gx, wx = out[0].cpu().float(), want_c[0].float()
         assert ((gx - wx).abs() <= wx.abs() * 2 ** -7 + 1e-6).all(), f"graph replay {it} combine differs"
