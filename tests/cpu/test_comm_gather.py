@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from dist_utils import run_distributed
+from dist_utils import GatherRanks, Replicated, run_distributed
 from moe_a2a.comm import (HelixAllToAllNative, allgather, alltoall_helix, cp_allgather,
                           get_helix_workspace_size_per_rank, reducescatter)
 from moe_a2a.comm.gather_scatter import sum_in_order
@@ -118,35 +118,6 @@ def _body(rank, size):
     _helix(rank, size)
     # ---- still in lockstep after all the errors
     assert torch.equal(allgather(torch.full((1,), float(rank))), torch.arange(size, dtype=torch.float32))
-
-
-class Replicated(torch.autograd.Function):
-    """Identity on a tensor every rank holds identically; its gradient is the sum of every rank's."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GatherRanks(torch.autograd.Function):
-    """``[...]`` on each rank -> ``[num_ranks, ...]`` on every rank; backward keeps this rank's slice (under
-    lockstep gradcheck every rank holds the same upstream gradient)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[dist.get_rank()].contiguous()
 
 
 def _gradchecks(rank, size, sizes):

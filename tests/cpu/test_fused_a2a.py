@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from dist_utils import run_distributed
+from dist_utils import GatherRanks, Replicated, run_distributed
 from moe_a2a import Buffer, fused_a2a
 from moe_a2a.fused_a2a import (HybridEPHandle, fused_combine, fused_dispatch, hybrid_ep_combine,
                                hybrid_ep_dispatch)
@@ -91,38 +91,6 @@ def expected_hybrid_dispatch(case, me, pad, num_rows=None):
 
 def pad_rows(t, rows):
     return F.pad(t, (0, 0) * (t.dim() - 1) + (0, rows - t.size(0)))
-
-
-class Replicated(torch.autograd.Function):
-    """Identity on a tensor every rank holds identically; its gradient is the sum of every rank's."""
-
-    @staticmethod
-    def forward(ctx, t):
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GatherRanks(torch.autograd.Function):
-    """``[...]`` on each rank -> ``[num_ranks, ...]`` on every rank.
-
-    Backward keeps this rank's slice: under lockstep gradcheck every rank holds the same upstream
-    gradient (the global function is replicated), so summing them would count it once per rank.
-    """
-
-    @staticmethod
-    def forward(ctx, t):
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[dist.get_rank()].contiguous()
 
 
 def global_input(tensors, rows):
