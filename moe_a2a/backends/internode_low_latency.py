@@ -111,14 +111,7 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         self._rt = _Runtime(rank)
         self._rt.allocate(rank, num_ranks, self.num_rdma_bytes, self.timeout_s, self.allow_nvlink)
         devices = all_gather_object(residency.device_id(self.device))
-        # Every block of every rank sharing this GPU must be resident at once (see ``residency``).
-        budget = max(1, self._rt.num_device_sms() // residency.most_ranks_per_device(devices))
-        if num_sms is None:
-            num_sms = budget
-        if not 1 <= num_sms <= budget:
-            raise ValueError(f"num_sms must be in [1, {budget}] (the device's SMs shared by the ranks on it, one "
-                             f"block per SM), got {num_sms}")
-        self.num_sms = num_sms
+        self.num_sms = residency.low_latency_num_sms(self._rt.num_device_sms(), devices, num_sms)
         self._set = 0
         self._calls = 0
 

@@ -155,14 +155,7 @@ class LowLatencyBackend:
         self.device = torch.device("cuda", torch.cuda.current_device())
         self._rt = _C.LowLatencyRuntime(rank, num_ranks, num_rdma_bytes, float(timeout_s))
         peers = all_gather_object((residency.device_id(self.device), self._rt.ipc_handle()))
-        # Every block of every rank sharing this GPU must be resident at once (see ``residency``).
-        budget = max(1, self._rt.num_device_sms() // residency.most_ranks_per_device([dev for dev, _ in peers]))
-        if num_sms is None:
-            num_sms = budget
-        if not 1 <= num_sms <= budget:
-            raise ValueError(f"num_sms must be in [1, {budget}] (the device's SMs shared by the ranks on it, one "
-                             f"block per SM), got {num_sms}")
-        self.num_sms = num_sms
+        self.num_sms = residency.low_latency_num_sms(self._rt.num_device_sms(), [dev for dev, _ in peers], num_sms)
         self._rt.connect([h for _, h in peers])
         self._set = 0
         self._calls = 0

@@ -10,7 +10,7 @@ placed first. With more blocks than SMs, a kernel waits for blocks that cannot s
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -31,3 +31,16 @@ def sm_budget(num_device_sms: int, ranks_per_device: int) -> int:
     """SMs per rank (even: a sender and a receiver block per channel) such that the blocks of
     ``ranks_per_device`` ranks fit on ``num_device_sms`` SMs together."""
     return max(2, num_device_sms // ranks_per_device // 2 * 2)
+
+
+def low_latency_num_sms(num_device_sms: int, device_ids: Sequence[str], num_sms: Optional[int]) -> int:
+    """SMs (blocks) of a low-latency kernel: ``num_sms``, or by default the device's SMs divided among the
+    ranks on it (``device_ids``: every rank's ``device_id``). A count that would not keep every rank's blocks
+    resident together raises ``ValueError``."""
+    budget = max(1, num_device_sms // most_ranks_per_device(device_ids))
+    if num_sms is None:
+        return budget
+    if not 1 <= num_sms <= budget:
+        raise ValueError(f"num_sms must be in [1, {budget}] (the device's SMs shared by the ranks on it, one "
+                         f"block per SM), got {num_sms}")
+    return num_sms

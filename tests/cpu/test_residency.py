@@ -29,6 +29,16 @@ class _Runtime:
             raise RuntimeError("device gone")
 
 
+def test_low_latency_num_sms_defaults_to_the_share_and_refuses_more():
+    eight_on_one = ["gpu0"] * 8
+    assert residency.low_latency_num_sms(132, eight_on_one, None) == 16
+    assert residency.low_latency_num_sms(132, ["gpu0", "gpu1"], None) == 132
+    assert residency.low_latency_num_sms(132, eight_on_one, 10) == 10
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match=r"num_sms must be in \[1, 16\] .* got " + str(bad)):
+            residency.low_latency_num_sms(132, eight_on_one, bad)
+
+
 def test_shutdown_destroys_live_runtimes_newest_first_and_never_raises(capsys):
     log = []
     first, second, failing = _Runtime(log, "first"), _Runtime(log, "second"), _Runtime(log, "failing", True)
