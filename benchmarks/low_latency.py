@@ -87,7 +87,8 @@ def _timed_alone(fn):
 def _bench_rank(rank: int, num_ranks: int, args) -> dict:
     from moe_a2a.backends.base import LowLatencyCombineRequest as Combine
     from moe_a2a.backends.base import LowLatencyDispatchRequest
-    from moe_a2a.backends.low_latency import LowLatencyBackend, low_latency_buffer_bytes
+    from moe_a2a.backends.low_latency import LowLatencyBackend
+    from moe_a2a.config import get_low_latency_rdma_size_hint
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
@@ -100,8 +101,8 @@ def _bench_rank(rank: int, num_ranks: int, args) -> dict:
         backend = InternodeLowLatencyBackend
     else:
         backend = LowLatencyBackend
-    kern = backend(rank, num_ranks, dist.group.WORLD, low_latency_buffer_bytes(M, hidden, num_ranks, E), gather,
-                   args.timeout, num_sms=args.num_sms)
+    num_bytes = get_low_latency_rdma_size_hint(M, hidden, num_ranks, E)
+    kern = backend(rank, num_ranks, dist.group.WORLD, num_bytes, gather, args.timeout, num_sms=args.num_sms)
     gen = torch.Generator().manual_seed(1234 + rank)
     x = torch.randn(M, hidden, generator=gen).to(torch.bfloat16).to(device)
     idx = torch.rand(M, E, generator=gen).topk(K, dim=1).indices.to(device)

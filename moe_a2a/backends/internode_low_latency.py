@@ -80,7 +80,7 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
     Arguments:
         rank, num_ranks: this rank and the group size (at most ``LOW_LATENCY_MAX_EXPERTS``).
         group: the process group (used by ``clean``).
-        num_rdma_bytes: bytes of the symmetric buffer, at least ``low_latency_buffer_bytes(...)`` of the
+        num_rdma_bytes: bytes of the symmetric buffer, at least ``config.get_low_latency_rdma_size_hint(...)`` of the
             calls (``config.get_low_latency_rdma_size_hint``); the same on every rank.
         all_gather_object: ``obj -> [obj of rank 0, ..., obj of rank num_ranks - 1]`` over the group.
         timeout_s: seconds a kernel waits for a peer before giving up and recording the error.

@@ -34,6 +34,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..config import get_low_latency_rdma_size_hint
 from ..handles import LowLatencyHandle
 from ..limits import MAX_NVL_PEERS
 from . import residency
@@ -44,29 +45,7 @@ from .. import _native
 
 _C = _native.Lazy("_C")  # loaded at first use; absent without CUDA
 
-# Two sets of dispatch + combine flags (2048 ints each), then two sets of signatures (four ints for each of
-# up to 1024 source ranks): kLLSignalBytes of csrc/kernels/low_latency.cuh.
-_SIGNAL_BYTES = 2 * 2048 * 4 + 2 * 1024 * 4 * 4
 _SEND, _RECV = 1, 2  # kernel phases (csrc/kernels/low_latency.cuh)
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-def low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                             num_experts: int) -> int:
-    """Bytes of IPC buffer the kernels need for calls up to this shape (BF16 and FP8 alike).
-
-    Signals and call signatures, then two sets of: a send area ``E * M * hidden * 2`` (the combine input, zero
-    copy or copied there) and a stage area ``E * M * align16(16 + 2 * hidden)`` (staged dispatch tokens and
-    per-expert token lists, which need far less; the size matches ``config.get_low_latency_rdma_size_hint``),
-    each rounded up to 128 bytes, with ``E = num_experts`` and ``M = num_max_dispatch_tokens_per_rank``.
-    """
-    em = num_experts * num_max_dispatch_tokens_per_rank
-    send = _align(em * hidden * 2, 128)
-    recv = _align(em * _align(16 + 2 * hidden, 16), 128)
-    return _SIGNAL_BYTES + 2 * (send + recv)
 
 
 #: Fields of the call signature the kernels compare (``ll_signature`` in csrc/kernels/ll_device.cuh), in order.
@@ -135,7 +114,7 @@ class LowLatencyBackend:
     Arguments:
         rank, num_ranks: this rank and the group size (at most 8).
         group: the process group (used by ``clean``).
-        num_rdma_bytes: bytes of the IPC buffer, at least ``low_latency_buffer_bytes(...)`` of the calls.
+        num_rdma_bytes: bytes of the IPC buffer, at least ``get_low_latency_rdma_size_hint(...)`` of the calls.
         all_gather_object: ``obj -> [obj of rank 0, ..., obj of rank num_ranks - 1]`` over the group.
         timeout_s: seconds a kernel waits for a peer before giving up and recording the error.
         num_sms: blocks per kernel; default: the device's SMs divided by the ranks sharing the device, so
@@ -206,7 +185,7 @@ class LowLatencyBackend:
 
     def _check_allocation(self, num_max: int, hidden: int, num_experts: int) -> None:
         """This rank's buffer holds calls of this shape (``Buffer`` checked the shape against the kernels' limits)."""
-        need = low_latency_buffer_bytes(num_max, hidden, self.num_ranks, num_experts)
+        need = get_low_latency_rdma_size_hint(num_max, hidden, self.num_ranks, num_experts)
         if need > self.num_rdma_bytes:
             raise ValueError(f"num_rdma_bytes={self.num_rdma_bytes} is too small for {num_max} tokens per rank, "
                              f"hidden {hidden}, {num_experts} experts: need {need}")

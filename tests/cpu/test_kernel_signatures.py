@@ -42,13 +42,15 @@ def test_timeouts_and_no_error_read_as_before():
 
 def test_the_size_hint_holds_the_signatures():
     # Flags (two sets of 2048 int32), then four int32 per source rank (up to 1024) and set.
-    assert config.LOW_LATENCY_SIGNAL_BYTES == low_latency._SIGNAL_BYTES == 2 * 2048 * 4 + 2 * 1024 * 16
-    for shape in ((128, 7168, 8, 256), (32, 7168, 8, 288), (1, 128, 2, 2)):
-        assert config.get_low_latency_rdma_size_hint(*shape) == low_latency.low_latency_buffer_bytes(*shape)
+    assert config.LOW_LATENCY_SIGNAL_BYTES == 2 * 2048 * 4 + 2 * 1024 * 16
+    m, hidden, experts = 128, 7168, 256
+    area = lambda n: -(-n // 128) * 128  # noqa: E731
+    assert config.get_low_latency_rdma_size_hint(m, hidden, 8, experts) == config.LOW_LATENCY_SIGNAL_BYTES + 2 * (
+        area(experts * m * hidden * 2) + area(experts * m * (16 + 2 * hidden)))
 
 
 def test_the_extension_sizes_the_buffer_as_python_does():
     if not low_latency.available():
         pytest.skip("moe_a2a._C has no low-latency kernels")
     for shape in ((128, 7168, 8, 256), (32, 7168, 8, 288), (1, 128, 2, 2)):
-        assert low_latency._C.LowLatencyRuntime.required_bytes(*shape) == low_latency.low_latency_buffer_bytes(*shape)
+        assert low_latency._C.LowLatencyRuntime.required_bytes(*shape) == config.get_low_latency_rdma_size_hint(*shape)

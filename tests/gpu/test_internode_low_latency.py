@@ -22,6 +22,7 @@ from moe_a2a.backends import internode, internode_low_latency, low_latency
 from moe_a2a.backends.base import CombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
+from moe_a2a.config import get_low_latency_rdma_size_hint
 from test_internode import _assert_combine_close, _buffer_bytes, _nvshmem_env
 from test_low_latency import (DISAGREEMENTS, _disagree, _graph, _inputs, _many_calls, _round_trip, _run_cases,
                               _want_combine)
@@ -43,7 +44,7 @@ def _env():
 
 
 def _backend(rank, num_ranks, num_max, hidden, num_experts, timeout_s=10.0, allow_nvlink=True):
-    num_bytes = low_latency.low_latency_buffer_bytes(num_max, hidden, num_ranks, num_experts)
+    num_bytes = get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
     return internode_low_latency.InternodeLowLatencyBackend(rank, num_ranks, dist.group.WORLD, num_bytes, gather,
                                                             timeout_s, allow_nvlink=allow_nvlink)
 

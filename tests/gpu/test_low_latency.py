@@ -17,6 +17,7 @@ from harness import expect_fault, gather, run_ranks, set_rank_device, skip_reaso
 from moe_a2a.backends import low_latency
 from moe_a2a.backends.base import LowLatencyCombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
+from moe_a2a.config import get_low_latency_rdma_size_hint
 from moe_a2a.fp8 import fp8_to_float, unpack_ue8m0
 from moe_a2a.handles import unpack_layout_range
 
@@ -33,7 +34,7 @@ def _gather(obj):
 
 
 def _backend(rank, num_ranks, num_max, hidden, num_experts, timeout_s=10.0):
-    num_bytes = low_latency.low_latency_buffer_bytes(num_max, hidden, num_ranks, num_experts)
+    num_bytes = get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
     return low_latency.LowLatencyBackend(rank, num_ranks, dist.group.WORLD, num_bytes, _gather, timeout_s)
 
 
@@ -205,7 +206,7 @@ def _correctness(rank, num_ranks):
     set_rank_device(rank)
     ref = ReferenceLowLatency(rank, num_ranks, dist.group.WORLD)
     kern = _backend(rank, num_ranks, 32, 7168, 288)
-    assert low_latency.low_latency_buffer_bytes(32, 7168, num_ranks, 288) == \
+    assert get_low_latency_rdma_size_hint(32, 7168, num_ranks, 288) == \
         low_latency._C.LowLatencyRuntime.required_bytes(32, 7168, num_ranks, 288)
     _run_cases(kern, ref, rank, num_ranks)
     _graph(rank, num_ranks, kern, ref)
