@@ -425,12 +425,12 @@ class Buffer:
 
         Arguments:
             x: ``[num_tokens, hidden]`` bf16, or a tuple of ``[num_tokens, hidden]`` float8_e4m3fn and
-                ``[num_tokens, hidden // 128]`` float32 scales. The reference backend also takes float16/32/64,
-                and NVFP4 (``moe_a2a.formats.nvfp4``): a tuple of ``[num_tokens, hidden // 2]`` uint8 (two e2m1
+                ``[num_tokens, hidden // 128]`` float32 scales, or NVFP4 (``moe_a2a.formats.nvfp4``): a tuple of ``[num_tokens, hidden // 2]`` uint8 (two e2m1
                 values a byte), ``[num_tokens, hidden // 16]`` float8_e4m3fn block scales and a float32 global
                 scale (``[]`` or ``[1]``, or ``[num_tokens]`` per token); it arrives as
                 ``(recv_packed, recv_block_scales, recv_global_scale [num_recv] float32)``, each row with its
-                source's global scale. The bytes arrive unchanged.
+                source's global scale. The bytes arrive unchanged. The reference backend also takes
+                float16/32/64.
             handle: a handle from an earlier dispatch with the same routing: skips the layout exchange
                 (then ``topk_idx``/``topk_weights`` must be None).
             num_tokens_per_rank: ``[num_ranks]`` int32 (from ``get_dispatch_layout``).
@@ -472,13 +472,13 @@ class Buffer:
             raise ValueError("num_worst_tokens is intranode only; this group spans "
                              f"{self.num_rdma_ranks} nodes")
         self._check_buffer_sizes(config, x)
-        backend = self._backend_for(x, (torch.bfloat16, torch.float8_e4m3fn))
-        if nvfp4 and x.is_cuda and self._kernels is not None:
-            raise NotImplementedError("NVFP4 dispatch on the CUDA kernels is not implemented (they move BF16 and "
-                                      "FP8 rows): create the Buffer with backend='reference' for NVFP4 tokens")
+        # NVFP4 rows are bytes to the kernels: packed values as the row, side bytes as 4-byte scale words.
+        backend = self._backend_for(x, (torch.bfloat16, torch.float8_e4m3fn) + ((torch.uint8,) if nvfp4 else ()))
         on_kernels = backend is self._kernels
+        if nvfp4 and on_kernels:
+            x_scales = x_scales.view(torch.float32)
         if on_kernels:
-            checks.kernel_rows("x", hidden, x.element_size())
+            checks.kernel_rows("x[0] (NVFP4 packed values)" if nvfp4 else "x", hidden, x.element_size())
         if handle is not None:
             self._check_handle(handle, backend)
             if topk_idx is not None or topk_weights is not None:
@@ -679,8 +679,9 @@ class Buffer:
         return x, None
 
     def _check_nvfp4(self, x: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-        """Check NVFP4 parts; returns ``(packed, side)`` where ``side`` ``[num_tokens, hidden // 16 + 4]`` uint8
-        holds each token's block scales and global scale, so both travel as one row of bytes."""
+        """Check NVFP4 parts; returns ``(packed, side)``: ``side`` ``[num_tokens, S]`` uint8 holds each token's
+        block scales (``hidden // 16`` bytes), zero padding to a multiple of 4 bytes, then its float32 global
+        scale, so everything travels as one row of bytes (the kernels carry it as ``S // 4`` scale words)."""
         packed, block_scales, global_scale = x
         checks.tensor("x[0] (NVFP4 packed values)", packed, (torch.uint8,), (None, None))
         num_tokens, hidden = packed.size(0), packed.size(1) * 2
@@ -693,7 +694,8 @@ class Buffer:
             raise ValueError(f"x[2] (NVFP4 global scale) must be a float32 tensor of shape [], [1] or [{num_tokens}] "
                              f"on {packed.device}, got {_describe(global_scale)}")
         per_token = global_scale.reshape(-1).expand(num_tokens).contiguous().view(torch.uint8).view(num_tokens, 4)
-        side = torch.cat([block_scales.contiguous().view(torch.uint8), per_token], dim=1)
+        pad = packed.new_zeros(num_tokens, -(hidden // 16) % 4)
+        side = torch.cat([block_scales.contiguous().view(torch.uint8), pad, per_token], dim=1)
         return packed, side
 
     def _check_buffer_sizes(self, config: Config, x: torch.Tensor) -> None:
@@ -966,10 +968,12 @@ class Buffer:
 
 
 def _split_nvfp4(packed: torch.Tensor, side: torch.Tensor):
-    """Received NVFP4 rows: ``(packed, block_scales float8_e4m3fn, global_scale [num_recv] float32)``."""
+    """Received NVFP4 rows: ``(packed, block_scales float8_e4m3fn, global_scale [num_recv] float32)`` from the
+    packed values and the side bytes of ``Buffer._check_nvfp4`` (uint8, or float32 words from the kernels)."""
+    side = side.view(torch.uint8)
     num_scales = packed.size(1) // 8
     block_scales = side[:, :num_scales].contiguous().view(torch.float8_e4m3fn)
-    global_scale = side[:, num_scales:].contiguous().view(torch.float32).view(-1)
+    global_scale = side[:, -4:].contiguous().view(torch.float32).view(-1)
     return packed, block_scales, global_scale
 
 

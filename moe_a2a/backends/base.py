@@ -67,12 +67,13 @@ class DispatchRequest:
     """A normal-mode dispatch: send each token to every rank that holds one of its experts.
 
     Fields:
-        x: ``[T, hidden]`` tokens, contiguous or not: bf16 or float8_e4m3fn on the kernels (``hidden *
-            element_size`` a multiple of ``limits.ROW_ALIGN_BYTES``); any dtype on the reference backend,
-            which moves rows byte for byte (float16/32/64, NVFP4's packed uint8).
+        x: ``[T, hidden]`` tokens, contiguous or not: bf16, float8_e4m3fn or NVFP4's packed uint8 on the
+            kernels (``hidden * element_size`` a multiple of ``limits.ROW_ALIGN_BYTES``); any dtype on the
+            reference backend. Both move rows byte for byte.
         config: the chunking config (the kernels read ``num_sms``; the reference ``num_channels``).
         x_scales: ``[T, S]`` travelling with each row, or None: float32 FP8 scales (``S = hidden // 128``,
-            exactly when ``x`` is float8_e4m3fn), or NVFP4's side bytes (uint8, reference backend).
+            exactly when ``x`` is float8_e4m3fn), or NVFP4's side bytes (uint8 on the reference
+            backend; on the kernels the same bytes viewed as float32 words, copied bit for bit).
         handle: a handle of an earlier dispatch with the same routing (cached dispatch), made by this
             backend kind; then ``is_token_in_rank``, ``num_tokens_per_expert``, ``topk_idx`` and
             ``topk_weights`` are None and the routing comes from the handle.

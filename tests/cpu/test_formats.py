@@ -132,6 +132,15 @@ def _normal_body(rank, num_ranks):
         assert torch.equal(nvfp4_dequantize(*recv), want)
     cached, *_ = buffer.dispatch(parts, handle=handle)  # cached dispatch moves the same bytes
     assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(cached, recv))
+    # Block scales not a multiple of 4 bytes (hidden 80: 5 of them) travel padded, the global scale last.
+    narrow = nvfp4_quantize(torch.randn(num_tokens, 80, generator=gen), torch.tensor(0.01 * (rank + 1)))
+    got, *_ = buffer.dispatch(narrow, handle=handle)
+    all_narrow = [(p, sc.view(torch.float8_e4m3fn), g) for p, sc, g in
+                  _gather((narrow[0], narrow[1].view(torch.uint8), narrow[2]))]
+    for i, (s, t) in enumerate(src):
+        assert torch.equal(got[0][i], all_narrow[s][0][t])
+        assert torch.equal(got[1][i].view(torch.uint8), all_narrow[s][1][t].view(torch.uint8))
+        assert float(got[2][i]) == float(all_narrow[s][2])
     with pytest.raises(ValueError, match="global scale"):
         buffer.dispatch((parts[0], parts[1], parts[2].double()), handle=handle)
     with pytest.raises(ValueError, match="block scales"):

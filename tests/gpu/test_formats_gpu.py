@@ -51,9 +51,41 @@ def _kernels_body(rank, num_ranks):
     recv_x, _, _, _, nhandle, _ = normal.dispatch(x, topk_idx=idx, **args)
     with pytest.raises(NotImplementedError, match="use_fp8=True.*CUDA kernels"):
         normal.combine(recv_x, nhandle, use_fp8=True)
-    with pytest.raises(NotImplementedError, match="NVFP4 dispatch on the CUDA kernels"):
-        normal.dispatch(nvfp4_quantize(x.float()), topk_idx=idx, **args)
     torch.cuda.synchronize()
+
+
+def _nvfp4_body(rank, num_ranks):
+    """NVFP4 dispatch on the intranode kernels moves the same bytes as the reference backend (CPU tensors)."""
+    device = set_rank_device(rank)
+    x, idx, _ = _inputs(rank, device)
+    n = dist.get_world_size()
+    nvl = Buffer.get_combine_config(n).get_nvl_buffer_size_hint(HIDDEN * 2, n) * 2
+    kernels, reference = Buffer(dist.group.WORLD, nvl, 0), Buffer(dist.group.WORLD, nvl, 0, backend="reference")
+    assert kernels.backend == "cuda"
+    layout = kernels.get_dispatch_layout(idx, NUM_EXPERTS)
+    args = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+    cpu_args = {k: v.cpu() for k, v in args.items()}
+    # hidden 96: six block scales, padded to eight bytes before the global scale.
+    for hidden in (HIDDEN, 96):
+        parts = nvfp4_quantize(x[:, :hidden].float() * (rank + 1))
+        recv, recv_idx, _, counts, handle, _ = kernels.dispatch(parts, topk_idx=idx, **args)
+        want, want_idx, _, want_counts, _, _ = reference.dispatch(tuple(p.cpu() for p in parts),
+                                                                    topk_idx=idx.cpu(), **cpu_args)
+        assert counts == want_counts and torch.equal(recv_idx.cpu(), want_idx)
+        assert recv[0].dtype == torch.uint8 and recv[1].dtype == torch.float8_e4m3fn and recv[2].dtype == torch.float32
+        for got, exp in zip(recv, want):
+            assert torch.equal(got.cpu().view(torch.uint8), exp.view(torch.uint8))
+        cached, *_ = kernels.dispatch(parts, handle=handle)
+        for got, exp in zip(cached, want):
+            assert torch.equal(got.cpu().view(torch.uint8), exp.view(torch.uint8))
+    with pytest.raises(ValueError, match="NVFP4 packed values"):  # 24 bytes a row: not whole 16-byte pieces
+        kernels.dispatch(nvfp4_quantize(x[:, :48].float()), topk_idx=idx, **args)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(skip_reason(2) is not None, reason=str(skip_reason(2)))
+def test_nvfp4_dispatch_on_kernels():
+    run_ranks(_nvfp4_body, 2)
 
 
 @pytest.mark.skipif(skip_reason(2) is not None, reason=str(skip_reason(2)))
