@@ -48,6 +48,8 @@ if [[ $what == bench || $what == all ]]; then
   bench low-latency --num-ranks 8 --num-ranks-per-node 4 --out "$out"
   bench internode --topology 2x2,2x4 --tokens 4096 --sms 16 --dtypes bf16,fp8 --out "$out/internode.json"
   bench moe-layer --ranks 8 --loops 3 --iters 3 --out "$out/moe_layer_ep8.json"
+  bench formats --backend cuda --num-ranks 8 --tokens 128 --hidden 7168 --experts 256 --topk 8 --iters 20 \
+        --json "$out/formats_ep8.json"
   if (( gpus >= 2 )); then
     bench moe-layer --ranks "${ranks##*,}" --out "$out/moe_layer_nvlink.json"
   fi

@@ -4,10 +4,12 @@
 #pragma once
 
 #include <optional>
+#include <string>
 
 #include <torch/extension.h>
 
 #include "kernels/low_latency.cuh"
+#include "kernels/utils.cuh"
 
 namespace moe_a2a {
 
@@ -47,7 +49,8 @@ inline LLDispatchArgs ll_dispatch_args(const torch::Tensor& x, const torch::Tens
 inline LLCombineArgs ll_combine_args(const torch::Tensor& x, const torch::Tensor& layout_range,
                                      const torch::Tensor& topk_idx, const torch::Tensor& topk_weights,
                                      torch::Tensor& out, const std::optional<torch::Tensor>& wait_stats,
-                                     int num_experts, int max_tokens, const void* send_area, int rank, int num_ranks) {
+                                     int num_experts, int max_tokens, const void* send_area, int format, int rank,
+                                     int num_ranks) {
     LLCombineArgs a{};
     a.x = x.data_ptr();
     a.copy_rows = x.data_ptr() != send_area;
@@ -61,7 +64,20 @@ inline LLCombineArgs ll_combine_args(const torch::Tensor& x, const torch::Tensor
     a.hidden = static_cast<int>(x.size(-1));
     a.num_experts = num_experts;
     a.max_tokens = max_tokens;
+    a.format = format;
     return a;
+}
+
+// The combine format from its Python name ("bf16", "fp8", "logfmt"), with the hidden size it needs.
+inline int ll_combine_format(const std::string& name, int hidden) {
+    const int format = name == "bf16"     ? kLLFormatBF16Combine
+                       : name == "fp8"    ? kLLFormatFP8Combine
+                       : name == "logfmt" ? kLLFormatLogFMTCombine
+                                          : 0;
+    MOE_A2A_CHECK(format != 0, "unknown combine wire format '", name, "': expected bf16, fp8 or logfmt");
+    const int multiple = format == kLLFormatFP8Combine ? 128 : format == kLLFormatLogFMTCombine ? 64 : 8;
+    MOE_A2A_CHECK(hidden % multiple == 0, name, " combine needs hidden divisible by ", multiple, ", got ", hidden);
+    return format;
 }
 
 }  // namespace moe_a2a

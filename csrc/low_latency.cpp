@@ -131,10 +131,12 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
     // topk_weights and writes out. x may be the send area of `set` (zero copy).
     void combine(const torch::Tensor& x, const torch::Tensor& layout_range, const torch::Tensor& topk_idx,
                  const torch::Tensor& topk_weights, torch::Tensor& out, const std::optional<torch::Tensor>& wait_stats,
-                 int num_experts, int max_tokens, int set, int num_sms, int call, int phases) {
+                 int num_experts, int max_tokens, int set, int num_sms, int call, int phases,
+                 const std::string& wire_format) {
         const int T = static_cast<int>(topk_idx.size(0)), K = static_cast<int>(topk_idx.size(1));
         const int hidden = static_cast<int>(x.size(-1));
         check_shape(T, hidden, K, num_experts, max_tokens, false);
+        const int format = ll_combine_format(wire_format, hidden);
         check_phases(phases);
         const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
         check(x, "x", torch::kBFloat16, {L, RM, hidden});
@@ -145,7 +147,7 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
         if (wait_stats) check(*wait_stats, "combine_wait_recv_cost_stats", torch::kInt64, {num_ranks_, num_ranks_});
         const LLCtx c = ctx(set, num_experts, max_tokens, hidden, call);
         const LLCombineArgs a = ll_combine_args(x, layout_range, topk_idx, topk_weights, out, wait_stats, num_experts,
-                                                max_tokens, send_base(set), rank_, num_ranks_);
+                                                max_tokens, send_base(set), format, rank_, num_ranks_);
         const c10::cuda::CUDAGuard guard(out.device());
         launch_ll_combine(c, a, phases, checked_sms(num_sms), c10::cuda::getCurrentCUDAStream());
     }

@@ -7,5 +7,7 @@
 namespace moe_a2a {
 
 void register_low_latency(pybind11::module_& m);
+// The combine wire formats' host entry points (wire_format.cpp).
+void register_wire_format(pybind11::module_& m);
 
 }  // namespace moe_a2a

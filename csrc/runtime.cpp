@@ -429,5 +429,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("set_signature", &Runtime::set_signature)
         .def("local_buffer", &Runtime::local_buffer);
     moe_a2a::register_low_latency(m);
+    moe_a2a::register_wire_format(m);
     moe_a2a::register_allreduce(m);
 }

@@ -836,10 +836,11 @@ class Buffer:
             handle: the ``LowLatencyHandle`` from ``low_latency_dispatch``.
             use_logfmt: the rows travel as LogFMT (``docs/logfmt.md``): 10-bit log-domain values with one log
                 range per 64 channels (hidden divisible by 64), 66% of BF16's bytes, decoded to float32 before
-                the weighted sum; relative error per value at most 1.1%. Reference backend only for now.
+                the weighted sum; relative error per value at most 1.1%. On the kernels a ``zero_copy`` input
+                is encoded in place (refill it before every combine, as usual).
             out: optional ``[num_tokens, hidden]`` bf16 tensor written in place and returned.
             use_fp8: (moe_a2a extension, keyword only) the rows travel as FP8 e4m3 with per-128 scales (hidden
-                divisible by 128), 53% of BF16's bytes. Reference backend only for now.
+                divisible by 128), 53% of BF16's bytes; as ``use_logfmt`` otherwise.
 
         Returns:
             combined_x: ``[num_tokens, hidden]`` bf16; event: an ``EventOverlap``; hook: as in dispatch.
@@ -859,9 +860,6 @@ class Buffer:
             checks.hidden_divisible(handle.hidden, 64, "LogFMT combine with per-64 log ranges")
         if use_fp8:
             checks.hidden_divisible(handle.hidden, 128, "FP8 combine with per-128 scales")
-        if kernels is not None and wire_format != "bf16":
-            raise NotImplementedError(f"use_{wire_format}=True on the low-latency kernels is not implemented (they "
-                                      "send BF16 rows): create the Buffer with backend='reference' for this format")
         if kernels is not None:
             self._check_low_latency_kernels(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
                                             handle.num_experts)

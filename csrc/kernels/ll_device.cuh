@@ -9,6 +9,7 @@
 
 #include "low_latency.cuh"
 #include "utils.cuh"
+#include "wire_format.cuh"
 
 namespace moe_a2a {
 namespace {
@@ -147,9 +148,117 @@ __device__ void copy_received_rows(const LLDispatchArgs& a, const char* const* s
     __syncthreads();
 }
 
+// Encodes one row of `hidden` BF16 values at `src` into `dst` in combine format kFormat (FP8 or LogFMT,
+// wire_format.cuh); one warp. `src` may equal `dst` (in place): each pass reads 32 chunks of 8 channels into
+// registers, syncs the warp, then writes their encoding, which ends before the bytes later passes read
+// (pass j writes below byte 264 (j + 1) for FP8, 336 (j + 1) for LogFMT, and has read up to 512 (j + 1)).
+template <int kFormat>
+__device__ void encode_row_warp(const int4* src, char* dst, int hidden, int lane) {
+    const int chunks = hidden / 8;
+    for (int c0 = 0; c0 < chunks; c0 += 32) {
+        const int ch = c0 + lane;
+        const bool have = ch < chunks;  // whole 16-lane (FP8) or 8-lane (LogFMT) groups, as hidden divides
+        int4 v = make_int4(0, 0, 0, 0);
+        if (have) v = src[ch];
+        __syncwarp();
+        if constexpr (kFormat == kLLFormatFP8Combine) {
+            float scale;
+            const uint2 q = cast_fp8_chunk(v, false, &scale);  // every lane: the 16 lanes of a block reduce
+            if (have) {
+                char* block = dst + (ch >> 4) * kFp8CombineBlockBytes;
+                uint32_t* words = reinterpret_cast<uint32_t*>(block + (ch & 15) * 8);
+                words[0] = q.x;
+                words[1] = q.y;
+                if ((ch & 15) == 0) *reinterpret_cast<float*>(block + kFp8CombineBlock) = scale;
+            }
+        } else {
+            const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+            float f[8];
+            float amax = 0.0f, amin = INFINITY;
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                f[k] = __bfloat162float(h[k]);
+                const float m = fabsf(f[k]);
+                amax = fmaxf(amax, m);
+                if (m > 0.0f) amin = fminf(amin, m);
+            }
+#pragma unroll
+            for (int m = 4; m >= 1; m >>= 1) {  // the 8 lanes of a 64-channel group
+                amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
+                amin = fminf(amin, __shfl_xor_sync(0xFFFFFFFFu, amin, m));
+            }
+            const uint32_t range = logfmt_range_bits(amax, amax > 0.0f ? amin : 0.0f);
+            float lo, step;
+            logfmt_grid(range, &lo, &step);
+            uint32_t codes[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) codes[k] = logfmt_code(f[k], lo, step);
+            uint16_t packed[5];
+            logfmt_pack8(codes, packed);
+            if (have) {
+                char* group = dst + (ch >> 3) * kLogFmtGroupBytes;
+                uint16_t* out = reinterpret_cast<uint16_t*>(group + (ch & 7) * 10);
+#pragma unroll
+                for (int k = 0; k < 5; ++k) out[k] = packed[k];
+                if ((ch & 7) == 0) *reinterpret_cast<uint32_t*>(group + kLogFmtCodeBytes) = range;
+            }
+        }
+        __syncwarp();
+    }
+}
+
+// The raw words of chunk `ch` (8 channels) of an encoded row, loaded L2-coherently (rows of other ranks):
+// BF16: the 16 bytes; FP8: x, y the 8 e4m3 bytes, z the block's scale; LogFMT: x, y, z the 10 code bytes
+// (z's low half), w the group's range.
+template <int kFormat>
+__device__ __forceinline__ int4 load_chunk(const int4* row, int ch) {
+    if constexpr (kFormat == kLLFormatBF16Combine) {
+        return ld_cg_v4(row + ch);
+    } else if constexpr (kFormat == kLLFormatFP8Combine) {
+        const char* block = reinterpret_cast<const char*>(row) + (ch >> 4) * kFp8CombineBlockBytes;
+        const int* words = reinterpret_cast<const int*>(block + (ch & 15) * 8);
+        return make_int4(ld_cg(words), ld_cg(words + 1), ld_cg(reinterpret_cast<const int*>(block + kFp8CombineBlock)),
+                         0);
+    } else {
+        const char* group = reinterpret_cast<const char*>(row) + (ch >> 3) * kLogFmtGroupBytes;
+        const unsigned short* p = reinterpret_cast<const unsigned short*>(group + (ch & 7) * 10);
+        const uint32_t w0 = __ldcg(p) | (static_cast<uint32_t>(__ldcg(p + 1)) << 16);
+        const uint32_t w1 = __ldcg(p + 2) | (static_cast<uint32_t>(__ldcg(p + 3)) << 16);
+        const uint32_t w2 = __ldcg(p + 4);
+        const int w3 = ld_cg(reinterpret_cast<const int*>(group + kLogFmtCodeBytes));
+        return make_int4(static_cast<int>(w0), static_cast<int>(w1), static_cast<int>(w2), w3);
+    }
+}
+
+template <int kFormat>
+__device__ __forceinline__ void decode_chunk(const int4& raw, float f[8]) {
+    if constexpr (kFormat == kLLFormatBF16Combine) {
+        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) f[m] = __bfloat162float(h[m]);
+    } else if constexpr (kFormat == kLLFormatFP8Combine) {
+        const __nv_fp8_e4m3* q = reinterpret_cast<const __nv_fp8_e4m3*>(&raw);
+        const float scale = __int_as_float(raw.z);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) f[m] = static_cast<float>(q[m]) * scale;
+    } else {
+        const uint16_t pieces[5] = {static_cast<uint16_t>(raw.x), static_cast<uint16_t>(static_cast<uint32_t>(raw.x) >> 16),
+                                    static_cast<uint16_t>(raw.y), static_cast<uint16_t>(static_cast<uint32_t>(raw.y) >> 16),
+                                    static_cast<uint16_t>(raw.z)};
+        uint32_t codes[8];
+        logfmt_unpack8(pieces, codes);
+        float lo, step;
+        logfmt_grid(static_cast<uint32_t>(raw.w), &lo, &step);
+#pragma unroll
+        for (int m = 0; m < 8; ++m) f[m] = logfmt_value(codes[m], lo, step);
+    }
+}
+
 // Block-wide weighted top-k sum of this block's tokens t = blockIdx.x + q * gridDim.x, q < my_tokens:
 // out[t] = BF16 of the float32 sum over k of s_w[q * K + k] * row s_row[q * K + k] (null rows skipped), in
-// slot order. 16-byte chunks flattened over (token, chunk); all top-k loads of a chunk in flight.
+// slot order; rows in combine format kFormat (decoded to float32 first). 8-channel chunks flattened over
+// (token, chunk); all top-k loads of a chunk in flight.
+template <int kFormat>
 __device__ void reduce_topk_rows(const int4* const* s_row, const float* s_w, int my_tokens, int K, int hidden,
                                  void* out_rows) {
     const int row_int4 = hidden / 8, G = gridDim.x;
@@ -163,15 +272,16 @@ __device__ void reduce_topk_rows(const int4* const* s_row, const float* s_w, int
 #pragma unroll
             for (int u = 0; u < kU; ++u) {
                 const int4* row = k0 + u < K ? s_row[q * K + k0 + u] : nullptr;
-                if (row != nullptr) v[u] = ld_cg_v4(row + ch);
+                if (row != nullptr) v[u] = load_chunk<kFormat>(row, ch);
             }
 #pragma unroll
             for (int u = 0; u < kU; ++u) {
                 if (k0 + u >= K || s_row[q * K + k0 + u] == nullptr) continue;
-                const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
+                float f[8];
+                decode_chunk<kFormat>(v[u], f);
                 const float w = s_w[q * K + k0 + u];
 #pragma unroll
-                for (int m = 0; m < 8; ++m) acc[m] += w * __bfloat162float(h[m]);
+                for (int m = 0; m < 8; ++m) acc[m] += w * f[m];
             }
         }
         int4 o;
@@ -227,7 +337,7 @@ __device__ __forceinline__ int4 ll_signature(const LLDispatchArgs& a) {
 }
 
 __device__ __forceinline__ int4 ll_signature(const LLCombineArgs& a) {
-    return make_int4(a.hidden, a.max_tokens, a.num_experts, kLLFormatBF16Combine);
+    return make_int4(a.hidden, a.max_tokens, a.num_experts, a.format);
 }
 
 // Signature slot of source rank `src` in set `set` of an allocation whose signal area starts at `base`.

@@ -9,7 +9,9 @@
 // of all received rows (16-byte loads, many in flight per thread) from the sources' stage areas straight
 // to their final slots, and the scales into their column-major slots.
 // Combine send: copy the valid rows of the expert outputs into this rank's send area unless the caller
-// wrote them there (zero copy), publish each (expert, source) first slot, release one flag per rank.
+// wrote them there (zero copy), or encode them there in the call's format (FP8, LogFMT: wire_format.cuh;
+// one warp a row, in place for a zero-copy input), publish each (expert, source) first slot, release one
+// flag per rank. Receivers read the encoded rows and decode them to float32 before the weighted sum.
 // Combine receive: every block waits for the R flags, finds the slot of each of its (token, top-k) pairs
 // (the rank of the pair among this rank's pairs to that expert, plus the published first slot) and sums the
 // weighted rows in float32 straight from the experts' send areas, all top-k loads of a chunk in flight.
@@ -246,6 +248,7 @@ struct CombineShared {
     int off[kLLThreads];           // send: row offset l * R * M + j of each row of a round
 };
 
+template <int kFormat>
 __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh) {
     const int R = c.num_ranks, E = a.num_experts, L = E / R, RM = R * a.max_tokens;
     const int tid = threadIdx.x, G = gridDim.x;
@@ -253,7 +256,8 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     // Publish where each source's rows start in every local expert (read by the token owners).
     if (blockIdx.x == 0 && tid < E)
         signals(c, c.rank)[kLLSigBegins + tid] = static_cast<int>(__ldg(a.layout_range + tid) >> 32);
-    if (a.copy_rows) {
+    constexpr bool encode = kFormat != kLLFormatBF16Combine;
+    if (a.copy_rows || encode) {
         int rows = 0;
         if (tid < L) {
             const int64_t range = __ldg(a.layout_range + tid * R + R - 1);
@@ -263,6 +267,20 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
         const int before = block_exclusive_scan(rows, sh.warp, &num_rows);
         if (tid <= L) sh.scan[tid] = tid < L ? before : num_rows;
         __syncthreads();
+        if constexpr (encode) {
+            // One warp a row: encoded into the first bytes of its slot (over itself for a zero-copy input).
+            const int row_int4 = a.hidden / 8, lane = tid & 31;
+            const int4* src = static_cast<const int4*>(a.x);
+            int4* dst = reinterpret_cast<int4*>(set_base(c, c.rank));
+            for (int w = blockIdx.x * kWarps + (tid >> 5); w < num_rows; w += G * kWarps) {
+                const int l = find_range(sh.scan, L, w);
+                const int64_t at = (static_cast<int64_t>(l) * RM + (w - sh.scan[l])) * row_int4;
+                encode_row_warp<kFormat>(src + at, reinterpret_cast<char*>(dst + at), a.hidden, lane);
+            }
+        }
+    }
+    if (a.copy_rows && !encode) {
+        const int num_rows = sh.scan[L];
         const int per = (num_rows + G - 1) / G;
         const int first = min(num_rows, static_cast<int>(blockIdx.x) * per), last = min(num_rows, first + per);
         const int row_int4 = a.hidden / 8;
@@ -303,6 +321,7 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     }
 }
 
+template <int kFormat>
 __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, CombineShared& sh, int* dyn) {
     const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, R = c.num_ranks, L = E / R, M = a.max_tokens;
     const int RM = R * M, n = T * K, G = gridDim.x;
@@ -351,18 +370,20 @@ __device__ void combine_recv(const LLCtx& c, const LLCombineArgs& a, int tag, Co
         }
     }
     __syncthreads();
-    reduce_topk_rows(s_row, s_w, my_tokens, K, a.hidden, a.out);
+    reduce_topk_rows<kFormat>(s_row, s_w, my_tokens, K, a.hidden, a.out);
 }
 
-// Like dispatch_kernel: one kernel for every phase split.
+// Like dispatch_kernel: one kernel for every phase split; one instance per wire format (a.format), so the
+// BF16 combine's code is what it is without the codecs.
+template <int kFormat>
 __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(LLCtx c, LLCombineArgs a, int phases) {
     extern __shared__ int dyn[];
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
     stamp_start(c);
     const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
-    if ((phases & kLLSend) != 0) combine_send(c, a, tag, sh);
-    if ((phases & kLLRecv) != 0) combine_recv(c, a, tag, sh, dyn);
+    if ((phases & kLLSend) != 0) combine_send<kFormat>(c, a, tag, sh);
+    if ((phases & kLLRecv) != 0) combine_recv<kFormat>(c, a, tag, sh, dyn);
     stamp_end(c);
 }
 
@@ -419,7 +440,9 @@ void launch_ll_combine(const LLCtx& c, const LLCombineArgs& a, int phases, int n
         const size_t pairs = static_cast<size_t>(ceil_div(a.num_tokens, num_sms)) * a.num_topk;
         smem = sizeof(int) * ((n + pairs + 1) & ~static_cast<size_t>(1)) + sizeof(void*) * pairs;
     }
-    void (*kernel)(LLCtx, LLCombineArgs, int) = combine_kernel;
+    void (*kernel)(LLCtx, LLCombineArgs, int) = a.format == kLLFormatFP8Combine      ? combine_kernel<kLLFormatFP8Combine>
+                                                : a.format == kLLFormatLogFMTCombine ? combine_kernel<kLLFormatLogFMTCombine>
+                                                                                     : combine_kernel<kLLFormatBF16Combine>;
     allow_smem(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<num_sms, kLLThreads, smem, stream>>>(c, a, phases);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());

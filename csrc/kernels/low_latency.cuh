@@ -22,7 +22,8 @@
 // A waiter waits for its own epoch; nothing is reset, so many blocks may wait on one flag.
 //
 // Send area (local, read by peers): the combine input [L, R * M, hidden] bf16 (zero copy when the caller
-// filled it; else combine copies the valid rows there first).
+// filled it; else combine copies the valid rows there first). An FP8 or LogFMT combine encodes each valid
+// row into the first bytes of its slot (wire_format.cuh), in place for a zero-copy input.
 // Stage area (local, read by peers): dispatch tokens [M][stage row] (BF16, or FP8 then float scales),
 // then per global expert e the list [E][M + 1] ints: count, then the source token of each pair routed
 // to e in (token, top-k slot) order, which is also the order of that source's slots in the expert.
@@ -57,8 +58,9 @@ constexpr int64_t kLLSignalBytes = (2LL * kLLSetSignalInts + 2LL * kLLSetSignatu
 // What ranks of one call must agree on, one int each (ll_signature): the hidden size, the tokens per rank
 // (num_max_dispatch_tokens_per_rank), the number of experts and the wire format below, which also names
 // the operation. The top-k width is not part of it: the messages carry token indices, not top-k slots.
+// Combine formats: wire_format.cuh.
 enum LLFormat : int { kLLFormatBF16Dispatch = 1, kLLFormatFP8Dispatch = 2, kLLFormatFP8RoundDispatch = 3,
-                      kLLFormatBF16Combine = 4 };
+                      kLLFormatBF16Combine = 4, kLLFormatFP8Combine = 5, kLLFormatLogFMTCombine = 6 };
 // Local (not shared) workspace ints: per set the dispatch and combine epochs and the arrival counters of
 // their send phases, then the abort flag, the error claim and the ping epoch.
 constexpr int kLLWsDispatchEpoch = 0;
@@ -158,6 +160,7 @@ struct LLCombineArgs {
     void* out;                 // [T, hidden] bf16
     int64_t* wait_stats;       // [R] or null
     int num_tokens, num_topk, hidden, num_experts, max_tokens;
+    int format;                // how rows travel: kLLFormatBF16Combine, kLLFormatFP8Combine or kLLFormatLogFMTCombine
 };
 
 // `phases`: kLLSend, kLLRecv or both (one kernel: its blocks wait for the other ranks in between).

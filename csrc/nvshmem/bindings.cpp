@@ -362,14 +362,15 @@ class LowLatencyRuntime {
     std::string combine(const torch::Tensor& x, const torch::Tensor& layout_range, const torch::Tensor& src_info,
                         const torch::Tensor& topk_idx, const torch::Tensor& topk_weights, torch::Tensor& out,
                         const std::optional<torch::Tensor>& wait_stats, int num_experts, int max_tokens, int set,
-                        int num_sms, int call, int phases) {
+                        int num_sms, int call, int phases, const std::string& wire_format) {
         nvshmem_ll::Ctx c{};
         const int hidden = static_cast<int>(x.size(-1));
+        const int format = ll_combine_format(wire_format, hidden);
         std::string err = ctx(c, set, num_experts, max_tokens, hidden, call, num_sms, phases);
         if (!err.empty()) return err;
         nvshmem_ll::CombineArgs a{};
         a.a = ll_combine_args(x, layout_range, topk_idx, topk_weights, out, wait_stats, num_experts, max_tokens,
-                              send_base(set), rank_, num_ranks_);
+                              send_base(set), format, rank_, num_ranks_);
         a.src_info = src_info.data_ptr<int>();
         return nvshmem_ll::launch_combine(c, a, phases, num_sms, c10::cuda::getCurrentCUDAStream());
     }

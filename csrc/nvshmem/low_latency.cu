@@ -291,6 +291,7 @@ struct CombineShared {
     int flag;
 };
 
+template <int kFormat>
 __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, CombineShared& sh) {
     const LLCombineArgs& a = ca.a;
     const int R = c.num_ranks, E = a.num_experts, L = E / R, M = a.max_tokens, RM = R * M;
@@ -309,7 +310,9 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
     __syncthreads();
 
     const int row_int4 = a.hidden / 8;
-    const int64_t row_bytes = 2LL * a.hidden;
+    const int64_t row_bytes = 2LL * a.hidden;  // slot stride
+    constexpr bool encode = kFormat != kLLFormatBF16Combine;
+    const int64_t wire_bytes = ll_combine_row_bytes(a.hidden, kFormat);  // what travels of a slot
     char* send = set_base(c);
     char* recv = recv_area(c);
     const int4* x = static_cast<const int4*>(a.x);
@@ -322,15 +325,19 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
         char* remote = recv + (static_cast<int64_t>(c.rank * L + l) * M + t) * row_bytes;
         const int64_t at = (static_cast<int64_t>(l) * RM + slot) * row_int4;
         if (char* mapped = peer_ptr(c, remote, s)) {
-            warp_copy<false>(reinterpret_cast<int4*>(mapped), x + at, row_int4, lane);
+            if constexpr (encode) encode_row_warp<kFormat>(x + at, mapped, a.hidden, lane);
+            else warp_copy<false>(reinterpret_cast<int4*>(mapped), x + at, row_int4, lane);
         } else {
             int4* staged = reinterpret_cast<int4*>(send) + at;
-            if (a.copy_rows) {  // RDMA reads from registered (symmetric) memory
-                warp_copy<false>(staged, x + at, row_int4, lane);
+            // RDMA reads from registered (symmetric) memory: stage the row there (encoded in place for a
+            // zero-copy input).
+            if (encode || a.copy_rows) {
+                if constexpr (encode) encode_row_warp<kFormat>(x + at, reinterpret_cast<char*>(staged), a.hidden, lane);
+                else warp_copy<false>(staged, x + at, row_int4, lane);
                 __syncwarp();
                 __threadfence_system();
             }
-            nvshmemx_putmem_nbi_warp(remote, staged, row_bytes, s);
+            nvshmemx_putmem_nbi_warp(remote, staged, wire_bytes, s);
         }
     }
     int* ws = set_workspace(c);
@@ -338,6 +345,7 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
         for (int r = tid; r < R; r += blockDim.x) signal_set(c, signals(c) + kSigCombine + c.rank, tag, r);
 }
 
+template <int kFormat>
 __device__ void combine_recv(const Ctx& c, const CombineArgs& ca, int tag, CombineShared& sh, int* dyn) {
     const LLCombineArgs& a = ca.a;
     const int T = a.num_tokens, K = a.num_topk, E = a.num_experts, R = c.num_ranks, L = E / R, M = a.max_tokens;
@@ -364,10 +372,11 @@ __device__ void combine_recv(const Ctx& c, const CombineArgs& ca, int tag, Combi
         s_w[p] = __ldg(a.topk_weights + static_cast<int64_t>(t) * K + k);
     }
     __syncthreads();
-    reduce_topk_rows(s_row, s_w, my_tokens, K, a.hidden, a.out);
+    reduce_topk_rows<kFormat>(s_row, s_w, my_tokens, K, a.hidden, a.out);
 }
 
-// Like dispatch_kernel: one kernel for every phase split.
+// Like dispatch_kernel: one kernel for every phase split; one instance per wire format (a.a.format).
+template <int kFormat>
 __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(const __grid_constant__ Ctx c,
                                                                 const __grid_constant__ CombineArgs a,
                                                                 const int phases) {
@@ -375,8 +384,8 @@ __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(const __grid_con
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
     const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
-    if ((phases & kLLSend) != 0) combine_send(c, a, tag, sh);
-    if ((phases & kLLRecv) != 0) combine_recv(c, a, tag, sh, dyn);
+    if ((phases & kLLSend) != 0) combine_send<kFormat>(c, a, tag, sh);
+    if ((phases & kLLRecv) != 0) combine_recv<kFormat>(c, a, tag, sh, dyn);
 }
 
 std::string launch_error(const char* what) {
@@ -412,7 +421,10 @@ std::string launch_combine(const Ctx& c, const CombineArgs& a, int phases, int n
         const size_t pairs = static_cast<size_t>((a.a.num_tokens + num_sms - 1) / num_sms) * a.a.num_topk;
         smem = pairs * (sizeof(void*) + sizeof(float));
     }
-    void (*kernel)(Ctx, CombineArgs, int) = combine_kernel;
+    const int format = a.a.format;
+    void (*kernel)(Ctx, CombineArgs, int) = format == kLLFormatFP8Combine      ? combine_kernel<kLLFormatFP8Combine>
+                                          : format == kLLFormatLogFMTCombine ? combine_kernel<kLLFormatLogFMTCombine>
+                                                                             : combine_kernel<kLLFormatBF16Combine>;
     std::string err = allow_smem(reinterpret_cast<const void*>(kernel), smem);
     if (!err.empty()) return err;
     kernel<<<num_sms, kLLThreads, smem, stream>>>(c, a, phases);

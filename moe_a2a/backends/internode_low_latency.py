@@ -124,10 +124,11 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
 
     # ------------------------------------------------------------------ combine
     def _launch_combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, combined, wait_stats, set_: int,
-                        call: int, phases: int) -> None:
+                        call: int, phases: int, wire_format: str) -> None:
         # The NVSHMEM combine also reads each slot's source token (the handle's src_info) to address the reply.
         self._rt.combine(x, handle.layout_range, handle.src_info, topk_idx, topk_weights, combined, wait_stats,
-                         handle.num_experts, handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases)
+                         handle.num_experts, handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases,
+                         wire_format)
 
     # ------------------------------------------------------------------ probes (benchmark)
     def empty_kernel(self) -> None:

@@ -53,7 +53,7 @@ SIGNATURE_FIELDS = ("hidden size", "tokens per rank (num_max_dispatch_tokens_per
                     "wire format")
 #: Wire formats by code (``LLFormat``); the format also names the operation.
 WIRE_FORMATS = {1: "BF16 dispatch", 2: "FP8 dispatch", 3: "FP8 dispatch with power-of-two scales (round_scale)",
-                4: "BF16 combine"}
+                4: "BF16 combine", 5: "FP8 combine", 6: "LogFMT combine"}
 
 
 def error_text(record, rank: int, timeout_s: float) -> str:
@@ -227,7 +227,9 @@ class LowLatencyBackend:
     # ------------------------------------------------------------------ combine
     def combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
         """Weighted sum over experts of ``x`` ``[L, M * R, hidden]`` bf16 into ``[T, hidden]`` bf16 (``out`` when
-        given, written in place); ``wire_format`` is ``"bf16"``."""
+        given, written in place). The rows travel in ``wire_format``: ``"bf16"``, ``"fp8"`` or ``"logfmt"``
+        (encoded into the send area by the send phase, decoded to float32 before the weighted sum; a zero-copy
+        ``x`` is encoded in place, so its contents are gone after the call)."""
         handle = request.handle
         self._check_allocation(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
         x, topk_idx = request.x.contiguous(), request.topk_idx.contiguous()
@@ -238,14 +240,14 @@ class LowLatencyBackend:
 
         def launch(phases: int) -> None:
             self._guard("combine", self._launch_combine, x, handle, topk_idx, topk_weights, combined,
-                        request.combine_wait_recv_cost_stats, set_, call, phases)
+                        request.combine_wait_recv_cost_stats, set_, call, phases, request.wire_format)
 
         return LowLatencyCombineResult(combined, _run_phases(launch, request.return_recv_hook, "combine"))
 
     def _launch_combine(self, x, handle: LowLatencyHandle, topk_idx, topk_weights, combined, wait_stats, set_: int,
-                        call: int, phases: int) -> None:
+                        call: int, phases: int, wire_format: str) -> None:
         self._rt.combine(x, handle.layout_range, topk_idx, topk_weights, combined, wait_stats, handle.num_experts,
-                         handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases)
+                         handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases, wire_format)
 
     # ------------------------------------------------------------------ debug probes (benchmarks)
     def empty_kernel(self) -> None:

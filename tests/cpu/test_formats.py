@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from moe_a2a import Buffer
+from moe_a2a import Buffer, _native
 from moe_a2a.fp8 import fp8_to_float, per_token_cast_to_fp8
 from moe_a2a.formats import logfmt_decode, logfmt_encode, nvfp4_dequantize, nvfp4_quantize
 from moe_a2a.formats.logfmt import LOG_SPAN
@@ -53,6 +53,40 @@ def test_logfmt_bit_layout():
     assert codes[0, :5].tolist() == [(word >> s) & 0xFF for s in range(0, 40, 8)]
     assert codes[0, 5:10].tolist() == [511 & 0xFF, 511 >> 8, 0, 0, 0]
     assert logfmt_decode(codes, ranges)[0, :5].tolist() == [1.0, -1.0, 0.0, 0.0, 4.0]
+
+
+@pytest.mark.skipif(not _native.present("_C"), reason="moe_a2a._C is not built")
+def test_logfmt_kernel_codec_matches_reference():
+    """The low-latency kernels' LogFMT code (csrc/kernels/wire_format.cuh), run on the CPU, against the Python
+    codec: same ranges and codes but where two log2 implementations straddle a rounding boundary (then one
+    level apart), and the same decoding of the same bytes."""
+    C = _native.load("_C")
+    x = _wide_values(torch.Generator().manual_seed(3), n=96, hidden=512).float()
+    x[3, :64] = 2.5  # a group of equal values: step 0, every code level 1
+    codes, ranges = C.logfmt_encode_host(x)
+    want_codes, want_ranges = logfmt_encode(x)
+    assert codes.shape == want_codes.shape and ranges.shape == want_ranges.shape and ranges.dtype == torch.float16
+    assert float((ranges == want_ranges).float().mean()) > 0.999
+    level = lambda c: _unpacked(c) & 0x1FF  # noqa: E731
+    sign = lambda c: _unpacked(c) >> 9  # noqa: E731
+    same_ranges = (ranges == want_ranges).all(2).repeat_interleave(64, dim=1)
+    assert torch.equal(sign(codes)[same_ranges], sign(want_codes)[same_ranges])
+    step_apart = (level(codes) - level(want_codes)).abs()[same_ranges]
+    assert int(step_apart.max()) <= 1 and float((step_apart == 0).float().mean()) > 0.999
+    # Decoding: the same bytes give the same values (exp2 of the same float32 argument, within an ulp).
+    assert torch.allclose(C.logfmt_decode_host(want_codes, want_ranges), logfmt_decode(want_codes, want_ranges),
+                          rtol=2e-7, atol=0)
+    assert torch.equal(C.logfmt_decode_host(*logfmt_encode(torch.zeros(2, 64))), torch.zeros(2, 64))
+    y = C.logfmt_decode_host(codes, ranges)  # and the kernels' round trip keeps the stated bound
+    group_max = x.abs().view(x.size(0), -1, 64).amax(2, keepdim=True).expand(-1, -1, 64).reshape(x.shape)
+    assert bool(((y - x).abs() <= torch.maximum(LOGFMT_REL * x.abs(), group_max * 2.0 ** -LOG_SPAN)).all())
+
+
+def _unpacked(codes: torch.Tensor) -> torch.Tensor:
+    """10-bit codes ``[n, hidden]`` int64 from packed bytes ``[n, hidden * 5 / 4]``."""
+    b = codes.view(codes.size(0), -1, 5).to(torch.int64)
+    word = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24 | b[..., 4] << 32
+    return ((word.unsqueeze(-1) >> torch.arange(0, 40, 10)) & 0x3FF).view(codes.size(0), -1)
 
 
 def test_logfmt_rejects_bad_shapes():

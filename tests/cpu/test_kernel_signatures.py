@@ -33,6 +33,23 @@ def test_wire_formats_are_named():
     assert "rank 1 has BF16 combine, rank 0 has format code 99" in text
 
 
+def test_combine_formats_are_named_as_the_kernels_number_them():
+    import os
+    import re
+    csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+    if not os.path.isdir(csrc):
+        pytest.skip("no csrc/ beside the tests (an installed package)")
+    with open(os.path.join(csrc, "kernels", "low_latency.cuh")) as f:
+        enum = dict((name, int(v)) for name, v in re.findall(r"kLLFormat(\w+) = (\d+)", f.read()))
+    assert sorted(low_latency.WIRE_FORMATS) == sorted(enum.values())
+    for name, code in enum.items():  # "FP8RoundDispatch" -> "fp8 dispatch", the first words of the Python name
+        words = re.sub(r"(Dispatch|Combine)$", r" \1", name.replace("Round", "")).lower()
+        assert low_latency.WIRE_FORMATS[code].lower().startswith(words), (code, name)
+    text = low_latency.error_text((MISMATCH, COMBINE, 1, 3, 0, 2, 6, 4), 0, 10.0)
+    assert "rank 0 has LogFMT combine, rank 1 has BF16 combine" in text
+    assert "rank 0 has FP8 combine" in low_latency.error_text((MISMATCH, COMBINE, 1, 3, 0, 2, 5, 6), 0, 10.0)
+
+
 def test_timeouts_and_no_error_read_as_before():
     assert low_latency.error_text((0, 0, 0, 0, 0, 0, 0, 0), 0, 1.0) == ""
     assert low_latency.error_text((1, COMBINE, 1, 5, 0, 3, 0, 0), 0, 1.5) == (

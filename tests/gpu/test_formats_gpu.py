@@ -1,5 +1,6 @@
-"""Formats and rank masking with CUDA tensors: the kernels refuse what they cannot send (NotImplementedError,
-never another format), and the reference backend on CUDA tensors gives the CPU reference's results."""
+"""Formats and rank masking with CUDA tensors: the kernels' FP8/LogFMT low-latency combines and NVFP4 dispatch
+against the CPU reference, the reference backend on CUDA tensors likewise, and the kernels refuse what they
+cannot do yet (NotImplementedError, never another format)."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,10 +33,6 @@ def _kernels_body(rank, num_ranks):
     ll = _ll_buffer()
     assert ll.backend == "cuda"
     recv, count, handle, _, _ = ll.low_latency_dispatch(x, idx, MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
-    with pytest.raises(NotImplementedError, match="use_logfmt=True on the low-latency kernels"):
-        ll.low_latency_combine(recv, idx, w, handle, use_logfmt=True)
-    with pytest.raises(NotImplementedError, match="use_fp8=True on the low-latency kernels"):
-        ll.low_latency_combine(recv, idx, w, handle, use_fp8=True)
     with pytest.raises(NotImplementedError, match=r"rank masking .*on the low-latency kernels"):
         ll.low_latency_update_mask_buffer(0, True)
     combined, _, _ = ll.low_latency_combine(recv, idx, w, handle)  # the BF16 combine still works
@@ -93,13 +90,17 @@ def test_kernels_refuse_other_formats():
     run_ranks(_kernels_body, 2)
 
 
-def _reference_body(rank, num_ranks):
+def _formats_body(rank, num_ranks, backend):
+    """Low-latency combines in every wire format through ``Buffer`` on CUDA tensors (``backend``: "reference",
+    or None for the kernels), against the reference backend on CPU tensors."""
     device = set_rank_device(rank)
     x, idx, w = _inputs(rank, device)
-    gpu, cpu = _ll_buffer(backend="reference"), _ll_buffer(backend="reference")
+    gpu, cpu = _ll_buffer(backend=backend), _ll_buffer(backend="reference")
+    assert gpu.backend == (backend or "cuda")
     recv, _, handle, _, _ = gpu.low_latency_dispatch(x, idx, MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
     recv_c, _, handle_c, _, _ = cpu.low_latency_dispatch(x.cpu(), idx.cpu(), MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
-    assert torch.equal(recv.cpu(), recv_c)
+    if backend == "reference":  # the kernels leave unused slots unwritten; their combine reads valid ones only
+        assert torch.equal(recv.cpu(), recv_c)
     magnitude, _, _ = cpu.low_latency_combine(recv_c.abs(), idx.cpu(), w.cpu(), handle_c)
     # Each copy's largest value in its 128-channel block, summed like the copies (the weights are positive).
     blocks = recv_c.abs().float().unflatten(-1, (-1, 128))
@@ -115,8 +116,19 @@ def _reference_body(rank, num_ranks):
         want, _, _ = cpu.low_latency_combine(recv_c, idx.cpu(), w.cpu(), handle_c, **kw)
         diff = (got.cpu().float() - want.float()).abs()
         assert bool((diff <= bound[name] + 1e-3).all()), (name, diff.max().item())
+        if backend is None:  # zero copy: the registered buffer is encoded in place and read by the peers
+            gpu.get_next_low_latency_combine_buffer(handle).copy_(recv)
+            got, _, _ = gpu.low_latency_combine(recv, idx, w, handle, zero_copy=True, **kw)
+            diff = (got.cpu().float() - want.float()).abs()
+            assert bool((diff <= bound[name] + 1e-3).all()), (name, "zero copy", diff.max().item())
+    torch.cuda.synchronize()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_reference_formats_on_cuda_tensors():
-    run_ranks(_reference_body, 2)
+    run_ranks(_formats_body, 2, "reference")
+
+
+@pytest.mark.skipif(skip_reason(2) is not None, reason=str(skip_reason(2)))
+def test_kernel_formats_on_cuda_tensors():
+    run_ranks(_formats_body, 2, None)

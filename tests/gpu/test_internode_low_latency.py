@@ -65,9 +65,11 @@ def _correctness(rank, num_ranks, per_node):
 
     # Everything through NVSHMEM puts (what crosses nodes over RDMA), no direct stores.
     puts = _backend(rank, num_ranks, 16, 2048, 16 * num_ranks, allow_nvlink=False)
-    for i, (mode, hook, zero_copy) in enumerate((("bf16", False, False), ("fp8", True, True), ("ue8m0", False, True))):
+    for i, (mode, hook, zero_copy, formats) in enumerate((("bf16", False, False, ("logfmt", "fp8")),
+                                                          ("fp8", True, True, ("fp8",)),
+                                                          ("ue8m0", False, True, ("logfmt",)))):
         _round_trip(puts, ref, rank, num_ranks, f"puts only, {mode}", 300 + i, 16, 16 - (rank + i) % 3, 2048,
-                    16 * num_ranks, 5, mode, hook, zero_copy, False)
+                    16 * num_ranks, 5, mode, hook, zero_copy, False, formats)
     puts.destroy()
     _public_api(rank, num_ranks, per_node, ref)
 

@@ -136,8 +136,34 @@ def _check_combine(name, got, want, mag):
     assert not bool(bad.any()), f"{name}: {int(bad.sum())} combined values beyond BF16 rounding"
 
 
+#: Per copy error of a combine wire format: (relative to the value, relative to its block's largest value,
+#: block size). LogFMT: 1.1% within a group's 16-octave span, values below it flush (2**-16 of the group's
+#: largest); FP8 e4m3: half a step, 2**-4 of the value, or 2**-9 / 448 of the block's amax below e4m3's normals.
+FORMAT_ERROR = {"logfmt": (0.011, 2.0 ** -16, 64), "fp8": (2.0 ** -4, 2.0 ** -17, 128)}
+
+
+def _check_format_combine(name, wire_format, got, x, topk_idx, topk_weights):
+    """A combine whose rows travelled in ``wire_format``, against the float32 sum of the BF16 copies: within
+    the format's error per copy, plus BF16 rounding of the result."""
+    relative, of_block, block = FORMAT_ERROR[wire_format]
+    want, mag = _want_combine(x, topk_idx, topk_weights)
+    block_mag = torch.zeros(x.shape)
+    for k in range(topk_idx.size(1)):
+        e = topk_idx[:, k]
+        y = (x.float() * (e.clamp(min=0) + 1).float().unsqueeze(1)).bfloat16().float().abs()
+        top = y.unflatten(1, (-1, block)).amax(2, keepdim=True).expand(-1, -1, block).flatten(1)
+        block_mag += topk_weights[:, k].unsqueeze(1) * top * (e >= 0).float().unsqueeze(1)
+    got = got.cpu().float()
+    bound = relative * mag + of_block * block_mag + want.abs() * 2 ** -8 + 1e-6
+    bad = (got - want).abs() > bound
+    assert not bool(bad.any()), (f"{name}, {wire_format} combine: {int(bad.sum())} values beyond the format's "
+                                 f"bound, worst excess {float(((got - want).abs() - bound).max())}")
+
+
 def _round_trip(kern, ref, rank, num_ranks, name, seed, num_max, num_tokens, hidden, num_experts, topk, mode,
-                hook, zero_copy, use_out):
+                hook, zero_copy, use_out, formats=()):
+    """Dispatch and BF16 combine against the reference, then one combine per wire format in ``formats``
+    ("fp8", "logfmt") on the same handle, kernels and reference both within the format's bound."""
     dev = kern.device
     use_fp8, round_scale, ue8m0 = MODES[mode]
     L = num_experts // num_ranks
@@ -185,20 +211,35 @@ def _round_trip(kern, ref, rank, num_ranks, name, seed, num_max, num_tokens, hid
     _check_combine(f"{name} vs float32", combined, want32, mag)
     _check_combine(f"{name} reference vs float32", want_c, want32, mag)
     assert bool((cwait.cpu() >= 0).all())
+    for wire_format in formats:
+        if zero_copy:  # the next call's set: filled again (an encoded combine overwrites its input there)
+            y_dev = kern.get_next_combine_buffer(handle)
+            y_dev.copy_(y)
+        got_f, fhook = kern.combine(LowLatencyCombineRequest(y_dev, idx.to(dev), w.to(dev), handle, None, None, hook,
+                                                             wire_format))
+        if hook:
+            fhook()
+        want_f, _ = ref.combine(LowLatencyCombineRequest(y_ref, idx, w, want.handle, wire_format=wire_format))
+        torch.cuda.synchronize()
+        kern.raise_if_error()
+        _check_format_combine(name, wire_format, got_f, x, idx, w)
+        _check_format_combine(f"{name} reference", wire_format, want_f, x, idx, w)
 
 
 def _cases(num_ranks):
-    """(num_max, hidden, num_experts, topk, mode, hook, zero_copy, out) covering the issue's ranges."""
+    """(num_max, hidden, num_experts, topk, mode, hook, zero_copy, out, combine formats) covering the issue's
+    ranges; the formats run on the BF16 combine's handle (zero copy: encoded in place)."""
     return [
-        (32, 2048, 8, 1, "bf16", False, False, False),
-        (32, 2048, 32, 4, "fp8", True, False, True),
-        (32, 4096, 64, 8, "fp8_round", False, True, False),
-        (32, 7168, 256, 8, "ue8m0", True, True, True),
-        (32, 7168, 288, 6, "bf16", False, True, True),
-        (8, 4096, 16, 2, "ue8m0", False, False, False),
-        (32, 2048, 288, 3, "fp8", True, True, False),
-        (8, 7168, 8, 8, "fp8", False, False, True),
-        (32, 4096, 128, 5, "bf16", True, False, False),
+        (32, 2048, 8, 1, "bf16", False, False, False, ("fp8", "logfmt")),
+        (32, 2048, 32, 4, "fp8", True, False, True, ()),
+        (32, 4096, 64, 8, "fp8_round", False, True, False, ("logfmt",)),
+        (32, 7168, 256, 8, "ue8m0", True, True, True, ("logfmt", "fp8")),
+        (32, 7168, 288, 6, "bf16", False, True, True, ()),
+        (8, 4096, 16, 2, "ue8m0", False, False, False, ()),
+        (32, 2048, 288, 3, "fp8", True, True, False, ("fp8",)),
+        (8, 7168, 8, 8, "fp8", False, False, True, ("logfmt",)),
+        (32, 4096, 128, 5, "bf16", True, False, False, ()),
+        (16, 2112, 16, 2, "bf16", False, True, False, ("logfmt",)),  # LogFMT groups, no whole FP8 block
     ]
 
 
@@ -221,7 +262,8 @@ def _correctness(rank, num_ranks):
 def _run_cases(kern, ref, rank, num_ranks):
     """Every shape case of ``_cases`` (random token counts, a rank with none, one with the maximum). More tokens
     than ``num_max_dispatch_tokens_per_rank`` are refused by ``Buffer`` (``tests/cpu/test_buffer.py``)."""
-    for i, (num_max, hidden, num_experts, topk, mode, hook, zero_copy, use_out) in enumerate(_cases(num_ranks)):
+    for i, (num_max, hidden, num_experts, topk, mode, hook, zero_copy, use_out, formats) in \
+            enumerate(_cases(num_ranks)):
         gen = torch.Generator().manual_seed(7 * i + rank)
         num_tokens = int(torch.randint(1, num_max + 1, (1,), generator=gen))
         if i == 2 and rank == 0:
@@ -230,7 +272,7 @@ def _run_cases(kern, ref, rank, num_ranks):
             num_tokens = num_max
         name = f"case {i} ({mode}, hidden {hidden}, {num_experts} experts, top-{topk}, rank {rank})"
         _round_trip(kern, ref, rank, num_ranks, name, 100 + i, num_max, num_tokens, hidden, num_experts, topk, mode,
-                    hook, zero_copy, use_out)
+                    hook, zero_copy, use_out, formats)
 
 
 def _graph(rank, num_ranks, kern, ref):
