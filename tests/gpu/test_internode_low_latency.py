@@ -18,7 +18,7 @@ import torch.distributed as dist
 from harness import (assert_same, Case, dispatch_request, expect_fault, gather, rank_num_sms, run_ranks,
                      set_rank_device, skip_reason, synchronize_after_fault)
 from moe_a2a import Buffer
-from moe_a2a.backends import internode, internode_low_latency, low_latency
+from moe_a2a.backends import internode, internode_low_latency
 from moe_a2a.backends.base import CombineRequest, LowLatencyDispatchRequest
 from moe_a2a.backends.reference import ReferenceBackend
 from moe_a2a.backends.reference_low_latency import ReferenceLowLatency
