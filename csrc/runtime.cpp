@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "kernels/api.cuh"
+#include "kernels/low_latency.cuh"
 #include "kernels/utils.cuh"
 #include "ipc.h"
 
@@ -46,6 +47,14 @@ void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dt
     MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", c10::toString(t.scalar_type()), ", expected ",
                   c10::toString(dtype));
     MOE_A2A_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
+}
+
+// The normal combine's row format from its Python name: "bf16", or "fp8" (hidden divisible by 128).
+int combine_format(const std::string& name, int hidden) {
+    MOE_A2A_CHECK(name == "bf16" || name == "fp8", "the intranode combine sends bf16 or fp8 rows, got '", name, "'");
+    if (name == "bf16") return kLLFormatBF16Combine;
+    MOE_A2A_CHECK(hidden % 128 == 0, "fp8 combine needs hidden divisible by 128, got ", hidden);
+    return kLLFormatFP8Combine;
 }
 
 template <typename T>
@@ -277,7 +286,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
                  const torch::Tensor& is_token_in_rank, const torch::Tensor& send_head,
                  const std::optional<torch::Tensor>& bias_0,
                  const std::optional<torch::Tensor>& bias_1, int num_sms, torch::Tensor& out,
-                 const std::optional<torch::Tensor>& out_weights, bool in_place) {
+                 const std::optional<torch::Tensor>& out_weights, bool in_place, const std::string& wire_format) {
         check_ready();
         check_tensor(x, "x", torch::kBFloat16, 2);
         check_tensor(recv_src_idx, "recv_src_idx", torch::kInt32, 1);
@@ -291,6 +300,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         MOE_A2A_CHECK(hidden_bytes % 16 == 0, "hidden must be a multiple of 8, got ", x.size(1));
         const int num_topk = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
         CombineArgs a{};
+        a.format = combine_format(wire_format, static_cast<int>(x.size(1)));
         a.x = x.data_ptr();
         a.hidden_int4 = hidden_bytes / 16;
         a.topk_weights = opt_ptr<const float>(topk_weights);
@@ -333,6 +343,19 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
                                                    stream));
         }
         launch_combine(ctx(), a, num_sms, stream);
+    }
+
+    // On the current stream: encode the BF16 rows of `x` into the first bytes of the same rows of `out`
+    // (`out` may be `x`) in `wire_format` ("fp8"), the form combine(..., wire_format) pulls.
+    void encode_rows(const torch::Tensor& x, torch::Tensor& out, const std::string& wire_format) {
+        check_tensor(x, "x", torch::kBFloat16, 2);
+        check_tensor(out, "out", torch::kBFloat16, 2);
+        MOE_A2A_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
+        const int format = combine_format(wire_format, static_cast<int>(x.size(1)));
+        MOE_A2A_CHECK(format != kLLFormatBF16Combine, "encode_rows needs a format other than bf16");
+        const c10::cuda::CUDAGuard guard(x.device());
+        launch_encode_rows(x.data_ptr(), out.data_ptr(), static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
+                           format, c10::cuda::getCurrentCUDAStream());
     }
 
     // On the current stream: wait until every peer finished the operations this rank finished, so none
@@ -425,6 +448,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("dispatch", &Runtime::dispatch)
         .def("combine", &Runtime::combine)
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
+        .def("encode_rows", &Runtime::encode_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("set_signature", &Runtime::set_signature)
         .def("local_buffer", &Runtime::local_buffer);

@@ -133,9 +133,14 @@ struct CombineArgs {
     const void* bias_0; const void* bias_1;         // [T, hidden] bf16 or null
     void* out; float* out_weights;                  // [T, hidden], [T, K]
     int capacity;                                   // tokens per source rank staged per round
+    int format;                                     // rows as kLLFormatBF16Combine or kLLFormatFP8Combine
+                                                    // (encoded by launch_encode_rows; wire_format.cuh)
 };
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream);
+// Encodes `rows` BF16 rows of `hidden` channels from src into the first bytes of the same rows of dst
+// (2 * hidden bytes apart; dst may be src) in combine format `format` (wire_format.cuh). One warp a row.
+void launch_encode_rows(const void* src, void* dst, int rows, int hidden, int format, cudaStream_t stream);
 int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk);
 
 }  // namespace moe_a2a

@@ -2,10 +2,13 @@
 // receiver pulls the rows it needs straight into its outputs (see moe_a2a/backends/intranode.py for the
 // design and its cost). Each kernel runs rounds of "stage, barrier, pull" so any token count fits the
 // buffer; a barrier is a grid barrier whose last block also meets the peers.
+#include <algorithm>
+
 #include <cuda_bf16.h>
 
 #include "kernels/api.cuh"
 #include "kernels/utils.cuh"
+#include "kernels/wire_format_device.cuh"
 
 namespace moe_a2a {
 
@@ -620,6 +623,22 @@ __device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
     }
 }
 
+// One 8-channel chunk of a staged row (as load_chunk<kFormat> loaded it) added to acc in float32.
+template <int kFormat>
+__device__ __forceinline__ void add_chunk(float* acc, const int4& raw) {
+    if constexpr (kFormat == kLLFormatBF16Combine) {
+        add_bf16x8(acc, raw);
+    } else {
+        float f[8];
+        decode_chunk<kFormat>(raw, f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] += f[e];
+    }
+}
+
+// kFormat: how the staged rows are encoded (a.format); BF16, or FP8 rows from launch_encode_rows, which keep
+// their BF16 slots (staging moves whole slots) while the peers' pulls read only the encoded bytes.
+template <int kFormat>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, CombineArgs a) {
     __shared__ int s_tokens[kMaxRanks];
     __shared__ int s_offset[kMaxRanks + 1];
@@ -708,8 +727,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
                 for (int r = 0; r < kMaxRanks; ++r)
                     if (ranks >> r & 1) {
                         const int4* row = row_ptr[r];
-                        v[r][0] = ld_cg_v4(row + w);
-                        if (two) v[r][1] = ld_cg_v4(row + w + 32);
+                        v[r][0] = load_chunk<kFormat>(row, w);
+                        if (two) v[r][1] = load_chunk<kFormat>(row, w + 32);
                     }
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
@@ -720,7 +739,7 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
                     for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
 #pragma unroll
                     for (int r = 0; r < kMaxRanks; ++r)
-                        if (ranks >> r & 1) add_bf16x8(acc, v[r][half]);
+                        if (ranks >> r & 1) add_chunk<kFormat>(acc, v[r][half]);
                     if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + t * H4 + wi));
                     if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + t * H4 + wi));
                     int4 out;
@@ -743,6 +762,15 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
         }
     }
     finish_op(c);
+}
+
+template <int kFormat>
+__global__ void encode_rows_kernel(const int4* src, char* dst, int rows, int hidden) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const int64_t row_int4 = hidden / 8;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32; r < rows;
+         r += static_cast<int64_t>(gridDim.x) * warps)
+        encode_row_warp<kFormat>(src + r * row_int4, dst + r * row_int4 * 16, hidden, lane);
 }
 
 }  // namespace
@@ -796,7 +824,21 @@ void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, 
 }
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream) {
-    combine_kernel<<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
+    if (a.format == kLLFormatFP8Combine)
+        combine_kernel<kLLFormatFP8Combine><<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
+    else
+        combine_kernel<kLLFormatBF16Combine><<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_encode_rows(const void* src, void* dst, int rows, int hidden, int format, cudaStream_t stream) {
+    if (rows <= 0) return;
+    constexpr int kThreads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>((rows + kThreads / 32 - 1) / (kThreads / 32), 4096));
+    const int4* s = static_cast<const int4*>(src);
+    char* d = static_cast<char*>(dst);
+    if (format == kLLFormatFP8Combine) encode_rows_kernel<kLLFormatFP8Combine><<<blocks, kThreads, 0, stream>>>(s, d, rows, hidden);
+    else encode_rows_kernel<kLLFormatLogFMTCombine><<<blocks, kThreads, 0, stream>>>(s, d, rows, hidden);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

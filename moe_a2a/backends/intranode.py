@@ -374,7 +374,12 @@ class IntranodeBackend:
 
     # ------------------------------------------------------------------ combine
     def combine(self, request: CombineRequest) -> CombineResult:
-        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation)."""
+        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation).
+
+        ``use_fp8``: the rows are first encoded as FP8 e4m3 with per-128 scales (``wire_format.cuh``: into the
+        first bytes of each row, in place for the zero-copy input, else into a temporary), and the peers pull
+        and decode only those bytes (132 of every 256).
+        """
         self._check_usable()
         x, handle, topk_weights = request.x, request.handle, request.topk_weights
         check_device("x", x, self.device)
@@ -399,21 +404,30 @@ class IntranodeBackend:
         else:
             x = self._outside_staging(x.contiguous())
         topk_weights = self._outside_staging(topk_weights.contiguous()) if topk_weights is not None else None
-        self.runtime.set_signature(2, x.size(1) * 2, 0, topk_weights.size(1) if topk_weights is not None else 0, 0)
+        wire_format = "fp8" if request.use_fp8 else "bf16"
+        # FP8 rows carry hidden / 128 scales: ranks that disagree on the format are told so at the first barrier.
+        self.runtime.set_signature(2, x.size(1) * 2, x.size(1) // 128 if request.use_fp8 else 0,
+                                   topk_weights.size(1) if topk_weights is not None else 0, 0)
         compute = self._start(request.previous_event)
         alloc = self._alloc_stream(compute, request.allocate_on_comm_stream)
         with torch.cuda.stream(self.comm_stream):
+            source = x
             with torch.cuda.stream(alloc):
                 out = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=dev)
                 out_weights = (torch.empty(num_tokens, topk_weights.size(1), dtype=torch.float32, device=dev)
                                if topk_weights is not None else None)
+                if request.use_fp8 and not in_place:
+                    x = torch.empty_like(source)
+            if request.use_fp8:
+                self._launch("combine (FP8 encode)", self.runtime.encode_rows, source, x, wire_format)
             self._launch("combine", self.runtime.combine, x, topk_weights, handle.recv_src_idx,
                          handle.rank_prefix_matrix, handle.is_token_in_rank.contiguous(),
                          handle.send_head.contiguous(), biases[0], biases[1], request.config.num_sms, out, out_weights,
-                         in_place)
-            if not in_place:  # the staged rows overwrote any combine input written in place
+                         in_place, wire_format)
+            if not in_place or request.use_fp8:  # staged rows, or the encoding, overwrote the combine input
                 self._combine_input = None
-        event = self._finish(compute, request.async_finish, (x, topk_weights, *biases, out, out_weights, *handle))
+        event = self._finish(compute, request.async_finish,
+                             (source, x, topk_weights, *biases, out, out_weights, *handle))
         return CombineResult(out, out_weights, event)
 
     def get_next_combine_buffer(self, handle: DispatchHandle, hidden: int) -> torch.Tensor:

@@ -81,7 +81,43 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_worst_tokens=0,
         torch.testing.assert_close(got_c[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
     _zero_copy_combine(kern, gh, y.to(dev), None if w_in is None else w_in.to(dev),
                        [None if b is None else b.to(dev) for b in biases], config, got_c)
+    _fp8_combine(kern, ref, gh, wh, y, w_in, biases, config, got_c)
     return got, got_c
+
+
+def _fp8_combine(kern, ref, gh, wh, y, w_in, biases, config, want):
+    """``use_fp8``: kernels and reference each within half an e4m3 step per copy (2**-4 of its value, 2**-17 of
+    its 128-channel block's largest below e4m3's normals) of the BF16 combine ``want``, plus BF16 rounding.
+    The zero-copy input gives the same bits, once: it is encoded in place, so combining it again is refused
+    (on every rank alike, as the view check runs before any communication)."""
+    if y.size(1) % 128:
+        return
+    dev = kern.device
+    w_dev = None if w_in is None else w_in.to(dev)
+    b_dev = [None if b is None else b.to(dev) for b in biases]
+    got = kern.combine(CombineRequest(y.to(dev), gh, config, w_dev, *b_dev, use_fp8=True))
+    ref8 = ref.combine(CombineRequest(y, wh, config, w_in, *biases, use_fp8=True))
+    mag = ref.combine(CombineRequest(y.abs(), wh, config)).combined_x.float()
+    block_max = y.abs().float().unflatten(1, (-1, 128)).amax(2, keepdim=True).expand(-1, -1, 128).flatten(1)
+    block = ref.combine(CombineRequest(block_max.bfloat16(), wh, config)).combined_x.float()
+    torch.cuda.synchronize()
+    base = want[0].cpu().float()
+    bound = 2 ** -4 * mag + 2 ** -17 * block + base.abs() * 2 ** -7 + 1e-6
+    for name, out in (("kernels", got[0]), ("reference", ref8[0])):
+        excess = (out.cpu().float() - base).abs() - bound
+        assert bool((excess <= 0).all()), f"FP8 combine ({name}) beyond its bound by {float(excess.max())}"
+    if want[1] is not None:  # the weights travel as float32 either way
+        assert_same("FP8 combine's weights", got[1], want[1])
+    rows, hidden = y.shape
+    num_topk = w_in.size(1) if w_in is not None else 0
+    if all(gather(combine_input_bytes(rows, hidden * 2, num_topk) <= kern.num_nvl_bytes)):
+        view = kern.get_next_combine_buffer(gh, hidden)
+        view.copy_(y.to(dev))
+        again = kern.combine(CombineRequest(view, gh, config, w_dev, *b_dev, use_fp8=True))
+        torch.cuda.synchronize()
+        assert_same("zero-copy FP8 combine", again[0], got[0])
+        with pytest.raises(ValueError, match="get_next_combine_buffer"):
+            kern.combine(CombineRequest(view, gh, config, w_dev, *b_dev, use_fp8=True))
 
 
 def _in_buffer_dispatch(kern, case, layout_gpu, want, expert_alignment, num_worst_tokens, config):
