@@ -223,9 +223,13 @@ def commit() -> str:
 
 
 def write_report(report: Dict, table: str, out: str, title: str) -> None:
-    """``report`` as JSON at ``out`` and a Markdown page (title, commit, command, ``table``) next to it."""
+    """``report`` as JSON at ``out`` and a Markdown page (title, device, commit, command, ``table``) next to it.
+
+    ``report["device"]`` names the GPU model the figures come from (every page says it)."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
+    device = report.get("device") or "device not recorded"
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
-        f.write(f"# {title}\n\ncommit `{report['commit']}`, {report['date']}\n\n`{report['command']}`\n\n{table}\n")
+        f.write(f"# {title}\n\n{device}, commit `{report['commit']}`, {report['date']}\n\n`{report['command']}`\n\n"
+                f"{table}\n")

@@ -77,14 +77,29 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
         return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call, host_->mine, host_->theirs};
     }
 
-    // Zero every flag and counter (collective: the caller synchronizes the ranks around it).
+    // Zero every flag and counter (collective: the caller synchronizes the ranks around it). The rank mask
+    // stays as it is (a masked rank does not take part in the clean either).
     void clean() {
         check_ready();
         MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
         MOE_A2A_CUDA_CHECK(cudaMemset(local_, 0, kLLSignalBytes));
-        MOE_A2A_CUDA_CHECK(cudaMemset(workspace_, 0, kLLWorkspaceInts * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaMemset(workspace_, 0, kLLWorkspaceMask * sizeof(int)));
+        MOE_A2A_CUDA_CHECK(cudaMemset(workspace_ + kLLWorkspaceMask + kLLMaxRanks, 0,
+                                      (kLLWorkspaceInts - kLLWorkspaceMask - kLLMaxRanks) * sizeof(int)));
         MOE_A2A_CUDA_CHECK(cudaDeviceSynchronize());
     }
+
+    // The rank mask as a [num_ranks] int32 CUDA tensor (1 = masked), a view of the kernels' workspace: the
+    // host sets it on the stream of the calls it governs; kernels with shrink set entries of ranks that time
+    // out.
+    torch::Tensor rank_mask() {
+        MOE_A2A_CHECK(!destroyed_, "moe_a2a low-latency: the buffer was destroyed");
+        auto opts = torch::TensorOptions().dtype(torch::kInt32).device(torch::kCUDA, device_);
+        return torch::from_blob(workspace_ + kLLWorkspaceMask, {num_ranks_}, opts);
+    }
+
+    // Whether a peer that times out is masked (and the call goes on without it) instead of failing the call.
+    void set_shrink(bool shrink) { shrink_ = shrink; }
 
     // phases: 1 send (stage the tokens, release), 2 receive (wait, pull into the outputs), 3 both in one
     // kernel. Every phase gets the same tensors; the send phase reads x and topk_idx, the receive phase
@@ -239,9 +254,11 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
         c.set = set;
         c.call = call;
         c.clock = clock_;
+        c.shrink = shrink_ ? 1 : 0;
         return c;
     }
 
+    bool shrink_ = false;
     unsigned long long* clock_ = nullptr;  // phase clock of the next launches, or null
     int64_t num_bytes_, set_bytes_ = 0;
     int* workspace_ = nullptr;
@@ -263,6 +280,8 @@ void register_low_latency(pybind11::module_& m) {
         .def("set_bytes", &LowLatencyRuntime::set_bytes)
         .def("error_record", &LowLatencyRuntime::error_record)
         .def("clean", &LowLatencyRuntime::clean)
+        .def("rank_mask", &LowLatencyRuntime::rank_mask)
+        .def("set_shrink", &LowLatencyRuntime::set_shrink)
         .def("dispatch", &LowLatencyRuntime::dispatch)
         .def("combine", &LowLatencyRuntime::combine)
         .def("empty_kernel", &LowLatencyRuntime::empty_kernel)

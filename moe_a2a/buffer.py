@@ -96,7 +96,8 @@ class Buffer:
                 devices are always checked.
             enable_shrink: low-latency calls mask a rank that fails (connection lost, or nothing within
                 ``timeout_s``) and complete over the others, instead of raising (see
-                ``low_latency_update_mask_buffer``). Reference backend on a gloo group only for now.
+                ``low_latency_update_mask_buffer``). The intranode low-latency kernels, and the reference backend
+                on a gloo group; the internode (NVSHMEM) low-latency kernels raise ``NotImplementedError``.
         """
         if group is None:
             if comm is not None:
@@ -218,7 +219,8 @@ class Buffer:
                 self.rank, self.group_size, self.group, self.num_rdma_bytes, self._all_gather_object, self.timeout_s,
                 num_qps_per_rank=self.num_qps_per_rank, allow_nvlink=self.allow_nvlink_for_low_latency_mode)
         return low_latency.LowLatencyBackend(self.rank, self.group_size, self.group, self.num_rdma_bytes,
-                                             self._all_gather_object, self.timeout_s)
+                                             self._all_gather_object, self.timeout_s,
+                                             shrink=self._reference_ll.peers.auto_mask)
 
     # ------------------------------------------------------------------ resources
     def destroy(self) -> None:
@@ -924,10 +926,13 @@ class Buffer:
         self._check_alive()
         if not self.low_latency_mode:
             raise ValueError("rank masking is for low-latency buffers: Buffer(..., low_latency_mode=True)")
-        if self._ll_kernels is not None:  # enable_shrink with kernels raises here too, at construction
-            raise NotImplementedError("rank masking (enable_shrink, low_latency_update_mask_buffer) on the "
-                                      "low-latency kernels is not implemented: create the Buffer with "
-                                      "backend='reference' to mask ranks")
+        if self._ll_kernels is not None:
+            # enable_shrink with kernels is checked here too, at construction.
+            if not isinstance(self._ll_kernels, low_latency.LowLatencyBackend):
+                raise NotImplementedError("rank masking (enable_shrink, low_latency_update_mask_buffer) on the "
+                                          "internode (NVSHMEM) low-latency kernels is not implemented: create the "
+                                          "Buffer with backend='reference' to mask ranks across nodes")
+            return
         if self._reference_ll.peers.device.type != "cpu":
             # An NCCL communicator does not survive a lost peer (it must be aborted and rebuilt); gloo's
             # point-to-point connections to the live ranks do.
@@ -949,13 +954,19 @@ class Buffer:
         if isinstance(rank_to_mask, bool) or not isinstance(rank_to_mask, int) or \
                 not 0 <= rank_to_mask < self.group_size:
             raise ValueError(f"rank_to_mask must be a rank in [0, {self.group_size}), got {rank_to_mask!r}")
+        if self._ll_kernels is not None:  # on the current stream: the calls enqueued after this see it
+            self._ll_kernels.update_mask(rank_to_mask, bool(mask))
         self._reference_ll.mask[rank_to_mask] = int(bool(mask))
 
     def low_latency_query_mask_buffer(self, mask_status: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Which ranks are masked: ``[num_ranks]`` int32, 1 for masked (by ``low_latency_update_mask_buffer``
         or, with ``enable_shrink``, after failing during a call). Written into ``mask_status`` when given."""
         self._check_alive()
-        status = self._reference_ll.mask.clone()
+        if self._ll_kernels is not None and isinstance(self._ll_kernels, low_latency.LowLatencyBackend):
+            # The kernels' mask (they mask ranks that time out), with any masked for CPU-tensor calls.
+            status = torch.maximum(self._ll_kernels.query_mask(), self._reference_ll.mask)
+        else:
+            status = self._reference_ll.mask.clone()
         if mask_status is not None:
             checks.tensor("mask_status", mask_status, (torch.int32,), (self.group_size,))
             mask_status.copy_(status)
@@ -965,6 +976,8 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank (see ``low_latency_update_mask_buffer`` for when that is safe)."""
         self._check_masking()
+        if self._ll_kernels is not None:
+            self._ll_kernels.clean_mask()
         self._reference_ll.mask.zero_()
 
 

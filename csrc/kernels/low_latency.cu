@@ -16,6 +16,8 @@
 // (the rank of the pair among this rank's pairs to that expert, plus the published first slot) and sums the
 // weighted rows in float32 straight from the experts' send areas, all top-k loads of a chunk in flight.
 // Without a hook, send and receive run as one kernel (one launch, no drain in between).
+// Rank mask (kLLWorkspaceMask, local): masked ranks are skipped by every wait and release, so their rows count
+// as absent; with LLCtx::shrink a wait that times out masks its peer instead of failing, and the call goes on.
 // Every flag carries the sender's signature (ll_signature, stored at the start of the send phase and
 // released by the flag as the staged rows are): a receiver compares it with its own call once the flag is
 // there, before it reads anything of that sender, and records a mismatch (naming the field, both values and
@@ -41,10 +43,21 @@ __device__ __forceinline__ char* stage_area(const LLCtx& c, int r) { return set_
 
 __device__ __forceinline__ int* set_workspace(const LLCtx& c) { return c.workspace + c.set * kLLWorkspaceSetInts; }
 
-// Waits (one thread) until *flag has reached `tag` (wrap-safe); false after a timeout or once this rank
-// aborted. Adds the nanoseconds waited to *wait_ns when given. Relaxed polling, one acquire fence.
+__device__ __forceinline__ int* rank_mask(const LLCtx& c) { return c.workspace + kLLWorkspaceMask; }
+
+// Whether this rank leaves rank r (itself included) out of this call: r is masked, or this rank is (a masked
+// rank exchanges with no one, as the reference backend's). Left-out ranks are neither waited for nor sent
+// flags: their rows count as absent, their experts' outputs as zero.
+__device__ __forceinline__ bool skips(const LLCtx& c, int r) {
+    return ld_volatile(rank_mask(c) + r) != 0 || ld_volatile(rank_mask(c) + c.rank) != 0;
+}
+
+// Waits (one thread) until *flag of `peer` has reached `tag` (wrap-safe); false for a masked peer, after a
+// timeout (an error, or with c.shrink the peer is masked from then on) or once this rank aborted. Adds the
+// nanoseconds waited to *wait_ns when given. Relaxed polling, one acquire fence.
 __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, int peer,
                          unsigned long long* wait_ns) {
+    if (skips(c, peer)) return false;
     if (counter_reached(ld_relaxed_sys(flag), tag)) {
         fence_acq_rel_sys();
         return true;
@@ -61,8 +74,10 @@ __device__ bool wait_tag(const LLCtx& c, const int* flag, int tag, int phase, in
             break;
         }
         if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return false;
+        if (ld_volatile(rank_mask(c) + peer)) return false;  // masked meanwhile (by another block's timeout)
         if (now - start > c.timeout_ns) {
-            record_timeout(c, phase, peer, tag);
+            if (c.shrink) atomicExch(rank_mask(c) + peer, 1);
+            else record_timeout(c, phase, peer, tag);
             return false;
         }
     }
@@ -89,7 +104,7 @@ __device__ __forceinline__ void stamp_end(const LLCtx& c) {
 // stores, then its system fence and arrival, then the last block's release stores), and it is written long
 // before them, so the releases wait for nothing more than before.
 __device__ __forceinline__ void send_signature(const LLCtx& c, const int4& sig) {
-    if (blockIdx.x == 0 && threadIdx.x < c.num_ranks)
+    if (blockIdx.x == 0 && threadIdx.x < c.num_ranks && !skips(c, threadIdx.x))
         st_na_v4(reinterpret_cast<int4*>(signature_slot(c.peers[threadIdx.x], c.set, c.rank)), sig);
 }
 
@@ -173,7 +188,7 @@ __device__ void dispatch_send(const LLCtx& c, const LLDispatchArgs& a, int tag, 
     // Everything of this rank is staged once the last block arrives: it tells every rank.
     int* ws = set_workspace(c);
     if (arrive_last(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, s_flag)) {
-        if (tid < c.num_ranks) st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
+        if (tid < c.num_ranks && !skips(c, tid)) st_release_sys(signals(c, tid) + kLLSigDispatch + c.rank, tag);
         if (tid == 0) stamp(c, kClockSent);
     }
 }
@@ -316,7 +331,7 @@ __device__ void combine_send(const LLCtx& c, const LLCombineArgs& a, int tag, Co
     }
     int* ws = set_workspace(c);
     if (arrive_last(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag)) {
-        if (tid < R) st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
+        if (tid < R && !skips(c, tid)) st_release_sys(signals(c, tid) + kLLSigCombine + c.rank, tag);
         if (tid == 0) stamp(c, kClockSent);
     }
 }

@@ -71,7 +71,11 @@ constexpr int kLLWorkspaceSetInts = 8;
 constexpr int kLLWorkspaceAbort = 2 * kLLWorkspaceSetInts;
 constexpr int kLLWorkspaceClaim = kLLWorkspaceAbort + 1;
 constexpr int kLLWorkspacePing = kLLWorkspaceAbort + 2;
+// [kLLMaxRanks] 1 = masked rank: this rank neither waits for it nor releases flags to it (IPC kernels; set by
+// the host, or by a kernel with LLCtx::shrink when the rank timed out). clean() keeps it.
+constexpr int kLLWorkspaceMask = kLLWorkspaceAbort + 4;
 constexpr int kLLWorkspaceInts = kLLWorkspaceAbort + 16;
+static_assert(kLLWorkspaceMask + kLLMaxRanks <= kLLWorkspaceInts, "the rank mask must fit the workspace");
 
 // Phases of a launch: send (stage and release), receive (wait and pull), or both in one kernel.
 constexpr int kLLSend = 1;
@@ -104,6 +108,7 @@ struct LLCtx {
     // it to all ones), the send phase's last arrival, block 0 past its waits, the latest block's end (zero).
     unsigned long long* clock;
     int rank, num_ranks, set, call;
+    int shrink;                // a peer that times out is masked (kLLWorkspaceMask) instead of failing the call
 };
 
 // Bytes of the old message format (16-byte header, token, FP8 scales): sizes the stage area, which keeps

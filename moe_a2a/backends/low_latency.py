@@ -119,11 +119,13 @@ class LowLatencyBackend:
         timeout_s: seconds a kernel waits for a peer before giving up and recording the error.
         num_sms: blocks per kernel; default: the device's SMs divided by the ranks sharing the device, so
             every rank's kernels are resident together.
+        shrink: a peer that times out is masked (``mask``) and the call completes without it, instead of the
+            error; otherwise ranks are masked only through ``update_mask``.
     """
 
     def __init__(self, rank: int, num_ranks: int, group, num_rdma_bytes: int,
                  all_gather_object: Callable[[object], List[object]], timeout_s: float,
-                 num_sms: Optional[int] = None) -> None:
+                 num_sms: Optional[int] = None, shrink: bool = False) -> None:
         if not available():
             raise NotImplementedError("the low-latency kernels are not built: moe_a2a._C has no LowLatencyRuntime")
         if not 1 <= num_ranks <= MAX_NVL_PEERS:
@@ -136,6 +138,12 @@ class LowLatencyBackend:
         peers = all_gather_object((residency.device_id(self.device), self._rt.ipc_handle()))
         self.num_sms = residency.low_latency_num_sms(self._rt.num_device_sms(), [dev for dev, _ in peers], num_sms)
         self._rt.connect([h for _, h in peers])
+        self._rt.set_shrink(bool(shrink))
+        self.shrink = bool(shrink)
+        #: ``[num_ranks]`` int32 CUDA view of the kernels' rank mask (1 = masked): masked ranks are neither waited
+        #: for nor sent flags, their experts' outputs count as zero; with ``shrink`` the kernels mask a rank that
+        #: times out. Set on the current stream, so it takes effect for the calls enqueued after it.
+        self.mask = self._rt.rank_mask()
         self._set = 0
         self._calls = 0
         _native.track(self)
@@ -169,8 +177,21 @@ class LowLatencyBackend:
         if message:
             raise RuntimeError(f"moe_a2a low-latency: {message}; the buffer cannot be used again")
 
+    def update_mask(self, rank: int, masked: bool) -> None:
+        """Mask or unmask ``rank`` for the calls enqueued after this on the current stream (local)."""
+        self.raise_if_error()
+        self.mask[rank] = int(bool(masked))
+
+    def query_mask(self) -> torch.Tensor:
+        """``[num_ranks]`` int32 CPU copy of the mask as of the calls enqueued so far (waits for them)."""
+        return self.mask.cpu()
+
+    def clean_mask(self) -> None:
+        """Unmask every rank (current stream)."""
+        self.mask.zero_()
+
     def clean(self) -> None:
-        """Zero every flag and counter on all ranks (collective)."""
+        """Zero every flag and counter on all ranks (collective); the rank mask stays."""
         dist.barrier(self.group)
         self._rt.clean()
         self._set = 0

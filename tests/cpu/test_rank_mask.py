@@ -36,12 +36,15 @@ def _make_buffer(**kw):
                   low_latency_mode=True, **kw)
 
 
-def _round(buffer, round_, live):
-    """One dispatch + combine on this rank; checks both against the inputs of the ``live`` ranks only."""
+def _round(buffer, round_, live, device="cpu"):
+    """One dispatch + combine on this rank (tensors on ``device``); checks both against the inputs of the ``live``
+    ranks only."""
     me, n = dist.get_rank(), dist.get_world_size()
     num_experts = EXPERTS_PER_RANK * n
     x, idx, w = _inputs(me, round_)
-    recv, recv_count, handle, _, _ = buffer.low_latency_dispatch(x, idx, MAX_TOKENS, num_experts, use_fp8=False)
+    recv, recv_count, handle, _, _ = buffer.low_latency_dispatch(x.to(device), idx.to(device), MAX_TOKENS,
+                                                                 num_experts, use_fp8=False)
+    recv, recv_count, src_info = recv.cpu(), recv_count.cpu(), handle.src_info.cpu()
     for local in range(EXPERTS_PER_RANK):
         expert = me * EXPERTS_PER_RANK + local
         want = [(s, t) for s in range(n) if s in live and me in live
@@ -49,13 +52,14 @@ def _round(buffer, round_, live):
         assert int(recv_count[local]) == len(want), (round_, local, int(recv_count[local]), len(want))
         for slot, (s, t) in enumerate(want):
             assert torch.equal(recv[local, slot], _inputs(s, round_)[0][t])
-            assert int(handle.src_info[local, slot]) == t
+            assert int(src_info[local, slot]) == t
     # Each expert returns its input times (expert + 1).
     y = torch.zeros_like(recv)
     for local in range(EXPERTS_PER_RANK):
         c = int(recv_count[local])
         y[local, :c] = (recv[local, :c].float() * (me * EXPERTS_PER_RANK + local + 1)).bfloat16()
-    combined, _, _ = buffer.low_latency_combine(y, idx, w, handle)
+    combined, _, _ = buffer.low_latency_combine(y.to(device), idx.to(device), w.to(device), handle)
+    combined = combined.cpu()
     want = torch.zeros(x.shape)
     for t in range(x.size(0)):
         for k, e in enumerate(idx[t].tolist()):
