@@ -3,6 +3,7 @@
 # Usage: benchmarks/gpu_check.sh OUTDIR [tests|bench|all]   (default all)
 # Ranks beyond the GPU count share GPUs under CUDA MPS (the harness and the benchmarks start it).
 # NVLink multicast stays off. Set MOE_A2A_COMMIT when the tree is a copy without its own git metadata.
+# DEEPEP_SRC=<DeepEP checkout>: built first (benchmarks/build_deepep.sh) and timed beside the intranode kernels.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [tests|bench|all]}
 what=${2:-all}
@@ -32,6 +33,11 @@ if [[ $what == tests || $what == all ]]; then
 fi
 
 if [[ $what == bench || $what == all ]]; then
+  if [[ -n ${DEEPEP_SRC:-} ]]; then
+    benchmarks/build_deepep.sh "$DEEPEP_SRC" >"$out/deepep_build.log" 2>&1
+    step "DeepEP build: rc=$? $(tail -1 "$out/deepep_build.log")"
+    export PYTHONPATH="$DEEPEP_SRC:$PYTHONPATH"
+  fi
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
   bench() { python3 -m benchmarks "$@" >>"$out/bench.log" 2>&1; step "bench $1: rc=$?"; }
   bench intranode --ranks 8 --tokens 128,4096 --sms 8,16 --dtypes bf16,fp8 --reference-max-tokens 0 \

@@ -15,7 +15,9 @@ kernels on DeepEP's shapes and reports, per shape and SM count:
 * ``nccl``: with one rank per GPU, NCCL ``all_to_all_single`` on the same routing with the permutations
   Megatron's ``alltoall`` dispatcher does around it (one row per (token, expert) pair, sorted by expert,
   then chunks sorted by local expert; combine undoes both and sums with the top-k weights), BF16 only;
-* ``reference``: the reference backend (``all_to_all_single`` on gloo, CPU tensors) on small shapes.
+* ``reference``: the reference backend (``all_to_all_single`` on gloo, CPU tensors) on small shapes;
+* ``deepep``: DeepEP's ``Buffer`` on the same inputs, SM count and routing (``dispatch``, ``dispatch_full``,
+  ``combine``), when ``deep_ep`` is importable (``--deepep``; ``benchmarks/deepep_baseline.py``).
 
 Bandwidth is counted as DeepEP counts it: bytes a rank receives in dispatch (FP8 rows count their
 scales) and sends in combine, over the kernel time (median of timed loops after warm-up, CUDA events).
@@ -34,6 +36,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
+from . import deepep_baseline
 from .common import (FP8, add_shape_args, commit, copy_floor_us, gather, inputs, ints, max_num_sms_per_rank,
                      one_rank_per_gpu, peer_copy_floor_us, row_bytes, run_ranks, time_kernels, time_us, write_report)
 
@@ -102,6 +105,8 @@ def _worker(rank, num_ranks, opts):
     w, loops, iters = opts["warmup"], opts["loops"], opts["iters"]
     per_gpu = one_rank_per_gpu(num_ranks)
     nccl = dist.new_group(backend="nccl") if per_gpu else None
+    ep = deepep_baseline.load(opts["deepep"])
+    deepep = deepep_baseline.DeepEPCalls(ep, dist.group.WORLD, num_ranks, max(opts["hidden"])) if ep else None
     rows: List[Dict] = []
     for hidden in opts["hidden"]:
         for num_tokens in opts["tokens"]:
@@ -128,6 +133,11 @@ def _worker(rank, num_ranks, opts):
                     if per_gpu and not fp8 and num_sms == opts["sms"][0]:
                         floors.update(_time_megatron_alltoall(nccl, x, idx, weights, num_experts, num_ranks,
                                                               w, loops, iters))
+                    if deepep is not None:
+                        calls = deepep.calls(x, scales, idx, weights, num_experts, num_sms)
+                        mine = {f"deepep_{op}": time_us(fn, w, loops, iters if op != "dispatch_full" else
+                                                        max(1, iters // 2)) for op, fn in calls.items()}
+                        floors.update({k: max(v) for k, v in zip(mine, zip(*gather(list(mine.values()))))})
                     dist.barrier()
                     ref_us = None
                     if num_tokens <= opts["reference_max_tokens"] and num_sms == opts["sms"][0]:
@@ -181,10 +191,13 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         combine = op.startswith("combine")
         floor = floors["combine" if combine else "dispatch"]
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
+        deepep = floors.get(f"deepep_{op}")
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1), floor_us=round(floor, 1),
                         x_floor=round(slowest / floor, 3) if floor > 0 else None,
                         nccl_us=round(nccl, 1) if nccl is not None else None,
+                        deepep_us=round(deepep, 1) if deepep is not None else None,
+                        deepep_x_floor=round(deepep / floor, 3) if deepep is not None and floor > 0 else None,
                         reference_us=round(ref_us, 1) if (ref_us is not None and op == "dispatch") else None,
                         recv_rows_per_rank=[m["num_recv"] for m in everyone]))
     return out
@@ -192,13 +205,17 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
 
 def _format_rows(rows) -> str:
     head = ("| ranks | dtype | hidden | tokens | SMs | op | time (us) | algbw/rank (GB/s) | floor (us) | x floor | "
-            "NCCL+permute (us) | reference (us) |")
-    lines = [head, "|" + "---|" * 12]
+            "DeepEP (us) | DeepEP x floor | NCCL+permute (us) | reference (us) |")
+    lines = [head, "|" + "---|" * 14]
+
+    def show(value):
+        return "" if value is None else value
+
     for r in rows:
-        nccl = r.get("nccl_us")
         lines.append(f"| {r['ranks']} | {r['dtype']} | {r['hidden']} | {r['tokens']} | {r['num_sms']} | {r['op']} | "
                      f"{r['time_us']} | {r['algbw_gbps']} | {r['floor_us']} | {r['x_floor']} | "
-                     f"{'' if nccl is None else nccl} | {'' if r['reference_us'] is None else r['reference_us']} |")
+                     f"{show(r.get('deepep_us'))} | {show(r.get('deepep_x_floor'))} | {show(r.get('nccl_us'))} | "
+                     f"{show(r['reference_us'])} |")
     return "\n".join(lines)
 
 
@@ -236,6 +253,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-nvl-bytes", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default docs/perf/intranode_<device>.json)")
     p.add_argument("--plot", action="store_true", help="also write a PNG next to the JSON")
+    p.add_argument("--deepep", choices=("auto", "on", "off"), default="auto",
+                   help="DeepEP's Buffer as a baseline in the same run: auto = when deep_ep is importable")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks intranode needs a CUDA device", file=sys.stderr)
@@ -245,6 +264,7 @@ def main(argv=None) -> int:
         print("benchmarks intranode needs the compiled extension moe_a2a._C", file=sys.stderr)
         return 2
 
+    ep = deepep_baseline.load(args.deepep)  # "on" without deep_ep stops here, before any rank starts
     all_rows: List[Dict] = []
     for num_ranks in ints(args.ranks):
         fit = max_num_sms_per_rank(num_ranks)
@@ -256,12 +276,14 @@ def main(argv=None) -> int:
             continue
         opts = dict(tokens=ints(args.tokens), hidden=ints(args.hidden), sms=sms, dtypes=args.dtypes.split(","),
                     experts=args.experts, topk=args.topk, warmup=args.warmup, loops=args.loops, iters=args.iters,
-                    reference_max_tokens=args.reference_max_tokens, min_nvl_bytes=args.min_nvl_bytes)
+                    reference_max_tokens=args.reference_max_tokens, min_nvl_bytes=args.min_nvl_bytes,
+                    deepep=args.deepep)
         results = run_ranks(_worker, num_ranks, opts)
         all_rows.extend(results[0])
 
     device = torch.cuda.get_device_name(0)
     report = dict(device=device, num_gpus=torch.cuda.device_count(), torch=torch.__version__, commit=commit(),
+                  deepep=getattr(ep, "__version__", "unknown version") if ep is not None else None,
                   command="python -m benchmarks intranode " + " ".join(argv),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   shared_gpu=torch.cuda.device_count() < max(ints(args.ranks)),

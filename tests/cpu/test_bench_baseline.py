@@ -31,6 +31,53 @@ def test_megatron_alltoall_baseline():
     run_distributed(_check, 2)
 
 
+def _deepep_calls(rank, num_ranks):
+    """The DeepEP baseline's calls, with moe_a2a (same public API) in deep_ep's place on the CPU: they move the
+    same rows as moe_a2a's own calls, and the SM count given reaches the default configs."""
+    import moe_a2a
+    from benchmarks.deepep_baseline import DeepEPCalls
+
+    gen = torch.Generator().manual_seed(rank)
+    num_tokens, hidden, num_experts, topk = 29, 64, 4 * num_ranks, 3
+    x = torch.randn(num_tokens, hidden, generator=gen).bfloat16()
+    idx = torch.rand(num_tokens, num_experts, generator=gen).topk(topk, 1).indices
+    w = torch.rand(num_tokens, topk, generator=gen)
+    saved = moe_a2a.Buffer.num_sms
+    try:
+        calls = DeepEPCalls(moe_a2a, dist.group.WORLD, num_ranks, hidden).calls(x, None, idx, w, num_experts, 12)
+        assert moe_a2a.Buffer.get_dispatch_config(num_ranks).num_sms == 12
+        assert set(calls) == {"dispatch_full", "dispatch", "combine"}
+        full, cached = calls["dispatch_full"](), calls["dispatch"]()
+        combined, combined_w, _ = calls["combine"]()
+    finally:
+        moe_a2a.Buffer.num_sms = saved
+    own = moe_a2a.Buffer(dist.group.WORLD, 1 << 22, 0)
+    per_rank, _, per_expert, in_rank, _ = own.get_dispatch_layout(idx, num_experts)
+    want = own.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                        topk_idx=idx, topk_weights=w)
+    assert torch.equal(full[0], want[0]) and torch.equal(cached[0], want[0])
+    assert combined.shape == x.shape and combined_w.shape == w.shape
+
+
+def test_deepep_baseline_calls():
+    run_distributed(_deepep_calls, 2)
+
+
+def test_deepep_baseline_modes(monkeypatch):
+    import sys
+
+    import pytest
+
+    from benchmarks import deepep_baseline
+
+    monkeypatch.setitem(sys.modules, "deep_ep", None)  # not importable
+    assert deepep_baseline.load("off") is None and deepep_baseline.load("auto") is None
+    with pytest.raises(SystemExit, match="build_deepep.sh"):
+        deepep_baseline.load("on")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        deepep_baseline.load("yes")
+
+
 def test_benchmark_options_and_report(tmp_path):
     import argparse
     import json
