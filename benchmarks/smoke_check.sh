@@ -29,6 +29,8 @@ if python3 -c "import moe_a2a._nvshmem" 2>/dev/null; then
 else
   echo "internode: skipped (moe_a2a._nvshmem not built)"
 fi
+run formats python3 -m benchmarks formats --backend cuda --num-ranks 2 --tokens 16 --hidden 1024 --experts 8 \
+    --iters 2 --loops 1 --json "$out/formats.json"
 run all-reduce python3 -m benchmarks all-reduce --ranks 2 --max-bytes 1048576 --warmup 1 --loops 1 --iters 2 \
     --out "$out/allreduce.json"
 if (( gpus >= 2 )); then
