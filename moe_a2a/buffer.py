@@ -96,8 +96,8 @@ class Buffer:
                 devices are always checked.
             enable_shrink: low-latency calls mask a rank that fails (connection lost, or nothing within
                 ``timeout_s``) and complete over the others, instead of raising (see
-                ``low_latency_update_mask_buffer``). The intranode low-latency kernels, and the reference backend
-                on a gloo group; the internode (NVSHMEM) low-latency kernels raise ``NotImplementedError``.
+                ``low_latency_update_mask_buffer``). The low-latency kernels (IPC and NVSHMEM), and the reference
+                backend on a gloo group.
         """
         if group is None:
             if comm is not None:
@@ -217,7 +217,8 @@ class Buffer:
             # NVSHMEM over the whole group: RDMA across nodes, NVLink stores inside a node where allowed.
             return internode_low_latency.InternodeLowLatencyBackend(
                 self.rank, self.group_size, self.group, self.num_rdma_bytes, self._all_gather_object, self.timeout_s,
-                num_qps_per_rank=self.num_qps_per_rank, allow_nvlink=self.allow_nvlink_for_low_latency_mode)
+                num_qps_per_rank=self.num_qps_per_rank, allow_nvlink=self.allow_nvlink_for_low_latency_mode,
+                shrink=self._reference_ll.peers.auto_mask)
         return low_latency.LowLatencyBackend(self.rank, self.group_size, self.group, self.num_rdma_bytes,
                                              self._all_gather_object, self.timeout_s,
                                              shrink=self._reference_ll.peers.auto_mask)
@@ -926,12 +927,7 @@ class Buffer:
         self._check_alive()
         if not self.low_latency_mode:
             raise ValueError("rank masking is for low-latency buffers: Buffer(..., low_latency_mode=True)")
-        if self._ll_kernels is not None:
-            # enable_shrink with kernels is checked here too, at construction.
-            if not isinstance(self._ll_kernels, low_latency.LowLatencyBackend):
-                raise NotImplementedError("rank masking (enable_shrink, low_latency_update_mask_buffer) on the "
-                                          "internode (NVSHMEM) low-latency kernels is not implemented: create the "
-                                          "Buffer with backend='reference' to mask ranks across nodes")
+        if self._ll_kernels is not None:  # the kernels keep their mask on the GPU: nothing to communicate
             return
         if self._reference_ll.peers.device.type != "cpu":
             # An NCCL communicator does not survive a lost peer (it must be aborted and rebuilt); gloo's
@@ -962,7 +958,7 @@ class Buffer:
         """Which ranks are masked: ``[num_ranks]`` int32, 1 for masked (by ``low_latency_update_mask_buffer``
         or, with ``enable_shrink``, after failing during a call). Written into ``mask_status`` when given."""
         self._check_alive()
-        if self._ll_kernels is not None and isinstance(self._ll_kernels, low_latency.LowLatencyBackend):
+        if self._ll_kernels is not None:
             # The kernels' mask (they mask ranks that time out), with any masked for CPU-tensor calls.
             status = torch.maximum(self._ll_kernels.query_mask(), self._reference_ll.mask)
         else:

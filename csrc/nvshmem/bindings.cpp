@@ -290,6 +290,7 @@ class LowLatencyRuntime {
     ~LowLatencyRuntime() {
         // The symmetric buffer is freed only by destroy() (collective).
         if (workspace_) cudaFree(workspace_);
+        if (mask_) cudaFree(mask_);
         if (host_) cudaFreeHost(const_cast<LLHostError*>(host_));
     }
 
@@ -315,6 +316,9 @@ class LowLatencyRuntime {
         if (cudaMalloc(&workspace_, moe_a2a::kLLWorkspaceInts * sizeof(int)) != cudaSuccess ||
             cudaMemset(workspace_, 0, moe_a2a::kLLWorkspaceInts * sizeof(int)) != cudaSuccess)
             return "cudaMalloc of the workspace failed";
+        if (cudaMalloc(&mask_, num_ranks * sizeof(int)) != cudaSuccess ||
+            cudaMemset(mask_, 0, num_ranks * sizeof(int)) != cudaSuccess)
+            return "cudaMalloc of the rank mask failed";
         void* sym = nullptr;
         const std::string err = sym_malloc(static_cast<size_t>(num_bytes), &sym);  // zeroed, then a barrier
         if (!err.empty()) return err;
@@ -333,6 +337,16 @@ class LowLatencyRuntime {
         std::atomic_thread_fence(std::memory_order_acquire);
         return {code, host_->phase, host_->peer, host_->index, host_->set, host_->call, host_->mine, host_->theirs};
     }
+
+    // The rank mask as a [num_ranks] int32 CUDA tensor (1 = masked), a view the host sets on the stream of the
+    // calls it governs; kernels with shrink set entries of ranks that time out. clean() keeps it.
+    torch::Tensor rank_mask() {
+        auto opts = torch::TensorOptions().dtype(torch::kInt32).device(torch::kCUDA, device_);
+        return torch::from_blob(mask_, {num_ranks_}, opts);
+    }
+
+    // Whether a peer that times out is masked (and the call goes on without it) instead of failing the call.
+    void set_shrink(bool shrink) { shrink_ = shrink; }
 
     // Zero the signals and the workspace (collective: the caller synchronizes the ranks around it).
     std::string clean() {
@@ -417,17 +431,21 @@ class LowLatencyRuntime {
         c.set = set;
         c.call = call;
         c.use_nvlink = use_nvlink_ ? 1 : 0;
+        c.mask = mask_;
+        c.shrink = shrink_ ? 1 : 0;
         return "";
     }
 
     char* sym_ = nullptr;
     int* workspace_ = nullptr;
+    int* mask_ = nullptr;
     volatile LLHostError* host_ = nullptr;
     LLHostError* host_dev_ = nullptr;
     int rank_ = 0, num_ranks_ = 1, device_ = 0, num_device_sms_ = 0;
     int64_t num_bytes_ = 0, set_bytes_ = 0;
     uint64_t timeout_ns_ = 0;
     bool use_nvlink_ = true;
+    bool shrink_ = false;
 };
 
 }  // namespace moe_a2a::internode
@@ -459,6 +477,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("num_device_sms", &LowLatencyRuntime::num_device_sms)
         .def("error_record", &LowLatencyRuntime::error_record)
         .def("clean", &LowLatencyRuntime::clean)
+        .def("rank_mask", &LowLatencyRuntime::rank_mask)
+        .def("set_shrink", &LowLatencyRuntime::set_shrink)
         .def("dispatch", &LowLatencyRuntime::dispatch)
         .def("combine", &LowLatencyRuntime::combine)
         .def("send_buffer", &LowLatencyRuntime::send_buffer)

@@ -1,4 +1,6 @@
 // Low-latency dispatch/combine across nodes over NVSHMEM (layout in low_latency.cuh). Senders push.
+// Masked ranks (Ctx::mask) are left out of every put, count, flag and wait; with Ctx::shrink a wait that times
+// out masks the ranks it waited for and the call goes on without them.
 //
 // Dispatch send: every block loads the routing into shared memory and counts the pairs per expert. Block
 // b casts tokens b, b + G, ... once (FP8 with per-128 scales, or BF16) into this rank's send area behind
@@ -38,6 +40,12 @@ __device__ __forceinline__ char* set_base(const Ctx& c) {
 __device__ __forceinline__ char* recv_area(const Ctx& c) { return set_base(c) + c.recv_offset; }
 __device__ __forceinline__ int* set_workspace(const Ctx& c) { return c.workspace + c.set * kLLWorkspaceSetInts; }
 
+// Whether this rank leaves rank r (itself included) out of this call: r is masked, or this rank is (a masked
+// rank exchanges with no one). Left-out ranks are neither waited for nor sent rows, counts or flags.
+__device__ __forceinline__ bool skips(const Ctx& c, int r) {
+    return ld_volatile(c.mask + r) != 0 || ld_volatile(c.mask + c.rank) != 0;
+}
+
 // The peer's copy of symmetric address `p` when NVSHMEM maps it into this process (NVLink / same GPU).
 __device__ __forceinline__ char* peer_ptr(const Ctx& c, void* p, int pe) {
     return c.use_nvlink ? static_cast<char*>(nvshmem_ptr(p, pe)) : nullptr;
@@ -53,13 +61,16 @@ __device__ __forceinline__ void signal_set(const Ctx& c, int* sig, int value, in
 // False after a timeout or once this rank aborted. Adds the nanoseconds waited to *wait_ns when given.
 __device__ bool wait_flag(const Ctx& c, const int* flag, int tag, int phase, int peer,
                           unsigned long long* wait_ns) {
+    if (skips(c, peer)) return false;
     const uint64_t start = global_timer_ns();
     uint64_t now = start;
     while (!counter_reached(ld_relaxed_sys(flag), tag)) {
         now = global_timer_ns();
         if (ld_volatile(c.workspace + kLLWorkspaceAbort)) return false;
+        if (ld_volatile(c.mask + peer)) return false;  // masked meanwhile (by another block's timeout)
         if (now - start > c.timeout_ns) {
-            record_timeout(c, phase, peer, tag);
+            if (c.shrink) atomicExch(c.mask + peer, 1);
+            else record_timeout(c, phase, peer, tag);
             return false;
         }
     }
@@ -79,7 +90,7 @@ __device__ void send_signature(const Ctx& c, const int4& sig) {
     }
     __syncthreads();
     for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
-        if (r == c.rank) continue;
+        if (r == c.rank || skips(c, r)) continue;
         if (int* mapped = reinterpret_cast<int*>(peer_ptr(c, mine, r))) st_na_v4(reinterpret_cast<int4*>(mapped), sig);
         else nvshmem_putmem_nbi(mine, mine, sizeof(int4), r);
     }
@@ -97,8 +108,11 @@ __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, u
                                  int* values, const int4& mine) {
     const int lane = threadIdx.x & 31, R = c.num_ranks;
     const uint32_t want = static_cast<uint32_t>(tag) & 0xFFFFu;
-    uint32_t pending = 0;  // bit j: signal lane + 32 j not seen yet
-    for (int j = 0, i = lane; i < n; ++j, i += 32) pending |= 1u << j;
+    uint32_t pending = 0;  // bit j: signal lane + 32 j not seen yet (signals of left-out sources: 0 at once)
+    for (int j = 0, i = lane; i < n; ++j, i += 32) {
+        if (skips(c, i % R)) values[i] = 0;
+        else pending |= 1u << j;
+    }
     const uint64_t start = global_timer_ns();
     uint32_t nap_ns = 32;
     while (true) {
@@ -119,8 +133,18 @@ __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, u
             if (late && !aborted) {
                 fence_acq_rel_sys();
                 for (int j = 0, i = lane; i < R && i < n; ++j, i += 32)  // signal i < R: source i's first
-                    if (!((pending >> j) & 1u))
+                    if (!((pending >> j) & 1u) && !skips(c, i))
                         signatures_agree(c, mine, signature_slot(c.sym, c.set, i), kLLPhaseDispatchRecv, i);
+            }
+            if (late && c.shrink) {
+                // Every source with a count still missing is masked; all of its counts then read as 0 (also
+                // those that came), so the call goes on without it as a whole.
+                for (int j = 0, i = lane; i < n; ++j, i += 32)
+                    if ((pending >> j) & 1u) atomicExch(c.mask + i % R, 1);
+                __syncwarp();
+                for (int j = 0, i = lane; i < n; ++j, i += 32)
+                    if (ld_volatile(c.mask + i % R)) values[i] = 0;
+                break;
             }
             if (late && lane == __ffs(waiting) - 1)  // name the first source still missing
                 record_timeout(c, kLLPhaseDispatchRecv, (lane + 32 * (__ffs(pending) - 1)) % R, tag);
@@ -206,6 +230,7 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
             if (pos >= M) continue;  // more than M pairs of one rank to one expert: dropped (not reachable
                                      // with distinct top-k ids)
             const int dst = e / L, l = e - dst * L;
+            if (skips(c, dst)) continue;
             char* remote = recv + (static_cast<int64_t>(l * R + c.rank) * M + pos) * msg;
             if (char* mapped = peer_ptr(c, remote, dst))
                 warp_copy<true>(reinterpret_cast<int4*>(mapped), reinterpret_cast<const int4*>(row),
@@ -220,6 +245,7 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
     if (arrive_last_after_quiet(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, &sh.flag)) {
         for (int e = tid; e < E; e += blockDim.x) {
             const int dst = e / L, l = e - dst * L;
+            if (skips(c, dst)) continue;
             const int value = static_cast<int>((static_cast<uint32_t>(tag) << 16) | static_cast<uint32_t>(min(sh.scan[e], M)));
             signal_set(c, signals(c) + kSigDispatch + l * R + c.rank, value, dst);
         }
@@ -241,7 +267,7 @@ __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, Di
     // Every source's counts came (its signature was put before them): compare before using any.
     if (!ld_volatile(c.workspace + kLLWorkspaceAbort))
         for (int s = tid; s < R; s += blockDim.x)
-            signatures_agree(c, mine, signature_slot(c.sym, c.set, s), kLLPhaseDispatchRecv, s);
+            if (!skips(c, s)) signatures_agree(c, mine, signature_slot(c.sym, c.set, s), kLLPhaseDispatchRecv, s);
     __syncthreads();
     const int count = tid < E ? min(static_cast<int>(static_cast<uint32_t>(sh.scan[tid]) & 0xFFFFu), M) : 0;
     const int num_rows = scan_received_counts(a, count, R, sh.scan, sh.warp);
@@ -321,7 +347,7 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
         const int l = p / R, s = p - l * R;
         const int slot = sh.begin[p] + (w - sh.scan[p]);
         const int t = __ldg(ca.src_info + static_cast<int64_t>(l) * RM + slot);
-        if (t < 0 || t >= M) continue;
+        if (t < 0 || t >= M || skips(c, s)) continue;
         char* remote = recv + (static_cast<int64_t>(c.rank * L + l) * M + t) * row_bytes;
         const int64_t at = (static_cast<int64_t>(l) * RM + slot) * row_int4;
         if (char* mapped = peer_ptr(c, remote, s)) {
@@ -342,7 +368,8 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
     }
     int* ws = set_workspace(c);
     if (arrive_last_after_quiet(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag))
-        for (int r = tid; r < R; r += blockDim.x) signal_set(c, signals(c) + kSigCombine + c.rank, tag, r);
+        for (int r = tid; r < R; r += blockDim.x)
+            if (!skips(c, r)) signal_set(c, signals(c) + kSigCombine + c.rank, tag, r);
 }
 
 template <int kFormat>

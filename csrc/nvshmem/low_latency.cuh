@@ -49,6 +49,8 @@ struct Ctx {
     int64_t recv_offset;       // offset of the recv area inside a set
     int rank, num_ranks, set, call;
     int use_nvlink;            // store directly to peers NVSHMEM maps (nvshmem_ptr), else always put
+    int* mask;                 // [num_ranks] local, 1 = masked rank: neither waited for nor sent to
+    int shrink;                // a peer that times out is masked instead of failing the call
 };
 
 struct CombineArgs {

@@ -16,7 +16,8 @@ that span several nodes, as in DeepEP's low-latency mode:
 * Two alternating buffer sets, no host synchronization (dispatch + combine can be captured in one CUDA
   graph); with ``return_recv_hook`` the call issues the sends and the hook launches the receive. Call
   each hook before issuing the call after next. Every wait times out after ``timeout_s``; the next call
-  raises naming the rank, step and peer.
+  raises naming the rank, step and peer (with ``shrink``, the ranks waited for are masked instead).
+* Rank masking as in ``low_latency.py``: masked ranks are left out of every put, count, flag and wait.
 * ``num_qps_per_rank``: NVSHMEM picks the transport; the value becomes ``NVSHMEM_IBGDA_NUM_RC_PER_PE``
   (queue pairs per peer of the IBGDA transport) before NVSHMEM starts, unless that variable is set.
   Other transports (IBRC, UCX, NVLink) have no such setting, and NVSHMEM spreads a PE's puts over its
@@ -87,10 +88,12 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         num_qps_per_rank: RDMA queue pairs per peer (IBGDA transport only, see the module doc).
         allow_nvlink: store directly to peers NVSHMEM maps (NVLink); False sends everything with NVSHMEM puts.
         num_sms: blocks per kernel; default: the device's SMs divided by the ranks sharing the device.
+        shrink: a peer that times out is masked and the call completes without it (see ``LowLatencyBackend``).
     """
 
     def __init__(self, rank: int, num_ranks: int, group, num_rdma_bytes: int, all_gather_object, timeout_s: float,
-                 num_qps_per_rank: int = 24, allow_nvlink: bool = True, num_sms: Optional[int] = None) -> None:
+                 num_qps_per_rank: int = 24, allow_nvlink: bool = True, num_sms: Optional[int] = None,
+                 shrink: bool = False) -> None:
         if not available():
             raise NotImplementedError("the internode low-latency kernels are not built: moe_a2a._nvshmem (NVSHMEM "
                                       "headers at build time) has no LowLatencyRuntime")
@@ -112,6 +115,9 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
         self._rt.allocate(rank, num_ranks, self.num_rdma_bytes, self.timeout_s, self.allow_nvlink)
         devices = all_gather_object(residency.device_id(self.device))
         self.num_sms = residency.low_latency_num_sms(self._rt.num_device_sms(), devices, num_sms)
+        self._rt.set_shrink(bool(shrink))
+        self.shrink = bool(shrink)
+        self.mask = self._rt.rank_mask()  # as LowLatencyBackend.mask
         self._set = 0
         self._calls = 0
 

@@ -161,6 +161,53 @@ def _timeout(rank, num_ranks, per_node):
     kern.destroy()
 
 
+def _masking(rank, num_ranks, per_node, lost):
+    """Rank masking on the NVSHMEM kernels: the rounds of ``tests/cpu/test_rank_mask.py`` with CUDA tensors. The
+    last rank (on the other node than rank 0) is masked on purpose by every rank and keeps calling, then
+    unmasked; with ``lost`` it leaves instead and ``enable_shrink`` masks it in the survivors' next call."""
+    from test_rank_mask import EXPERTS_PER_RANK, HIDDEN, MAX_TOKENS, _leave_together, _round
+
+    _env()
+    device = set_rank_device(rank)
+    timeout_s = 3.0
+    rdma = Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, EXPERTS_PER_RANK * num_ranks)
+    buf = Buffer(dist.group.WORLD, 0, rdma, low_latency_mode=True, num_ranks_per_node=per_node,
+                 enable_shrink=lost, timeout_s=timeout_s)
+    assert isinstance(buf._ll_kernels, internode_low_latency.InternodeLowLatencyBackend)
+    everyone, last = set(range(num_ranks)), num_ranks - 1
+    _round(buf, 0, everyone, device)
+    if not lost:
+        buf.low_latency_update_mask_buffer(last, True)
+        assert buf.low_latency_query_mask_buffer().tolist() == [int(r == last) for r in range(num_ranks)]
+        _round(buf, 1, everyone - {last}, device)
+        buf.low_latency_update_mask_buffer(last, False)
+        _round(buf, 2, everyone, device)
+        torch.cuda.synchronize()
+        _leave_together(everyone)  # NVSHMEM's teardown would wait at a barrier: leave as the lost case does
+    torch.cuda.synchronize()
+    dist.barrier()  # nothing of round 0 is still in flight to the rank that leaves
+    if rank == last:
+        time.sleep(0.2)
+        os._exit(0)
+    survivors = everyone - {last}
+    time.sleep(0.5)
+    started = time.monotonic()
+    _round(buf, 1, survivors, device)
+    assert time.monotonic() - started < timeout_s * 2 + 2
+    assert buf.low_latency_query_mask_buffer().tolist() == [int(r == last) for r in range(num_ranks)]
+    _round(buf, 2, survivors, device)
+    assert not buf._ll_kernels.error(), buf._ll_kernels.error()  # masking is not an error
+    _leave_together(survivors)
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["masked", "lost"])
+def test_internode_low_latency_rank_masking(lost):
+    reason = _skip(4)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_masking, 4, 2, lost, timeout=180.0)
+
+
 def _ranks_disagree(rank, num_ranks, per_node, what):
     """As the intranode low-latency test: the last rank (on the other node than rank 0) makes another call;
     every rank that compares with it names the field, both ranks and both values. None waits for the timeout,
