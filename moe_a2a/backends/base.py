@@ -293,7 +293,21 @@ class LowLatencyModeKernels(LowLatencyModeBackend, Protocol):
         ...
 
     def clean(self) -> None:
-        """Zero the flags and counters on every rank (collective)."""
+        """Zero the flags and counters on every rank (collective); the rank mask stays."""
+        ...
+
+    def update_mask(self, rank: int, masked: bool) -> None:
+        """Mask or unmask ``rank`` for the calls enqueued after this on the current stream (local): masked ranks
+        are neither waited for nor sent to, their experts' outputs count as zero."""
+        ...
+
+    def query_mask(self) -> torch.Tensor:
+        """``[num_ranks]`` int32 CPU copy of the mask (1 = masked; with ``shrink`` the kernels mask a rank that
+        timed out), as of the calls enqueued so far."""
+        ...
+
+    def clean_mask(self) -> None:
+        """Unmask every rank (current stream)."""
         ...
 
     def raise_if_error(self) -> None:
