@@ -10,7 +10,10 @@ After ``install()``:
   With ``buffer_resident`` (default), the deepep backend's ``fused_dispatch`` receives the rows in the
   communication buffer and megatron's permute (``_DeepepManager.get_permuted_hidden_states_by_experts``)
   reads them from there, through ``moe_a2a.resident.claim`` (a copy if another operation on the buffer
-  came first). Megatron's own unpermute makes a fresh tensor, so its combine stays the plain call.
+  came first); the unpermute (``get_restored_hidden_states_by_experts``, megatron's unfused one) sums each
+  token's expert rows in float32 straight into the buffer's combine input, and the combine reads them there
+  (its backward leaves the gradient in the buffer for the unpermute's backward). With
+  ``moe_permute_fusion`` (Transformer Engine's kernels) the unpermute and combine stay megatron's.
   megatron-core 0.19's extra HybridEP keywords (kernel block counts, ``fused``) are accepted and
   ignored: moe_a2a permutes inside its own dispatch.
 * ``moe_token_dispatcher_type="moe_a2a"`` builds ``MoEA2ATokenDispatcher`` in ``MoELayer``; the value
@@ -77,6 +80,8 @@ def install(buffer_resident: bool = True) -> Dict[str, object]:
         from .. import fused_a2a as ours
 
         resident_flex = bool(buffer_resident) and _patch_deepep_permute()
+        if resident_flex:
+            _patch_deepep_unpermute(ours)
         rebound = _rebind_fused_a2a(mfused, ours, resident_flex)
         _patch_moe_layer()
         _patch_transformer_config()
@@ -151,6 +156,46 @@ def _patch_deepep_permute() -> bool:
 
     get_permuted_hidden_states_by_experts.__wrapped__ = original
     _set(manager, "get_permuted_hidden_states_by_experts", get_permuted_hidden_states_by_experts)
+    return True
+
+
+def _patch_deepep_unpermute(ours) -> bool:
+    """Make megatron's deepep manager sum the expert outputs into the buffer's combine input (unfused
+    unpermute only) and combine them from there; False where this megatron-core has no such manager."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from .. import resident
+    from ..permute import SumRows
+
+    manager = getattr(token_dispatcher, "_DeepepManager", None)
+    unpermute = getattr(manager, "get_restored_hidden_states_by_experts", None)
+    combine = getattr(manager, "combine", None)
+    if unpermute is None or combine is None:
+        return False
+
+    def get_restored_hidden_states_by_experts(self, hidden_states, *args, **kwargs):
+        if getattr(self, "permute_fusion", False) or args or kwargs or self.handle is None:
+            return unpermute(self, hidden_states, *args, **kwargs)
+        # Megatron's unpermute without probs: token sorted_indices[p] gets row p (a sum per token).
+        summed = SumRows.apply(hidden_states, self.reversed_mapping_for_combine,
+                               self.hidden_shape_before_permute[0], (self.group, self.handle, 0))
+        resident.hold(ours.get_buffer(self.group, ours.get_hidden_bytes(hidden_states)), summed)
+        self._moe_a2a_summed = summed
+        return summed
+
+    def combine_resident(self, hidden_states, async_finish=False, allocate_on_comm_stream=False):
+        summed, self._moe_a2a_summed = getattr(self, "_moe_a2a_summed", None), None
+        if summed is None or hidden_states is not summed:  # not our unpermute's output: megatron's own path
+            return combine(self, hidden_states, async_finish, allocate_on_comm_stream)
+        out, _ = ours.fused_combine_resident(resident.claim(hidden_states), self.group, self.handle, async_finish,
+                                             allocate_on_comm_stream)
+        self.handle = None  # as megatron's combine: released after the combine
+        return out
+
+    get_restored_hidden_states_by_experts.__wrapped__ = unpermute
+    combine_resident.__wrapped__ = combine
+    _set(manager, "get_restored_hidden_states_by_experts", get_restored_hidden_states_by_experts)
+    _set(manager, "combine", combine_resident)
     return True
 
 

@@ -214,16 +214,27 @@ def _check_interleaved(rank: int, world_size: int):
         before = _stats()
         _micro_batches(rank, resident_mode=False, interleave=True)
         assert _stats()["copies"] == before["copies"]
-        # megatron's flex dispatcher after install(): its permute reads the received rows through claim.
+        # megatron's flex dispatcher after install(): its permute reads the received rows through claim, its
+        # unpermute sums into the combine input (moe_a2a's SumRows) and the combine reads them there.
+        from moe_a2a.permute import SumRows
+
+        sums = []
+        apply = SumRows.apply
+        SumRows.apply = lambda *args: sums.append(args[3]) or apply(*args)
         want = _micro_batches(rank, resident_mode=False, interleave=False, kind="flex")
+        assert not sums, "plain flex runs megatron's own unpermute"
         for interleave in (False, True):
             before = _stats()
             got = _micro_batches(rank, resident_mode=True, interleave=interleave, kind="flex")
             after = _stats()
+            # Up to two expert rows per token and rank here: one rounding either way, so the sums are equal.
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=0, atol=0)
             assert after["held"] == 0, after
             assert (after["copies"] > before["copies"]) == interleave, (interleave, before, after)
+            assert len(sums) == 2 and all(target is not None for target in sums), sums  # one per micro-batch
+            sums.clear()
+        SumRows.apply = apply
         mm.uninstall()
         ps.destroy_model_parallel()
 
