@@ -1,4 +1,5 @@
-"""The Megatron dispatcher's buffer-resident mode on the kernels: two micro-batches interleaved on one buffer.
+"""The Megatron dispatchers' buffer-resident mode on the kernels (moe_a2a's, and flex after install()): two
+micro-batches interleaved on one buffer.
 
 On the intranode kernels the dispatched rows and the combine input really are views of the registered
 buffer, overwritten by the next operation. Interleaved or in order, the resident mode must give the plain
@@ -19,18 +20,25 @@ def _check(rank: int, num_ranks: int):
 
     import test_resident as tr
 
+    import moe_a2a.megatron as mm
+
     device = set_rank_device(rank)
     ps.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=num_ranks)
-    want = tr._micro_batches(rank, resident_mode=False, interleave=False, device=device)
-    for interleave in (False, True):
-        before = tr._stats()["copies"]
-        got = tr._micro_batches(rank, resident_mode=True, interleave=interleave, device=device)
-        torch.cuda.synchronize()
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
-        after = tr._stats()
-        assert after["held"] == 0, after
-        assert (after["copies"] - before >= 2) if interleave else after["copies"] == before, (before, after)
+    # The moe_a2a dispatcher, and megatron's flex dispatcher after install() (its permute, unpermute and
+    # combine on the buffer too); top-2 of 8 experts: at most two rows per token and rank, summed alike.
+    for kind in ("moe_a2a", "flex"):
+        want = tr._micro_batches(rank, resident_mode=False, interleave=False, device=device, kind=kind)
+        for interleave in (False, True):
+            before = tr._stats()["copies"]
+            got = tr._micro_batches(rank, resident_mode=True, interleave=interleave, device=device, kind=kind)
+            torch.cuda.synchronize()
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=0, msg=kind)
+            after = tr._stats()
+            assert after["held"] == 0, (kind, after)
+            assert (after["copies"] - before >= 2) if interleave else after["copies"] == before, (kind, before,
+                                                                                                   after)
+    mm.uninstall()
     ps.destroy_model_parallel()
 
 
