@@ -36,8 +36,9 @@ def _check(rank: int, num_ranks: int):
                 torch.testing.assert_close(g, w, rtol=0, atol=0, msg=kind)
             after = tr._stats()
             assert after["held"] == 0, (kind, after)
-            assert (after["copies"] - before >= 2) if interleave else after["copies"] == before, (kind, before,
-                                                                                                   after)
+            least = 2 if kind == "moe_a2a" else 1  # as tests/cpu/test_resident.py counts them
+            assert (after["copies"] - before >= least) if interleave else after["copies"] == before, \
+                (kind, before, after)
     mm.uninstall()
     ps.destroy_model_parallel()
 
