@@ -32,3 +32,28 @@ def test_moe_a2a_bench_alias(capsys, monkeypatch):
     assert cli.main(["bench", "intranode"]) == 2
     err = capsys.readouterr().err
     assert "benchmarks ship with the source tree" in err and len(err.strip().splitlines()) == 1
+
+
+def test_formats_benchmark_on_cpu(tmp_path, capsys):
+    """The formats benchmark end to end on 2 CPU ranks (reference backend): every format's row, bytes against
+    BF16 as the formats define them, errors within the formats' bounds, and the report names the device."""
+    import json
+
+    from benchmarks import formats
+
+    out = tmp_path / "formats.json"
+    formats.main(["--num-ranks", "2", "--tokens", "8", "--hidden", "256", "--experts", "4", "--topk", "2",
+                  "--iters", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["device"] == "CPU" and (tmp_path / "formats.md").read_text().count("| low-latency |") == 5
+    rows = {(r["mode"], r["op"], r["format"]): r for r in report["rows"]}
+    assert {k for k in rows if k[0] != "codec"} == {
+        ("normal", "dispatch", "bf16"), ("normal", "dispatch", "fp8"), ("normal", "dispatch", "nvfp4"),
+        ("normal", "combine", "bf16"), ("normal", "combine", "fp8"), ("low-latency", "dispatch", "bf16"),
+        ("low-latency", "dispatch", "fp8"), ("low-latency", "combine", "bf16"), ("low-latency", "combine", "fp8"),
+        ("low-latency", "combine", "logfmt")}
+    assert rows[("low-latency", "combine", "logfmt")]["ratio"] == pytest.approx(84 / 128)
+    assert rows[("normal", "combine", "fp8")]["ratio"] == pytest.approx(132 / 256)
+    assert all(r["path"] == "reference" for r in report["rows"])
+    assert 0 < rows[("low-latency", "combine", "logfmt")]["max_rel"] < 0.02
+    assert 0 < rows[("low-latency", "combine", "fp8")]["max_rel"] < 0.07
