@@ -1,9 +1,13 @@
-// Host entry points of the low-latency combine's LogFMT codec (kernels/wire_format.cuh): the kernels'
-// scalar code run on the CPU, row by row, so tests compare it with the Python codec (moe_a2a.formats.logfmt)
-// without a GPU. Same inputs and outputs as logfmt_encode / logfmt_decode.
+// Host entry points of the combine wire formats (kernels/wire_format.cuh): the kernels' scalar code run on the
+// CPU, so tests compare it with the Python codecs without a GPU. logfmt_encode_host / logfmt_decode_host: the
+// LogFMT codec in its wire form (as moe_a2a.formats.logfmt). encode_combine_rows_host /
+// decode_combine_rows_host: whole rows in the kernels' in-slot layout, encoded pass by pass as one warp does
+// it (32 chunks read, then written), also over themselves, and decoded chunk by chunk as a combine does.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include <torch/extension.h>
@@ -86,9 +90,124 @@ torch::Tensor logfmt_decode_host(const torch::Tensor& codes, const torch::Tensor
     return out;
 }
 
+float bf16_bits_to_float(uint16_t bits) {
+    uint32_t u = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+int row_format(const std::string& name, int64_t hidden) {
+    MOE_A2A_CHECK(name == "fp8" || name == "logfmt", "format must be fp8 or logfmt, got '", name, "'");
+    const int format = name == "fp8" ? kLLFormatFP8Combine : kLLFormatLogFMTCombine;
+    const int multiple = format == kLLFormatFP8Combine ? kFp8CombineBlock : kLogFmtGroup;
+    MOE_A2A_CHECK(hidden % multiple == 0, name, " rows need hidden divisible by ", multiple, ", got ", hidden);
+    return format;
+}
+
+// encode_row_warp's passes on the host: per pass, every lane's 16 bytes are read before any is written, the
+// block statistics (what the lanes' shuffles reduce) are taken over the pass's chunks, and each chunk is
+// written at the kernels' offsets. `src` may be `dst`.
+void encode_row_host(const uint8_t* src, uint8_t* dst, int hidden, int format) {
+    const int chunks = hidden / 8;
+    const int per_block = format == kLLFormatFP8Combine ? kFp8CombineBlock / 8 : kLogFmtGroup / 8;
+    for (int c0 = 0; c0 < chunks; c0 += 32) {
+        const int n = std::min(32, chunks - c0);
+        float f[32][8];
+        for (int lane = 0; lane < n; ++lane)
+            for (int k = 0; k < 8; ++k) {
+                uint16_t bits;
+                std::memcpy(&bits, src + (static_cast<int64_t>(c0 + lane) * 8 + k) * 2, 2);
+                f[lane][k] = bf16_bits_to_float(bits);
+            }
+        for (int b0 = 0; b0 < n; b0 += per_block) {  // passes hold whole blocks (32 is a multiple of 16 and 8)
+            float amax = 0.0f, amin = std::numeric_limits<float>::infinity();
+            for (int lane = b0; lane < b0 + per_block; ++lane)
+                for (int k = 0; k < 8; ++k) {
+                    const float m = std::fabs(f[lane][k]);
+                    amax = std::max(amax, m);
+                    if (m > 0.0f) amin = std::min(amin, m);
+                }
+            for (int lane = b0; lane < b0 + per_block; ++lane) {
+                const int ch = c0 + lane;
+                uint8_t* values = dst + chunk_values_offset(format, ch);
+                if (format == kLLFormatFP8Combine) {
+                    const float scale = fp8_block_scale(amax);
+                    const uint2 q = fp8_pack8(f[lane], scale);
+                    std::memcpy(values, &q.x, 4);
+                    std::memcpy(values + 4, &q.y, 4);
+                    if (chunk_opens_block(format, ch)) std::memcpy(dst + chunk_scale_offset(format, ch), &scale, 4);
+                } else {
+                    const uint32_t range = logfmt_range_bits(amax, amax > 0.0f ? amin : 0.0f);
+                    uint16_t pieces[5];
+                    logfmt_encode8(f[lane], range, pieces);
+                    std::memcpy(values, pieces, 10);
+                    if (chunk_opens_block(format, ch)) std::memcpy(dst + chunk_scale_offset(format, ch), &range, 4);
+                }
+            }
+        }
+    }
+}
+
+// x: [n, hidden] bfloat16 CPU -> [n, 2 * hidden] uint8: each row's BF16 slot with its encoding in front (the rest
+// of the slot as it was: x's bytes with `in_place`, zeros otherwise).
+torch::Tensor encode_combine_rows_host(const torch::Tensor& x, const std::string& format_name, bool in_place) {
+    MOE_A2A_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kBFloat16 && x.dim() == 2,
+                  "encode_combine_rows_host takes a [n, hidden] bfloat16 CPU tensor");
+    const int64_t n = x.size(0), hidden = x.size(1);
+    const int format = row_format(format_name, hidden);
+    const torch::Tensor in = x.contiguous();
+    torch::Tensor out = in_place ? in.view(torch::kUInt8).clone() : torch::zeros({n, hidden * 2}, torch::kUInt8);
+    const uint8_t* src = reinterpret_cast<const uint8_t*>(in.data_ptr());
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < n; ++r)
+        encode_row_host(in_place ? dst + r * hidden * 2 : src + r * hidden * 2, dst + r * hidden * 2,
+                        static_cast<int>(hidden), format);
+    return out;
+}
+
+// rows: [n, 2 * hidden] uint8 as encode_combine_rows_host returns them -> [n, hidden] float32, chunk by chunk
+// at the offsets the combines read.
+torch::Tensor decode_combine_rows_host(const torch::Tensor& rows, int64_t hidden, const std::string& format_name) {
+    MOE_A2A_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kUInt8 && rows.dim() == 2 &&
+                      rows.size(1) == hidden * 2,
+                  "decode_combine_rows_host takes [n, 2 * hidden] uint8 CPU rows");
+    const int format = row_format(format_name, hidden);
+    const torch::Tensor in = rows.contiguous();
+    const int64_t n = in.size(0);
+    torch::Tensor out = torch::empty({n, hidden}, torch::kFloat32);
+    for (int64_t r = 0; r < n; ++r) {
+        const uint8_t* row = in.data_ptr<uint8_t>() + r * hidden * 2;
+        for (int ch = 0; ch < hidden / 8; ++ch) {
+            const uint8_t* values = row + chunk_values_offset(format, ch);
+            uint32_t scale_bits;
+            std::memcpy(&scale_bits, row + chunk_scale_offset(format, ch), 4);
+            float* f = out.data_ptr<float>() + r * hidden + ch * 8;
+            if (format == kLLFormatFP8Combine) {
+                uint32_t w[2];
+                std::memcpy(w, values, 8);
+                float scale;
+                std::memcpy(&scale, &scale_bits, 4);
+                fp8_unpack8(w[0], w[1], scale, f);
+            } else {
+                uint16_t pieces[5];
+                std::memcpy(pieces, values, 10);
+                logfmt_decode8(pieces, scale_bits, f);
+            }
+        }
+    }
+    return out;
+}
+
 }  // namespace
 
 void register_wire_format(pybind11::module_& m) {
+    m.def("encode_combine_rows_host", &encode_combine_rows_host,
+          "The combine kernels' row encoding (fp8, logfmt) run on the CPU: [n, hidden] bf16 -> [n, 2 hidden] uint8",
+          pybind11::arg("x"), pybind11::arg("format"), pybind11::arg("in_place") = false);
+    m.def("decode_combine_rows_host", &decode_combine_rows_host,
+          "The combine kernels' row decoding run on the CPU: [n, 2 hidden] uint8 -> [n, hidden] float32",
+          pybind11::arg("rows"), pybind11::arg("hidden"), pybind11::arg("format"));
     m.def("logfmt_encode_host", &logfmt_encode_host,
           "The low-latency kernels' LogFMT encoder run on the CPU: [n, hidden] float32 -> (codes, ranges)",
           pybind11::arg("x"));

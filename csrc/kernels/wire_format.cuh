@@ -12,19 +12,23 @@
 // Each block keeps its scale right after its values, so an encoding warp writes a row over itself front to
 // back (zero-copy inputs are encoded in place): nothing it writes lies past what it has read.
 //
-// The scalar pieces below are __host__ __device__: moe_a2a._C's host entry points (logfmt_encode_host /
-// logfmt_decode_host) run the same code on the CPU, where tests compare it with the Python codec.
+// The scalar pieces below (offsets, casts, codes) are __host__ __device__: moe_a2a._C's host entry points
+// (wire_format.cpp) run the same code on the CPU, where tests compare it with the Python codecs and check the
+// in-place encoding pass by pass.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include "low_latency.cuh"
 
 namespace moe_a2a {
 
+constexpr float kFp8Max = 448.0f;      // largest finite e4m3 value
+constexpr float kFp8MinAmax = 1e-4f;   // floor of a block's amax, so an all-zero block gets a finite scale
 constexpr int kFp8CombineBlock = 128;
 constexpr int kFp8CombineBlockBytes = 132;
 constexpr int kLogFmtGroup = 64;
@@ -32,6 +36,45 @@ constexpr int kLogFmtGroupBytes = 84;
 constexpr int kLogFmtCodeBytes = 80;
 constexpr float kLogFmtSpan = 16.0f;     // widest log2 span of a group (LOG_SPAN)
 constexpr float kLogFmtSteps = 510.0f;   // nonzero levels 1..511 are 510 steps apart
+
+// Where chunk `ch` (channels 8 ch .. 8 ch + 7) of an encoded row keeps its values, where its block keeps the
+// scale (FP8) or log range (LogFMT), and whether the chunk opens its block (its writer stores that word).
+MOE_A2A_LL_HD inline int64_t chunk_values_offset(int format, int ch) {
+    return format == kLLFormatFP8Combine ? (ch >> 4) * kFp8CombineBlockBytes + (ch & 15) * 8
+                                         : (ch >> 3) * kLogFmtGroupBytes + (ch & 7) * 10;
+}
+MOE_A2A_LL_HD inline int64_t chunk_scale_offset(int format, int ch) {
+    return format == kLLFormatFP8Combine ? (ch >> 4) * kFp8CombineBlockBytes + kFp8CombineBlock
+                                         : (ch >> 3) * kLogFmtGroupBytes + kLogFmtCodeBytes;
+}
+MOE_A2A_LL_HD inline bool chunk_opens_block(int format, int ch) {
+    return format == kLLFormatFP8Combine ? (ch & 15) == 0 : (ch & 7) == 0;
+}
+
+// FP8 e4m3 with one float32 scale per 128 channels (moe_a2a.fp8): the scale from the block's largest
+// magnitude, eight values cast with it (nearest even, saturating) as two words, and back.
+MOE_A2A_LL_HD inline float fp8_block_scale(float amax) { return fmaxf(amax, kFp8MinAmax) / kFp8Max; }
+
+MOE_A2A_LL_HD inline uint2 fp8_pack8(const float f[8], float scale) {
+    const float inv = 1.0f / scale;
+    uint32_t packed[2];
+    for (int k = 0; k < 2; ++k) {
+        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k] * inv, f[4 * k + 1] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k + 2] * inv, f[4 * k + 3] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
+        packed[k] = lo | (hi << 16);
+    }
+    return make_uint2(packed[0], packed[1]);
+}
+
+MOE_A2A_LL_HD inline void fp8_unpack8(uint32_t w0, uint32_t w1, float scale, float f[8]) {
+    for (int k = 0; k < 8; ++k) {
+        const uint32_t byte = ((k < 4 ? w0 : w1) >> (8 * (k & 3))) & 0xFFu;
+        const __half h(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(byte), __NV_E4M3));
+        f[k] = __half2float(h) * scale;
+    }
+}
 
 // Bytes an encoded row of `hidden` channels fills in its slot.
 MOE_A2A_LL_HD inline int64_t ll_combine_row_bytes(int64_t hidden, int format) {
@@ -116,6 +159,23 @@ MOE_A2A_LL_HD inline void logfmt_unpack8(const uint16_t in[5], uint32_t c[8]) {
     for (int i = 0; i < 6; ++i) c[i] = static_cast<uint32_t>(lo >> (10 * i)) & 0x3FFu;
     c[6] = (static_cast<uint32_t>(lo >> 60) | (hi << 4)) & 0x3FFu;
     c[7] = (hi >> 6) & 0x3FFu;
+}
+
+// Eight values of a group with log range `range` (logfmt_range_bits) as five 16-bit pieces, and back.
+MOE_A2A_LL_HD inline void logfmt_encode8(const float f[8], uint32_t range, uint16_t out[5]) {
+    float lo, step;
+    logfmt_grid(range, &lo, &step);
+    uint32_t codes[8];
+    for (int k = 0; k < 8; ++k) codes[k] = logfmt_code(f[k], lo, step);
+    logfmt_pack8(codes, out);
+}
+
+MOE_A2A_LL_HD inline void logfmt_decode8(const uint16_t in[5], uint32_t range, float f[8]) {
+    uint32_t codes[8];
+    logfmt_unpack8(in, codes);
+    float lo, step;
+    logfmt_grid(range, &lo, &step);
+    for (int k = 0; k < 8; ++k) f[k] = logfmt_value(codes[k], lo, step);
 }
 
 }  // namespace moe_a2a

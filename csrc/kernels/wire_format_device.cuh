@@ -13,9 +13,6 @@
 namespace moe_a2a {
 namespace {
 
-constexpr float kFp8Max = 448.0f;   // largest finite e4m3 value
-constexpr float kFp8MinAmax = 1e-4f;   // floor of a block's amax, so an all-zero block gets a finite scale
-
 // Smallest power of two >= s (s positive and normal): the UE8M0-representable scale.
 __device__ __forceinline__ float round_up_pow2(float s) {
     uint32_t bits = __float_as_uint(s);
@@ -36,20 +33,10 @@ __device__ __forceinline__ uint2 cast_fp8_chunk(const int4& v, bool round_scale,
     }
 #pragma unroll
     for (int m = 8; m >= 1; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, m));
-    float scale = fmaxf(amax, kFp8MinAmax) / kFp8Max;
+    float scale = fp8_block_scale(amax);
     if (round_scale) scale = round_up_pow2(scale);
-    const float inv = 1.0f / scale;
-    uint32_t packed[2];
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k] * inv, f[4 * k + 1] * inv),
-                                                     __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * k + 2] * inv, f[4 * k + 3] * inv),
-                                                     __NV_SATFINITE, __NV_E4M3);
-        packed[k] = lo | (hi << 16);
-    }
     *scale_out = scale;
-    return make_uint2(packed[0], packed[1]);
+    return fp8_pack8(f, scale);
 }
 
 // Encodes one row of `hidden` BF16 values at `src` into `dst` in combine format kFormat (FP8 or LogFMT,
@@ -65,15 +52,16 @@ __device__ void encode_row_warp(const int4* src, char* dst, int hidden, int lane
         int4 v = make_int4(0, 0, 0, 0);
         if (have) v = src[ch];
         __syncwarp();
+        char* values = dst + chunk_values_offset(kFormat, ch);
+        const bool opens = chunk_opens_block(kFormat, ch);
         if constexpr (kFormat == kLLFormatFP8Combine) {
             float scale;
             const uint2 q = cast_fp8_chunk(v, false, &scale);  // every lane: the 16 lanes of a block reduce
             if (have) {
-                char* block = dst + (ch >> 4) * kFp8CombineBlockBytes;
-                uint32_t* words = reinterpret_cast<uint32_t*>(block + (ch & 15) * 8);
+                uint32_t* words = reinterpret_cast<uint32_t*>(values);  // 4-byte aligned (132-byte blocks)
                 words[0] = q.x;
                 words[1] = q.y;
-                if ((ch & 15) == 0) *reinterpret_cast<float*>(block + kFp8CombineBlock) = scale;
+                if (opens) *reinterpret_cast<float*>(dst + chunk_scale_offset(kFormat, ch)) = scale;
             }
         } else {
             const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
@@ -92,19 +80,13 @@ __device__ void encode_row_warp(const int4* src, char* dst, int hidden, int lane
                 amin = fminf(amin, __shfl_xor_sync(0xFFFFFFFFu, amin, m));
             }
             const uint32_t range = logfmt_range_bits(amax, amax > 0.0f ? amin : 0.0f);
-            float lo, step;
-            logfmt_grid(range, &lo, &step);
-            uint32_t codes[8];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) codes[k] = logfmt_code(f[k], lo, step);
             uint16_t packed[5];
-            logfmt_pack8(codes, packed);
+            logfmt_encode8(f, range, packed);
             if (have) {
-                char* group = dst + (ch >> 3) * kLogFmtGroupBytes;
-                uint16_t* out = reinterpret_cast<uint16_t*>(group + (ch & 7) * 10);
+                uint16_t* out = reinterpret_cast<uint16_t*>(values);  // 2-byte aligned (84-byte groups)
 #pragma unroll
                 for (int k = 0; k < 5; ++k) out[k] = packed[k];
-                if ((ch & 7) == 0) *reinterpret_cast<uint32_t*>(group + kLogFmtCodeBytes) = range;
+                if (opens) *reinterpret_cast<uint32_t*>(dst + chunk_scale_offset(kFormat, ch)) = range;
             }
         }
         __syncwarp();
@@ -118,19 +100,19 @@ template <int kFormat>
 __device__ __forceinline__ int4 load_chunk(const int4* row, int ch) {
     if constexpr (kFormat == kLLFormatBF16Combine) {
         return ld_cg_v4(row + ch);
-    } else if constexpr (kFormat == kLLFormatFP8Combine) {
-        const char* block = reinterpret_cast<const char*>(row) + (ch >> 4) * kFp8CombineBlockBytes;
-        const int* words = reinterpret_cast<const int*>(block + (ch & 15) * 8);
-        return make_int4(ld_cg(words), ld_cg(words + 1), ld_cg(reinterpret_cast<const int*>(block + kFp8CombineBlock)),
-                         0);
     } else {
-        const char* group = reinterpret_cast<const char*>(row) + (ch >> 3) * kLogFmtGroupBytes;
-        const unsigned short* p = reinterpret_cast<const unsigned short*>(group + (ch & 7) * 10);
-        const uint32_t w0 = __ldcg(p) | (static_cast<uint32_t>(__ldcg(p + 1)) << 16);
-        const uint32_t w1 = __ldcg(p + 2) | (static_cast<uint32_t>(__ldcg(p + 3)) << 16);
-        const uint32_t w2 = __ldcg(p + 4);
-        const int w3 = ld_cg(reinterpret_cast<const int*>(group + kLogFmtCodeBytes));
-        return make_int4(static_cast<int>(w0), static_cast<int>(w1), static_cast<int>(w2), w3);
+        const char* base = reinterpret_cast<const char*>(row);
+        const int scale = ld_cg(reinterpret_cast<const int*>(base + chunk_scale_offset(kFormat, ch)));
+        if constexpr (kFormat == kLLFormatFP8Combine) {
+            const int* words = reinterpret_cast<const int*>(base + chunk_values_offset(kFormat, ch));
+            return make_int4(ld_cg(words), ld_cg(words + 1), scale, 0);
+        } else {
+            const unsigned short* p = reinterpret_cast<const unsigned short*>(base + chunk_values_offset(kFormat, ch));
+            const uint32_t w0 = __ldcg(p) | (static_cast<uint32_t>(__ldcg(p + 1)) << 16);
+            const uint32_t w1 = __ldcg(p + 2) | (static_cast<uint32_t>(__ldcg(p + 3)) << 16);
+            const uint32_t w2 = __ldcg(p + 4);
+            return make_int4(static_cast<int>(w0), static_cast<int>(w1), static_cast<int>(w2), scale);
+        }
     }
 }
 
@@ -141,20 +123,12 @@ __device__ __forceinline__ void decode_chunk(const int4& raw, float f[8]) {
 #pragma unroll
         for (int m = 0; m < 8; ++m) f[m] = __bfloat162float(h[m]);
     } else if constexpr (kFormat == kLLFormatFP8Combine) {
-        const __nv_fp8_e4m3* q = reinterpret_cast<const __nv_fp8_e4m3*>(&raw);
-        const float scale = __int_as_float(raw.z);
-#pragma unroll
-        for (int m = 0; m < 8; ++m) f[m] = static_cast<float>(q[m]) * scale;
+        fp8_unpack8(static_cast<uint32_t>(raw.x), static_cast<uint32_t>(raw.y), __int_as_float(raw.z), f);
     } else {
         const uint16_t pieces[5] = {static_cast<uint16_t>(raw.x), static_cast<uint16_t>(static_cast<uint32_t>(raw.x) >> 16),
                                     static_cast<uint16_t>(raw.y), static_cast<uint16_t>(static_cast<uint32_t>(raw.y) >> 16),
                                     static_cast<uint16_t>(raw.z)};
-        uint32_t codes[8];
-        logfmt_unpack8(pieces, codes);
-        float lo, step;
-        logfmt_grid(static_cast<uint32_t>(raw.w), &lo, &step);
-#pragma unroll
-        for (int m = 0; m < 8; ++m) f[m] = logfmt_value(codes[m], lo, step);
+        logfmt_decode8(pieces, static_cast<uint32_t>(raw.w), f);
     }
 }
 

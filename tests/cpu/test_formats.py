@@ -82,6 +82,42 @@ def test_logfmt_kernel_codec_matches_reference():
     assert bool(((y - x).abs() <= torch.maximum(LOGFMT_REL * x.abs(), group_max * 2.0 ** -LOG_SPAN)).all())
 
 
+@pytest.mark.skipif(not _native.present("_C"), reason="moe_a2a._C is not built")
+@pytest.mark.parametrize("wire_format", ["fp8", "logfmt"])
+def test_kernel_row_layout_and_in_place_encoding(wire_format):
+    """The combine kernels' rows (csrc/kernels/wire_format.cuh: each block's values, then its scale or range,
+    in the first bytes of a BF16 slot), encoded as a warp does it, pass by pass, run on the CPU: encoding a row
+    over itself gives the same bytes as into a separate slot (no pass overwrites bytes a later pass reads),
+    and decoding gives the Python codec's values (FP8 within one e4m3 step: x * (1 / scale) against
+    x / scale)."""
+    C = _native.load("_C")
+    gen = torch.Generator().manual_seed(5)
+    hidden = 7168 if wire_format == "fp8" else 2112  # 2112: LogFMT groups, no whole 256-channel pass at the end
+    x = _wide_values(gen, n=6, hidden=hidden)
+    x[1] = 0  # an all-zero row
+    out = C.encode_combine_rows_host(x, wire_format, False)
+    over = C.encode_combine_rows_host(x, wire_format, True)
+    used = hidden // 128 * 132 if wire_format == "fp8" else hidden // 64 * 84
+    assert out.shape == (6, 2 * hidden) and out.dtype == torch.uint8
+    assert torch.equal(over[:, :used], out[:, :used])
+    assert not out[:, used:].any()  # nothing written past the encoded bytes
+    got = C.decode_combine_rows_host(over, hidden, wire_format)
+    if wire_format == "logfmt":
+        assert torch.equal(got, C.logfmt_decode_host(*C.logfmt_encode_host(x.float())))
+        want = logfmt_decode(*logfmt_encode(x.float()))
+        assert torch.allclose(got, want, rtol=2e-7, atol=0)  # same codes, exp2 within an ulp
+    else:
+        q, scales = per_token_cast_to_fp8(x)
+        want = fp8_to_float(q, scales)
+        scale = scales.repeat_interleave(128, dim=1)
+        # One e4m3 step at each value: 2**(exponent - 3) of the scaled value, 2**-9 below the normals (2**-6).
+        exponent = torch.log2(want.abs() / scale).floor().clamp(min=-6)
+        step = scale * torch.exp2(exponent - 3)
+        assert bool(((got - want).abs() <= step * (1 + 2 ** -20)).all())  # a tie one way or the other
+        assert float((got != want).float().mean()) < 0.01
+    assert not got[1].any()
+
+
 def _unpacked(codes: torch.Tensor) -> torch.Tensor:
     """10-bit codes ``[n, hidden]`` int64 from packed bytes ``[n, hidden * 5 / 4]``."""
     b = codes.view(codes.size(0), -1, 5).to(torch.int64)
