@@ -554,9 +554,10 @@ class Buffer:
             use_fp8: (moe_a2a extension, keyword only) the rows travel as FP8 e4m3 with one float32 scale per
                 128 channels (``moe_a2a.fp8``; hidden divisible by 128) and are summed in float32 after
                 decoding: 53% of BF16's bytes, relative error per copy below 2**-4 of its block's largest value
-                (``README``, "Formats"). Reference backend and intranode kernels (the internode kernels raise
-                ``NotImplementedError``); a ``get_next_combine_buffer`` input is encoded in place, so write it
-                again (after a new ``get_next_combine_buffer``) before another combine.
+                (``README``, "Formats"). On the internode kernels both hops move FP8 (each copy to its node's
+                forwarder, then each node's partial sum), so the error is that of two casts. On the intranode
+                kernels a ``get_next_combine_buffer`` input is encoded in place: write it again (after a new
+                ``get_next_combine_buffer``) before another combine.
 
         Returns:
             combined_x: ``[num_tokens, hidden]``, the float32 sum of the copies, cast to ``x``'s dtype.
@@ -572,10 +573,6 @@ class Buffer:
         on_kernels = backend is self._kernels
         if use_fp8:
             checks.hidden_divisible(x.size(1), 128, "FP8 combine with per-128 scales")
-            if on_kernels and isinstance(backend, internode.InternodeBackend):
-                raise NotImplementedError("combine(use_fp8=True) on the internode kernels is not implemented (they "
-                                          "send BF16 rows): create the Buffer with backend='reference' for FP8 "
-                                          "combine across nodes")
         self._check_handle(handle, backend)
         self._check_buffer_sizes(config, x)
         if on_kernels:

@@ -336,9 +336,9 @@ def fused_combine(x, group, handle, async_finish=False, allocate_on_comm_stream=
 
 
 def fused_combine_fp8(x, group, handle, async_finish=False, allocate_on_comm_stream=False, use_fp8_backward=False):
-    """``fused_combine`` sending the rows as FP8 e4m3 with per-128 scales (hidden divisible by 128; reference
-    backend and intranode kernels): about half of BF16's bytes, each copy within 2**-4 of its value (README,
-    "Formats").
+    """``fused_combine`` sending the rows as FP8 e4m3 with per-128 scales (hidden divisible by 128): about half
+    of BF16's bytes, each copy within 2**-4 of its value (README, "Formats"; across nodes each node's partial
+    sum is cast again).
     ``use_fp8_backward``: the gradients go back to the experts as FP8 too (BF16 by default)."""
     return FusedCombineFP8.apply(x, group, handle, async_finish, allocate_on_comm_stream, use_fp8_backward)
 

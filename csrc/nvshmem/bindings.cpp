@@ -208,10 +208,13 @@ class Runtime {
                               const torch::Tensor& origin, const torch::Tensor& send_pos,
                               const std::optional<torch::Tensor>& bias0, const std::optional<torch::Tensor>& bias1,
                               int64_t round, int64_t lo, int64_t window, int64_t num_blocks, torch::Tensor& out,
-                              const std::optional<torch::Tensor>& out_weights) {
+                              const std::optional<torch::Tensor>& out_weights, const std::string& wire_format) {
         if (!sym_) return "the internode buffer is not allocated";
         CombineArgs a{};
         const int64_t hidden = x.size(1);
+        if (wire_format != "bf16" && wire_format != "fp8") return "the internode combine sends bf16 or fp8 rows";
+        if (wire_format == "fp8" && hidden % 128) return "fp8 combine needs hidden divisible by 128";
+        a.format = wire_format == "fp8" ? moe_a2a::kLLFormatFP8Combine : moe_a2a::kLLFormatBF16Combine;
         if (!fill_common(a.c, combine_slot_bytes(hidden, num_topk), round, lo, window, num_blocks))
             return "window too large for the buffer";
         a.hidden = static_cast<int>(hidden);

@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "../kernels/utils.cuh"
+#include "../kernels/wire_format_device.cuh"
 #include "internode.cuh"
 
 namespace moe_a2a::internode {
@@ -269,6 +270,9 @@ __device__ __forceinline__ uint32_t to_bf16(float f) {
     return u >> 16;
 }
 
+// kFormat: how the partial rows travel (a.format): BF16, or FP8 encoded in front of the slot by the sending
+// warp (only those bytes and the weights are put), decoded by the reducing one.
+template <int kFormat>
 __global__ void __launch_bounds__(kThreads, 1) combine_round_kernel(const __grid_constant__ CombineArgs a) {
     __shared__ int ok;
     const Common& c = a.c;
@@ -287,14 +291,24 @@ __global__ void __launch_bounds__(kThreads, 1) combine_round_kernel(const __grid
         const int m = __ldg(a.origin + static_cast<size_t>(r) * 4 + 2);
         const int j = s - c.lo;
         char* dst = m == c.me ? recv_slot(c, c.me, j) : send_slot(c, m, j);
-        warp_copy<false>(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(a.x + static_cast<size_t>(r) * a.hidden),
-                         row_int4, lane);
+        const int4* row = reinterpret_cast<const int4*>(a.x + static_cast<size_t>(r) * a.hidden);
+        if constexpr (kFormat == kLLFormatBF16Combine) warp_copy<false>(reinterpret_cast<int4*>(dst), row, row_int4, lane);
+        else encode_row_warp<kFormat>(row, dst, a.hidden, lane);
         if (a.weights)
             warp_copy_words<false>(reinterpret_cast<int*>(dst + a.off_weights),
                                    reinterpret_cast<const int*>(a.weights + static_cast<size_t>(r) * a.num_topk), a.num_topk,
                                    lane);
         __syncwarp();
-        if (m != c.me) nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, c.stride, team_pe(c.pe_offset, c.pe_stride, m));
+        if (m == c.me) continue;
+        const int pe = team_pe(c.pe_offset, c.pe_stride, m);
+        if constexpr (kFormat == kLLFormatBF16Combine) {
+            nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, c.stride, pe);
+        } else {  // the encoded bytes, then the weights: the rest of the slot stays behind
+            nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j), dst, ll_combine_row_bytes(a.hidden, kFormat), pe);
+            if (a.weights)
+                nvshmemx_putmem_nbi_warp(recv_slot(c, c.me, j) + a.off_weights, dst + a.off_weights,
+                                         c.stride - a.off_weights, pe);
+        }
     }
     if (!round_data(c, kPhaseCombineData, &ok)) return;
 
@@ -309,13 +323,20 @@ __global__ void __launch_bounds__(kThreads, 1) combine_round_kernel(const __grid
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             for (int b = 0; b < N; ++b) {
                 if (!sent[b]) continue;
-                const int4 v = ld_cg_v4(reinterpret_cast<const int4*>(recv_slot(c, b, j)) + q);
-                const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                                       static_cast<uint32_t>(v.w)};
+                if constexpr (kFormat == kLLFormatBF16Combine) {
+                    const int4 v = ld_cg_v4(reinterpret_cast<const int4*>(recv_slot(c, b, j)) + q);
+                    const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y),
+                                           static_cast<uint32_t>(v.z), static_cast<uint32_t>(v.w)};
 #pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    acc[2 * k] += bf16_lo(w[k]);
-                    acc[2 * k + 1] += bf16_hi(w[k]);
+                    for (int k = 0; k < 4; ++k) {
+                        acc[2 * k] += bf16_lo(w[k]);
+                        acc[2 * k + 1] += bf16_hi(w[k]);
+                    }
+                } else {
+                    float f[8];
+                    decode_chunk<kFormat>(load_chunk<kFormat>(reinterpret_cast<const int4*>(recv_slot(c, b, j)), q), f);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) acc[k] += f[k];
                 }
             }
             for (int which = 0; which < 2; ++which) {
@@ -426,7 +447,10 @@ std::string launch_dispatch_round(const DispatchArgs& args, int num_blocks, cuda
 }
 
 std::string launch_combine_round(const CombineArgs& args, int num_blocks, cudaStream_t stream) {
-    combine_round_kernel<<<num_blocks, kThreads, 0, stream>>>(args);
+    if (args.format == kLLFormatFP8Combine)
+        combine_round_kernel<kLLFormatFP8Combine><<<num_blocks, kThreads, 0, stream>>>(args);
+    else
+        combine_round_kernel<kLLFormatBF16Combine><<<num_blocks, kThreads, 0, stream>>>(args);
     return cuda_error("combine launch");
 }
 

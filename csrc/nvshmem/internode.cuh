@@ -116,6 +116,8 @@ struct CombineArgs {
     const uint16_t* bias1;
     uint16_t* out;                  // [T, hidden] bf16
     float* out_weights;             // [T, K] or null
+    int format;                     // partial rows travel as kLLFormatBF16Combine or kLLFormatFP8Combine
+                                    // (kernels/wire_format.cuh: encoded in front of their slot)
 };
 
 struct NotifyArgs {

@@ -142,8 +142,7 @@ class CombineRequest:
         topk_weights: ``[N, K]`` float32 (float64 too on the reference backend), summed back like the rows.
         bias_0, bias_1: ``[T, hidden]`` of ``x``'s dtype, added to the result.
         previous_event, async_finish, allocate_on_comm_stream: stream ordering, as in ``LayoutRequest``.
-        use_fp8: the rows travel as FP8 e4m3 with per-128 scales (reference backend and intranode kernels;
-            hidden divisible by 128).
+        use_fp8: the rows travel as FP8 e4m3 with per-128 scales (hidden divisible by 128).
     """
 
     x: torch.Tensor

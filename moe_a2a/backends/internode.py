@@ -348,7 +348,13 @@ class InternodeBackend:
 
     # ------------------------------------------------------------------ combine
     def combine(self, request: CombineRequest) -> CombineResult:
-        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation)."""
+        """Sum the copies of every token ``[N, hidden]`` bf16 back on its source rank (float32 accumulation).
+
+        ``use_fp8``: both hops move FP8 rows with per-128 scales: each copy to its node's forwarder (the
+        intranode combine's FP8 rows), then each node's partial sum to the source rank (encoded in front of its
+        RDMA slot; only those bytes and the weights are put). Per token the error is at most half an e4m3 step
+        of every copy plus half a step of every partial sum.
+        """
         self._check_usable()
         x, handle, topk_weights, config = request.x, request.handle, request.topk_weights, request.config
         intranode.check_device("x", x, self.device)
@@ -358,14 +364,16 @@ class InternodeBackend:
         num_topk = topk_weights.size(1) if topk_weights is not None else 0
         biases = [b.contiguous() if b is not None else None for b in (request.bias_0, request.bias_1)]
         window = self._window(_nvshmem.combine_slot_bytes(hidden, num_topk))
-        self.runtime.set_signature(2, hidden * 2, 0, num_topk, 0)
+        # FP8 rows carry hidden / 128 scales: ranks that disagree on the format are told so at the barrier.
+        self.runtime.set_signature(2, hidden * 2, hidden // 128 if request.use_fp8 else 0, num_topk, 0)
         if request.previous_event is not None:
             request.previous_event.current_stream_wait()
 
         # Stage 2 backwards: rows back into the NVLink stage's order, node-level partial sums on the forwarders.
         x2 = x.index_select(0, handle.recv_inv_perm)
         w2 = topk_weights.index_select(0, handle.recv_inv_perm) if topk_weights is not None else None
-        partial, partial_w, _ = self._nvlink(self.intra.combine, CombineRequest(x2, handle.intra_handle, config, w2))
+        partial, partial_w, _ = self._nvlink(self.intra.combine, CombineRequest(x2, handle.intra_handle, config, w2,
+                                                                                use_fp8=request.use_fp8))
         partial = partial.contiguous()
         partial_w = partial_w.contiguous() if partial_w is not None else None
 
@@ -376,7 +384,7 @@ class InternodeBackend:
         for k in range(num_rounds):
             self._error_check(self.runtime.combine_round(
                 partial, partial_w, num_topk, handle.rdma_origin, handle.send_pos, biases[0], biases[1], k,
-                k * window, window, config.num_sms, out, out_w))
+                k * window, window, config.num_sms, out, out_w, "fp8" if request.use_fp8 else "bf16"))
         event = EventHandle(device=dev) if request.async_finish else None
         return CombineResult(out, out_w, event)
 

@@ -113,6 +113,17 @@ def _round_trip(kern, ref, case, config, expert_alignment=1, num_bias=0):
     _assert_combine_close("combine", got_c[0], want_c[0], magnitude)
     if want_c[1] is not None:
         torch.testing.assert_close(got_c[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
+    if case.x.size(1) % 128 == 0:
+        # FP8 on both hops: half an e4m3 step (2**-4 of the value) of every copy, then of every node partial
+        # (at most the sum of |copies| again); then BF16 rounding as above.
+        got_8 = kern.combine(CombineRequest(y.to(dev), gh, config, None if w_in is None else w_in.to(dev),
+                                            *[None if b is None else b.to(dev) for b in biases], use_fp8=True))
+        torch.cuda.synchronize()
+        g, w = got_8[0].cpu().float(), want_c[0].float()
+        excess = (g - w).abs() - (magnitude.float() * 2 ** -3 + (w.abs() + magnitude.float()) * 2 ** -7 + 1e-3)
+        assert not bool((excess > 0).any()), f"FP8 combine beyond its bound by {float(excess.max())}"
+        if want_c[1] is not None:  # the weights travel as float32 either way
+            torch.testing.assert_close(got_8[1].cpu(), want_c[1], rtol=1e-6, atol=1e-6)
     return got, got_c
 
 
