@@ -3,7 +3,8 @@
 # Usage: benchmarks/gpu_check.sh OUTDIR [tests|bench|all]   (default all)
 # Ranks beyond the GPU count share GPUs under CUDA MPS (the harness and the benchmarks start it).
 # NVLink multicast stays off. Set MOE_A2A_COMMIT when the tree is a copy without its own git metadata.
-# DEEPEP_SRC=<DeepEP checkout>: built first (benchmarks/build_deepep.sh) and timed beside the intranode kernels.
+# DEEPEP_SRC=<DeepEP checkout>: its own test scripts run on moe_a2a (tests/gpu/test_deepep_scripts.py), and it is
+# built (benchmarks/build_deepep.sh) and timed beside the intranode kernels.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUTDIR [tests|bench|all]}
 what=${2:-all}
@@ -26,7 +27,7 @@ if [[ $what == tests || $what == all ]]; then
   # Every GPU test file, one at a time (each starts its own MPS daemon); seconds allowed per file.
   for file in tests/gpu/test_*.py; do
     name=$(basename "$file" .py)
-    case $name in test_intranode|test_low_latency|test_internode|test_megatron_resident_gpu) limit=400 ;; *) limit=240 ;; esac
+    case $name in test_intranode|test_low_latency|test_internode|test_megatron_resident_gpu) limit=400 ;; test_deepep_scripts) limit=1200 ;; *) limit=240 ;; esac
     timeout "$limit" python3 -m pytest -q "$file" >"$out/$name.log" 2>&1
     step "$name: rc=$? $(tail -1 "$out/$name.log")"
   done
