@@ -89,9 +89,6 @@ def _body(rank: int, args) -> list:
     nvl = max(Buffer.get_dispatch_config(n).get_nvl_buffer_size_hint(hidden * 4, n),
               Buffer.get_combine_config(n).get_nvl_buffer_size_hint(hidden * 4, n))
     buffer = Buffer(dist.group.WORLD, nvl, 0, backend=args.backend)
-    # The normal FP8 combine runs on the reference backend (the kernels send BF16 rows): a handle of the
-    # reference's for it, same routing.
-    reference = buffer if args.backend == "reference" else Buffer(dist.group.WORLD, nvl, 0, backend="reference")
     path = "kernels" if buffer.backend == "cuda" else "reference"
     ntpr, _, ntpe, in_rank, _ = buffer.get_dispatch_layout(idx, experts)
     layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe)
@@ -114,10 +111,9 @@ def _body(rank: int, args) -> list:
     magnitude, _, _ = buffer.combine(y.abs(), handle)
     num_recv = recv_x.size(0)
     row("normal", "combine", "bf16", num_recv, path, _timed(lambda: buffer.combine(y, handle), args, device), nothing)
-    ref_handle = handle if reference is buffer else reference.dispatch(x, topk_idx=idx, topk_weights=w, **layout)[4]
-    got, _, _ = reference.combine(y, ref_handle, use_fp8=True)
-    row("normal", "combine", "fp8", num_recv, "reference",
-        _timed(lambda: reference.combine(y, ref_handle, use_fp8=True), args, device), _errors(got, ref, magnitude))
+    got, _, _ = buffer.combine(y, handle, use_fp8=True)
+    row("normal", "combine", "fp8", num_recv, path,
+        _timed(lambda: buffer.combine(y, handle, use_fp8=True), args, device), _errors(got, ref, magnitude))
 
     # ---------------------------------------------------------------- low-latency mode
     ll = Buffer(dist.group.WORLD, 0, Buffer.get_low_latency_rdma_size_hint(tokens, hidden, n, experts),

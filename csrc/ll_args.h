@@ -10,6 +10,7 @@
 
 #include "kernels/low_latency.cuh"
 #include "kernels/utils.cuh"
+#include "kernels/wire_format.cuh"
 
 namespace moe_a2a {
 
@@ -68,16 +69,27 @@ inline LLCombineArgs ll_combine_args(const torch::Tensor& x, const torch::Tensor
     return a;
 }
 
-// The combine format from its Python name ("bf16", "fp8", "logfmt"), with the hidden size it needs.
-inline int ll_combine_format(const std::string& name, int hidden) {
-    const int format = name == "bf16"     ? kLLFormatBF16Combine
-                       : name == "fp8"    ? kLLFormatFP8Combine
-                       : name == "logfmt" ? kLLFormatLogFMTCombine
-                                          : 0;
-    MOE_A2A_CHECK(format != 0, "unknown combine wire format '", name, "': expected bf16, fp8 or logfmt");
-    const int multiple = format == kLLFormatFP8Combine ? 128 : format == kLLFormatLogFMTCombine ? 64 : 8;
-    MOE_A2A_CHECK(hidden % multiple == 0, name, " combine needs hidden divisible by ", multiple, ", got ", hidden);
-    return format;
+// Which combine wire formats a path sends (a bit per kLLFormat*Combine code).
+enum : unsigned { kWireBF16 = 1u << kLLFormatBF16Combine, kWireFP8 = 1u << kLLFormatFP8Combine,
+                  kWireLogFMT = 1u << kLLFormatLogFMTCombine };
+
+// The combine wire format code from its Python name ("bf16", "fp8", "logfmt"), refused unless it is in `accepted`
+// (a mask of kWire* bits) or the hidden size does not split into the format's blocks. `what` names the path.
+inline int combine_wire_format(const std::string& name, int64_t hidden, unsigned accepted, const char* what) {
+    static constexpr const char* kNames[] = {"bf16", "fp8", "logfmt"};
+    static constexpr int kCodes[] = {kLLFormatBF16Combine, kLLFormatFP8Combine, kLLFormatLogFMTCombine};
+    static constexpr int kBlocks[] = {8, kFp8CombineBlock, kLogFmtGroup};  // channels a hidden size must split into
+    std::string names;
+    int found = -1;
+    for (int i = 0; i < 3; ++i) {
+        if (!(accepted & (1u << kCodes[i]))) continue;
+        names += (names.empty() ? "" : ", ") + std::string(kNames[i]);
+        if (name == kNames[i]) found = i;
+    }
+    MOE_A2A_CHECK(found >= 0, what, " sends ", names, " rows, got '", name, "'");
+    MOE_A2A_CHECK(hidden % kBlocks[found] == 0, name, " ", what, " needs hidden divisible by ", kBlocks[found],
+                  ", got ", hidden);
+    return kCodes[found];
 }
 
 }  // namespace moe_a2a

@@ -151,7 +151,8 @@ class LowLatencyRuntime : public IpcRuntime<LLHostError, kLLMaxRanks> {
         const int T = static_cast<int>(topk_idx.size(0)), K = static_cast<int>(topk_idx.size(1));
         const int hidden = static_cast<int>(x.size(-1));
         check_shape(T, hidden, K, num_experts, max_tokens, false);
-        const int format = ll_combine_format(wire_format, hidden);
+        const int format = combine_wire_format(wire_format, hidden, kWireBF16 | kWireFP8 | kWireLogFMT,
+                                               "the low-latency combine");
         check_phases(phases);
         const int64_t L = num_experts / num_ranks_, RM = static_cast<int64_t>(num_ranks_) * max_tokens;
         check(x, "x", torch::kBFloat16, {L, RM, hidden});

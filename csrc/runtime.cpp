@@ -25,6 +25,7 @@
 #include "kernels/low_latency.cuh"
 #include "kernels/utils.cuh"
 #include "ipc.h"
+#include "ll_args.h"
 
 namespace moe_a2a {
 
@@ -47,14 +48,6 @@ void check_tensor(const torch::Tensor& t, const char* name, torch::ScalarType dt
     MOE_A2A_CHECK(t.scalar_type() == dtype, name, " has dtype ", c10::toString(t.scalar_type()), ", expected ",
                   c10::toString(dtype));
     MOE_A2A_CHECK(t.dim() == dim, name, " must have ", dim, " dimensions, got ", t.dim());
-}
-
-// The normal combine's row format from its Python name: "bf16", or "fp8" (hidden divisible by 128).
-int combine_format(const std::string& name, int hidden) {
-    MOE_A2A_CHECK(name == "bf16" || name == "fp8", "the intranode combine sends bf16 or fp8 rows, got '", name, "'");
-    if (name == "bf16") return kLLFormatBF16Combine;
-    MOE_A2A_CHECK(hidden % 128 == 0, "fp8 combine needs hidden divisible by 128, got ", hidden);
-    return kLLFormatFP8Combine;
 }
 
 template <typename T>
@@ -300,7 +293,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         MOE_A2A_CHECK(hidden_bytes % 16 == 0, "hidden must be a multiple of 8, got ", x.size(1));
         const int num_topk = topk_weights ? static_cast<int>(topk_weights->size(1)) : 0;
         CombineArgs a{};
-        a.format = combine_format(wire_format, static_cast<int>(x.size(1)));
+        a.format = combine_wire_format(wire_format, x.size(1), kWireBF16 | kWireFP8, "the intranode combine");
         a.x = x.data_ptr();
         a.hidden_int4 = hidden_bytes / 16;
         a.topk_weights = opt_ptr<const float>(topk_weights);
@@ -351,7 +344,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         check_tensor(x, "x", torch::kBFloat16, 2);
         check_tensor(out, "out", torch::kBFloat16, 2);
         MOE_A2A_CHECK(out.sizes() == x.sizes(), "out must have x's shape");
-        const int format = combine_format(wire_format, static_cast<int>(x.size(1)));
+        const int format = combine_wire_format(wire_format, x.size(1), kWireBF16 | kWireFP8, "the intranode combine");
         MOE_A2A_CHECK(format != kLLFormatBF16Combine, "encode_rows needs a format other than bf16");
         const c10::cuda::CUDAGuard guard(x.device());
         launch_encode_rows(x.data_ptr(), out.data_ptr(), static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),

@@ -14,6 +14,7 @@
 
 #include "kernels/utils.cuh"
 #include "kernels/wire_format.cuh"
+#include "ll_args.h"
 #include "low_latency.h"
 
 namespace moe_a2a {
@@ -97,13 +98,6 @@ float bf16_bits_to_float(uint16_t bits) {
     return f;
 }
 
-int row_format(const std::string& name, int64_t hidden) {
-    MOE_A2A_CHECK(name == "fp8" || name == "logfmt", "format must be fp8 or logfmt, got '", name, "'");
-    const int format = name == "fp8" ? kLLFormatFP8Combine : kLLFormatLogFMTCombine;
-    const int multiple = format == kLLFormatFP8Combine ? kFp8CombineBlock : kLogFmtGroup;
-    MOE_A2A_CHECK(hidden % multiple == 0, name, " rows need hidden divisible by ", multiple, ", got ", hidden);
-    return format;
-}
 
 // encode_row_warp's passes on the host: per pass, every lane's 16 bytes are read before any is written, the
 // block statistics (what the lanes' shuffles reduce) are taken over the pass's chunks, and each chunk is
@@ -155,7 +149,7 @@ torch::Tensor encode_combine_rows_host(const torch::Tensor& x, const std::string
     MOE_A2A_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kBFloat16 && x.dim() == 2,
                   "encode_combine_rows_host takes a [n, hidden] bfloat16 CPU tensor");
     const int64_t n = x.size(0), hidden = x.size(1);
-    const int format = row_format(format_name, hidden);
+    const int format = combine_wire_format(format_name, hidden, kWireFP8 | kWireLogFMT, "the row encoding");
     const torch::Tensor in = x.contiguous();
     torch::Tensor out = in_place ? in.view(torch::kUInt8).clone() : torch::zeros({n, hidden * 2}, torch::kUInt8);
     const uint8_t* src = reinterpret_cast<const uint8_t*>(in.data_ptr());
@@ -172,7 +166,7 @@ torch::Tensor decode_combine_rows_host(const torch::Tensor& rows, int64_t hidden
     MOE_A2A_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kUInt8 && rows.dim() == 2 &&
                       rows.size(1) == hidden * 2,
                   "decode_combine_rows_host takes [n, 2 * hidden] uint8 CPU rows");
-    const int format = row_format(format_name, hidden);
+    const int format = combine_wire_format(format_name, hidden, kWireFP8 | kWireLogFMT, "the row encoding");
     const torch::Tensor in = rows.contiguous();
     const int64_t n = in.size(0);
     torch::Tensor out = torch::empty({n, hidden}, torch::kFloat32);

@@ -212,9 +212,8 @@ class Runtime {
         if (!sym_) return "the internode buffer is not allocated";
         CombineArgs a{};
         const int64_t hidden = x.size(1);
-        if (wire_format != "bf16" && wire_format != "fp8") return "the internode combine sends bf16 or fp8 rows";
-        if (wire_format == "fp8" && hidden % 128) return "fp8 combine needs hidden divisible by 128";
-        a.format = wire_format == "fp8" ? moe_a2a::kLLFormatFP8Combine : moe_a2a::kLLFormatBF16Combine;
+        a.format = moe_a2a::combine_wire_format(wire_format, hidden, moe_a2a::kWireBF16 | moe_a2a::kWireFP8,
+                                                "the internode combine");
         if (!fill_common(a.c, combine_slot_bytes(hidden, num_topk), round, lo, window, num_blocks))
             return "window too large for the buffer";
         a.hidden = static_cast<int>(hidden);
@@ -382,7 +381,8 @@ class LowLatencyRuntime {
                         int num_sms, int call, int phases, const std::string& wire_format) {
         nvshmem_ll::Ctx c{};
         const int hidden = static_cast<int>(x.size(-1));
-        const int format = ll_combine_format(wire_format, hidden);
+        const int format = combine_wire_format(wire_format, hidden, kWireBF16 | kWireFP8 | kWireLogFMT,
+                                                "the low-latency combine");
         std::string err = ctx(c, set, num_experts, max_tokens, hidden, call, num_sms, phases);
         if (!err.empty()) return err;
         nvshmem_ll::CombineArgs a{};

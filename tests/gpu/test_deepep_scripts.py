@@ -7,6 +7,7 @@ Set ``DEEPEP_SRC`` to the checkout (e.g. DeepEP v1.2.1); skipped otherwise. The 
 results (DeepEP's assertions, DeepEP's tolerances) and exit non-zero on a failure.
 """
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ from moe_a2a import Buffer, Config, EventOverlap  # noqa: F401
 '''
 
 SHIM_UTILS = '''\
-"""DeepEP's tests/utils.py with init_dist for ranks that share GPUs."""
+"""DeepEP's tests/utils.py with init_dist for ranks that share GPUs (on gloo)."""
 import importlib.util
 import os
 
@@ -35,6 +36,15 @@ _spec = importlib.util.spec_from_file_location("deepep_test_utils", os.path.join
 _utils = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_utils)
 globals().update({k: v for k, v in vars(_utils).items() if not k.startswith("__")})
+
+
+def _all_gather_into_tensor(output, input, group=None, async_op=False):
+    """gloo has no all_gather_into_tensor of these shapes: gather into output's per-rank slices instead."""
+    chunks = list(output.view(-1, *input.shape).unbind(0))
+    return dist.all_gather(chunks, input.contiguous(), group=group, async_op=async_op)
+
+
+dist.all_gather_into_tensor = _all_gather_into_tensor
 
 
 def init_dist(local_rank, num_local_ranks):
@@ -53,12 +63,14 @@ def _run_script(tmp_path, script, args, num_ranks, timeout):
     (shim / "deep_ep").mkdir(parents=True)
     (shim / "deep_ep" / "__init__.py").write_text(SHIM_INIT)
     (shim / "utils.py").write_text(SHIM_UTILS)
+    # A script's own directory comes first on sys.path: run a copy beside the shim so `utils` is the shim's.
     tests = os.path.join(SOURCE, "tests")
+    shutil.copy(os.path.join(tests, script), shim / script)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, DEEPEP_TESTS=tests, MASTER_PORT=str(free_port()), NCCL_NVLS_ENABLE="0",
                PYTHONPATH=os.pathsep.join([str(shim), tests, root, os.environ.get("PYTHONPATH", "")]))
     with mps_if_needed(num_ranks):
-        done = subprocess.run([sys.executable, os.path.join(tests, script), "--num-processes", str(num_ranks),
+        done = subprocess.run([sys.executable, str(shim / script), "--num-processes", str(num_ranks),
                                *args], env=env, capture_output=True, text=True, timeout=timeout)
     tail = textwrap.shorten(done.stdout[-3000:] + done.stderr[-3000:], 6000, placeholder="...")
     assert done.returncode == 0, f"DeepEP's {script} failed on moe_a2a (exit {done.returncode}): {tail}"

@@ -86,12 +86,12 @@ def test_normal_fp8_combine_on_kernels():
 
 
 def _formats_body(rank, num_ranks, backend):
-    """Low-latency combines in every wire format through ``Buffer`` on CUDA tensors (``backend``: "reference",
-    or None for the kernels), against the reference backend on CPU tensors."""
+    """Low-latency combines in every wire format through ``Buffer`` on CUDA tensors (``backend``: "reference"
+    or "cuda"), against the reference backend on CPU tensors."""
     device = set_rank_device(rank)
     x, idx, w = _inputs(rank, device)
     gpu, cpu = _ll_buffer(backend=backend), _ll_buffer(backend="reference")
-    assert gpu.backend == (backend or "cuda")
+    assert gpu.backend == backend
     recv, _, handle, _, _ = gpu.low_latency_dispatch(x, idx, MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
     recv_c, _, handle_c, _, _ = cpu.low_latency_dispatch(x.cpu(), idx.cpu(), MAX_TOKENS, NUM_EXPERTS, use_fp8=False)
     if backend == "reference":  # the kernels leave unused slots unwritten; their combine reads valid ones only
@@ -111,7 +111,7 @@ def _formats_body(rank, num_ranks, backend):
         want, _, _ = cpu.low_latency_combine(recv_c, idx.cpu(), w.cpu(), handle_c, **kw)
         diff = (got.cpu().float() - want.float()).abs()
         assert bool((diff <= bound[name] + 1e-3).all()), (name, diff.max().item())
-        if backend is None:  # zero copy: the registered buffer is encoded in place and read by the peers
+        if backend == "cuda":  # zero copy: the registered buffer is encoded in place and read by the peers
             gpu.get_next_low_latency_combine_buffer(handle).copy_(recv)
             got, _, _ = gpu.low_latency_combine(recv, idx, w, handle, zero_copy=True, **kw)
             diff = (got.cpu().float() - want.float()).abs()
@@ -126,4 +126,4 @@ def test_reference_formats_on_cuda_tensors():
 
 @pytest.mark.skipif(skip_reason(2) is not None, reason=str(skip_reason(2)))
 def test_kernel_formats_on_cuda_tensors():
-    run_ranks(_formats_body, 2, None)
+    run_ranks(_formats_body, 2, "cuda")
