@@ -79,17 +79,17 @@ inline int combine_wire_format(const std::string& name, int64_t hidden, unsigned
     static constexpr const char* kNames[] = {"bf16", "fp8", "logfmt"};
     static constexpr int kCodes[] = {kLLFormatBF16Combine, kLLFormatFP8Combine, kLLFormatLogFMTCombine};
     static constexpr int kBlocks[] = {8, kFp8CombineBlock, kLogFmtGroup};  // channels a hidden size must split into
-    std::string names;
-    int found = -1;
     for (int i = 0; i < 3; ++i) {
-        if (!(accepted & (1u << kCodes[i]))) continue;
-        names += (names.empty() ? "" : ", ") + std::string(kNames[i]);
-        if (name == kNames[i]) found = i;
+        if (name != kNames[i] || !(accepted & (1u << kCodes[i]))) continue;
+        MOE_A2A_CHECK(hidden % kBlocks[i] == 0, what, " in ", name, " needs hidden divisible by ", kBlocks[i],
+                      ", got ", hidden);
+        return kCodes[i];
     }
-    MOE_A2A_CHECK(found >= 0, what, " sends ", names, " rows, got '", name, "'");
-    MOE_A2A_CHECK(hidden % kBlocks[found] == 0, name, " ", what, " needs hidden divisible by ", kBlocks[found],
-                  ", got ", hidden);
-    return kCodes[found];
+    std::string names;  // only on the error path
+    for (int i = 0; i < 3; ++i)
+        if (accepted & (1u << kCodes[i])) names += (names.empty() ? "" : ", ") + std::string(kNames[i]);
+    MOE_A2A_CHECK(false, what, " sends ", names, " rows, got '", name, "'");
+    return -1;
 }
 
 }  // namespace moe_a2a

@@ -98,7 +98,6 @@ float bf16_bits_to_float(uint16_t bits) {
     return f;
 }
 
-
 // encode_row_warp's passes on the host: per pass, every lane's 16 bytes are read before any is written, the
 // block statistics (what the lanes' shuffles reduce) are taken over the pass's chunks, and each chunk is
 // written at the kernels' offsets. `src` may be `dst`.

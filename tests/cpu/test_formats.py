@@ -83,6 +83,21 @@ def test_logfmt_kernel_codec_matches_reference():
 
 
 @pytest.mark.skipif(not _native.present("_C"), reason="moe_a2a._C is not built")
+def test_native_wire_format_names_and_hidden_checked():
+    """The one wire-format parser every native combine uses refuses a name its path does not send (naming
+    the ones it does) and a hidden size that does not split into the format's blocks."""
+    C = _native.load("_C")
+    x = torch.ones(2, 192, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="the row encoding sends fp8, logfmt rows, got 'bf16'"):
+        C.encode_combine_rows_host(x, "bf16", False)
+    with pytest.raises(RuntimeError, match="got 'e5m2'"):
+        C.encode_combine_rows_host(x, "e5m2", False)
+    with pytest.raises(RuntimeError, match="the row encoding in fp8 needs hidden divisible by 128, got 192"):
+        C.encode_combine_rows_host(x, "fp8", False)
+    assert C.encode_combine_rows_host(x, "logfmt", False).shape == (2, 384)  # 192 = three LogFMT groups
+
+
+@pytest.mark.skipif(not _native.present("_C"), reason="moe_a2a._C is not built")
 @pytest.mark.parametrize("wire_format", ["fp8", "logfmt"])
 def test_kernel_row_layout_and_in_place_encoding(wire_format):
     """The combine kernels' rows (csrc/kernels/wire_format.cuh: each block's values, then its scale or range,
