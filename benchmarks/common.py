@@ -153,7 +153,9 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     dispatch and combine, on one routing. Returns ``(handle, dict)`` with the received rows and the bytes
     DeepEP counts: received for dispatch, sent back for combine. ``zero_copy``: also the combine of an
     input written into the buffer beforehand (``combine_zero_copy_us``) and the cached dispatch whose senders
-    write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank."""
+    write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank. Backends whose
+    staging copy engine can be turned off also time the cached dispatch and the combine with the kernel
+    staging its input (``dispatch_sm_staging_us``, ``combine_sm_staging_us``)."""
     from moe_a2a.backends import intranode
     from moe_a2a.backends.base import CombineRequest, DispatchRequest
     from moe_a2a.config import combine_input_bytes
@@ -176,6 +178,12 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     t_comb = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)), warmup, loops, iters)
     times = dict(num_recv=num_recv, dispatch_bytes=num_recv * row_bytes(hidden, scales is not None),
                  combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
+    if hasattr(kern, "set_copy_engine_staging"):  # the same calls with the kernel staging its input
+        kern.set_copy_engine_staging(False)
+        times["dispatch_sm_staging_us"] = time_us(lambda: kern.dispatch(cached), warmup, loops, iters)
+        times["combine_sm_staging_us"] = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)),
+                                                 warmup, loops, iters)
+        kern.set_copy_engine_staging(True)
     if zero_copy and hasattr(kern, "dispatch_receive_rows"):
         room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
         if all(gather(num_recv <= room)):  # every rank takes the same path

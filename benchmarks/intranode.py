@@ -182,7 +182,9 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
     for op, key, bytes_key in (("dispatch", "dispatch_us", "dispatch_bytes"),
                                ("dispatch_full", "dispatch_full_us", "dispatch_bytes"),
                                ("dispatch_in_buffer", "dispatch_in_buffer_us", "dispatch_bytes"),
+                               ("dispatch_sm_staging", "dispatch_sm_staging_us", "dispatch_bytes"),
                                ("combine", "combine_us", "combine_bytes"),
+                               ("combine_sm_staging", "combine_sm_staging_us", "combine_bytes"),
                                ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes")):
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
             continue
@@ -191,7 +193,7 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         combine = op.startswith("combine")
         floor = floors["combine" if combine else "dispatch"]
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
-        deepep = floors.get(f"deepep_{op}")
+        deepep = floors.get(f"deepep_{op.replace('_sm_staging', '')}")  # DeepEP's same call
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1), floor_us=round(floor, 1),
                         x_floor=round(slowest / floor, 3) if floor > 0 else None,

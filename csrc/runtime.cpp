@@ -263,9 +263,9 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         // After a notify on this stream the buffer is free already: every peer passed the notify's barrier,
         // so finished its earlier operations, and the notify published this rank's token count.
         if (!after_notify) launch_prologue(ctx(), a.num_tokens, -1, kPhaseDispatchStart, stream);
-        // When every token fits one round, the copy engine stages the rows (faster than SM copies; the size
-        // is the input's, known on the host, so this also holds under CUDA graph capture).
-        if (!recv_x_in_buffer && a.num_tokens > 0 && a.num_tokens <= a.capacity) {
+        // When every token fits one round, the copy engine may stage the rows (set_copy_engine_staging; the
+        // size is the input's, known on the host, so this also holds under CUDA graph capture).
+        if (copy_engine_staging_ && !recv_x_in_buffer && a.num_tokens > 0 && a.num_tokens <= a.capacity) {
             MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
                                                static_cast<size_t>(a.num_tokens) * hidden_bytes,
                                                cudaMemcpyDeviceToDevice, stream));
@@ -326,11 +326,12 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
         if (flat && rows > 0) {
-            if (!in_place)
+            a.stage_in_kernel = !in_place && !copy_engine_staging_;
+            if (!in_place && !a.stage_in_kernel)
                 MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
                                                    static_cast<size_t>(rows) * hidden_bytes, cudaMemcpyDeviceToDevice,
                                                    stream));
-            if (num_topk > 0)
+            if (num_topk > 0 && !a.stage_in_kernel)
                 MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base() + data_bytes, topk_weights->data_ptr(),
                                                    static_cast<size_t>(rows) * num_topk * 4, cudaMemcpyDeviceToDevice,
                                                    stream));
@@ -364,6 +365,11 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         MOE_A2A_CHECK(rows >= 0, "bulk_min_rows must be >= 0, got ", rows);
         bulk_min_rows_ = rows;
     }
+
+    // Whether the copy engine stages a dispatch's input rows and a combine's input rows and weights into the
+    // buffer before the kernel (one cudaMemcpyAsync each), or the kernel's own blocks copy them. Either way
+    // the bytes are the same; which is faster depends on the GPU and on how many ranks share it.
+    void set_copy_engine_staging(bool on) { copy_engine_staging_ = on; }
 
     // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
     void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
@@ -409,6 +415,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
 
     int64_t num_nvl_bytes_;
     int64_t bulk_min_rows_ = 8192;
+    bool copy_engine_staging_ = true;
     int signature_[kSignatureInts] = {};
 };
 
@@ -441,6 +448,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("dispatch", &Runtime::dispatch)
         .def("combine", &Runtime::combine)
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
+        .def("set_copy_engine_staging", &Runtime::set_copy_engine_staging)
         .def("encode_rows", &Runtime::encode_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("set_signature", &Runtime::set_signature)

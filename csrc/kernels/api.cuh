@@ -129,7 +129,9 @@ struct CombineArgs {
     const int* recv_src_idx; const int* rank_prefix;
     const bool* is_token_in_rank; int num_tokens;   // [T, R]
     const int* send_head;                           // [T, R]: row of token t among those sent to r
-    int staged_rows;                                // >= 0: x's first rows already staged in arrival order
+    int staged_rows;                                // >= 0: x's first rows staged in arrival order
+    int stage_in_kernel;                            // with staged_rows >= 0: this kernel stages them (and the
+                                                    // weights), else the copy engine did before it
     const void* bias_0; const void* bias_1;         // [T, hidden] bf16 or null
     void* out; float* out_weights;                  // [T, hidden], [T, K]
     int capacity;                                   // tokens per source rank staged per round

@@ -424,18 +424,21 @@ __device__ void write_rows_in_buffer(const PeerCtx& c, const DispatchArgs& a, in
         }
         const int4* src = static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * row_int4;
         constexpr int kU = 4;
-        for (int w0 = lane; w0 < H4; w0 += 32 * kU) {
+        // The loop bound is the same for every lane (the shuffle below needs the whole warp); lanes past the
+        // row's end are predicated off inside (rows narrower than 32 x 16 bytes leave most lanes idle).
+        for (int w0 = 0; w0 < H4; w0 += 32 * kU) {
+            const int w = w0 + lane;
             int4 v[kU];
 #pragma unroll
             for (int u = 0; u < kU; ++u)
-                if (w0 + 32 * u < H4) v[u] = ld_nc_v4(src + w0 + 32 * u);
+                if (w + 32 * u < H4) v[u] = ld_nc_v4(src + w + 32 * u);
             for (int d = 0; d < R; ++d) {
                 const int r = __shfl_sync(0xffffffff, row, d);
                 if (r < 0) continue;
                 int4* dst = reinterpret_cast<int4*>(staging(c, d)) + static_cast<int64_t>(r) * row_int4;
 #pragma unroll
                 for (int u = 0; u < kU; ++u)
-                    if (w0 + 32 * u < H4) dst[w0 + 32 * u] = v[u];
+                    if (w + 32 * u < H4) dst[w + 32 * u] = v[u];
             }
         }
     }
@@ -693,6 +696,14 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
                     reinterpret_cast<float*>(mine + L.weights)[static_cast<int64_t>(dst) * K + lane] =
                         __ldg(a.topk_weights + j * K + lane);
             }
+        }
+        if (a.staged_rows >= 0 && a.stage_in_kernel) {  // arrival order, once (a single round then)
+            grid_copy_int4(reinterpret_cast<int4*>(mine + L.data), static_cast<const int4*>(a.x),
+                           static_cast<int64_t>(a.staged_rows) * H4);
+            if (a.topk_weights)
+                grid_copy_words(reinterpret_cast<int*>(mine) + s_wbase[me] / 4,
+                                reinterpret_cast<const int*>(a.topk_weights),
+                                static_cast<int64_t>(a.staged_rows) * K);
         }
         if (!grid_barrier(c, true, kPhaseCombineStaged, round)) return;
 

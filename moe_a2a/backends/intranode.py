@@ -187,6 +187,13 @@ class IntranodeBackend:
             raise ValueError(f"bulk_min_rows must be an int >= 0, got {rows!r}")
         self.runtime.set_bulk_min_rows(rows)
 
+    def set_copy_engine_staging(self, on: bool) -> None:
+        """Stage a dispatch's (one-round) input rows and a combine's input rows with the copy engine before the
+        kernel (True, the default) or with the kernel's own blocks (False). Same bytes, same results."""
+        if not isinstance(on, bool):
+            raise ValueError(f"copy engine staging must be True or False, got {on!r}")
+        self.runtime.set_copy_engine_staging(on)
+
     # ------------------------------------------------------------------ helpers
     def _check_usable(self) -> None:
         if self._error is not None:

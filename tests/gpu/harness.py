@@ -145,7 +145,7 @@ class Case:
 
 def round_trip_cases(rank, num_ranks, seed, skewed_tokens):
     """``Case`` arguments of the round-trip sweep: token counts 0, 1, odd and large (rank 0 sends
-    ``skewed_tokens``, the others 37), hidden 2048/4096/7168, top-k 1..8, experts 8..256, FP8."""
+    ``skewed_tokens``, the others 37), hidden 16/1032/2048/4096/7168, top-k 1..8, experts 8..256, FP8."""
     counts = torch.Generator().manual_seed(seed)
     many = [int(v) for v in torch.randint(1, 700, (num_ranks,), generator=counts)]
     zero_first = [0] + many[1:]
@@ -157,6 +157,9 @@ def round_trip_cases(rank, num_ranks, seed, skewed_tokens):
         dict(num_tokens=1 if rank else 0, hidden=4096, num_experts=e_small, topk=2),
         dict(num_tokens=many[rank] // 2 + 1, hidden=2048, num_experts=64, topk=6, mode="last_rank"),
         dict(num_tokens=skewed_tokens if rank == 0 else 37, hidden=7168, num_experts=256, topk=8),
+        # Rows of 129 and 2 16-byte words: lanes of a warp run different numbers of copy iterations.
+        dict(num_tokens=many[rank] // 3 + 1, hidden=1032, num_experts=e_small, topk=2),
+        dict(num_tokens=many[rank] // 3 + 1, hidden=16, num_experts=e_small, topk=2),
     ]
 
 

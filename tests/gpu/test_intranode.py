@@ -182,12 +182,15 @@ def _correctness(rank, num_ranks):
     assert kern.device == device
 
     # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
-    # shared memory: the middle configuration of every case takes the bulk path whatever its size.
+    # shared memory: the middle configuration of every case takes the bulk path whatever its size. The last
+    # one has the kernels stage their inputs instead of the copy engine.
     for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 4096)):
         case = Case(rank, num_ranks, i, **spec)
         for j, (align, worst, bias) in enumerate(((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2))):
             kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
+            kern.set_copy_engine_staging(j != 2)
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
+    kern.set_copy_engine_staging(True)
     with pytest.raises(ValueError):
         kern.set_bulk_min_rows(-1)
 
