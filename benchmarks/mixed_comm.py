@@ -13,7 +13,8 @@ autotuner's size measure). Per size and op:
 * ``unfused``: the torch composition, called directly: ``all_reduce`` over TP then ``all_gather_into_tensor``
   over DP (or ``reduce_scatter_tensor`` over DP then ``all_reduce`` over TP; a plain collective over the world
   when only TP or DP is present);
-* one row per valid mode, and ``AUTOTUNE`` (the mode the autotuner picks, timed like the others);
+* one row per valid mode (the fused mode up to the sizes it takes), and ``AUTOTUNE`` (the mode the autotuner
+  picks, timed like the others);
 * time: mean over ``--iters`` calls after ``--warmup``, the slowest rank's (CUDA events on GPU);
   ``speedup``: unfused time over the mode's time; ``max_abs_diff``: the mode's output against unfused's.
 """
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from moe_a2a.launch import RanksFailed, spawn
 from moe_a2a.comm import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
+from moe_a2a.comm.mixed import FUSED_MODES
 
 _GATHER = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 # torch >= 2.14 names them *_single (the *_tensor names still work but warn)
@@ -121,6 +123,8 @@ def run_rank(rank: int, size: int, args) -> list:
             results.append(row)
             chosen = h.select_autotune_mode(op, x)
             for mode in h.valid_mode_list:
+                if mode in FUSED_MODES and h.fused_refuses(op, x):  # a small-message mode: not at this size
+                    continue
                 out = run_mixed_comm(op, h, x, mode=mode)
                 diff = (out.float() - ref.float()).abs().max().item()
                 t = timed(lambda: run_mixed_comm(op, h, x, mode=mode), device, args.warmup, args.iters)

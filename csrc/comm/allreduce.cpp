@@ -38,7 +38,9 @@ const char* step_name(int step) {
 
 std::string triple(const volatile int* v) {
     return "[" + std::to_string(v[0]) + " tokens, hidden " + std::to_string(v[1]) + ", " +
-           (v[2] == 2 ? "two-shot" : v[2] == 1 ? "one-shot" : "mode " + std::to_string(v[2])) + "]";
+           (v[2] == 2 ? "two-shot" : v[2] == 1 ? "one-shot" : v[2] == comm::kArModeMixed ? "mixed TP x DP"
+                                                                                       : "mode " + std::to_string(v[2])) +
+           "]";
 }
 
 void check_tensor(const torch::Tensor& t, const char* name, const torch::Tensor& like, bool same_shape) {
@@ -93,45 +95,57 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
         return me + ": unknown error code " + std::to_string(host_->code);
     }
 
+    // Mixed TP x DP one-shot (comm/allreduce.cuh, ArArgs::mixed): x [rows, hidden] float16/bfloat16; rank p
+    // receives rows send_first[p].. (send_rows of them); out [out_blocks * send_rows, hidden] block b sums the
+    // sources s with src_block[s] == b in rank order.
+    void mixed(const torch::Tensor& x, const std::vector<int64_t>& send_first, int64_t send_rows,
+               const std::vector<int64_t>& src_block, int64_t out_blocks, int64_t num_blocks, torch::Tensor& out) {
+        const int dtype = check_call(x);
+        MOE_A2A_CHECK(dtype != comm::kArFloat32, "the mixed collectives take float16 or bfloat16");
+        MOE_A2A_CHECK(static_cast<int>(send_first.size()) == num_ranks_ && static_cast<int>(src_block.size()) == num_ranks_,
+                      "send_first and src_block need one entry per rank");
+        MOE_A2A_CHECK(send_rows > 0 && send_rows <= x.size(0), "send_rows must be in [1, ", x.size(0), "]");
+        MOE_A2A_CHECK(out_blocks >= 1 && out_blocks <= num_ranks_, "out_blocks must be in [1, ", num_ranks_, "]");
+        for (int r = 0; r < num_ranks_; ++r) {
+            MOE_A2A_CHECK(send_first[r] >= 0 && send_first[r] + send_rows <= x.size(0), "send_first[", r,
+                          "] = ", send_first[r], " leaves the input's ", x.size(0), " rows");
+            MOE_A2A_CHECK(src_block[r] >= 0 && src_block[r] < out_blocks, "src_block[", r, "] must be in [0, ",
+                          out_blocks, ")");
+        }
+        check_tensor(out, "out", x, false);
+        MOE_A2A_CHECK(out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == out_blocks * send_rows &&
+                      out.size(1) == x.size(1), "out must be [out_blocks * send_rows, hidden] of the input's dtype");
+        const int rows = static_cast<int>(send_rows), hidden = static_cast<int>(x.size(1));
+        const int64_t used = comm::ar_used_vecs(num_ranks_, rows, hidden, elem_size_, false);
+        MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
+                      "workspace has ", buffer_bytes_, "; grow it first");
+        ArArgs a = base_args(x, dtype);
+        a.mixed = 1;
+        a.send_rows = rows;
+        a.out_blocks = static_cast<int>(out_blocks);
+        for (int r = 0; r < num_ranks_; ++r) {
+            a.send_first[r] = static_cast<int>(send_first[r]);
+            a.src_block[r] = static_cast<int>(src_block[r]);
+        }
+        a.out = out.data_ptr();
+        launch(a, x, num_blocks, static_cast<int64_t>(out_blocks) * rows);
+    }
+
     void allreduce(const torch::Tensor& x, const std::optional<torch::Tensor>& bias,
                    const std::optional<torch::Tensor>& residual, const std::optional<torch::Tensor>& weight,
                    const std::optional<torch::Tensor>& scale, double eps, bool norm, bool two_shot, int64_t num_blocks,
                    const std::optional<torch::Tensor>& out, const std::optional<torch::Tensor>& residual_out,
                    const std::optional<torch::Tensor>& quant) {
-        MOE_A2A_CHECK(connected_ && !destroyed_, "the all-reduce workspace is not connected or was destroyed");
-        const std::string err = error();
-        MOE_A2A_CHECK(err.empty(), "moe_a2a all-reduce: ", err);
-        MOE_A2A_CHECK(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, "input must be a non-empty [tokens, hidden]");
-        check_tensor(x, "input", x, true);
+        const int dtype = check_call(x);
         const auto st = x.scalar_type();
-        int dtype = -1;
-        if (st == torch::kFloat32) dtype = comm::kArFloat32;
-        if (st == torch::kFloat16) dtype = comm::kArFloat16;
-        if (st == torch::kBFloat16) dtype = comm::kArBFloat16;
-        MOE_A2A_CHECK(dtype >= 0, "input dtype must be float32, float16 or bfloat16, got ", c10::toString(st));
-        MOE_A2A_CHECK(static_cast<int>(x.element_size()) == elem_size_, "this workspace serves ", elem_size_,
-                      "-byte elements, got ", c10::toString(st));
-        const int64_t row_bytes = x.size(1) * x.element_size();
-        MOE_A2A_CHECK(row_bytes % 16 == 0, "rows must be a multiple of 16 bytes, got ", row_bytes);
-        MOE_A2A_CHECK(x.size(0) < (int64_t{1} << 30) && x.size(1) < (int64_t{1} << 30), "input too large");
         const int tokens = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
         const int64_t used = comm::ar_used_vecs(num_ranks_, tokens, hidden, elem_size_, two_shot);
         MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
                       "workspace has ", buffer_bytes_, "; grow it first");
-        ArArgs a{};
-        for (int r = 0; r < num_ranks_; ++r) a.peers[r] = peers_[r];
-        a.buffer_bytes = buffer_bytes_;
-        a.flags = flags_;
-        a.host = host_dev_;
-        a.timeout_ns = timeout_ns_;
-        a.rank = rank_;
-        a.num_ranks = num_ranks_;
-        a.x = x.data_ptr();
+        ArArgs a = base_args(x, dtype);
         a.tokens = tokens;
-        a.hidden = hidden;
         a.eps = static_cast<float>(eps);
         a.two_shot = two_shot ? 1 : 0;
-        a.dtype = dtype;
         if (bias) {
             check_tensor(*bias, "bias", x, false);
             MOE_A2A_CHECK(bias->scalar_type() == st && bias->numel() == hidden, "bias must be [hidden] like input");
@@ -165,15 +179,56 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
             MOE_A2A_CHECK(out->scalar_type() == st, "out must have the input's dtype");
             a.out = out->data_ptr();
         }
-        int blocks = static_cast<int>(num_blocks > 0 ? num_blocks : std::min(tokens, kDefaultBlocks));
+        launch(a, x, num_blocks, tokens);
+    }
+
+   private:
+    // The checks every call makes of the workspace and its input x [rows, hidden]; returns x's ArDtype.
+    int check_call(const torch::Tensor& x) const {
+        MOE_A2A_CHECK(connected_ && !destroyed_, "the all-reduce workspace is not connected or was destroyed");
+        const std::string err = error();
+        MOE_A2A_CHECK(err.empty(), "moe_a2a all-reduce: ", err);
+        MOE_A2A_CHECK(x.dim() == 2 && x.size(0) > 0 && x.size(1) > 0, "input must be a non-empty [tokens, hidden]");
+        check_tensor(x, "input", x, true);
+        const auto st = x.scalar_type();
+        int dtype = -1;
+        if (st == torch::kFloat32) dtype = comm::kArFloat32;
+        if (st == torch::kFloat16) dtype = comm::kArFloat16;
+        if (st == torch::kBFloat16) dtype = comm::kArBFloat16;
+        MOE_A2A_CHECK(dtype >= 0, "input dtype must be float32, float16 or bfloat16, got ", c10::toString(st));
+        MOE_A2A_CHECK(static_cast<int>(x.element_size()) == elem_size_, "this workspace serves ", elem_size_,
+                      "-byte elements, got ", c10::toString(st));
+        MOE_A2A_CHECK((x.size(1) * x.element_size()) % 16 == 0, "rows must be a multiple of 16 bytes, got ",
+                      x.size(1) * x.element_size());
+        MOE_A2A_CHECK(x.size(0) < (int64_t{1} << 30) && x.size(1) < (int64_t{1} << 30), "input too large");
+        return dtype;
+    }
+
+    ArArgs base_args(const torch::Tensor& x, int dtype) const {
+        ArArgs a{};
+        for (int r = 0; r < num_ranks_; ++r) a.peers[r] = peers_[r];
+        a.buffer_bytes = buffer_bytes_;
+        a.flags = flags_;
+        a.host = host_dev_;
+        a.timeout_ns = timeout_ns_;
+        a.rank = rank_;
+        a.num_ranks = num_ranks_;
+        a.x = x.data_ptr();
+        a.hidden = static_cast<int>(x.size(1));
+        a.dtype = dtype;
+        return a;
+    }
+
+    // One block per row by default (at most kDefaultBlocks, and the device's SMs); a thread per 16-byte piece.
+    void launch(const ArArgs& a, const torch::Tensor& x, int64_t num_blocks, int64_t rows) {
+        int blocks = static_cast<int>(num_blocks > 0 ? num_blocks : std::min<int64_t>(rows, kDefaultBlocks));
         blocks = std::max(1, std::min(blocks, num_device_sms_));
-        const int row_vecs = static_cast<int>(row_bytes / 16);
+        const int row_vecs = static_cast<int>(x.size(1) * x.element_size() / 16);
         const int threads = std::min(comm::kArMaxThreads, std::max(32, (row_vecs + 31) / 32 * 32));
         const c10::cuda::CUDAGuard guard(x.device());
         comm::launch_allreduce(a, blocks, threads, c10::cuda::getCurrentCUDAStream());
     }
 
-   private:
     int64_t buffer_bytes_;
     int elem_size_;
     int* flags_ = nullptr;
@@ -193,7 +248,9 @@ void register_allreduce(pybind11::module_& m) {
         .def("error", &AllReduceWorkspace::error)
         .def("allreduce", &AllReduceWorkspace::allreduce, py::arg("x"), py::arg("bias"), py::arg("residual"),
              py::arg("norm_weight"), py::arg("scale"), py::arg("eps"), py::arg("norm"), py::arg("two_shot"),
-             py::arg("num_blocks"), py::arg("out"), py::arg("residual_out"), py::arg("quant"));
+             py::arg("num_blocks"), py::arg("out"), py::arg("residual_out"), py::arg("quant"))
+        .def("mixed", &AllReduceWorkspace::mixed, py::arg("x"), py::arg("send_first"), py::arg("send_rows"),
+             py::arg("src_block"), py::arg("out_blocks"), py::arg("num_blocks"), py::arg("out"));
 }
 
 }  // namespace moe_a2a

@@ -56,7 +56,18 @@ struct ArArgs {
     float eps;
     int two_shot;
     int dtype;                  // ArDtype
+    // Mixed TP x DP one-shot (moe_a2a.comm.mixed's fused mode; mixed == 0: the all-reduce above, x and out of
+    // `tokens` rows). Rank p receives rows [send_first[p], send_first[p] + send_rows) of x into its slot of
+    // this rank; output block b (send_rows rows, out_blocks of them) is the sum, in rank order, of the slots
+    // of the ranks s with src_block[s] == b.
+    int mixed;
+    int send_rows, out_blocks;
+    int send_first[kArMaxRanks];
+    int src_block[kArMaxRanks];
 };
+
+// Header mode of a mixed call (the all-reduce's are 1 + two_shot).
+constexpr int kArModeMixed = 3;
 
 #ifdef __CUDACC__
 #define MOE_A2A_HD __host__ __device__
@@ -64,7 +75,7 @@ struct ArArgs {
 #define MOE_A2A_HD
 #endif
 
-// 16-byte pieces one call uses of a buffer.
+// 16-byte pieces one call uses of a buffer (a mixed call: the one-shot's, `tokens` = send_rows).
 MOE_A2A_HD inline int64_t ar_used_vecs(int num_ranks, int tokens, int hidden, int elem_size, bool two_shot) {
     const int64_t row = static_cast<int64_t>(hidden) * elem_size / 16;
     if (!two_shot) return num_ranks + static_cast<int64_t>(num_ranks) * tokens * row;

@@ -141,6 +141,78 @@ __device__ __forceinline__ int4* buffer_of(const ArArgs& a, int rank, int index)
     return reinterpret_cast<int4*>(static_cast<char*>(a.peers[rank]) + index * a.buffer_bytes);
 }
 
+// Block 0 sends this rank's message header (rows, hidden, mode) into slot `me` of every rank's header.
+__device__ __forceinline__ void send_header(const ArArgs& a, int buf, int rows, int mode) {
+    if (blockIdx.x == 0 && threadIdx.x < a.num_ranks)
+        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + a.rank, make_int4(rows, a.hidden, mode, 0x4c414d50));
+}
+
+// Refill with the sentinel what the previous call used of the previous buffer (no peer writes there now).
+template <typename T>
+__device__ __forceinline__ void clear_previous(const ArArgs& a, int buf, int prev_used) {
+    int4* prev = buffer_of(a, a.rank, (buf + kArNumBuffers - 1) % kArNumBuffers);
+    const int4 sentinel = sentinel_vec<T>();
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < prev_used;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        prev[i] = sentinel;
+}
+
+// Wait for every peer's header in `mine` and compare it with (rows, hidden, mode): a message of another
+// shape, a timeout or an abort makes it false in every thread of the block.
+template <typename T>
+__device__ bool headers_agree(const ArArgs& a, const int4* mine, int rows, int mode) {
+    __shared__ int bad_header;
+    if (threadIdx.x == 0) bad_header = 0;
+    __syncthreads();
+    if (threadIdx.x < a.num_ranks) {
+        const int p = threadIdx.x;
+        const uint32_t sentinel32 = Elem<T>::kSentinel == 0x8000u ? 0x80008000u : 0x80000000u;
+        const uint64_t start = global_timer_ns();
+        int4 h;
+        bool bad = false;
+        for (int spins = 0;; ++spins) {
+            h = ld_volatile_v4(mine + p);
+            if (static_cast<uint32_t>(h.x) != sentinel32 && static_cast<uint32_t>(h.y) != sentinel32 &&
+                static_cast<uint32_t>(h.z) != sentinel32 && static_cast<uint32_t>(h.w) != sentinel32)
+                break;
+            if ((spins & 255) == 255) {
+                if (aborted(a)) {
+                    bad = true;
+                    break;
+                }
+                if (global_timer_ns() - start > a.timeout_ns) {
+                    record_error(a, kArErrTimeout, kStepHeader, p, -1, nullptr, nullptr);
+                    bad = true;
+                    break;
+                }
+            }
+        }
+        if (!bad && (h.x != rows || h.y != a.hidden || h.z != mode)) {
+            const int own[3] = {rows, a.hidden, mode}, their[3] = {h.x, h.y, h.z};
+            record_error(a, kArErrShape, kStepHeader, p, -1, own, their);
+            bad = true;
+        }
+        if (bad) atomicExch(&bad_header, 1);
+    }
+    __syncthreads();
+    return bad_header == 0;
+}
+
+// The last block of the call moves the flags on: next buffer, pieces to clear there, calls made.
+__device__ __forceinline__ void advance_flags(const ArArgs& a, int buf, int64_t used) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(a.flags + kFlagDone, 1) == static_cast<int>(gridDim.x) - 1) {
+            a.flags[kFlagBuffer] = (buf + 1) % kArNumBuffers;
+            a.flags[kFlagUsed] = static_cast<int>(used);
+            a.flags[kFlagCalls] += 1;
+            a.flags[kFlagDone] = 0;
+            __threadfence();
+        }
+    }
+}
+
 // Sum of `v` over the block (every thread gets it). `red` holds kArMaxThreads / 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
@@ -154,11 +226,12 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return total;
 }
 
-// The rounded sum, in rank order, of the pieces at `p0 + r * slot_stride` of every rank r; false when a wait
-// failed. Loads go out four ranks at a time before the first wait (more would spill registers).
+// The rounded sum, in rank order, of the pieces at `p0 + r * slot_stride` of every rank r in `sources` (a bit
+// per rank); false when a wait failed. Loads go out four ranks at a time before the first wait (more would
+// spill registers).
 template <typename T>
 __device__ __forceinline__ bool reduce_ranks(const ArArgs& a, const int4* p0, int64_t slot_stride, Vec<T>& s,
-                                             int step, int token) {
+                                             int step, int token, unsigned sources = ~0u) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec, kBatch = 4;
     float acc[N];
@@ -168,11 +241,11 @@ __device__ __forceinline__ bool reduce_ranks(const ArArgs& a, const int4* p0, in
         Vec<T> in[kBatch];
 #pragma unroll
         for (int b = 0; b < kBatch; ++b)
-            if (r0 + b < a.num_ranks) in[b].v = ld_volatile_v4(p0 + (r0 + b) * slot_stride);
+            if (r0 + b < a.num_ranks && (sources >> (r0 + b) & 1u)) in[b].v = ld_volatile_v4(p0 + (r0 + b) * slot_stride);
 #pragma unroll
         for (int b = 0; b < kBatch; ++b) {
             const int r = r0 + b;
-            if (r < a.num_ranks) {
+            if (r < a.num_ranks && (sources >> r & 1u)) {
                 if (has_sentinel<T>(in[b]) && !wait_vec<T>(a, p0 + r * slot_stride, in[b], step, r, token))
                     return false;
 #pragma unroll
@@ -293,7 +366,6 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
     __shared__ float red[kArMaxThreads / 32];
-    __shared__ int bad_header;
     const int R = a.num_ranks, me = a.rank, T_ = a.tokens;
     const int row_vecs = a.hidden / N;
     const int buf = a.flags[kFlagBuffer];
@@ -303,10 +375,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     const int4* x = static_cast<const int4*>(a.x);
 
     // 1. Send: the header to every peer (block 0), then this rank's rows.
-    if (blockIdx.x == 0 && threadIdx.x < R) {
-        const int4 header = make_int4(T_, a.hidden, 1 + a.two_shot, 0x4c414d50);
-        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + me, header);
-    }
+    send_header(a, buf, T_, 1 + a.two_shot);
     // Rows go out as a flat range of pieces, several loads in flight per thread.
     const int64_t total = static_cast<int64_t>(T_) * row_vecs;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -335,48 +404,11 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     }
 
     // 2. While the peers' data travels: clear what the previous call used of the previous buffer.
-    {
-        int4* prev = buffer_of(a, me, (buf + kArNumBuffers - 1) % kArNumBuffers);
-        const int4 sentinel = sentinel_vec<T>();
-        for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < prev_used;
-             i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-            prev[i] = sentinel;
-    }
+    clear_previous<T>(a, buf, prev_used);
 
     // 3. Check every peer's header: a message of another shape ends the call with an error.
     const int4* mine = buffer_of(a, me, buf);
-    if (threadIdx.x == 0) bad_header = 0;
-    __syncthreads();
-    if (threadIdx.x < R) {
-        const int p = threadIdx.x;
-        const uint32_t sentinel32 = E::kSentinel == 0x8000u ? 0x80008000u : 0x80000000u;
-        const uint64_t start = global_timer_ns();
-        int4 h;
-        for (int spins = 0;; ++spins) {
-            h = ld_volatile_v4(mine + p);
-            if (static_cast<uint32_t>(h.x) != sentinel32 && static_cast<uint32_t>(h.y) != sentinel32 &&
-                static_cast<uint32_t>(h.z) != sentinel32 && static_cast<uint32_t>(h.w) != sentinel32)
-                break;
-            if ((spins & 255) == 255) {
-                if (aborted(a)) {
-                    bad_header = 1;
-                    break;
-                }
-                if (global_timer_ns() - start > a.timeout_ns) {
-                    record_error(a, kArErrTimeout, kStepHeader, p, -1, nullptr, nullptr);
-                    bad_header = 1;
-                    break;
-                }
-            }
-        }
-        if (!bad_header && (h.x != T_ || h.y != a.hidden || h.z != 1 + a.two_shot)) {
-            const int own[3] = {T_, a.hidden, 1 + a.two_shot}, their[3] = {h.x, h.y, h.z};
-            record_error(a, kArErrShape, kStepHeader, p, -1, own, their);
-            bad_header = 1;
-        }
-    }
-    __syncthreads();
-    bool ok = bad_header == 0;
+    bool ok = headers_agree<T>(a, mine, T_, 1 + a.two_shot);
 
     const bool norm = a.weight != nullptr;
     if (ok && !a.two_shot && !norm) {
@@ -423,17 +455,59 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     }
 
     // 5. The last block to finish moves the flags on to the next call.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(a.flags + kFlagDone, 1) == static_cast<int>(gridDim.x) - 1) {
-            a.flags[kFlagBuffer] = (buf + 1) % kArNumBuffers;
-            a.flags[kFlagUsed] = static_cast<int>(ar_used_vecs(R, T_, a.hidden, sizeof(T), a.two_shot));
-            a.flags[kFlagCalls] += 1;
-            a.flags[kFlagDone] = 0;
-            __threadfence();
+    advance_flags(a, buf, ar_used_vecs(R, T_, a.hidden, sizeof(T), a.two_shot));
+}
+
+// Mixed TP x DP one-shot (ArArgs::mixed): the all-reduce's steps with a row range per destination and a set of
+// sources per output block.
+template <typename T>
+__global__ void __launch_bounds__(kArMaxThreads, 2) mixed_kernel(ArArgs a) {
+    constexpr int N = Elem<T>::kPerVec;
+    const int R = a.num_ranks, me = a.rank;
+    const int row_vecs = a.hidden / N;
+    const int buf = a.flags[kFlagBuffer];
+    const int prev_used = a.flags[kFlagUsed];
+    const int64_t data = R;
+    const int64_t slot = static_cast<int64_t>(a.send_rows) * row_vecs;  // pieces of one source's message
+    const int4* x = static_cast<const int4*>(a.x);
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first_piece = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+
+    // 1. Send: the header, then rows send_first[p]... of x into slot `me` of every rank p. Where every rank
+    // gets the same rows (the gather operations) each piece is loaded once.
+    send_header(a, buf, a.send_rows, kArModeMixed);
+    bool same = true;
+    for (int p = 1; p < R; ++p) same &= a.send_first[p] == a.send_first[0];
+    for (int64_t i = first_piece; i < slot; i += stride) {
+        Vec<T> v;
+        for (int p = 0; p < R; ++p) {
+            if (p == 0 || !same) {
+                v.v = ld_nc_v4(x + static_cast<int64_t>(a.send_first[p]) * row_vecs + i);
+                v = unsentinel<T>(v);
+            }
+            st_volatile_v4(buffer_of(a, p, buf) + data + me * slot + i, v.v);
         }
     }
+
+    // 2. Clear what the previous call used of the previous buffer; 3. check the peers' headers.
+    clear_previous<T>(a, buf, prev_used);
+    const int4* mine = buffer_of(a, me, buf);
+    bool ok = headers_agree<T>(a, mine, a.send_rows, kArModeMixed);
+
+    // 4. Output block b, piece j: the sum over the sources of block b of their piece j.
+    const int64_t total = static_cast<int64_t>(a.out_blocks) * slot;
+    for (int64_t i = first_piece; ok && i < total; i += stride) {
+        const int b = static_cast<int>(i / slot);
+        const int64_t j = i - b * slot;
+        unsigned sources = 0;
+        for (int r = 0; r < R; ++r) sources |= (a.src_block[r] == b ? 1u : 0u) << r;
+        Vec<T> s;
+        ok = reduce_ranks<T>(a, mine + data + j, slot, s, kStepOneShot, static_cast<int>(j / row_vecs), sources);
+        if (ok) st_na_v4(static_cast<int4*>(a.out) + i, s.v);
+    }
+
+    // 5. Flags on to the next call.
+    advance_flags(a, buf, ar_used_vecs(R, a.send_rows, a.hidden, sizeof(T), false));
 }
 
 __global__ void fill_kernel(int4* p, int64_t n, int4 value) {
@@ -445,6 +519,14 @@ __global__ void fill_kernel(int4* p, int64_t n, int4 value) {
 }  // namespace
 
 void launch_allreduce(const ArArgs& a, int num_blocks, int num_threads, cudaStream_t stream) {
+    if (a.mixed) {  // float16 / bfloat16 only (MixedCommHandler's dtypes)
+        if (a.dtype == kArFloat16)
+            mixed_kernel<__half><<<num_blocks, num_threads, 0, stream>>>(a);
+        else
+            mixed_kernel<__nv_bfloat16><<<num_blocks, num_threads, 0, stream>>>(a);
+        MOE_A2A_CUDA_CHECK(cudaGetLastError());
+        return;
+    }
     switch (a.dtype) {
         case kArFloat32: allreduce_kernel<float><<<num_blocks, num_threads, 0, stream>>>(a); break;
         case kArFloat16: allreduce_kernel<__half><<<num_blocks, num_threads, 0, stream>>>(a); break;

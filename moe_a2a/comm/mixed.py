@@ -28,10 +28,17 @@ Modes (which level does which part):
 * ``HIER_INTRA_FIRST``: one collective inside each node (it reduces the node's TP part and gathers/scatters the
   node's DP part), then one across nodes (the inter-node TP and DP parts). Only with several nodes.
 * ``HIER_INTER_FIRST``: the same two steps, across nodes first.
-* ``FUSED_*``: the reference's single-kernel modes over CUDA virtual memory (intranode) and NVSHMEM
-  (internode). Those kernels are not part of moe_a2a yet: ``init_virtual_memory``/``init_nvshmem`` raise
-  ``NotImplementedError``, the handler leaves ``FUSED_*`` out of its valid modes, and asking for one raises
-  ``NotImplementedError``. Passing ``require_fused=True`` makes the constructor raise instead of falling back.
+* ``FUSED_OPT_WAITS_UC``: one kernel on one node (``inter_size == 1``, CUDA tensors, rows of a multiple of 16
+  bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer over CUDA IPC
+  (``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier, no host sync) and sums what it received
+  in rank order with float32 accumulation, so it matches ``NCCL_ONE``'s sums bit for bit. One-shot: each rank
+  receives ``world_size`` messages, so it is the small-message mode (messages whose buffer would pass
+  ``FUSED_MAX_BUFFER_BYTES`` take the torch modes). With a gloo default group (ranks sharing a GPU, where NCCL
+  cannot run) it is the only mode.
+* Other ``FUSED_*`` modes: ``*_MC`` need NVLink multicast, which moe_a2a keeps off; ``FUSED_OPT_BYTES*`` and any
+  fused mode across nodes (NVSHMEM) are not built. Asking for one raises ``NotImplementedError`` naming why;
+  ``init_nvshmem`` raises it too. Passing ``require_fused=True`` makes the constructor raise when the fused mode
+  is unavailable instead of falling back to the torch modes.
 * ``AUTOTUNE``: the fastest of the valid modes for the input's size bucket (see ``select_autotune_mode``).
 
 The "NCCL" names are the reference's; here they run on whatever backend the process groups have (NCCL for CUDA
@@ -40,7 +47,9 @@ order, and partial sums cross a level in the tensor's dtype (as a two-level all-
 agree bit for bit wherever the sums are exact, and to rounding otherwise.
 
 Default mode (``mode=None``): ``AUTOTUNE`` when ``use_autotune``; otherwise the fixed rule ``NCCL_TP_DP`` when
-valid, else ``NCCL_ONE`` (the unfused torch composition, which is also the reference's rule).
+valid, else ``NCCL_ONE`` (the unfused torch composition, which is also the reference's rule), or the fused mode
+where only it runs. A measured or default choice of the fused mode for an input it cannot take (rows not a
+multiple of 16 bytes, too large) falls back to that rule.
 """
 from __future__ import annotations
 
@@ -52,11 +61,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..limits import MAX_NVL_PEERS
 from .gather_scatter import (all_gather_single, all_to_all_single, comm_device, default_timeout_s,
                              exchange_objects, sum_in_order, wait)
+from .workspace import GROWTH_BYTES, LamportWorkspace, kernels_available, mixed_buffer_bytes
 
-_FUSED_MISSING = ("the fused mixed-collective kernels over CUDA virtual memory (cuMemCreate/cuMemMap with "
-                  "shareable handles, multicast objects) and NVSHMEM are not part of moe_a2a yet")
+#: Largest Lamport buffer the fused mode uses (three per rank); larger messages take the torch modes.
+FUSED_MAX_BUFFER_BYTES = 256 * 1024 * 1024
 
 
 class MixedCommOp(enum.IntEnum):
@@ -82,6 +93,9 @@ class MixedCommMode(enum.IntEnum):
     HIER_INTRA_FIRST = 9
     HIER_INTER_FIRST = 10
 
+
+#: The fused modes moe_a2a builds (the others are refused with the reason, see the module docstring).
+FUSED_MODES = (MixedCommMode.FUSED_OPT_WAITS_UC,)
 
 _GATHER_OPS = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 _SCATTER_OPS = (MixedCommOp.REDUCESCATTER, MixedCommOp.REDUCESCATTER_ALLREDUCE)
@@ -219,7 +233,10 @@ class MixedCommHandler:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if device.type != comm_device(None).type:
+        #: Whether the torch.distributed modes run: NCCL for CUDA tensors, gloo for CPU tensors. CUDA tensors on a
+        #: gloo group (ranks sharing a GPU) run the fused mode only.
+        self.torch_modes = device.type == comm_device(None).type
+        if not self.torch_modes and device.type != "cuda":
             raise ValueError(f"device {device} does not fit the default group's backend "
                              f"{dist.get_backend()} (NCCL for CUDA tensors, gloo for CPU tensors)")
         self.dtype, self.device = dtype, device
@@ -247,18 +264,24 @@ class MixedCommHandler:
             self.autotune_max_coef = int(math.log2(autotune_max_bytes // self.autotune_base_bytes)) + 1
         self.autotune_map: Dict[MixedCommOp, Dict[int, MixedCommMode]] = {}
 
-        # The fused kernels first: a handler that requires them fails before any collective.
+        # The fused mode first: a handler that requires it fails before creating any group. Across nodes the
+        # NVSHMEM part is checked first, so nothing is allocated for a mode that cannot run.
         self.fused_available = False
         self.fused_unavailable_reason: Optional[str] = None
+        self._workspace: Optional[LamportWorkspace] = None
         try:
-            self.init_virtual_memory()
             if p.use_inter:
                 self.init_nvshmem()
+            self.init_virtual_memory()
             self.fused_available = True
         except NotImplementedError as e:
             if require_fused:
                 raise
             self.fused_unavailable_reason = str(e)
+        if not self.torch_modes and not self.fused_available:
+            raise ValueError(f"device {device} does not fit the default group's backend {dist.get_backend()} (NCCL "
+                             f"for CUDA tensors, gloo for CPU tensors), and the fused mode, which runs on CUDA "
+                             f"tensors over any group, is unavailable: {self.fused_unavailable_reason}")
 
         # Process groups (creation is collective: every rank creates every group, in the same order).
         self.world_group = dist.group.WORLD
@@ -290,38 +313,53 @@ class MixedCommHandler:
     def get_valid_mode_list(self) -> List[MixedCommMode]:
         """Modes that run on this split and build (FUSED_* only where their kernels are initialized)."""
         p = self.para_info
-        modes = []
-        if self.fused_available:  # the reference's validity rule for the fused modes
-            modes += [MixedCommMode.FUSED_OPT_WAITS_MC, MixedCommMode.FUSED_OPT_WAITS_UC]
-            if p.use_local_tp:
-                modes += [MixedCommMode.FUSED_OPT_BYTES1_MC, MixedCommMode.FUSED_OPT_BYTES1_UC]
-            if p.use_inter_tp:
-                modes += [MixedCommMode.FUSED_OPT_BYTES2_MC, MixedCommMode.FUSED_OPT_BYTES2_UC]
-        modes.append(MixedCommMode.NCCL_ONE)
-        if p.use_mixed:
-            modes.append(MixedCommMode.NCCL_TP_DP)
-        if self.local_comm_group is not None:
-            modes += [MixedCommMode.HIER_INTRA_FIRST, MixedCommMode.HIER_INTER_FIRST]
+        modes = list(FUSED_MODES) if self.fused_available else []
+        if self.torch_modes:
+            modes.append(MixedCommMode.NCCL_ONE)
+            if p.use_mixed:
+                modes.append(MixedCommMode.NCCL_TP_DP)
+            if self.local_comm_group is not None:
+                modes += [MixedCommMode.HIER_INTRA_FIRST, MixedCommMode.HIER_INTER_FIRST]
         if self.use_autotune:
             modes.append(MixedCommMode.AUTOTUNE)
         return modes
 
     # --------------------------------------------------------------------- fused-kernel setup
     def init_virtual_memory(self) -> None:
-        """Map the intranode CUDA virtual-memory workspace on every local rank (fused modes)."""
-        raise NotImplementedError(f"MixedCommHandler.init_virtual_memory: {_FUSED_MISSING}; the FUSED_* modes "
-                                  f"are unavailable (the torch.distributed modes work on any backend)")
+        """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers that every
+        local rank maps over CUDA IPC (``moe_a2a.comm.workspace``; the reference maps CUDA virtual memory).
+        Raises NotImplementedError where the fused mode cannot run (CPU tensors, no kernels, several nodes)."""
+        p = self.para_info
+        if self._workspace is not None:
+            return
+        why = None
+        if self.device.type != "cuda":
+            why = "it runs on CUDA tensors (this handler's device is the CPU)"
+        elif not kernels_available():
+            why = "moe_a2a._C is built without the all-reduce kernels (a CUDA build of torch and nvcc)"
+        elif p.use_inter:
+            why = "across nodes it needs NVSHMEM kernels, which moe_a2a does not build yet (one node: inter_size 1)"
+        elif p.local_size > MAX_NVL_PEERS:
+            why = f"the kernels serve at most {MAX_NVL_PEERS} ranks on a node, this one has {p.local_size}"
+        if why is not None:
+            raise NotImplementedError(f"MixedCommHandler.init_virtual_memory: the fused mode is unavailable: {why}")
+        self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
+                                           timeout_s=self.timeout_s)
 
     def init_nvshmem(self) -> None:
-        """Initialize NVSHMEM and its internode workspace (fused modes across nodes)."""
-        raise NotImplementedError(f"MixedCommHandler.init_nvshmem: {_FUSED_MISSING}; the FUSED_* modes are "
-                                  f"unavailable across nodes (the torch.distributed modes work on any backend)")
+        """The fused mode's internode part: not built (NotImplementedError; the torch modes run across nodes)."""
+        raise NotImplementedError("MixedCommHandler.init_nvshmem: the fused mode across nodes needs NVSHMEM kernels, "
+                                  "which moe_a2a does not build yet; the torch.distributed modes run across nodes")
 
     def shutdown(self) -> None:
-        """Release the handler's process groups. Call once; the handler is unusable afterwards."""
+        """Release the handler's workspace and process groups (collective). Call once; the handler is unusable
+        afterwards."""
         if not self.is_running:
             raise RuntimeError("MixedCommHandler.shutdown() was already called")
         self.is_running = False
+        if self._workspace is not None:
+            self._workspace.destroy()
+            self._workspace = None
         for g in self._own_groups:
             dist.destroy_process_group(g)
         self._own_groups = []
@@ -342,7 +380,11 @@ class MixedCommHandler:
         hidden = self.autotune_base_bytes // torch.empty((), dtype=self.dtype).element_size()
         rows = 2 ** bucket * (self.para_info.dp_size if op in _SCATTER_OPS else 1)
         x = torch.empty(rows, hidden, dtype=self.dtype, device=self.device).uniform_(-0.5, 0.5)
-        modes = [m for m in self.valid_mode_list if m != MixedCommMode.AUTOTUNE]
+        modes = [m for m in self.valid_mode_list if m != MixedCommMode.AUTOTUNE and
+                 not (m in FUSED_MODES and self.fused_refuses(op, x))]
+        if not modes:  # only the fused mode runs here, and not at this size: using it raises, naming why
+            self.autotune_map.setdefault(op, {})[bucket] = FUSED_MODES[0]
+            return FUSED_MODES[0]
         times = []
         for mode in modes:
             for _ in range(warmup):
@@ -387,15 +429,37 @@ class MixedCommHandler:
                      mode: Optional[MixedCommMode] = None) -> MixedCommMode:
         """The mode an operation on ``x_in`` runs in: ``mode``, or the default rule (module docstring), with
         ``AUTOTUNE`` replaced by the measured choice (measuring it first if needed: collective)."""
+        asked = mode
         if mode is None:
-            if self.use_autotune:
-                mode = MixedCommMode.AUTOTUNE
-            else:
-                mode = (MixedCommMode.NCCL_TP_DP if MixedCommMode.NCCL_TP_DP in self.valid_mode_list
-                        else MixedCommMode.NCCL_ONE)
+            mode = MixedCommMode.AUTOTUNE if self.use_autotune else self._rule()
         if mode == MixedCommMode.AUTOTUNE:
             mode = self.select_autotune_mode(op, x_in)
+        why = self.fused_refuses(op, x_in) if mode in FUSED_MODES else None
+        if why is not None:
+            if asked == mode or not self.torch_modes:
+                raise ValueError(f"mode {mode.name} cannot take this input: {why}")
+            mode = self._rule(fused=False)
         return mode
+
+    def _rule(self, fused: bool = True) -> MixedCommMode:
+        """The fixed default: NCCL_TP_DP where valid, else NCCL_ONE; the fused mode where only it runs."""
+        if not self.torch_modes and fused:
+            return FUSED_MODES[0]
+        return MixedCommMode.NCCL_TP_DP if MixedCommMode.NCCL_TP_DP in self.valid_mode_list else MixedCommMode.NCCL_ONE
+
+    def fused_refuses(self, op: MixedCommOp, x_in: torch.Tensor) -> Optional[str]:
+        """Why the fused mode cannot run ``op`` on ``x_in`` (None where it can)."""
+        rows, row_bytes = x_in.shape[0], x_in[:1].numel() * x_in.element_size()
+        send_rows = rows // self.para_info.dp_size if op in _SCATTER_OPS else rows
+        if send_rows == 0 or row_bytes == 0:
+            return "the input is empty"
+        if row_bytes % 16:
+            return f"its rows must be a multiple of 16 bytes, got {row_bytes}"
+        need = mixed_buffer_bytes(self.para_info.world_size, send_rows, row_bytes // x_in.element_size(), x_in.dtype)
+        if need > FUSED_MAX_BUFFER_BYTES:
+            return (f"the message needs a {need}-byte Lamport buffer, above FUSED_MAX_BUFFER_BYTES "
+                    f"({FUSED_MAX_BUFFER_BYTES}): a one-shot mode for small messages")
+        return None
 
     # ---------------------------------------------------------------------------- operations
     def _check_running(self) -> None:
@@ -514,7 +578,25 @@ def _scatter_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) -
     raise AssertionError(mode)
 
 
+def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor) -> torch.Tensor:
+    """FUSED_OPT_WAITS_UC on one node (world rank = local rank): the gather ops send the whole input to every
+    rank and sum each DP rank's TP group into output block ``dp_rank``; the scatter ops send each rank the chunk
+    of its DP rank and sum every rank's."""
+    p = h.para_info
+    rows, rest = x.shape[0], x.shape[1:]
+    flat = x.reshape(rows, -1)
+    dp_of = [w // p.local_tp_size for w in range(p.world_size)]
+    if op in _GATHER_OPS:
+        out = h._workspace.mixed(flat, [0] * p.world_size, rows, dp_of, p.dp_size)
+        return out.view(rows * p.dp_size, *rest)
+    chunk = rows // p.dp_size
+    out = h._workspace.mixed(flat, [d * chunk for d in dp_of], chunk, [0] * p.world_size, 1)
+    return out.view(chunk, *rest)
+
+
 def _run_op(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
+    if mode in FUSED_MODES:
+        return _fused(h, op, x)
     return (_gather_family if op in _GATHER_OPS else _scatter_family)(h, x, mode)
 
 
@@ -530,6 +612,11 @@ def _check(op, h: MixedCommHandler, x_in, x_out, mode) -> None:
             raise TypeError(f"mode must be a MixedCommMode or None, got {mode!r}")
         if mode.name.startswith("FUSED_") and not h.fused_available:
             raise NotImplementedError(f"mode {mode.name}: {h.fused_unavailable_reason}")
+        if mode.name.startswith("FUSED_") and mode not in FUSED_MODES:
+            why = ("it needs NVLink multicast, which moe_a2a keeps off" if mode.name.endswith("_MC")
+                   else "moe_a2a does not build it")
+            raise NotImplementedError(f"mode {mode.name}: {why}; the fused mode is "
+                                      f"{', '.join(m.name for m in FUSED_MODES)}")
         if mode not in h.valid_mode_list:
             raise ValueError(f"mode {mode.name} is not valid for this handler; valid modes: "
                              f"{[m.name for m in h.valid_mode_list]}")

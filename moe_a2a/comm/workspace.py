@@ -301,6 +301,33 @@ class LamportWorkspace:
         return out_norm, quant, residual_out
 
 
+    def mixed(self, x: torch.Tensor, send_first, send_rows: int, src_block, out_blocks: int,
+              num_blocks: int = 0) -> torch.Tensor:
+        """The mixed TP x DP one-shot on the current stream (``moe_a2a.comm.mixed``'s fused mode).
+
+        ``x`` ``[rows, hidden]`` float16/bfloat16: rank ``p`` receives rows ``send_first[p]`` to
+        ``send_first[p] + send_rows`` of it; returns ``[out_blocks * send_rows, hidden]`` whose block ``b`` is the
+        sum, in rank order (float32 accumulation), of what the ranks ``s`` with ``src_block[s] == b`` sent here.
+        Every rank calls it with the same ``send_rows``, ``hidden`` and dtype; grows the workspace (collectively)
+        when the message needs it."""
+        self.check()
+        if x.element_size() != self.element_size:
+            raise ValueError(f"this workspace serves {self.element_size}-byte elements, got {x.dtype}")
+        need = mixed_buffer_bytes(self.world_size, send_rows, x.shape[1], x.dtype)
+        if need > self._buffer_size_bytes:
+            self.grow(need)
+        out = torch.empty(out_blocks * send_rows, x.shape[1], dtype=x.dtype, device=x.device)
+        self._runtime.mixed(_aligned(x), list(send_first), int(send_rows), list(src_block), int(out_blocks),
+                            int(num_blocks or min(out_blocks * send_rows, self.default_blocks)), out)
+        return out
+
+
+def mixed_buffer_bytes(tp_size: int, send_rows: int, hidden_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one Lamport buffer needs for a mixed one-shot of ``send_rows x hidden_dim`` from each of
+    ``tp_size`` ranks (the one-shot all-reduce's size for that many tokens)."""
+    return get_required_buffer_size_bytes(tp_size, send_rows, hidden_dim, dtype, AllReduceStrategy.ONESHOT)
+
+
 def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``t`` contiguous and 16-byte aligned (the kernels load 16 bytes at a time)."""
     if t is None:

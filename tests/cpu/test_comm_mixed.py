@@ -158,11 +158,13 @@ def _errors(h, rank, size):
         h.reducescatter_allreduce(torch.ones(3, 4, dtype=h.dtype))
     with pytest.raises(ValueError, match=r"x_out must be \[4, 4\]"):
         h.allreduce_allgather(x, torch.empty(2, 4, dtype=h.dtype))
-    with pytest.raises(NotImplementedError, match="CUDA virtual memory"):
-        h.allreduce_allgather(x, mode=MixedCommMode.FUSED_OPT_WAITS_MC)
-    with pytest.raises(NotImplementedError, match="init_virtual_memory: the fused mixed-collective kernels"):
+    for mode in (MixedCommMode.FUSED_OPT_WAITS_MC, MixedCommMode.FUSED_OPT_WAITS_UC):
+        with pytest.raises(NotImplementedError, match=f"mode {mode.name}: .*init_nvshmem: the fused mode across"):
+            h.allreduce_allgather(x, mode=mode)
+    with pytest.raises(NotImplementedError, match="init_virtual_memory: the fused mode is unavailable: it runs on "
+                                                  "CUDA tensors"):
         h.init_virtual_memory()
-    with pytest.raises(NotImplementedError, match="init_nvshmem"):
+    with pytest.raises(NotImplementedError, match="init_nvshmem: the fused mode across nodes needs NVSHMEM"):
         h.init_nvshmem()
     with pytest.raises(TypeError, match="mode must be a MixedCommMode"):
         h.allreduce_allgather(x, mode="NCCL_ONE")
@@ -182,10 +184,12 @@ def _constructor_errors(rank, size):
         MixedCommHandler(rank, size, (rank + 1) % 2, 2, rank // 2, 2, None, None, None, None, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="min_block_size must be a multiple of 32"):
         make_handler(rank, size, 2, (None,) * 4, min_block_size=100)
-    with pytest.raises(NotImplementedError, match="init_virtual_memory"):
-        make_handler(rank, size, 2, (None,) * 4, require_fused=True)
+    with pytest.raises(NotImplementedError, match="init_nvshmem: the fused mode across nodes"):
+        make_handler(rank, size, 2, (None,) * 4, require_fused=True)  # two virtual nodes
+    with pytest.raises(NotImplementedError, match="init_virtual_memory: .* runs on CUDA tensors"):
+        make_handler(rank, size, size, (None,) * 4, require_fused=True)  # one node, CPU tensors
     h = make_handler(rank, size, 2, (None,) * 4, use_autotune=False)
-    assert h.fused_available is False and "not part of moe_a2a" in h.fused_unavailable_reason
+    assert h.fused_available is False and "NVSHMEM" in h.fused_unavailable_reason
     h.shutdown()
     with pytest.raises(RuntimeError, match="already called"):
         h.shutdown()

@@ -4,6 +4,7 @@
   group (every collective then runs on NCCL, CPU inputs staged through the GPU), plus CUDA inputs, the
   MixedCommHandler on CUDA with virtual nodes, and its default settings at model sizes.
 * gloo with CUDA tensors (2/4/8 ranks sharing the GPUs): results come back on the inputs' device.
+* The MixedCommHandler's fused mode on 2/4/8 ranks sharing one GPU (under MPS) over a gloo group.
 """
 import pytest
 import torch
@@ -11,9 +12,11 @@ import torch
 import test_comm_gather as cpu_gather
 import test_comm_mixed as cpu_mixed
 from dist_utils import run_distributed
+from harness import run_ranks, set_rank_device, skip_reason
 from moe_a2a.comm import (HelixAllToAllNative, MixedCommHandler, MixedCommMode, allgather, alltoall_helix,
-                          reducescatter)
+                          reducescatter, run_mixed_comm)
 from moe_a2a.comm.gather_scatter import sum_in_order
+from moe_a2a.comm.workspace import kernels_available
 
 pytestmark = pytest.mark.gpu
 
@@ -102,8 +105,6 @@ def _gloo_cuda_body(rank, size):
     assert torch.equal(got_po.cpu(), torch.stack([po[j][..., rank, :] for j in range(size)], dim=-2))
     assert torch.equal(got_st.cpu(), torch.stack([st[j][..., rank, :] for j in range(size)], dim=-2))
     HelixAllToAllNative.clear_cache()
-    with pytest.raises(ValueError, match="does not fit the default group's backend"):
-        MixedCommHandler(rank, size, rank, size, 0, 1, None, None, None, None, torch.bfloat16, dev)
 
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
@@ -111,3 +112,42 @@ def test_cuda_tensors_over_gloo(num_ranks):
     """Ranks sharing the GPUs (any count), CUDA inputs through gloo: results on the inputs' device."""
     _need(1)
     run_distributed(_gloo_cuda_body, num_ranks)
+
+
+def _fused_body(rank, size):
+    """The fused mode (FUSED_OPT_WAITS_UC) on ranks sharing one GPU over a gloo group, where it is the only mode:
+    every op of every one-node split against the unfused composition bit for bit (exact inputs) and to rounding
+    (Gaussian), defaults left alone, sizes from one row to a grown workspace, and clear refusals."""
+    dev = set_rank_device(rank)
+    splits = [(None, None, None, None), (1, None, None, None)] + ([(2, None, None, None)] if size >= 4 else [])
+    for i, split in enumerate(splits):
+        h = cpu_mixed.make_handler(rank, size, size, split, device=dev, use_autotune=(i == 0),
+                                   dtype=torch.float16 if i == 1 else torch.bfloat16)
+        assert h.fused_available and not h.torch_modes, h.fused_unavailable_reason
+        assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC] + ([MixedCommMode.AUTOTUNE] if i == 0 else [])
+        for rows, hidden in ((1, 8), (16, 256), (40, 1032)):
+            cpu_mixed.check_all_modes(h, rank, size, seed=400 + 10 * i + rows, dtype=h.dtype, rows=rows,
+                                      hidden=hidden, gaussian=rows == 16)
+        # Messages that grow the workspace past its first 8 MiB (size x rows x 4 KiB), then a small one between
+        # them (the three buffers rotate over the grown workspace).
+        for rows in (2200 // size, 3, 2200 // size):
+            cpu_mixed.check_all_modes(h, rank, size, seed=500 + rows, dtype=h.dtype, rows=rows, hidden=2048,
+                                      gaussian=False)
+        op = h.valid_op_list[0]
+        with pytest.raises(ValueError, match="rows must be a multiple of 16 bytes, got 6"):
+            run_mixed_comm(op, h, torch.ones(4 * h.para_info.dp_size, 3, dtype=h.dtype, device=dev))
+        with pytest.raises(NotImplementedError, match="FUSED_OPT_WAITS_MC: it needs NVLink multicast"):
+            run_mixed_comm(op, h, torch.ones(4, 8, dtype=h.dtype, device=dev), mode=MixedCommMode.FUSED_OPT_WAITS_MC)
+        with pytest.raises(ValueError, match="mode NCCL_ONE is not valid"):
+            run_mixed_comm(op, h, torch.ones(4, 8, dtype=h.dtype, device=dev), mode=MixedCommMode.NCCL_ONE)
+        h.shutdown()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_fused_mode_ranks_sharing_a_gpu(num_ranks):
+    reason = skip_reason(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    if not kernels_available():
+        pytest.skip("moe_a2a._C has no all-reduce kernels")
+    run_ranks(_fused_body, num_ranks, timeout=300.0)
