@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +81,8 @@ def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, 
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # ranks share the machine's cores
+    if hasattr(signal, "SIGUSR1"):  # spawn() asks a rank that hangs where it is before it kills it
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if cuda_device:  # before the group: NCCL binds to the current device
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -149,6 +153,12 @@ def spawn(fn: Callable, num_ranks: int, *args: Any, backend: str = "gloo", timeo
             break
         wait([p.sentinel for p in running], timeout=min(left, 0.2))
     hung = [r for r, p in enumerate(procs) if p.exitcode is None]
+    if hung and hasattr(signal, "SIGUSR1"):
+        # Each hung rank prints its Python stacks to stderr (where it waits: a collective, a kernel's sync).
+        for r in hung:
+            with contextlib.suppress(OSError):
+                os.kill(procs[r].pid, signal.SIGUSR1)
+        time.sleep(1.0)
     for r in hung:
         procs[r].kill()
     for p in procs:
@@ -179,7 +189,8 @@ def _failure_message(num_ranks: int, waited: str, errors: Dict[int, str], hung: 
         return f"ranks failed:\n{summary}{extra}\nrank {first} of {num_ranks}:\n{errors[first]}"
     if hung:
         extra = f"; ranks that exited abnormally (rank, exit code): {bad}" if bad else ""
-        return f"ranks {hung} of {num_ranks} did not finish within {waited}{extra}"
+        return (f"ranks {hung} of {num_ranks} did not finish within {waited}{extra} (their Python stacks at that "
+                "moment are on stderr)")
     if bad:
         return f"ranks exited abnormally (rank, exit code): {bad}"
     return None

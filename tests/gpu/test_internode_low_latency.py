@@ -205,7 +205,7 @@ def test_internode_low_latency_rank_masking(lost):
     reason = _skip(4)
     if reason:
         pytest.skip(reason)
-    run_ranks(_masking, 4, 2, lost, timeout=180.0)
+    run_ranks(_masking, 4, 2, lost, timeout=100.0)
 
 
 def _ranks_disagree(rank, num_ranks, per_node, what):
