@@ -75,14 +75,15 @@ def leave(code: int = 0) -> None:
 
 
 def _rank_main(rank: int, num_ranks: int, port: int, fn: Callable, args: Tuple, backend: str,
-               cuda_device: bool, group_timeout: Optional[float], queue) -> None:
+               cuda_device: bool, group_timeout: Optional[float], queue, stack_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # ranks share the machine's cores
     if hasattr(signal, "SIGUSR1"):  # spawn() asks a rank that hangs where it is before it kills it
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        stacks = open(os.path.join(stack_dir, f"rank{rank}.txt"), "w")  # open for the process's life
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         if cuda_device:  # before the group: NCCL binds to the current device
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -121,8 +122,9 @@ def spawn(fn: Callable, num_ranks: int, *args: Any, backend: str = "gloo", timeo
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
+    stack_dir = tempfile.mkdtemp(prefix="moe_a2a_stacks_")
     procs = [ctx.Process(target=_rank_main,
-                         args=(r, num_ranks, port, fn, args, backend, cuda_device, group_timeout, queue))
+                         args=(r, num_ranks, port, fn, args, backend, cuda_device, group_timeout, queue, stack_dir))
              for r in range(num_ranks)]
     for p in procs:
         p.start()
@@ -154,27 +156,39 @@ def spawn(fn: Callable, num_ranks: int, *args: Any, backend: str = "gloo", timeo
         wait([p.sentinel for p in running], timeout=min(left, 0.2))
     hung = [r for r, p in enumerate(procs) if p.exitcode is None]
     if hung and hasattr(signal, "SIGUSR1"):
-        # Each hung rank prints its Python stacks to stderr (where it waits: a collective, a kernel's sync).
+        # Each hung rank writes its Python stacks (where it waits: a collective, a kernel's sync) to its file.
         for r in hung:
             with contextlib.suppress(OSError):
                 os.kill(procs[r].pid, signal.SIGUSR1)
         time.sleep(1.0)
     for r in hung:
         procs[r].kill()
+    stacks = {r: _read_stack(stack_dir, r) for r in hung}
+    shutil.rmtree(stack_dir, ignore_errors=True)
     for p in procs:
         p.join()
     drain()
     exit_codes = {r: p.exitcode for r, p in enumerate(procs) if r not in hung}
     waited = f"{grace}s after the first failure" if failed_at is not None else f"{timeout}s"
-    message = _failure_message(num_ranks, waited, errors, hung, exit_codes)
+    message = _failure_message(num_ranks, waited, errors, hung, exit_codes, stacks)
     if message:
         raise RanksFailed(message, errors, hung, exit_codes)
     return results
 
 
+def _read_stack(stack_dir: str, rank: int) -> str:
+    try:
+        with open(os.path.join(stack_dir, f"rank{rank}.txt")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _failure_message(num_ranks: int, waited: str, errors: Dict[int, str], hung: List[int],
-                     exit_codes: Dict[int, int]) -> Optional[str]:
-    """What went wrong, most telling first: a rank's own error, then ranks that hung, then exit codes."""
+                     exit_codes: Dict[int, int], stacks: Optional[Dict[int, str]] = None) -> Optional[str]:
+    """What went wrong, most telling first: a rank's own error, then ranks that hung (with where they were),
+    then exit codes."""
+    where = "".join(f"\nrank {r} was at:\n{text}" for r, text in sorted((stacks or {}).items()) if text)
     bad = sorted((r, code) for r, code in exit_codes.items() if code != 0)
     if errors:
         # A rank that crashed makes its peers fail with connection errors: show the crash itself.
@@ -186,11 +200,10 @@ def _failure_message(num_ranks: int, waited: str, errors: Dict[int, str], hung: 
         silent = [(r, code) for r, code in bad if r not in errors]
         extra = f"\nranks that exited without an error message (rank, exit code): {silent}" if silent else ""
         extra += f"\nranks {hung} did not finish within {waited}" if hung else ""
-        return f"ranks failed:\n{summary}{extra}\nrank {first} of {num_ranks}:\n{errors[first]}"
+        return f"ranks failed:\n{summary}{extra}\nrank {first} of {num_ranks}:\n{errors[first]}{where}"
     if hung:
         extra = f"; ranks that exited abnormally (rank, exit code): {bad}" if bad else ""
-        return (f"ranks {hung} of {num_ranks} did not finish within {waited}{extra} (their Python stacks at that "
-                "moment are on stderr)")
+        return f"ranks {hung} of {num_ranks} did not finish within {waited}{extra}{where}"
     if bad:
         return f"ranks exited abnormally (rank, exit code): {bad}"
     return None

@@ -58,6 +58,8 @@ def test_timeout_kills_ranks():
         spawn(_rank_hangs, 2, timeout=8)
     assert 1 in info.value.hung
     assert time.monotonic() - start < 60
+    # Where the hung rank was when it was stopped: its Python stack, innermost frame first.
+    assert "rank 1 was at:" in str(info.value) and "in _rank_hangs" in str(info.value)
 
 
 def _rank_fails_peer_sleeps(rank, num_ranks):
@@ -72,6 +74,7 @@ def test_peers_stopped_after_a_failure():
         spawn(_rank_fails_peer_sleeps, 2, timeout=600, grace=3)
     assert "rank 1: ValueError: bad value on rank 1" in str(info.value)
     assert "ranks [0] did not finish within 3s after the first failure" in str(info.value)
+    assert "rank 0 was at:" in str(info.value) and "in _rank_fails_peer_sleeps" in str(info.value)
     assert time.monotonic() - start < 120
 
 
