@@ -149,8 +149,8 @@ def row_bytes(hidden: int, fp8: bool) -> int:
 
 def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, per_node, cfg, warmup, loops,
                  iters, zero_copy=False):
-    """This rank's times (us) of a backend's full dispatch (layout, count exchange and dispatch), cached
-    dispatch and combine, on one routing. Returns ``(handle, dict)`` with the received rows and the bytes
+    """This rank's times (us) of a backend's full dispatch (layout, count exchange and dispatch), the layout
+    alone, cached dispatch and combine, on one routing. Returns ``(handle, dict)`` with the received rows and the bytes
     DeepEP counts: received for dispatch, sent back for combine. ``zero_copy``: also the combine of an
     input written into the buffer beforehand (``combine_zero_copy_us``) and the cached dispatch whose senders
     write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank. Backends whose
@@ -174,10 +174,13 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         kern.dispatch(dispatch_request(intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node)))
 
     t_full = time_us(full, warmup, loops, max(1, iters // 2))
+    t_layout = time_us(lambda: intranode.get_dispatch_layout(idx, num_experts, num_ranks, per_node), warmup, loops,
+                       iters)
     t_disp = time_us(lambda: kern.dispatch(cached), warmup, loops, iters)
     t_comb = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)), warmup, loops, iters)
     times = dict(num_recv=num_recv, dispatch_bytes=num_recv * row_bytes(hidden, scales is not None),
-                 combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb)
+                 combine_bytes=num_recv * hidden * 2, dispatch_us=t_disp, dispatch_full_us=t_full, combine_us=t_comb,
+                 layout_us=t_layout)
     if hasattr(kern, "set_copy_engine_staging"):  # the same calls with the kernel staging its input
         kern.set_copy_engine_staging(False)
         times["dispatch_sm_staging_us"] = time_us(lambda: kern.dispatch(cached), warmup, loops, iters)

@@ -42,7 +42,7 @@ class DeepEPCalls:
     def calls(self, x: torch.Tensor, scales: Optional[torch.Tensor], topk_idx: torch.Tensor,
               topk_weights: torch.Tensor, num_experts: int, num_sms: int) -> Dict[str, Callable[[], object]]:
         """The calls to time on one routing, with DeepEP's default configs at ``num_sms`` SMs:
-        ``dispatch_full`` (layout + dispatch with its count exchange), ``dispatch`` (cached handle) and
+        ``layout``, ``dispatch_full`` (layout + dispatch with its count exchange), ``dispatch`` (cached handle) and
         ``combine`` (BF16 rows with the received weights). Runs one dispatch first (for the handle)."""
         ep, buffer = self.ep, self.buffer
         ep.Buffer.set_num_sms(num_sms)
@@ -59,6 +59,7 @@ class DeepEPCalls:
         recv_x, _, recv_weights, _, handle, _ = dispatch_full()
         num_recv = (recv_x[0] if isinstance(recv_x, tuple) else recv_x).size(0)
         y = torch.randn(num_recv, x.size(1), device=x.device).to(torch.bfloat16)
-        return {"dispatch_full": dispatch_full,
+        return {"layout": lambda: buffer.get_dispatch_layout(topk_idx, num_experts),
+                "dispatch_full": dispatch_full,
                 "dispatch": lambda: buffer.dispatch(tokens, handle=handle, config=dispatch_config),
                 "combine": lambda: buffer.combine(y, handle, topk_weights=recv_weights, config=combine_config)}

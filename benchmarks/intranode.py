@@ -179,7 +179,8 @@ def _time_reference(ref, rank, num_ranks, x, scales, idx, weights, layout, cfg) 
 
 def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_us):
     out = []
-    for op, key, bytes_key in (("dispatch", "dispatch_us", "dispatch_bytes"),
+    for op, key, bytes_key in (("layout", "layout_us", "dispatch_bytes"),
+                               ("dispatch", "dispatch_us", "dispatch_bytes"),
                                ("dispatch_full", "dispatch_full_us", "dispatch_bytes"),
                                ("dispatch_in_buffer", "dispatch_in_buffer_us", "dispatch_bytes"),
                                ("dispatch_sm_staging", "dispatch_sm_staging_us", "dispatch_bytes"),
@@ -189,13 +190,15 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
             continue
         slowest = max(m[key] for m in everyone)
-        bw = statistics.mean(m[bytes_key] / m[key] / 1e3 for m in everyone)  # GB/s per rank
+        moves = op != "layout"  # the layout kernel moves no rows: no bandwidth, no floor
+        bw = statistics.mean(m[bytes_key] / m[key] / 1e3 for m in everyone) if moves else None  # GB/s per rank
         combine = op.startswith("combine")
-        floor = floors["combine" if combine else "dispatch"]
+        floor = floors["combine" if combine else "dispatch"] if moves else 0
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
         deepep = floors.get(f"deepep_{op.replace('_sm_staging', '')}")  # DeepEP's same call
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
-                        time_us=round(slowest, 1), algbw_gbps=round(bw, 1), floor_us=round(floor, 1),
+                        time_us=round(slowest, 1), algbw_gbps=round(bw, 1) if moves else None,
+                        floor_us=round(floor, 1) if moves else None,
                         x_floor=round(slowest / floor, 3) if floor > 0 else None,
                         nccl_us=round(nccl, 1) if nccl is not None else None,
                         deepep_us=round(deepep, 1) if deepep is not None else None,
@@ -215,7 +218,7 @@ def _format_rows(rows) -> str:
 
     for r in rows:
         lines.append(f"| {r['ranks']} | {r['dtype']} | {r['hidden']} | {r['tokens']} | {r['num_sms']} | {r['op']} | "
-                     f"{r['time_us']} | {r['algbw_gbps']} | {r['floor_us']} | {r['x_floor']} | "
+                     f"{r['time_us']} | {show(r['algbw_gbps'])} | {show(r['floor_us'])} | {show(r['x_floor'])} | "
                      f"{show(r.get('deepep_us'))} | {show(r.get('deepep_x_floor'))} | {show(r.get('nccl_us'))} | "
                      f"{show(r['reference_us'])} |")
     return "\n".join(lines)

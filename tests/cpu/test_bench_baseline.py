@@ -46,7 +46,8 @@ def _deepep_calls(rank, num_ranks):
     try:
         calls = DeepEPCalls(moe_a2a, dist.group.WORLD, num_ranks, hidden).calls(x, None, idx, w, num_experts, 12)
         assert moe_a2a.Buffer.get_dispatch_config(num_ranks).num_sms == 12
-        assert set(calls) == {"dispatch_full", "dispatch", "combine"}
+        assert set(calls) == {"layout", "dispatch_full", "dispatch", "combine"}
+        layout = calls["layout"]()
         full, cached = calls["dispatch_full"](), calls["dispatch"]()
         combined, combined_w, _ = calls["combine"]()
     finally:
@@ -56,6 +57,7 @@ def _deepep_calls(rank, num_ranks):
     want = own.dispatch(x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                         topk_idx=idx, topk_weights=w)
     assert torch.equal(full[0], want[0]) and torch.equal(cached[0], want[0])
+    assert torch.equal(layout[0], per_rank) and torch.equal(layout[3], in_rank)
     assert combined.shape == x.shape and combined_w.shape == w.shape
 
 
