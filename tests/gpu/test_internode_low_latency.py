@@ -164,7 +164,8 @@ def _timeout(rank, num_ranks, per_node):
 def _masking(rank, num_ranks, per_node, lost):
     """Rank masking on the NVSHMEM kernels: the rounds of ``tests/cpu/test_rank_mask.py`` with CUDA tensors. The
     last rank (on the other node than rank 0) is masked on purpose by every rank and keeps calling, then
-    unmasked; with ``lost`` it leaves instead and ``enable_shrink`` masks it in the survivors' next call."""
+    unmasked; with ``lost`` ("exited" or "silent") it leaves instead, or stays alive making no call, and
+    ``enable_shrink`` masks it in the survivors' next call."""
     from test_rank_mask import EXPERTS_PER_RANK, HIDDEN, MAX_TOKENS, _leave_together, _round
 
     _env()
@@ -172,11 +173,11 @@ def _masking(rank, num_ranks, per_node, lost):
     timeout_s = 3.0
     rdma = Buffer.get_low_latency_rdma_size_hint(MAX_TOKENS, HIDDEN, num_ranks, EXPERTS_PER_RANK * num_ranks)
     buf = Buffer(dist.group.WORLD, 0, rdma, low_latency_mode=True, num_ranks_per_node=per_node,
-                 enable_shrink=lost, timeout_s=timeout_s)
+                 enable_shrink=lost is not None, timeout_s=timeout_s)
     assert isinstance(buf._ll_kernels, internode_low_latency.InternodeLowLatencyBackend)
     everyone, last = set(range(num_ranks)), num_ranks - 1
     _round(buf, 0, everyone, device)
-    if not lost:
+    if lost is None:
         buf.low_latency_update_mask_buffer(last, True)
         assert buf.low_latency_query_mask_buffer().tolist() == [int(r == last) for r in range(num_ranks)]
         _round(buf, 1, everyone - {last}, device)
@@ -187,7 +188,7 @@ def _masking(rank, num_ranks, per_node, lost):
     torch.cuda.synchronize()
     dist.barrier()  # nothing of round 0 is still in flight to the rank that leaves
     if rank == last:
-        time.sleep(0.2)
+        time.sleep(timeout_s + 3 if lost == "silent" else 0.2)
         os._exit(0)
     survivors = everyone - {last}
     time.sleep(0.5)
@@ -200,7 +201,7 @@ def _masking(rank, num_ranks, per_node, lost):
     _leave_together(survivors)
 
 
-@pytest.mark.parametrize("lost", [False, True], ids=["masked", "lost"])
+@pytest.mark.parametrize("lost", [None, "exited", "silent"], ids=["masked", "exited", "silent"])
 def test_internode_low_latency_rank_masking(lost):
     reason = _skip(4)
     if reason:
