@@ -168,6 +168,12 @@ def _errors(h, rank, size):
         h.init_nvshmem()
     with pytest.raises(TypeError, match="mode must be a MixedCommMode"):
         h.allreduce_allgather(x, mode="NCCL_ONE")
+    # What the fused mode would refuse (a shape rule, the same on every device).
+    ag, rs = MixedCommOp.ALLREDUCE_ALLGATHER, MixedCommOp.REDUCESCATTER_ALLREDUCE
+    assert h.fused_refuses(ag, torch.ones(3, 8, dtype=h.dtype)) is None
+    assert "multiple of 16 bytes, got 8" in h.fused_refuses(ag, torch.ones(3, 4, dtype=h.dtype))
+    assert "empty" in h.fused_refuses(rs, torch.ones(0, 8, dtype=h.dtype))
+    assert "FUSED_MAX_BUFFER_BYTES" in h.fused_refuses(ag, torch.empty(1 << 13, 1 << 13, dtype=h.dtype))
     odd = torch.ones(2 + (rank == size - 1), 4, dtype=h.dtype)
     with pytest.raises(ValueError, match=f"rank {size - 1} passes"):
         run_mixed_comm(MixedCommOp.ALLREDUCE_ALLGATHER, h, odd, check_peers=True)
