@@ -167,13 +167,13 @@ class AllReduce(torch.nn.Module):
         elif error is not None:
             raise error
         x = input.contiguous()
-        run = self._runner(path, params)
+        run = self._runner(path, op, params)
         tensors = (x, params.bias, params.residual, params.norm_weight, params.scale)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors[:4]):
             outputs = FusedAllReduceFunction.apply(run, int(op), float(params.eps), *tensors)
         else:
             outputs = run(*tensors)
-        outputs = tuple(o.view(input.shape) for o in outputs)
+        outputs = tuple(o if o.shape == input.shape else o.view(input.shape) for o in outputs)
         return outputs[0] if op == AllReduceFusionOp.NONE else outputs
 
     def workspace(self, element_size: int) -> Optional[LamportWorkspace]:
@@ -237,8 +237,7 @@ class AllReduce(torch.nn.Module):
             return "empty input"
         return None
 
-    def _runner(self, path: str, params: AllReduceParams):
-        op = AllReduceFusionOp(params.fusion_op)
+    def _runner(self, path: str, op: AllReduceFusionOp, params: AllReduceParams):
         eps = float(params.eps)
 
         def compose(summed, bias, residual, norm_weight, scale):
@@ -259,8 +258,8 @@ class AllReduce(torch.nn.Module):
 
             def run(x, bias, residual, norm_weight, scale):
                 ws = self._get_workspace(x)
-                return ws.allreduce(x.reshape(-1, x.shape[-1]), op, bias, residual, norm_weight, scale, eps,
-                                    two_shot, self.num_blocks)
+                return ws.allreduce(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), op, bias, residual,
+                                    norm_weight, scale, eps, two_shot, self.num_blocks)
         return run
 
     def _get_workspace(self, x: torch.Tensor) -> LamportWorkspace:

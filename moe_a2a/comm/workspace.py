@@ -120,13 +120,18 @@ def get_required_buffer_size_bytes(tp_size: int, num_tokens: int, hidden_dim: in
     if strategy == AllReduceStrategy.AUTO:
         strategy = AllReduceStrategy.ONESHOT if choose_strategy(tp_size, num_tokens, hidden_dim, dtype) == \
             "oneshot" else AllReduceStrategy.TWOSHOT
-    elem = _element_size(dtype)
-    if strategy in (AllReduceStrategy.ONESHOT, AllReduceStrategy.MIN_LATENCY):
-        data = tp_size * num_tokens * hidden_dim * elem
-    elif strategy == AllReduceStrategy.TWOSHOT:
+    if strategy not in (AllReduceStrategy.ONESHOT, AllReduceStrategy.MIN_LATENCY, AllReduceStrategy.TWOSHOT):
+        raise ValueError(f"strategy must be AUTO, ONESHOT or TWOSHOT, got {strategy.name}")
+    return _buffer_bytes(tp_size, num_tokens, hidden_dim, _element_size(dtype), strategy == AllReduceStrategy.TWOSHOT)
+
+
+@functools.lru_cache(maxsize=1024)
+def _buffer_bytes(tp_size: int, num_tokens: int, hidden_dim: int, elem: int, two_shot: bool) -> int:
+    """``get_required_buffer_size_bytes`` without the checks (cached: it runs on every call's path)."""
+    if two_shot:
         data = 2 * math.ceil(num_tokens / tp_size) * tp_size * hidden_dim * elem
     else:
-        raise ValueError(f"strategy must be AUTO, ONESHOT or TWOSHOT, got {strategy.name}")
+        data = tp_size * num_tokens * hidden_dim * elem
     return HEADER_BYTES_PER_RANK * tp_size + data
 
 
@@ -276,19 +281,21 @@ class LamportWorkspace:
         if x.element_size() != self.element_size:
             raise ValueError(f"this workspace serves {self.element_size}-byte elements, got {x.dtype}")
         tokens, hidden = x.shape
-        strategy = AllReduceStrategy.TWOSHOT if two_shot else AllReduceStrategy.ONESHOT
-        need = get_required_buffer_size_bytes(self.world_size, tokens, hidden, x.dtype, strategy)
+        need = _buffer_bytes(self.world_size, tokens, hidden, self.element_size, bool(two_shot))
         if need > self._buffer_size_bytes:
             self.grow(need)
         x = _aligned(x)
-        op = AllReduceFusionOp(op)
+        if type(op) is not AllReduceFusionOp:
+            op = AllReduceFusionOp(op)
         norm = op in NORM_OPS
         out_norm = torch.empty_like(x) if op != AllReduceFusionOp.RESIDUAL_RMS_NORM_QUANT_FP8 else None
         residual_out = torch.empty_like(x) if norm else None
         quant = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) if op in FP8_OPS else None
         if not num_blocks:
             num_blocks = min(tokens, self.default_blocks)
-        self._runtime.allreduce(x, _aligned(bias), _aligned(residual.reshape(x.shape)) if norm else None,
+        if norm and residual.shape != x.shape:
+            residual = residual.reshape(x.shape)
+        self._runtime.allreduce(x, _aligned(bias), _aligned(residual) if norm else None,
                                 _aligned(norm_weight) if norm else None,
                                 scale.reshape(1).float() if quant is not None else None, float(eps), norm,
                                 two_shot, int(num_blocks), out_norm, residual_out, quant)
@@ -313,7 +320,7 @@ class LamportWorkspace:
         self.check()
         if x.element_size() != self.element_size:
             raise ValueError(f"this workspace serves {self.element_size}-byte elements, got {x.dtype}")
-        need = mixed_buffer_bytes(self.world_size, send_rows, x.shape[1], x.dtype)
+        need = _buffer_bytes(self.world_size, send_rows, x.shape[1], self.element_size, False)
         if need > self._buffer_size_bytes:
             self.grow(need)
         out = torch.empty(out_blocks * send_rows, x.shape[1], dtype=x.dtype, device=x.device)
