@@ -168,9 +168,14 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         const auto limit = std::chrono::nanoseconds(2 * timeout_ns_) + std::chrono::seconds(5);
         {
             pybind11::gil_scoped_release release;
+            // The dispatch launch waits on this, so the first 200 us are a pure spin: a yield can hand the core
+            // to another thread for a whole time slice when the ranks' threads outnumber the cores. After that
+            // (a slow peer, a long previous kernel) the wait yields.
+            const auto spin_until = start + std::chrono::microseconds(200);
             while (host_->notify_seq != seq && host_->error_code == kErrNone) {
-                if (std::chrono::steady_clock::now() - start > limit) break;
-                std::this_thread::yield();
+                const auto now = std::chrono::steady_clock::now();
+                if (now - start > limit) break;
+                if (now > spin_until) std::this_thread::yield();
             }
         }
         std::string err = error();
