@@ -197,7 +197,8 @@ class MixedCommHandler:
         inter_rank, inter_size: the node index and the number of nodes.
         local_tp_size, local_dp_size, inter_tp_size, inter_dp_size: the split (None: defaults, see module doc).
         dtype: ``torch.float16`` or ``torch.bfloat16``.
-        device: where the tensors live; CUDA with an NCCL default group, or CPU with gloo.
+        device: where the tensors live; CUDA with an NCCL default group, or CPU with gloo (CUDA over gloo, for
+            ranks sharing a GPU, runs the fused mode only).
         grid_size, max_block_size, min_block_size, min_num_steps, ib_enable_ibgda, should_init_nvshmem: settings
             of the fused kernels; validated and kept, unused by the torch.distributed modes.
         use_autotune: pick the mode per size bucket by measurement (``mode=None`` means ``AUTOTUNE``).
