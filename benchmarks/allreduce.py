@@ -12,7 +12,10 @@ size (bytes of ``[tokens, hidden]`` per rank, 8 KiB to 256 MiB by default):
   cannot run several ranks on one GPU);
 * ``nccl``: ``torch.distributed.all_reduce`` alone, with one rank per GPU;
 * ``*_graph``: one-shot, two-shot and fused replayed from a CUDA graph (small messages: without the host's
-  Python and launch overhead, which otherwise dominates them).
+  Python and launch overhead, which otherwise dominates them);
+* ``auto_2x_blocks`` / ``fused_2x_blocks``: ``auto`` and ``fused`` with twice the default blocks per kernel (two
+  per SM, as the kernels' launch bounds allow), where the message has more rows than the default count (without
+  ``--blocks``): whether more rows in flight per SM shorten the row-by-row norm path.
 
 Columns: time (median of timed loops, CUDA events), bus bandwidth ``bytes * 2 (N - 1) / N / time`` (NCCL's
 definition), the copy floor and the ratio to it, and ``launch``: the time of an empty kernel launch. The
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 
 from moe_a2a.comm import AllReduce, AllReduceFusionOp, AllReduceParams, AllReduceStrategy
 from moe_a2a.comm import workspace as ws_mod
+
+from moe_a2a.launch import ranks_per_gpu
 
 from .common import commit, copy_floor_us, ints, one_rank_per_gpu, peer_copy_floor_us, run_ranks, time_us, write_report
 
@@ -80,6 +85,11 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
     ars = {name: AllReduce(None, st, timeout_s=opts["timeout_s"], num_blocks=opts["blocks"])
            for name, st in (("oneshot", AllReduceStrategy.ONESHOT), ("twoshot", AllReduceStrategy.TWOSHOT),
                             ("auto", AllReduceStrategy.AUTO))}
+    # The workspaces' default: one block per SM for each rank sharing the GPU; two per SM fit as well.
+    default_blocks = max(1, torch.cuda.get_device_properties(device).multi_processor_count // ranks_per_gpu(num_ranks))
+    if not opts["blocks"]:
+        ars["auto_2x"] = AllReduce(None, AllReduceStrategy.AUTO, timeout_s=opts["timeout_s"],
+                                   num_blocks=2 * default_blocks)
     w, l, it = opts["warmup"], opts["loops"], opts["iters"]
     launch = _launch_us(w, l, it)
     rows = []
@@ -97,6 +107,9 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
         ops["twoshot"] = lambda: ars["twoshot"](x)
         ops["auto"] = lambda: ars["auto"](x)
         ops["fused"] = lambda: ars["auto"](x, all_reduce_params=fused)
+        if "auto_2x" in ars and tokens > default_blocks:
+            ops["auto_2x_blocks"] = lambda: ars["auto_2x"](x)
+            ops["fused_2x_blocks"] = lambda: ars["auto_2x"](x, all_reduce_params=fused)
         if multi_gpu:
             def nccl():
                 y = x.clone()
