@@ -285,8 +285,6 @@ class LamportWorkspace:
         if need > self._buffer_size_bytes:
             self.grow(need)
         x = _aligned(x)
-        if type(op) is not AllReduceFusionOp:
-            op = AllReduceFusionOp(op)
         norm = op in NORM_OPS
         out_norm = torch.empty_like(x) if op != AllReduceFusionOp.RESIDUAL_RMS_NORM_QUANT_FP8 else None
         residual_out = torch.empty_like(x) if norm else None
@@ -320,7 +318,7 @@ class LamportWorkspace:
         self.check()
         if x.element_size() != self.element_size:
             raise ValueError(f"this workspace serves {self.element_size}-byte elements, got {x.dtype}")
-        need = _buffer_bytes(self.world_size, send_rows, x.shape[1], self.element_size, False)
+        need = mixed_buffer_bytes(self.world_size, send_rows, x.shape[1], x.dtype)
         if need > self._buffer_size_bytes:
             self.grow(need)
         out = torch.empty(out_blocks * send_rows, x.shape[1], dtype=x.dtype, device=x.device)
@@ -332,7 +330,7 @@ class LamportWorkspace:
 def mixed_buffer_bytes(tp_size: int, send_rows: int, hidden_dim: int, dtype: torch.dtype) -> int:
     """Bytes one Lamport buffer needs for a mixed one-shot of ``send_rows x hidden_dim`` from each of
     ``tp_size`` ranks (the one-shot all-reduce's size for that many tokens)."""
-    return get_required_buffer_size_bytes(tp_size, send_rows, hidden_dim, dtype, AllReduceStrategy.ONESHOT)
+    return _buffer_bytes(tp_size, send_rows, hidden_dim, _element_size(dtype), False)
 
 
 def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
