@@ -188,6 +188,55 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         return {err.empty() ? host_->num_recv_tokens : 0, per_expert, err};
     }
 
+    // A non-cached dispatch from its notify on: waits for the counts (as wait_notify), allocates the received
+    // tensors on `alloc_stream` (a cudaStream_t; the caller's compute or communication stream) and launches the
+    // dispatch on the current stream without returning to Python in between. The ranks' dispatch kernels meet
+    // at a barrier, so the slowest rank's host time from the notify's end to this launch delays them all.
+    // recv_x_in_buffer: the senders write the rows into the receive area when the most rows any rank receives
+    // (from the notify: the same answer on every rank) fit it. Scales, top-k ids and weights are allocated
+    // when their inputs are given. Returns (num_recv, per-expert counts, error text, most rows any rank
+    // receives, rows in the buffer, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx);
+    // on an error (the text, which the caller raises) nothing was allocated or launched.
+    std::tuple<int, std::vector<int>, std::string, int, bool, std::optional<torch::Tensor>,
+               std::optional<torch::Tensor>, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
+               std::optional<torch::Tensor>>
+    notified_dispatch(int seq, int num_local_experts, const torch::Tensor& x,
+                      const std::optional<torch::Tensor>& x_scales, const std::optional<torch::Tensor>& topk_idx,
+                      const std::optional<torch::Tensor>& topk_weights, const torch::Tensor& send_head,
+                      const torch::Tensor& rank_prefix, int num_experts, int num_sms, int64_t alloc_stream,
+                      bool recv_x_in_buffer) {
+        auto [num_rows, per_expert, err] = wait_notify(seq, num_local_experts);
+        if (!err.empty()) return {0, per_expert, err, 0, false, {}, {}, {}, {}, {}};
+        const int most = host_->max_recv_tokens;
+        const int64_t hidden = x.size(1);
+        const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
+        const int num_topk = topk_idx ? static_cast<int>(topk_idx->size(1)) : 0;
+        bool in_buffer = false;
+        if (recv_x_in_buffer) {
+            const int64_t rows_fit =
+                std::get<1>(dispatch_receive_area(static_cast<int>(hidden * x.element_size()), num_scales, num_topk));
+            in_buffer = most <= rows_fit;
+        }
+        torch::Tensor recv_x;
+        std::optional<torch::Tensor> recv_scales, recv_topk_idx, recv_topk_weights;
+        torch::Tensor recv_src_idx;
+        {
+            const c10::cuda::CUDAStreamGuard guard(
+                c10::cuda::getStreamFromExternal(reinterpret_cast<cudaStream_t>(alloc_stream), device_));
+            const auto on_device = torch::TensorOptions().device(torch::kCUDA, device_);
+            recv_x = in_buffer ? torch::from_blob(staging_base(), {num_rows, hidden}, on_device.dtype(x.scalar_type()))
+                               : torch::empty({num_rows, hidden}, on_device.dtype(x.scalar_type()));
+            if (x_scales) recv_scales = torch::empty({num_rows, num_scales}, on_device.dtype(torch::kFloat32));
+            if (topk_idx) recv_topk_idx = torch::empty({num_rows, num_topk}, on_device.dtype(torch::kInt64));
+            if (topk_weights) recv_topk_weights = torch::empty({num_rows, num_topk}, on_device.dtype(torch::kFloat32));
+            recv_src_idx = torch::empty({num_rows}, on_device.dtype(torch::kInt32));
+        }
+        dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts, num_sms, recv_x, recv_scales,
+                 recv_topk_idx, recv_topk_weights, recv_src_idx, true, in_buffer);
+        return {num_rows, per_expert, err, most, in_buffer, recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+                recv_src_idx};
+    }
+
     int dispatch_capacity(int hidden_bytes, int num_scales, int num_topk) const {
         const int h4 = hidden_bytes / 16;
         const int64_t per = dispatch_staging_bytes(1, h4, num_ranks_, num_scales, num_topk);
@@ -446,7 +495,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("error", &Runtime::error)
         .def("raise_if_error", &Runtime::raise_if_error)
         .def("notify", &Runtime::notify)
-        .def("wait_notify", &Runtime::wait_notify)
+        .def("notified_dispatch", &Runtime::notified_dispatch)
         .def("dispatch_capacity", &Runtime::dispatch_capacity)
         .def("dispatch_receive_area", &Runtime::dispatch_receive_area)
         .def("combine_capacity", &Runtime::combine_capacity)

@@ -66,6 +66,7 @@ enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStag
 struct HostInfo {
     volatile int notify_seq;       // set to the launch's sequence number once the fields below are written
     volatile int num_recv_tokens;
+    volatile int max_recv_tokens;  // the most rows any rank receives in this dispatch (fits a receive area?)
     volatile int error_code;       // ErrorCode; written last, after the other error fields
     volatile int error_peer;       // rank waited for (or -1)
     volatile int error_phase;      // Phase

@@ -350,9 +350,15 @@ notify_kernel(PeerCtx c, const int* __restrict__ num_tokens_per_expert, int num_
         c.host->recv_tokens_per_expert[l] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
     if (tid == 0) {
-        int num_recv = 0;
-        for (int s = 0; s < R; ++s) num_recv += ld_cg(header(c, s) + hdr::kSendCounts + me);
+        int num_recv = 0, most = 0;
+        for (int dst = 0; dst < R; ++dst) {
+            int rows = 0;
+            for (int s = 0; s < R; ++s) rows += ld_cg(header(c, s) + hdr::kSendCounts + dst);
+            most = max(most, rows);
+            if (dst == me) num_recv = rows;
+        }
         c.host->num_recv_tokens = num_recv;
+        c.host->max_recv_tokens = most;
         if (num_worst_tokens > 0 && num_recv > num_worst_tokens)
             record_error(c, kErrRecvOverflow, -1, kPhaseNotify, num_worst_tokens, num_recv, 0);
     }

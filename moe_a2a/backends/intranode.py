@@ -323,7 +323,7 @@ class IntranodeBackend:
         compute = self._start(previous_event)
         alloc = self._alloc_stream(compute, request.allocate_on_comm_stream)
         i32 = dict(dtype=torch.int32, device=dev)
-        num_experts = 0
+        num_experts, launched = 0, False
         with torch.cuda.stream(self.comm_stream):
             if cached:
                 rank_prefix, send_head = handle.rank_prefix_matrix, handle.send_head
@@ -342,32 +342,40 @@ class IntranodeBackend:
                              is_token_in_rank, channels, request.expert_alignment, num_worst_tokens,
                              self._seq if not num_worst_tokens else 0, send_head, channel_prefix, rank_prefix,
                              recv_channel_prefix)
-                if num_worst_tokens:
-                    num_rows, expert_list = num_worst_tokens, []
-                else:
-                    num_rows, expert_list, error = self.runtime.wait_notify(self._seq, num_experts // R)
+                if not num_worst_tokens:
+                    # Wait, allocate and launch in one call: no Python between the notify's end and the dispatch.
+                    (num_rows, expert_list, error, most, in_buffer, recv_x, recv_x_scales, recv_topk_idx,
+                     recv_topk_weights, recv_src_idx) = self._launch(
+                        "dispatch", self.runtime.notified_dispatch, self._seq, num_experts // R, x, x_scales,
+                        topk_idx, topk_weights, send_head, rank_prefix, num_experts, config.num_sms,
+                        alloc.cuda_stream, request.recv_x_in_buffer)
                     if error:
                         self._error = f"moe_a2a intranode: {error}; the buffer cannot be used again: rebuild it"
                         raise (ValueError if "ranks disagree" in error else RuntimeError)(self._error)
-            row_bytes = x.size(1) * x.element_size()
-            recv_x_in_buffer = request.recv_x_in_buffer and self._receive_area_fits(
-                rank_prefix, num_worst_tokens, row_bytes, x_scales.size(1) if x_scales is not None else 0,
-                topk_idx.size(1) if topk_idx is not None else 0)
-            if recv_x_in_buffer:
-                recv_x = self._staging_rows(num_rows, x.size(1), x.dtype)
-            with torch.cuda.stream(alloc):
-                if not recv_x_in_buffer:
-                    recv_x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=dev)
-                recv_x_scales = (torch.empty(num_rows, x_scales.size(1), dtype=torch.float32, device=dev)
-                                 if x_scales is not None else None)
-                recv_topk_idx = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.int64, device=dev)
-                                 if topk_idx is not None else None)
-                recv_topk_weights = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=dev)
-                                     if topk_weights is not None else None)
-                recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
-            self._launch("dispatch", self.runtime.dispatch, x, x_scales, topk_idx, topk_weights, send_head,
-                         rank_prefix, num_experts, config.num_sms, recv_x, recv_x_scales, recv_topk_idx,
-                         recv_topk_weights, recv_src_idx, not cached, recv_x_in_buffer)
+                    self._most_received = (rank_prefix, most)  # a cached dispatch on this handle reads no counts
+                    launched = True
+                else:
+                    num_rows, expert_list = num_worst_tokens, []
+            if not launched:  # cached, or num_worst_tokens rows: the sizes are known without a wait
+                row_bytes = x.size(1) * x.element_size()
+                recv_x_in_buffer = request.recv_x_in_buffer and self._receive_area_fits(
+                    rank_prefix, num_worst_tokens, row_bytes, x_scales.size(1) if x_scales is not None else 0,
+                    topk_idx.size(1) if topk_idx is not None else 0)
+                if recv_x_in_buffer:
+                    recv_x = self._staging_rows(num_rows, x.size(1), x.dtype)
+                with torch.cuda.stream(alloc):
+                    if not recv_x_in_buffer:
+                        recv_x = torch.empty(num_rows, x.size(1), dtype=x.dtype, device=dev)
+                    recv_x_scales = (torch.empty(num_rows, x_scales.size(1), dtype=torch.float32, device=dev)
+                                     if x_scales is not None else None)
+                    recv_topk_idx = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.int64, device=dev)
+                                     if topk_idx is not None else None)
+                    recv_topk_weights = (torch.empty(num_rows, topk_idx.size(1), dtype=torch.float32, device=dev)
+                                         if topk_weights is not None else None)
+                    recv_src_idx = torch.empty(num_rows, **i32) if not cached else None
+                self._launch("dispatch", self.runtime.dispatch, x, x_scales, topk_idx, topk_weights, send_head,
+                             rank_prefix, num_experts, config.num_sms, recv_x, recv_x_scales, recv_topk_idx,
+                             recv_topk_weights, recv_src_idx, not cached, recv_x_in_buffer)
             self._combine_input = None  # the staged tokens overwrite any combine input written in place
         if cached:
             out_handle = None
