@@ -333,11 +333,13 @@ notify_kernel(PeerCtx c, const int* __restrict__ num_tokens_per_expert, int num_
     __syncthreads();
 
     // Everything below reads what the peers published before the barrier.
+    __shared__ int s_recv[kMaxRanks];  // rows each rank receives: the last row of rank_prefix
     for (int i = tid; i < R * R; i += kNotifyThreads) {
         const int src = i / R, dst = i % R;
         int sum = 0;
         for (int s = 0; s <= src; ++s) sum += ld_cg(header(c, s) + hdr::kSendCounts + dst);
         rank_prefix[i] = sum;
+        if (src == R - 1) s_recv[dst] = sum;
     }
     for (int i = tid; i < R * num_channels; i += kNotifyThreads) {
         const int src = i / num_channels, ch = i % num_channels;
@@ -349,14 +351,11 @@ notify_kernel(PeerCtx c, const int* __restrict__ num_tokens_per_expert, int num_
         for (int s = 0; s < R; ++s) sum += ld_cg(header(c, s) + hdr::kExpertCounts + me * experts_per_rank + l);
         c.host->recv_tokens_per_expert[l] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
+    __syncthreads();  // s_recv
     if (tid == 0) {
-        int num_recv = 0, most = 0;
-        for (int dst = 0; dst < R; ++dst) {
-            int rows = 0;
-            for (int s = 0; s < R; ++s) rows += ld_cg(header(c, s) + hdr::kSendCounts + dst);
-            most = max(most, rows);
-            if (dst == me) num_recv = rows;
-        }
+        const int num_recv = s_recv[me];
+        int most = 0;
+        for (int r = 0; r < R; ++r) most = max(most, s_recv[r]);
         c.host->num_recv_tokens = num_recv;
         c.host->max_recv_tokens = most;
         if (num_worst_tokens > 0 && num_recv > num_worst_tokens)
