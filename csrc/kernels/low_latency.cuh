@@ -85,6 +85,11 @@ enum LLPhase : int { kLLPhaseDispatchRecv = 1, kLLPhaseCombineRecv = 2, kLLPhase
 
 enum LLErrorCode : int { kLLErrNone = 0, kLLErrTimeout = 1, kLLErrMismatch = 2 };
 
+// A debug probe of the NVSHMEM low-latency kernels: the last step each block of the latest launch reached,
+// written to pinned host memory, so the host reads it while a kernel hangs.
+constexpr int kLLProbeBlocks = 256;
+enum LLStep : int { kLLStepStart = 1, kLLStepSent = 2, kLLStepArrived = 3, kLLStepWaited = 4, kLLStepDone = 5 };
+
 // Pinned, device-mapped host record of the first error.
 struct LLHostError {
     volatile int code;      // LLErrorCode; written last
@@ -95,6 +100,7 @@ struct LLHostError {
     volatile int call;      // host call number of the launch (repeats under graph replay)
     volatile int mine;      // mismatch: this rank's value of the field
     volatile int theirs;    // mismatch: the peer's value
+    volatile int block_step[kLLProbeBlocks];  // probe on: (call << 4) | LLStep of each block's last step
 };
 
 struct LLCtx {

@@ -350,6 +350,17 @@ class LowLatencyRuntime {
     // Whether a peer that times out is masked (and the call goes on without it) instead of failing the call.
     void set_shrink(bool shrink) { shrink_ = shrink; }
 
+    // The step probe (LLHostError::block_step): off by default; on, later launches record each block's steps.
+    void set_step_probe(bool on) { probe_ = on; }
+
+    // (call << 4) | step of each of the first `num_blocks` blocks' last recorded step (0: none yet); no sync.
+    std::vector<int> block_steps(int num_blocks) const {
+        std::vector<int> out;
+        for (int b = 0; host_ && b < std::min(num_blocks, moe_a2a::kLLProbeBlocks); ++b)
+            out.push_back(static_cast<int>(host_->block_step[b]));
+        return out;
+    }
+
     // Zero the signals and the workspace (collective: the caller synchronizes the ranks around it).
     std::string clean() {
         if (!sym_) return "the low-latency buffer is not allocated";
@@ -436,6 +447,7 @@ class LowLatencyRuntime {
         c.use_nvlink = use_nvlink_ ? 1 : 0;
         c.mask = mask_;
         c.shrink = shrink_ ? 1 : 0;
+        c.probe = probe_ ? host_dev_ : nullptr;
         return "";
     }
 
@@ -449,6 +461,7 @@ class LowLatencyRuntime {
     uint64_t timeout_ns_ = 0;
     bool use_nvlink_ = true;
     bool shrink_ = false;
+    bool probe_ = false;
 };
 
 }  // namespace moe_a2a::internode
@@ -482,6 +495,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("clean", &LowLatencyRuntime::clean)
         .def("rank_mask", &LowLatencyRuntime::rank_mask)
         .def("set_shrink", &LowLatencyRuntime::set_shrink)
+        .def("set_step_probe", &LowLatencyRuntime::set_step_probe)
+        .def("block_steps", &LowLatencyRuntime::block_steps)
         .def("dispatch", &LowLatencyRuntime::dispatch)
         .def("combine", &LowLatencyRuntime::combine)
         .def("send_buffer", &LowLatencyRuntime::send_buffer)

@@ -46,6 +46,12 @@ __device__ __forceinline__ bool skips(const Ctx& c, int r) {
     return ld_volatile(c.mask + r) != 0 || ld_volatile(c.mask + c.rank) != 0;
 }
 
+// With the probe on, thread 0 of the block records the step it reached (see LLHostError::block_step).
+__device__ __forceinline__ void probe_step(const Ctx& c, int step) {
+    if (c.probe != nullptr && threadIdx.x == 0 && blockIdx.x < kLLProbeBlocks)
+        c.probe->block_step[blockIdx.x] = (c.call << 4) | step;
+}
+
 // The peer's copy of symmetric address `p` when NVSHMEM maps it into this process (NVLink / same GPU).
 __device__ __forceinline__ char* peer_ptr(const Ctx& c, void* p, int pe) {
     return c.use_nvlink ? static_cast<char*>(nvshmem_ptr(p, pe)) : nullptr;
@@ -113,7 +119,10 @@ __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, u
         if (skips(c, i % R)) values[i] = 0;
         else pending |= 1u << j;
     }
-    const uint64_t start = global_timer_ns();
+    // Lane 0's clock for the whole warp, and every decision to stop taken by the warp as one: the lanes meet at
+    // warp-synchronous calls (the ballot below, __syncwarp), where a lane that stopped alone would leave the
+    // others waiting forever (lanes can leave the loop above at different times, so their clocks differ).
+    const uint64_t start = __shfl_sync(0xFFFFFFFFu, global_timer_ns(), 0);
     uint32_t nap_ns = 32;
     while (true) {
         const uint64_t now = global_timer_ns();
@@ -127,8 +136,8 @@ __device__ void warp_wait_counts(const Ctx& c, const int* sig, int n, int tag, u
         }
         const unsigned waiting = __ballot_sync(0xFFFFFFFFu, pending != 0);
         if (waiting == 0) break;
-        const bool aborted = ld_volatile(c.workspace + kLLWorkspaceAbort) != 0;
-        const bool late = global_timer_ns() - start > c.timeout_ns;
+        const bool aborted = __any_sync(0xFFFFFFFFu, ld_volatile(c.workspace + kLLWorkspaceAbort) != 0);
+        const bool late = __any_sync(0xFFFFFFFFu, global_timer_ns() - start > c.timeout_ns);
         if (aborted || late) {
             if (late && !aborted) {
                 fence_acq_rel_sys();
@@ -241,8 +250,11 @@ __device__ void dispatch_send(const Ctx& c, const LLDispatchArgs& a, int tag, in
     }
 
     // Data of every block complete, then one count per (expert's rank, local expert).
+    probe_step(c, kLLStepSent);
     int* ws = set_workspace(c);
-    if (arrive_last_after_quiet(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, &sh.flag)) {
+    const bool last = arrive_last_after_quiet(ws + kLLWsDispatchArrive, ws + kLLWsDispatchEpoch, tag, &sh.flag);
+    probe_step(c, kLLStepArrived);
+    if (last) {
         for (int e = tid; e < E; e += blockDim.x) {
             const int dst = e / L, l = e - dst * L;
             if (skips(c, dst)) continue;
@@ -264,6 +276,7 @@ __device__ void dispatch_recv(const Ctx& c, const LLDispatchArgs& a, int tag, Di
         warp_wait_counts(c, signals(c) + kSigDispatch, E, tag, stats, sh.scan, mine);
     }
     __syncthreads();
+    probe_step(c, kLLStepWaited);
     // Every source's counts came (its signature was put before them): compare before using any.
     if (!ld_volatile(c.workspace + kLLWorkspaceAbort))
         for (int s = tid; s < R; s += blockDim.x)
@@ -304,8 +317,10 @@ __global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(const __grid_co
     const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
     // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
     const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
+    probe_step(c, kLLStepStart);
     if ((phases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, sh);
     if ((phases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
+    probe_step(c, kLLStepDone);
 }
 
 // ------------------------------------------------------------------------------------------ combine
@@ -366,8 +381,11 @@ __device__ void combine_send(const Ctx& c, const CombineArgs& ca, int tag, Combi
             nvshmemx_putmem_nbi_warp(remote, staged, wire_bytes, s);
         }
     }
+    probe_step(c, kLLStepSent);
     int* ws = set_workspace(c);
-    if (arrive_last_after_quiet(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag))
+    const bool last = arrive_last_after_quiet(ws + kLLWsCombineArrive, ws + kLLWsCombineEpoch, tag, &sh.flag);
+    probe_step(c, kLLStepArrived);
+    if (last)
         for (int r = tid; r < R; r += blockDim.x)
             if (!skips(c, r)) signal_set(c, signals(c) + kSigCombine + c.rank, tag, r);
 }
@@ -385,6 +403,7 @@ __device__ void combine_recv(const Ctx& c, const CombineArgs& ca, int tag, Combi
         sh.ok[r] = ok;
     }
     __syncthreads();
+    probe_step(c, kLLStepWaited);
     const int my_tokens = T > static_cast<int>(blockIdx.x) ? (T - blockIdx.x + G - 1) / G : 0;
     if (my_tokens == 0) return;
     const int row_int4 = a.hidden / 8;
@@ -411,8 +430,10 @@ __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(const __grid_con
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
     const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
+    probe_step(c, kLLStepStart);
     if ((phases & kLLSend) != 0) combine_send<kFormat>(c, a, tag, sh);
     if ((phases & kLLRecv) != 0) combine_recv<kFormat>(c, a, tag, sh, dyn);
+    probe_step(c, kLLStepDone);
 }
 
 std::string launch_error(const char* what) {

@@ -51,6 +51,7 @@ struct Ctx {
     int use_nvlink;            // store directly to peers NVSHMEM maps (nvshmem_ptr), else always put
     int* mask;                 // [num_ranks] local, 1 = masked rank: neither waited for nor sent to
     int shrink;                // a peer that times out is masked instead of failing the call
+    LLHostError* probe;        // the host record whose block_step the blocks write, or nullptr (probe off)
 };
 
 struct CombineArgs {

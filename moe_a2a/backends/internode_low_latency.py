@@ -26,7 +26,7 @@ that span several nodes, as in DeepEP's low-latency mode:
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -136,7 +136,18 @@ class InternodeLowLatencyBackend(LowLatencyBackend):
                          handle.num_experts, handle.num_max_dispatch_tokens_per_rank, set_, self.num_sms, call, phases,
                          wire_format)
 
-    # ------------------------------------------------------------------ probes (benchmark)
+    # ------------------------------------------------------------------ probes (debug, benchmark)
+    STEPS = ("none", "start", "rows sent", "arrival counted", "peers waited for", "done")
+
+    def set_step_probe(self, on: bool) -> None:
+        """Debug probe: the launches after this record, per block, the last step reached (``STEPS``) in pinned
+        host memory, which ``block_steps`` reads without a device sync, also while a kernel hangs."""
+        self._rt.set_step_probe(bool(on))
+
+    def block_steps(self) -> List[Tuple[int, str]]:
+        """``(call number, step)`` of every block's last recorded step (``(0, "none")`` before any)."""
+        return [(v >> 4, self.STEPS[v & 15]) for v in self._rt.block_steps(self.num_sms)]
+
     def empty_kernel(self) -> None:
         raise NotImplementedError("the internode low-latency backend has no probe kernels")
 

@@ -60,7 +60,12 @@ def _correctness(rank, num_ranks, per_node):
     _many_calls(rank, num_ranks, kern, num_pairs=500)
     dist.barrier()
     kern.clean()
+    kern.set_step_probe(True)  # the debug probe: every block of the last launch (a combine) reached its end
     _round_trip(kern, ref, rank, num_ranks, "after clean", 999, 16, 16 - rank, 2048, 64, 4, "fp8", False, False, False)
+    torch.cuda.synchronize()
+    steps = kern.block_steps()
+    assert len(steps) == kern.num_sms and len({call for call, _ in steps}) == 1, steps
+    assert all(step == "done" for _, step in steps), steps
     kern.destroy()
 
     # Everything through NVSHMEM puts (what crosses nodes over RDMA), no direct stores.
