@@ -91,9 +91,11 @@ class Buffer:
                 ``dispatch`` (``num_tokens_per_rank``, ``is_token_in_rank``, ``num_tokens_per_expert``,
                 ``num_tokens_per_rdma_rank``) against each other and against ``topk_idx``, recomputed on the
                 tensors' device: O(num_tokens * (num_topk + num_ranks)) device work and one host sync per call.
-                They are skipped while a CUDA graph is captured and on the ``num_worst_tokens`` path, which
-                promises no host sync; ``False`` skips them all (nothing extra runs). Shapes, dtypes and
-                devices are always checked.
+                A dispatch handed the tensors ``get_dispatch_layout`` returned, with the same ``topk_idx``, none
+                modified in place since, runs none of them: the layout call checked the ids (one host sync) and
+                the counts derive from them. They are skipped while a CUDA graph is captured and on the
+                ``num_worst_tokens`` path, which promises no host sync; ``False`` skips them all (nothing extra
+                runs). Shapes, dtypes and devices are always checked.
             enable_shrink: low-latency calls mask a rank that fails (connection lost, or nothing within
                 ``timeout_s``) and complete over the others, instead of raising (see
                 ``low_latency_update_mask_buffer``). The low-latency kernels (IPC and NVSHMEM), and the reference
@@ -150,6 +152,7 @@ class Buffer:
         self._handle_hidden: Dict[int, int] = {}  # id(handle.recv_src_idx) -> hidden of its tokens
         self._capped = set()  # (op, num_sms) already warned about by _fit_config
         self._dispatch_epoch = 0  # non-cached dispatches completed: the epoch of the next handle
+        self._checked_layout: Optional[checks.CheckedTensors] = None  # the last layout whose ids were checked
         if enable_shrink:
             self._check_masking()
 
@@ -406,13 +409,17 @@ class Buffer:
         self._check_alive()
         checks.tensor("topk_idx", topk_idx, (torch.int64,), (None, None))
         checks.experts_divisible(num_experts, self.group_size)
-        if self.check_values:
+        ids_checked = self.check_values and not (topk_idx.is_cuda and torch.cuda.is_current_stream_capturing())
+        if ids_checked:
             checks.expert_ids("topk_idx", topk_idx, num_experts)
         if topk_idx.is_cuda and intranode.extension_available():  # every backend counts CUDA ids with the kernel
             checks.at_most("num_experts", num_experts, LAYOUT_MAX_EXPERTS, "the layout kernel")
         backend = self._kernels if topk_idx.is_cuda and self._kernels is not None else self._reference
         *layout, event = backend.get_dispatch_layout(LayoutRequest(
             topk_idx, num_experts, self._event_to_wait(previous_event), async_finish, allocate_on_comm_stream))
+        # The counts and mask derive from ids just checked: a dispatch handed these very tensors, unmodified,
+        # skips its value checks (dispatch).
+        self._checked_layout = checks.CheckedTensors(topk_idx, *layout) if ids_checked else None
         return (*layout, EventOverlap(event))
 
     def dispatch(self, x: Tokens, handle: Optional[DispatchHandle] = None,
@@ -505,8 +512,11 @@ class Buffer:
                               (self.num_rdma_ranks,), device)
             if topk_weights is not None and topk_idx is None:
                 raise ValueError("topk_weights needs topk_idx")
-            # num_worst_tokens promises no host sync, so value checks (which read device memory) are skipped.
-            check_values = self.check_values and not num_worst_tokens
+            # num_worst_tokens promises no host sync, so value checks (which read device memory) are skipped; so
+            # are they for the layout get_dispatch_layout returned and checked, passed on unmodified.
+            check_values = self.check_values and not num_worst_tokens and not (
+                self._checked_layout is not None and self._checked_layout.same(
+                    topk_idx, num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank))
             if topk_idx is not None:
                 checks.tensor("topk_idx", topk_idx, (torch.int64,), (num_tokens, None), device)
                 if on_kernels:

@@ -8,11 +8,42 @@ call to do not check again (``moe_a2a.backends.base``). ``kernel_rows`` and ``at
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from .limits import ROW_ALIGN_BYTES
+
+
+class CheckedTensors:
+    """Tensors whose values were checked, held weakly with their version counters: ``same(*tensors)`` tells
+    whether a later call got exactly those tensors (``None`` where ``None`` was), none modified in place since,
+    so that call may skip checking their values again (a host sync each). Inference-mode tensors keep no
+    version counter and never match."""
+
+    def __init__(self, *tensors: Optional[torch.Tensor]) -> None:
+        self._refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
+        self._versions = tuple(_version(t) for t in tensors)
+
+    def same(self, *tensors: Optional[torch.Tensor]) -> bool:
+        if len(tensors) != len(self._refs):
+            return False
+        for t, ref, version in zip(tensors, self._refs, self._versions):
+            if (t is None) != (ref is None):
+                return False
+            if t is not None and (ref() is not t or version is None or _version(t) != version):
+                return False
+        return True
+
+
+def _version(t: Optional[torch.Tensor]) -> Optional[int]:
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor
+        return None
 
 
 def tensor(name: str, t, dtypes: Iterable[torch.dtype], shape: Optional[Sequence[Optional[int]]] = None,

@@ -100,8 +100,23 @@ def _metadata_body(rank, num_ranks):
         buffer.dispatch(x, topk_idx=idx, topk_weights=w, **lying_layout)
     with pytest.raises(ValueError, match=r"num_tokens_per_rank \[.*\] disagrees with is_token_in_rank"):
         buffer.dispatch(x, **dict(layout, num_tokens_per_rank=layout["num_tokens_per_rank"] + 1))
-    # check_values=False runs none of these checks; the per-expert counts still come from what arrived.
     from moe_a2a import checks
+
+    # The layout get_dispatch_layout returned (and checked), passed on unmodified: no second value check.
+    original = checks.routing_metadata, checks.expert_ids
+    checks.routing_metadata = checks.expert_ids = None  # any call would raise TypeError
+    try:
+        buffer.dispatch(x, topk_idx=idx, topk_weights=w, **layout)
+    finally:
+        checks.routing_metadata, checks.expert_ids = original
+    # Modified in place since (or another topk_idx): checked again.
+    fresh = _layout(buffer, idx)
+    fresh["is_token_in_rank"][3] = ~fresh["is_token_in_rank"][3]
+    with pytest.raises(ValueError, match=r"num_tokens_per_rank \[.*\] disagrees with is_token_in_rank"):
+        buffer.dispatch(x, topk_idx=idx, topk_weights=w, **fresh)
+    with pytest.raises(ValueError, match=r"topk_idx holds expert id 99"):
+        buffer.dispatch(x, topk_idx=idx.clone().fill_(99), topk_weights=w, **_layout(buffer, idx))
+    # check_values=False runs none of these checks; the per-expert counts still come from what arrived.
 
     unchecked = _readme_buffer(check_values=False)
     original = checks.routing_metadata
