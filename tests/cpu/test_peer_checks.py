@@ -172,3 +172,18 @@ def test_signature_messages():
     assert agreement.disagreement([a, a]) is None
     assert agreement.disagreement([a, b, a], ranks=[0, 1, 2]) == (
         "ranks disagree on the top-k weights dtype of combine: ranks 0, 2: torch.float32; rank 1: torch.float64")
+
+
+def test_checked_tensors_match_only_the_same_unmodified_tensors():
+    from moe_a2a.checks import CheckedTensors
+
+    a, b = torch.arange(4), torch.ones(2, dtype=torch.bool)
+    stamp = CheckedTensors(a, None, b)
+    assert stamp.same(a, None, b)
+    assert not stamp.same(a.clone(), None, b)  # another tensor with equal values
+    assert not stamp.same(a, b, None) and not stamp.same(a, None) and not stamp.same(a, None, b, None)
+    b[0] = False  # modified in place: its version counter moved on
+    assert not stamp.same(a, None, b)
+    with torch.inference_mode():
+        c = torch.zeros(3)
+    assert not CheckedTensors(c).same(c)  # inference tensors keep no version counter
