@@ -187,6 +187,17 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         times["combine_sm_staging_us"] = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)),
                                                  warmup, loops, iters)
         kern.set_copy_engine_staging(True)
+    if hasattr(kern, "set_combine_windows"):  # pipelined combines: token windows, each flagged when staged
+        defaults = kern.combine_windows, kern.combine_stage_blocks
+        comb = lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights))  # noqa: E731
+        kern.set_combine_windows(8)
+        times["combine_windows8_us"] = time_us(comb, warmup, loops, iters)
+        kern.set_copy_engine_staging(False)
+        for n, stagers in ((4, 0), (8, 0), (8, 2), (8, 4), (16, 4), (8, 6)):
+            kern.set_combine_windows(n, stagers)
+            times[f"combine_sm_windows{n}_stagers{stagers}_us"] = time_us(comb, warmup, loops, iters)
+        kern.set_copy_engine_staging(True)
+        kern.set_combine_windows(*defaults)
     if zero_copy and hasattr(kern, "dispatch_receive_rows"):
         room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
         if all(gather(num_recv <= room)):  # every rank takes the same path
@@ -197,6 +208,12 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
         times["combine_zero_copy_us"] = time_us(
             lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
+        if hasattr(kern, "set_combine_windows"):
+            default_windows = kern.combine_windows
+            kern.set_combine_windows(8)
+            times["combine_zero_copy_windows8_us"] = time_us(
+                lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
+            kern.set_combine_windows(default_windows)
     return handle, times
 
 

@@ -186,7 +186,12 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
                                ("dispatch_sm_staging", "dispatch_sm_staging_us", "dispatch_bytes"),
                                ("combine", "combine_us", "combine_bytes"),
                                ("combine_sm_staging", "combine_sm_staging_us", "combine_bytes"),
-                               ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes")):
+                               ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes"),
+                               # pipelined combines (set_combine_windows): copy-engine / kernel staging
+                               ("combine_windows8", "combine_windows8_us", "combine_bytes"),
+                               *((f"combine_sm_windows{n}_stagers{k}", f"combine_sm_windows{n}_stagers{k}_us",
+                                  "combine_bytes") for n, k in ((4, 0), (8, 0), (8, 2), (8, 4), (16, 4), (8, 6))),
+                               ("combine_zero_copy_windows8", "combine_zero_copy_windows8_us", "combine_bytes")):
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
             continue
         slowest = max(m[key] for m in everyone)
@@ -195,7 +200,8 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         combine = op.startswith("combine")
         floor = floors["combine" if combine else "dispatch"] if moves else 0
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
-        deepep = floors.get(f"deepep_{op.replace('_sm_staging', '')}")  # DeepEP's same call
+        same_call = "combine" if combine and op.split("_")[1:2] != ["zero"] else op.replace("_sm_staging", "")
+        deepep = floors.get(f"deepep_{same_call}")  # DeepEP's same call
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1) if moves else None,
                         floor_us=round(floor, 1) if moves else None,

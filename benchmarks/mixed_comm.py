@@ -4,9 +4,12 @@ sequence of torch collectives, per-rank sizes 8 KiB to 256 MiB, one JSON.
     python -m benchmarks mixed-comm --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --out mixed.json
     python -m benchmarks mixed-comm --device cpu --num-ranks 4 --local-size 2 --local-tp 2 --max-bytes 64K
 
-Spawns ``--num-ranks`` processes: on CUDA one GPU per rank with a ``cpu:gloo,cuda:nccl`` default group (NCCL
-cannot put two ranks of a group on one GPU); ``--device cpu`` runs on gloo (a smoke test). ``--local-size``
-splits the ranks into (virtual) nodes. Rows are ``--row-bytes`` wide (8 KiB, the autotuner's base), and
+Spawns ``--num-ranks`` processes: on CUDA one GPU per rank with a ``cpu:gloo,cuda:nccl`` default group; with
+more ranks than GPUs they share the GPUs under CUDA MPS on a gloo group (NCCL cannot put two ranks of a group
+on one GPU): the fused mode is then the only mode and ``unfused`` runs the torch composition on gloo over
+host copies of the tensors (``x.cpu()``, the collectives, ``.to(device)``), the one torch path left there,
+and ``floor`` is one device-to-device copy of the bytes every rank writes (they share the GPU's memory);
+``--device cpu`` runs on gloo (a smoke test). ``--local-size`` splits the ranks into (virtual) nodes. Rows are ``--row-bytes`` wide (8 KiB, the autotuner's base), and
 "bytes" is the per-rank input of the gather-type ops and the per-rank output of the scatter-type ops (the
 autotuner's size measure). Per size and op:
 
@@ -21,6 +24,7 @@ autotuner's size measure). Per size and op:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -30,7 +34,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from moe_a2a.launch import RanksFailed, spawn
+from benchmarks.common import commit
+from moe_a2a.launch import RanksFailed, mps_if_needed, spawn
 from moe_a2a.comm import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
 from moe_a2a.comm.mixed import FUSED_MODES
 
@@ -46,8 +51,11 @@ def parse_bytes(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
 
 
-def unfused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor) -> torch.Tensor:
-    """The sequence of plain torch collectives the fused operation replaces."""
+def unfused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, host: bool = False) -> torch.Tensor:
+    """The sequence of plain torch collectives the fused operation replaces (``host``: on copies in host
+    memory, for CUDA tensors on a gloo group)."""
+    if host:
+        return unfused(h, op, x.cpu()).to(x.device)
     p = h.para_info
     if op == MixedCommOp.ALLREDUCE:
         out = x.clone()
@@ -91,9 +99,30 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return float(worst.item())
 
 
+def copy_floor(nbytes: int, device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds of one device-to-device copy of ``nbytes`` (rank 0 alone; the others wait)."""
+    t = 0.0
+    if dist.get_rank() == 0:
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        for _ in range(warmup):
+            dst.copy_(src)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            dst.copy_(src)
+        end.record()
+        end.synchronize()
+        t = start.elapsed_time(end) / 1e3 / iters
+    out = torch.tensor([t], dtype=torch.float64)
+    dist.broadcast(out, 0)
+    return float(out.item())
+
+
 def run_rank(rank: int, size: int, args) -> list:
     """Every measurement of this rank's process (the same list on every rank)."""
-    device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+    shared = args.device == "cuda" and size > torch.cuda.device_count()
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -116,11 +145,15 @@ def run_rank(rank: int, size: int, args) -> list:
             if op not in _GATHER:
                 rows *= p.dp_size
             x = torch.empty(rows, hidden, dtype=dtype, device=device).uniform_(-0.5, 0.5, generator=gen)
-            ref = unfused(h, op, x)
-            t_ref = timed(lambda: unfused(h, op, x), device, args.warmup, args.iters)
+            ref = unfused(h, op, x, host=shared)
+            t_ref = timed(lambda: unfused(h, op, x, host=shared), device, args.warmup, args.iters)
             row = {"op": op.name, "bytes": nbytes, "mode": "unfused", "time_us": t_ref * 1e6, "speedup": 1.0,
                    "max_abs_diff": 0.0}
             results.append(row)
+            if shared:  # every rank writes its output once: one copy of all of them through the GPU's memory
+                t_floor = copy_floor(size * ref.numel() * ref.element_size(), device, args.warmup, args.iters)
+                results.append({"op": op.name, "bytes": nbytes, "mode": "floor", "time_us": t_floor * 1e6,
+                                "speedup": t_ref / t_floor, "max_abs_diff": 0.0})
             chosen = h.select_autotune_mode(op, x)
             for mode in h.valid_mode_list:
                 if mode in FUSED_MODES and h.fused_refuses(op, x):  # a small-message mode: not at this size
@@ -131,6 +164,10 @@ def run_rank(rank: int, size: int, args) -> list:
                 name = mode.name if mode != MixedCommMode.AUTOTUNE else f"AUTOTUNE({chosen.name})"
                 results.append({"op": op.name, "bytes": nbytes, "mode": name, "time_us": t * 1e6,
                                 "speedup": t_ref / t, "max_abs_diff": diff})
+            if shared:  # each row's time over the copy floor
+                for r in results:
+                    if r["op"] == op.name and r["bytes"] == nbytes:
+                        r["x_floor"] = r["time_us"] / (t_floor * 1e6)
             if rank == 0 and not args.quiet:
                 line = " ".join(f"{r['mode']}={r['time_us']:.1f}us" for r in results if r["op"] == op.name
                                 and r["bytes"] == nbytes)
@@ -161,18 +198,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and args.num_ranks > torch.cuda.device_count():
-        raise SystemExit(f"--num-ranks {args.num_ranks} needs one GPU per rank (NCCL), "
-                         f"{torch.cuda.device_count()} visible")
-    backend = "cpu:gloo,cuda:nccl" if args.device == "cuda" else "gloo"
+    shared = args.device == "cuda" and args.num_ranks > torch.cuda.device_count()
+    backend = "cpu:gloo,cuda:nccl" if args.device == "cuda" and not shared else "gloo"
     try:
-        info, results = spawn(run_rank, args.num_ranks, args, backend=backend, cuda_device=args.device == "cuda",
-                              timeout=3600.0)[0]
+        with mps_if_needed(args.num_ranks) if shared else contextlib.nullcontext():
+            info, results = spawn(run_rank, args.num_ranks, args, backend=backend,
+                                  cuda_device=args.device == "cuda", timeout=3600.0)[0]
     except RanksFailed as exc:
         raise SystemExit(f"benchmark ranks failed: {exc}") from None
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
               "num_ranks": args.num_ranks, "dtype": args.dtype, "row_bytes": args.row_bytes,
+              "shared_gpu": shared, "commit": commit(),
               "command": "python -m benchmarks mixed-comm " + " ".join(sys.argv[1:] if argv is None else argv),
               "topology": info, "results": results}
     if args.out:

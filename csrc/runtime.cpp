@@ -122,7 +122,8 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
                    " staged rows (the handle does not match the dispatch that rank saw)";
         if (code == kErrMismatch) {
             static const char* const fields[kSignatureInts] = {"operation (1 dispatch, 2 combine)", "bytes per row",
-                                                               "scales per row", "top-k width", "number of experts"};
+                                                               "scales per row", "top-k width", "number of experts",
+                                                               "combine windows (set_combine_windows)"};
             const int field = host_->error_round;
             return me + ": ranks disagree on the " + std::string(field >= 0 && field < kSignatureInts ? fields[field] : "?") +
                    " in " + phase_name(host_->error_phase) + ": rank " + std::to_string(rank_) + " has " +
@@ -195,9 +196,9 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     // recv_x_in_buffer: the senders write the rows into the receive area when the most rows any rank receives
     // (from the notify: the same answer on every rank) fit it. Scales, top-k ids and weights are allocated
     // when their inputs are given. Returns (num_recv, per-expert counts, error text, most rows any rank
-    // receives, rows in the buffer, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx);
-    // on an error (the text, which the caller raises) nothing was allocated or launched.
-    std::tuple<int, std::vector<int>, std::string, int, bool, std::optional<torch::Tensor>,
+    // receives, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, recv_src_idx); on an error (the
+    // text, which the caller raises) nothing was allocated or launched.
+    std::tuple<int, std::vector<int>, std::string, int, std::optional<torch::Tensor>,
                std::optional<torch::Tensor>, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
                std::optional<torch::Tensor>>
     notified_dispatch(int seq, int num_local_experts, const torch::Tensor& x,
@@ -206,7 +207,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
                       const torch::Tensor& rank_prefix, int num_experts, int num_sms, int64_t alloc_stream,
                       bool recv_x_in_buffer) {
         auto [num_rows, per_expert, err] = wait_notify(seq, num_local_experts);
-        if (!err.empty()) return {0, per_expert, err, 0, false, {}, {}, {}, {}, {}};
+        if (!err.empty()) return {0, per_expert, err, 0, {}, {}, {}, {}, {}};
         const int most = host_->max_recv_tokens;
         const int64_t hidden = x.size(1);
         const int num_scales = x_scales ? static_cast<int>(x_scales->size(1)) : 0;
@@ -233,8 +234,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         }
         dispatch(x, x_scales, topk_idx, topk_weights, send_head, rank_prefix, num_experts, num_sms, recv_x, recv_scales,
                  recv_topk_idx, recv_topk_weights, recv_src_idx, true, in_buffer);
-        return {num_rows, per_expert, err, most, in_buffer, recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
-                recv_src_idx};
+        return {num_rows, per_expert, err, most, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx};
     }
 
     int dispatch_capacity(int hidden_bytes, int num_scales, int num_topk) const {
@@ -362,6 +362,9 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         a.out = out.data_ptr();
         a.out_weights = opt_ptr<float>(out_weights);
         a.capacity = combine_capacity(hidden_bytes, num_topk);
+        a.num_windows = combine_windows_;
+        a.stage_blocks = std::min(combine_stage_blocks_, num_sms - 1);
+        signature_[5] = combine_windows_;  // the ranks must run the same schedule (see launch_combine)
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
         // When all received rows (and their weights) fit the buffer, the copy engine stages them in arrival
@@ -425,6 +428,20 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     // the bytes are the same; which is faster depends on the GPU and on how many ranks share it.
     void set_copy_engine_staging(bool on) { copy_engine_staging_ = on; }
 
+    // Combines whose tokens fit the buffer at once run as a pipeline of `n` token windows (the kernel's
+    // blocks stage window k + 1 before pulling window k; each pull waits for that window's flag on every
+    // rank), or with one barrier between staging and pulling (n = 0). Every rank must use the same n: the
+    // prologue compares it and reports a difference.
+    // With the kernel staging, `stage_blocks` of its blocks only stage the windows while the others pull
+    // (0: every block stages its share of a window, then pulls the previous one).
+    void set_combine_windows(int64_t n, int64_t stage_blocks) {
+        MOE_A2A_CHECK(n >= 0 && n <= kMaxCombineWindows, "combine windows must be in [0, ", kMaxCombineWindows,
+                      "], got ", n);
+        MOE_A2A_CHECK(stage_blocks >= 0, "combine stage blocks must be >= 0, got ", stage_blocks);
+        combine_windows_ = static_cast<int>(n);
+        combine_stage_blocks_ = static_cast<int>(std::min<int64_t>(stage_blocks, 1 << 20));
+    }
+
     // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
     void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
         signature_[0] = op;
@@ -432,6 +449,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         signature_[2] = static_cast<int>(num_scales);
         signature_[3] = static_cast<int>(num_topk);
         signature_[4] = static_cast<int>(num_experts);
+        signature_[5] = 0;  // combine() sets its window count
     }
 
     // A view of the staging area (DeepEP's get_local_buffer_tensor): `offset` bytes in.
@@ -470,6 +488,8 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     int64_t num_nvl_bytes_;
     int64_t bulk_min_rows_ = 8192;
     bool copy_engine_staging_ = true;
+    int combine_windows_ = 0;
+    int combine_stage_blocks_ = 0;
     int signature_[kSignatureInts] = {};
 };
 
@@ -503,6 +523,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("combine", &Runtime::combine)
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
         .def("set_copy_engine_staging", &Runtime::set_copy_engine_staging)
+        .def("set_combine_windows", &Runtime::set_combine_windows)
         .def("encode_rows", &Runtime::encode_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("set_signature", &Runtime::set_signature)

@@ -24,6 +24,7 @@ constexpr int kMaxChannels = 64;      // channels of channel_prefix_matrix (num_
 constexpr int kMaxExperts = 4096;     // experts whose counts the notify step exchanges
 constexpr int kMaxLocalExperts = 1024;
 constexpr int kDispatchThreads = 512;   // threads of a dispatch block (one block per SM, 128 registers each)
+constexpr int kMaxCombineWindows = 32; // token windows of a pipelined combine (CombineArgs::num_windows)
 constexpr int kCombineThreads = 512;    // combine keeps a register per rank and lane: fewer, fatter threads
 // Dispatch's bulk pull: rows move global -> shared -> global by bulk copies (TMA), never through
 // registers, so a block keeps about as many bytes in flight as kBulkSmemBytes.
@@ -47,6 +48,8 @@ constexpr int kSendCounts = 16;       // [kMaxRanks] tokens sent to each rank
 constexpr int kChannelPrefix = 32;    // [kMaxRanks][kMaxChannels] this rank's channel_prefix_matrix
 constexpr int kPeerDone = 600;        // [kMaxRanks] each peer's kEpoch when it last finished a dispatch/combine
 constexpr int kSignature = 700;       // [kSignatureInts] what every rank's current operation must agree on
+constexpr int kWindowArrive = 720;    // [kMaxCombineWindows] blocks that staged their share of each window
+constexpr int kWindowReady = 760;     // [kMaxCombineWindows] epoch of the operation whose window is staged
 constexpr int kExpertCounts = 1024;   // [kMaxExperts] this rank's num_tokens_per_expert
 constexpr int kInts = 8192;           // header size in ints (32 KiB); the staging area follows
 }  // namespace hdr
@@ -57,8 +60,9 @@ enum ErrorCode : int { kErrNone = 0, kErrPeerTimeout = 1, kErrGridTimeout = 2, k
 
 // What the ranks of one operation must agree on, published by each rank with its first barrier and compared
 // after it: the operation (1 dispatch, 2 combine), bytes per row (hidden size and dtype: BF16 or FP8), scales
-// per row (FP8 or not), top-k width, number of experts (0 where the operation has none).
-constexpr int kSignatureInts = 5;
+// per row (FP8 or not), top-k width, number of experts (0 where the operation has none), windows of a
+// combine's pipeline (0 for every other operation).
+constexpr int kSignatureInts = 6;
 enum Phase : int { kPhaseNotify = 1, kPhaseDispatchStart = 2, kPhaseDispatchStaged = 3, kPhaseCombineStart = 4,
                    kPhaseCombineStaged = 5, kPhaseCombineInput = 6 };
 
@@ -138,6 +142,11 @@ struct CombineArgs {
     int capacity;                                   // tokens per source rank staged per round
     int format;                                     // rows as kLLFormatBF16Combine or kLLFormatFP8Combine
                                                     // (encoded by launch_encode_rows; wire_format.cuh)
+    int num_windows;                                // > 0: when every token fits one round, stage and pull
+                                                    // in this many token windows, a flag per window instead
+                                                    // of a barrier (same on every rank: in the signature)
+    int stage_blocks;                               // pipelined, kernel staging: blocks that only stage
+                                                    // (0: every block stages, then pulls)
 };
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream);

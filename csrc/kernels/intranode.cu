@@ -386,9 +386,11 @@ struct DispatchLayout {
 };
 
 // Grid-wide copy of `n` 16-byte words (stage a contiguous slice of a local input into the buffer).
-__device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64_t n) {
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+// Copies by the blocks [0, blocks) of the grid (this block is `block` among them): all of it by default.
+__device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64_t n, int block = -1, int blocks = -1) {
+    if (blocks < 0) block = blockIdx.x, blocks = gridDim.x;
+    const int64_t stride = static_cast<int64_t>(blocks) * blockDim.x;
+    int64_t i = static_cast<int64_t>(block) * blockDim.x + threadIdx.x;
     for (; i + 3 * stride < n; i += 4 * stride) {
         const int4 a = ld_nc_v4(src + i), b = ld_nc_v4(src + i + stride), d = ld_nc_v4(src + i + 2 * stride),
                    e = ld_nc_v4(src + i + 3 * stride);
@@ -400,9 +402,10 @@ __device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64
     for (; i < n; i += stride) st_na_v4(dst + i, ld_nc_v4(src + i));
 }
 
-__device__ __forceinline__ void grid_copy_words(int* dst, const int* src, int64_t n) {
-    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+__device__ __forceinline__ void grid_copy_words(int* dst, const int* src, int64_t n, int block = -1, int blocks = -1) {
+    if (blocks < 0) block = blockIdx.x, blocks = gridDim.x;
+    const int64_t stride = static_cast<int64_t>(blocks) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(block) * blockDim.x + threadIdx.x; i < n; i += stride)
         dst[i] = __ldg(src + i);
 }
 
@@ -644,138 +647,277 @@ __device__ __forceinline__ void add_chunk(float* acc, const int4& raw) {
     }
 }
 
+// Shared state of one combine block: what the peers published, and per warp the copies of its token.
+struct CombineShared {
+    int tokens[kMaxRanks];
+    int offset[kMaxRanks + 1];  // received rows from sources < r (this rank's arrival order)
+    int rows[kMaxRanks];        // rows peer r staged in arrival order, or -1 (slot layout)
+    int first[kMaxRanks];       // first row on peer r that came from this rank
+    int64_t wbase[kMaxRanks];   // byte offset of peer r's staged weights
+    int win_begin[kMaxRanks];   // pipelined arrival-order staging: the current window's rows of source r
+    int win_end[kMaxRanks];
+    const int4* row_ptr[kCombineThreads / 32][kMaxRanks];
+};
+
+// Stage by slots: received row j (from source s, its token t) goes to slot [s, t - first] when t is in
+// [lo, hi), a part of this round's window [first, first + Q).
+__device__ void stage_slots(const PeerCtx& c, const CombineArgs& a, const CombineShared& s, const CombineLayout& L,
+                            int first, int lo, int hi, int gwarp, int num_warps, int lane) {
+    const int R = c.num_ranks, Q = a.capacity, K = a.num_topk, H4 = a.hidden_int4;
+    char* mine = staging(c, c.rank);
+    const int num_recv = s.offset[R];
+    for (int b = gwarp; b * 32 < num_recv; b += num_warps) {
+        const int j_lane = b * 32 + lane;
+        int slot = -1, src_rank = 0;
+        if (j_lane < num_recv) {
+            const int t = __ldg(a.recv_src_idx + j_lane);
+            while (src_rank + 1 < R && j_lane >= s.offset[src_rank + 1]) ++src_rank;
+            if (t >= lo && t < hi) slot = src_rank * Q + (t - first);
+        }
+        unsigned mask = __ballot_sync(0xffffffff, slot >= 0);
+        while (mask) {
+            const int l = __ffs(mask) - 1;
+            mask &= mask - 1;
+            const int dst = __shfl_sync(0xffffffff, slot, l);
+            const int64_t j = b * 32 + l;
+            warp_copy_lean<false, 8>(reinterpret_cast<int4*>(mine + L.data) + static_cast<int64_t>(dst) * H4,
+                                     static_cast<const int4*>(a.x) + j * H4, H4, lane);
+            if (a.topk_weights && lane < K)
+                reinterpret_cast<float*>(mine + L.weights)[static_cast<int64_t>(dst) * K + lane] =
+                    __ldg(a.topk_weights + j * K + lane);
+        }
+    }
+}
+
+// Stage in arrival order: rows [begin, end) of x (and their weights) to the same rows of the staging area,
+// by blocks [0, blocks) (all of the grid by default).
+__device__ void stage_rows(const PeerCtx& c, const CombineArgs& a, const CombineShared& s, int64_t begin, int64_t end,
+                           int block = -1, int blocks = -1) {
+    if (end <= begin) return;
+    char* mine = staging(c, c.rank);
+    const int64_t H4 = a.hidden_int4;
+    grid_copy_int4(reinterpret_cast<int4*>(mine) + begin * H4, static_cast<const int4*>(a.x) + begin * H4,
+                   (end - begin) * H4, block, blocks);
+    if (a.topk_weights)
+        grid_copy_words(reinterpret_cast<int*>(mine + s.wbase[c.rank]) + begin * a.num_topk,
+                        reinterpret_cast<const int*>(a.topk_weights) + begin * a.num_topk, (end - begin) * a.num_topk,
+                        block, blocks);
+}
+
+// Pull tokens first + [i0, i1): one warp per token; its copies from every rank it went to, summed in f32
+// in rank order (the reference's order), plus the biases. A copy is at slot [me, i] of a peer that staged
+// by slots, else at its arrival row first[r] + send_head[t, r].
+template <int kFormat>
+__device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShared& s, const CombineLayout& L,
+                            int first, int i0, int i1, int gwarp, int num_warps, int lane, int round) {
+    const int R = c.num_ranks, me = c.rank, Q = a.capacity, K = a.num_topk, H4 = a.hidden_int4;
+    const int4** row_ptr = s.row_ptr[threadIdx.x / 32];
+    for (int i = i0 + gwarp; i < i1; i += num_warps) {
+        const int64_t t = first + i;
+        __syncwarp();  // the previous token's row addresses are no longer read
+        int64_t my_row = -1;  // lane r < R: row of token t's copy in rank r's staging
+        if (lane < R && a.is_token_in_rank[t * R + lane]) {
+            if (s.rows[lane] < 0) {
+                my_row = static_cast<int64_t>(me) * Q + i;
+            } else {
+                const int head = __ldg(a.send_head + t * R + lane), row = s.first[lane] + head;
+                if (head >= 0 && row < s.rows[lane])
+                    my_row = row;
+                else
+                    record_error(c, kErrBadHandle, lane, kPhaseCombineStaged, s.rows[lane], row, round);
+            }
+        }
+        const unsigned ranks = __ballot_sync(0xffffffff, my_row >= 0);
+        // Row addresses in shared memory: kept in registers they would spill.
+        if (my_row >= 0) row_ptr[lane] = reinterpret_cast<const int4*>(staging(c, lane) + L.data) + my_row * H4;
+        __syncwarp();
+        // Two 16-byte chunks per lane and rank in flight: up to 2 * R loads before the first add.
+        for (int w = lane; w < H4; w += 64) {
+            const bool two = w + 32 < H4;
+            int4 v[kMaxRanks][2];
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r)
+                if (ranks >> r & 1) {
+                    const int4* row = row_ptr[r];
+                    v[r][0] = load_chunk<kFormat>(row, w);
+                    if (two) v[r][1] = load_chunk<kFormat>(row, w + 32);
+                }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half == 1 && !two) break;
+                const int wi = w + 32 * half;
+                float acc[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+                for (int r = 0; r < kMaxRanks; ++r)
+                    if (ranks >> r & 1) add_chunk<kFormat>(acc, v[r][half]);
+                if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + t * H4 + wi));
+                if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + t * H4 + wi));
+                int4 out;
+                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+                st_na_v4(static_cast<int4*>(a.out) + t * H4 + wi, out);
+            }
+        }
+        if (a.out_weights) {
+            float sum = 0.0f;
+            for (int r = 0; r < R; ++r) {
+                const int64_t row = __shfl_sync(0xffffffff, my_row, r);
+                if ((ranks >> r & 1) && lane < K)
+                    sum += __int_as_float(
+                        ld_cg(reinterpret_cast<const int*>(staging(c, r) + s.wbase[r]) + row * K + lane));
+            }
+            if (lane < K) a.out_weights[t * K + lane] = sum;
+        }
+    }
+}
+
+// Window k of a pipelined combine is staged on this rank: the block that completes it (the last of the
+// `blocks` staging blocks) raises the flag to this operation's epoch, which every rank shares after the
+// prologue's barrier.
+__device__ void publish_window(const PeerCtx& c, int k, int epoch, int blocks) {
+    __syncthreads();  // every store of this block's share was issued
+    if (threadIdx.x != 0) return;
+    int* h = header(c, c.rank);
+    __threadfence_system();
+    if (atomicAdd(h + hdr::kWindowArrive + k, 1) != blocks - 1) return;
+    atomicExch(h + hdr::kWindowArrive + k, 0);  // every staging block passed window k
+    __threadfence_system();
+    st_release_sys(h + hdr::kWindowReady + k, epoch);
+}
+
+// Before pulling window k: every rank (this one included) staged it. False once the buffer is aborted.
+__device__ bool wait_window(const PeerCtx& c, int k, int epoch) {
+    __shared__ int s_ok;
+    if (threadIdx.x == 0) s_ok = 1;
+    __syncthreads();
+    if (threadIdx.x < c.num_ranks) {
+        const int* flag = header(c, threadIdx.x) + hdr::kWindowReady + k;
+        int seen = ld_acquire_sys(flag);
+        if (!counter_reached(seen, epoch)) {
+            const uint64_t deadline = global_timer_ns() + c.timeout_ns;
+            while (!counter_reached(seen = ld_acquire_sys(flag), epoch)) {
+                if (aborted(c)) {
+                    s_ok = 0;
+                    break;
+                }
+                if (global_timer_ns() > deadline) {
+                    s_ok = 0;
+                    record_error(c, kErrPeerTimeout, threadIdx.x, kPhaseCombineStaged, epoch, seen, k);
+                    break;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+// Stage window k of a pipelined combine: tokens [k * width, (k + 1) * width) of every source. In arrival
+// order a source's rows are sorted by token, so there the window is one range of rows per source, found by
+// bisection from where the previous window ended. Blocks [0, blocks) of the grid stage it (this block is
+// `block` among them).
+__device__ void stage_window(const PeerCtx& c, const CombineArgs& a, CombineShared& s, const CombineLayout& L, int k,
+                             int width, int max_tokens, bool flat, int block, int blocks, int lane) {
+    const int lo = k * width, hi = min(max_tokens, lo + width);
+    const int gwarp = block * (blockDim.x / 32) + threadIdx.x / 32, num_warps = blocks * (blockDim.x / 32);
+    if (!flat) {
+        stage_slots(c, a, s, L, 0, lo, hi, gwarp, num_warps, lane);
+        return;
+    }
+    const int r = threadIdx.x;
+    if (r < c.num_ranks) {
+        int b = s.win_begin[r], e = s.offset[r + 1];
+        while (b < e) {
+            const int m = (b + e) / 2;
+            if (__ldg(a.recv_src_idx + m) < hi) b = m + 1; else e = m;
+        }
+        s.win_end[r] = b;
+    }
+    __syncthreads();
+    for (int src = 0; src < c.num_ranks; ++src) stage_rows(c, a, s, s.win_begin[src], s.win_end[src], block, blocks);
+    __syncthreads();  // every thread read win_begin
+    if (r < c.num_ranks) s.win_begin[r] = s.win_end[r];
+}
+
 // kFormat: how the staged rows are encoded (a.format); BF16, or FP8 rows from launch_encode_rows, which keep
 // their BF16 slots (staging moves whole slots) while the peers' pulls read only the encoded bytes.
+//
+// Two schedules. Rounds: stage a window of Q tokens per source, meet every peer, pull, repeat (any token
+// count). Pipelined (a.num_windows > 0 and every token fits one round): the tokens are cut into windows,
+// staged in order (by every block before it pulls the previous window, or by a.stage_blocks blocks of
+// their own while the rest pull), and a pull waits only for that window's flag on each rank, so staging
+// overlaps pulling and no barrier stops the grid. Rows staged before the kernel (copy engine, zero-copy
+// input) make every window ready at once.
 template <int kFormat>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, CombineArgs a) {
-    __shared__ int s_tokens[kMaxRanks];
-    __shared__ int s_offset[kMaxRanks + 1];
-    __shared__ int s_rows[kMaxRanks];       // rows peer r staged in arrival order, or -1 (slot layout)
-    __shared__ int s_first[kMaxRanks];      // first row on peer r that came from this rank
-    __shared__ int64_t s_wbase[kMaxRanks];  // byte offset of peer r's staged weights
-    __shared__ const int4* s_row_ptr[kCombineThreads / 32][kMaxRanks];  // per warp: the copies of its token
+    __shared__ CombineShared s;
     const int R = c.num_ranks, me = c.rank, lane = threadIdx.x % 32;
     // The prologue kernel published the token counts and staged rows and met the peers.
     if (aborted(c)) return;
 
-    const int max_tokens = load_peer_tokens(c, s_tokens);
+    const int max_tokens = load_peer_tokens(c, s.tokens);
     const int Q = a.capacity, K = a.num_topk, H4 = a.hidden_int4;
     const CombineLayout L(Q, H4, R, K);
-    if (threadIdx.x <= R) s_offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
+    if (threadIdx.x <= R) s.offset[threadIdx.x] = threadIdx.x == 0 ? 0 : a.rank_prefix[(threadIdx.x - 1) * R + me];
     if (threadIdx.x < R) {
         const int r = threadIdx.x, rows = ld_cg(header(c, r) + hdr::kStagedRows);
-        s_rows[r] = rows;
-        s_first[r] = me == 0 ? 0 : a.rank_prefix[(me - 1) * R + r];
-        s_wbase[r] = rows >= 0 ? align16(static_cast<int64_t>(rows) * H4 * 16) : L.weights;
+        s.rows[r] = rows;
+        s.first[r] = me == 0 ? 0 : a.rank_prefix[(me - 1) * R + r];
+        s.wbase[r] = rows >= 0 ? align16(static_cast<int64_t>(rows) * H4 * 16) : L.weights;
     }
     __syncthreads();
-    const int num_recv = s_offset[R];
     const int num_warps = gridDim.x * (blockDim.x / 32);
     const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int num_rounds = (max_tokens + Q - 1) / Q;
-    const int4** row_ptr = s_row_ptr[threadIdx.x / 32];
+    const bool flat = a.staged_rows >= 0;
 
+    if (a.num_windows > 0 && max_tokens <= Q) {
+        // The prologue's barrier left the same epoch on every rank: it names this operation's windows.
+        const int epoch = ld_volatile(header(c, me) + hdr::kEpoch);
+        const int width = max(1, (max_tokens + a.num_windows - 1) / a.num_windows);
+        const int num_windows = (max_tokens + width - 1) / width;
+        const bool stage_here = !flat || a.stage_in_kernel;
+        if (threadIdx.x < R) s.win_begin[threadIdx.x] = s.offset[threadIdx.x];
+        __syncthreads();
+        // Specialized: the first a.stage_blocks blocks stage every window while the others pull, so staging
+        // and pulling run at once. Otherwise every block stages its share of window k + 1, then pulls k.
+        const int G = gridDim.x, stagers = stage_here && a.stage_blocks > 0 && a.stage_blocks < G ? a.stage_blocks : 0;
+        if (stagers > 0 && static_cast<int>(blockIdx.x) < stagers) {
+            for (int k = 0; k < num_windows; ++k) {
+                stage_window(c, a, s, L, k, width, max_tokens, flat, blockIdx.x, stagers, lane);
+                publish_window(c, k, epoch, stagers);
+            }
+            finish_op(c);
+            return;
+        }
+        const int wpb = blockDim.x / 32;
+        const int pull_warp = gwarp - stagers * wpb, pull_warps = num_warps - stagers * wpb;
+        for (int k = 0; k <= num_windows; ++k) {
+            if (k < num_windows && stagers == 0) {
+                if (stage_here) stage_window(c, a, s, L, k, width, max_tokens, flat, blockIdx.x, G, lane);
+                publish_window(c, k, epoch, G);
+            }
+            if (k == 0) continue;
+            const int w = k - 1;
+            if (!wait_window(c, w, epoch)) return;
+            pull_tokens<kFormat>(c, a, s, L, 0, min(a.num_tokens, w * width), min(a.num_tokens, (w + 1) * width),
+                                 pull_warp, pull_warps, lane, w);
+        }
+        finish_op(c);
+        return;
+    }
+
+    const int num_rounds = (max_tokens + Q - 1) / Q;
     for (int round = 0; round < num_rounds; ++round) {
         const int first = round * Q;
         if (round > 0 && !grid_barrier(c, true, kPhaseCombineStart, round)) return;
-        // Stage: received row j (from source s, its token t) goes to slot [s, t - first] when t is in
-        // this round's window, unless the copy engine staged every row in arrival order already.
-        char* mine = staging(c, me);
-        for (int b = gwarp; a.staged_rows < 0 && b * 32 < num_recv; b += num_warps) {
-            const int j_lane = b * 32 + lane;
-            int slot = -1, src_rank = 0;
-            if (j_lane < num_recv) {
-                const int t = __ldg(a.recv_src_idx + j_lane);
-                while (src_rank + 1 < R && j_lane >= s_offset[src_rank + 1]) ++src_rank;
-                if (t >= first && t < first + Q) slot = src_rank * Q + (t - first);
-            }
-            unsigned mask = __ballot_sync(0xffffffff, slot >= 0);
-            while (mask) {
-                const int l = __ffs(mask) - 1;
-                mask &= mask - 1;
-                const int dst = __shfl_sync(0xffffffff, slot, l);
-                const int64_t j = b * 32 + l;
-                warp_copy_lean<false, 8>(reinterpret_cast<int4*>(mine + L.data) + static_cast<int64_t>(dst) * H4,
-                                    static_cast<const int4*>(a.x) + j * H4, H4, lane);
-                if (a.topk_weights && lane < K)
-                    reinterpret_cast<float*>(mine + L.weights)[static_cast<int64_t>(dst) * K + lane] =
-                        __ldg(a.topk_weights + j * K + lane);
-            }
-        }
-        if (a.staged_rows >= 0 && a.stage_in_kernel) {  // arrival order, once (a single round then)
-            grid_copy_int4(reinterpret_cast<int4*>(mine + L.data), static_cast<const int4*>(a.x),
-                           static_cast<int64_t>(a.staged_rows) * H4);
-            if (a.topk_weights)
-                grid_copy_words(reinterpret_cast<int*>(mine) + s_wbase[me] / 4,
-                                reinterpret_cast<const int*>(a.topk_weights),
-                                static_cast<int64_t>(a.staged_rows) * K);
-        }
+        if (!flat) stage_slots(c, a, s, L, first, first, first + Q, gwarp, num_warps, lane);
+        if (flat && a.stage_in_kernel && round == 0) stage_rows(c, a, s, 0, a.staged_rows);
         if (!grid_barrier(c, true, kPhaseCombineStaged, round)) return;
-
-        // Pull: one warp per token of this round; copies from every rank it went to, summed in f32
-        // in rank order (the reference's order), plus the biases. A copy is at slot [me, i] of a
-        // peer that staged by slots, else at its arrival row s_first[r] + send_head[t, r].
-        const int n = max(0, min(Q, a.num_tokens - first));
-        for (int i = gwarp; i < n; i += num_warps) {
-            const int64_t t = first + i;
-            __syncwarp();  // the previous token's row addresses are no longer read
-            int64_t my_row = -1;  // lane r < R: row of token t's copy in rank r's staging
-            if (lane < R && a.is_token_in_rank[t * R + lane]) {
-                if (s_rows[lane] < 0) {
-                    my_row = static_cast<int64_t>(me) * Q + i;
-                } else {
-                    const int head = __ldg(a.send_head + t * R + lane), row = s_first[lane] + head;
-                    if (head >= 0 && row < s_rows[lane])
-                        my_row = row;
-                    else
-                        record_error(c, kErrBadHandle, lane, kPhaseCombineStaged, s_rows[lane], row, round);
-                }
-            }
-            const unsigned ranks = __ballot_sync(0xffffffff, my_row >= 0);
-            // Row addresses in shared memory: kept in registers they would spill.
-            if (my_row >= 0) row_ptr[lane] = reinterpret_cast<const int4*>(staging(c, lane) + L.data) + my_row * H4;
-            __syncwarp();
-            // Two 16-byte chunks per lane and rank in flight: up to 2 * R loads before the first add.
-            for (int w = lane; w < H4; w += 64) {
-                const bool two = w + 32 < H4;
-                int4 v[kMaxRanks][2];
-#pragma unroll
-                for (int r = 0; r < kMaxRanks; ++r)
-                    if (ranks >> r & 1) {
-                        const int4* row = row_ptr[r];
-                        v[r][0] = load_chunk<kFormat>(row, w);
-                        if (two) v[r][1] = load_chunk<kFormat>(row, w + 32);
-                    }
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    if (half == 1 && !two) break;
-                    const int wi = w + 32 * half;
-                    float acc[8];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-#pragma unroll
-                    for (int r = 0; r < kMaxRanks; ++r)
-                        if (ranks >> r & 1) add_chunk<kFormat>(acc, v[r][half]);
-                    if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + t * H4 + wi));
-                    if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + t * H4 + wi));
-                    int4 out;
-                    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-                    st_na_v4(static_cast<int4*>(a.out) + t * H4 + wi, out);
-                }
-            }
-            if (a.out_weights) {
-                float sum = 0.0f;
-                for (int r = 0; r < R; ++r) {
-                    const int64_t row = __shfl_sync(0xffffffff, my_row, r);
-                    if ((ranks >> r & 1) && lane < K)
-                        sum += __int_as_float(
-                            ld_cg(reinterpret_cast<const int*>(staging(c, r) + s_wbase[r]) + row * K + lane));
-                }
-                if (lane < K) a.out_weights[t * K + lane] = sum;
-            }
-        }
+        pull_tokens<kFormat>(c, a, s, L, first, 0, max(0, min(Q, a.num_tokens - first)), gwarp, num_warps, lane,
+                             round);
     }
     finish_op(c);
 }

@@ -94,6 +94,11 @@ _C = _native.Lazy("_C")  # loaded at the first kernel call; absent without CUDA 
 #: Received rows from which dispatch pulls with bulk copies (override: ``MOE_A2A_BULK_MIN_ROWS``).
 BULK_MIN_ROWS = 8192
 
+#: Token windows of a combine whose tokens fit the buffer at once (0: stage, one barrier, pull).
+COMBINE_WINDOWS = 0
+#: Blocks of such a combine that only stage its input while the others pull (0: every block does both).
+COMBINE_STAGE_BLOCKS = 0
+
 
 def extension_available() -> bool:
     """Whether the compiled extension ``moe_a2a._C`` is importable."""
@@ -179,6 +184,8 @@ class IntranodeBackend:
         self._most_received = None  # (rank_prefix_matrix, most rows any rank receives) of the last handle
         # (rows, hidden) of the combine input view handed out and still intact, else None.
         self._combine_input: Optional[tuple] = None
+        self.combine_windows = self.combine_stage_blocks = 0
+        self.set_combine_windows(COMBINE_WINDOWS, COMBINE_STAGE_BLOCKS)
         _native.track(self)
 
     def set_bulk_min_rows(self, rows: int) -> None:
@@ -193,6 +200,18 @@ class IntranodeBackend:
         if not isinstance(on, bool):
             raise ValueError(f"copy engine staging must be True or False, got {on!r}")
         self.runtime.set_copy_engine_staging(on)
+
+    def set_combine_windows(self, n: int, stage_blocks: int = 0) -> None:
+        """Run combines whose tokens fit the buffer at once as a pipeline of ``n`` token windows (a pull
+        waits only for its window's flag on every rank) or with one barrier between staging and pulling
+        (``n = 0``). Where the kernel stages its input, ``stage_blocks`` of its blocks only stage while the
+        others pull (0: every block stages its share of window k + 1, then pulls window k). Same results;
+        every rank must use the same ``n`` (a difference is reported by the combine)."""
+        for name, v in (("combine windows", n), ("combine stage blocks", stage_blocks)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        self.runtime.set_combine_windows(n, stage_blocks)
+        self.combine_windows, self.combine_stage_blocks = n, stage_blocks
 
     # ------------------------------------------------------------------ helpers
     def _check_usable(self) -> None:
@@ -344,8 +363,8 @@ class IntranodeBackend:
                              recv_channel_prefix)
                 if not num_worst_tokens:
                     # Wait, allocate and launch in one call: no Python between the notify's end and the dispatch.
-                    (num_rows, expert_list, error, most, in_buffer, recv_x, recv_x_scales, recv_topk_idx,
-                     recv_topk_weights, recv_src_idx) = self._launch(
+                    (num_rows, expert_list, error, most, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                     recv_src_idx) = self._launch(
                         "dispatch", self.runtime.notified_dispatch, self._seq, num_experts // R, x, x_scales,
                         topk_idx, topk_weights, send_head, rank_prefix, num_experts, config.num_sms,
                         alloc.cuda_stream, request.recv_x_in_buffer)

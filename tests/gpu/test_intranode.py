@@ -183,14 +183,19 @@ def _correctness(rank, num_ranks):
 
     # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
     # shared memory: the middle configuration of every case takes the bulk path whatever its size. The last
-    # one has the kernels stage their inputs instead of the copy engine.
+    # one has the kernels stage their inputs instead of the copy engine. Combines run with the default
+    # schedule, then pipelined in 3 windows (copy-engine staging), then in 4 (the kernel stages each window:
+    # every block in turn, or, in odd cases, 3 blocks that only stage while the others pull).
+    default_windows, default_stagers = kern.combine_windows, kern.combine_stage_blocks
     for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 4096)):
         case = Case(rank, num_ranks, i, **spec)
         for j, (align, worst, bias) in enumerate(((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2))):
             kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
             kern.set_copy_engine_staging(j != 2)
+            kern.set_combine_windows((default_windows, 3, 4)[j], (default_stagers, 0, 3 * (i % 2))[j])
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
     kern.set_copy_engine_staging(True)
+    kern.set_combine_windows(default_windows, default_stagers)
     with pytest.raises(ValueError):
         kern.set_bulk_min_rows(-1)
 
@@ -201,12 +206,17 @@ def _correctness(rank, num_ranks):
     case = Case(rank, num_ranks, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
     _round_trip(small, ref, case, dcfg, 1, 0, 1)
     small.set_bulk_min_rows(1 << 30)
+    small.set_combine_windows(8)  # more tokens than one round holds: the combine runs in rounds regardless
     case = Case(rank, num_ranks, 98, num_tokens=200, hidden=7168, num_experts=256, topk=8, fp8=True)
     _round_trip(small, ref, case, dcfg, 1, 1000 * num_ranks, 0)
     small.destroy()
 
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg)
-    kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
+    kern.set_combine_windows(5)  # the pipelined schedule on zero-copy inputs
+    _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=20)
+    kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay, pipelined combines
+    kern.set_combine_windows(2, 1)
+    kern.set_copy_engine_staging(False)
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
     kern.destroy()
 
