@@ -154,8 +154,9 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     DeepEP counts: received for dispatch, sent back for combine. ``zero_copy``: also the combine of an
     input written into the buffer beforehand (``combine_zero_copy_us``) and the cached dispatch whose senders
     write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank. Backends whose
-    staging copy engine can be turned off also time the cached dispatch and the combine with the kernel
-    staging its input (``dispatch_sm_staging_us``, ``combine_sm_staging_us``)."""
+    staging copy engine can be turned off also time the cached dispatch with the kernel staging its input
+    (``dispatch_sm_staging_us``), and those with a pipelined combine its other schedules (``combine_windows{n}_us``:
+    n = 0, one barrier after the copy engine staged the input; 4 or 16 token windows)."""
     from moe_a2a.backends import intranode
     from moe_a2a.backends.base import CombineRequest, DispatchRequest
     from moe_a2a.config import combine_input_bytes
@@ -184,20 +185,14 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     if hasattr(kern, "set_copy_engine_staging"):  # the same calls with the kernel staging its input
         kern.set_copy_engine_staging(False)
         times["dispatch_sm_staging_us"] = time_us(lambda: kern.dispatch(cached), warmup, loops, iters)
-        times["combine_sm_staging_us"] = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)),
-                                                 warmup, loops, iters)
         kern.set_copy_engine_staging(True)
-    if hasattr(kern, "set_combine_windows"):  # pipelined combines: token windows, each flagged when staged
-        defaults = kern.combine_windows, kern.combine_stage_blocks
+    if hasattr(kern, "set_combine_windows"):  # the combine's other schedules (default: pipelined in windows)
+        default_windows = kern.combine_windows
         comb = lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights))  # noqa: E731
-        kern.set_combine_windows(8)
-        times["combine_windows8_us"] = time_us(comb, warmup, loops, iters)
-        kern.set_copy_engine_staging(False)
-        for n, stagers in ((4, 0), (8, 0), (8, 2), (8, 4), (16, 4), (8, 6)):
-            kern.set_combine_windows(n, stagers)
-            times[f"combine_sm_windows{n}_stagers{stagers}_us"] = time_us(comb, warmup, loops, iters)
-        kern.set_copy_engine_staging(True)
-        kern.set_combine_windows(*defaults)
+        for n in (0, 4, 16):
+            kern.set_combine_windows(n)
+            times[f"combine_windows{n}_us"] = time_us(comb, warmup, loops, iters)
+        kern.set_combine_windows(default_windows)
     if zero_copy and hasattr(kern, "dispatch_receive_rows"):
         room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
         if all(gather(num_recv <= room)):  # every rank takes the same path
@@ -208,12 +203,6 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
         times["combine_zero_copy_us"] = time_us(
             lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
-        if hasattr(kern, "set_combine_windows"):
-            default_windows = kern.combine_windows
-            kern.set_combine_windows(8)
-            times["combine_zero_copy_windows8_us"] = time_us(
-                lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
-            kern.set_combine_windows(default_windows)
     return handle, times
 
 

@@ -5,7 +5,9 @@ kernels on DeepEP's shapes and reports, per shape and SM count:
 
 * ``dispatch``: the dispatch kernel alone (cached mode: same rows, no count exchange);
 * ``dispatch_full``: layout + count exchange (host sync) + dispatch, what a first call costs;
-* ``combine``: the combine kernel, its input an ordinary tensor (staged into the buffer first);
+* ``combine``: the combine kernel, its input an ordinary tensor (staged into the buffer by the kernel, in
+  token windows pipelined with the pull); ``combine_windows0``: staged by the copy engine, then one barrier,
+  then the pull; ``combine_windows4`` / ``16``: other window counts (``set_combine_windows``);
 * ``combine_zero_copy``: the same combine with its input written into the buffer beforehand, outside the
   timed region (``get_next_combine_buffer``, as the expert or un-permute kernel writing it would);
 * ``floor``: the copy engine moving the same bytes, measured in the same run; ``x floor`` is the kernel
@@ -185,13 +187,9 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
                                ("dispatch_in_buffer", "dispatch_in_buffer_us", "dispatch_bytes"),
                                ("dispatch_sm_staging", "dispatch_sm_staging_us", "dispatch_bytes"),
                                ("combine", "combine_us", "combine_bytes"),
-                               ("combine_sm_staging", "combine_sm_staging_us", "combine_bytes"),
                                ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes"),
-                               # pipelined combines (set_combine_windows): copy-engine / kernel staging
-                               ("combine_windows8", "combine_windows8_us", "combine_bytes"),
-                               *((f"combine_sm_windows{n}_stagers{k}", f"combine_sm_windows{n}_stagers{k}_us",
-                                  "combine_bytes") for n, k in ((4, 0), (8, 0), (8, 2), (8, 4), (16, 4), (8, 6))),
-                               ("combine_zero_copy_windows8", "combine_zero_copy_windows8_us", "combine_bytes")):
+                               # the combine with one barrier (copy-engine staging) or in 4 / 16 windows
+                               *((f"combine_windows{n}", f"combine_windows{n}_us", "combine_bytes") for n in (0, 4, 16))):
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
             continue
         slowest = max(m[key] for m in everyone)
@@ -200,7 +198,7 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         combine = op.startswith("combine")
         floor = floors["combine" if combine else "dispatch"] if moves else 0
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
-        same_call = "combine" if combine and op.split("_")[1:2] != ["zero"] else op.replace("_sm_staging", "")
+        same_call = "combine" if op.startswith("combine_windows") else op.replace("_sm_staging", "")
         deepep = floors.get(f"deepep_{same_call}")  # DeepEP's same call
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1) if moves else None,

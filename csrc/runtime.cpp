@@ -363,7 +363,6 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         a.out_weights = opt_ptr<float>(out_weights);
         a.capacity = combine_capacity(hidden_bytes, num_topk);
         a.num_windows = combine_windows_;
-        a.stage_blocks = std::min(combine_stage_blocks_, num_sms - 1);
         signature_[5] = combine_windows_;  // the ranks must run the same schedule (see launch_combine)
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
@@ -383,7 +382,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
         if (flat && rows > 0) {
-            a.stage_in_kernel = !in_place && !copy_engine_staging_;
+            a.stage_in_kernel = !in_place && (!copy_engine_staging_ || combine_windows_ > 0);
             if (!in_place && !a.stage_in_kernel)
                 MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
                                                    static_cast<size_t>(rows) * hidden_bytes, cudaMemcpyDeviceToDevice,
@@ -425,21 +424,19 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
 
     // Whether the copy engine stages a dispatch's input rows and a combine's input rows and weights into the
     // buffer before the kernel (one cudaMemcpyAsync each), or the kernel's own blocks copy them. Either way
-    // the bytes are the same; which is faster depends on the GPU and on how many ranks share it.
+    // the bytes are the same; which is faster depends on the GPU and on how many ranks share it. A
+    // pipelined combine (set_combine_windows) always stages in the kernel.
     void set_copy_engine_staging(bool on) { copy_engine_staging_ = on; }
 
     // Combines whose tokens fit the buffer at once run as a pipeline of `n` token windows (the kernel's
     // blocks stage window k + 1 before pulling window k; each pull waits for that window's flag on every
     // rank), or with one barrier between staging and pulling (n = 0). Every rank must use the same n: the
-    // prologue compares it and reports a difference.
-    // With the kernel staging, `stage_blocks` of its blocks only stage the windows while the others pull
-    // (0: every block stages its share of a window, then pulls the previous one).
-    void set_combine_windows(int64_t n, int64_t stage_blocks) {
+    // prologue compares it and reports a difference. A pipelined combine stages in the kernel (the copy
+    // engine would stage everything before the first pull).
+    void set_combine_windows(int64_t n) {
         MOE_A2A_CHECK(n >= 0 && n <= kMaxCombineWindows, "combine windows must be in [0, ", kMaxCombineWindows,
                       "], got ", n);
-        MOE_A2A_CHECK(stage_blocks >= 0, "combine stage blocks must be >= 0, got ", stage_blocks);
         combine_windows_ = static_cast<int>(n);
-        combine_stage_blocks_ = static_cast<int>(std::min<int64_t>(stage_blocks, 1 << 20));
     }
 
     // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
@@ -489,7 +486,6 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     int64_t bulk_min_rows_ = 8192;
     bool copy_engine_staging_ = true;
     int combine_windows_ = 0;
-    int combine_stage_blocks_ = 0;
     int signature_[kSignatureInts] = {};
 };
 

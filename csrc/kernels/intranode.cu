@@ -386,11 +386,9 @@ struct DispatchLayout {
 };
 
 // Grid-wide copy of `n` 16-byte words (stage a contiguous slice of a local input into the buffer).
-// Copies by the blocks [0, blocks) of the grid (this block is `block` among them): all of it by default.
-__device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64_t n, int block = -1, int blocks = -1) {
-    if (blocks < 0) block = blockIdx.x, blocks = gridDim.x;
-    const int64_t stride = static_cast<int64_t>(blocks) * blockDim.x;
-    int64_t i = static_cast<int64_t>(block) * blockDim.x + threadIdx.x;
+__device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64_t n) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     for (; i + 3 * stride < n; i += 4 * stride) {
         const int4 a = ld_nc_v4(src + i), b = ld_nc_v4(src + i + stride), d = ld_nc_v4(src + i + 2 * stride),
                    e = ld_nc_v4(src + i + 3 * stride);
@@ -402,10 +400,9 @@ __device__ __forceinline__ void grid_copy_int4(int4* dst, const int4* src, int64
     for (; i < n; i += stride) st_na_v4(dst + i, ld_nc_v4(src + i));
 }
 
-__device__ __forceinline__ void grid_copy_words(int* dst, const int* src, int64_t n, int block = -1, int blocks = -1) {
-    if (blocks < 0) block = blockIdx.x, blocks = gridDim.x;
-    const int64_t stride = static_cast<int64_t>(blocks) * blockDim.x;
-    for (int64_t i = static_cast<int64_t>(block) * blockDim.x + threadIdx.x; i < n; i += stride)
+__device__ __forceinline__ void grid_copy_words(int* dst, const int* src, int64_t n) {
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
         dst[i] = __ldg(src + i);
 }
 
@@ -689,19 +686,16 @@ __device__ void stage_slots(const PeerCtx& c, const CombineArgs& a, const Combin
     }
 }
 
-// Stage in arrival order: rows [begin, end) of x (and their weights) to the same rows of the staging area,
-// by blocks [0, blocks) (all of the grid by default).
-__device__ void stage_rows(const PeerCtx& c, const CombineArgs& a, const CombineShared& s, int64_t begin, int64_t end,
-                           int block = -1, int blocks = -1) {
+// Stage in arrival order: rows [begin, end) of x (and their weights) to the same rows of the staging area.
+__device__ void stage_rows(const PeerCtx& c, const CombineArgs& a, const CombineShared& s, int64_t begin, int64_t end) {
     if (end <= begin) return;
     char* mine = staging(c, c.rank);
     const int64_t H4 = a.hidden_int4;
     grid_copy_int4(reinterpret_cast<int4*>(mine) + begin * H4, static_cast<const int4*>(a.x) + begin * H4,
-                   (end - begin) * H4, block, blocks);
+                   (end - begin) * H4);
     if (a.topk_weights)
         grid_copy_words(reinterpret_cast<int*>(mine + s.wbase[c.rank]) + begin * a.num_topk,
-                        reinterpret_cast<const int*>(a.topk_weights) + begin * a.num_topk, (end - begin) * a.num_topk,
-                        block, blocks);
+                        reinterpret_cast<const int*>(a.topk_weights) + begin * a.num_topk, (end - begin) * a.num_topk);
 }
 
 // Pull tokens first + [i0, i1): one warp per token; its copies from every rank it went to, summed in f32
@@ -775,15 +769,14 @@ __device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShare
 }
 
 // Window k of a pipelined combine is staged on this rank: the block that completes it (the last of the
-// `blocks` staging blocks) raises the flag to this operation's epoch, which every rank shares after the
-// prologue's barrier.
-__device__ void publish_window(const PeerCtx& c, int k, int epoch, int blocks) {
+// grid) raises the flag to this operation's epoch, which every rank shares after the prologue's barrier.
+__device__ void publish_window(const PeerCtx& c, int k, int epoch) {
     __syncthreads();  // every store of this block's share was issued
     if (threadIdx.x != 0) return;
     int* h = header(c, c.rank);
     __threadfence_system();
-    if (atomicAdd(h + hdr::kWindowArrive + k, 1) != blocks - 1) return;
-    atomicExch(h + hdr::kWindowArrive + k, 0);  // every staging block passed window k
+    if (atomicAdd(h + hdr::kWindowArrive + k, 1) != static_cast<int>(gridDim.x) - 1) return;
+    atomicExch(h + hdr::kWindowArrive + k, 0);  // every block passed window k
     __threadfence_system();
     st_release_sys(h + hdr::kWindowReady + k, epoch);
 }
@@ -817,12 +810,11 @@ __device__ bool wait_window(const PeerCtx& c, int k, int epoch) {
 
 // Stage window k of a pipelined combine: tokens [k * width, (k + 1) * width) of every source. In arrival
 // order a source's rows are sorted by token, so there the window is one range of rows per source, found by
-// bisection from where the previous window ended. Blocks [0, blocks) of the grid stage it (this block is
-// `block` among them).
+// bisection from where the previous window ended.
 __device__ void stage_window(const PeerCtx& c, const CombineArgs& a, CombineShared& s, const CombineLayout& L, int k,
-                             int width, int max_tokens, bool flat, int block, int blocks, int lane) {
+                             int width, int max_tokens, bool flat, int lane) {
     const int lo = k * width, hi = min(max_tokens, lo + width);
-    const int gwarp = block * (blockDim.x / 32) + threadIdx.x / 32, num_warps = blocks * (blockDim.x / 32);
+    const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, num_warps = gridDim.x * (blockDim.x / 32);
     if (!flat) {
         stage_slots(c, a, s, L, 0, lo, hi, gwarp, num_warps, lane);
         return;
@@ -837,7 +829,7 @@ __device__ void stage_window(const PeerCtx& c, const CombineArgs& a, CombineShar
         s.win_end[r] = b;
     }
     __syncthreads();
-    for (int src = 0; src < c.num_ranks; ++src) stage_rows(c, a, s, s.win_begin[src], s.win_end[src], block, blocks);
+    for (int src = 0; src < c.num_ranks; ++src) stage_rows(c, a, s, s.win_begin[src], s.win_end[src]);
     __syncthreads();  // every thread read win_begin
     if (r < c.num_ranks) s.win_begin[r] = s.win_end[r];
 }
@@ -846,11 +838,10 @@ __device__ void stage_window(const PeerCtx& c, const CombineArgs& a, CombineShar
 // their BF16 slots (staging moves whole slots) while the peers' pulls read only the encoded bytes.
 //
 // Two schedules. Rounds: stage a window of Q tokens per source, meet every peer, pull, repeat (any token
-// count). Pipelined (a.num_windows > 0 and every token fits one round): the tokens are cut into windows,
-// staged in order (by every block before it pulls the previous window, or by a.stage_blocks blocks of
-// their own while the rest pull), and a pull waits only for that window's flag on each rank, so staging
-// overlaps pulling and no barrier stops the grid. Rows staged before the kernel (copy engine, zero-copy
-// input) make every window ready at once.
+// count). Pipelined (a.num_windows > 0 and every token fits one round): the tokens are cut into windows;
+// the blocks stage window k + 1 before they pull window k, and a pull waits only for that window's flag on
+// each rank, so one rank's staging overlaps another's pulling and no barrier stops the grid. Rows staged
+// before the kernel (zero-copy input) make every window ready at once.
 template <int kFormat>
 __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, CombineArgs a) {
     __shared__ CombineShared s;
@@ -876,34 +867,21 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
     if (a.num_windows > 0 && max_tokens <= Q) {
         // The prologue's barrier left the same epoch on every rank: it names this operation's windows.
         const int epoch = ld_volatile(header(c, me) + hdr::kEpoch);
-        const int width = max(1, (max_tokens + a.num_windows - 1) / a.num_windows);
+        const int width = max(kMinWindowTokens, (max_tokens + a.num_windows - 1) / a.num_windows);
         const int num_windows = (max_tokens + width - 1) / width;
         const bool stage_here = !flat || a.stage_in_kernel;
         if (threadIdx.x < R) s.win_begin[threadIdx.x] = s.offset[threadIdx.x];
         __syncthreads();
-        // Specialized: the first a.stage_blocks blocks stage every window while the others pull, so staging
-        // and pulling run at once. Otherwise every block stages its share of window k + 1, then pulls k.
-        const int G = gridDim.x, stagers = stage_here && a.stage_blocks > 0 && a.stage_blocks < G ? a.stage_blocks : 0;
-        if (stagers > 0 && static_cast<int>(blockIdx.x) < stagers) {
-            for (int k = 0; k < num_windows; ++k) {
-                stage_window(c, a, s, L, k, width, max_tokens, flat, blockIdx.x, stagers, lane);
-                publish_window(c, k, epoch, stagers);
-            }
-            finish_op(c);
-            return;
-        }
-        const int wpb = blockDim.x / 32;
-        const int pull_warp = gwarp - stagers * wpb, pull_warps = num_warps - stagers * wpb;
         for (int k = 0; k <= num_windows; ++k) {
-            if (k < num_windows && stagers == 0) {
-                if (stage_here) stage_window(c, a, s, L, k, width, max_tokens, flat, blockIdx.x, G, lane);
-                publish_window(c, k, epoch, G);
+            if (k < num_windows) {
+                if (stage_here) stage_window(c, a, s, L, k, width, max_tokens, flat, lane);
+                publish_window(c, k, epoch);
             }
             if (k == 0) continue;
             const int w = k - 1;
             if (!wait_window(c, w, epoch)) return;
             pull_tokens<kFormat>(c, a, s, L, 0, min(a.num_tokens, w * width), min(a.num_tokens, (w + 1) * width),
-                                 pull_warp, pull_warps, lane, w);
+                                 gwarp, num_warps, lane, w);
         }
         finish_op(c);
         return;

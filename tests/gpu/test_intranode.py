@@ -184,18 +184,19 @@ def _correctness(rank, num_ranks):
     # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
     # shared memory: the middle configuration of every case takes the bulk path whatever its size. The last
     # one has the kernels stage their inputs instead of the copy engine. Combines run with the default
-    # schedule, then pipelined in 3 windows (copy-engine staging), then in 4 (the kernel stages each window:
-    # every block in turn, or, in odd cases, 3 blocks that only stage while the others pull).
-    default_windows, default_stagers = kern.combine_windows, kern.combine_stage_blocks
+    # schedule (pipelined in token windows), then with one barrier (the copy engine staging), then in 3
+    # windows.
+    default_windows = kern.combine_windows
+    assert default_windows > 0
     for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 4096)):
         case = Case(rank, num_ranks, i, **spec)
         for j, (align, worst, bias) in enumerate(((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2))):
             kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
             kern.set_copy_engine_staging(j != 2)
-            kern.set_combine_windows((default_windows, 3, 4)[j], (default_stagers, 0, 3 * (i % 2))[j])
+            kern.set_combine_windows((default_windows, 0, 3)[j])
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
     kern.set_copy_engine_staging(True)
-    kern.set_combine_windows(default_windows, default_stagers)
+    kern.set_combine_windows(default_windows)
     with pytest.raises(ValueError):
         kern.set_bulk_min_rows(-1)
 
@@ -212,11 +213,10 @@ def _correctness(rank, num_ranks):
     small.destroy()
 
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg)
-    kern.set_combine_windows(5)  # the pipelined schedule on zero-copy inputs
+    kern.set_combine_windows(0)  # zero-copy inputs with one barrier
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=20)
-    kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay, pipelined combines
-    kern.set_combine_windows(2, 1)
-    kern.set_copy_engine_staging(False)
+    kern.set_combine_windows(default_windows)
+    kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
     kern.destroy()
 
