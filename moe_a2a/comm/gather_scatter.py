@@ -1,7 +1,9 @@
 """All-gather and reduce-scatter along any dimension, with uneven ``sizes`` and lists of tensors.
 
 TensorRT-LLM's ``allgather`` / ``reducescatter`` / ``cp_allgather`` semantics, on ``torch.distributed``
-(gloo for CPU tensors, NCCL for CUDA tensors):
+(gloo for CPU tensors, NCCL for CUDA tensors), and on the project's CUDA IPC kernels for CUDA tensors on a
+gloo group (ranks sharing a GPU, where NCCL cannot run; one tensor at a time, float16/bfloat16/float32,
+slices of a multiple of 16 bytes, messages up to the one-shot's buffer limit; the rest through host memory):
 
 * ``allgather(x, group, dim=-1, sizes=None)``: the tensors of the group's ranks concatenated along ``dim``
   in group-rank order. Without ``sizes`` every rank passes the same shape and
@@ -283,11 +285,75 @@ def _from_bytes(buf: torch.Tensor, dtype: torch.dtype, shape) -> torch.Tensor:
     return buf.view(dtype).reshape(shape)
 
 
+# ----------------------------------------------------------------------- kernels over CUDA IPC
+# CUDA tensors on a gloo group (ranks sharing a GPU, where NCCL cannot run) use the Lamport one-shot of the
+# all-reduce workspace (moe_a2a.comm.workspace) instead of copies through host memory: every rank sends
+# its rows (padded to the largest rank's count) to every peer, which keeps each source's rows (all-gather)
+# or sums them in rank order with float32 accumulation (reduce-scatter), the same order as the gloo path.
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_workspaces: dict = {}  # (group, dtype) -> LamportWorkspace, created collectively at the first call
+
+
+def _kernel_workspace(moved: List[torch.Tensor], counts: List[List[int]], group, gather: bool):
+    """The workspace for this call's kernel path, or None where the torch path serves. Decided from what
+    every rank shares (device type, dtype, row shape, counts, backend), so all ranks take the same path."""
+    from .mixed import FUSED_MAX_BUFFER_BYTES
+    from .workspace import LamportWorkspace, kernels_available, mixed_buffer_bytes
+    if len(moved) != 1 or comm_device(group).type != "cpu" or not moved[0].is_cuda:
+        return None
+    m, size = moved[0], dist.get_world_size(group)
+    if m.dtype not in _KERNEL_DTYPES or not kernels_available() or size > 8:
+        return None
+    hidden = int(torch.Size(m.shape[1:]).numel())
+    send_rows = max(counts[0])
+    if hidden == 0 or send_rows == 0 or hidden * m.element_size() % 16:
+        return None  # the kernels move 16-byte pieces of rows
+    if mixed_buffer_bytes(size, send_rows, hidden, m.dtype) > FUSED_MAX_BUFFER_BYTES:
+        return None  # a one-shot for small and medium messages
+    key = (group, m.dtype)
+    if key not in _workspaces:
+        _workspaces[key] = LamportWorkspace(group, buffer_size_in_bytes=1, dtype=m.dtype)
+    return _workspaces[key]
+
+
+def release_kernel_workspaces() -> None:
+    """Free the kernel path's workspaces (collective: every rank of their groups calls it)."""
+    for ws in _workspaces.values():
+        ws.destroy()
+    _workspaces.clear()
+
+
+def _kernel_gather(ws, m: torch.Tensor, counts: List[int], rank: int, size: int) -> torch.Tensor:
+    """``m`` ``[counts[rank], ...]`` of every rank, concatenated along dim 0."""
+    rows, hidden = max(counts), int(torch.Size(m.shape[1:]).numel())
+    send = m.reshape(counts[rank], hidden)
+    if counts[rank] < rows:
+        send = torch.cat([send, send.new_zeros(rows - counts[rank], hidden)])
+    out = ws.mixed(send, [0] * size, rows, list(range(size)), size).view(size, rows, hidden)
+    if len(set(counts)) > 1:
+        out = torch.cat([out[p, :counts[p]] for p in range(size)])
+    return out.reshape(sum(counts), *m.shape[1:])
+
+
+def _kernel_scatter(ws, m: torch.Tensor, counts: List[int], rank: int, size: int) -> torch.Tensor:
+    """Rows ``sum(counts[:rank])`` to ``+ counts[rank]`` of the sum of every rank's ``m``."""
+    rows, hidden = max(counts), int(torch.Size(m.shape[1:]).numel())
+    send = m.reshape(m.shape[0], hidden)
+    starts = [sum(counts[:p]) for p in range(size)]
+    if starts[-1] + rows > send.shape[0]:  # every rank reads `rows` rows from its start
+        send = torch.cat([send, send.new_zeros(starts[-1] + rows - send.shape[0], hidden)])
+    out = ws.mixed(send, starts, rows, [0] * size, 1)
+    return out[:counts[rank]].reshape(counts[rank], *m.shape[1:])
+
+
 # ------------------------------------------------------------------------------------ core ops
 def _gather_core(tensors: List[torch.Tensor], dims: List[int], counts: List[List[int]], group, rank: int,
                  size: int, step: str, timeout_s: float) -> List[torch.Tensor]:
     """All-gather each tensor along its dim; ``counts[i][p]`` = rows of tensor ``i`` from rank ``p``."""
     moved = [t.movedim(d, 0) for t, d in zip(tensors, dims)]
+    ws = _kernel_workspace(moved, counts, group, True)
+    if ws is not None:
+        return [_kernel_gather(ws, moved[0], counts[0], rank, size).movedim(0, dims[0]).contiguous()]
     device = comm_device(group)
     if len(moved) == 1 and len(set(counts[0])) == 1:
         # One tensor, equal shapes: gather straight into the output (no packing).
@@ -323,6 +389,9 @@ def _scatter_core(tensors: List[torch.Tensor], dims: List[int], counts: List[Lis
                   size: int, step: str, timeout_s: float) -> List[torch.Tensor]:
     """Reduce-scatter each tensor along its dim; rank ``p`` keeps ``counts[i][p]`` rows of tensor ``i``."""
     moved = [t.movedim(d, 0) for t, d in zip(tensors, dims)]
+    ws = _kernel_workspace(moved, counts, group, False)
+    if ws is not None:
+        return [_kernel_scatter(ws, moved[0], counts[0], rank, size).movedim(0, dims[0]).contiguous()]
     device = comm_device(group)
     if len(moved) == 1 and len(set(counts[0])) == 1:
         src = moved[0].contiguous().to(device)

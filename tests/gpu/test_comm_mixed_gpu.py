@@ -114,6 +114,42 @@ def test_cuda_tensors_over_gloo(num_ranks):
     run_distributed(_gloo_cuda_body, num_ranks)
 
 
+def _gloo_kernel_body(rank, size):
+    """CUDA tensors on a gloo group take the IPC kernel path of allgather / reducescatter (uneven sizes, any
+    dim, autograd): bit for bit the torch composition (concatenation; sums in rank order, float32 accumulation)."""
+    from moe_a2a.comm import gather_scatter
+    dev = set_rank_device(rank)
+    sizes = [r % 3 + 1 for r in range(size)]
+    for dtype in (torch.bfloat16, torch.float32):
+        xs = cpu_gather.inputs(21, size, lambda r: (sizes[r], 4, 64), dtype)  # uneven along dim 0
+        out = allgather(xs[rank].to(dev), dim=0, sizes=sizes)
+        assert out.device == dev and torch.equal(out.cpu(), torch.cat(xs))
+        xs = cpu_gather.inputs(22, size, lambda r: (3, 5, 256), dtype)  # even, along dim 1
+        assert torch.equal(allgather(xs[rank].to(dev), dim=1).cpu(), torch.cat(xs, 1))
+        big = cpu_gather.inputs(23, size, lambda r: (sum(sizes), 512), dtype)
+        got = reducescatter(big[rank].to(dev), dim=0, sizes=sizes)
+        want = sum_in_order(big, dtype).split(sizes)[rank]
+        assert got.device == dev and torch.equal(got.cpu(), want)
+        wide = cpu_gather.inputs(24, size, lambda r: (8, 64 * size), dtype)
+        got = reducescatter(wide[rank].to(dev), dim=1)
+        assert torch.equal(got.cpu(), sum_in_order(wide, dtype).chunk(size, dim=1)[rank])
+    assert len(gather_scatter._workspaces) == 2, "the kernel path was not taken"
+    x = torch.randn(sizes[rank], 64, device=dev, requires_grad=True)
+    allgather(x, dim=0, sizes=sizes).sum().backward()  # backward: a reduce-scatter on the kernels
+    assert torch.equal(x.grad, torch.full_like(x, float(size)))
+    gather_scatter.release_kernel_workspaces()
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_gather_scatter_kernels_ranks_sharing_a_gpu(num_ranks):
+    reason = skip_reason(num_ranks)
+    if reason:
+        pytest.skip(reason)
+    if not kernels_available():
+        pytest.skip("moe_a2a._C has no all-reduce kernels")
+    run_ranks(_gloo_kernel_body, num_ranks, timeout=300.0)
+
+
 def _fused_body(rank, size):
     """The fused mode (FUSED_OPT_WAITS_UC) on ranks sharing one GPU over a gloo group, where it is the only mode:
     every op of every one-node split against the unfused composition bit for bit (exact inputs) and to rounding
