@@ -29,6 +29,16 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
    slots and stores each back out once it landed, so a block keeps about 192 KiB in flight instead of
    what its registers hold, and the other lanes copy the small per-row fields.
 
+Pipelined combine (``set_combine_windows``, ``COMBINE_WINDOWS`` by default): when every token fits one
+round, the combine replaces the barrier by one flag per token window. The kernel's blocks stage the rows
+of source tokens in window ``k + 1`` (in arrival order a source's rows are sorted by token, so that is one
+range of rows per source) before they pull window ``k``; the last block to finish a window raises this
+rank's flag for it to the epoch the prologue's barrier left (the same on every rank, so replays of a
+captured graph never see a stale flag), and a pull of window ``k`` waits for that flag on every rank. One
+rank's staging then overlaps another's pulling. The kernel stages the rows itself in this mode (the copy
+engine would finish staging before the first pull); the window count is in the operation's signature, so
+ranks that disagree get an error, not a hang.
+
 Rows written by their senders (``recv_x_in_buffer``): the receivers' outputs are the start of their own
 staging areas, which every peer maps, so the dispatch kernel skips the staging of ``x`` and the pull of the
 rows: each sender reads a token once and stores it into the receive row of every rank that gets it (row
