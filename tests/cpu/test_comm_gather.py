@@ -226,3 +226,56 @@ def _single(rank, size):
     assert allgather(x) is x and reducescatter(x) is x
     with pytest.raises(ValueError, match="sizes\\[0\\]"):
         allgather(x, sizes=[3])
+
+
+class _OneShotOnGloo:
+    """The Lamport one-shot's contract (``LamportWorkspace.mixed``) on gloo: rank ``p`` receives rows
+    ``send_first[p]`` to ``send_first[p] + send_rows`` of every rank's ``x`` and sums those of the ranks ``s``
+    with ``src_block[s] == b`` into output block ``b``, in rank order with float32 accumulation."""
+
+    calls = 0
+
+    def mixed(self, x, send_first, send_rows, src_block, out_blocks):
+        type(self).calls += 1
+        me, size = dist.get_rank(), dist.get_world_size()
+        every = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(every, x.contiguous())
+        got = [e[send_first[me]:send_first[me] + send_rows] for e in every]
+        blocks = [sum_in_order([got[s] for s in range(size) if src_block[s] == b], x.dtype)
+                  if b in src_block else x.new_zeros(send_rows, x.shape[1]) for b in range(out_blocks)]
+        return torch.cat(blocks)
+
+
+def _kernel_path(rank, size):
+    """What allgather / reducescatter do around the one-shot kernel (padding uneven sizes to the largest,
+    moving ``dim`` first, cutting the padding off again, autograd), checked on CPU with the kernel's contract
+    emulated on gloo: the same results as the torch path."""
+    from moe_a2a.comm import gather_scatter
+    gather_scatter._kernel_workspace = lambda moved, counts, group, gather: _OneShotOnGloo() \
+        if len(moved) == 1 and moved[0].dtype in gather_scatter._KERNEL_DTYPES else None
+    sizes = [(r * 2) % 5 + 1 for r in range(size)]
+    for dtype in (torch.bfloat16, torch.float32):
+        xs = inputs(31, size, lambda r: (sizes[r], 4, 8), dtype)
+        assert torch.equal(allgather(xs[rank], dim=0, sizes=sizes), torch.cat(xs))
+        xs = inputs(32, size, lambda r: (3, sizes[r], 8), dtype)
+        assert torch.equal(allgather(xs[rank], dim=1, sizes=sizes), torch.cat(xs, 1))
+        xs = inputs(33, size, lambda r: (2, 3 * size), dtype)
+        assert torch.equal(allgather(xs[rank], dim=0), torch.cat(xs))
+        big = inputs(34, size, lambda r: (sum(sizes), 16), dtype)
+        assert torch.equal(reducescatter(big[rank], dim=0, sizes=sizes), sum_in_order(big, dtype).split(sizes)[rank])
+        wide = inputs(35, size, lambda r: (5, sum(sizes)), dtype)
+        assert torch.equal(reducescatter(wide[rank], dim=-1, sizes=sizes),
+                           sum_in_order(wide, dtype).split(sizes, dim=-1)[rank])
+        even = inputs(36, size, lambda r: (4 * size, 2, 8), dtype)
+        assert torch.equal(reducescatter(even[rank], dim=0), sum_in_order(even, dtype).chunk(size)[rank])
+    x = torch.randn(sizes[rank], 8, dtype=torch.float64, requires_grad=True)  # not a kernel dtype: torch path
+    calls = _OneShotOnGloo.calls
+    allgather(x, dim=0, sizes=sizes).sum().backward()
+    assert _OneShotOnGloo.calls == calls and torch.equal(x.grad, torch.full_like(x, float(size)))
+    x = torch.randn(sizes[rank], 8, requires_grad=True)
+    allgather(x, dim=0, sizes=sizes).sum().backward()  # forward and backward through the kernel path
+    assert _OneShotOnGloo.calls == calls + 2 and torch.equal(x.grad, torch.full_like(x, float(size)))
+
+
+def test_kernel_path_around_the_one_shot():
+    run_distributed(_kernel_path, 3)
