@@ -9,7 +9,8 @@ more ranks than GPUs they share the GPUs under CUDA MPS on a gloo group (NCCL ca
 on one GPU): the fused mode is then the only mode and ``unfused`` runs the torch composition on gloo over
 host copies of the tensors (``x.cpu()``, the collectives, ``.to(device)``), the one torch path left there,
 and ``floor`` is one device-to-device copy of the bytes every rank writes (they share the GPU's memory);
-``--device cpu`` runs on gloo (a smoke test). ``--local-size`` splits the ranks into (virtual) nodes. Rows are ``--row-bytes`` wide (8 KiB, the autotuner's base), and
+``--device cpu`` runs on gloo (a smoke test). ``--local-size`` splits the ranks into (virtual) nodes. Rows are
+``--row-bytes`` wide (8 KiB, the autotuner's base), and
 "bytes" is the per-rank input of the gather-type ops and the per-rank output of the scatter-type ops (the
 autotuner's size measure). Per size and op:
 

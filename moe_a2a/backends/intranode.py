@@ -194,7 +194,6 @@ class IntranodeBackend:
         self._most_received = None  # (rank_prefix_matrix, most rows any rank receives) of the last handle
         # (rows, hidden) of the combine input view handed out and still intact, else None.
         self._combine_input: Optional[tuple] = None
-        self.combine_windows = 0
         self.set_combine_windows(COMBINE_WINDOWS)
         _native.track(self)
 

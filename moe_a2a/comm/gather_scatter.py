@@ -294,15 +294,16 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _workspaces: dict = {}  # (group, dtype) -> LamportWorkspace, created collectively at the first call
 
 
-def _kernel_workspace(moved: List[torch.Tensor], counts: List[List[int]], group, gather: bool):
+def _kernel_workspace(moved: List[torch.Tensor], counts: List[List[int]], group):
     """The workspace for this call's kernel path, or None where the torch path serves. Decided from what
     every rank shares (device type, dtype, row shape, counts, backend), so all ranks take the same path."""
+    from ..limits import MAX_NVL_PEERS
     from .mixed import FUSED_MAX_BUFFER_BYTES
     from .workspace import LamportWorkspace, kernels_available, mixed_buffer_bytes
     if len(moved) != 1 or comm_device(group).type != "cpu" or not moved[0].is_cuda:
         return None
     m, size = moved[0], dist.get_world_size(group)
-    if m.dtype not in _KERNEL_DTYPES or not kernels_available() or size > 8:
+    if m.dtype not in _KERNEL_DTYPES or not kernels_available() or size > MAX_NVL_PEERS:
         return None
     hidden = int(torch.Size(m.shape[1:]).numel())
     send_rows = max(counts[0])
@@ -351,7 +352,7 @@ def _gather_core(tensors: List[torch.Tensor], dims: List[int], counts: List[List
                  size: int, step: str, timeout_s: float) -> List[torch.Tensor]:
     """All-gather each tensor along its dim; ``counts[i][p]`` = rows of tensor ``i`` from rank ``p``."""
     moved = [t.movedim(d, 0) for t, d in zip(tensors, dims)]
-    ws = _kernel_workspace(moved, counts, group, True)
+    ws = _kernel_workspace(moved, counts, group)
     if ws is not None:
         return [_kernel_gather(ws, moved[0], counts[0], rank, size).movedim(0, dims[0]).contiguous()]
     device = comm_device(group)
@@ -389,7 +390,7 @@ def _scatter_core(tensors: List[torch.Tensor], dims: List[int], counts: List[Lis
                   size: int, step: str, timeout_s: float) -> List[torch.Tensor]:
     """Reduce-scatter each tensor along its dim; rank ``p`` keeps ``counts[i][p]`` rows of tensor ``i``."""
     moved = [t.movedim(d, 0) for t, d in zip(tensors, dims)]
-    ws = _kernel_workspace(moved, counts, group, False)
+    ws = _kernel_workspace(moved, counts, group)
     if ws is not None:
         return [_kernel_scatter(ws, moved[0], counts[0], rank, size).movedim(0, dims[0]).contiguous()]
     device = comm_device(group)

@@ -251,7 +251,7 @@ def _kernel_path(rank, size):
     moving ``dim`` first, cutting the padding off again, autograd), checked on CPU with the kernel's contract
     emulated on gloo: the same results as the torch path."""
     from moe_a2a.comm import gather_scatter
-    gather_scatter._kernel_workspace = lambda moved, counts, group, gather: _OneShotOnGloo() \
+    gather_scatter._kernel_workspace = lambda moved, counts, group: _OneShotOnGloo() \
         if len(moved) == 1 and moved[0].dtype in gather_scatter._KERNEL_DTYPES else None
     sizes = [(r * 2) % 5 + 1 for r in range(size)]
     for dtype in (torch.bfloat16, torch.float32):

@@ -199,6 +199,10 @@ def _correctness(rank, num_ranks):
     kern.set_combine_windows(default_windows)
     with pytest.raises(ValueError):
         kern.set_bulk_min_rows(-1)
+    for bad in (-1, intranode.MAX_COMBINE_WINDOWS + 1, 2.0):
+        with pytest.raises(ValueError, match="combine windows"):
+            kern.set_combine_windows(bad)
+    assert kern.combine_windows == default_windows
 
     # A buffer that holds a few tokens per round: many rounds, same answers (bulk pull, then registers).
     small = intranode.IntranodeBackend(rank, num_ranks, group, 64 * 14336 * num_ranks // 4, gather,
