@@ -101,7 +101,6 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
     void mixed(const torch::Tensor& x, const std::vector<int64_t>& send_first, int64_t send_rows,
                const std::vector<int64_t>& src_block, int64_t out_blocks, int64_t num_blocks, torch::Tensor& out) {
         const int dtype = check_call(x);
-        MOE_A2A_CHECK(dtype != comm::kArFloat32, "the mixed collectives take float16 or bfloat16");
         MOE_A2A_CHECK(static_cast<int>(send_first.size()) == num_ranks_ && static_cast<int>(src_block.size()) == num_ranks_,
                       "send_first and src_block need one entry per rank");
         MOE_A2A_CHECK(send_rows > 0 && send_rows <= x.size(0), "send_rows must be in [1, ", x.size(0), "]");
