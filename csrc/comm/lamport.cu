@@ -213,17 +213,27 @@ __device__ __forceinline__ void advance_flags(const ArArgs& a, int buf, int64_t 
     }
 }
 
-// Sum of `v` over the block (every thread gets it). `red` holds kArMaxThreads / 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Sums of v[0..K) over the block, in place (every thread gets them; each the same order as for K = 1).
+// `red` holds K * kArMaxThreads / 32 floats.
+template <int K>
+__device__ __forceinline__ void block_sums(float (&v)[K], float* red) {
+    constexpr int kWarps = kArMaxThreads / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = (blockDim.x + 31) / 32;
-    __syncthreads();  // `red` may still be read from the previous row
-    if (lane == 0) red[warp] = v;
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+    __syncthreads();  // `red` may still be read from the previous rows
+    if (lane == 0)
+#pragma unroll
+        for (int k = 0; k < K; ++k) red[k * kWarps + warp] = v[k];
     __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < num_warps; ++w) total += red[w];  // the same order in every thread
-    return total;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        float total = 0.f;
+        for (int w = 0; w < num_warps; ++w) total += red[k * kWarps + w];  // the same order in every thread
+        v[k] = total;
+    }
 }
 
 // The rounded sum, in rank order, of the pieces at `p0 + r * slot_stride` of every rank r in `sources` (a bit
@@ -282,90 +292,104 @@ __device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int6
     return true;
 }
 
-// Everything after the sum of one row: bias, residual, norm, quantization, stores. `sums(v)` gives the
-// rounded sum of piece v (waiting for it); returns false when a wait failed.
-template <typename T, typename SumFn>
-__device__ __forceinline__ bool finish_row(const ArArgs& a, int t, int row_vecs, SumFn sums, float* red) {
+// Everything after the sums of rows t0 + k * step, k < n <= kRows: bias, residual, RMSNorm, quantization,
+// stores. Rows go together so the loads of all of them are in flight at once; each row's values and squares
+// are added in the order they would be alone, so the results do not depend on kRows. `sums(v, s)` fills
+// s[k] with the rounded sum of piece v of row k (waiting for it); false when a wait failed.
+template <typename T, int kRows, typename SumFn>
+__device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, int n, int row_vecs, SumFn sums,
+                                            float* red) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
-    const int64_t row = static_cast<int64_t>(t) * row_vecs;
-    const bool norm = a.weight != nullptr;
+    const int4* residual = static_cast<const int4*>(a.residual);
+    const int4* weight = static_cast<const int4*>(a.weight);
+    int64_t row[kRows];
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) row[k] = static_cast<int64_t>(t0 + k * step) * row_vecs;
     // With at most one piece per thread (rows up to 8 KiB) the thread keeps its residual_out and weight in
     // registers across the block sum; otherwise it reads back its own stores.
     const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
-    Vec<T> kept_r, kept_w;
-    float ss = 0.f;
+    Vec<T> kept_r[kRows], kept_w;
+    float ss[kRows];
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) ss[k] = 0.f;
     bool ok = true;
     for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
         // The local operands are loaded before the wait for the peers' data, so their latency overlaps it.
-        Vec<T> r, w;
-        if (norm) {
-            r.v = ld_nc_v4(static_cast<const int4*>(a.residual) + row + v);
-            w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
-        }
-        Vec<T> s;
+        Vec<T> r[kRows], s[kRows], w;
+        w.v = ld_nc_v4(weight + v);
+#pragma unroll
+        for (int k = 0; k < kRows; ++k)
+            if (k < n) r[k].v = ld_nc_v4(residual + row[k] + v);
         if (!sums(v, s)) {
             ok = false;
             break;
         }
-        if (a.bias) add_bias<T>(a, v, s);
-        if (!norm) {
-            st_na_v4(static_cast<int4*>(a.out) + row + v, s.v);
-            continue;
-        }
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-            r.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(r.b[i]));
-            const float f = E::to_float(r.b[i]);
-            ss += f * f;
+        for (int k = 0; k < kRows; ++k) {
+            if (k >= n) break;
+            if (a.bias) add_bias<T>(a, v, s[k]);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                r[k].b[i] = E::from_float(E::to_float(s[k].b[i]) + E::to_float(r[k].b[i]));
+                const float f = E::to_float(r[k].b[i]);
+                ss[k] += f * f;
+            }
+            st_na_v4(static_cast<int4*>(a.residual_out) + row[k] + v, r[k].v);
+            kept_r[k] = r[k];
         }
-        st_na_v4(static_cast<int4*>(a.residual_out) + row + v, r.v);
-        kept_r = r;
         kept_w = w;
     }
-    if (!norm) return ok;
     // Every thread reaches the block sum, failed or not, so the block never splits at a barrier.
-    const float total = block_sum(ss, red);
+    block_sums<kRows>(ss, red);
     if (__syncthreads_or(!ok)) return false;
-    const float inv = rsqrtf(total / static_cast<float>(a.hidden) + a.eps);
     const float inv_scale = a.scale ? 1.0f / __ldg(a.scale) : 0.f;
-    for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
-        Vec<T> r, w, n;
-        if (one_piece) {
-            r = kept_r;
-            w = kept_w;
-        } else {
-            r.v = static_cast<const int4*>(a.residual_out)[row + v];  // this thread's own store above
-            w.v = ld_nc_v4(static_cast<const int4*>(a.weight) + v);
-        }
 #pragma unroll
-        for (int i = 0; i < N; ++i) n.b[i] = E::from_float(E::to_float(r.b[i]) * inv * E::to_float(w.b[i]));
-        if (a.out) st_na_v4(static_cast<int4*>(a.out) + row + v, n.v);
-        if (a.scale) {
-            union {
-                uint8_t b[8];
-                uint2 u2;
-                uint32_t u1;
-            } q;
-#pragma unroll
-            for (int i = 0; i < N; ++i)
-                q.b[i] = __nv_cvt_float_to_fp8(E::to_float(n.b[i]) * inv_scale, __NV_SATFINITE, __NV_E4M3);
-            uint8_t* dst = a.quant + (row + v) * N;
-            if constexpr (N == 8) {
-                *reinterpret_cast<uint2*>(dst) = q.u2;
+    for (int k = 0; k < kRows; ++k) {
+        if (k >= n) break;
+        const float inv = rsqrtf(ss[k] / static_cast<float>(a.hidden) + a.eps);
+        for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
+            Vec<T> r, w, o;
+            if (one_piece) {
+                r = kept_r[k];
+                w = kept_w;
             } else {
-                *reinterpret_cast<uint32_t*>(dst) = q.u1;
+                r.v = static_cast<const int4*>(a.residual_out)[row[k] + v];  // this thread's own store above
+                w.v = ld_nc_v4(weight + v);
+            }
+#pragma unroll
+            for (int i = 0; i < N; ++i) o.b[i] = E::from_float(E::to_float(r.b[i]) * inv * E::to_float(w.b[i]));
+            if (a.out) st_na_v4(static_cast<int4*>(a.out) + row[k] + v, o.v);
+            if (a.scale) {
+                union {
+                    uint8_t b[8];
+                    uint2 u2;
+                    uint32_t u1;
+                } q;
+#pragma unroll
+                for (int i = 0; i < N; ++i)
+                    q.b[i] = __nv_cvt_float_to_fp8(E::to_float(o.b[i]) * inv_scale, __NV_SATFINITE, __NV_E4M3);
+                uint8_t* dst = a.quant + (row[k] + v) * N;
+                if constexpr (N == 8) {
+                    *reinterpret_cast<uint2*>(dst) = q.u2;
+                } else {
+                    *reinterpret_cast<uint32_t*>(dst) = q.u1;
+                }
             }
         }
     }
     return true;
 }
 
+// Rows the two-shot's norm finishes together (finish_rows): two keep twice the loads in flight within the
+// registers a thread has at two blocks per SM.
+constexpr int kGatherRows = 2;
+
 template <typename T>
 __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
-    __shared__ float red[kArMaxThreads / 32];
+    __shared__ float red[kGatherRows * kArMaxThreads / 32];
     const int R = a.num_ranks, me = a.rank, T_ = a.tokens;
     const int row_vecs = a.hidden / N;
     const int buf = a.flags[kFlagBuffer];
@@ -419,11 +443,11 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     } else if (ok && !a.two_shot) {
         // 4a'. The same, row by row, with the norm.
         for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
-            auto sums = [&](int v, Vec<T>& s) {
-                return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s,
+            auto sums = [&](int v, Vec<T>* s) {
+                return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s[0],
                                        kStepOneShot, t);
             };
-            ok = finish_row<T>(a, t, row_vecs, sums, red);
+            ok = finish_rows<T, 1>(a, t, 0, 1, row_vecs, sums, red);
         }
     } else if (ok) {
         // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
@@ -444,13 +468,25 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                 return wait_vec<T>(a, mine + gather + i, s, kStepGather, t / chunk, t);
             });
         }
-        for (int t = blockIdx.x; t < T_ && ok && norm; t += gridDim.x) {
-            const int owner = t / chunk;
-            auto sums = [&](int v, Vec<T>& s) {
-                return wait_vec<T>(a, mine + gather + static_cast<int64_t>(t) * row_vecs + v, s, kStepGather,
-                                   owner, t);
+        // Rows t0 + k * gridDim.x, k < kGatherRows, per pass: every row's piece is loaded before any wait.
+        const int G = gridDim.x;
+        for (int t0 = blockIdx.x; t0 < T_ && ok && norm; t0 += kGatherRows * G) {
+            const int n = min(kGatherRows, (T_ - t0 + G - 1) / G);
+            auto sums = [&](int v, Vec<T>* s) {
+#pragma unroll
+                for (int k = 0; k < kGatherRows; ++k)
+                    if (k < n) s[k].v = ld_volatile_v4(mine + gather + static_cast<int64_t>(t0 + k * G) * row_vecs + v);
+#pragma unroll
+                for (int k = 0; k < kGatherRows; ++k) {
+                    const int t = t0 + k * G;
+                    if (k < n && has_sentinel<T>(s[k]) &&
+                        !wait_vec<T>(a, mine + gather + static_cast<int64_t>(t) * row_vecs + v, s[k], kStepGather,
+                                     t / chunk, t))
+                        return false;
+                }
+                return true;
             };
-            ok = finish_row<T>(a, t, row_vecs, sums, red);
+            ok = finish_rows<T, kGatherRows>(a, t0, G, n, row_vecs, sums, red);
         }
     }
 
@@ -519,11 +555,12 @@ __global__ void fill_kernel(int4* p, int64_t n, int4 value) {
 }  // namespace
 
 void launch_allreduce(const ArArgs& a, int num_blocks, int num_threads, cudaStream_t stream) {
-    if (a.mixed) {  // float16 / bfloat16 only (MixedCommHandler's dtypes)
-        if (a.dtype == kArFloat16)
-            mixed_kernel<__half><<<num_blocks, num_threads, 0, stream>>>(a);
-        else
-            mixed_kernel<__nv_bfloat16><<<num_blocks, num_threads, 0, stream>>>(a);
+    if (a.mixed) {  // MixedCommHandler's float16 / bfloat16, and float32 for allgather / reducescatter
+        switch (a.dtype) {
+            case kArFloat32: mixed_kernel<float><<<num_blocks, num_threads, 0, stream>>>(a); break;
+            case kArFloat16: mixed_kernel<__half><<<num_blocks, num_threads, 0, stream>>>(a); break;
+            default: mixed_kernel<__nv_bfloat16><<<num_blocks, num_threads, 0, stream>>>(a); break;
+        }
         MOE_A2A_CUDA_CHECK(cudaGetLastError());
         return;
     }
