@@ -363,6 +363,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         a.out_weights = opt_ptr<float>(out_weights);
         a.capacity = combine_capacity(hidden_bytes, num_topk);
         a.num_windows = combine_windows_;
+        a.bulk = combine_bulk_ && a.format == kLLFormatBF16Combine;
         signature_[5] = combine_windows_;  // the ranks must run the same schedule (see launch_combine)
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
@@ -439,6 +440,10 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         combine_windows_ = static_cast<int>(n);
     }
 
+    // Whether a BF16 combine pulls the peers' rows with bulk copies (TMA) through shared memory, or with
+    // 16-byte loads through registers. Same bytes, same summation order, same results; a rank's own choice.
+    void set_combine_bulk(bool on) { combine_bulk_ = on; }
+
     // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
     void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
         signature_[0] = op;
@@ -486,6 +491,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     int64_t bulk_min_rows_ = 8192;
     bool copy_engine_staging_ = true;
     int combine_windows_ = 0;
+    bool combine_bulk_ = false;
     int signature_[kSignatureInts] = {};
 };
 
@@ -520,6 +526,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
         .def("set_copy_engine_staging", &Runtime::set_copy_engine_staging)
         .def("set_combine_windows", &Runtime::set_combine_windows)
+        .def("set_combine_bulk", &Runtime::set_combine_bulk)
         .def("encode_rows", &Runtime::encode_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("set_signature", &Runtime::set_signature)

@@ -146,6 +146,7 @@ struct CombineArgs {
     int num_windows;                                // > 0: when every token fits one round, stage and pull
                                                     // in this many token windows, a flag per window instead
                                                     // of a barrier (same on every rank: in the signature)
+    int bulk;                                       // BF16: pull with bulk copies through shared memory
 };
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream);
