@@ -103,8 +103,8 @@ class AllReduce(torch.nn.Module):
         strategy: an ``AllReduceStrategy`` (see the module docstring for what runs where).
         dtype: the input dtype, when known (inputs of another dtype are rejected); None accepts any.
         timeout_s: seconds a kernel waits on a peer before it records an error (CUDA path).
-        num_blocks: blocks per kernel launch (0: ``min(tokens, 2 * (SMs // ranks sharing the GPU))``, two
-            blocks per SM at most, so the blocks of every rank on a GPU are resident together).
+        num_blocks: blocks per kernel launch (0: ``min(tokens, SMs / ranks sharing the GPU)``, one block per
+            SM at most, so the blocks of every rank on a GPU are resident together).
     """
 
     def __init__(self, group=None, strategy: AllReduceStrategy = AllReduceStrategy.AUTO,
