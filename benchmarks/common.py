@@ -156,8 +156,8 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank. Backends whose
     staging copy engine can be turned off also time the cached dispatch with the kernel staging its input
     (``dispatch_sm_staging_us``), and those with a pipelined combine its other schedules (``combine_windows{n}_us``:
-    n = 0, one barrier after the copy engine staged the input; 4 token windows) and the combines pulled through
-    registers instead of bulk copies (``combine_registers_us``, ``combine_zero_copy_registers_us``)."""
+    n = 0, one barrier after the copy engine staged the input; 4 token windows) and both combines with the pull
+    the default does not take (``combine_{bulk,registers}_us``, ``combine_zero_copy_{bulk,registers}_us``)."""
     from moe_a2a.backends import intranode
     from moe_a2a.backends.base import CombineRequest, DispatchRequest
     from moe_a2a.config import combine_input_bytes
@@ -194,8 +194,9 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
             kern.set_combine_windows(n)
             times[f"combine_windows{n}_us"] = time_us(comb, warmup, loops, iters)
         kern.set_combine_windows(default_windows)
-        kern.set_combine_bulk(False)
-        times["combine_registers_us"] = time_us(comb, warmup, loops, iters)
+        other = "registers" if intranode.COMBINE_BULK else "bulk"  # the pull the default does not take
+        kern.set_combine_bulk(not intranode.COMBINE_BULK)
+        times[f"combine_{other}_us"] = time_us(comb, warmup, loops, iters)
         kern.set_combine_bulk(intranode.COMBINE_BULK)
     if zero_copy and hasattr(kern, "dispatch_receive_rows"):
         room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
@@ -208,8 +209,9 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         zero = lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights))  # noqa: E731
         times["combine_zero_copy_us"] = time_us(zero, warmup, loops, iters)
         if hasattr(kern, "set_combine_bulk"):
-            kern.set_combine_bulk(False)
-            times["combine_zero_copy_registers_us"] = time_us(zero, warmup, loops, iters)
+            other = "registers" if intranode.COMBINE_BULK else "bulk"
+            kern.set_combine_bulk(not intranode.COMBINE_BULK)
+            times[f"combine_zero_copy_{other}_us"] = time_us(zero, warmup, loops, iters)
             kern.set_combine_bulk(intranode.COMBINE_BULK)
     return handle, times
 
