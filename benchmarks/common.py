@@ -156,8 +156,7 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank. Backends whose
     staging copy engine can be turned off also time the cached dispatch with the kernel staging its input
     (``dispatch_sm_staging_us``), and those with a pipelined combine its other schedules (``combine_windows{n}_us``:
-    n = 0, one barrier after the copy engine staged the input; 4 token windows) and both combines with the pull
-    the default does not take (``combine_{bulk,registers}_us``, ``combine_zero_copy_{bulk,registers}_us``)."""
+    n = 0, one barrier after the copy engine staged the input; 4 or 16 token windows)."""
     from moe_a2a.backends import intranode
     from moe_a2a.backends.base import CombineRequest, DispatchRequest
     from moe_a2a.config import combine_input_bytes
@@ -190,14 +189,10 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     if hasattr(kern, "set_combine_windows"):  # the combine's other schedules (default: pipelined in windows)
         default_windows = kern.combine_windows
         comb = lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights))  # noqa: E731
-        for n in (0, 4):
+        for n in (0, 4, 16):
             kern.set_combine_windows(n)
             times[f"combine_windows{n}_us"] = time_us(comb, warmup, loops, iters)
         kern.set_combine_windows(default_windows)
-        other = "registers" if intranode.COMBINE_BULK else "bulk"  # the pull the default does not take
-        kern.set_combine_bulk(not intranode.COMBINE_BULK)
-        times[f"combine_{other}_us"] = time_us(comb, warmup, loops, iters)
-        kern.set_combine_bulk(intranode.COMBINE_BULK)
     if zero_copy and hasattr(kern, "dispatch_receive_rows"):
         room = kern.dispatch_receive_rows(hidden * x.element_size(), scales.size(1) if scales is not None else 0)
         if all(gather(num_recv <= room)):  # every rank takes the same path
@@ -206,13 +201,8 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     if zero_copy and combine_input_bytes(num_recv, hidden * 2, idx.size(1)) <= kern.num_nvl_bytes:
         view = kern.get_next_combine_buffer(handle, hidden)
         view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
-        zero = lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights))  # noqa: E731
-        times["combine_zero_copy_us"] = time_us(zero, warmup, loops, iters)
-        if hasattr(kern, "set_combine_bulk"):
-            other = "registers" if intranode.COMBINE_BULK else "bulk"
-            kern.set_combine_bulk(not intranode.COMBINE_BULK)
-            times[f"combine_zero_copy_{other}_us"] = time_us(zero, warmup, loops, iters)
-            kern.set_combine_bulk(intranode.COMBINE_BULK)
+        times["combine_zero_copy_us"] = time_us(
+            lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
     return handle, times
 
 

@@ -7,14 +7,9 @@ kernels on DeepEP's shapes and reports, per shape and SM count:
 * ``dispatch_full``: layout + count exchange (host sync) + dispatch, what a first call costs;
 * ``combine``: the combine kernel, its input an ordinary tensor (staged into the buffer by the kernel, in
   token windows pipelined with the pull); ``combine_windows0``: staged by the copy engine, then one barrier,
-  then the pull; ``combine_windows4``: another window count (``set_combine_windows``);
-  ``combine_bulk`` / ``combine_registers``: pulled with the pull the default does not take, bulk copies
-  through shared memory or 16-byte loads through registers (``set_combine_bulk``);
+  then the pull; ``combine_windows4`` / ``16``: other window counts (``set_combine_windows``);
 * ``combine_zero_copy``: the same combine with its input written into the buffer beforehand, outside the
   timed region (``get_next_combine_buffer``, as the expert or un-permute kernel writing it would);
-  ``combine_zero_copy_bulk`` / ``_registers``: the same with the other pull;
-* ``dispatch_in_buffer``: the cached dispatch whose senders write the rows into the receivers' buffers
-  (``recv_x_in_buffer``);
 * ``floor``: the copy engine moving the same bytes, measured in the same run; ``x floor`` is the kernel
   time over it. Ranks sharing one GPU: one device-to-device copy of every rank's bytes (they share its
   memory). One rank per GPU: every rank copies, at once, the bytes it sends to each peer straight into
@@ -193,11 +188,8 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
                                ("dispatch_sm_staging", "dispatch_sm_staging_us", "dispatch_bytes"),
                                ("combine", "combine_us", "combine_bytes"),
                                ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes"),
-                               # the combine with one barrier (copy-engine staging) or in 4 windows, and
-                               # both combines with the other pull (bulk copies or registers)
-                               *((f"combine_{v}", f"combine_{v}_us", "combine_bytes")
-                                 for v in ("windows0", "windows4", "bulk", "registers", "zero_copy_bulk",
-                                           "zero_copy_registers"))):
+                               # the combine with one barrier (copy-engine staging) or in 4 / 16 windows
+                               *((f"combine_windows{n}", f"combine_windows{n}_us", "combine_bytes") for n in (0, 4, 16))):
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
             continue
         slowest = max(m[key] for m in everyone)
@@ -206,8 +198,7 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         combine = op.startswith("combine")
         floor = floors["combine" if combine else "dispatch"] if moves else 0
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
-        same_call = ("combine" if op.startswith(("combine_windows", "combine_registers", "combine_bulk"))
-                     else op.replace("_sm_staging", ""))
+        same_call = "combine" if op.startswith("combine_windows") else op.replace("_sm_staging", "")
         deepep = floors.get(f"deepep_{same_call}")  # DeepEP's same call
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1) if moves else None,

@@ -362,9 +362,10 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         a.out = out.data_ptr();
         a.out_weights = opt_ptr<float>(out_weights);
         a.capacity = combine_capacity(hidden_bytes, num_topk);
-        a.num_windows = combine_windows_;
-        a.bulk = combine_bulk_ && a.format == kLLFormatBF16Combine;
-        signature_[5] = combine_windows_;  // the ranks must run the same schedule (see launch_combine)
+        // With few SMs the copy engine stages faster than the kernel's blocks can: one barrier then.
+        const int windows = num_sms >= kMinWindowSms ? combine_windows_ : 0;
+        a.num_windows = windows;
+        signature_[5] = windows;  // the ranks must run the same schedule (see launch_combine)
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
         // When all received rows (and their weights) fit the buffer, the copy engine stages them in arrival
@@ -383,7 +384,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
         launch_prologue(ctx(), a.num_tokens, a.staged_rows, kPhaseCombineStart, stream);
         if (flat && rows > 0) {
-            a.stage_in_kernel = !in_place && (!copy_engine_staging_ || combine_windows_ > 0);
+            a.stage_in_kernel = !in_place && (!copy_engine_staging_ || windows > 0);
             if (!in_place && !a.stage_in_kernel)
                 MOE_A2A_CUDA_CHECK(cudaMemcpyAsync(staging_base(), x.data_ptr(),
                                                    static_cast<size_t>(rows) * hidden_bytes, cudaMemcpyDeviceToDevice,
@@ -429,20 +430,16 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     // pipelined combine (set_combine_windows) always stages in the kernel.
     void set_copy_engine_staging(bool on) { copy_engine_staging_ = on; }
 
-    // Combines whose tokens fit the buffer at once run as a pipeline of `n` token windows (the kernel's
-    // blocks stage window k + 1 before pulling window k; each pull waits for that window's flag on every
-    // rank), or with one barrier between staging and pulling (n = 0). Every rank must use the same n: the
-    // prologue compares it and reports a difference. A pipelined combine stages in the kernel (the copy
-    // engine would stage everything before the first pull).
+    // Combines whose tokens fit the buffer at once and that run on at least kMinWindowSms SMs run as a
+    // pipeline of `n` token windows (the kernel's blocks stage window k + 1 before pulling window k; each
+    // pull waits for that window's flag on every rank), or with one barrier between staging and pulling
+    // (n = 0). Every rank must use the same n: the prologue compares it and reports a difference. A
+    // pipelined combine stages in the kernel (the copy engine would stage everything before the first pull).
     void set_combine_windows(int64_t n) {
         MOE_A2A_CHECK(n >= 0 && n <= kMaxCombineWindows, "combine windows must be in [0, ", kMaxCombineWindows,
                       "], got ", n);
         combine_windows_ = static_cast<int>(n);
     }
-
-    // Whether a BF16 combine pulls the peers' rows with bulk copies (TMA) through shared memory, or with
-    // 16-byte loads through registers. Same bytes, same summation order, same results; a rank's own choice.
-    void set_combine_bulk(bool on) { combine_bulk_ = on; }
 
     // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
     void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
@@ -491,7 +488,6 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     int64_t bulk_min_rows_ = 8192;
     bool copy_engine_staging_ = true;
     int combine_windows_ = 0;
-    bool combine_bulk_ = false;
     int signature_[kSignatureInts] = {};
 };
 
@@ -526,7 +522,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
         .def("set_copy_engine_staging", &Runtime::set_copy_engine_staging)
         .def("set_combine_windows", &Runtime::set_combine_windows)
-        .def("set_combine_bulk", &Runtime::set_combine_bulk)
         .def("encode_rows", &Runtime::encode_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("set_signature", &Runtime::set_signature)

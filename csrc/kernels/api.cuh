@@ -26,6 +26,7 @@ constexpr int kMaxLocalExperts = 1024;
 constexpr int kDispatchThreads = 512;   // threads of a dispatch block (one block per SM, 128 registers each)
 constexpr int kMaxCombineWindows = 32; // token windows of a pipelined combine (CombineArgs::num_windows)
 constexpr int kMinWindowTokens = 128;  // fewer tokens per window cost more in waits than they overlap
+constexpr int kMinWindowSms = 16;      // fewer SMs stage slower than the copy engine: no pipeline then
 constexpr int kCombineThreads = 512;    // combine keeps a register per rank and lane: fewer, fatter threads
 // Dispatch's bulk pull: rows move global -> shared -> global by bulk copies (TMA), never through
 // registers, so a block keeps about as many bytes in flight as kBulkSmemBytes.
@@ -146,7 +147,6 @@ struct CombineArgs {
     int num_windows;                                // > 0: when every token fits one round, stage and pull
                                                     // in this many token windows, a flag per window instead
                                                     // of a barrier (same on every rank: in the signature)
-    int bulk;                                       // BF16: pull with bulk copies through shared memory
 };
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream);

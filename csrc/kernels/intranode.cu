@@ -644,13 +644,6 @@ __device__ __forceinline__ void add_chunk(float* acc, const int4& raw) {
     }
 }
 
-// Combine's bulk pull (pull_tokens_bulk): a stage holds one piece of a token's row from every rank.
-constexpr int kPullConsumers = kCombineThreads - 32;
-constexpr int kPullPieceBytes = 3840;  // at most a chunk per consumer; a multiple of 128
-constexpr int kPullStages = kBulkSmemBytes / (kMaxRanks * kPullPieceBytes);
-static_assert(kPullPieceBytes % 128 == 0 && kPullPieceBytes / 16 <= kPullConsumers, "piece of a combine stage");
-static_assert(kPullStages >= 2 && 2 * kPullStages * 8 <= kBulkBarBytes, "stages of the combine's bulk pull");
-
 // Shared state of one combine block: what the peers published, and per warp the copies of its token.
 struct CombineShared {
     int tokens[kMaxRanks];
@@ -661,8 +654,6 @@ struct CombineShared {
     int win_begin[kMaxRanks];   // pipelined arrival-order staging: the current window's rows of source r
     int win_end[kMaxRanks];
     const int4* row_ptr[kCombineThreads / 32][kMaxRanks];
-    unsigned stage_ranks[kPullStages];        // bulk pull: ranks whose copy a stage holds
-    int stage_rows[kPullStages][kMaxRanks];  // and the copies' rows
 };
 
 // Stage by slots: received row j (from source s, its token t) goes to slot [s, t - first] when t is in
@@ -777,138 +768,6 @@ __device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShare
     }
 }
 
-// Bulk pull of a combine (BF16 rows): tokens move from the peers' staging areas into shared memory by bulk
-// copies (TMA), which keep a block's shared memory full of loads in flight without spending registers, and
-// are summed from there. The last warp produces: per token it finds the copies' rows and, for each piece of
-// the row, loads every copy's piece into a stage of a ring. The other warps consume a stage (one 16-byte
-// chunk per thread and rank, summed in rank order as pull_tokens does) and hand it back.
-
-// Where the ring of one block is: full[s] completes when stage s landed, empty[s] when every consumer warp
-// finished reading it. `items` counts the stages this block used so far (their phases follow from it).
-struct PullRing {
-    uint64_t* full;
-    uint64_t* empty;
-    char* slots;
-    uint32_t items;
-};
-
-__device__ __forceinline__ char* pull_slot(const PullRing& ring, int stage, int r) {
-    return ring.slots + (static_cast<int64_t>(stage) * kMaxRanks + r) * kPullPieceBytes;
-}
-
-__device__ void init_pull_ring(PullRing& ring) {
-    uint64_t* bars = reinterpret_cast<uint64_t*>(s_dyn);
-    ring.full = bars;
-    ring.empty = bars + kPullStages;
-    ring.slots = s_dyn + kBulkBarBytes;
-    ring.items = 0;
-    if (threadIdx.x == 0) {
-        for (int k = 0; k < kPullStages; ++k) {
-            mbar_init(ring.full + k, 1);
-            mbar_init(ring.empty + k, kPullConsumers / 32);
-        }
-        fence_mbar_init();
-    }
-    __syncthreads();
-}
-
-// Tokens first + [i0, i1) of this block's share (every gridDim.x-th token), as pull_tokens computes them.
-// Per stage the producer leaves the ranks holding a copy and their rows (for the weights) in s.stage_*.
-__device__ void pull_tokens_bulk(const PeerCtx& c, const CombineArgs& a, CombineShared& s, PullRing& ring,
-                                 const CombineLayout& L, int first, int i0, int i1, int lane, int round) {
-    const int R = c.num_ranks, me = c.rank, Q = a.capacity, K = a.num_topk, H4 = a.hidden_int4;
-    const int row_bytes = H4 * 16;
-    const int num_pieces = (row_bytes + kPullPieceBytes - 1) / kPullPieceBytes;
-    const int piece_bytes = static_cast<int>(align16((row_bytes + num_pieces - 1) / num_pieces));
-    const bool producer = threadIdx.x >= kPullConsumers;
-    uint32_t item = ring.items;
-    if (producer) {
-        // The peers' rows were acquired (barrier or window flags, then __syncthreads) in the generic proxy.
-        fence_proxy_async_global();
-        // Lane r < R looks up where rank r holds a token's copy; the loads for token i + gridDim.x go out
-        // before token i's pieces wait for free stages, so their latency hides behind those waits.
-        bool in_rank = false;
-        int head = -1;
-        auto look_up = [&](int i) {
-            if (lane < R && i < i1) {
-                in_rank = a.is_token_in_rank[(first + static_cast<int64_t>(i)) * R + lane];
-                if (s.rows[lane] >= 0) head = __ldg(a.send_head + (first + static_cast<int64_t>(i)) * R + lane);
-            }
-        };
-        look_up(i0 + static_cast<int>(blockIdx.x));
-        for (int i = i0 + static_cast<int>(blockIdx.x); i < i1; i += gridDim.x) {
-            int64_t my_row = -1;
-            if (lane < R && in_rank) {
-                if (s.rows[lane] < 0) {
-                    my_row = static_cast<int64_t>(me) * Q + i;
-                } else {
-                    const int row = s.first[lane] + head;
-                    if (head >= 0 && row < s.rows[lane])
-                        my_row = row;
-                    else
-                        record_error(c, kErrBadHandle, lane, kPhaseCombineStaged, s.rows[lane], row, round);
-                }
-            }
-            look_up(i + gridDim.x);
-            const unsigned ranks = __ballot_sync(0xffffffff, my_row >= 0);
-            const char* src = my_row >= 0 ? staging(c, lane) + L.data + my_row * row_bytes : nullptr;
-            for (int p = 0; p < num_pieces; ++p, ++item) {
-                const int st = item % kPullStages;
-                const int len = min(piece_bytes, row_bytes - p * piece_bytes);
-                if (item >= kPullStages &&
-                    !mbar_wait(c, ring.empty + st, (item / kPullStages - 1) & 1, kPhaseCombineStaged, round))
-                    return;
-                if (lane < R) s.stage_rows[st][lane] = static_cast<int>(my_row);
-                __syncwarp();  // the rows are written before lane 0's arrival releases the stage
-                if (lane == 0) {
-                    s.stage_ranks[st] = ranks;
-                    mbar_arrive_expect_tx(ring.full + st, __popc(ranks) * len);
-                }
-                __syncwarp();  // the expected bytes are set before any copy can complete
-                if (my_row >= 0) bulk_load(pull_slot(ring, st, lane), src + p * piece_bytes, len, ring.full + st);
-            }
-        }
-    } else {
-        const int warp = threadIdx.x / 32;
-        for (int i = i0 + static_cast<int>(blockIdx.x); i < i1; i += gridDim.x) {
-            const int64_t t = first + i;
-            for (int p = 0; p < num_pieces; ++p, ++item) {
-                const int st = item % kPullStages;
-                const int len = min(piece_bytes, row_bytes - p * piece_bytes);
-                if (!mbar_wait(c, ring.full + st, (item / kPullStages) & 1, kPhaseCombineStaged, round)) return;
-                const unsigned ranks = s.stage_ranks[st];
-                for (int ch = threadIdx.x; ch * 16 < len; ch += kPullConsumers) {
-                    float acc[8];
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-#pragma unroll
-                    for (int r = 0; r < kMaxRanks; ++r)
-                        if (ranks >> r & 1) add_bf16x8(acc, reinterpret_cast<const int4*>(pull_slot(ring, st, r))[ch]);
-                    const int64_t at = t * H4 + p * (piece_bytes / 16) + ch;
-                    if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + at));
-                    if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + at));
-                    int4 out;
-                    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-                    st_na_v4(static_cast<int4*>(a.out) + at, out);
-                }
-                if (p == 0 && a.out_weights && warp == kPullConsumers / 32 - 1 && lane < K) {
-                    float sum = 0.0f;
-                    for (int r = 0; r < R; ++r)
-                        if (ranks >> r & 1)
-                            sum += __int_as_float(ld_cg(reinterpret_cast<const int*>(staging(c, r) + s.wbase[r]) +
-                                                        static_cast<int64_t>(s.stage_rows[st][r]) * K + lane));
-                    a.out_weights[t * K + lane] = sum;
-                }
-                __syncwarp();
-                if (lane == 0) mbar_arrive(ring.empty + st);
-            }
-        }
-    }
-    ring.items = item;
-}
-
 // Window k of a pipelined combine is staged on this rank: the block that completes it (the last of the
 // grid) raises the flag to this operation's epoch, which every rank shares after the prologue's barrier.
 __device__ void publish_window(const PeerCtx& c, int k, int epoch) {
@@ -1004,16 +863,6 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
     const int num_warps = gridDim.x * (blockDim.x / 32);
     const int gwarp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const bool flat = a.staged_rows >= 0;
-    // Bulk pull: BF16 rows only (an encoded row's chunks are decoded as they are loaded).
-    const bool bulk = kFormat == kLLFormatBF16Combine && a.bulk;
-    PullRing ring;
-    if (bulk) init_pull_ring(ring);
-    auto pull = [&](int first, int i0, int i1, int round) {
-        if (bulk)
-            pull_tokens_bulk(c, a, s, ring, L, first, i0, i1, lane, round);
-        else
-            pull_tokens<kFormat>(c, a, s, L, first, i0, i1, gwarp, num_warps, lane, round);
-    };
 
     if (a.num_windows > 0 && max_tokens <= Q) {
         // The prologue's barrier left the same epoch on every rank: it names this operation's windows.
@@ -1031,7 +880,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
             if (k == 0) continue;
             const int w = k - 1;
             if (!wait_window(c, w, epoch)) return;
-            pull(0, min(a.num_tokens, w * width), min(a.num_tokens, (w + 1) * width), w);
+            pull_tokens<kFormat>(c, a, s, L, 0, min(a.num_tokens, w * width), min(a.num_tokens, (w + 1) * width),
+                                 gwarp, num_warps, lane, w);
         }
         finish_op(c);
         return;
@@ -1044,7 +894,8 @@ __global__ void __launch_bounds__(kCombineThreads, 1) combine_kernel(PeerCtx c, 
         if (!flat) stage_slots(c, a, s, L, first, first, first + Q, gwarp, num_warps, lane);
         if (flat && a.stage_in_kernel && round == 0) stage_rows(c, a, s, 0, a.staged_rows);
         if (!grid_barrier(c, true, kPhaseCombineStaged, round)) return;
-        pull(first, 0, max(0, min(Q, a.num_tokens - first)), round);
+        pull_tokens<kFormat>(c, a, s, L, first, 0, max(0, min(Q, a.num_tokens - first)), gwarp, num_warps, lane,
+                             round);
     }
     finish_op(c);
 }
@@ -1109,18 +960,10 @@ void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, 
 }
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream) {
-    if (a.format == kLLFormatFP8Combine) {
+    if (a.format == kLLFormatFP8Combine)
         combine_kernel<kLLFormatFP8Combine><<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
-    } else {
-        static const bool once = [] {  // as launch_dispatch: the bulk pull's shared memory, allowed once
-            MOE_A2A_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kLLFormatBF16Combine>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkDynSmem));
-            return true;
-        }();
-        (void)once;
-        combine_kernel<kLLFormatBF16Combine>
-            <<<num_blocks, kCombineThreads, a.bulk ? kBulkDynSmem : 0, stream>>>(ctx, a);
-    }
+    else
+        combine_kernel<kLLFormatBF16Combine><<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

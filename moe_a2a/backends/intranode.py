@@ -27,13 +27,11 @@ then runs, in one kernel of ``config.num_sms`` blocks, rounds of three steps:
    flight per lane) or, when it receives at least ``BULK_MIN_ROWS`` rows, with Hopper bulk copies
    (``cp.async.bulk``, the TMA unit): one lane per warp loads row pieces into a ring of shared-memory
    slots and stores each back out once it landed, so a block keeps about 192 KiB in flight instead of
-   what its registers hold, and the other lanes copy the small per-row fields. A BF16 combine can pull
-   with bulk copies too (``set_combine_bulk``; off by default, see ``COMBINE_BULK``): per block one warp
-   loads, for each of its tokens and each piece of the row, every copy's piece into a stage of a
-   shared-memory ring, and the other warps sum a landed stage in rank order and write it out.
+   what its registers hold, and the other lanes copy the small per-row fields.
 
 Pipelined combine (``set_combine_windows``, ``COMBINE_WINDOWS`` by default): when every token fits one
-round, the combine replaces the barrier by one flag per token window. The kernel's blocks stage the rows
+round and the combine runs on at least ``COMBINE_WINDOWS_MIN_SMS`` SMs, it replaces the barrier by one flag
+per token window. The kernel's blocks stage the rows
 of source tokens in window ``k + 1`` (in arrival order a source's rows are sorted by token, so that is one
 range of rows per source) before they pull window ``k``; the last block to finish a window raises this
 rank's flag for it to the epoch the prologue's barrier left (the same on every rank, so replays of a
@@ -109,12 +107,12 @@ BULK_MIN_ROWS = 8192
 
 #: Token windows of a combine whose tokens fit the buffer at once (0: stage, one barrier, pull); windows
 #: hold at least 128 tokens. 8 was the fastest of 4 / 8 / 16 on an H100 and an H200 (EP8, 4096 tokens).
+#: Combines on fewer than ``COMBINE_WINDOWS_MIN_SMS`` SMs take the copy engine and one barrier whatever the
+#: setting: on 8 SMs that was 13% faster than the pipeline on an H200 (its blocks stage slower than the
+#: copy engine), on 16 SMs 4% slower.
 COMBINE_WINDOWS = 8
+COMBINE_WINDOWS_MIN_SMS = 16  # kMinWindowSms in csrc/kernels/api.cuh
 MAX_COMBINE_WINDOWS = 32
-
-#: Whether BF16 combines pull the peers' rows with bulk copies (TMA) through shared memory instead of 16-byte
-#: loads through registers. Off: 2-4% slower than the registers on an H100 (EP8, 4096 tokens).
-COMBINE_BULK = False
 
 
 def extension_available() -> bool:
@@ -202,7 +200,6 @@ class IntranodeBackend:
         # (rows, hidden) of the combine input view handed out and still intact, else None.
         self._combine_input: Optional[tuple] = None
         self.set_combine_windows(COMBINE_WINDOWS)
-        self.set_combine_bulk(COMBINE_BULK)
         _native.track(self)
 
     def set_bulk_min_rows(self, rows: int) -> None:
@@ -219,22 +216,15 @@ class IntranodeBackend:
         self.runtime.set_copy_engine_staging(on)
 
     def set_combine_windows(self, n: int) -> None:
-        """Run combines whose tokens fit the buffer at once as a pipeline of ``n`` token windows (the kernel
-        stages window k + 1 before it pulls window k, and a pull waits only for its window's flag on every
-        rank; the kernel stages the input then, whatever ``set_copy_engine_staging`` says) or with one
-        barrier between staging and pulling (``n = 0``). Same results; every rank must use the same ``n``
-        (a difference is reported by the combine)."""
+        """Run combines whose tokens fit the buffer at once, on at least ``COMBINE_WINDOWS_MIN_SMS`` SMs, as a
+        pipeline of ``n`` token windows (the kernel stages window k + 1 before it pulls window k, and a pull
+        waits only for its window's flag on every rank; the kernel stages the input then, whatever
+        ``set_copy_engine_staging`` says) or with one barrier between staging and pulling (``n = 0``). Same
+        results; every rank must use the same ``n`` (a difference is reported by the combine)."""
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_COMBINE_WINDOWS:
             raise ValueError(f"combine windows must be an int in [0, {MAX_COMBINE_WINDOWS}], got {n!r}")
         self.runtime.set_combine_windows(n)
         self.combine_windows = n
-
-    def set_combine_bulk(self, on: bool) -> None:
-        """Pull a BF16 combine's rows with bulk copies through shared memory (True) or with 16-byte loads
-        through registers (False). Same results (same summation order); each rank chooses for itself."""
-        if not isinstance(on, bool):
-            raise ValueError(f"combine bulk must be True or False, got {on!r}")
-        self.runtime.set_combine_bulk(on)
 
     # ------------------------------------------------------------------ helpers
     def _check_usable(self) -> None:

@@ -42,6 +42,13 @@ def test_python_limits_equal_the_cpp_sources(python_name, path, cpp_name):
         f"moe_a2a.limits.{python_name} disagrees with {cpp_name} in csrc/{path}"
 
 
+@pytest.mark.skipif(not os.path.isdir(_CSRC), reason="no csrc/ beside the tests (an installed package)")
+def test_combine_schedule_constants_equal_the_cpp_sources():
+    from moe_a2a.backends import intranode
+    assert intranode.MAX_COMBINE_WINDOWS == _cpp_value("kernels/api.cuh", "kMaxCombineWindows")
+    assert intranode.COMBINE_WINDOWS_MIN_SMS == _cpp_value("kernels/api.cuh", "kMinWindowSms")
+
+
 _NVSHMEM_ATTRS = """
 import os, moe_a2a._nvshmem as m
 print(m.max_local_ranks, m.max_topk, m.max_nodes, m.ll_max_experts, m.ll_max_topk, m.ll_max_tokens, flush=True)

@@ -184,8 +184,8 @@ def _correctness(rank, num_ranks):
     # Dispatch pulls through registers or, from bulk_min_rows received rows on, with bulk copies through
     # shared memory: the middle configuration of every case takes the bulk path whatever its size. The last
     # one has the kernels stage their inputs instead of the copy engine. Combines run with the default
-    # schedule (pipelined in token windows), then with one barrier (the copy engine staging) and even ranks
-    # pulling with bulk copies, then in 3 windows with every rank pulling with bulk copies.
+    # schedule (pipelined in token windows), then with one barrier (the copy engine staging), then in 3
+    # windows.
     default_windows = kern.combine_windows
     assert default_windows > 0
     for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 4096)):
@@ -194,25 +194,20 @@ def _correctness(rank, num_ranks):
             kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
             kern.set_copy_engine_staging(j != 2)
             kern.set_combine_windows((default_windows, 0, 3)[j])
-            kern.set_combine_bulk(j == 2 or (j == 1 and rank % 2 == 0))
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
     kern.set_copy_engine_staging(True)
     kern.set_combine_windows(default_windows)
-    kern.set_combine_bulk(intranode.COMBINE_BULK)
     with pytest.raises(ValueError):
         kern.set_bulk_min_rows(-1)
-    with pytest.raises(ValueError, match="combine bulk"):
-        kern.set_combine_bulk(1)
     for bad in (-1, intranode.MAX_COMBINE_WINDOWS + 1, 2.0):
         with pytest.raises(ValueError, match="combine windows"):
             kern.set_combine_windows(bad)
     assert kern.combine_windows == default_windows
 
-    # A buffer that holds a few tokens per round: many rounds, same answers (bulk pulls, then registers).
+    # A buffer that holds a few tokens per round: many rounds, same answers (bulk pull, then registers).
     small = intranode.IntranodeBackend(rank, num_ranks, group, 64 * 14336 * num_ranks // 4, gather,
                                        KERNEL_TIMEOUT_S)
     small.set_bulk_min_rows(0)
-    small.set_combine_bulk(True)  # the combine's bulk pull over staging slots, in rounds
     case = Case(rank, num_ranks, 99, num_tokens=300 + 50 * rank, hidden=7168, num_experts=256, topk=8)
     _round_trip(small, ref, case, dcfg, 1, 0, 1)
     small.set_bulk_min_rows(1 << 30)
@@ -222,11 +217,9 @@ def _correctness(rank, num_ranks):
     small.destroy()
 
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg)
-    kern.set_combine_windows(0)  # zero-copy inputs with one barrier, pulled with bulk copies
-    kern.set_combine_bulk(True)
+    kern.set_combine_windows(0)  # zero-copy inputs with one barrier
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=20)
     kern.set_combine_windows(default_windows)
-    kern.set_combine_bulk(intranode.COMBINE_BULK)
     kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
     kern.destroy()
