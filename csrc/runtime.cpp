@@ -123,7 +123,7 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         if (code == kErrMismatch) {
             static const char* const fields[kSignatureInts] = {"operation (1 dispatch, 2 combine)", "bytes per row",
                                                                "scales per row", "top-k width", "number of experts",
-                                                               "combine windows (set_combine_windows)"};
+                                                               "combine windows (set_combine_windows; 0 on fewer than 16 SMs)"};
             const int field = host_->error_round;
             return me + ": ranks disagree on the " + std::string(field >= 0 && field < kSignatureInts ? fields[field] : "?") +
                    " in " + phase_name(host_->error_phase) + ": rank " + std::to_string(rank_) + " has " +

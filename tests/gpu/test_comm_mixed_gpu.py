@@ -140,14 +140,19 @@ def _gloo_kernel_body(rank, size):
     gather_scatter.release_kernel_workspaces()
 
 
-@pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_gather_scatter_kernels_ranks_sharing_a_gpu(num_ranks):
+def _run_on_kernels(body, num_ranks):
+    """``body`` on ``num_ranks`` ranks sharing the GPUs, skipped where the Lamport kernels cannot run."""
     reason = skip_reason(num_ranks)
     if reason:
         pytest.skip(reason)
     if not kernels_available():
         pytest.skip("moe_a2a._C has no all-reduce kernels")
-    run_ranks(_gloo_kernel_body, num_ranks, timeout=300.0)
+    run_ranks(body, num_ranks, timeout=300.0)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_gather_scatter_kernels_ranks_sharing_a_gpu(num_ranks):
+    _run_on_kernels(_gloo_kernel_body, num_ranks)
 
 
 def _fused_body(rank, size):
@@ -181,9 +186,4 @@ def _fused_body(rank, size):
 
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_fused_mode_ranks_sharing_a_gpu(num_ranks):
-    reason = skip_reason(num_ranks)
-    if reason:
-        pytest.skip(reason)
-    if not kernels_available():
-        pytest.skip("moe_a2a._C has no all-reduce kernels")
-    run_ranks(_fused_body, num_ranks, timeout=300.0)
+    _run_on_kernels(_fused_body, num_ranks)

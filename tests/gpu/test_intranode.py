@@ -197,6 +197,11 @@ def _correctness(rank, num_ranks):
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
     kern.set_copy_engine_staging(True)
     kern.set_combine_windows(default_windows)
+    # Default settings on 8 SMs, fewer than COMBINE_WINDOWS_MIN_SMS: the combine stages with the copy engine
+    # and meets the peers once, whatever the window setting.
+    assert 8 < intranode.COMBINE_WINDOWS_MIN_SMS
+    case = Case(rank, num_ranks, 97, num_tokens=1000 + 100 * rank, hidden=7168, num_experts=256, topk=8)
+    _round_trip(kern, ref, case, default_dispatch_config(num_ranks, 8), 1, 0, 1)
     with pytest.raises(ValueError):
         kern.set_bulk_min_rows(-1)
     for bad in (-1, intranode.MAX_COMBINE_WINDOWS + 1, 2.0):
