@@ -157,7 +157,7 @@ def run_rank(rank: int, size: int, args) -> list:
                                 "speedup": t_ref / t_floor, "max_abs_diff": 0.0})
             chosen = h.select_autotune_mode(op, x)
             for mode in h.valid_mode_list:
-                if mode in FUSED_MODES and h.fused_refuses(op, x):  # a small-message mode: not at this size
+                if mode in FUSED_MODES and h.fused_refuses(op, x, mode):  # too large for this mode
                     continue
                 out = run_mixed_comm(op, h, x, mode=mode)
                 diff = (out.float() - ref.float()).abs().max().item()

@@ -39,7 +39,7 @@ const char* step_name(int step) {
 std::string triple(const volatile int* v) {
     return "[" + std::to_string(v[0]) + " tokens, hidden " + std::to_string(v[1]) + ", " +
            (v[2] == 2 ? "two-shot" : v[2] == 1 ? "one-shot" : v[2] == comm::kArModeMixed ? "mixed TP x DP"
-                                                                                       : "mode " + std::to_string(v[2])) +
+            : v[2] == comm::kArModeMixedTwoShot ? "mixed TP x DP two-shot" : "mode " + std::to_string(v[2])) +
            "]";
 }
 
@@ -115,7 +115,7 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
         MOE_A2A_CHECK(out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == out_blocks * send_rows &&
                       out.size(1) == x.size(1), "out must be [out_blocks * send_rows, hidden] of the input's dtype");
         const int rows = static_cast<int>(send_rows), hidden = static_cast<int>(x.size(1));
-        const int64_t used = comm::ar_used_vecs(num_ranks_, rows, hidden, elem_size_, false);
+        const int64_t used = comm::ar_slots_vecs(num_ranks_, rows, hidden, elem_size_, false);
         MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
                       "workspace has ", buffer_bytes_, "; grow it first");
         ArArgs a = base_args(x, dtype);
@@ -128,6 +128,53 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
         }
         a.out = out.data_ptr();
         launch(a, x, num_blocks, static_cast<int64_t>(out_blocks) * rows);
+    }
+
+    // Mixed TP x DP two-shot (comm/allreduce.cuh): owner p sums rows send_first[p].. (own_rows[p] of them) of
+    // the ranks in the bit mask scatter_src[p] and sends the sum to the ranks in gather_dst[p], which store it
+    // at row out_first[p] of out [out_rows, hidden].
+    void mixed_two_shot(const torch::Tensor& x, const std::vector<int64_t>& send_first,
+                        const std::vector<int64_t>& own_rows, const std::vector<int64_t>& scatter_src,
+                        const std::vector<int64_t>& gather_dst, const std::vector<int64_t>& out_first,
+                        int64_t num_blocks, torch::Tensor& out) {
+        const int dtype = check_call(x);
+        const int R = num_ranks_;
+        for (const auto* v : {&send_first, &own_rows, &scatter_src, &gather_dst, &out_first})
+            MOE_A2A_CHECK(static_cast<int>(v->size()) == R, "the two-shot's per-owner lists need one entry per rank");
+        check_tensor(out, "out", x, false);
+        MOE_A2A_CHECK(out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(1) == x.size(1),
+                      "out must be [rows, hidden] of the input's dtype");
+        int64_t largest = 0;
+        for (int p = 0; p < R; ++p) {
+            MOE_A2A_CHECK(own_rows[p] >= 0 && send_first[p] >= 0 && send_first[p] + own_rows[p] <= x.size(0),
+                          "owner ", p, "'s rows [", send_first[p], ", ", send_first[p] + own_rows[p],
+                          ") leave the input's ", x.size(0), " rows");
+            MOE_A2A_CHECK(scatter_src[p] >= 0 && scatter_src[p] < (int64_t{1} << R) && gather_dst[p] >= 0 &&
+                          gather_dst[p] < (int64_t{1} << R), "owner ", p, "'s rank masks must be below 2^", R);
+            MOE_A2A_CHECK(own_rows[p] == 0 || scatter_src[p] != 0, "owner ", p, " has rows but no sources");
+            if ((gather_dst[p] >> rank_ & 1) && own_rows[p] > 0)
+                MOE_A2A_CHECK(out_first[p] >= 0 && out_first[p] + own_rows[p] <= out.size(0), "owner ", p,
+                              "'s rows land outside out's ", out.size(0), " rows");
+            largest = std::max(largest, own_rows[p]);
+        }
+        MOE_A2A_CHECK(largest > 0, "the two-shot has no rows to sum");
+        const int rows = static_cast<int>(largest), hidden = static_cast<int>(x.size(1));
+        const int64_t used = comm::ar_slots_vecs(R, rows, hidden, elem_size_, true);
+        MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
+                      "workspace has ", buffer_bytes_, "; grow it first");
+        ArArgs a = base_args(x, dtype);
+        a.mixed = 1;
+        a.two_shot = 1;
+        a.send_rows = rows;
+        for (int p = 0; p < R; ++p) {
+            a.send_first[p] = static_cast<int>(send_first[p]);
+            a.own_rows[p] = static_cast<int>(own_rows[p]);
+            a.scatter_src[p] = static_cast<unsigned>(scatter_src[p]);
+            a.gather_dst[p] = static_cast<unsigned>(gather_dst[p]);
+            a.out_first[p] = static_cast<int>(out_first[p]);
+        }
+        a.out = out.data_ptr();
+        launch(a, x, num_blocks, static_cast<int64_t>(R) * rows);
     }
 
     void allreduce(const torch::Tensor& x, const std::optional<torch::Tensor>& bias,
@@ -249,7 +296,10 @@ void register_allreduce(pybind11::module_& m) {
              py::arg("norm_weight"), py::arg("scale"), py::arg("eps"), py::arg("norm"), py::arg("two_shot"),
              py::arg("num_blocks"), py::arg("out"), py::arg("residual_out"), py::arg("quant"))
         .def("mixed", &AllReduceWorkspace::mixed, py::arg("x"), py::arg("send_first"), py::arg("send_rows"),
-             py::arg("src_block"), py::arg("out_blocks"), py::arg("num_blocks"), py::arg("out"));
+             py::arg("src_block"), py::arg("out_blocks"), py::arg("num_blocks"), py::arg("out"))
+        .def("mixed_two_shot", &AllReduceWorkspace::mixed_two_shot, py::arg("x"), py::arg("send_first"),
+             py::arg("own_rows"), py::arg("scatter_src"), py::arg("gather_dst"), py::arg("out_first"),
+             py::arg("num_blocks"), py::arg("out"));
 }
 
 }  // namespace moe_a2a

@@ -60,14 +60,22 @@ struct ArArgs {
     // `tokens` rows). Rank p receives rows [send_first[p], send_first[p] + send_rows) of x into its slot of
     // this rank; output block b (send_rows rows, out_blocks of them) is the sum, in rank order, of the slots
     // of the ranks s with src_block[s] == b.
+    //
+    // Mixed two-shot (mixed and two_shot): owner p sums rows [send_first[p], send_first[p] + own_rows[p]) of
+    // the inputs of the ranks in scatter_src[p] (a bit per rank) and sends the sum to the ranks in
+    // gather_dst[p], which store it at row out_first[p] of out. send_rows is the largest own_rows.
     int mixed;
     int send_rows, out_blocks;
     int send_first[kArMaxRanks];
     int src_block[kArMaxRanks];
+    int own_rows[kArMaxRanks];
+    unsigned scatter_src[kArMaxRanks];
+    unsigned gather_dst[kArMaxRanks];
+    int out_first[kArMaxRanks];
 };
 
-// Header mode of a mixed call (the all-reduce's are 1 + two_shot).
-constexpr int kArModeMixed = 3;
+// Header modes of the mixed calls (the all-reduce's are 1 + two_shot).
+constexpr int kArModeMixed = 3, kArModeMixedTwoShot = 4;
 
 #ifdef __CUDACC__
 #define MOE_A2A_HD __host__ __device__
@@ -75,12 +83,17 @@ constexpr int kArModeMixed = 3;
 #define MOE_A2A_HD
 #endif
 
-// 16-byte pieces one call uses of a buffer (a mixed call: the one-shot's, `tokens` = send_rows).
-MOE_A2A_HD inline int64_t ar_used_vecs(int num_ranks, int tokens, int hidden, int elem_size, bool two_shot) {
+// 16-byte pieces a call uses of a buffer: the header's num_ranks, then one slot of `rows` rows per rank (and
+// as many again for the two-shot's gather).
+MOE_A2A_HD inline int64_t ar_slots_vecs(int num_ranks, int rows, int hidden, int elem_size, bool two_shot) {
     const int64_t row = static_cast<int64_t>(hidden) * elem_size / 16;
-    if (!two_shot) return num_ranks + static_cast<int64_t>(num_ranks) * tokens * row;
-    const int64_t chunk = (tokens + num_ranks - 1) / num_ranks;
-    return num_ranks + 2 * num_ranks * chunk * row;
+    return num_ranks + (two_shot ? 2 : 1) * static_cast<int64_t>(num_ranks) * rows * row;
+}
+
+// The same for an all-reduce of `tokens` rows (the two-shot's slots hold a chunk of ceil(tokens / num_ranks)).
+MOE_A2A_HD inline int64_t ar_used_vecs(int num_ranks, int tokens, int hidden, int elem_size, bool two_shot) {
+    return ar_slots_vecs(num_ranks, two_shot ? (tokens + num_ranks - 1) / num_ranks : tokens, hidden, elem_size,
+                         two_shot);
 }
 
 void launch_allreduce(const ArArgs& a, int num_blocks, int num_threads, cudaStream_t stream);

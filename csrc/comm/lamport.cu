@@ -494,10 +494,83 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     advance_flags(a, buf, ar_used_vecs(R, T_, a.hidden, sizeof(T), a.two_shot));
 }
 
-// Mixed TP x DP one-shot (ArArgs::mixed): the all-reduce's steps with a row range per destination and a set of
-// sources per output block.
+// Mixed TP x DP two-shot (ArArgs::mixed and two_shot): each rank sums one piece of the result over the ranks
+// that hold its inputs and sends the sum to the ranks that need it, so a rank receives about (1 + dp) times
+// its input instead of the one-shot's world-size times. The sums are the one-shot's (same sources, same
+// order, rounded once), up to the sign of zero (-0.0 is the sentinel).
+template <typename T>
+__device__ __forceinline__ void mixed_two_shot(const ArArgs& a) {
+    constexpr int N = Elem<T>::kPerVec;
+    const int R = a.num_ranks, me = a.rank;
+    const int row_vecs = a.hidden / N;
+    const int buf = a.flags[kFlagBuffer];
+    const int prev_used = a.flags[kFlagUsed];
+    const int64_t data = R;
+    const int64_t slot = static_cast<int64_t>(a.send_rows) * row_vecs;  // the largest piece
+    const int64_t gather = data + R * slot;
+    const int4* x = static_cast<const int4*>(a.x);
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    const int64_t first_piece = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+
+    // 1. Send: the header, then this rank's rows of every owner that sums them, into slot `me` there.
+    send_header(a, buf, a.send_rows, kArModeMixedTwoShot);
+    for (int p = 0; p < R; ++p) {
+        if (!(a.scatter_src[p] >> me & 1u)) continue;
+        const int4* src = x + static_cast<int64_t>(a.send_first[p]) * row_vecs;
+        int4* dst = buffer_of(a, p, buf) + data + me * slot;
+        const int64_t n = static_cast<int64_t>(a.own_rows[p]) * row_vecs;
+        constexpr int kUnroll = 4;
+        for (int64_t base = first_piece; base < n; base += stride * kUnroll) {
+            Vec<T> v[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (base + u * stride < n) v[u].v = ld_nc_v4(src + base + u * stride);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+                if (base + u * stride < n) st_volatile_v4(dst + base + u * stride, unsentinel<T>(v[u]).v);
+        }
+    }
+
+    // 2. Clear what the previous call used of the previous buffer; 3. check the peers' headers.
+    clear_previous<T>(a, buf, prev_used);
+    const int4* mine = buffer_of(a, me, buf);
+    bool ok = headers_agree<T>(a, mine, a.send_rows, kArModeMixedTwoShot);
+
+    // 4. This rank's piece: the sum over its sources in rank order, sent to every rank that needs it.
+    const int64_t my_n = static_cast<int64_t>(a.own_rows[me]) * row_vecs;
+    for (int64_t i = first_piece; ok && i < my_n; i += stride) {
+        Vec<T> s;
+        ok = reduce_ranks<T>(a, mine + data + i, slot, s, kStepScatter,
+                             a.send_first[me] + static_cast<int>(i / row_vecs), a.scatter_src[me]);
+        if (!ok) break;
+        s = unsentinel<T>(s);
+        for (int q = 0; q < R; ++q)
+            if (a.gather_dst[me] >> q & 1u) st_volatile_v4(buffer_of(a, q, buf) + gather + me * slot + i, s.v);
+    }
+
+    // 5. Every owner's sum this rank needs, into its rows of out.
+    int4* out = static_cast<int4*>(a.out);
+    for (int64_t i = first_piece; ok && i < R * slot; i += stride) {
+        const int o = static_cast<int>(i / slot);
+        const int64_t j = i - o * slot;
+        if (!(a.gather_dst[o] >> me & 1u) || j >= static_cast<int64_t>(a.own_rows[o]) * row_vecs) continue;
+        Vec<T> s;
+        ok = wait_vec<T>(a, mine + gather + i, s, kStepGather, o, a.send_first[o] + static_cast<int>(j / row_vecs));
+        if (ok) st_na_v4(out + static_cast<int64_t>(a.out_first[o]) * row_vecs + j, s.v);
+    }
+
+    // 6. Flags on to the next call.
+    advance_flags(a, buf, ar_slots_vecs(R, a.send_rows, a.hidden, sizeof(T), true));
+}
+
+// Mixed TP x DP (ArArgs::mixed). One-shot: the all-reduce's steps with a row range per destination and a set
+// of sources per output block.
 template <typename T>
 __global__ void __launch_bounds__(kArMaxThreads, 2) mixed_kernel(ArArgs a) {
+    if (a.two_shot) {
+        mixed_two_shot<T>(a);
+        return;
+    }
     constexpr int N = Elem<T>::kPerVec;
     const int R = a.num_ranks, me = a.rank;
     const int row_vecs = a.hidden / N;
@@ -543,7 +616,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) mixed_kernel(ArArgs a) {
     }
 
     // 5. Flags on to the next call.
-    advance_flags(a, buf, ar_used_vecs(R, a.send_rows, a.hidden, sizeof(T), false));
+    advance_flags(a, buf, ar_slots_vecs(R, a.send_rows, a.hidden, sizeof(T), false));
 }
 
 __global__ void fill_kernel(int4* p, int64_t n, int4 value) {

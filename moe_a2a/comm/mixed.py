@@ -31,12 +31,18 @@ Modes (which level does which part):
 * ``FUSED_OPT_WAITS_UC``: one kernel on one node (``inter_size == 1``, CUDA tensors, rows of a multiple of 16
   bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer over CUDA IPC
   (``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier, no host sync) and sums what it received
-  in rank order with float32 accumulation, so it matches ``NCCL_ONE``'s sums bit for bit. One-shot: each rank
-  receives ``world_size`` messages, so it is the small-message mode (messages whose buffer would pass
-  ``FUSED_MAX_BUFFER_BYTES`` take the torch modes). With a gloo default group (ranks sharing a GPU, where NCCL
-  cannot run) it is the only mode.
-* Other ``FUSED_*`` modes: ``*_MC`` need NVLink multicast, which moe_a2a keeps off; ``FUSED_OPT_BYTES*`` and any
-  fused mode across nodes (NVSHMEM) are not built. Asking for one raises ``NotImplementedError`` naming why;
+  in rank order with float32 accumulation, so it matches ``NCCL_ONE``'s sums bit for bit. One-shot (fewest
+  waits): each rank receives ``world_size`` messages, so it is the small-message mode.
+* ``FUSED_OPT_BYTES1_UC``: the same kernel in two shots (fewest bytes): the result is cut into one piece per
+  rank (a TP rank's share of its DP group's rows); each rank receives its piece from the ranks that hold its
+  inputs, sums it in rank order (float32, rounded once: the same sums) and stores the sum into the rank(s) that
+  need it. A rank receives about ``1 + dp_size`` (gather ops) or ``1 + 1 / dp_size`` (scatter ops) times its
+  input instead of ``world_size`` times; with no TP (``tp_size == 1``) it saves nothing.
+* The fused modes take messages whose Lamport buffer fits ``FUSED_MAX_BUFFER_BYTES`` (the two-shot's is about
+  ``2 / tp_size`` of the one-shot's); larger ones take the torch modes. With a gloo default group (ranks sharing
+  a GPU, where NCCL cannot run) they are the only modes.
+* Other ``FUSED_*`` modes: ``*_MC`` need NVLink multicast, which moe_a2a keeps off; ``FUSED_OPT_BYTES2_*`` and
+  any fused mode across nodes (NVSHMEM) are not built. Asking for one raises ``NotImplementedError`` naming why;
   ``init_nvshmem`` raises it too. Passing ``require_fused=True`` makes the constructor raise when the fused mode
   is unavailable instead of falling back to the torch modes.
 * ``AUTOTUNE``: the fastest of the valid modes for the input's size bucket (see ``select_autotune_mode``).
@@ -47,9 +53,10 @@ order, and partial sums cross a level in the tensor's dtype (as a two-level all-
 agree bit for bit wherever the sums are exact, and to rounding otherwise.
 
 Default mode (``mode=None``): ``AUTOTUNE`` when ``use_autotune``; otherwise the fixed rule ``NCCL_TP_DP`` when
-valid, else ``NCCL_ONE`` (the unfused torch composition, which is also the reference's rule), or the fused mode
-where only it runs. A measured or default choice of the fused mode for an input it cannot take (rows not a
-multiple of 16 bytes, too large) falls back to that rule.
+valid, else ``NCCL_ONE`` (the unfused torch composition, which is also the reference's rule), or where only the
+fused modes run, ``FUSED_OPT_WAITS_UC`` up to ``FUSED_ONESHOT_MAX_BYTES`` of one-shot buffer (or without TP) and
+``FUSED_OPT_BYTES1_UC`` above. A measured or default choice of a fused mode for an input it cannot take (rows not
+a multiple of 16 bytes, too large) falls back to that rule.
 """
 from __future__ import annotations
 
@@ -66,8 +73,10 @@ from .gather_scatter import (all_gather_single, all_to_all_single, comm_device, 
                              exchange_objects, sum_in_order, wait)
 from .workspace import GROWTH_BYTES, LamportWorkspace, kernels_available, mixed_buffer_bytes
 
-#: Largest Lamport buffer the fused mode uses (three per rank); larger messages take the torch modes.
+#: Largest Lamport buffer the fused modes use (three per rank); larger messages take the torch modes.
 FUSED_MAX_BUFFER_BYTES = 256 * 1024 * 1024
+#: Where only the fused modes run and nothing was measured: the one-shot up to this one-shot buffer size.
+FUSED_ONESHOT_MAX_BYTES = 512 * 1024
 
 
 class MixedCommOp(enum.IntEnum):
@@ -95,7 +104,7 @@ class MixedCommMode(enum.IntEnum):
 
 
 #: The fused modes moe_a2a builds (the others are refused with the reason, see the module docstring).
-FUSED_MODES = (MixedCommMode.FUSED_OPT_WAITS_UC,)
+FUSED_MODES = (MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC)
 
 _GATHER_OPS = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 _SCATTER_OPS = (MixedCommOp.REDUCESCATTER, MixedCommOp.REDUCESCATTER_ALLREDUCE)
@@ -382,10 +391,10 @@ class MixedCommHandler:
         rows = 2 ** bucket * (self.para_info.dp_size if op in _SCATTER_OPS else 1)
         x = torch.empty(rows, hidden, dtype=self.dtype, device=self.device).uniform_(-0.5, 0.5)
         modes = [m for m in self.valid_mode_list if m != MixedCommMode.AUTOTUNE and
-                 not (m in FUSED_MODES and self.fused_refuses(op, x))]
-        if not modes:  # only the fused mode runs here, and not at this size: using it raises, naming why
-            self.autotune_map.setdefault(op, {})[bucket] = FUSED_MODES[0]
-            return FUSED_MODES[0]
+                 not (m in FUSED_MODES and self.fused_refuses(op, x, m))]
+        if not modes:  # only the fused modes run here, and not at this size: using one raises, naming why
+            self.autotune_map.setdefault(op, {})[bucket] = FUSED_MODES[-1]
+            return FUSED_MODES[-1]
         times = []
         for mode in modes:
             for _ in range(warmup):
@@ -432,34 +441,55 @@ class MixedCommHandler:
         ``AUTOTUNE`` replaced by the measured choice (measuring it first if needed: collective)."""
         asked = mode
         if mode is None:
-            mode = MixedCommMode.AUTOTUNE if self.use_autotune else self._rule()
+            mode = MixedCommMode.AUTOTUNE if self.use_autotune else self._rule(op, x_in)
         if mode == MixedCommMode.AUTOTUNE:
             mode = self.select_autotune_mode(op, x_in)
-        why = self.fused_refuses(op, x_in) if mode in FUSED_MODES else None
+        why = self.fused_refuses(op, x_in, mode) if mode in FUSED_MODES else None
+        if why is not None and asked != mode and not self.torch_modes:
+            mode = self._rule(op, x_in)  # a measured one-shot above its size: the two-shot may still take it
+            why = self.fused_refuses(op, x_in, mode)
         if why is not None:
             if asked == mode or not self.torch_modes:
                 raise ValueError(f"mode {mode.name} cannot take this input: {why}")
-            mode = self._rule(fused=False)
+            mode = self._rule(op, x_in, fused=False)
         return mode
 
-    def _rule(self, fused: bool = True) -> MixedCommMode:
-        """The fixed default: NCCL_TP_DP where valid, else NCCL_ONE; the fused mode where only it runs."""
+    def _rule(self, op: MixedCommOp, x_in: torch.Tensor, fused: bool = True) -> MixedCommMode:
+        """The fixed default: NCCL_TP_DP where valid, else NCCL_ONE; where only the fused modes run, the one-shot
+        up to FUSED_ONESHOT_MAX_BYTES of buffer (or without TP), the two-shot above."""
         if not self.torch_modes and fused:
-            return FUSED_MODES[0]
+            if not self.para_info.use_tp:
+                return MixedCommMode.FUSED_OPT_WAITS_UC
+            need = self._fused_buffer_bytes(op, x_in, MixedCommMode.FUSED_OPT_WAITS_UC)
+            return (MixedCommMode.FUSED_OPT_WAITS_UC if need is not None and need <= FUSED_ONESHOT_MAX_BYTES
+                    else MixedCommMode.FUSED_OPT_BYTES1_UC)
         return MixedCommMode.NCCL_TP_DP if MixedCommMode.NCCL_TP_DP in self.valid_mode_list else MixedCommMode.NCCL_ONE
 
-    def fused_refuses(self, op: MixedCommOp, x_in: torch.Tensor) -> Optional[str]:
-        """Why the fused mode cannot run ``op`` on ``x_in`` (None where it can)."""
+    def _fused_buffer_bytes(self, op: MixedCommOp, x_in: torch.Tensor, mode: MixedCommMode) -> Optional[int]:
+        """Bytes of Lamport buffer ``mode`` needs for ``op`` on ``x_in`` (None for an input it cannot take)."""
+        rows, row_bytes = x_in.shape[0], x_in[:1].numel() * x_in.element_size()
+        if rows == 0 or row_bytes == 0 or row_bytes % 16:
+            return None
+        hidden = row_bytes // x_in.element_size()
+        if mode == MixedCommMode.FUSED_OPT_BYTES1_UC:
+            return mixed_buffer_bytes(self.para_info.world_size, max(_two_shot_plan(self.para_info, op, rows)[1]),
+                                      hidden, x_in.dtype, two_shot=True)
+        send_rows = rows // self.para_info.dp_size if op in _SCATTER_OPS else rows
+        return mixed_buffer_bytes(self.para_info.world_size, send_rows, hidden, x_in.dtype)
+
+    def fused_refuses(self, op: MixedCommOp, x_in: torch.Tensor,
+                      mode: MixedCommMode = MixedCommMode.FUSED_OPT_WAITS_UC) -> Optional[str]:
+        """Why the fused ``mode`` cannot run ``op`` on ``x_in`` (None where it can)."""
         rows, row_bytes = x_in.shape[0], x_in[:1].numel() * x_in.element_size()
         send_rows = rows // self.para_info.dp_size if op in _SCATTER_OPS else rows
         if send_rows == 0 or row_bytes == 0:
             return "the input is empty"
         if row_bytes % 16:
             return f"its rows must be a multiple of 16 bytes, got {row_bytes}"
-        need = mixed_buffer_bytes(self.para_info.world_size, send_rows, row_bytes // x_in.element_size(), x_in.dtype)
+        need = self._fused_buffer_bytes(op, x_in, mode)
         if need > FUSED_MAX_BUFFER_BYTES:
-            return (f"the message needs a {need}-byte Lamport buffer, above FUSED_MAX_BUFFER_BYTES "
-                    f"({FUSED_MAX_BUFFER_BYTES}): a one-shot mode for small messages")
+            return (f"the message needs a {need}-byte Lamport buffer in {mode.name}, above FUSED_MAX_BUFFER_BYTES "
+                    f"({FUSED_MAX_BUFFER_BYTES})")
         return None
 
     # ---------------------------------------------------------------------------- operations
@@ -579,13 +609,46 @@ def _scatter_family(h: MixedCommHandler, x: torch.Tensor, mode: MixedCommMode) -
     raise AssertionError(mode)
 
 
-def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor) -> torch.Tensor:
-    """FUSED_OPT_WAITS_UC on one node (world rank = local rank): the gather ops send the whole input to every
-    rank and sum each DP rank's TP group into output block ``dp_rank``; the scatter ops send each rank the chunk
-    of its DP rank and sum every rank's."""
+def _two_shot_plan(p: ParallelInfo, op: MixedCommOp, rows: int):
+    """FUSED_OPT_BYTES1_UC's work split on one node (world rank = local rank ``tp_rank + dp_rank * tp_size``):
+    per owner rank ``o = c + d * tp_size``, its piece ``c`` of DP rank ``d``'s result, as the lists of
+    ``LamportWorkspace.mixed_two_shot`` (send_first, own_rows, scatter_src, gather_dst, out_first, out_rows).
+
+    Gather ops: DP rank ``d``'s block is the sum of its TP group's inputs (every row); owner ``o`` sums rows
+    ``[c * S, (c + 1) * S)`` (``S = ceil(rows / tp_size)``) over that group and every rank stores the sum at
+    ``d * rows + c * S``. Scatter ops: DP rank ``d``'s result is the sum over all ranks of chunk ``d``
+    (``C = rows / dp_size`` rows); owner ``o`` sums its rows ``[c * S, (c + 1) * S)`` (``S = ceil(C / tp_size)``)
+    over every rank and the ranks of DP rank ``d`` store it at ``c * S``."""
+    tp, dp, world = p.tp_size, p.dp_size, p.world_size  # on one node the local sizes
+    everyone = (1 << world) - 1
+    group = [((1 << tp) - 1) << (d * tp) for d in range(dp)]  # the ranks of DP rank d
+    gather = op in _GATHER_OPS
+    chunk = rows if gather else rows // dp
+    piece = -(-chunk // tp)
+    send_first, own_rows, scatter_src, gather_dst, out_first = [], [], [], [], []
+    for o in range(world):
+        c, d = o % tp, o // tp
+        n = max(0, min(piece, chunk - c * piece))
+        first = min(c * piece, chunk)
+        own_rows.append(n)
+        send_first.append(first if gather else d * chunk + first)
+        scatter_src.append(group[d] if gather else everyone)
+        gather_dst.append(everyone if gather else group[d])
+        out_first.append(d * rows + first if gather else first)
+    return send_first, own_rows, scatter_src, gather_dst, out_first, rows * dp if gather else chunk
+
+
+def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
+    """The fused modes on one node (world rank = local rank). FUSED_OPT_WAITS_UC: the gather ops send the whole
+    input to every rank and sum each DP rank's TP group into output block ``dp_rank``; the scatter ops send each
+    rank the chunk of its DP rank and sum every rank's. FUSED_OPT_BYTES1_UC: ``_two_shot_plan``."""
     p = h.para_info
     rows, rest = x.shape[0], x.shape[1:]
     flat = x.reshape(rows, -1)
+    if mode == MixedCommMode.FUSED_OPT_BYTES1_UC:
+        plan = _two_shot_plan(p, op, rows)
+        out = h._workspace.mixed_two_shot(flat, *plan)
+        return out.view(plan[-1], *rest)
     dp_of = [w // p.local_tp_size for w in range(p.world_size)]
     if op in _GATHER_OPS:
         out = h._workspace.mixed(flat, [0] * p.world_size, rows, dp_of, p.dp_size)
@@ -597,7 +660,7 @@ def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor) -> torch.Tenso
 
 def _run_op(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
     if mode in FUSED_MODES:
-        return _fused(h, op, x)
+        return _fused(h, op, x, mode)
     return (_gather_family if op in _GATHER_OPS else _scatter_family)(h, x, mode)
 
 

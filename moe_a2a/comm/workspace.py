@@ -327,10 +327,34 @@ class LamportWorkspace:
         return out
 
 
-def mixed_buffer_bytes(tp_size: int, send_rows: int, hidden_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one Lamport buffer needs for a mixed one-shot of ``send_rows x hidden_dim`` from each of
-    ``tp_size`` ranks (the one-shot all-reduce's size for that many tokens)."""
-    return _buffer_bytes(tp_size, send_rows, hidden_dim, _element_size(dtype), False)
+    def mixed_two_shot(self, x: torch.Tensor, send_first, own_rows, scatter_src, gather_dst, out_first,
+                       out_rows: int, num_blocks: int = 0) -> torch.Tensor:
+        """The mixed TP x DP two-shot on the current stream (``moe_a2a.comm.mixed``'s bytes-saving fused mode).
+
+        Per owner rank ``p`` (lists of one entry per rank): ``p`` sums rows ``send_first[p]`` to
+        ``send_first[p] + own_rows[p]`` of ``x`` ``[rows, hidden]`` over the ranks in the bit mask
+        ``scatter_src[p]`` (rank order, float32 accumulation) and sends the sum to the ranks in ``gather_dst[p]``,
+        which store it at row ``out_first[p]`` of the returned ``[out_rows, hidden]``. Every rank passes the same
+        lists; grows the workspace (collectively) when the message needs it."""
+        self.check()
+        if x.element_size() != self.element_size:
+            raise ValueError(f"this workspace serves {self.element_size}-byte elements, got {x.dtype}")
+        need = mixed_buffer_bytes(self.world_size, max(own_rows), x.shape[1], x.dtype, two_shot=True)
+        if need > self._buffer_size_bytes:
+            self.grow(need)
+        out = torch.empty(out_rows, x.shape[1], dtype=x.dtype, device=x.device)
+        self._runtime.mixed_two_shot(_aligned(x), list(send_first), list(own_rows), list(scatter_src),
+                                     list(gather_dst), list(out_first),
+                                     int(num_blocks or min(self.world_size * max(own_rows), self.default_blocks)), out)
+        return out
+
+
+def mixed_buffer_bytes(tp_size: int, send_rows: int, hidden_dim: int, dtype: torch.dtype,
+                       two_shot: bool = False) -> int:
+    """Bytes one Lamport buffer needs for a mixed call whose messages have ``send_rows x hidden_dim``
+    elements: the one-shot's ``tp_size`` slots, or the two-shot's scatter and gather slots."""
+    elem = _element_size(dtype)
+    return HEADER_BYTES_PER_RANK * tp_size + (2 if two_shot else 1) * tp_size * send_rows * hidden_dim * elem
 
 
 def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dist_utils import run_distributed
 from moe_a2a.comm import MixedCommHandler, MixedCommMode, MixedCommOp, ParallelInfo, run_mixed_comm
 from moe_a2a.comm.gather_scatter import exchange_objects, sum_in_order
+from moe_a2a.comm.mixed import _two_shot_plan
 
 GATHER_OPS = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 
@@ -232,3 +233,41 @@ def test_parallel_info_ranks():
     assert seen == list(range(16))
     with pytest.raises(ValueError, match="world_size 16 != inter_size \\* local_size"):
         ParallelInfo(0, 16, 0, 4, 0, 2)
+
+
+def _run_two_shot_plan(info: ParallelInfo, op, xs, dtype):
+    """Every rank's output of FUSED_OPT_BYTES1_UC as the kernel computes it from the plan: owner o sums its rows
+    over the ranks of scatter_src[o] in rank order (float32, rounded once) and every rank of gather_dst[o]
+    stores the sum at out_first[o]."""
+    send_first, own_rows, scatter_src, gather_dst, out_first, out_rows = _two_shot_plan(info, op, xs[0].shape[0])
+    world = info.world_size
+    outs = [torch.full((out_rows, xs[0].shape[1]), float("nan"), dtype=dtype) for _ in range(world)]
+    for o in range(world):
+        n, first = own_rows[o], send_first[o]
+        sources = [xs[r][first:first + n] for r in range(world) if scatter_src[o] >> r & 1]
+        assert n == 0 or sources, o
+        for q in range(world):
+            if n and gather_dst[o] >> q & 1:
+                outs[q][out_first[o]:out_first[o] + n] = sum_in_order(sources, dtype)
+    return outs
+
+
+@pytest.mark.parametrize("tp,dp", [(2, 1), (8, 1), (2, 2), (4, 2), (2, 4), (1, 4), (3, 2)])
+def test_two_shot_plan(tp, dp):
+    """The two-shot's work split (which rank sums which rows of whom, and where the sums land) gives every rank
+    the unfused composition's result, bit for bit, for row counts that do and do not split evenly."""
+    size = tp * dp
+    for rank in range(size):
+        info = ParallelInfo(rank, size, rank, size, 0, 1, tp, dp, None, None)
+        ops = ([MixedCommOp.ALLREDUCE_ALLGATHER, MixedCommOp.REDUCESCATTER_ALLREDUCE] if info.use_mixed
+               else [MixedCommOp.ALLREDUCE] if tp > 1 else [MixedCommOp.ALLGATHER, MixedCommOp.REDUCESCATTER])
+        for op in ops:
+            for rows in (1, 2, 5, 2 * size + 1):
+                rows *= 1 if op in GATHER_OPS else dp
+                xs = world_inputs(rows + int(op), size, (rows, 8), torch.bfloat16, exact=False)
+                got = _run_two_shot_plan(info, op, xs, torch.bfloat16)[rank]
+                assert torch.equal(got, expected(op, info, xs, torch.bfloat16)), (tp, dp, op, rows, rank)
+                own_rows = _two_shot_plan(info, op, rows)[1]
+                # A rank receives its piece from each source and the pieces it needs: far less than the
+                # one-shot's world_size messages once TP has several ranks.
+                assert max(own_rows) == -(-(rows if op in GATHER_OPS else rows // dp) // tp)

@@ -156,16 +156,18 @@ def test_gather_scatter_kernels_ranks_sharing_a_gpu(num_ranks):
 
 
 def _fused_body(rank, size):
-    """The fused mode (FUSED_OPT_WAITS_UC) on ranks sharing one GPU over a gloo group, where it is the only mode:
-    every op of every one-node split against the unfused composition bit for bit (exact inputs) and to rounding
-    (Gaussian), defaults left alone, sizes from one row to a grown workspace, and clear refusals."""
+    """The fused modes (one-shot FUSED_OPT_WAITS_UC, two-shot FUSED_OPT_BYTES1_UC) on ranks sharing one GPU over a
+    gloo group, where they are the only modes: every op of every one-node split against the unfused composition
+    bit for bit (exact inputs) and to rounding (Gaussian), defaults left alone (the fixed rule takes the two-shot
+    for the large messages), sizes from one row to a grown workspace, and clear refusals."""
     dev = set_rank_device(rank)
     splits = [(None, None, None, None), (1, None, None, None)] + ([(2, None, None, None)] if size >= 4 else [])
     for i, split in enumerate(splits):
         h = cpu_mixed.make_handler(rank, size, size, split, device=dev, use_autotune=(i == 0),
                                    dtype=torch.float16 if i == 1 else torch.bfloat16)
         assert h.fused_available and not h.torch_modes, h.fused_unavailable_reason
-        assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC] + ([MixedCommMode.AUTOTUNE] if i == 0 else [])
+        assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC] + (
+            [MixedCommMode.AUTOTUNE] if i == 0 else [])
         for rows, hidden in ((2, 8), (16, 256), (40, 1032)):
             cpu_mixed.check_all_modes(h, rank, size, seed=400 + 10 * i + rows, dtype=h.dtype, rows=rows,
                                       hidden=hidden, gaussian=rows == 16)
@@ -175,10 +177,16 @@ def _fused_body(rank, size):
             cpu_mixed.check_all_modes(h, rank, size, seed=500 + rows, dtype=h.dtype, rows=rows, hidden=2048,
                                       gaussian=False)
         op = h.valid_op_list[0]
+        big = torch.ones(2200 // size, 2048, dtype=h.dtype, device=dev)
+        if i > 0:  # no autotune: the fixed rule
+            assert h.resolve_mode(op, big) == (MixedCommMode.FUSED_OPT_BYTES1_UC if h.para_info.use_tp
+                                               else MixedCommMode.FUSED_OPT_WAITS_UC)
         with pytest.raises(ValueError, match="rows must be a multiple of 16 bytes, got 6"):
             run_mixed_comm(op, h, torch.ones(4 * h.para_info.dp_size, 3, dtype=h.dtype, device=dev))
         with pytest.raises(NotImplementedError, match="FUSED_OPT_WAITS_MC: it needs NVLink multicast"):
             run_mixed_comm(op, h, torch.ones(4, 8, dtype=h.dtype, device=dev), mode=MixedCommMode.FUSED_OPT_WAITS_MC)
+        with pytest.raises(NotImplementedError, match="FUSED_OPT_BYTES2_UC: moe_a2a does not build it"):
+            run_mixed_comm(op, h, torch.ones(4, 8, dtype=h.dtype, device=dev), mode=MixedCommMode.FUSED_OPT_BYTES2_UC)
         with pytest.raises(ValueError, match="mode NCCL_ONE is not valid"):
             run_mixed_comm(op, h, torch.ones(4, 8, dtype=h.dtype, device=dev), mode=MixedCommMode.NCCL_ONE)
         h.shutdown()
