@@ -68,7 +68,7 @@ def _nvshmem_extension(CUDAExtension, include_dirs, nvcc_flags):
     return CUDAExtension(
         name="moe_a2a._nvshmem",
         sources=[os.path.join("csrc", "nvshmem", "bindings.cpp"), os.path.join("csrc", "nvshmem", "internode.cu"),
-                 os.path.join("csrc", "nvshmem", "low_latency.cu")],
+                 os.path.join("csrc", "nvshmem", "low_latency.cu"), os.path.join("csrc", "nvshmem", "mixed.cu")],
         include_dirs=include_dirs + [os.path.join(root, "include")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc_flags + _NVSHMEM_NVCC_FLAGS,
                             # Device link against NVSHMEM's device library. Not through dlink=True: torch adds

@@ -15,6 +15,7 @@
 #include "../ll_args.h"
 #include "internode.cuh"
 #include "low_latency.cuh"
+#include "mixed.cuh"
 
 namespace moe_a2a::internode {
 
@@ -464,6 +465,105 @@ class LowLatencyRuntime {
     bool probe_ = false;
 };
 
+
+// The mixed TP x DP one-shot across nodes (mixed.cuh): a symmetric buffer of fixed slot capacity, the
+// device call counter and the error record. Checks of the tensors are made in Python before run().
+class MixedRuntime {
+   public:
+    MixedRuntime() = default;
+    // The symmetric buffer is freed only by destroy() (collective).
+    ~MixedRuntime() {
+        if (state_) cudaFree(state_);
+        if (host_) cudaFreeHost(const_cast<nvshmem_mixed::ErrorRecord*>(host_));
+    }
+
+    // Collective over the group (NVSHMEM over all of it): every rank passes the same slot_bytes.
+    std::string allocate(int rank, int num_ranks, int local_size, int64_t slot_bytes, double timeout_s) {
+        if (sym_) return "already allocated";
+        if (num_ranks > nvshmem_mixed::kMaxPes) return "at most " + std::to_string(nvshmem_mixed::kMaxPes) + " ranks";
+        if (slot_bytes <= 0 || slot_bytes % 16) return "slot_bytes must be a positive multiple of 16";
+        rank_ = rank, num_ranks_ = num_ranks, local_size_ = local_size, slot_bytes_ = slot_bytes;
+        timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
+        void* host = nullptr;
+        if (cudaHostAlloc(&host, sizeof(nvshmem_mixed::ErrorRecord), cudaHostAllocMapped) != cudaSuccess)
+            return "cudaHostAlloc of the error record failed";
+        std::memset(host, 0, sizeof(nvshmem_mixed::ErrorRecord));
+        host_ = static_cast<nvshmem_mixed::ErrorRecord*>(host);
+        if (cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev_), host, 0) != cudaSuccess)
+            return "cudaHostGetDevicePointer failed";
+        if (cudaMalloc(&state_, nvshmem_mixed::kStateInts * sizeof(int)) != cudaSuccess ||
+            cudaMemset(state_, 0, nvshmem_mixed::kStateInts * sizeof(int)) != cudaSuccess)
+            return "cudaMalloc of the call state failed";
+        void* sym = nullptr;
+        const std::string err = internode::sym_malloc(nvshmem_mixed::mixed_alloc_bytes(num_ranks, slot_bytes), &sym);
+        if (!err.empty()) return err;
+        sym_ = static_cast<char*>(sym);
+        return "";
+    }
+
+    int64_t slot_bytes() const { return slot_bytes_; }
+
+    // The first error a kernel recorded, as a sentence naming the ranks; empty while none.
+    std::string error() const {
+        if (!host_ || host_->code == nvshmem_mixed::kErrNone) return "";
+        std::atomic_thread_fence(std::memory_order_acquire);
+        const std::string me = "rank " + std::to_string(rank_), peer = "rank " + std::to_string(host_->peer);
+        if (host_->code == nvshmem_mixed::kErrShape) {
+            auto shape = [](const volatile int* v) {
+                return "[" + std::to_string(v[0]) + " rows, hidden " + std::to_string(v[1]) + ", dtype " +
+                       std::to_string(v[2]) + "]";
+            };
+            return me + " got a message of shape " + shape(host_->theirs) + " from " + peer + " in call " +
+                   std::to_string(host_->call) + ", its own is " + shape(host_->mine) +
+                   "; every rank must pass the same shape";
+        }
+        return me + " timed out after " + std::to_string(timeout_ns_ / 1000000) +
+               " ms in the internode mixed one-shot (call " + std::to_string(host_->call) + ") waiting for " + peer +
+               "; is every rank calling with the same shape, in the same order?";
+    }
+
+    // x [rows, hidden] float16/bfloat16 (dtype 1/2 as comm::ArDtype); out [out_blocks * send_rows, hidden].
+    std::string run(const torch::Tensor& x, const std::vector<int64_t>& send_first, int64_t send_rows,
+                    const std::vector<int64_t>& src_block, int64_t out_blocks, int64_t num_blocks, int64_t dtype,
+                    torch::Tensor& out) {
+        if (!sym_) return "the mixed internode buffer is not allocated";
+        nvshmem_mixed::MixedArgs a{};
+        a.sym = sym_;
+        a.state = state_;
+        a.host = host_dev_;
+        a.timeout_ns = timeout_ns_;
+        a.rank = rank_, a.num_ranks = num_ranks_, a.local_size = local_size_;
+        a.slot_bytes = slot_bytes_;
+        a.x = x.data_ptr();
+        a.out = out.data_ptr();
+        a.elem_size = static_cast<int>(x.element_size());
+        a.dtype = static_cast<int>(dtype);
+        a.hidden = static_cast<int>(x.size(1));
+        a.send_rows = static_cast<int>(send_rows);
+        a.out_blocks = static_cast<int>(out_blocks);
+        for (int r = 0; r < num_ranks_; ++r) {
+            a.send_first[r] = static_cast<int>(send_first[r]);
+            a.src_block[r] = static_cast<int>(src_block[r]);
+        }
+        return nvshmem_mixed::launch_mixed(a, static_cast<int>(num_blocks), c10::cuda::getCurrentCUDAStream());
+    }
+
+    // Collective: frees the symmetric buffer.
+    void destroy() {
+        if (sym_) internode::sym_free(sym_);
+        sym_ = nullptr;
+    }
+
+   private:
+    char* sym_ = nullptr;
+    int* state_ = nullptr;
+    volatile nvshmem_mixed::ErrorRecord* host_ = nullptr;
+    nvshmem_mixed::ErrorRecord* host_dev_ = nullptr;
+    uint64_t timeout_ns_ = 0;
+    int rank_ = 0, num_ranks_ = 0, local_size_ = 1;
+    int64_t slot_bytes_ = 0;
+};
+
 }  // namespace moe_a2a::internode
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -501,6 +601,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("combine", &LowLatencyRuntime::combine)
         .def("send_buffer", &LowLatencyRuntime::send_buffer)
         .def("destroy", &LowLatencyRuntime::destroy);
+    m.attr("mixed_max_ranks") = moe_a2a::nvshmem_mixed::kMaxPes;
+    m.def("mixed_alloc_bytes", &moe_a2a::nvshmem_mixed::mixed_alloc_bytes);
+    py::class_<moe_a2a::internode::MixedRuntime>(m, "MixedRuntime")
+        .def(py::init<>())
+        .def("allocate", &moe_a2a::internode::MixedRuntime::allocate)
+        .def("slot_bytes", &moe_a2a::internode::MixedRuntime::slot_bytes)
+        .def("error", &moe_a2a::internode::MixedRuntime::error)
+        .def("run", &moe_a2a::internode::MixedRuntime::run)
+        .def("destroy", &moe_a2a::internode::MixedRuntime::destroy);
     py::class_<Runtime>(m, "Runtime")
         .def(py::init<>())
         .def("allocate", &Runtime::allocate)

@@ -41,10 +41,14 @@ Modes (which level does which part):
 * The fused modes take messages whose Lamport buffer fits ``FUSED_MAX_BUFFER_BYTES`` (the two-shot's is about
   ``2 / tp_size`` of the one-shot's); larger ones take the torch modes. With a gloo default group (ranks sharing
   a GPU, where NCCL cannot run) they are the only modes.
-* Other ``FUSED_*`` modes: ``*_MC`` need NVLink multicast, which moe_a2a keeps off; ``FUSED_OPT_BYTES2_*`` and
-  any fused mode across nodes (NVSHMEM) are not built. Asking for one raises ``NotImplementedError`` naming why;
-  ``init_nvshmem`` raises it too. Passing ``require_fused=True`` makes the constructor raise when the fused mode
-  is unavailable instead of falling back to the torch modes.
+* Across nodes (``inter_size > 1``) ``FUSED_OPT_WAITS_UC`` is the same one-shot over NVSHMEM
+  (``moe_a2a.comm.mixed_internode``; ``init_nvshmem`` starts it over the whole group): the node's peers get
+  plain stores, the other nodes' RDMA puts, each source's message signalled once complete; the same sums. Its
+  messages must fit one slot (``mixed_internode.slot_bytes_for(world_size)``); larger ones take the torch modes.
+* Other ``FUSED_*`` modes: ``*_MC`` need NVLink multicast, which moe_a2a keeps off; ``FUSED_OPT_BYTES2_*``, and
+  ``FUSED_OPT_BYTES1_UC`` across nodes, are not built. Asking for one raises ``NotImplementedError`` naming
+  why. Passing ``require_fused=True`` makes the constructor raise when the fused mode is unavailable instead of
+  falling back to the torch modes.
 * ``AUTOTUNE``: the fastest of the valid modes for the input's size bucket (see ``select_autotune_mode``).
 
 The "NCCL" names are the reference's; here they run on whatever backend the process groups have (NCCL for CUDA
@@ -71,6 +75,7 @@ import torch.distributed as dist
 from ..limits import MAX_NVL_PEERS
 from .gather_scatter import (all_gather_single, all_to_all_single, comm_device, default_timeout_s,
                              exchange_objects, sum_in_order, wait)
+from . import mixed_internode
 from .workspace import GROWTH_BYTES, LamportWorkspace, kernels_available, mixed_buffer_bytes
 
 #: Largest Lamport buffer the fused modes use (three per rank); larger messages take the torch modes.
@@ -103,8 +108,10 @@ class MixedCommMode(enum.IntEnum):
     HIER_INTER_FIRST = 10
 
 
-#: The fused modes moe_a2a builds (the others are refused with the reason, see the module docstring).
+#: The fused modes moe_a2a builds on one node, and across nodes (the others are refused with the reason, see the
+#: module docstring).
 FUSED_MODES = (MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC)
+FUSED_MODES_INTER = (MixedCommMode.FUSED_OPT_WAITS_UC,)
 
 _GATHER_OPS = (MixedCommOp.ALLREDUCE, MixedCommOp.ALLGATHER, MixedCommOp.ALLREDUCE_ALLGATHER)
 _SCATTER_OPS = (MixedCommOp.REDUCESCATTER, MixedCommOp.REDUCESCATTER_ALLREDUCE)
@@ -172,6 +179,11 @@ class ParallelInfo:
     use_dp = property(lambda self: self.dp_size > 1)
     use_inter = property(lambda self: self.inter_size > 1)
     use_mixed = property(lambda self: self.use_tp and self.use_dp)
+
+    def dp_rank_of(self, world_rank: int) -> int:
+        """The DP rank of ``world_rank``."""
+        local, inter = world_rank % self.local_size, world_rank // self.local_size
+        return local // self.local_tp_size + inter // self.inter_tp_size * self.local_dp_size
 
     def world_rank_of(self, tp_rank: int, dp_rank: int) -> int:
         ltp, itp = tp_rank % self.local_tp_size, tp_rank // self.local_tp_size
@@ -279,6 +291,9 @@ class MixedCommHandler:
         self.fused_available = False
         self.fused_unavailable_reason: Optional[str] = None
         self._workspace: Optional[LamportWorkspace] = None
+        self._nvshmem_workspace: Optional[mixed_internode.MixedInternodeWorkspace] = None
+        #: The fused modes this handler runs (none where ``fused_available`` is false).
+        self.fused_modes = FUSED_MODES_INTER if p.use_inter else FUSED_MODES
         try:
             if p.use_inter:
                 self.init_nvshmem()
@@ -323,7 +338,7 @@ class MixedCommHandler:
     def get_valid_mode_list(self) -> List[MixedCommMode]:
         """Modes that run on this split and build (FUSED_* only where their kernels are initialized)."""
         p = self.para_info
-        modes = list(FUSED_MODES) if self.fused_available else []
+        modes = list(self.fused_modes) if self.fused_available else []
         if self.torch_modes:
             modes.append(MixedCommMode.NCCL_ONE)
             if p.use_mixed:
@@ -338,17 +353,18 @@ class MixedCommHandler:
     def init_virtual_memory(self) -> None:
         """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers that every
         local rank maps over CUDA IPC (``moe_a2a.comm.workspace``; the reference maps CUDA virtual memory).
-        Raises NotImplementedError where the fused mode cannot run (CPU tensors, no kernels, several nodes)."""
+        Across nodes there is nothing to do: NVSHMEM maps the node's peers (``init_nvshmem``). Raises
+        NotImplementedError where the fused mode cannot run (CPU tensors, no kernels)."""
         p = self.para_info
         if self._workspace is not None:
             return
         why = None
         if self.device.type != "cuda":
             why = "it runs on CUDA tensors (this handler's device is the CPU)"
+        elif p.use_inter:
+            return
         elif not kernels_available():
             why = "moe_a2a._C is built without the all-reduce kernels (a CUDA build of torch and nvcc)"
-        elif p.use_inter:
-            why = "across nodes it needs NVSHMEM kernels, which moe_a2a does not build yet (one node: inter_size 1)"
         elif p.local_size > MAX_NVL_PEERS:
             why = f"the kernels serve at most {MAX_NVL_PEERS} ranks on a node, this one has {p.local_size}"
         if why is not None:
@@ -357,9 +373,25 @@ class MixedCommHandler:
                                            timeout_s=self.timeout_s)
 
     def init_nvshmem(self) -> None:
-        """The fused mode's internode part: not built (NotImplementedError; the torch modes run across nodes)."""
-        raise NotImplementedError("MixedCommHandler.init_nvshmem: the fused mode across nodes needs NVSHMEM kernels, "
-                                  "which moe_a2a does not build yet; the torch.distributed modes run across nodes")
+        """Set up the fused mode across nodes (collective over the default group): NVSHMEM over the whole group
+        (started here unless ``should_init_nvshmem`` is false, which asks for it to run already) and the
+        one-shot's symmetric buffer. Raises NotImplementedError where it cannot run (CPU tensors, no NVSHMEM
+        build, NVSHMEM not running with ``should_init_nvshmem=False``)."""
+        if self._nvshmem_workspace is not None:
+            return
+        why = None
+        if self.device.type != "cuda":
+            why = "it runs on CUDA tensors (this handler's device is the CPU)"
+        elif not mixed_internode.available():
+            why = "moe_a2a._nvshmem is not built (NVSHMEM headers at build time)"
+        elif not self.should_init_nvshmem and not mixed_internode.nvshmem_runs_over_group(self.para_info.world_rank,
+                                                                                          self.para_info.world_size):
+            why = "should_init_nvshmem=False, but NVSHMEM does not run over the whole group in this process"
+        if why is not None:
+            raise NotImplementedError(f"MixedCommHandler.init_nvshmem: the fused mode across nodes (NVSHMEM) is "
+                                      f"unavailable: {why}")
+        self._nvshmem_workspace = mixed_internode.MixedInternodeWorkspace(dist.group.WORLD, self.para_info.local_size,
+                                                                          self.timeout_s)
 
     def shutdown(self) -> None:
         """Release the handler's workspace and process groups (collective). Call once; the handler is unusable
@@ -370,6 +402,9 @@ class MixedCommHandler:
         if self._workspace is not None:
             self._workspace.destroy()
             self._workspace = None
+        if self._nvshmem_workspace is not None:
+            self._nvshmem_workspace.destroy()
+            self._nvshmem_workspace = None
         for g in self._own_groups:
             dist.destroy_process_group(g)
         self._own_groups = []
@@ -393,8 +428,8 @@ class MixedCommHandler:
         modes = [m for m in self.valid_mode_list if m != MixedCommMode.AUTOTUNE and
                  not (m in FUSED_MODES and self.fused_refuses(op, x, m))]
         if not modes:  # only the fused modes run here, and not at this size: using one raises, naming why
-            self.autotune_map.setdefault(op, {})[bucket] = FUSED_MODES[-1]
-            return FUSED_MODES[-1]
+            self.autotune_map.setdefault(op, {})[bucket] = self.fused_modes[-1]
+            return self.fused_modes[-1]
         times = []
         for mode in modes:
             for _ in range(warmup):
@@ -458,7 +493,7 @@ class MixedCommHandler:
         """The fixed default: NCCL_TP_DP where valid, else NCCL_ONE; where only the fused modes run, the one-shot
         up to FUSED_ONESHOT_MAX_BYTES of buffer (or without TP), the two-shot above."""
         if not self.torch_modes and fused:
-            if not self.para_info.use_tp:
+            if not self.para_info.use_tp or self.para_info.use_inter:
                 return MixedCommMode.FUSED_OPT_WAITS_UC
             need = self._fused_buffer_bytes(op, x_in, MixedCommMode.FUSED_OPT_WAITS_UC)
             return (MixedCommMode.FUSED_OPT_WAITS_UC if need is not None and need <= FUSED_ONESHOT_MAX_BYTES
@@ -471,6 +506,9 @@ class MixedCommHandler:
         if rows == 0 or row_bytes == 0 or row_bytes % 16:
             return None
         hidden = row_bytes // x_in.element_size()
+        if self.para_info.use_inter:  # the NVSHMEM one-shot: one source's message against a slot
+            send_rows = rows // self.para_info.dp_size if op in _SCATTER_OPS else rows
+            return send_rows * row_bytes
         if mode == MixedCommMode.FUSED_OPT_BYTES1_UC:
             return mixed_buffer_bytes(self.para_info.world_size, max(_two_shot_plan(self.para_info, op, rows)[1]),
                                       hidden, x_in.dtype, two_shot=True)
@@ -487,6 +525,12 @@ class MixedCommHandler:
         if row_bytes % 16:
             return f"its rows must be a multiple of 16 bytes, got {row_bytes}"
         need = self._fused_buffer_bytes(op, x_in, mode)
+        if self.para_info.use_inter:
+            slot = mixed_internode.slot_bytes_for(self.para_info.world_size)
+            if need > slot:
+                return (f"one source's message has {need} bytes, above the NVSHMEM one-shot's slot of {slot} "
+                        f"(mixed_internode.AREA_BYTES / world_size)")
+            return None
         if need > FUSED_MAX_BUFFER_BYTES:
             return (f"the message needs a {need}-byte Lamport buffer in {mode.name}, above FUSED_MAX_BUFFER_BYTES "
                     f"({FUSED_MAX_BUFFER_BYTES})")
@@ -649,17 +693,18 @@ def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCom
         plan = _two_shot_plan(p, op, rows)
         out = h._workspace.mixed_two_shot(flat, *plan)
         return out.view(plan[-1], *rest)
-    dp_of = [w // p.local_tp_size for w in range(p.world_size)]
+    one_shot = (h._nvshmem_workspace or h._workspace).mixed  # across nodes: NVSHMEM; in one node: CUDA IPC
+    dp_of = [p.dp_rank_of(w) for w in range(p.world_size)]
     if op in _GATHER_OPS:
-        out = h._workspace.mixed(flat, [0] * p.world_size, rows, dp_of, p.dp_size)
+        out = one_shot(flat, [0] * p.world_size, rows, dp_of, p.dp_size)
         return out.view(rows * p.dp_size, *rest)
     chunk = rows // p.dp_size
-    out = h._workspace.mixed(flat, [d * chunk for d in dp_of], chunk, [0] * p.world_size, 1)
+    out = one_shot(flat, [d * chunk for d in dp_of], chunk, [0] * p.world_size, 1)
     return out.view(chunk, *rest)
 
 
 def _run_op(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
-    if mode in FUSED_MODES:
+    if mode in h.fused_modes:
         return _fused(h, op, x, mode)
     return (_gather_family if op in _GATHER_OPS else _scatter_family)(h, x, mode)
 
@@ -676,11 +721,12 @@ def _check(op, h: MixedCommHandler, x_in, x_out, mode) -> None:
             raise TypeError(f"mode must be a MixedCommMode or None, got {mode!r}")
         if mode.name.startswith("FUSED_") and not h.fused_available:
             raise NotImplementedError(f"mode {mode.name}: {h.fused_unavailable_reason}")
-        if mode.name.startswith("FUSED_") and mode not in FUSED_MODES:
+        if mode.name.startswith("FUSED_") and mode not in h.fused_modes:
             why = ("it needs NVLink multicast, which moe_a2a keeps off" if mode.name.endswith("_MC")
+                   else "moe_a2a does not build it across nodes" if mode in FUSED_MODES
                    else "moe_a2a does not build it")
-            raise NotImplementedError(f"mode {mode.name}: {why}; the fused mode is "
-                                      f"{', '.join(m.name for m in FUSED_MODES)}")
+            raise NotImplementedError(f"mode {mode.name}: {why}; the fused modes here are "
+                                      f"{', '.join(m.name for m in h.fused_modes)}")
         if mode not in h.valid_mode_list:
             raise ValueError(f"mode {mode.name} is not valid for this handler; valid modes: "
                              f"{[m.name for m in h.valid_mode_list]}")

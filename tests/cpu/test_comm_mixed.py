@@ -165,7 +165,8 @@ def _errors(h, rank, size):
     with pytest.raises(NotImplementedError, match="init_virtual_memory: the fused mode is unavailable: it runs on "
                                                   "CUDA tensors"):
         h.init_virtual_memory()
-    with pytest.raises(NotImplementedError, match="init_nvshmem: the fused mode across nodes needs NVSHMEM"):
+    with pytest.raises(NotImplementedError, match=r"init_nvshmem: the fused mode across nodes \(NVSHMEM\) is "
+                                                  "unavailable: it runs on CUDA tensors"):
         h.init_nvshmem()
     with pytest.raises(TypeError, match="mode must be a MixedCommMode"):
         h.allreduce_allgather(x, mode="NCCL_ONE")
@@ -174,7 +175,9 @@ def _errors(h, rank, size):
     assert h.fused_refuses(ag, torch.ones(3, 8, dtype=h.dtype)) is None
     assert "multiple of 16 bytes, got 8" in h.fused_refuses(ag, torch.ones(3, 4, dtype=h.dtype))
     assert "empty" in h.fused_refuses(rs, torch.ones(0, 8, dtype=h.dtype))
-    assert "FUSED_MAX_BUFFER_BYTES" in h.fused_refuses(ag, torch.empty(1 << 13, 1 << 13, dtype=h.dtype))
+    # Two virtual nodes: the NVSHMEM one-shot, whose messages must fit one slot.
+    assert "above the NVSHMEM one-shot's slot" in h.fused_refuses(ag, torch.empty(1 << 12, 1 << 12, dtype=h.dtype))
+    assert h.fused_refuses(ag, torch.empty(1 << 10, 1 << 12, dtype=h.dtype)) is None
     odd = torch.ones(2 + (rank == size - 1), 4, dtype=h.dtype)
     with pytest.raises(ValueError, match=f"rank {size - 1} passes"):
         run_mixed_comm(MixedCommOp.ALLREDUCE_ALLGATHER, h, odd, check_peers=True)
@@ -228,6 +231,7 @@ def test_parallel_info_ranks():
     assert (p.local_tp_rank, p.local_dp_rank, p.inter_tp_rank, p.inter_dp_rank) == (1, 2, 0, 1)
     assert (p.tp_size, p.dp_size, p.tp_rank, p.dp_rank) == (2, 8, 1, 6)
     assert p.world_rank_of(p.tp_rank, p.dp_rank) == 13
+    assert all(p.dp_rank_of(p.world_rank_of(t, d)) == d for t in range(p.tp_size) for d in range(p.dp_size))
     assert p.tp_group_ranks(6) == [12, 13] and p.dp_group_ranks(1) == [1, 3, 5, 7, 9, 11, 13, 15]
     seen = sorted(p.world_rank_of(t, d) for t in range(p.tp_size) for d in range(p.dp_size))
     assert seen == list(range(16))

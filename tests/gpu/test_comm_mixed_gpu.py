@@ -195,3 +195,46 @@ def _fused_body(rank, size):
 @pytest.mark.parametrize("num_ranks", [2, 4, 8])
 def test_fused_mode_ranks_sharing_a_gpu(num_ranks):
     _run_on_kernels(_fused_body, num_ranks)
+
+
+def _fused_inter_body(rank, size):
+    """The fused mode across two virtual nodes (the NVSHMEM one-shot: stores to the node's ranks, puts to the
+    other node's) on ranks sharing one GPU over a gloo group, where it is the only mode: every op of several
+    TP x DP splits against the unfused composition bit for bit (exact inputs) and to rounding (Gaussian),
+    defaults left alone, many calls in a row (the two receive sets alternate), and clear refusals."""
+    from test_internode import _nvshmem_env
+    _nvshmem_env()
+    dev = set_rank_device(rank)
+    half = size // 2
+    splits = [(None, None, None, None), (2, None, 1, None), (None, 2, 2, None)]
+    if half >= 4:
+        splits.append((2, None, None, None))
+    for i, split in enumerate(splits):
+        h = cpu_mixed.make_handler(rank, size, half, split, device=dev, use_autotune=(i == 0),
+                                   dtype=torch.float16 if i == 1 else torch.bfloat16)
+        assert h.fused_available and not h.torch_modes, h.fused_unavailable_reason
+        assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC] + ([MixedCommMode.AUTOTUNE] if i == 0 else [])
+        for rows, hidden in ((1, 8), (16, 256), (40, 1032), (300, 2048)):
+            cpu_mixed.check_all_modes(h, rank, size, seed=600 + 10 * i + rows, dtype=h.dtype, rows=rows,
+                                      hidden=hidden, gaussian=rows == 16)
+        op = h.valid_op_list[0]
+        xs = cpu_mixed.world_inputs(700 + i, size, (8 * h.para_info.dp_size, 512), h.dtype)
+        want = cpu_mixed.expected(op, h.para_info, xs, h.dtype)
+        mine = xs[rank].to(dev)
+        outs = [run_mixed_comm(op, h, mine) for _ in range(50)]
+        assert all(torch.equal(o.cpu(), want) for o in outs)
+        slot_rows = (64 << 20) // size // 4096  # rows of 4 KiB in one source's slot
+        too_big = torch.ones(h.para_info.dp_size * (slot_rows + 1), 2048, dtype=h.dtype, device=dev)
+        with pytest.raises(ValueError, match="above the NVSHMEM one-shot's slot"):
+            run_mixed_comm(op, h, too_big)
+        with pytest.raises(NotImplementedError, match="FUSED_OPT_BYTES1_UC: moe_a2a does not build it across nodes"):
+            run_mixed_comm(op, h, mine, mode=MixedCommMode.FUSED_OPT_BYTES1_UC)
+        h.shutdown()
+
+
+@pytest.mark.parametrize("num_ranks", [4, 8])
+def test_fused_mode_across_virtual_nodes(num_ranks):
+    from moe_a2a.comm import mixed_internode
+    if not mixed_internode.available():
+        pytest.skip("moe_a2a._nvshmem is not built (no NVSHMEM headers at build time)")
+    _run_on_kernels(_fused_inter_body, num_ranks)
