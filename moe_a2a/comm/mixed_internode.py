@@ -77,6 +77,8 @@ class MixedInternodeWorkspace:
         #: Blocks per call: every block of every rank sharing this GPU must be resident at once.
         self.default_blocks = max(1, props.multi_processor_count // sum(1 for g in all_gather_object(me) if g == me))
         self._destroyed = False
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        _native.track(self)
 
     def check(self) -> None:
         """Raise the first error a kernel recorded (its call never returned valid outputs)."""
@@ -117,9 +119,13 @@ class MixedInternodeWorkspace:
             raise RuntimeError(err)
         return out
 
-    def destroy(self) -> None:
-        """Free the symmetric buffer (collective); the workspace is unusable afterwards."""
-        if not self._destroyed:
-            torch.cuda.synchronize()
-            self._rt.destroy()
-            self._destroyed = True
+    def destroy(self, at_exit: bool = False) -> None:
+        """Free the symmetric buffer (collective: NVSHMEM frees with a barrier); the workspace is unusable
+        afterwards. At exit, or after a failed kernel, nothing is freed (peers may be gone; exit returns it)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        if at_exit or not _native.cuda_context_usable(self.device):
+            return
+        torch.cuda.synchronize(self.device)
+        self._rt.destroy()

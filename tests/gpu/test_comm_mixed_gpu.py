@@ -6,13 +6,17 @@
 * gloo with CUDA tensors (2/4/8 ranks sharing the GPUs): results come back on the inputs' device.
 * The MixedCommHandler's fused mode on 2/4/8 ranks sharing one GPU (under MPS) over a gloo group.
 """
+import re
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import test_comm_gather as cpu_gather
 import test_comm_mixed as cpu_mixed
 from dist_utils import run_distributed
-from harness import run_ranks, set_rank_device, skip_reason
+from harness import expect_fault, run_ranks, set_rank_device, skip_reason, synchronize_after_fault
 from moe_a2a.comm import (HelixAllToAllNative, MixedCommHandler, MixedCommMode, allgather, alltoall_helix,
                           reducescatter, run_mixed_comm)
 from moe_a2a.comm.gather_scatter import sum_in_order
@@ -238,3 +242,52 @@ def test_fused_mode_across_virtual_nodes(num_ranks):
     if not mixed_internode.available():
         pytest.skip("moe_a2a._nvshmem is not built (no NVSHMEM headers at build time)")
     _run_on_kernels(_fused_inter_body, num_ranks)
+
+
+def _fused_inter_fault_body(rank, size, what):
+    """The NVSHMEM one-shot's failures reach Python: ``shape``, the last rank sends rows of another width (every
+    rank that compares its header records the shapes and the sender); ``missing``, the last rank does not call
+    (the others time out naming a rank they waited for). Every calling rank raises (its own record, or under
+    MPS a CUDA error: the first trap ends every process's kernels on the GPU) within the deadline."""
+    from test_internode import _nvshmem_env
+    _nvshmem_env()
+    dev = set_rank_device(rank)
+    h = cpu_mixed.make_handler(rank, size, size // 2, (None,) * 4, device=dev, use_autotune=False, timeout_s=2.0)
+    x = torch.ones(4, 128, dtype=h.dtype, device=dev)
+    assert torch.equal(h.allreduce(x).cpu(), torch.full((4, 128), float(size), dtype=h.dtype))  # all present
+    torch.cuda.synchronize()
+    dist.barrier()
+    odd = size - 1
+    start = time.monotonic()
+    if what == "shape":
+        expect_fault(lambda: h.allreduce(torch.ones(4, 64 if rank == odd else 128, dtype=h.dtype, device=dev)))
+    elif rank != odd:
+        expect_fault(lambda: h.allreduce(x))
+    assert time.monotonic() - start < 2.0 + 20
+    records = [None] * size
+    dist.all_gather_object(records, h._nvshmem_workspace._rt.error())
+    made = [(r, e) for r, e in enumerate(records) if e]
+    assert made, records
+    for r, e in made:
+        if what == "shape":
+            mine, theirs = (64, 128) if r == odd else (128, 64)
+            assert re.search(rf"rank {r} got a message of shape \[4 rows, hidden {theirs}, dtype 2\] from rank "
+                             rf"\d+ in call 2, its own is \[4 rows, hidden {mine}, dtype 2\]", e), e
+        else:
+            assert re.match(rf"rank {r} timed out after 2000 ms in the internode mixed one-shot \(call 2\) waiting "
+                            rf"for rank \d+", e), e
+    if what == "missing":
+        assert any(f"waiting for rank {odd};" in e for _, e in made), made
+    dist.barrier()
+    synchronize_after_fault()  # no shutdown: a peer's CUDA context may be gone (no collective free)
+
+
+@pytest.mark.parametrize("what", ["shape", "missing"])
+def test_fused_mode_across_virtual_nodes_fails_clearly(what):
+    from moe_a2a.comm import mixed_internode
+    if not mixed_internode.available():
+        pytest.skip("moe_a2a._nvshmem is not built (no NVSHMEM headers at build time)")
+    reason = skip_reason(4)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_fused_inter_fault_body, 4, what, timeout=120.0)
