@@ -237,9 +237,13 @@ def markdown(report: dict) -> str:
                   "|---:|" + "---:|" * len(modes)]
         for nbytes in dict.fromkeys(r["bytes"] for r in rows):
             cells = {r["mode"].split("(")[0]: r for r in rows if r["bytes"] == nbytes}
-            lines.append(f"| {nbytes} | " + " | ".join(
-                f"{cells[m]['time_us']:.1f} us ({cells[m]['speedup']:.2f}x)"
-                + (f" {cells[m]['mode'][len(m):]}" if cells[m]["mode"] != m else "") for m in modes) + " |")
+
+            def cell(m):  # "-" where the mode does not take this size
+                if m not in cells:
+                    return "-"
+                c = cells[m]
+                return f"{c['time_us']:.1f} us ({c['speedup']:.2f}x)" + (f" {c['mode'][len(m):]}" if c["mode"] != m else "")
+            lines.append(f"| {nbytes} | " + " | ".join(cell(m) for m in modes) + " |")
         lines.append("")
     return "\n".join(lines)
 

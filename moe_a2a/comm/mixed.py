@@ -80,8 +80,10 @@ from .workspace import GROWTH_BYTES, LamportWorkspace, kernels_available, mixed_
 
 #: Largest Lamport buffer the fused modes use (three per rank); larger messages take the torch modes.
 FUSED_MAX_BUFFER_BYTES = 256 * 1024 * 1024
-#: Where only the fused modes run and nothing was measured: the one-shot up to this one-shot buffer size.
-FUSED_ONESHOT_MAX_BYTES = 512 * 1024
+#: Where only the fused modes run and nothing was measured: the one-shot up to this one-shot buffer size (8
+#: ranks sharing an H100, TP 4 x DP 2: the two-shot was faster from 1 MiB per rank for AR+AG, 8 MiB of buffer,
+#: and from 4 MiB per rank for RS+AR; docs/perf/mixed_comm_tp4_dp2_h100.md).
+FUSED_ONESHOT_MAX_BYTES = 4 * 1024 * 1024
 
 
 class MixedCommOp(enum.IntEnum):

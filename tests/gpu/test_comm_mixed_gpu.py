@@ -218,7 +218,7 @@ def _fused_inter_body(rank, size):
                                    dtype=torch.float16 if i == 1 else torch.bfloat16)
         assert h.fused_available and not h.torch_modes, h.fused_unavailable_reason
         assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC] + ([MixedCommMode.AUTOTUNE] if i == 0 else [])
-        for rows, hidden in ((1, 8), (16, 256), (40, 1032), (300, 2048)):
+        for rows, hidden in ((2, 8), (16, 256), (40, 1032), (300, 2048)):
             cpu_mixed.check_all_modes(h, rank, size, seed=600 + 10 * i + rows, dtype=h.dtype, rows=rows,
                                       hidden=hidden, gaussian=rows == 16)
         op = h.valid_op_list[0]
