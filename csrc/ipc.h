@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include "kernels/utils.cuh"
+#include "vmm.h"
 
 namespace moe_a2a {
 
@@ -38,7 +39,34 @@ class IpcRuntime {
 
     // This rank's cudaIpcMemHandle_t as bytes, for the other ranks' connect().
     pybind11::bytes ipc_handle() const {
+        MOE_A2A_CHECK(!vmm_, "this runtime shares virtual memory: use export_fd() and connect_fds()");
         return pybind11::bytes(reinterpret_cast<const char*>(&ipc_handle_), sizeof(ipc_handle_));
+    }
+
+    // Virtual memory: a new file descriptor of this rank's allocation, for the other ranks' connect_fds() (the
+    // caller passes it on, e.g. over a Unix socket, then closes it).
+    int export_fd() const {
+        MOE_A2A_CHECK(vmm_, "this runtime shares cudaIpc handles: use ipc_handle() and connect()");
+        return vmm::export_fd(local_map_);
+    }
+
+    // Virtual memory: map every peer's allocation; fds[r] is rank r's descriptor received into this process
+    // (closed here; fds[rank] is ignored). Once per runtime.
+    void connect_fds(const std::vector<int64_t>& fds) {
+        MOE_A2A_CHECK(vmm_, "this runtime shares cudaIpc handles: use ipc_handle() and connect()");
+        MOE_A2A_CHECK(!destroyed_, "the runtime was destroyed");
+        MOE_A2A_CHECK(!connected_, "connect_fds() was already called");
+        MOE_A2A_CHECK(static_cast<int>(fds.size()) == num_ranks_, "expected ", num_ranks_, " descriptors, got ",
+                      fds.size());
+        for (int r = 0; r < num_ranks_; ++r) {
+            if (r == rank_) {
+                peers_[r] = local_;
+                continue;
+            }
+            peer_maps_[r] = vmm::import_fd(static_cast<int>(fds[r]), local_map_.size, device_);
+            peers_[r] = reinterpret_cast<void*>(peer_maps_[r].ptr);
+        }
+        connected_ = true;
     }
 
     // Open every peer's allocation; handles[r] is rank r's ipc_handle(). Once per runtime.
@@ -66,8 +94,15 @@ class IpcRuntime {
    protected:
     ~IpcRuntime() = default;  // the derived destructor calls its destroy()
 
-    // Allocate `bytes` of device memory (contents left to the caller) and export it.
-    void allocate_shared(int64_t bytes) {
+    // Allocate `bytes` of device memory (contents left to the caller) and export it: a cudaIpc handle, or with
+    // `vmm` CUDA virtual memory shared as file descriptors.
+    void allocate_shared(int64_t bytes, bool vmm = false) {
+        vmm_ = vmm;
+        if (vmm) {
+            local_map_ = vmm::create(static_cast<size_t>(bytes), device_);
+            local_ = reinterpret_cast<void*>(local_map_.ptr);
+            return;
+        }
         MOE_A2A_CUDA_CHECK(cudaMalloc(&local_, bytes));
         MOE_A2A_CUDA_CHECK(cudaIpcGetMemHandle(&ipc_handle_, local_));
     }
@@ -92,10 +127,15 @@ class IpcRuntime {
 
     // Unmap the peers and free the shared allocation and the host record. Errors are ignored: teardown.
     void release_shared() {
-        if (connected_)
-            for (int r = 0; r < num_ranks_; ++r)
-                if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
-        if (local_) cudaFree(local_);
+        if (vmm_) {
+            for (int r = 0; r < num_ranks_; ++r) vmm::release(peer_maps_[r]);
+            vmm::release(local_map_);
+        } else {
+            if (connected_)
+                for (int r = 0; r < num_ranks_; ++r)
+                    if (r != rank_ && peers_[r]) cudaIpcCloseMemHandle(peers_[r]);
+            if (local_) cudaFree(local_);
+        }
         if (host_) cudaFreeHost(const_cast<HostRecord*>(host_));
         local_ = nullptr;
         host_ = nullptr;
@@ -108,6 +148,9 @@ class IpcRuntime {
     void* local_ = nullptr;
     void* peers_[kMaxRanks] = {};  // peers_[rank_] is local_
     cudaIpcMemHandle_t ipc_handle_{};
+    bool vmm_ = false;                      // shared as virtual memory (file descriptors), not cudaIpc handles
+    vmm::Mapping local_map_;                // with vmm_: this rank's allocation
+    vmm::Mapping peer_maps_[kMaxRanks];     // with vmm_: the peers' allocations mapped here
     volatile HostRecord* host_ = nullptr;
     HostRecord* host_dev_ = nullptr;
     bool connected_ = false, destroyed_ = false;

@@ -52,14 +52,15 @@ void check_tensor(const torch::Tensor& t, const char* name, const torch::Tensor&
 
 class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
    public:
-    AllReduceWorkspace(int rank, int num_ranks, int64_t buffer_bytes, int elem_size, double timeout_s)
+    // vmm: share the buffers as CUDA virtual memory (export_fd / connect_fds) instead of cudaIpc handles.
+    AllReduceWorkspace(int rank, int num_ranks, int64_t buffer_bytes, int elem_size, double timeout_s, bool vmm)
         : IpcRuntime("all-reduce", rank, num_ranks, timeout_s), buffer_bytes_(buffer_bytes), elem_size_(elem_size) {
         MOE_A2A_CHECK(buffer_bytes > 0 && buffer_bytes % 16 == 0, "buffer_bytes must be a positive multiple of 16, got ",
                       buffer_bytes);
         MOE_A2A_CHECK(buffer_bytes / 16 < (int64_t{1} << 31), "buffer_bytes must be below 32 GiB, got ", buffer_bytes);
         MOE_A2A_CHECK(elem_size == 2 || elem_size == 4, "elem_size must be 2 or 4, got ", elem_size);
         const int64_t total = comm::kArNumBuffers * buffer_bytes;
-        allocate_shared(total);
+        allocate_shared(total, vmm);
         comm::launch_fill_sentinel(local_, total / 16, elem_size, nullptr);
         MOE_A2A_CUDA_CHECK(cudaMalloc(&flags_, comm::kNumFlags * sizeof(int)));
         MOE_A2A_CUDA_CHECK(cudaMemset(flags_, 0, comm::kNumFlags * sizeof(int)));
@@ -285,10 +286,12 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
 void register_allreduce(pybind11::module_& m) {
     namespace py = pybind11;
     py::class_<AllReduceWorkspace>(m, "AllReduceWorkspace")
-        .def(py::init<int, int, int64_t, int, double>(), py::arg("rank"), py::arg("num_ranks"),
-             py::arg("buffer_bytes"), py::arg("elem_size"), py::arg("timeout_s"))
+        .def(py::init<int, int, int64_t, int, double, bool>(), py::arg("rank"), py::arg("num_ranks"),
+             py::arg("buffer_bytes"), py::arg("elem_size"), py::arg("timeout_s"), py::arg("vmm") = false)
         .def("ipc_handle", &AllReduceWorkspace::ipc_handle)
         .def("connect", &AllReduceWorkspace::connect)
+        .def("export_fd", &AllReduceWorkspace::export_fd)
+        .def("connect_fds", &AllReduceWorkspace::connect_fds)
         .def("destroy", &AllReduceWorkspace::destroy)
         .def("buffer_bytes", &AllReduceWorkspace::buffer_bytes)
         .def("error", &AllReduceWorkspace::error)

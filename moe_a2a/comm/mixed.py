@@ -29,8 +29,9 @@ Modes (which level does which part):
   node's DP part), then one across nodes (the inter-node TP and DP parts). Only with several nodes.
 * ``HIER_INTER_FIRST``: the same two steps, across nodes first.
 * ``FUSED_OPT_WAITS_UC``: one kernel on one node (``inter_size == 1``, CUDA tensors, rows of a multiple of 16
-  bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer over CUDA IPC
-  (``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier, no host sync) and sums what it received
+  bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer, CUDA virtual
+  memory mapped by every rank of the node (``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier,
+  no host sync) and sums what it received
   in rank order with float32 accumulation, so it matches ``NCCL_ONE``'s sums bit for bit. One-shot (fewest
   waits): each rank receives ``world_size`` messages, so it is the small-message mode.
 * ``FUSED_OPT_BYTES1_UC``: the same kernel in two shots (fewest bytes): the result is cut into one piece per
@@ -294,6 +295,8 @@ class MixedCommHandler:
         self.fused_unavailable_reason: Optional[str] = None
         self._workspace: Optional[LamportWorkspace] = None
         self._nvshmem_workspace: Optional[mixed_internode.MixedInternodeWorkspace] = None
+        #: Why the intranode workspace fell back from CUDA virtual memory to cudaIpc handles (None: it did not).
+        self.virtual_memory_error: Optional[str] = None
         #: The fused modes this handler runs (none where ``fused_available`` is false).
         self.fused_modes = FUSED_MODES_INTER if p.use_inter else FUSED_MODES
         try:
@@ -353,8 +356,10 @@ class MixedCommHandler:
 
     # --------------------------------------------------------------------- fused-kernel setup
     def init_virtual_memory(self) -> None:
-        """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers that every
-        local rank maps over CUDA IPC (``moe_a2a.comm.workspace``; the reference maps CUDA virtual memory).
+        """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers in CUDA
+        virtual memory (``cuMem*``) that every local rank maps, shared as file descriptors over Unix sockets
+        (``moe_a2a.comm.workspace``, ``memory="vmm"``). Where virtual memory cannot be shared (``virtual_memory_error``
+        says why) the buffers are mapped with cudaIpc handles instead.
         Across nodes there is nothing to do: NVSHMEM maps the node's peers (``init_nvshmem``). Raises
         NotImplementedError where the fused mode cannot run (CPU tensors, no kernels)."""
         p = self.para_info
@@ -371,8 +376,15 @@ class MixedCommHandler:
             why = f"the kernels serve at most {MAX_NVL_PEERS} ranks on a node, this one has {p.local_size}"
         if why is not None:
             raise NotImplementedError(f"MixedCommHandler.init_virtual_memory: the fused mode is unavailable: {why}")
-        self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
-                                           timeout_s=self.timeout_s)
+        try:
+            self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
+                                               timeout_s=self.timeout_s, memory="vmm")
+        except RuntimeError as e:  # every rank gets the same error (the workspace agrees on it): map with cudaIpc
+            if "CUDA virtual memory is unavailable" not in str(e):
+                raise
+            self.virtual_memory_error = str(e)
+            self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
+                                               timeout_s=self.timeout_s)
 
     def init_nvshmem(self) -> None:
         """Set up the fused mode across nodes (collective over the default group): NVSHMEM over the whole group

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..limits import MAX_NVL_PEERS
+from .fd_share import share_fds
 from .types import FP8_OPS, NORM_OPS, AllReduceFusionOp, AllReduceStrategy
 
 try:
@@ -158,12 +159,17 @@ class LamportWorkspace:
             at the one-shot threshold and its two-shot size (or ``buffer_size_in_bytes`` when given).
         buffer_size_in_bytes: bytes per Lamport buffer, rounded up to ``GROWTH_BYTES``.
         timeout_s: seconds a kernel waits on a peer before it records an error and gives up.
+        memory: how the ranks map each other's buffers: ``"cuda_ipc"`` (cudaIpc handles) or ``"vmm"`` (CUDA
+            virtual memory, ``cuMem*``, shared as file descriptors over Unix sockets).
     """
     NUM_LAMPORT_BUFFERS = NUM_LAMPORT_BUFFERS
 
     def __init__(self, group=None, max_num_tokens: Optional[int] = None, hidden_dim: Optional[int] = None,
                  dtype: Optional[torch.dtype] = None, buffer_size_in_bytes: Optional[int] = None,
-                 timeout_s: float = 30.0):
+                 timeout_s: float = 30.0, memory: str = "cuda_ipc"):
+        if memory not in ("cuda_ipc", "vmm"):
+            raise ValueError(f"memory must be 'cuda_ipc' or 'vmm', got {memory!r}")
+        self.memory = memory
         if not kernels_available():
             raise NotImplementedError("LamportWorkspace needs moe_a2a._C built with the all-reduce kernels "
                                "(a CUDA build of torch and nvcc)")
@@ -232,9 +238,33 @@ class LamportWorkspace:
         return out
 
     def _allocate(self, buffer_bytes: int) -> None:
-        self._runtime = _C.AllReduceWorkspace(self.rank, self.world_size, buffer_bytes, self.element_size,
-                                              self.timeout_s)
-        self._runtime.connect(self._gather(self._runtime.ipc_handle()))
+        vmm = self.memory == "vmm"
+        self._runtime = None
+        if vmm:  # every rank learns whether every rank could allocate and export, so all fail alike
+            fd, why = -1, ""
+            try:
+                self._runtime = _C.AllReduceWorkspace(self.rank, self.world_size, buffer_bytes, self.element_size,
+                                                      self.timeout_s, True)
+                fd = self._runtime.export_fd()
+            except RuntimeError as e:
+                why = str(e)
+            failed = [(r, w) for r, w in enumerate(self._gather(why)) if w]
+            if failed:
+                if fd >= 0:
+                    os.close(fd)
+                if self._runtime is not None:
+                    self._runtime.destroy()
+                    self._runtime = None
+                raise RuntimeError(f"LamportWorkspace: CUDA virtual memory is unavailable: rank {failed[0][0]}: "
+                                   f"{failed[0][1]}")
+            try:
+                self._runtime.connect_fds(share_fds(fd, self.group or dist.group.WORLD, self.timeout_s))
+            finally:
+                os.close(fd)
+        else:
+            self._runtime = _C.AllReduceWorkspace(self.rank, self.world_size, buffer_bytes, self.element_size,
+                                                  self.timeout_s, False)
+            self._runtime.connect(self._gather(self._runtime.ipc_handle()))
         self._buffer_size_bytes = buffer_bytes
 
     def _barrier(self, why: str) -> None:

@@ -350,3 +350,29 @@ def test_benchmark_table_feeds_auto(tmp_path, monkeypatch):
 def test_constructor_arguments():
     with pytest.raises(RuntimeError, match="init_process_group"):
         AllReduce(None)
+
+
+def _share_fds_body(rank, size):
+    """Each rank's descriptor reaches every rank (a duplicate that reads the sender's file), own entry untouched."""
+    import os
+    import tempfile
+    from moe_a2a.comm.fd_share import share_fds
+    with tempfile.TemporaryFile() as f:
+        f.write(f"rank {rank}".encode())
+        f.flush()
+        fds = share_fds(f.fileno(), dist.group.WORLD, 30.0)
+        assert fds[rank] == f.fileno()
+        for r, fd in enumerate(fds):
+            assert os.pread(fd, 16, 0) == f"rank {r}".encode(), (rank, r)
+            if r != rank:
+                assert fd != fds[rank]
+                os.close(fd)
+
+
+def test_share_fds_between_ranks():
+    run_distributed(_share_fds_body, 3)
+
+
+def test_workspace_memory_kinds():
+    with pytest.raises(ValueError, match="memory must be 'cuda_ipc' or 'vmm', got 'shm'"):
+        ws_mod.LamportWorkspace(buffer_size_in_bytes=1 << 20, dtype=torch.bfloat16, memory="shm")

@@ -170,6 +170,8 @@ def _fused_body(rank, size):
         h = cpu_mixed.make_handler(rank, size, size, split, device=dev, use_autotune=(i == 0),
                                    dtype=torch.float16 if i == 1 else torch.bfloat16)
         assert h.fused_available and not h.torch_modes, h.fused_unavailable_reason
+        # The node's ranks map each other's buffers as CUDA virtual memory (shared file descriptors).
+        assert h._workspace.memory == "vmm" and h.virtual_memory_error is None, h.virtual_memory_error
         assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC] + (
             [MixedCommMode.AUTOTUNE] if i == 0 else [])
         for rows, hidden in ((2, 8), (16, 256), (40, 1032)):
