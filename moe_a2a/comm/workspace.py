@@ -238,34 +238,45 @@ class LamportWorkspace:
         return out
 
     def _allocate(self, buffer_bytes: int) -> None:
-        vmm = self.memory == "vmm"
         self._runtime = None
-        if vmm:  # every rank learns whether every rank could allocate and export, so all fail alike
-            fd, why = -1, ""
-            try:
-                self._runtime = _C.AllReduceWorkspace(self.rank, self.world_size, buffer_bytes, self.element_size,
-                                                      self.timeout_s, True)
-                fd = self._runtime.export_fd()
-            except RuntimeError as e:
-                why = str(e)
-            failed = [(r, w) for r, w in enumerate(self._gather(why)) if w]
-            if failed:
-                if fd >= 0:
-                    os.close(fd)
-                if self._runtime is not None:
-                    self._runtime.destroy()
-                    self._runtime = None
-                raise RuntimeError(f"LamportWorkspace: CUDA virtual memory is unavailable: rank {failed[0][0]}: "
-                                   f"{failed[0][1]}")
-            try:
-                self._runtime.connect_fds(share_fds(fd, self.group or dist.group.WORLD, self.timeout_s))
-            finally:
-                os.close(fd)
+        if self.memory == "vmm":
+            self._allocate_vmm(buffer_bytes)
         else:
             self._runtime = _C.AllReduceWorkspace(self.rank, self.world_size, buffer_bytes, self.element_size,
                                                   self.timeout_s, False)
             self._runtime.connect(self._gather(self._runtime.ipc_handle()))
         self._buffer_size_bytes = buffer_bytes
+
+    def _allocate_vmm(self, buffer_bytes: int) -> None:
+        """The buffers in CUDA virtual memory, every rank's mapped here through its file descriptor. After each
+        step (allocate and export; share and map) the ranks compare notes, so where one rank fails every rank
+        raises the same RuntimeError ("CUDA virtual memory is unavailable ...") and can fall back together."""
+        def agree(step: str, why: str) -> None:
+            failed = [(r, w) for r, w in enumerate(self._gather(why)) if w]
+            if failed:
+                if self._runtime is not None:
+                    self._runtime.destroy()
+                    self._runtime = None
+                raise RuntimeError(f"LamportWorkspace: CUDA virtual memory is unavailable: rank {failed[0][0]} "
+                                   f"could not {step}: {failed[0][1]}")
+
+        fd, why = -1, ""
+        try:
+            self._runtime = _C.AllReduceWorkspace(self.rank, self.world_size, buffer_bytes, self.element_size,
+                                                  self.timeout_s, True)
+            fd = self._runtime.export_fd()
+        except RuntimeError as e:
+            why = str(e)
+        try:
+            agree("allocate and export its buffers", why)
+            try:
+                self._runtime.connect_fds(share_fds(fd, self.group or dist.group.WORLD, self.timeout_s))
+            except (RuntimeError, OSError) as e:
+                why = str(e)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        agree("map its peers' buffers", why)
 
     def _barrier(self, why: str) -> None:
         """Meet every rank; on gloo with a deadline, so a rank left alone (its peers passed other shapes and
