@@ -29,9 +29,9 @@ Modes (which level does which part):
   node's DP part), then one across nodes (the inter-node TP and DP parts). Only with several nodes.
 * ``HIER_INTER_FIRST``: the same two steps, across nodes first.
 * ``FUSED_OPT_WAITS_UC``: one kernel on one node (``inter_size == 1``, CUDA tensors, rows of a multiple of 16
-  bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer, CUDA virtual
-  memory mapped by every rank of the node (``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier,
-  no host sync) and sums what it received
+  bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer, which every
+  rank of the node maps (cudaIpc handles, or CUDA virtual memory with ``memory="vmm"``;
+  ``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier, no host sync) and sums what it received
   in rank order with float32 accumulation, so it matches ``NCCL_ONE``'s sums bit for bit. One-shot (fewest
   waits): each rank receives ``world_size`` messages, so it is the small-message mode.
 * ``FUSED_OPT_BYTES1_UC``: the same kernel in two shots (fewest bytes): the result is cut into one piece per
@@ -231,6 +231,8 @@ class MixedCommHandler:
         autotune_max_bytes: largest bucket ``run_autotune`` measures (default: the reference's range, 8 KiB
             times ``2 ** (max(15 - log2(dp_size), 1) - 1)``).
         timeout_s: deadline of each wait on CPU groups (default ``MOE_A2A_TIMEOUT_S`` or 60 s).
+        memory: how the node's ranks map the fused mode's buffers: ``"cuda_ipc"`` (cudaIpc handles, the default)
+            or ``"vmm"`` (CUDA virtual memory, as the reference; falls back to cudaIpc where it cannot be shared).
 
     Construction is collective over the default group (it creates the node, cross-node, TP and DP groups).
     Autotuning is lazy: a size bucket is measured the first time an operation of that size runs in
@@ -243,7 +245,8 @@ class MixedCommHandler:
                  device: torch.device, grid_size: Optional[int] = None, max_block_size: Optional[int] = None,
                  min_block_size: int = 256, min_num_steps: int = 4, ib_enable_ibgda: bool = True,
                  should_init_nvshmem: bool = True, use_autotune: bool = True, *, require_fused: bool = False,
-                 autotune_max_bytes: Optional[int] = None, timeout_s: Optional[float] = None):
+                 autotune_max_bytes: Optional[int] = None, timeout_s: Optional[float] = None,
+                 memory: str = "cuda_ipc"):
         if not dist.is_initialized():
             raise RuntimeError("MixedCommHandler needs an initialized torch.distributed default process group")
         self.para_info = p = ParallelInfo(world_rank, world_size, local_rank, local_size, inter_rank, inter_size,
@@ -282,6 +285,9 @@ class MixedCommHandler:
         self.ib_enable_ibgda, self.should_init_nvshmem = bool(ib_enable_ibgda), bool(should_init_nvshmem)
         self.use_autotune = bool(use_autotune)
         self.timeout_s = default_timeout_s(timeout_s)
+        if memory not in ("cuda_ipc", "vmm"):
+            raise ValueError(f"memory must be 'cuda_ipc' or 'vmm', got {memory!r}")
+        self.memory = memory
         self.autotune_base_bytes = 8192
         self.autotune_max_coef = max(15 - int(math.log2(p.dp_size)), 1)
         if autotune_max_bytes is not None:
@@ -356,10 +362,10 @@ class MixedCommHandler:
 
     # --------------------------------------------------------------------- fused-kernel setup
     def init_virtual_memory(self) -> None:
-        """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers in CUDA
-        virtual memory (``cuMem*``) that every local rank maps, shared as file descriptors over Unix sockets
-        (``moe_a2a.comm.workspace``, ``memory="vmm"``). Where virtual memory cannot be shared (``virtual_memory_error``
-        says why) the buffers are mapped with cudaIpc handles instead.
+        """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers that every
+        local rank maps, with cudaIpc handles, or with ``memory="vmm"`` as CUDA virtual memory (``cuMem*``)
+        shared as file descriptors over Unix sockets (``moe_a2a.comm.workspace``); where virtual memory cannot
+        be shared (``virtual_memory_error`` says why) with cudaIpc handles instead.
         Across nodes there is nothing to do: NVSHMEM maps the node's peers (``init_nvshmem``). Raises
         NotImplementedError where the fused mode cannot run (CPU tensors, no kernels)."""
         p = self.para_info
@@ -376,15 +382,17 @@ class MixedCommHandler:
             why = f"the kernels serve at most {MAX_NVL_PEERS} ranks on a node, this one has {p.local_size}"
         if why is not None:
             raise NotImplementedError(f"MixedCommHandler.init_virtual_memory: the fused mode is unavailable: {why}")
-        try:
-            self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
-                                               timeout_s=self.timeout_s, memory="vmm")
-        except RuntimeError as e:  # every rank gets the same error (the workspace agrees on it): map with cudaIpc
-            if "CUDA virtual memory is unavailable" not in str(e):
-                raise
-            self.virtual_memory_error = str(e)
-            self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
-                                               timeout_s=self.timeout_s)
+        if self.memory == "vmm":
+            try:
+                self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES,
+                                                   dtype=self.dtype, timeout_s=self.timeout_s, memory="vmm")
+                return
+            except RuntimeError as e:  # every rank gets the same error (the workspace agrees on it): use cudaIpc
+                if "CUDA virtual memory is unavailable" not in str(e):
+                    raise
+                self.virtual_memory_error = str(e)
+        self._workspace = LamportWorkspace(dist.group.WORLD, buffer_size_in_bytes=GROWTH_BYTES, dtype=self.dtype,
+                                           timeout_s=self.timeout_s)
 
     def init_nvshmem(self) -> None:
         """Set up the fused mode across nodes (collective over the default group): NVSHMEM over the whole group

@@ -194,6 +194,8 @@ def _constructor_errors(rank, size):
         MixedCommHandler(rank, size, (rank + 1) % 2, 2, rank // 2, 2, None, None, None, None, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="min_block_size must be a multiple of 32"):
         make_handler(rank, size, 2, (None,) * 4, min_block_size=100)
+    with pytest.raises(ValueError, match="memory must be 'cuda_ipc' or 'vmm', got 'shm'"):
+        make_handler(rank, size, 2, (None,) * 4, memory="shm")
     with pytest.raises(NotImplementedError, match="init_nvshmem: the fused mode across nodes"):
         make_handler(rank, size, 2, (None,) * 4, require_fused=True)  # two virtual nodes
     with pytest.raises(NotImplementedError, match="init_virtual_memory: .* runs on CUDA tensors"):
@@ -275,3 +277,4 @@ def test_two_shot_plan(tp, dp):
                 # A rank receives its piece from each source and the pieces it needs: far less than the
                 # one-shot's world_size messages once TP has several ranks.
                 assert max(own_rows) == -(-(rows if op in GATHER_OPS else rows // dp) // tp)
+
