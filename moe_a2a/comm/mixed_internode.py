@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
+import torch.distributed as dist
 
 from .. import _native
 from ..backends import internode as _internode
@@ -54,7 +55,6 @@ class MixedInternodeWorkspace:
     def __init__(self, group, local_size: int, timeout_s: float):
         if not available():
             raise NotImplementedError("moe_a2a._nvshmem is not built (NVSHMEM headers at build time)")
-        import torch.distributed as dist
         self.group = group
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         if self.world_size > _nvshmem.mixed_max_ranks:

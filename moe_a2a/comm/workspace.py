@@ -1,7 +1,7 @@
 """Lamport workspaces of the all-reduce kernels: sizing, growth, strategy choice, and the launch.
 
 Each rank owns one allocation of ``NUM_LAMPORT_BUFFERS * buffer_size_bytes`` that every rank of the group
-maps over CUDA IPC. Call ``k`` uses buffer ``k % 3``: peers write their data into it, with every -0.0
+maps (cudaIpc handles, or with ``memory="vmm"`` CUDA virtual memory shared as file descriptors). Call ``k`` uses buffer ``k % 3``: peers write their data into it, with every -0.0
 replaced by +0.0, over a buffer pre-filled with -0.0; a reader knows a 16-byte piece has arrived once none
 of its elements is -0.0 (the sentinel). While buffer ``k % 3`` is in use, the kernel clears (refills with
 the sentinel) what call ``k - 1`` used of buffer ``(k - 1) % 3``: no peer can still write there (this rank
