@@ -19,7 +19,8 @@ autotuner's size measure). Per size and op:
   when only TP or DP is present);
 * one row per valid mode (the fused mode up to the sizes it takes), and ``AUTOTUNE`` (the mode the autotuner
   picks, timed like the others);
-* time: mean over ``--iters`` calls after ``--warmup``, the slowest rank's (CUDA events on GPU);
+* time: median over ``--iters`` calls (each timed alone) after ``--warmup``, the slowest rank's (CUDA events on
+  GPU);
   ``speedup``: unfused time over the mode's time; ``max_abs_diff``: the mode's output against unfused's.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import contextlib
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -77,25 +79,27 @@ def unfused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, host: bool = 
 
 
 def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Seconds per call, the slowest rank's mean."""
+    """Seconds per call: the median over ``iters`` calls timed one by one (CUDA events on GPU), the slowest
+    rank's. The median keeps a call that waited for a late peer's launch (host skew) from setting the figure."""
     for _ in range(warmup):
         fn()
     dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
             fn()
-        end.record()
-        end.synchronize()
-        seconds = start.elapsed_time(end) / 1e3 / iters
+            end.record()
+        torch.cuda.synchronize(device)
+        per_call = [start.elapsed_time(end) / 1e3 for start, end in events]
     else:
-        t0 = time.perf_counter()
+        per_call = []
         for _ in range(iters):
+            t0 = time.perf_counter()
             fn()
-        seconds = (time.perf_counter() - t0) / iters
-    worst = torch.tensor([seconds], dtype=torch.float64, device=device)
+            per_call.append(time.perf_counter() - t0)
+    worst = torch.tensor([statistics.median(per_call)], dtype=torch.float64, device=device)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst.item())
 
