@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU tests and benchmarks of moe_a2a.comm (all-gather/reduce-scatter, Helix, MixedCommHandler) on one GPU
-# machine; logs, JSON and Markdown go to OUTDIR. Pure Python: no extension build needed.
+# machine; logs, JSON and Markdown go to OUTDIR. The fused modes need the extension (moe_a2a._C, _nvshmem).
 # Usage: benchmarks/comm_mixed_check.sh OUTDIR [tests|bench|all]   (default all)
 # NCCL needs one GPU per rank: topologies are chosen from the GPU count. NVLink multicast stays off.
 set -uo pipefail
@@ -35,7 +35,9 @@ if [[ $what == bench || $what == all ]]; then
   elif (( gpus >= 2 )); then
     bench tp2 --num-ranks 2
     bench dp2 --num-ranks 2 --local-tp 1
-  else
-    step "bench: needs 2 or more GPUs (NCCL: one GPU per rank)"
+  else  # ranks sharing the GPU under MPS (the caller starts it): the fused modes against the gloo composition
+    bench tp4xdp2_shared --num-ranks 8 --local-tp 4 --min-bytes 1M --max-bytes 32M --iters 5
+    bench tp2xdp4_2nodes_shared --num-ranks 8 --local-size 4 --local-tp 2 --inter-dp 2 --min-bytes 64K \
+      --max-bytes 4M --iters 5
   fi
 fi
