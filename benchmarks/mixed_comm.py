@@ -37,7 +37,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import commit
+from benchmarks.common import commit, virtual_nodes_env
 from moe_a2a.launch import RanksFailed, mps_if_needed, spawn
 from moe_a2a.comm import MixedCommHandler, MixedCommMode, MixedCommOp, run_mixed_comm
 from moe_a2a.comm.mixed import FUSED_MODES
@@ -132,6 +132,8 @@ def run_rank(rank: int, size: int, args) -> list:
         torch.cuda.set_device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     local = args.local_size or size
+    if device.type == "cuda" and local < size:  # nodes on this one host: NVSHMEM over peer-to-peer and loopback
+        virtual_nodes_env()
     h = MixedCommHandler(rank, size, rank % local, local, rank // local, size // local, args.local_tp,
                          args.local_dp, args.inter_tp, args.inter_dp, dtype, device, use_autotune=True,
                          autotune_max_bytes=max(args.max_bytes, 8192))
