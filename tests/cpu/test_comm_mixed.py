@@ -110,6 +110,7 @@ def _four_ranks(rank, size):
             assert h.valid_op_list == [MixedCommOp.ALLGATHER, MixedCommOp.REDUCESCATTER]
         h.shutdown()
     _constructor_errors(rank, size)
+    _fused_mode_choice(rank, size)
     _benchmark(rank, size)
 
 
@@ -277,4 +278,32 @@ def test_two_shot_plan(tp, dp):
                 # A rank receives its piece from each source and the pieces it needs: far less than the
                 # one-shot's world_size messages once TP has several ranks.
                 assert max(own_rows) == -(-(rows if op in GATHER_OPS else rows // dp) // tp)
+
+
+def _fused_mode_choice(rank, size):
+    """Which fused mode an input gets where only the fused modes run (ranks sharing a GPU): the fixed rule by
+    one-shot buffer size, a measured one-shot choice that cannot take a large input handing it to the
+    two-shot, and a mode asked for by name that cannot take it raising. Checked on a CPU handler made to look
+    like one that runs only the fused modes (the choice reads shapes only; nothing is launched)."""
+    from moe_a2a.comm import mixed
+    h = make_handler(rank, size, size, (None,) * 4, use_autotune=False)  # TP 4: the two-shot's buffer is half
+    h.torch_modes, h.fused_available = False, True
+    h.valid_mode_list = [MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC]
+    op, waits, bytes1 = MixedCommOp.ALLREDUCE, MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC
+
+    def rows(n, hidden=4096):  # shape only: an expanded row costs no memory
+        return torch.empty(1, hidden, dtype=h.dtype).expand(n, hidden)
+
+    one_shot_rows = (mixed.FUSED_ONESHOT_MAX_BYTES - 16 * size) // (size * 8192)  # one-shot buffer at the limit
+    assert h.resolve_mode(op, rows(one_shot_rows)) == waits
+    assert h.resolve_mode(op, rows(one_shot_rows + 1)) == bytes1
+    huge = rows(mixed.FUSED_MAX_BUFFER_BYTES // (size * 8192) + 1)  # past the one-shot's buffer, not the two-shot's
+    assert "above FUSED_MAX_BUFFER_BYTES" in h.fused_refuses(op, huge, waits)
+    assert h.fused_refuses(op, huge, bytes1) is None
+    h.use_autotune = True
+    h.autotune_map = {op: {b: waits for b in range(h.autotune_max_coef)}}  # as if the one-shot had been measured best
+    assert h.resolve_mode(op, huge) == bytes1
+    with pytest.raises(ValueError, match="mode FUSED_OPT_WAITS_UC cannot take this input: the message needs"):
+        h.resolve_mode(op, huge, waits)
+    h.shutdown()
 
