@@ -306,4 +306,12 @@ def _fused_mode_choice(rank, size):
     with pytest.raises(ValueError, match="mode FUSED_OPT_WAITS_UC cannot take this input: the message needs"):
         h.resolve_mode(op, huge, waits)
     h.shutdown()
+    # Two (virtual) nodes: the one-shot over NVSHMEM is the fused mode; the two-shot is not built there.
+    h = make_handler(rank, size, size // 2, (None,) * 4, use_autotune=False)
+    h.torch_modes, h.fused_available, h.valid_mode_list = False, True, [waits]
+    assert h.fused_modes == (waits,)
+    assert h.resolve_mode(op, rows(one_shot_rows + 1)) == waits
+    with pytest.raises(NotImplementedError, match="FUSED_OPT_BYTES1_UC: moe_a2a does not build it across nodes"):
+        run_mixed_comm(op, h, torch.ones(2, 8, dtype=h.dtype), mode=bytes1)
+    h.shutdown()
 
