@@ -66,6 +66,7 @@ a multiple of 16 bytes, too large) falls back to that rule.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import time
 from typing import Dict, List, Optional
@@ -684,11 +685,16 @@ def _two_shot_plan(p: ParallelInfo, op: MixedCommOp, rows: int):
     ``[c * S, (c + 1) * S)`` (``S = ceil(rows / tp_size)``) over that group and every rank stores the sum at
     ``d * rows + c * S``. Scatter ops: DP rank ``d``'s result is the sum over all ranks of chunk ``d``
     (``C = rows / dp_size`` rows); owner ``o`` sums its rows ``[c * S, (c + 1) * S)`` (``S = ceil(C / tp_size)``)
-    over every rank and the ranks of DP rank ``d`` store it at ``c * S``."""
-    tp, dp, world = p.tp_size, p.dp_size, p.world_size  # on one node the local sizes
+    over every rank and the ranks of DP rank ``d`` store it at ``c * S``. Cached: every call of the mode (its
+    size check and its launch) asks for it."""
+    return _plan(p.tp_size, p.dp_size, op in _GATHER_OPS, rows)  # on one node the local sizes
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(tp: int, dp: int, gather: bool, rows: int):
+    world = tp * dp
     everyone = (1 << world) - 1
     group = [((1 << tp) - 1) << (d * tp) for d in range(dp)]  # the ranks of DP rank d
-    gather = op in _GATHER_OPS
     chunk = rows if gather else rows // dp
     piece = -(-chunk // tp)
     send_first, own_rows, scatter_src, gather_dst, out_first = [], [], [], [], []
@@ -701,7 +707,8 @@ def _two_shot_plan(p: ParallelInfo, op: MixedCommOp, rows: int):
         scatter_src.append(group[d] if gather else everyone)
         gather_dst.append(everyone if gather else group[d])
         out_first.append(d * rows + first if gather else first)
-    return send_first, own_rows, scatter_src, gather_dst, out_first, rows * dp if gather else chunk
+    return (tuple(send_first), tuple(own_rows), tuple(scatter_src), tuple(gather_dst), tuple(out_first),
+            rows * dp if gather else chunk)
 
 
 def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCommMode) -> torch.Tensor:
