@@ -30,7 +30,7 @@ Modes (which level does which part):
 * ``HIER_INTER_FIRST``: the same two steps, across nodes first.
 * ``FUSED_OPT_WAITS_UC``: one kernel on one node (``inter_size == 1``, CUDA tensors, rows of a multiple of 16
   bytes): every rank stores the rows each peer needs straight into that peer's Lamport buffer, which every
-  rank of the node maps (cudaIpc handles, or CUDA virtual memory with ``memory="vmm"``;
+  rank of the node maps (CUDA virtual memory by default, cudaIpc handles with ``memory="cuda_ipc"``;
   ``moe_a2a.comm.workspace``; one wait per 16-byte piece, no barrier, no host sync) and sums what it received
   in rank order with float32 accumulation, so it matches ``NCCL_ONE``'s sums bit for bit. One-shot (fewest
   waits): each rank receives ``world_size`` messages, so it is the small-message mode.
@@ -232,8 +232,9 @@ class MixedCommHandler:
         autotune_max_bytes: largest bucket ``run_autotune`` measures (default: the reference's range, 8 KiB
             times ``2 ** (max(15 - log2(dp_size), 1) - 1)``).
         timeout_s: deadline of each wait on CPU groups (default ``MOE_A2A_TIMEOUT_S`` or 60 s).
-        memory: how the node's ranks map the fused mode's buffers: ``"cuda_ipc"`` (cudaIpc handles, the default)
-            or ``"vmm"`` (CUDA virtual memory, as the reference; falls back to cudaIpc where it cannot be shared).
+        memory: how the node's ranks map the fused mode's buffers: ``"vmm"`` (the default: CUDA virtual memory,
+            ``cuMem*`` allocations shared as file descriptors; where they cannot be shared the handler falls back to
+            cudaIpc handles and ``virtual_memory_error`` says why) or ``"cuda_ipc"`` (cudaIpc handles).
 
     Construction is collective over the default group (it creates the node, cross-node, TP and DP groups).
     Autotuning is lazy: a size bucket is measured the first time an operation of that size runs in
@@ -247,7 +248,7 @@ class MixedCommHandler:
                  min_block_size: int = 256, min_num_steps: int = 4, ib_enable_ibgda: bool = True,
                  should_init_nvshmem: bool = True, use_autotune: bool = True, *, require_fused: bool = False,
                  autotune_max_bytes: Optional[int] = None, timeout_s: Optional[float] = None,
-                 memory: str = "cuda_ipc"):
+                 memory: str = "vmm"):
         if not dist.is_initialized():
             raise RuntimeError("MixedCommHandler needs an initialized torch.distributed default process group")
         self.para_info = p = ParallelInfo(world_rank, world_size, local_rank, local_size, inter_rank, inter_size,
@@ -364,9 +365,9 @@ class MixedCommHandler:
     # --------------------------------------------------------------------- fused-kernel setup
     def init_virtual_memory(self) -> None:
         """Set up the fused mode's intranode workspace (collective over the node): Lamport buffers that every
-        local rank maps, with cudaIpc handles, or with ``memory="vmm"`` as CUDA virtual memory (``cuMem*``)
-        shared as file descriptors over Unix sockets (``moe_a2a.comm.workspace``); where virtual memory cannot
-        be shared (``virtual_memory_error`` says why) with cudaIpc handles instead.
+        local rank maps: CUDA virtual memory (``cuMem*``) shared as file descriptors over Unix sockets
+        (``moe_a2a.comm.workspace``), or cudaIpc handles with ``memory="cuda_ipc"`` or where virtual memory
+        cannot be shared (``virtual_memory_error`` says why).
         Across nodes there is nothing to do: NVSHMEM maps the node's peers (``init_nvshmem``). Raises
         NotImplementedError where the fused mode cannot run (CPU tensors, no kernels)."""
         p = self.para_info

@@ -170,7 +170,8 @@ def _fused_body(rank, size):
         h = cpu_mixed.make_handler(rank, size, size, split, device=dev, use_autotune=(i == 0),
                                    dtype=torch.float16 if i == 1 else torch.bfloat16)
         assert h.fused_available and not h.torch_modes, h.fused_unavailable_reason
-        assert h._workspace.memory == "cuda_ipc"
+        # The default: the node's buffers in CUDA virtual memory, without falling back to cudaIpc handles.
+        assert h._workspace.memory == "vmm" and h.virtual_memory_error is None, h.virtual_memory_error
         assert h.valid_mode_list == [MixedCommMode.FUSED_OPT_WAITS_UC, MixedCommMode.FUSED_OPT_BYTES1_UC] + (
             [MixedCommMode.AUTOTUNE] if i == 0 else [])
         for rows, hidden in ((2, 8), (16, 256), (40, 1032)):
@@ -202,13 +203,14 @@ def test_fused_mode_ranks_sharing_a_gpu(num_ranks):
     _run_on_kernels(_fused_body, num_ranks)
 
 
-def _fused_vmm_body(rank, size):
-    """The fused modes with the node's buffers in CUDA virtual memory (``memory="vmm"``: cuMem allocations shared
-    as file descriptors): the same results as over cudaIpc handles, through a workspace growth (new mappings)."""
+def _fused_cuda_ipc_body(rank, size):
+    """The fused modes with the node's buffers shared by cudaIpc handles (``memory="cuda_ipc"``, the fallback where
+    CUDA virtual memory cannot be shared): the same results as in virtual memory, through a workspace growth
+    (new mappings)."""
     dev = set_rank_device(rank)
     split = (2, None, None, None) if size >= 4 else (None,) * 4
-    h = cpu_mixed.make_handler(rank, size, size, split, device=dev, use_autotune=False, memory="vmm")
-    assert h._workspace.memory == "vmm" and h.virtual_memory_error is None, h.virtual_memory_error
+    h = cpu_mixed.make_handler(rank, size, size, split, device=dev, use_autotune=False, memory="cuda_ipc")
+    assert h._workspace.memory == "cuda_ipc"
     for rows, hidden in ((2, 8), (16, 256), (2200 // size, 2048)):
         cpu_mixed.check_all_modes(h, rank, size, seed=800 + rows, dtype=h.dtype, rows=rows, hidden=hidden,
                                   gaussian=rows == 16)
@@ -216,8 +218,8 @@ def _fused_vmm_body(rank, size):
 
 
 @pytest.mark.parametrize("num_ranks", [2, 8])
-def test_fused_mode_on_virtual_memory(num_ranks):
-    _run_on_kernels(_fused_vmm_body, num_ranks)
+def test_fused_mode_on_cuda_ipc_handles(num_ranks):
+    _run_on_kernels(_fused_cuda_ipc_body, num_ranks)
 
 
 def _fused_inter_body(rank, size):
