@@ -12,6 +12,7 @@ COMMANDS = {
     "all-reduce": ("allreduce", "fused all-reduce (+ RMSNorm) against the unfused sequence"),
     "mixed-comm": ("mixed_comm", "MixedCommHandler's TP x DP collectives against torch collectives"),
     "moe-layer": ("moe_layer", "a whole MoE layer step through fused_a2a (plain, buffer-resident) and all_to_all"),
+    "sm-copy": ("sm_copy", "the roofline of SM traffic through the intranode mappings (probe kernel)"),
     "formats": ("formats", "bytes, time and error of each wire format against BF16"),
     "tune-intranode": ("tune_intranode", "measure the intranode SM counts and write their table"),
 }

@@ -33,6 +33,8 @@ run formats python3 -m benchmarks formats --backend cuda --num-ranks 2 --tokens 
     --iters 2 --loops 1 --json "$out/formats.json"
 run all-reduce python3 -m benchmarks all-reduce --ranks 2 --max-bytes 1048576 --warmup 1 --loops 1 --iters 2 \
     --out "$out/allreduce.json"
+run sm-copy python3 -m benchmarks sm-copy --ranks 2 --sms 8 --mib 4 --row-bytes 14336 --warmup 1 --loops 1 \
+    --iters 2 --out "$out/sm_copy.json"
 if (( gpus >= 2 )); then
   run mixed-comm python3 -m benchmarks mixed-comm --num-ranks 2 --max-bytes 64K --warmup 1 --iters 2 --quiet \
       --out "$out/mixed_comm.json"

@@ -909,6 +909,34 @@ __global__ void encode_rows_kernel(const int4* src, char* dst, int rows, int hid
         encode_row_warp<kFormat>(src + r * row_int4, dst + r * row_int4 * 16, hidden, lane);
 }
 
+// The SM copy probe: what SM-driven traffic through the mappings costs, apart from any kernel's logic.
+// Write/read: one contiguous slice to/from `peer`'s staging area at word rank * n. Scatter/gather: rows of
+// `row_int4` words, one warp per row (as the sender-written dispatch and the zero-copy pull move them), row i
+// to/from rank i % R's staging area at row rank * ceil(rows / R) + i / R.
+__global__ void __launch_bounds__(kDispatchThreads, 1)
+    copy_probe_kernel(PeerCtx c, int4* local, int64_t n, int peer, int pattern, int row_int4) {
+    const int R = c.num_ranks, me = c.rank;
+    if (pattern == kProbeWrite || pattern == kProbeRead) {
+        int4* area = reinterpret_cast<int4*>(staging(c, peer)) + me * n;
+        if (pattern == kProbeWrite)
+            grid_copy_int4(area, local, n);
+        else
+            grid_copy_int4(local, area, n);
+        return;
+    }
+    const int64_t rows = n / row_int4, per_rank = (rows + R - 1) / R;
+    const int64_t num_warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+    const int lane = threadIdx.x % 32;
+    for (int64_t i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < rows; i += num_warps) {
+        int4* there = reinterpret_cast<int4*>(staging(c, static_cast<int>(i % R))) + (me * per_rank + i / R) * row_int4;
+        int4* here = local + i * row_int4;
+        if (pattern == kProbeScatter)
+            warp_copy<false, 4>(there, here, row_int4, lane);
+        else
+            warp_copy<true, 4>(here, there, row_int4, lane);
+    }
+}
+
 }  // namespace
 
 int64_t dispatch_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_scales, int num_topk) {
@@ -975,6 +1003,13 @@ void launch_encode_rows(const void* src, void* dst, int rows, int hidden, int fo
     char* d = static_cast<char*>(dst);
     if (format == kLLFormatFP8Combine) encode_rows_kernel<kLLFormatFP8Combine><<<blocks, kThreads, 0, stream>>>(s, d, rows, hidden);
     else encode_rows_kernel<kLLFormatLogFMTCombine><<<blocks, kThreads, 0, stream>>>(s, d, rows, hidden);
+    MOE_A2A_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_copy_probe(const PeerCtx& ctx, void* local, int64_t n, int peer, int pattern, int row_int4, int num_blocks,
+                       cudaStream_t stream) {
+    copy_probe_kernel<<<num_blocks, kDispatchThreads, 0, stream>>>(ctx, static_cast<int4*>(local), n, peer, pattern,
+                                                                   row_int4);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -113,6 +113,8 @@ BULK_MIN_ROWS = 8192
 COMBINE_WINDOWS = 8
 COMBINE_WINDOWS_MIN_SMS = 16  # kMinWindowSms in csrc/kernels/api.cuh
 MAX_COMBINE_WINDOWS = 32
+#: The copy probe's patterns (kProbe* in csrc/kernels/api.cuh).
+PROBE_PATTERNS = {"write": 0, "read": 1, "scatter": 2, "gather": 3}
 
 
 def extension_available() -> bool:
@@ -506,6 +508,22 @@ class IntranodeBackend:
         self._launch("get_next_combine_buffer", self.runtime.wait_peers_done)  # on the current stream
         self._combine_input = (num_rows, hidden)
         return self._staging_rows(num_rows, hidden, torch.bfloat16)
+
+    # ------------------------------------------------------------------ debug probe (benchmarks)
+    def copy_probe(self, local: torch.Tensor, pattern: str, peer: int = 0, row_bytes: int = 0,
+                   num_sms: int = 16) -> None:
+        """Launch the SM copy probe on the current stream (``python -m benchmarks sm-copy``; never used by the
+        operations): ``num_sms`` blocks move the bytes of ``local`` (contiguous, on this buffer's device, a multiple
+        of 16 bytes) through the mappings the kernels use, so its rate is the roofline of SM-driven traffic.
+        ``pattern``: ``"write"`` / ``"read"`` one slice to / from ``peer``'s staging area (at byte ``rank *
+        local.nbytes``); ``"scatter"`` / ``"gather"`` rows of ``row_bytes``, one warp per row, row ``i`` to / from
+        rank ``i % num_ranks``'s area at row ``rank * ceil(rows / num_ranks) + i // num_ranks``. No cross-rank
+        ordering: the caller meets its peers before reading what they wrote."""
+        if pattern not in PROBE_PATTERNS:
+            raise ValueError(f"pattern must be one of {sorted(PROBE_PATTERNS)}, got {pattern!r}")
+        check_device("local", local, self.device)
+        self._check_usable()
+        self.runtime.copy_probe(local, int(peer), PROBE_PATTERNS[pattern], int(row_bytes), int(num_sms))
 
     # ------------------------------------------------------------------ resources
     def get_comm_stream(self) -> torch.cuda.Stream:

@@ -2,6 +2,7 @@
 import importlib
 
 import pytest
+import torch
 
 from benchmarks import __main__ as bench_cli
 from moe_a2a import __main__ as cli
@@ -57,3 +58,41 @@ def test_formats_benchmark_on_cpu(tmp_path, capsys):
     assert all(r["path"] == "reference" for r in report["rows"])
     assert 0 < rows[("low-latency", "combine", "logfmt")]["max_rel"] < 0.02
     assert 0 < rows[("low-latency", "combine", "fp8")]["max_rel"] < 0.07
+
+
+@pytest.mark.parametrize("num_ranks, mib, row_bytes", [(2, 1, 4096), (3, 1, 14336), (8, 2, 14336)])
+def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes):
+    """The sm-copy benchmark's check accepts exactly the layout the probe kernel documents: a write lands at byte
+    rank * size of the target's area, scattered row i of a source lands on rank i % R at row
+    source * ceil(rows / R) + i // R; one wrong word anywhere is reported."""
+    from types import SimpleNamespace
+
+    from benchmarks import sm_copy
+
+    args = SimpleNamespace(mib=mib, row_bytes=row_bytes)
+    nbytes = sm_copy._slice_bytes(args)
+    words, rw, rows = nbytes // 4, row_bytes // 4, nbytes // row_bytes
+    per = -(-rows // num_ranks)
+    src = [sm_copy._words(s, nbytes, "cpu") for s in range(num_ranks)]
+    for rank in range(num_ranks):
+        out = torch.zeros(words, dtype=torch.int32)
+        written = torch.zeros(num_ranks * max(words, per * rw), dtype=torch.int32)
+        written[rank * words:(rank + 1) * words] = src[rank]  # its own write
+        prev = (rank - 1) % num_ranks
+        written[prev * words:(prev + 1) * words] = src[prev]  # the previous rank's write into this area
+        scattered = torch.zeros_like(written)
+        for s in range(num_ranks):
+            for i in range(rank, rows, num_ranks):
+                slot = s * per + i // num_ranks
+                scattered[slot * rw:(slot + 1) * rw] = src[s][i * rw:(i + 1) * rw]
+        sm_copy._check("write own", rank, num_ranks, args, written, out)
+        sm_copy._check("write peer", rank, num_ranks, args, written, out)
+        sm_copy._check("scatter", rank, num_ranks, args, scattered, out)
+        out.copy_(src[rank])
+        sm_copy._check("gather", rank, num_ranks, args, scattered, out)
+        scattered[(num_ranks - 1) * per * rw] += 1  # the last source's first row, one word off
+        with pytest.raises(RuntimeError, match=f"sm-copy scatter: rank {rank} found 1 of"):
+            sm_copy._check("scatter", rank, num_ranks, args, scattered, out)
+        out[-1] += 1
+        with pytest.raises(RuntimeError, match="sm-copy read peer"):
+            sm_copy._check("read peer", rank, num_ranks, args, written, out)
