@@ -153,12 +153,12 @@ void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cu
 // Encodes `rows` BF16 rows of `hidden` channels from src into the first bytes of the same rows of dst
 // (2 * hidden bytes apart; dst may be src) in combine format `format` (wire_format.cuh). One warp a row.
 void launch_encode_rows(const void* src, void* dst, int rows, int hidden, int format, cudaStream_t stream);
+int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk);
 
 // The benchmark's SM copy probe (never used by the buffer's operations): `num_blocks` blocks move `n` 16-byte
 // words between this rank's `local` words and the staging areas, through the mappings the kernels use.
 enum CopyProbe : int { kProbeWrite = 0, kProbeRead = 1, kProbeScatter = 2, kProbeGather = 3 };
 void launch_copy_probe(const PeerCtx& ctx, void* local, int64_t n, int peer, int pattern, int row_int4, int num_blocks,
                        cudaStream_t stream);
-int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int num_topk);
 
 }  // namespace moe_a2a
