@@ -116,9 +116,7 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
         MOE_A2A_CHECK(out.scalar_type() == x.scalar_type() && out.dim() == 2 && out.size(0) == out_blocks * send_rows &&
                       out.size(1) == x.size(1), "out must be [out_blocks * send_rows, hidden] of the input's dtype");
         const int rows = static_cast<int>(send_rows), hidden = static_cast<int>(x.size(1));
-        const int64_t used = comm::ar_slots_vecs(num_ranks_, rows, hidden, elem_size_, false);
-        MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
-                      "workspace has ", buffer_bytes_, "; grow it first");
+        check_fits(comm::ar_slots_vecs(num_ranks_, rows, hidden, elem_size_, false));
         ArArgs a = base_args(x, dtype);
         a.mixed = 1;
         a.send_rows = rows;
@@ -160,9 +158,7 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
         }
         MOE_A2A_CHECK(largest > 0, "the two-shot has no rows to sum");
         const int rows = static_cast<int>(largest), hidden = static_cast<int>(x.size(1));
-        const int64_t used = comm::ar_slots_vecs(R, rows, hidden, elem_size_, true);
-        MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
-                      "workspace has ", buffer_bytes_, "; grow it first");
+        check_fits(comm::ar_slots_vecs(R, rows, hidden, elem_size_, true));
         ArArgs a = base_args(x, dtype);
         a.mixed = 1;
         a.two_shot = 1;
@@ -186,9 +182,7 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
         const int dtype = check_call(x);
         const auto st = x.scalar_type();
         const int tokens = static_cast<int>(x.size(0)), hidden = static_cast<int>(x.size(1));
-        const int64_t used = comm::ar_used_vecs(num_ranks_, tokens, hidden, elem_size_, two_shot);
-        MOE_A2A_CHECK(used * 16 <= buffer_bytes_, "the problem needs ", used * 16, " bytes per Lamport buffer, the "
-                      "workspace has ", buffer_bytes_, "; grow it first");
+        check_fits(comm::ar_used_vecs(num_ranks_, tokens, hidden, elem_size_, two_shot));
         ArArgs a = base_args(x, dtype);
         a.tokens = tokens;
         a.eps = static_cast<float>(eps);
@@ -249,6 +243,12 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
                       x.size(1) * x.element_size());
         MOE_A2A_CHECK(x.size(0) < (int64_t{1} << 30) && x.size(1) < (int64_t{1} << 30), "input too large");
         return dtype;
+    }
+
+    // A call whose message takes `used_vecs` 16-byte pieces of each Lamport buffer fits the workspace.
+    void check_fits(int64_t used_vecs) const {
+        MOE_A2A_CHECK(used_vecs * 16 <= buffer_bytes_, "the problem needs ", used_vecs * 16, " bytes per Lamport "
+                      "buffer, the workspace has ", buffer_bytes_, "; grow it first");
     }
 
     ArArgs base_args(const torch::Tensor& x, int dtype) const {

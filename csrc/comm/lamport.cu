@@ -113,6 +113,24 @@ __device__ __forceinline__ void send_header(const ArArgs& a, int buf, int rows, 
 }
 
 // Refill with the sentinel what the previous call used of the previous buffer (no peer writes there now).
+// The send step: every piece i of src[0, n), loaded by the grid with kUnroll loads in flight per thread and
+// its -0.0 replaced (unsentinel), handed to store(i, piece), which writes it into the peers' buffers.
+template <typename T, typename Store>
+__device__ __forceinline__ void send_pieces(const int4* src, int64_t n, Store store) {
+    constexpr int kUnroll = 4;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; base < n;
+         base += stride * kUnroll) {
+        Vec<T> v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * stride < n) v[u].v = ld_nc_v4(src + base + u * stride);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+            if (base + u * stride < n) store(base + u * stride, unsentinel<T>(v[u]));
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void clear_previous(const ArArgs& a, int buf, int prev_used) {
     int4* prev = buffer_of(a, a.rank, (buf + kArNumBuffers - 1) % kArNumBuffers);
@@ -365,32 +383,19 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
 
     // 1. Send: the header to every peer (block 0), then this rank's rows.
     send_header(a, buf, T_, 1 + a.two_shot);
-    // Rows go out as a flat range of pieces, several loads in flight per thread.
     const int64_t total = static_cast<int64_t>(T_) * row_vecs;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
     const int64_t first_piece = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    constexpr int kUnroll = 4;
-    for (int64_t base = first_piece; base < total; base += stride * kUnroll) {
-        Vec<T> val[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-            if (base + u * stride < total) val[u].v = ld_nc_v4(x + base + u * stride);
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int64_t i = base + u * stride;
-            if (i < total) {
-                const Vec<T> out = unsentinel<T>(val[u]);
-                if (!a.two_shot) {  // slot `me` of every rank: its row t at t * row_vecs
-                    const int64_t at = data + static_cast<int64_t>(me) * total + i;
-                    for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + at, out.v);
-                } else {  // slot `me` of the owner of token t: its row t - owner * chunk
-                    const int owner = static_cast<int>(i / row_vecs) / chunk;
-                    const int64_t at = data + (static_cast<int64_t>(me) - owner) * chunk * row_vecs + i;
-                    st_volatile_v4(buffer_of(a, owner, buf) + at, out.v);
-                }
-            }
+    send_pieces<T>(x, total, [&](int64_t i, const Vec<T>& out) {
+        if (!a.two_shot) {  // slot `me` of every rank: its row t at t * row_vecs
+            const int64_t at = data + static_cast<int64_t>(me) * total + i;
+            for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + at, out.v);
+        } else {  // slot `me` of the owner of token t: its row t - owner * chunk
+            const int owner = static_cast<int>(i / row_vecs) / chunk;
+            const int64_t at = data + (static_cast<int64_t>(me) - owner) * chunk * row_vecs + i;
+            st_volatile_v4(buffer_of(a, owner, buf) + at, out.v);
         }
-    }
+    });
 
     // 2. While the peers' data travels: clear what the previous call used of the previous buffer.
     clear_previous<T>(a, buf, prev_used);
@@ -483,17 +488,8 @@ __device__ __forceinline__ void mixed_two_shot(const ArArgs& a) {
         if (!(a.scatter_src[p] >> me & 1u)) continue;
         const int4* src = x + static_cast<int64_t>(a.send_first[p]) * row_vecs;
         int4* dst = buffer_of(a, p, buf) + data + me * slot;
-        const int64_t n = static_cast<int64_t>(a.own_rows[p]) * row_vecs;
-        constexpr int kUnroll = 4;
-        for (int64_t base = first_piece; base < n; base += stride * kUnroll) {
-            Vec<T> v[kUnroll];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-                if (base + u * stride < n) v[u].v = ld_nc_v4(src + base + u * stride);
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-                if (base + u * stride < n) st_volatile_v4(dst + base + u * stride, unsentinel<T>(v[u]).v);
-        }
+        send_pieces<T>(src, static_cast<int64_t>(a.own_rows[p]) * row_vecs,
+                       [&](int64_t i, const Vec<T>& v) { st_volatile_v4(dst + i, v.v); });
     }
 
     // 2. Clear what the previous call used of the previous buffer; 3. check the peers' headers.

@@ -189,6 +189,11 @@ class ParallelInfo:
         local, inter = world_rank % self.local_size, world_rank // self.local_size
         return local // self.local_tp_size + inter // self.inter_tp_size * self.local_dp_size
 
+    @functools.cached_property
+    def dp_ranks(self) -> tuple:
+        """The DP rank of every world rank (the fused kernels' output block of each source)."""
+        return tuple(self.dp_rank_of(w) for w in range(self.world_size))
+
     def world_rank_of(self, tp_rank: int, dp_rank: int) -> int:
         ltp, itp = tp_rank % self.local_tp_size, tp_rank // self.local_tp_size
         ldp, idp = dp_rank % self.local_dp_size, dp_rank // self.local_dp_size
@@ -724,12 +729,11 @@ def _fused(h: MixedCommHandler, op: MixedCommOp, x: torch.Tensor, mode: MixedCom
         out = h._workspace.mixed_two_shot(flat, *plan)
         return out.view(plan[-1], *rest)
     one_shot = (h._nvshmem_workspace or h._workspace).mixed  # across nodes: NVSHMEM; in one node: CUDA IPC
-    dp_of = [p.dp_rank_of(w) for w in range(p.world_size)]
     if op in _GATHER_OPS:
-        out = one_shot(flat, [0] * p.world_size, rows, dp_of, p.dp_size)
+        out = one_shot(flat, [0] * p.world_size, rows, p.dp_ranks, p.dp_size)
         return out.view(rows * p.dp_size, *rest)
     chunk = rows // p.dp_size
-    out = one_shot(flat, [d * chunk for d in dp_of], chunk, [0] * p.world_size, 1)
+    out = one_shot(flat, [d * chunk for d in p.dp_ranks], chunk, [0] * p.world_size, 1)
     return out.view(chunk, *rest)
 
 

@@ -11,7 +11,7 @@ deadline; the first one that passes it (or a message of another shape) is record
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,7 +88,7 @@ class MixedInternodeWorkspace:
         if err:
             raise RuntimeError(f"moe_a2a mixed internode: {err}")
 
-    def mixed(self, x: torch.Tensor, send_first: List[int], send_rows: int, src_block: List[int],
+    def mixed(self, x: torch.Tensor, send_first: Sequence[int], send_rows: int, src_block: Sequence[int],
               out_blocks: int) -> torch.Tensor:
         """The one-shot on the current stream: rank ``p`` receives rows ``send_first[p]`` to ``send_first[p] +
         send_rows`` of ``x`` ``[rows, hidden]`` (float16/bfloat16, rows of a multiple of 16 bytes); returns
