@@ -96,3 +96,12 @@ def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes):
         out[-1] += 1
         with pytest.raises(RuntimeError, match="sm-copy read peer"):
             sm_copy._check("read peer", rank, num_ranks, args, written, out)
+
+
+def test_copy_probe_refuses_an_unknown_pattern():
+    """The probe names its patterns before it touches the buffer."""
+    from moe_a2a.backends.intranode import PROBE_PATTERNS, IntranodeBackend
+
+    assert set(PROBE_PATTERNS) == {"write", "read", "scatter", "gather"}
+    with pytest.raises(ValueError, match="pattern must be one of .*got 'push'"):
+        IntranodeBackend.copy_probe(None, torch.zeros(4), "push")

@@ -203,6 +203,7 @@ def _constructor_errors(rank, size):
         make_handler(rank, size, size, (None,) * 4, require_fused=True)  # one node, CPU tensors
     h = make_handler(rank, size, 2, (None,) * 4, use_autotune=False)
     assert h.fused_available is False and "NVSHMEM" in h.fused_unavailable_reason
+    assert h.memory == "vmm"  # the default: the node's buffers in CUDA virtual memory, as the reference
     h.shutdown()
     with pytest.raises(RuntimeError, match="already called"):
         h.shutdown()
@@ -235,6 +236,7 @@ def test_parallel_info_ranks():
     assert (p.tp_size, p.dp_size, p.tp_rank, p.dp_rank) == (2, 8, 1, 6)
     assert p.world_rank_of(p.tp_rank, p.dp_rank) == 13
     assert all(p.dp_rank_of(p.world_rank_of(t, d)) == d for t in range(p.tp_size) for d in range(p.dp_size))
+    assert p.dp_ranks == tuple(p.dp_rank_of(w) for w in range(16)) and p.dp_ranks[13] == 6
     assert p.tp_group_ranks(6) == [12, 13] and p.dp_group_ranks(1) == [1, 3, 5, 7, 9, 11, 13, 15]
     seen = sorted(p.world_rank_of(t, d) for t in range(p.tp_size) for d in range(p.dp_size))
     assert seen == list(range(16))
