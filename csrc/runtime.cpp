@@ -453,26 +453,31 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
 
     // The benchmark's SM copy probe (copy_probe_kernel) on the current stream: `local` is contiguous CUDA memory of
     // a multiple of 16 bytes; pattern kProbeWrite / kProbeRead move it to / from `peer`'s staging area (at byte
-    // rank * its size), kProbeScatter / kProbeGather as rows of `row_bytes` spread over every rank's area.
-    void copy_probe(const torch::Tensor& local, int64_t peer, int64_t pattern, int64_t row_bytes, int64_t num_sms) {
+    // rank * its size), kProbeScatter / kProbeGather as rows of `row_bytes` spread over every rank's area,
+    // kProbeMulticast / kProbeReduce as rows of `row_bytes` to / from `fanout` ranks each.
+    void copy_probe(const torch::Tensor& local, int64_t peer, int64_t pattern, int64_t row_bytes, int64_t num_sms,
+                    int64_t fanout) {
         check_ready();
         check_sms(static_cast<int>(num_sms));
         MOE_A2A_CHECK(local.is_cuda() && local.is_contiguous(), "the probe's tensor must be contiguous CUDA memory");
         const int64_t bytes = local.numel() * local.element_size();
         MOE_A2A_CHECK(bytes > 0 && bytes % 16 == 0, "the probe moves a multiple of 16 bytes, got ", bytes);
-        MOE_A2A_CHECK(pattern >= kProbeWrite && pattern <= kProbeGather, "unknown probe pattern ", pattern);
+        MOE_A2A_CHECK(pattern >= kProbeWrite && pattern <= kProbeReduce, "unknown probe pattern ", pattern);
         int64_t area = bytes * num_ranks_;
-        if (pattern == kProbeScatter || pattern == kProbeGather) {
+        if (pattern != kProbeWrite && pattern != kProbeRead) {
             MOE_A2A_CHECK(row_bytes > 0 && row_bytes % 16 == 0 && bytes % row_bytes == 0, "row_bytes (", row_bytes,
                           ") must be a positive multiple of 16 that divides ", bytes);
-            area = (bytes / row_bytes + num_ranks_ - 1) / num_ranks_ * num_ranks_ * row_bytes;
         } else {
             MOE_A2A_CHECK(peer >= 0 && peer < num_ranks_, "peer must be in [0, ", num_ranks_, "), got ", peer);
         }
+        if (pattern == kProbeScatter || pattern == kProbeGather)
+            area = (bytes / row_bytes + num_ranks_ - 1) / num_ranks_ * num_ranks_ * row_bytes;
+        if (pattern == kProbeMulticast || pattern == kProbeReduce)
+            MOE_A2A_CHECK(fanout >= 1 && fanout <= num_ranks_, "fanout must be in [1, ", num_ranks_, "], got ", fanout);
         MOE_A2A_CHECK(area <= num_nvl_bytes_, "the probe needs ", area, " bytes of staging area, the buffer has ",
                       num_nvl_bytes_);
         launch_copy_probe(ctx(), local.data_ptr(), bytes / 16, static_cast<int>(peer), static_cast<int>(pattern),
-                          static_cast<int>(row_bytes / 16), static_cast<int>(num_sms),
+                          static_cast<int>(row_bytes / 16), static_cast<int>(fanout), static_cast<int>(num_sms),
                           c10::cuda::getCurrentCUDAStream());
     }
 

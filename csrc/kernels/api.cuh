@@ -157,8 +157,11 @@ int64_t combine_staging_bytes(int capacity, int hidden_int4, int num_ranks, int 
 
 // The benchmark's SM copy probe (never used by the buffer's operations): `num_blocks` blocks move `n` 16-byte
 // words between this rank's `local` words and the staging areas, through the mappings the kernels use.
-enum CopyProbe : int { kProbeWrite = 0, kProbeRead = 1, kProbeScatter = 2, kProbeGather = 3 };
-void launch_copy_probe(const PeerCtx& ctx, void* local, int64_t n, int peer, int pattern, int row_int4, int num_blocks,
-                       cudaStream_t stream);
+// Multicast / reduce take `fanout` ranks per row.
+enum CopyProbe : int {
+    kProbeWrite = 0, kProbeRead = 1, kProbeScatter = 2, kProbeGather = 3, kProbeMulticast = 4, kProbeReduce = 5
+};
+void launch_copy_probe(const PeerCtx& ctx, void* local, int64_t n, int peer, int pattern, int row_int4, int fanout,
+                       int num_blocks, cudaStream_t stream);
 
 }  // namespace moe_a2a

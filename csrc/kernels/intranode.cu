@@ -912,9 +912,13 @@ __global__ void encode_rows_kernel(const int4* src, char* dst, int rows, int hid
 // The SM copy probe: what SM-driven traffic through the mappings costs, apart from any kernel's logic.
 // Write/read: one contiguous slice to/from `peer`'s staging area at word rank * n. Scatter/gather: rows of
 // `row_int4` words, one warp per row (as the sender-written dispatch and the zero-copy pull move them), row i
-// to/from rank i % R's staging area at row rank * ceil(rows / R) + i / R.
+// to/from rank i % R's staging area at row rank * ceil(rows / R) + i / R. Multicast: row i read once and
+// written to the `fanout` ranks (i + j) % R, j < fanout, at row rank * rows + i of their areas (the
+// sender-written dispatch's fan-out). Reduce: row i summed over those ranks' copies as BF16 channels in
+// float32, in j order, and written here (the zero-copy combine's fan-in, two 16-byte words per lane and rank
+// in flight as its pull keeps).
 __global__ void __launch_bounds__(kDispatchThreads, 1)
-    copy_probe_kernel(PeerCtx c, int4* local, int64_t n, int peer, int pattern, int row_int4) {
+    copy_probe_kernel(PeerCtx c, int4* local, int64_t n, int peer, int pattern, int row_int4, int fanout) {
     const int R = c.num_ranks, me = c.rank;
     if (pattern == kProbeWrite || pattern == kProbeRead) {
         int4* area = reinterpret_cast<int4*>(staging(c, peer)) + me * n;
@@ -928,12 +932,59 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
     const int64_t num_warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
     const int lane = threadIdx.x % 32;
     for (int64_t i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < rows; i += num_warps) {
-        int4* there = reinterpret_cast<int4*>(staging(c, static_cast<int>(i % R))) + (me * per_rank + i / R) * row_int4;
         int4* here = local + i * row_int4;
-        if (pattern == kProbeScatter)
-            warp_copy<false, 4>(there, here, row_int4, lane);
-        else
-            warp_copy<true, 4>(here, there, row_int4, lane);
+        if (pattern == kProbeScatter || pattern == kProbeGather) {
+            int4* there = reinterpret_cast<int4*>(staging(c, static_cast<int>(i % R))) + (me * per_rank + i / R) * row_int4;
+            if (pattern == kProbeScatter)
+                warp_copy<false, 4>(there, here, row_int4, lane);
+            else
+                warp_copy<true, 4>(here, there, row_int4, lane);
+            continue;
+        }
+        const int64_t slot = (me * rows + i) * row_int4;
+        if (pattern == kProbeMulticast) {
+            constexpr int kU = 4;
+            for (int w0 = 0; w0 < row_int4; w0 += 32 * kU) {
+                const int w = w0 + lane;
+                int4 v[kU];
+#pragma unroll
+                for (int u = 0; u < kU; ++u)
+                    if (w + 32 * u < row_int4) v[u] = ld_nc_v4(here + w + 32 * u);
+                for (int j = 0; j < fanout; ++j) {
+                    int4* dst = reinterpret_cast<int4*>(staging(c, static_cast<int>((i + j) % R))) + slot;
+#pragma unroll
+                    for (int u = 0; u < kU; ++u)
+                        if (w + 32 * u < row_int4) dst[w + 32 * u] = v[u];
+                }
+            }
+            continue;
+        }
+        for (int w = lane; w < row_int4; w += 64) {  // kProbeReduce
+            const bool two = w + 32 < row_int4;
+            int4 v[kMaxRanks][2];
+#pragma unroll
+            for (int j = 0; j < kMaxRanks; ++j)
+                if (j < fanout) {
+                    const int4* row = reinterpret_cast<const int4*>(staging(c, static_cast<int>((i + j) % R))) + slot;
+                    v[j][0] = ld_cg_v4(row + w);
+                    if (two) v[j][1] = ld_cg_v4(row + w + 32);
+                }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                if (half == 1 && !two) break;
+                float acc[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < kMaxRanks; ++j)
+                    if (j < fanout) add_bf16x8(acc, v[j][half]);
+                int4 out;
+                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+                st_na_v4(here + w + 32 * half, out);
+            }
+        }
     }
 }
 
@@ -1006,10 +1057,10 @@ void launch_encode_rows(const void* src, void* dst, int rows, int hidden, int fo
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_copy_probe(const PeerCtx& ctx, void* local, int64_t n, int peer, int pattern, int row_int4, int num_blocks,
-                       cudaStream_t stream) {
+void launch_copy_probe(const PeerCtx& ctx, void* local, int64_t n, int peer, int pattern, int row_int4, int fanout,
+                       int num_blocks, cudaStream_t stream) {
     copy_probe_kernel<<<num_blocks, kDispatchThreads, 0, stream>>>(ctx, static_cast<int4*>(local), n, peer, pattern,
-                                                                   row_int4);
+                                                                   row_int4, fanout);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

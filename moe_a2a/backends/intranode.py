@@ -114,7 +114,7 @@ COMBINE_WINDOWS = 8
 COMBINE_WINDOWS_MIN_SMS = 16  # kMinWindowSms in csrc/kernels/api.cuh
 MAX_COMBINE_WINDOWS = 32
 #: The copy probe's patterns (kProbe* in csrc/kernels/api.cuh).
-PROBE_PATTERNS = {"write": 0, "read": 1, "scatter": 2, "gather": 3}
+PROBE_PATTERNS = {"write": 0, "read": 1, "scatter": 2, "gather": 3, "multicast": 4, "reduce": 5}
 
 
 def extension_available() -> bool:
@@ -511,19 +511,21 @@ class IntranodeBackend:
 
     # ------------------------------------------------------------------ debug probe (benchmarks)
     def copy_probe(self, local: torch.Tensor, pattern: str, peer: int = 0, row_bytes: int = 0,
-                   num_sms: int = 16) -> None:
+                   num_sms: int = 16, fanout: int = 1) -> None:
         """Launch the SM copy probe on the current stream (``python -m benchmarks sm-copy``; never used by the
         operations): ``num_sms`` blocks move the bytes of ``local`` (contiguous, on this buffer's device, a multiple
         of 16 bytes) through the mappings the kernels use, so its rate is the roofline of SM-driven traffic.
         ``pattern``: ``"write"`` / ``"read"`` one slice to / from ``peer``'s staging area (at byte ``rank *
         local.nbytes``); ``"scatter"`` / ``"gather"`` rows of ``row_bytes``, one warp per row, row ``i`` to / from
-        rank ``i % num_ranks``'s area at row ``rank * ceil(rows / num_ranks) + i // num_ranks``. No cross-rank
-        ordering: the caller meets its peers before reading what they wrote."""
+        rank ``i % num_ranks``'s area at row ``rank * ceil(rows / num_ranks) + i // num_ranks``; ``"multicast"``
+        row ``i`` to each of the ``fanout`` ranks ``(i + j) % num_ranks``, ``j < fanout``, at row ``rank * rows + i``
+        of their areas; ``"reduce"`` row ``i`` of ``local`` = the BF16 sum (float32, ``j`` order) of those copies.
+        No cross-rank ordering: the caller meets its peers before reading what they wrote."""
         if pattern not in PROBE_PATTERNS:
             raise ValueError(f"pattern must be one of {sorted(PROBE_PATTERNS)}, got {pattern!r}")
         check_device("local", local, self.device)
         self._check_usable()
-        self.runtime.copy_probe(local, int(peer), PROBE_PATTERNS[pattern], int(row_bytes), int(num_sms))
+        self.runtime.copy_probe(local, int(peer), PROBE_PATTERNS[pattern], int(row_bytes), int(num_sms), int(fanout))
 
     # ------------------------------------------------------------------ resources
     def get_comm_stream(self) -> torch.cuda.Stream:

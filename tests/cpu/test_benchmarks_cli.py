@@ -60,16 +60,17 @@ def test_formats_benchmark_on_cpu(tmp_path, capsys):
     assert 0 < rows[("low-latency", "combine", "fp8")]["max_rel"] < 0.07
 
 
-@pytest.mark.parametrize("num_ranks, mib, row_bytes", [(2, 1, 4096), (3, 1, 14336), (8, 2, 14336)])
-def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes):
+@pytest.mark.parametrize("num_ranks, mib, row_bytes, fanout", [(2, 1, 4096, 1), (3, 1, 14336, 2), (8, 2, 14336, 5)])
+def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes, fanout):
     """The sm-copy benchmark's check accepts exactly the layout the probe kernel documents: a write lands at byte
     rank * size of the target's area, scattered row i of a source lands on rank i % R at row
-    source * ceil(rows / R) + i // R; one wrong word anywhere is reported."""
+    source * ceil(rows / R) + i // R, multicast row i of a source on ranks (i + j) % R, j < fanout, at row
+    source * rows + i, and a reduce sums fanout copies; one wrong word anywhere is reported."""
     from types import SimpleNamespace
 
     from benchmarks import sm_copy
 
-    args = SimpleNamespace(mib=mib, row_bytes=row_bytes)
+    args = SimpleNamespace(mib=mib, row_bytes=row_bytes, fanout=fanout)
     nbytes = sm_copy._slice_bytes(args)
     words, rw, rows = nbytes // 4, row_bytes // 4, nbytes // row_bytes
     per = -(-rows // num_ranks)
@@ -96,12 +97,29 @@ def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes):
         out[-1] += 1
         with pytest.raises(RuntimeError, match="sm-copy read peer"):
             sm_copy._check("read peer", rank, num_ranks, args, written, out)
+        multicast = torch.zeros(num_ranks * words, dtype=torch.int32)
+        for s in range(num_ranks):
+            for i in range(rows):
+                if rank in [(i + j) % num_ranks for j in range(fanout)]:
+                    at = (s * rows + i) * rw
+                    multicast[at:at + rw] = src[s][i * rw:(i + 1) * rw]
+        sm_copy._check("multicast", rank, num_ranks, args, multicast, out)
+        bf16 = src[rank].view(torch.bfloat16)
+        assert torch.isfinite(bf16).all() and (bf16 != 0).float().mean() > 0.99
+        total = torch.zeros(bf16.shape)
+        for _ in range(fanout):  # the kernel's float32 sum, one copy at a time
+            total += bf16.float()
+        out.copy_(total.to(torch.bfloat16).view(torch.int32))
+        sm_copy._check("reduce", rank, num_ranks, args, multicast, out)
+        multicast[(rank - fanout + 1) % num_ranks * rw] += 1  # row (rank - fanout + 1) % R of source 0 reaches rank
+        with pytest.raises(RuntimeError, match=f"sm-copy multicast: rank {rank} found 1 of"):
+            sm_copy._check("multicast", rank, num_ranks, args, multicast, out)
 
 
 def test_copy_probe_refuses_an_unknown_pattern():
     """The probe names its patterns before it touches the buffer."""
     from moe_a2a.backends.intranode import PROBE_PATTERNS, IntranodeBackend
 
-    assert set(PROBE_PATTERNS) == {"write", "read", "scatter", "gather"}
+    assert set(PROBE_PATTERNS) == {"write", "read", "scatter", "gather", "multicast", "reduce"}
     with pytest.raises(ValueError, match="pattern must be one of .*got 'push'"):
         IntranodeBackend.copy_probe(None, torch.zeros(4), "push")
