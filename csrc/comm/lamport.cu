@@ -368,6 +368,11 @@ __device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, i
 // registers a thread has at two blocks per SM.
 constexpr int kGatherRows = 2;
 
+// Two blocks per SM (64 registers a thread, a few spilled): built for one (113 registers, no spills, 2 or 4
+// rows per pass) the kernel stopped the H100 benchmark (8 ranks sharing the GPU, default blocks) with a
+// header timeout in its first calls (all ranks' blocks were not resident together; why was not found). Keep
+// two until that is understood.
+
 template <typename T>
 __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
