@@ -261,8 +261,3 @@ def cpu_context(enabled: bool | None = None) -> Iterator[bool]:
             _depth -= 1
             if _depth == 0:
                 _restore()
-
-
-def is_active() -> bool:
-    """Whether a ``cpu_context()`` block is active in this process."""
-    return _depth > 0
