@@ -142,7 +142,8 @@ def main(argv=None) -> Dict:
     p.add_argument("--sms", type=int, default=16, help="blocks (SMs) per rank")
     p.add_argument("--mib", type=int, default=64, help="MiB each rank moves per call")
     p.add_argument("--row-bytes", type=int, default=14336, help="row size of the row patterns (BF16 hidden 7168)")
-    p.add_argument("--fanout", type=int, default=5, help="ranks each row goes to / comes from in multicast / reduce")
+    p.add_argument("--fanout", type=int, default=None,
+                   help="ranks each row goes to / comes from in multicast / reduce (default: 5, at most --ranks)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loops", type=int, default=5)
     p.add_argument("--iters", type=int, default=10)
@@ -152,6 +153,8 @@ def main(argv=None) -> Dict:
         raise SystemExit("need --ranks >= 2, --sms >= 1, --mib >= 1")
     if args.row_bytes <= 0 or args.row_bytes % 16 or args.row_bytes > args.mib << 20:
         raise SystemExit("--row-bytes must be a positive multiple of 16, at most --mib MiB")
+    if args.fanout is None:
+        args.fanout = min(5, args.ranks)
     if not 1 <= args.fanout <= args.ranks:
         raise SystemExit("--fanout must be in [1, --ranks]")
     if not torch.cuda.is_available():

@@ -123,3 +123,14 @@ def test_copy_probe_refuses_an_unknown_pattern():
     assert set(PROBE_PATTERNS) == {"write", "read", "scatter", "gather", "multicast", "reduce"}
     with pytest.raises(ValueError, match="pattern must be one of .*got 'push'"):
         IntranodeBackend.copy_probe(None, torch.zeros(4), "push")
+
+
+def test_sm_copy_fanout_defaults_to_the_rank_count_below_five():
+    """Two ranks get fan-out 2 by default (the smoke check's shape); an explicit fan-out above the ranks is refused
+    before anything runs."""
+    from benchmarks import sm_copy
+
+    with pytest.raises(SystemExit, match="--fanout must be in"):
+        sm_copy.main(["--ranks", "2", "--fanout", "3"])
+    with pytest.raises(SystemExit, match="needs a CUDA device"):  # past the argument checks
+        sm_copy.main(["--ranks", "2"])
