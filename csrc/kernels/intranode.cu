@@ -421,11 +421,13 @@ __device__ int load_peer_tokens(const PeerCtx& c, int* s_tokens) {
 __device__ void write_rows_in_buffer(const PeerCtx& c, const DispatchArgs& a, int me, int gwarp, int num_warps, int lane) {
     const int R = c.num_ranks, H4 = a.hidden_int4;
     const int64_t row_int4 = H4;
+    // Lane d < R: the first receive row on rank d of this rank's tokens (the same for every token).
+    const int first_row = lane < R && me > 0 ? __ldg(a.rank_prefix + (me - 1) * R + lane) : 0;
     for (int t = gwarp; t < a.num_tokens; t += num_warps) {
         int row = -1;
         if (lane < R) {
             const int head = __ldg(a.send_head + static_cast<int64_t>(t) * R + lane);
-            if (head >= 0) row = (me == 0 ? 0 : __ldg(a.rank_prefix + (me - 1) * R + lane)) + head;
+            if (head >= 0) row = first_row + head;
         }
         const int4* src = static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * row_int4;
         constexpr int kU = 4;
@@ -710,11 +712,15 @@ __device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShare
         const int64_t t = first + i;
         __syncwarp();  // the previous token's row addresses are no longer read
         int64_t my_row = -1;  // lane r < R: row of token t's copy in rank r's staging
-        if (lane < R && a.is_token_in_rank[t * R + lane]) {
-            if (s.rows[lane] < 0) {
+        if (lane < R) {
+            // Both loads go out before either is used (the head is read whether or not t went to rank r), so
+            // a token waits for one round trip here, not two.
+            const bool sent = a.is_token_in_rank[t * R + lane];
+            const int head = s.rows[lane] < 0 ? 0 : __ldg(a.send_head + t * R + lane);
+            if (sent && s.rows[lane] < 0) {
                 my_row = static_cast<int64_t>(me) * Q + i;
-            } else {
-                const int head = __ldg(a.send_head + t * R + lane), row = s.first[lane] + head;
+            } else if (sent) {
+                const int row = s.first[lane] + head;
                 if (head >= 0 && row < s.rows[lane])
                     my_row = row;
                 else
