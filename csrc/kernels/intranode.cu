@@ -555,6 +555,15 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                     if (lane == 0) record_error(c, kErrRecvOverflow, s, kPhaseDispatchStaged, a.num_alloc_rows, row + 1, round);
                     continue;
                 }
+                // The row's top-k fields are loaded before its copy, so their round trip overlaps it.
+                int64_t e = -1;
+                float w = 0.0f;
+                if (a.recv_topk_idx && lane < K) {
+                    e = reinterpret_cast<const int64_t*>(src + base + L.idx)[static_cast<int64_t>(i) * K + lane];
+                    if (a.recv_topk_weights)
+                        w = __int_as_float(
+                            ld_cg(reinterpret_cast<const int*>(src + base + L.weights) + static_cast<int64_t>(i) * K + lane));
+                }
                 if (a.recv_x_in_buffer) {
                     // The sender wrote the row already.
                 } else if (bulk) {
@@ -575,15 +584,11 @@ __global__ void __launch_bounds__(kDispatchThreads, 1) dispatch_kernel(PeerCtx c
                                           reinterpret_cast<const int*>(src + base + L.scales) + static_cast<int64_t>(i) * S, S,
                                           lane);
                 if (a.recv_topk_idx && lane < K) {
-                    const int64_t e = reinterpret_cast<const int64_t*>(src + base + L.idx)[static_cast<int64_t>(i) * K + lane];
                     // Keep the expert only where it lives on this rank, as a local id; its weight likewise.
                     const bool local_expert = e >= expert_begin && e < expert_begin + a.num_experts_per_rank;
                     a.recv_topk_idx[static_cast<int64_t>(row) * K + lane] = local_expert ? e - expert_begin : -1;
-                    if (a.recv_topk_weights) {
-                        const float w = __int_as_float(
-                            ld_cg(reinterpret_cast<const int*>(src + base + L.weights) + static_cast<int64_t>(i) * K + lane));
+                    if (a.recv_topk_weights)
                         a.recv_topk_weights[static_cast<int64_t>(row) * K + lane] = local_expert ? w : 0.0f;
-                    }
                 }
                 if (a.recv_src_idx && lane == 0) a.recv_src_idx[row] = first + i;
             }
