@@ -415,6 +415,29 @@ __device__ int load_peer_tokens(const PeerCtx& c, int* s_tokens) {
     return most;
 }
 
+// One warp reads row `src` (h4 16-byte words) once, four words per lane in flight, and stores it at dst(j) for
+// every j < n where dst(j) is not null (the same offsets in each). dst is called by every lane for every j,
+// so it may shuffle; lanes past the row's end are predicated off inside (rows narrower than 32 x 16 bytes
+// leave most lanes idle). The sender-written dispatch's fan-out, and the copy probe's multicast.
+template <typename DstFn>
+__device__ __forceinline__ void warp_multicast_row(const int4* src, int h4, int n, DstFn dst, int lane) {
+    constexpr int kU = 4;
+    for (int w0 = 0; w0 < h4; w0 += 32 * kU) {
+        const int w = w0 + lane;
+        int4 v[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+            if (w + 32 * u < h4) v[u] = ld_nc_v4(src + w + 32 * u);
+        for (int j = 0; j < n; ++j) {
+            int4* to = dst(j);
+            if (to == nullptr) continue;
+#pragma unroll
+            for (int u = 0; u < kU; ++u)
+                if (w + 32 * u < h4) to[w + 32 * u] = v[u];
+        }
+    }
+}
+
 // Senders write the rows: every token is read once and stored into the receive rows of each rank that
 // receives it (row rank_prefix[me - 1, d] + send_head[t, d] there), so a row crosses memory once instead of
 // being staged and pulled. One warp per token, four 16-byte words per lane in flight.
@@ -429,25 +452,13 @@ __device__ void write_rows_in_buffer(const PeerCtx& c, const DispatchArgs& a, in
             const int head = __ldg(a.send_head + static_cast<int64_t>(t) * R + lane);
             if (head >= 0) row = first_row + head;
         }
-        const int4* src = static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * row_int4;
-        constexpr int kU = 4;
-        // The loop bound is the same for every lane (the shuffle below needs the whole warp); lanes past the
-        // row's end are predicated off inside (rows narrower than 32 x 16 bytes leave most lanes idle).
-        for (int w0 = 0; w0 < H4; w0 += 32 * kU) {
-            const int w = w0 + lane;
-            int4 v[kU];
-#pragma unroll
-            for (int u = 0; u < kU; ++u)
-                if (w + 32 * u < H4) v[u] = ld_nc_v4(src + w + 32 * u);
-            for (int d = 0; d < R; ++d) {
-                const int r = __shfl_sync(0xffffffff, row, d);
-                if (r < 0) continue;
-                int4* dst = reinterpret_cast<int4*>(staging(c, d)) + static_cast<int64_t>(r) * row_int4;
-#pragma unroll
-                for (int u = 0; u < kU; ++u)
-                    if (w + 32 * u < H4) dst[w + 32 * u] = v[u];
-            }
-        }
+        warp_multicast_row(static_cast<const int4*>(a.x) + static_cast<int64_t>(t) * row_int4, H4, R,
+                           [&](int d) -> int4* {
+                               const int r = __shfl_sync(0xffffffff, row, d);  // every lane calls for every d
+                               return r < 0 ? nullptr
+                                            : reinterpret_cast<int4*>(staging(c, d)) + static_cast<int64_t>(r) * row_int4;
+                           },
+                           lane);
     }
 }
 
@@ -1014,20 +1025,9 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
         }
         const int64_t slot = (me * rows + i) * row_int4;
         if (pattern == kProbeMulticast) {
-            constexpr int kU = 4;
-            for (int w0 = 0; w0 < row_int4; w0 += 32 * kU) {
-                const int w = w0 + lane;
-                int4 v[kU];
-#pragma unroll
-                for (int u = 0; u < kU; ++u)
-                    if (w + 32 * u < row_int4) v[u] = ld_nc_v4(here + w + 32 * u);
-                for (int j = 0; j < fanout; ++j) {
-                    int4* dst = reinterpret_cast<int4*>(staging(c, static_cast<int>((i + j) % R))) + slot;
-#pragma unroll
-                    for (int u = 0; u < kU; ++u)
-                        if (w + 32 * u < row_int4) dst[w + 32 * u] = v[u];
-                }
-            }
+            warp_multicast_row(here, row_int4, fanout, [&](int j) {
+                return reinterpret_cast<int4*>(staging(c, static_cast<int>((i + j) % R))) + slot;
+            }, lane);
             continue;
         }
         for (int w = lane; w < row_int4; w += 64) {  // kProbeReduce
