@@ -716,6 +716,18 @@ __device__ void stage_rows(const PeerCtx& c, const CombineArgs& a, const Combine
                         reinterpret_cast<const int*>(a.topk_weights) + begin * a.num_topk, (end - begin) * a.num_topk);
 }
 
+// Chunk c of token t's combined row: acc (its copies' sum) plus the biases, rounded to BF16, into out.
+__device__ __forceinline__ void store_combined(const CombineArgs& a, float (&acc)[8], int64_t t, int c) {
+    const int64_t at = t * a.hidden_int4 + c;
+    if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + at));
+    if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + at));
+    int4 out;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+    st_na_v4(static_cast<int4*>(a.out) + at, out);
+}
+
 // cp.async (sm_80+): 16 bytes from global to shared memory, cached in L2 only. A thread that waits for its
 // own groups (cp_async_wait) sees their bytes; the async pull reads back only what the same lane copied.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
@@ -758,13 +770,7 @@ __device__ void sum_row_async(const CombineArgs& a, const int4* const* row_ptr, 
 #pragma unroll
         for (int r = 0; r < kMaxRanks; ++r)
             if (ranks >> r & 1) add_bf16x8(acc, *reinterpret_cast<const int4*>(stage + r * 512));
-        if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + t * H4 + c));
-        if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + t * H4 + c));
-        int4 out;
-        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-        st_na_v4(static_cast<int4*>(a.out) + t * H4 + c, out);
+        store_combined(a, acc, t, c);
     }
     cp_async_wait<0>();  // nothing in flight into the ring when the next token reuses it
 }
@@ -828,13 +834,7 @@ __device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShare
 #pragma unroll
                 for (int r = 0; r < kMaxRanks; ++r)
                     if (ranks >> r & 1) add_chunk<kFormat>(acc, v[r][half]);
-                if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + t * H4 + wi));
-                if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + t * H4 + wi));
-                int4 out;
-                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-                st_na_v4(static_cast<int4*>(a.out) + t * H4 + wi, out);
+                store_combined(a, acc, t, wi);
             }
         }
         if (a.out_weights) {
