@@ -716,16 +716,21 @@ __device__ void stage_rows(const PeerCtx& c, const CombineArgs& a, const Combine
                         reinterpret_cast<const int*>(a.topk_weights) + begin * a.num_topk, (end - begin) * a.num_topk);
 }
 
+// Eight float32 channels rounded to BF16, as one 16-byte chunk.
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+    int4 out;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
+    return out;
+}
+
 // Chunk c of token t's combined row: acc (its copies' sum) plus the biases, rounded to BF16, into out.
 __device__ __forceinline__ void store_combined(const CombineArgs& a, float (&acc)[8], int64_t t, int c) {
     const int64_t at = t * a.hidden_int4 + c;
     if (a.bias_0) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_0) + at));
     if (a.bias_1) add_bf16x8(acc, ld_nc_v4(static_cast<const int4*>(a.bias_1) + at));
-    int4 out;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-    st_na_v4(static_cast<int4*>(a.out) + at, out);
+    st_na_v4(static_cast<int4*>(a.out) + at, pack_bf16x8(acc));
 }
 
 // cp.async (sm_80+): 16 bytes from global to shared memory, cached in L2 only. A thread that waits for its
@@ -775,6 +780,37 @@ __device__ void sum_row_async(const CombineArgs& a, const int4* const* row_ptr, 
     cp_async_wait<0>();  // nothing in flight into the ring when the next token reuses it
 }
 
+// Token t's row as the sum of its copies at row_ptr[r] (r in `ranks`, rank order, float32, decoded from
+// kFormat) plus the biases, into out: two 16-byte chunks per lane and rank in flight, up to 2 * R loads
+// before the first add.
+template <int kFormat>
+__device__ __forceinline__ void sum_row_registers(const CombineArgs& a, const int4* const* row_ptr, unsigned ranks,
+                                                  int64_t t, int lane) {
+    const int H4 = a.hidden_int4;
+    for (int w = lane; w < H4; w += 64) {
+        const bool two = w + 32 < H4;
+        int4 v[kMaxRanks][2];
+#pragma unroll
+        for (int r = 0; r < kMaxRanks; ++r)
+            if (ranks >> r & 1) {
+                const int4* row = row_ptr[r];
+                v[r][0] = load_chunk<kFormat>(row, w);
+                if (two) v[r][1] = load_chunk<kFormat>(row, w + 32);
+            }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            if (half == 1 && !two) break;
+            float acc[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r)
+                if (ranks >> r & 1) add_chunk<kFormat>(acc, v[r][half]);
+            store_combined(a, acc, t, w + 32 * half);
+        }
+    }
+}
+
 // Pull tokens first + [i0, i1): one warp per token; its copies from every rank it went to, summed in f32
 // in rank order (the reference's order), plus the biases. A copy is at slot [me, i] of a peer that staged
 // by slots, else at its arrival row first[r] + send_head[t, r].
@@ -806,37 +842,10 @@ __device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShare
         // Row addresses in shared memory: kept in registers they would spill.
         if (my_row >= 0) row_ptr[lane] = reinterpret_cast<const int4*>(staging(c, lane) + L.data) + my_row * H4;
         __syncwarp();
-        bool summed = false;
-        if constexpr (kFormat == kLLFormatBF16Combine) {
-            if (a.async_pull) {
-                sum_row_async(a, row_ptr, ranks, t, R, lane);
-                summed = true;
-            }
-        }
-        // Two 16-byte chunks per lane and rank in flight: up to 2 * R loads before the first add.
-        for (int w = summed ? H4 : lane; w < H4; w += 64) {
-            const bool two = w + 32 < H4;
-            int4 v[kMaxRanks][2];
-#pragma unroll
-            for (int r = 0; r < kMaxRanks; ++r)
-                if (ranks >> r & 1) {
-                    const int4* row = row_ptr[r];
-                    v[r][0] = load_chunk<kFormat>(row, w);
-                    if (two) v[r][1] = load_chunk<kFormat>(row, w + 32);
-                }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                if (half == 1 && !two) break;
-                const int wi = w + 32 * half;
-                float acc[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-#pragma unroll
-                for (int r = 0; r < kMaxRanks; ++r)
-                    if (ranks >> r & 1) add_chunk<kFormat>(acc, v[r][half]);
-                store_combined(a, acc, t, wi);
-            }
-        }
+        if (kFormat == kLLFormatBF16Combine && a.async_pull)
+            sum_row_async(a, row_ptr, ranks, t, R, lane);
+        else
+            sum_row_registers<kFormat>(a, row_ptr, ranks, t, lane);
         if (a.out_weights) {
             float sum = 0.0f;
             for (int r = 0; r < R; ++r) {
@@ -1049,11 +1058,7 @@ __global__ void __launch_bounds__(kDispatchThreads, 1)
 #pragma unroll
                 for (int j = 0; j < kMaxRanks; ++j)
                     if (j < fanout) add_bf16x8(acc, v[j][half]);
-                int4 out;
-                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[e] = __floats2bfloat162_rn(acc[2 * e], acc[2 * e + 1]);
-                st_na_v4(here + w + 32 * half, out);
+                st_na_v4(here + w + 32 * half, pack_bf16x8(acc));
             }
         }
     }
