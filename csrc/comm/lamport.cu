@@ -4,7 +4,8 @@
 // Values: each element's sum over ranks is accumulated in float32 in rank order and rounded once to the
 // element type; bias and residual are then added one at a time, each add rounded (as torch adds tensors of
 // that type); the norm is computed in float32 from the rounded residual_out. The sum and residual_out are
-// therefore bitwise the reference's; the norm differs from it by the order of the sum of squares only.
+// therefore the reference's up to the sign of zero (-0.0 is the sentinel: a value sent between ranks carries
+// +0.0 in its place); the norm differs from it by the order of the sum of squares only.
 //
 // Work split: a block takes whole rows (tokens), block-strided; its threads take the 16-byte pieces of a
 // row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what it wrote.
@@ -275,11 +276,22 @@ __device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int6
     return true;
 }
 
+// s = s + bias (if any) + residual piece r, each add rounded as torch adds two tensors of the element type:
+// residual_out's value.
+template <typename T>
+__device__ __forceinline__ void add_bias_residual(const ArArgs& a, int64_t v, Vec<T>& s, const Vec<T>& r) {
+    using E = Elem<T>;
+    if (a.bias) add_bias<T>(a, v, s);
+#pragma unroll
+    for (int i = 0; i < E::kPerVec; ++i) s.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(r.b[i]));
+}
+
 // Everything after the sums of rows t0 + k * step, k < n <= kRows: bias, residual, RMSNorm, quantization,
 // stores. Rows go together so the loads of all of them are in flight at once; each row's values and squares
 // are added in the order they would be alone, so the results do not depend on kRows. `sums(v, s)` fills
-// s[k] with the rounded sum of piece v of row k (waiting for it); false when a wait failed.
-template <typename T, int kRows, typename SumFn>
+// s[k] with the rounded sum of piece v of row k (waiting for it); false when a wait failed. With
+// kSumsHaveResidual the sums are residual_out's values already (the two-shot's owner added bias and residual).
+template <typename T, int kRows, bool kSumsHaveResidual, typename SumFn>
 __device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, int n, int row_vecs, SumFn sums,
                                             float* red) {
     using E = Elem<T>;
@@ -301,9 +313,11 @@ __device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, i
         // The local operands are loaded before the wait for the peers' data, so their latency overlaps it.
         Vec<T> r[kRows], s[kRows], w;
         w.v = ld_nc_v4(weight + v);
+        if constexpr (!kSumsHaveResidual) {
 #pragma unroll
-        for (int k = 0; k < kRows; ++k)
-            if (k < n) r[k].v = ld_nc_v4(residual + row[k] + v);
+            for (int k = 0; k < kRows; ++k)
+                if (k < n) r[k].v = ld_nc_v4(residual + row[k] + v);
+        }
         if (!sums(v, s)) {
             ok = false;
             break;
@@ -311,10 +325,10 @@ __device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, i
 #pragma unroll
         for (int k = 0; k < kRows; ++k) {
             if (k >= n) break;
-            if (a.bias) add_bias<T>(a, v, s[k]);
+            if constexpr (!kSumsHaveResidual) add_bias_residual<T>(a, v, s[k], r[k]);
+            r[k] = s[k];
 #pragma unroll
             for (int i = 0; i < N; ++i) {
-                r[k].b[i] = E::from_float(E::to_float(s[k].b[i]) + E::to_float(r[k].b[i]));
                 const float f = E::to_float(r[k].b[i]);
                 ss[k] += f * f;
             }
@@ -422,17 +436,22 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                 return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s[0],
                                        kStepOneShot, t);
             };
-            ok = finish_rows<T, 1>(a, t, 0, 1, row_vecs, sums, red);
+            ok = finish_rows<T, 1, false>(a, t, 0, 1, row_vecs, sums, red);
         }
     } else if (ok) {
         // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
+        // With the norm the owner also adds bias and residual (its own rows of them), so every rank gathers
+        // residual_out's values and none reads the whole residual: 1/R of the residual's bytes instead of all.
         const int64_t gather = data + static_cast<int64_t>(R) * chunk * row_vecs;
         const int64_t slot = static_cast<int64_t>(chunk) * row_vecs;
         const int64_t my_total = static_cast<int64_t>(max(0, min(chunk, T_ - me * chunk))) * row_vecs;
+        const int4* my_residual = norm ? static_cast<const int4*>(a.residual) + me * slot : nullptr;
         for (int64_t i = first_piece; i < my_total; i += stride) {
-            Vec<T> s;
+            Vec<T> s, r;
+            if (norm) r.v = ld_nc_v4(my_residual + i);  // before the waits, so its latency overlaps them
             ok = reduce_ranks<T>(a, mine + data + i, slot, s, kStepScatter, me * chunk + static_cast<int>(i / row_vecs));
             if (!ok) break;
+            if (norm) add_bias_residual<T>(a, i % row_vecs, s, r);
             s = unsentinel<T>(s);
             for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + me * slot + i, s.v);
         }
@@ -461,7 +480,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                 }
                 return true;
             };
-            ok = finish_rows<T, kGatherRows>(a, t0, G, n, row_vecs, sums, red);
+            ok = finish_rows<T, kGatherRows, true>(a, t0, G, n, row_vecs, sums, red);
         }
     }
 
