@@ -90,10 +90,12 @@ MOE_A2A_HD inline int64_t ar_slots_vecs(int num_ranks, int rows, int hidden, int
     return num_ranks + (two_shot ? 2 : 1) * static_cast<int64_t>(num_ranks) * rows * row;
 }
 
-// The same for an all-reduce of `tokens` rows (the two-shot's slots hold a chunk of ceil(tokens / num_ranks)).
+// The same for an all-reduce of `tokens` rows (the two-shot's slots hold a chunk of ceil(tokens / num_ranks),
+// and one piece per gathered row follows them: the row's 1/rms when the norm is fused).
 MOE_A2A_HD inline int64_t ar_used_vecs(int num_ranks, int tokens, int hidden, int elem_size, bool two_shot) {
-    return ar_slots_vecs(num_ranks, two_shot ? (tokens + num_ranks - 1) / num_ranks : tokens, hidden, elem_size,
-                         two_shot);
+    if (!two_shot) return ar_slots_vecs(num_ranks, tokens, hidden, elem_size, false);
+    const int chunk = (tokens + num_ranks - 1) / num_ranks;
+    return ar_slots_vecs(num_ranks, chunk, hidden, elem_size, true) + static_cast<int64_t>(num_ranks) * chunk;
 }
 
 void launch_allreduce(const ArArgs& a, int num_blocks, int num_threads, cudaStream_t stream);

@@ -113,7 +113,6 @@ __device__ __forceinline__ void send_header(const ArArgs& a, int buf, int rows, 
         st_volatile_v4(buffer_of(a, threadIdx.x, buf) + a.rank, make_int4(rows, a.hidden, mode, 0x4c414d50));
 }
 
-// Refill with the sentinel what the previous call used of the previous buffer (no peer writes there now).
 // The send step: every piece i of src[0, n), loaded by the grid with kUnroll loads in flight per thread and
 // its -0.0 replaced (unsentinel), handed to store(i, piece), which writes it into the peers' buffers.
 template <typename T, typename Store>
@@ -132,6 +131,7 @@ __device__ __forceinline__ void send_pieces(const int4* src, int64_t n, Store st
     }
 }
 
+// Refill with the sentinel what the previous call used of the previous buffer (no peer writes there now).
 template <typename T>
 __device__ __forceinline__ void clear_previous(const ArArgs& a, int buf, int prev_used) {
     int4* prev = buffer_of(a, a.rank, (buf + kArNumBuffers - 1) % kArNumBuffers);
@@ -286,38 +286,74 @@ __device__ __forceinline__ void add_bias_residual(const ArArgs& a, int64_t v, Ve
     for (int i = 0; i < E::kPerVec; ++i) s.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(r.b[i]));
 }
 
-// Everything after the sums of rows t0 + k * step, k < n <= kRows: bias, residual, RMSNorm, quantization,
-// stores. Rows go together so the loads of all of them are in flight at once; each row's values and squares
-// are added in the order they would be alone, so the results do not depend on kRows. `sums(v, s)` fills
-// s[k] with the rounded sum of piece v of row k (waiting for it); false when a wait failed. With
-// kSumsHaveResidual the sums are residual_out's values already (the two-shot's owner added bias and residual).
-template <typename T, int kRows, bool kSumsHaveResidual, typename SumFn>
-__device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, int n, int row_vecs, SumFn sums,
-                                            float* red) {
+// The two-shot sends a row's 1/rms as one 16-byte piece none of whose 16-bit halves or 32-bit words is -0.0
+// (so the sentinel test of the element type serves it too): the float's bits >> 16, its low 15 bits, bit 15.
+__device__ __forceinline__ int4 encode_inv(float inv) {
+    const unsigned b = __float_as_uint(inv);
+    return make_int4(static_cast<int>(b >> 16), static_cast<int>(b & 0x7fffu), static_cast<int>(b >> 15 & 1u), 0);
+}
+
+__device__ __forceinline__ float decode_inv(const int4& q) {
+    return __uint_as_float(static_cast<unsigned>(q.x) << 16 | static_cast<unsigned>(q.z) << 15 |
+                           static_cast<unsigned>(q.y));
+}
+
+// RMSNorm's output of piece `at` of [tokens, hidden / N] (r: residual_out's values there, w: the weight's,
+// inv: the row's 1/rms) into out and, with a scale, its FP8 quantization into quant.
+template <typename T>
+__device__ __forceinline__ void store_norm_piece(const ArArgs& a, int64_t at, const Vec<T>& r, const Vec<T>& w,
+                                                 float inv, float inv_scale) {
+    using E = Elem<T>;
+    constexpr int N = E::kPerVec;
+    Vec<T> o;
+#pragma unroll
+    for (int i = 0; i < N; ++i) o.b[i] = E::from_float(E::to_float(r.b[i]) * inv * E::to_float(w.b[i]));
+    if (a.out) st_na_v4(static_cast<int4*>(a.out) + at, o.v);
+    if (a.scale) {
+        union {
+            uint8_t b[8];
+            uint2 u2;
+            uint32_t u1;
+        } q;
+#pragma unroll
+        for (int i = 0; i < N; ++i)
+            q.b[i] = __nv_cvt_float_to_fp8(E::to_float(o.b[i]) * inv_scale, __NV_SATFINITE, __NV_E4M3);
+        uint8_t* dst = a.quant + at * N;
+        if constexpr (N == 8) {
+            *reinterpret_cast<uint2*>(dst) = q.u2;
+        } else {
+            *reinterpret_cast<uint32_t*>(dst) = q.u1;
+        }
+    }
+}
+
+__device__ __forceinline__ float inverse_scale(const ArArgs& a) { return a.scale ? 1.0f / __ldg(a.scale) : 0.f; }
+
+// Rows t0 + k * step, k < n <= kRows: piece v's sum over ranks (`sums(v, s)` fills s[k], waiting for it;
+// false when a wait failed) plus bias and residual is residual_out's value, handed to keep(at, r) with `at`
+// its index in [tokens, hidden / N]; after the block sum each row's 1/rms is handed to done(t, inv) in every
+// thread. Rows go together so the loads of all of them are in flight at once; each row's values and squares
+// are added in the order they would be alone, so the results depend neither on kRows nor on the caller (the
+// one-shot's rows, the two-shot's owner).
+template <typename T, int kRows, typename SumFn, typename KeepFn, typename DoneFn>
+__device__ __forceinline__ bool norm_rows(const ArArgs& a, int t0, int step, int n, int row_vecs, SumFn sums,
+                                          KeepFn keep, DoneFn done, float* red) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
     const int4* residual = static_cast<const int4*>(a.residual);
-    const int4* weight = static_cast<const int4*>(a.weight);
     int64_t row[kRows];
-#pragma unroll
-    for (int k = 0; k < kRows; ++k) row[k] = static_cast<int64_t>(t0 + k * step) * row_vecs;
-    // With at most one piece per thread (rows up to 8 KiB) the thread keeps its residual_out and weight in
-    // registers across the block sum; otherwise it reads back its own stores.
-    const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
-    Vec<T> kept_r[kRows], kept_w;
     float ss[kRows];
 #pragma unroll
-    for (int k = 0; k < kRows; ++k) ss[k] = 0.f;
+    for (int k = 0; k < kRows; ++k) {
+        row[k] = static_cast<int64_t>(t0 + k * step) * row_vecs;
+        ss[k] = 0.f;
+    }
     bool ok = true;
     for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
-        // The local operands are loaded before the wait for the peers' data, so their latency overlaps it.
-        Vec<T> r[kRows], s[kRows], w;
-        w.v = ld_nc_v4(weight + v);
-        if constexpr (!kSumsHaveResidual) {
+        Vec<T> r[kRows], s[kRows];
 #pragma unroll
-            for (int k = 0; k < kRows; ++k)
-                if (k < n) r[k].v = ld_nc_v4(residual + row[k] + v);
-        }
+        for (int k = 0; k < kRows; ++k)  // before the waits for the peers' data, so their latency overlaps them
+            if (k < n) r[k].v = ld_nc_v4(residual + row[k] + v);
         if (!sums(v, s)) {
             ok = false;
             break;
@@ -325,62 +361,27 @@ __device__ __forceinline__ bool finish_rows(const ArArgs& a, int t0, int step, i
 #pragma unroll
         for (int k = 0; k < kRows; ++k) {
             if (k >= n) break;
-            if constexpr (!kSumsHaveResidual) add_bias_residual<T>(a, v, s[k], r[k]);
-            r[k] = s[k];
+            add_bias_residual<T>(a, v, s[k], r[k]);
 #pragma unroll
             for (int i = 0; i < N; ++i) {
-                const float f = E::to_float(r[k].b[i]);
+                const float f = E::to_float(s[k].b[i]);
                 ss[k] += f * f;
             }
-            st_na_v4(static_cast<int4*>(a.residual_out) + row[k] + v, r[k].v);
-            kept_r[k] = r[k];
+            keep(row[k] + v, s[k]);
         }
-        kept_w = w;
     }
     // Every thread reaches the block sum, failed or not, so the block never splits at a barrier.
     block_sums<kRows>(ss, red);
     if (__syncthreads_or(!ok)) return false;
-    const float inv_scale = a.scale ? 1.0f / __ldg(a.scale) : 0.f;
 #pragma unroll
-    for (int k = 0; k < kRows; ++k) {
-        if (k >= n) break;
-        const float inv = rsqrtf(ss[k] / static_cast<float>(a.hidden) + a.eps);
-        for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
-            Vec<T> r, w, o;
-            if (one_piece) {
-                r = kept_r[k];
-                w = kept_w;
-            } else {
-                r.v = static_cast<const int4*>(a.residual_out)[row[k] + v];  // this thread's own store above
-                w.v = ld_nc_v4(weight + v);
-            }
-#pragma unroll
-            for (int i = 0; i < N; ++i) o.b[i] = E::from_float(E::to_float(r.b[i]) * inv * E::to_float(w.b[i]));
-            if (a.out) st_na_v4(static_cast<int4*>(a.out) + row[k] + v, o.v);
-            if (a.scale) {
-                union {
-                    uint8_t b[8];
-                    uint2 u2;
-                    uint32_t u1;
-                } q;
-#pragma unroll
-                for (int i = 0; i < N; ++i)
-                    q.b[i] = __nv_cvt_float_to_fp8(E::to_float(o.b[i]) * inv_scale, __NV_SATFINITE, __NV_E4M3);
-                uint8_t* dst = a.quant + (row[k] + v) * N;
-                if constexpr (N == 8) {
-                    *reinterpret_cast<uint2*>(dst) = q.u2;
-                } else {
-                    *reinterpret_cast<uint32_t*>(dst) = q.u1;
-                }
-            }
-        }
-    }
+    for (int k = 0; k < kRows; ++k)
+        if (k < n) done(t0 + k * step, rsqrtf(ss[k] / static_cast<float>(a.hidden) + a.eps));
     return true;
 }
 
-// Rows the two-shot's norm finishes together (finish_rows): two keep twice the loads in flight within the
-// registers a thread has at two blocks per SM.
-constexpr int kGatherRows = 2;
+// Rows of the two-shot's owner that norm_rows finishes together: two keep twice the loads in flight within
+// the registers a thread has at two blocks per SM.
+constexpr int kOwnerRows = 2;
 
 // Two blocks per SM (64 registers a thread, a few spilled): built for one (113 registers, no spills, 2 or 4
 // rows per pass) the kernel stopped the H100 benchmark (8 ranks sharing the GPU, default blocks) with a
@@ -391,7 +392,7 @@ template <typename T>
 __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
-    __shared__ float red[kGatherRows * kArMaxThreads / 32];
+    __shared__ float red[kOwnerRows * kArMaxThreads / 32];
     const int R = a.num_ranks, me = a.rank, T_ = a.tokens;
     const int row_vecs = a.hidden / N;
     const int buf = a.flags[kFlagBuffer];
@@ -399,6 +400,8 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     const int chunk = (T_ + R - 1) / R;
     const int64_t data = R;  // the header's R pieces come first
     const int4* x = static_cast<const int4*>(a.x);
+    const int4* weight = static_cast<const int4*>(a.weight);
+    int4* residual_out = static_cast<int4*>(a.residual_out);
 
     // 1. Send: the header to every peer (block 0), then this rank's rows.
     send_header(a, buf, T_, 1 + a.two_shot);
@@ -424,36 +427,81 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     bool ok = headers_agree<T>(a, mine, T_, 1 + a.two_shot);
 
     const bool norm = a.weight != nullptr;
+    const float inv_scale = inverse_scale(a);
     if (ok && !a.two_shot && !norm) {
         // 4a. One-shot: every row of every rank is here; reduce in rank order.
         ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
             return reduce_ranks<T>(a, mine + data + i, total, s, kStepOneShot, static_cast<int>(i / row_vecs));
         });
     } else if (ok && !a.two_shot) {
-        // 4a'. The same, row by row, with the norm.
+        // 4a'. The same, row by row, with the norm. With at most one piece per thread (rows up to
+        // blockDim.x pieces) the thread keeps its residual_out piece in registers across the block sum;
+        // otherwise it reads back its own stores.
+        const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
         for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
+            Vec<T> kept;
             auto sums = [&](int v, Vec<T>* s) {
                 return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s[0],
                                        kStepOneShot, t);
             };
-            ok = finish_rows<T, 1, false>(a, t, 0, 1, row_vecs, sums, red);
+            auto keep = [&](int64_t at, const Vec<T>& r) {
+                st_na_v4(residual_out + at, r.v);
+                kept = r;
+            };
+            auto done = [&](int, float inv) {
+                const int64_t row = static_cast<int64_t>(t) * row_vecs;
+                for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
+                    Vec<T> r, w;
+                    w.v = ld_nc_v4(weight + v);
+                    if (one_piece) {
+                        r = kept;
+                    } else {
+                        r.v = residual_out[row + v];
+                    }
+                    store_norm_piece<T>(a, row + v, r, w, inv, inv_scale);
+                }
+            };
+            ok = norm_rows<T, 1>(a, t, 0, 1, row_vecs, sums, keep, done, red);
         }
     } else if (ok) {
         // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
-        // With the norm the owner also adds bias and residual (its own rows of them), so every rank gathers
-        // residual_out's values and none reads the whole residual: 1/R of the residual's bytes instead of all.
+        // With the norm the owner finishes its rows (bias, residual, sum of squares) and sends residual_out's
+        // values and each row's 1/rms, so every rank's own rows take no block sum and no residual read: one
+        // flat pass as without the norm, and 1/R of the residual's bytes read per rank instead of all.
         const int64_t gather = data + static_cast<int64_t>(R) * chunk * row_vecs;
         const int64_t slot = static_cast<int64_t>(chunk) * row_vecs;
-        const int64_t my_total = static_cast<int64_t>(max(0, min(chunk, T_ - me * chunk))) * row_vecs;
-        const int4* my_residual = norm ? static_cast<const int4*>(a.residual) + me * slot : nullptr;
-        for (int64_t i = first_piece; i < my_total; i += stride) {
-            Vec<T> s, r;
-            if (norm) r.v = ld_nc_v4(my_residual + i);  // before the waits, so its latency overlaps them
-            ok = reduce_ranks<T>(a, mine + data + i, slot, s, kStepScatter, me * chunk + static_cast<int>(i / row_vecs));
-            if (!ok) break;
-            if (norm) add_bias_residual<T>(a, i % row_vecs, s, r);
-            s = unsentinel<T>(s);
-            for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + me * slot + i, s.v);
+        const int64_t inv_at = gather + R * slot;  // one piece per row after the gathered rows: its 1/rms
+        const int my_rows = max(0, min(chunk, T_ - me * chunk));
+        const int G = gridDim.x;
+        if (norm) {
+            for (int l0 = blockIdx.x; l0 < my_rows && ok; l0 += kOwnerRows * G) {
+                const int n = min(kOwnerRows, (my_rows - l0 + G - 1) / G);
+                const int t0 = me * chunk + l0;
+                auto sums = [&](int v, Vec<T>* s) {
+#pragma unroll
+                    for (int k = 0; k < kOwnerRows; ++k)
+                        if (k < n && !reduce_ranks<T>(a, mine + data + static_cast<int64_t>(l0 + k * G) * row_vecs + v,
+                                                      slot, s[k], kStepScatter, t0 + k * G))
+                            return false;
+                    return true;
+                };
+                auto keep = [&](int64_t at, const Vec<T>& r) {
+                    const Vec<T> out = unsentinel<T>(r);
+                    for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + at, out.v);
+                };
+                auto done = [&](int t, float inv) {
+                    if (threadIdx.x < R) st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t, encode_inv(inv));
+                };
+                ok = norm_rows<T, kOwnerRows>(a, t0, G, n, row_vecs, sums, keep, done, red);
+            }
+        } else {
+            for (int64_t i = first_piece; i < static_cast<int64_t>(my_rows) * row_vecs; i += stride) {
+                Vec<T> s;
+                ok = reduce_ranks<T>(a, mine + data + i, slot, s, kStepScatter, me * chunk + static_cast<int>(i / row_vecs));
+                if (!ok) break;
+                s = unsentinel<T>(s);
+                for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + me * slot + i, s.v);
+            }
         }
         ok = !__syncthreads_or(!ok);
         if (ok && !norm) {
@@ -462,25 +510,21 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                 return wait_vec<T>(a, mine + gather + i, s, kStepGather, t / chunk, t);
             });
         }
-        // Rows t0 + k * gridDim.x, k < kGatherRows, per pass: every row's piece is loaded before any wait.
-        const int G = gridDim.x;
-        for (int t0 = blockIdx.x; t0 < T_ && ok && norm; t0 += kGatherRows * G) {
-            const int n = min(kGatherRows, (T_ - t0 + G - 1) / G);
-            auto sums = [&](int v, Vec<T>* s) {
-#pragma unroll
-                for (int k = 0; k < kGatherRows; ++k)
-                    if (k < n) s[k].v = ld_volatile_v4(mine + gather + static_cast<int64_t>(t0 + k * G) * row_vecs + v);
-#pragma unroll
-                for (int k = 0; k < kGatherRows; ++k) {
-                    const int t = t0 + k * G;
-                    if (k < n && has_sentinel<T>(s[k]) &&
-                        !wait_vec<T>(a, mine + gather + static_cast<int64_t>(t) * row_vecs + v, s[k], kStepGather,
-                                     t / chunk, t))
-                        return false;
-                }
-                return true;
-            };
-            ok = finish_rows<T, kGatherRows, true>(a, t0, G, n, row_vecs, sums, red);
+        // Every piece of every row: residual_out's value and the row's 1/rms, from their owner.
+        for (int64_t i = first_piece; i < total && ok && norm; i += stride) {
+            const int t = static_cast<int>(i / row_vecs);
+            const int v = static_cast<int>(i - static_cast<int64_t>(t) * row_vecs);
+            Vec<T> r, q, w;
+            w.v = ld_nc_v4(weight + v);
+            r.v = ld_volatile_v4(mine + gather + i);
+            q.v = ld_volatile_v4(mine + inv_at + t);
+            if ((has_sentinel<T>(r) && !wait_vec<T>(a, mine + gather + i, r, kStepGather, t / chunk, t)) ||
+                (has_sentinel<T>(q) && !wait_vec<T>(a, mine + inv_at + t, q, kStepGather, t / chunk, t))) {
+                ok = false;
+            } else {
+                st_na_v4(residual_out + i, r.v);
+                store_norm_piece<T>(a, i, r, w, decode_inv(q.v), inv_scale);
+            }
         }
     }
 

@@ -12,8 +12,9 @@ host and CUDA graphs replay correctly.
 Buffer layout (bytes): a header of ``16 * tp_size`` (each peer's message shape, checked by the receiver),
 then one-shot: ``tp_size`` slots of ``num_tokens * hidden`` elements (every rank reads every peer's input);
 two-shot: a scatter area of ``tp_size`` slots of ``ceil(num_tokens / tp_size) * hidden`` elements (the
-owner of a token chunk receives it from every rank) and a gather area of ``tp_size`` such chunks (the
-owners' sums, written to every rank).
+owner of a token chunk receives it from every rank), a gather area of ``tp_size`` such chunks (the owners'
+sums, written to every rank; with the fused norm the owners' residual_out), and 16 bytes per gathered row
+(with the fused norm: the row's 1/rms, computed by its owner).
 """
 from __future__ import annotations
 
@@ -112,9 +113,10 @@ def get_required_buffer_size_bytes(tp_size: int, num_tokens: int, hidden_dim: in
                                    strategy: AllReduceStrategy = AllReduceStrategy.AUTO) -> int:
     """Bytes one Lamport buffer needs for ``[num_tokens, hidden_dim]`` of ``dtype`` over ``tp_size`` ranks.
 
-    One-shot: ``tp_size * num_tokens * hidden_dim * elem``; two-shot: ``2 * ceil(num_tokens / tp_size) *
-    tp_size * hidden_dim * elem``; plus a ``16 * tp_size``-byte header. ``AUTO`` sizes for the strategy
-    ``choose_strategy`` picks.
+    One-shot: ``tp_size * num_tokens * hidden_dim * elem``; two-shot: ``ceil(num_tokens / tp_size) * tp_size
+    * (2 * hidden_dim * elem + 16)`` (the rows sent to their owner, the reduced rows gathered, and 16 bytes per
+    gathered row for the fused norm's 1/rms); plus a ``16 * tp_size``-byte header. ``AUTO`` sizes for the
+    strategy ``choose_strategy`` picks.
     """
     _check_problem(tp_size, num_tokens, hidden_dim, dtype)
     strategy = AllReduceStrategy(strategy)
@@ -130,7 +132,7 @@ def get_required_buffer_size_bytes(tp_size: int, num_tokens: int, hidden_dim: in
 def _buffer_bytes(tp_size: int, num_tokens: int, hidden_dim: int, elem: int, two_shot: bool) -> int:
     """``get_required_buffer_size_bytes`` without the checks (cached: it runs on every call's path)."""
     if two_shot:
-        data = 2 * math.ceil(num_tokens / tp_size) * tp_size * hidden_dim * elem
+        data = math.ceil(num_tokens / tp_size) * tp_size * (2 * hidden_dim * elem + 16)
     else:
         data = tp_size * num_tokens * hidden_dim * elem
     return HEADER_BYTES_PER_RANK * tp_size + data

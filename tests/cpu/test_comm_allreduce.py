@@ -288,8 +288,8 @@ def test_workspace_sizing():
     assert NUM_LAMPORT_BUFFERS == 3 and LamportWorkspace.NUM_LAMPORT_BUFFERS == 3
     assert get_required_buffer_size_bytes(8, 16, 4096, bf, ST.ONESHOT) == 8 * 16 + 8 * 16 * 4096 * 2
     # two-shot: 2 stages of ceil(T / tp) * tp tokens
-    assert get_required_buffer_size_bytes(8, 17, 4096, bf, ST.TWOSHOT) == 8 * 16 + 2 * 3 * 8 * 4096 * 2
-    assert get_required_buffer_size_bytes(4, 1, 128, torch.float32, ST.TWOSHOT) == 4 * 16 + 2 * 1 * 4 * 128 * 4
+    assert get_required_buffer_size_bytes(8, 17, 4096, bf, ST.TWOSHOT) == 8 * 16 + 3 * 8 * (2 * 4096 * 2 + 16)
+    assert get_required_buffer_size_bytes(4, 1, 128, torch.float32, ST.TWOSHOT) == 4 * 16 + 1 * 4 * (2 * 128 * 4 + 16)
     with pytest.raises(ValueError, match="num_tokens"):
         get_required_buffer_size_bytes(2, -1, 128, bf)
     with pytest.raises(ValueError, match="strategy"):
