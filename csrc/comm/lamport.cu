@@ -276,6 +276,38 @@ __device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int6
     return true;
 }
 
+// The two-shot's gather: every piece i of [first, total), thread-strided, once its owner has sent it: its value
+// at src + i and, where `inv` is set, its row's piece at inv + i / row_vecs, handed to use(i, value, row piece).
+// kGatherUnroll pieces' loads go out before the first wait, so their latencies overlap.
+constexpr int kGatherUnroll = 1;
+
+template <typename T, typename UseFn>
+__device__ __forceinline__ bool gather_pieces(const ArArgs& a, const int4* src, const int4* inv, int64_t first,
+                                              int64_t stride, int64_t total, int row_vecs, int chunk, UseFn use) {
+    for (int64_t base = first; base < total; base += stride * kGatherUnroll) {
+        Vec<T> v[kGatherUnroll], q[kGatherUnroll];
+#pragma unroll
+        for (int u = 0; u < kGatherUnroll; ++u) {
+            const int64_t i = base + u * stride;
+            if (i < total) {
+                v[u].v = ld_volatile_v4(src + i);
+                if (inv) q[u].v = ld_volatile_v4(inv + i / row_vecs);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kGatherUnroll; ++u) {
+            const int64_t i = base + u * stride;
+            if (i >= total) break;
+            const int t = static_cast<int>(i / row_vecs);
+            if (has_sentinel<T>(v[u]) && !wait_vec<T>(a, src + i, v[u], kStepGather, t / chunk, t)) return false;
+            if (inv && has_sentinel<T>(q[u]) && !wait_vec<T>(a, inv + t, q[u], kStepGather, t / chunk, t))
+                return false;
+            use(i, v[u], q[u]);
+        }
+    }
+    return true;
+}
+
 // s = s + bias (if any) + residual piece r, each add rounded as torch adds two tensors of the element type:
 // residual_out's value.
 template <typename T>
@@ -504,27 +536,21 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
             }
         }
         ok = !__syncthreads_or(!ok);
+        // Every piece of every row from its owner: the sum, or residual_out's value and the row's 1/rms.
         if (ok && !norm) {
-            ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
-                const int t = static_cast<int>(i / row_vecs);
-                return wait_vec<T>(a, mine + gather + i, s, kStepGather, t / chunk, t);
-            });
-        }
-        // Every piece of every row: residual_out's value and the row's 1/rms, from their owner.
-        for (int64_t i = first_piece; i < total && ok && norm; i += stride) {
-            const int t = static_cast<int>(i / row_vecs);
-            const int v = static_cast<int>(i - static_cast<int64_t>(t) * row_vecs);
-            Vec<T> r, q, w;
-            w.v = ld_nc_v4(weight + v);
-            r.v = ld_volatile_v4(mine + gather + i);
-            q.v = ld_volatile_v4(mine + inv_at + t);
-            if ((has_sentinel<T>(r) && !wait_vec<T>(a, mine + gather + i, r, kStepGather, t / chunk, t)) ||
-                (has_sentinel<T>(q) && !wait_vec<T>(a, mine + inv_at + t, q, kStepGather, t / chunk, t))) {
-                ok = false;
-            } else {
-                st_na_v4(residual_out + i, r.v);
-                store_norm_piece<T>(a, i, r, w, decode_inv(q.v), inv_scale);
-            }
+            ok = gather_pieces<T>(a, mine + gather, nullptr, first_piece, stride, total, row_vecs, chunk,
+                                  [&](int64_t i, Vec<T> s, const Vec<T>&) {
+                                      if (a.bias) add_bias<T>(a, i % row_vecs, s);
+                                      st_na_v4(static_cast<int4*>(a.out) + i, s.v);
+                                  });
+        } else if (ok) {
+            ok = gather_pieces<T>(a, mine + gather, mine + inv_at, first_piece, stride, total, row_vecs, chunk,
+                                  [&](int64_t i, const Vec<T>& r, const Vec<T>& q) {
+                                      Vec<T> w;
+                                      w.v = ld_nc_v4(weight + i % row_vecs);
+                                      st_na_v4(residual_out + i, r.v);
+                                      store_norm_piece<T>(a, i, r, w, decode_inv(q.v), inv_scale);
+                                  });
         }
     }
 
