@@ -18,11 +18,13 @@ TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "i
 
 def load_table(path: Optional[str] = None) -> Dict:
     """The tuning table at ``path`` (default ``TABLE_PATH``), or an empty one when none was measured."""
-    return _read(path or TABLE_PATH)
+    return read_table(path or TABLE_PATH)
 
 
 @functools.lru_cache(maxsize=None)
-def _read(path: str) -> Dict:
+def read_table(path: str) -> Dict:
+    """A measured table (JSON with an ``entries`` map) read once per path; ``{"entries": {}}`` where the file
+    does not exist. Serves this module's SM table and ``moe_a2a.comm``'s all-reduce strategy table."""
     if not os.path.isfile(path):
         return {"entries": {}}
     with open(path) as f:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import math
 import os
 import socket
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..limits import MAX_NVL_PEERS
+from ..tuning import read_table
 from .fd_share import share_fds
 from .types import FP8_OPS, NORM_OPS, AllReduceFusionOp, AllReduceStrategy
 
@@ -77,15 +77,7 @@ def load_table(path: Optional[str] = None) -> Dict:
     "device": ..., "commit": ..., "command": ...}``; empty when nothing was measured. The path can be
     overridden with ``MOE_A2A_ALLREDUCE_TABLE``.
     """
-    return _read(path or os.environ.get("MOE_A2A_ALLREDUCE_TABLE") or TABLE_PATH)
-
-
-@functools.lru_cache(maxsize=None)
-def _read(path: str) -> Dict:
-    if not os.path.isfile(path):
-        return {"entries": {}}
-    with open(path) as f:
-        return json.load(f)
+    return read_table(path or os.environ.get("MOE_A2A_ALLREDUCE_TABLE") or TABLE_PATH)
 
 
 def choose_strategy(tp_size: int, num_tokens: int, hidden_dim: int, dtype: torch.dtype,

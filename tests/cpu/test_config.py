@@ -41,4 +41,4 @@ def test_tuned_num_sms_caps_default_configs(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="op must be"):
             tuning.tuned_num_sms("notify", 2)
     finally:
-        tuning._read.cache_clear()
+        tuning.read_table.cache_clear()
