@@ -209,6 +209,8 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         times["combine_async_us"] = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)),
                                             warmup, loops, iters)
         if "combine_zero_copy_us" in times:
+            view = kern.get_next_combine_buffer(handle, hidden)  # the staged combine above wrote over the area
+            view.copy_(y)
             times["combine_zero_copy_async_us"] = time_us(
                 lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
         kern.set_combine_async_pull(False)

@@ -5,7 +5,9 @@
 // element type; bias and residual are then added one at a time, each add rounded (as torch adds tensors of
 // that type); the norm is computed in float32 from the rounded residual_out. The sum and residual_out are
 // therefore the reference's up to the sign of zero (-0.0 is the sentinel: a value sent between ranks carries
-// +0.0 in its place); the norm differs from it by the order of the sum of squares only.
+// +0.0 in its place); the norm differs from it by the order of the sum of squares only. The two-shot with the
+// norm takes each row's bias and residual from the rank that owns the row (see 4b): equal to the reference
+// where they are the same on every rank, as in tensor parallelism.
 //
 // Work split: a block takes whole rows (tokens), block-strided; its threads take the 16-byte pieces of a
 // row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what it wrote.
@@ -197,27 +199,18 @@ __device__ __forceinline__ void advance_flags(const ArArgs& a, int buf, int64_t 
     }
 }
 
-// Sums of v[0..K) over the block, in place (every thread gets them; each the same order as for K = 1).
-// `red` holds K * kArMaxThreads / 32 floats.
-template <int K>
-__device__ __forceinline__ void block_sums(float (&v)[K], float* red) {
-    constexpr int kWarps = kArMaxThreads / 32;
+// The sum of v over the block, returned to every thread (each adds the warps' sums in the same order).
+// `red` holds kArMaxThreads / 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = (blockDim.x + 31) / 32;
 #pragma unroll
-    for (int k = 0; k < K; ++k)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
-    __syncthreads();  // `red` may still be read from the previous rows
-    if (lane == 0)
-#pragma unroll
-        for (int k = 0; k < K; ++k) red[k * kWarps + warp] = v[k];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();  // `red` may still be read from the previous row
+    if (lane == 0) red[warp] = v;
     __syncthreads();
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-        float total = 0.f;
-        for (int w = 0; w < num_warps; ++w) total += red[k * kWarps + w];  // the same order in every thread
-        v[k] = total;
-    }
+    float total = 0.f;
+    for (int w = 0; w < num_warps; ++w) total += red[w];
+    return total;
 }
 
 // The rounded sum, in rank order, of the pieces at `p0 + r * slot_stride` of every rank r in `sources` (a bit
@@ -278,32 +271,18 @@ __device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int6
 
 // The two-shot's gather: every piece i of [first, total), thread-strided, once its owner has sent it: its value
 // at src + i and, where `inv` is set, its row's piece at inv + i / row_vecs, handed to use(i, value, row piece).
-// kGatherUnroll pieces' loads go out before the first wait, so their latencies overlap.
-constexpr int kGatherUnroll = 1;
-
+// (Two pieces' loads in flight per thread before the first wait measured slower on an H100: more spills.)
 template <typename T, typename UseFn>
 __device__ __forceinline__ bool gather_pieces(const ArArgs& a, const int4* src, const int4* inv, int64_t first,
                                               int64_t stride, int64_t total, int row_vecs, int chunk, UseFn use) {
-    for (int64_t base = first; base < total; base += stride * kGatherUnroll) {
-        Vec<T> v[kGatherUnroll], q[kGatherUnroll];
-#pragma unroll
-        for (int u = 0; u < kGatherUnroll; ++u) {
-            const int64_t i = base + u * stride;
-            if (i < total) {
-                v[u].v = ld_volatile_v4(src + i);
-                if (inv) q[u].v = ld_volatile_v4(inv + i / row_vecs);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < kGatherUnroll; ++u) {
-            const int64_t i = base + u * stride;
-            if (i >= total) break;
-            const int t = static_cast<int>(i / row_vecs);
-            if (has_sentinel<T>(v[u]) && !wait_vec<T>(a, src + i, v[u], kStepGather, t / chunk, t)) return false;
-            if (inv && has_sentinel<T>(q[u]) && !wait_vec<T>(a, inv + t, q[u], kStepGather, t / chunk, t))
-                return false;
-            use(i, v[u], q[u]);
-        }
+    for (int64_t i = first; i < total; i += stride) {
+        const int t = static_cast<int>(i / row_vecs);
+        Vec<T> v, q;
+        v.v = ld_volatile_v4(src + i);
+        if (inv) q.v = ld_volatile_v4(inv + t);
+        if (has_sentinel<T>(v) && !wait_vec<T>(a, src + i, v, kStepGather, t / chunk, t)) return false;
+        if (inv && has_sentinel<T>(q) && !wait_vec<T>(a, inv + t, q, kStepGather, t / chunk, t)) return false;
+        use(i, v, q);
     }
     return true;
 }
@@ -361,59 +340,40 @@ __device__ __forceinline__ void store_norm_piece(const ArArgs& a, int64_t at, co
 
 __device__ __forceinline__ float inverse_scale(const ArArgs& a) { return a.scale ? 1.0f / __ldg(a.scale) : 0.f; }
 
-// Rows t0 + k * step, k < n <= kRows: piece v's sum over ranks (`sums(v, s)` fills s[k], waiting for it;
-// false when a wait failed) plus bias and residual is residual_out's value, handed to keep(at, r) with `at`
-// its index in [tokens, hidden / N]; after the block sum each row's 1/rms is handed to done(t, inv) in every
-// thread. Rows go together so the loads of all of them are in flight at once; each row's values and squares
-// are added in the order they would be alone, so the results depend neither on kRows nor on the caller (the
-// one-shot's rows, the two-shot's owner).
-template <typename T, int kRows, typename SumFn, typename KeepFn, typename DoneFn>
-__device__ __forceinline__ bool norm_rows(const ArArgs& a, int t0, int step, int n, int row_vecs, SumFn sums,
-                                          KeepFn keep, DoneFn done, float* red) {
+// Row t: piece v's sum over ranks (`sums(v, s)` fills s, waiting for it; false when a wait failed) plus bias
+// and residual is residual_out's value, handed to keep(at, r) with `at` its index in [tokens, hidden / N];
+// after the block sum the row's 1/rms is handed to done(inv) in every thread. Serves the one-shot's rows and
+// the two-shot's owner, so both add a row's values and squares in the same order.
+template <typename T, typename SumFn, typename KeepFn, typename DoneFn>
+__device__ __forceinline__ bool norm_row(const ArArgs& a, int t, int row_vecs, SumFn sums, KeepFn keep, DoneFn done,
+                                         float* red) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
     const int4* residual = static_cast<const int4*>(a.residual);
-    int64_t row[kRows];
-    float ss[kRows];
-#pragma unroll
-    for (int k = 0; k < kRows; ++k) {
-        row[k] = static_cast<int64_t>(t0 + k * step) * row_vecs;
-        ss[k] = 0.f;
-    }
+    const int64_t row = static_cast<int64_t>(t) * row_vecs;
+    float ss = 0.f;
     bool ok = true;
     for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
-        Vec<T> r[kRows], s[kRows];
-#pragma unroll
-        for (int k = 0; k < kRows; ++k)  // before the waits for the peers' data, so their latency overlaps them
-            if (k < n) r[k].v = ld_nc_v4(residual + row[k] + v);
+        Vec<T> r, s;
+        r.v = ld_nc_v4(residual + row + v);  // before the waits for the peers' data, so its latency overlaps them
         if (!sums(v, s)) {
             ok = false;
             break;
         }
+        add_bias_residual<T>(a, v, s, r);
 #pragma unroll
-        for (int k = 0; k < kRows; ++k) {
-            if (k >= n) break;
-            add_bias_residual<T>(a, v, s[k], r[k]);
-#pragma unroll
-            for (int i = 0; i < N; ++i) {
-                const float f = E::to_float(s[k].b[i]);
-                ss[k] += f * f;
-            }
-            keep(row[k] + v, s[k]);
+        for (int i = 0; i < N; ++i) {
+            const float f = E::to_float(s.b[i]);
+            ss += f * f;
         }
+        keep(row + v, s);
     }
     // Every thread reaches the block sum, failed or not, so the block never splits at a barrier.
-    block_sums<kRows>(ss, red);
+    ss = block_sum(ss, red);
     if (__syncthreads_or(!ok)) return false;
-#pragma unroll
-    for (int k = 0; k < kRows; ++k)
-        if (k < n) done(t0 + k * step, rsqrtf(ss[k] / static_cast<float>(a.hidden) + a.eps));
+    done(rsqrtf(ss / static_cast<float>(a.hidden) + a.eps));
     return true;
 }
-
-// Rows of the two-shot's owner that norm_rows finishes together: two keep twice the loads in flight within
-// the registers a thread has at two blocks per SM.
-constexpr int kOwnerRows = 2;
 
 // Two blocks per SM (64 registers a thread, a few spilled): built for one (113 registers, no spills, 2 or 4
 // rows per pass) the kernel stopped the H100 benchmark (8 ranks sharing the GPU, default blocks) with a
@@ -424,7 +384,7 @@ template <typename T>
 __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
-    __shared__ float red[kOwnerRows * kArMaxThreads / 32];
+    __shared__ float red[kArMaxThreads / 32];
     const int R = a.num_ranks, me = a.rank, T_ = a.tokens;
     const int row_vecs = a.hidden / N;
     const int buf = a.flags[kFlagBuffer];
@@ -472,15 +432,15 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
         const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
         for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
             Vec<T> kept;
-            auto sums = [&](int v, Vec<T>* s) {
-                return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s[0],
+            auto sums = [&](int v, Vec<T>& s) {
+                return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s,
                                        kStepOneShot, t);
             };
             auto keep = [&](int64_t at, const Vec<T>& r) {
                 st_na_v4(residual_out + at, r.v);
                 kept = r;
             };
-            auto done = [&](int, float inv) {
+            auto done = [&](float inv) {
                 const int64_t row = static_cast<int64_t>(t) * row_vecs;
                 for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
                     Vec<T> r, w;
@@ -493,38 +453,34 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                     store_norm_piece<T>(a, row + v, r, w, inv, inv_scale);
                 }
             };
-            ok = norm_rows<T, 1>(a, t, 0, 1, row_vecs, sums, keep, done, red);
+            ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
         }
     } else if (ok) {
         // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
         // With the norm the owner finishes its rows (bias, residual, sum of squares) and sends residual_out's
         // values and each row's 1/rms, so every rank's own rows take no block sum and no residual read: one
-        // flat pass as without the norm, and 1/R of the residual's bytes read per rank instead of all.
+        // flat pass as without the norm, and 1/R of the residual's bytes read per rank instead of all. So a
+        // row's bias and residual are its owner's: the same on every rank in tensor parallelism (the residual
+        // stream and the parameters are replicated), which is the contract of the fused two-shot.
         const int64_t gather = data + static_cast<int64_t>(R) * chunk * row_vecs;
         const int64_t slot = static_cast<int64_t>(chunk) * row_vecs;
         const int64_t inv_at = gather + R * slot;  // one piece per row after the gathered rows: its 1/rms
         const int my_rows = max(0, min(chunk, T_ - me * chunk));
-        const int G = gridDim.x;
         if (norm) {
-            for (int l0 = blockIdx.x; l0 < my_rows && ok; l0 += kOwnerRows * G) {
-                const int n = min(kOwnerRows, (my_rows - l0 + G - 1) / G);
-                const int t0 = me * chunk + l0;
-                auto sums = [&](int v, Vec<T>* s) {
-#pragma unroll
-                    for (int k = 0; k < kOwnerRows; ++k)
-                        if (k < n && !reduce_ranks<T>(a, mine + data + static_cast<int64_t>(l0 + k * G) * row_vecs + v,
-                                                      slot, s[k], kStepScatter, t0 + k * G))
-                            return false;
-                    return true;
+            for (int l = blockIdx.x; l < my_rows && ok; l += gridDim.x) {
+                const int t = me * chunk + l;
+                auto sums = [&](int v, Vec<T>& s) {
+                    return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(l) * row_vecs + v, slot, s,
+                                           kStepScatter, t);
                 };
                 auto keep = [&](int64_t at, const Vec<T>& r) {
                     const Vec<T> out = unsentinel<T>(r);
                     for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + at, out.v);
                 };
-                auto done = [&](int t, float inv) {
+                auto done = [&](float inv) {
                     if (threadIdx.x < R) st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t, encode_inv(inv));
                 };
-                ok = norm_rows<T, kOwnerRows>(a, t0, G, n, row_vecs, sums, keep, done, red);
+                ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
             }
         } else {
             for (int64_t i = first_piece; i < static_cast<int64_t>(my_rows) * row_vecs; i += stride) {

@@ -142,7 +142,8 @@ class AllReduce(torch.nn.Module):
             RESIDUAL_RMS_NORM_QUANT_FP8: ``(norm_quant, residual_out)``
             RESIDUAL_RMS_NORM_OUT_QUANT_FP8: ``(norm, norm_quant, residual_out)``
             NVFP4 variants: NotImplementedError.
-        ``residual_out`` is ``sum + bias + residual``, the residual stream of the next layer. With
+        ``residual_out`` is ``sum + bias + residual``, the residual stream of the next layer (the bias,
+        residual and norm weight are the same on every rank, as ``AllReduceParams`` says). With
         ``enable_allreduce=False`` the input itself is returned; with one rank the fusion still runs. On
         the kernel path a call can be captured in a CUDA graph once an eager call of that size (or larger)
         has sized the workspace.

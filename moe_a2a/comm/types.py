@@ -63,6 +63,9 @@ class AllReduceParams:
         fusion_op: what follows the sum (see ``AllReduce.forward`` for the outputs of each).
         bias: ``[hidden]`` in the input's dtype, added to the sum before the residual, or None.
         residual: ``[..., hidden]`` like the input, added to the (biased) sum; required by the norm ops.
+            The residual, bias, norm weight and scale are the same on every rank (tensor parallelism
+            replicates them): the two-shot kernel adds each row's bias and residual once, on the rank that
+            owns the row, and sends the result to every rank.
         norm_weight: ``[hidden]`` in the input's dtype, the RMSNorm gain; required by the norm ops.
         scale: ``[1]`` float32, the FP8 dequantization scale: the FP8 output is
             ``saturate(norm * (1 / scale))`` in e4m3; required by the FP8 ops.

@@ -33,9 +33,12 @@ def _skip(num_ranks):
 
 
 def _inputs(seed, rank, tokens, hidden, dtype, device):
+    """x differs per rank; the residual and the parameters are the same on every rank, as in tensor
+    parallelism (the fused two-shot takes each row's residual and bias from the rank that owns the row)."""
     g = torch.Generator().manual_seed(seed * 100 + rank)
     x = (torch.randn(tokens, hidden, generator=g) * 2).to(dtype)
     x[0, :3] = torch.tensor([0.0, -0.0, -0.0])  # the sentinel value must travel as a zero
+    g = torch.Generator().manual_seed(seed * 100 + 99)
     residual = torch.randn(tokens, hidden, generator=g).to(dtype)
     weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
     bias = (torch.randn(hidden, generator=g) * 0.1).to(dtype)
@@ -152,8 +155,9 @@ def _moe_body(rank, num_ranks):
     x = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
     idx = torch.randint(0, rows, (tokens, topk), generator=g, dtype=torch.int32)
     idx[0, 1] = -1
-    p = MoEAllReduceParams(residual=torch.randn(tokens, hidden, generator=g).to(torch.bfloat16),
-                           norm_weight=(torch.rand(hidden, generator=g) + 0.5).to(torch.bfloat16),
+    shared = torch.Generator().manual_seed(99)  # the residual and the weight: the same on every rank
+    p = MoEAllReduceParams(residual=torch.randn(tokens, hidden, generator=shared).to(torch.bfloat16),
+                           norm_weight=(torch.rand(hidden, generator=shared) + 0.5).to(torch.bfloat16),
                            expert_scale_factor=torch.rand(tokens, topk, generator=g), expanded_idx_to_permuted_idx=idx,
                            shared_expert_output=torch.randn(tokens, hidden, generator=g).to(torch.bfloat16))
     local = moe_local_reduction(x, p)  # the definition, on CPU
