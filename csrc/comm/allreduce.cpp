@@ -93,6 +93,10 @@ class AllReduceWorkspace : public IpcRuntime<ArHostError, comm::kArMaxRanks> {
             return me + " got a message of shape " + triple(host_->theirs) + " from rank " +
                    std::to_string(host_->peer) + " in call " + std::to_string(host_->call) + ", its own is " +
                    triple(host_->mine) + "; every rank must pass the same shape";
+        if (host_->code == comm::kArErrResidual)
+            return me + " in call " + std::to_string(host_->call) + ": its residual of token " +
+                   std::to_string(host_->token) + " differs from that of rank " + std::to_string(host_->peer) +
+                   ", which owns the token in the fused two-shot; the residual must be the same on every rank";
         return me + ": unknown error code " + std::to_string(host_->code);
     }
 

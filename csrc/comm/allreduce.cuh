@@ -22,7 +22,9 @@ constexpr int kArMaxThreads = 512;
 // flags[]: buffer index of the next call, 16-byte pieces the last call used, blocks done, abort, calls made.
 constexpr int kFlagBuffer = 0, kFlagUsed = 1, kFlagDone = 2, kFlagAbort = 3, kFlagCalls = 4, kNumFlags = 8;
 
-enum ArErrorCode { kArErrNone = 0, kArErrTimeout = 1, kArErrShape = 2 };
+// kArErrResidual: the fused two-shot found a row whose residual differs from its owner's (they must be the same
+// on every rank).
+enum ArErrorCode { kArErrNone = 0, kArErrTimeout = 1, kArErrShape = 2, kArErrResidual = 3 };
 enum ArStep { kStepHeader = 0, kStepOneShot = 1, kStepScatter = 2, kStepGather = 3 };
 enum ArDtype { kArFloat32 = 0, kArFloat16 = 1, kArBFloat16 = 2 };
 

@@ -297,11 +297,24 @@ __device__ __forceinline__ void add_bias_residual(const ArArgs& a, int64_t v, Ve
     for (int i = 0; i < E::kPerVec; ++i) s.b[i] = E::from_float(E::to_float(s.b[i]) + E::to_float(r.b[i]));
 }
 
-// The two-shot sends a row's 1/rms as one 16-byte piece none of whose 16-bit halves or 32-bit words is -0.0
-// (so the sentinel test of the element type serves it too): the float's bits >> 16, its low 15 bits, bit 15.
-__device__ __forceinline__ int4 encode_inv(float inv) {
+// A 15-bit fingerprint of a row's first residual piece: the fused two-shot's owner sends it with the row's
+// 1/rms and every rank compares it with its own, so a residual that is not the same on every rank (the
+// contract) raises instead of silently taking the owner's.
+__device__ __forceinline__ int residual_fingerprint(const int4& r) {
+    unsigned h = static_cast<unsigned>(r.x) * 0x9e3779b1u;
+    h = (h ^ static_cast<unsigned>(r.y)) * 0x85ebca77u;
+    h = (h ^ static_cast<unsigned>(r.z)) * 0xc2b2ae3du;
+    h = (h ^ static_cast<unsigned>(r.w)) * 0x27d4eb2fu;
+    return static_cast<int>((h ^ h >> 15 ^ h >> 30) & 0x7fffu);
+}
+
+// The two-shot sends a row's 1/rms and residual fingerprint as one 16-byte piece none of whose 16-bit halves or
+// 32-bit words is -0.0 (so the sentinel test of the element type serves it too): the float's bits >> 16, its
+// low 15 bits, bit 15, the fingerprint.
+__device__ __forceinline__ int4 encode_inv(float inv, int fingerprint) {
     const unsigned b = __float_as_uint(inv);
-    return make_int4(static_cast<int>(b >> 16), static_cast<int>(b & 0x7fffu), static_cast<int>(b >> 15 & 1u), 0);
+    return make_int4(static_cast<int>(b >> 16), static_cast<int>(b & 0x7fffu), static_cast<int>(b >> 15 & 1u),
+                     fingerprint);
 }
 
 __device__ __forceinline__ float decode_inv(const int4& q) {
@@ -478,7 +491,11 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                     for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + at, out.v);
                 };
                 auto done = [&](float inv) {
-                    if (threadIdx.x < R) st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t, encode_inv(inv));
+                    if (threadIdx.x < R) {
+                        const int4 first = ld_nc_v4(static_cast<const int4*>(a.residual) + static_cast<int64_t>(t) * row_vecs);
+                        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t,
+                                       encode_inv(inv, residual_fingerprint(first)));
+                    }
                 };
                 ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
             }
@@ -502,8 +519,14 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
         } else if (ok) {
             ok = gather_pieces<T>(a, mine + gather, mine + inv_at, first_piece, stride, total, row_vecs, chunk,
                                   [&](int64_t i, const Vec<T>& r, const Vec<T>& q) {
+                                      const int v = static_cast<int>(i % row_vecs);
+                                      if (v == 0 && q.v.w != residual_fingerprint(ld_nc_v4(
+                                                                  static_cast<const int4*>(a.residual) + i))) {
+                                          const int t = static_cast<int>(i / row_vecs);
+                                          record_error(a, kArErrResidual, kStepGather, t / chunk, t, nullptr, nullptr);
+                                      }
                                       Vec<T> w;
-                                      w.v = ld_nc_v4(weight + i % row_vecs);
+                                      w.v = ld_nc_v4(weight + v);
                                       st_na_v4(residual_out + i, r.v);
                                       store_norm_piece<T>(a, i, r, w, decode_inv(q.v), inv_scale);
                                   });

@@ -65,7 +65,8 @@ class AllReduceParams:
         residual: ``[..., hidden]`` like the input, added to the (biased) sum; required by the norm ops.
             The residual, bias, norm weight and scale are the same on every rank (tensor parallelism
             replicates them): the two-shot kernel adds each row's bias and residual once, on the rank that
-            owns the row, and sends the result to every rank.
+            owns the row, and sends the result to every rank (with a fingerprint of the row's first residual
+            piece: a rank whose own differs raises).
         norm_weight: ``[hidden]`` in the input's dtype, the RMSNorm gain; required by the norm ops.
         scale: ``[1]`` float32, the FP8 dequantization scale: the FP8 output is
             ``saturate(norm * (1 / scale))`` in e4m3; required by the FP8 ops.

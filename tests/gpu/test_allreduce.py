@@ -220,6 +220,27 @@ def _timeout_body(rank, num_ranks):
     synchronize_after_fault()
 
 
+def _residual_mismatch_body(rank, num_ranks):
+    """The fused two-shot with a residual that is not the same on every rank (the contract): a rank that reads
+    another owner's rows records the token and the owner, and the call raises instead of returning the
+    owner's residual silently."""
+    device = set_rank_device(rank)
+    ar = AllReduce(None, ST.TWOSHOT, timeout_s=TIMEOUT_S)
+    x, residual, weight, _, _ = _inputs(7, rank, 8, 1024, torch.bfloat16, device)
+    params = AllReduceParams(OP.RESIDUAL_RMS_NORM, residual=residual, norm_weight=weight)
+    got = ar(x, all_reduce_params=params)  # replicated: a good call first
+    torch.cuda.synchronize()
+    _compare("replicated residual", got, _oracle(x, params), OP.RESIDUAL_RMS_NORM, torch.bfloat16)
+    ws = ar.workspace(2)
+    ws.check()
+    params.residual = residual + rank  # rank 1's rows now differ from rank 0's (the owner of tokens 0-3)
+    expect_fault(lambda: ar(x, all_reduce_params=params))
+    texts = gather(_error_text(ws))
+    assert any(re.search(r"residual of token \d+ differs from that of rank \d+", t) for t in texts), texts
+    dist.barrier()
+    synchronize_after_fault()
+
+
 def _bad_input_body(rank, num_ranks):
     device = set_rank_device(rank)
     x = torch.randn(4, 100, device=device, dtype=torch.bfloat16)  # rows of 200 bytes
@@ -279,7 +300,8 @@ def test_errors():
     run_ranks(_errors_body, 2)
 
 
-@pytest.mark.parametrize("body", [_mismatch_body, _timeout_body], ids=["shape_mismatch", "timeout"])
+@pytest.mark.parametrize("body", [_mismatch_body, _timeout_body, _residual_mismatch_body],
+                         ids=["shape_mismatch", "timeout", "residual_mismatch"])
 def test_failed_kernel_raises(body):
     """Each in fresh processes: a kernel that failed traps, which ends the CUDA context."""
     if _skip(2):
