@@ -98,6 +98,7 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
         nbytes = tokens * hidden * elem
         g = torch.Generator(device=device).manual_seed(rank)
         x = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+        g = torch.Generator(device=device).manual_seed(1 << 20)  # residual and weight: the same on every rank
         residual = torch.randn(tokens, hidden, device=device, dtype=dtype, generator=g)
         weight = torch.rand(hidden, device=device, dtype=dtype, generator=g) + 0.5
         fused = AllReduceParams(AllReduceFusionOp.RESIDUAL_RMS_NORM, residual=residual, norm_weight=weight)
