@@ -269,24 +269,6 @@ __device__ __forceinline__ bool finish_flat(const ArArgs& a, int64_t first, int6
     return true;
 }
 
-// The two-shot's gather: every piece i of [first, total), thread-strided, once its owner has sent it: its value
-// at src + i and, where `inv` is set, its row's piece at inv + i / row_vecs, handed to use(i, value, row piece).
-// (Two pieces' loads in flight per thread before the first wait measured slower on an H100: more spills.)
-template <typename T, typename UseFn>
-__device__ __forceinline__ bool gather_pieces(const ArArgs& a, const int4* src, const int4* inv, int64_t first,
-                                              int64_t stride, int64_t total, int row_vecs, int chunk, UseFn use) {
-    for (int64_t i = first; i < total; i += stride) {
-        const int t = static_cast<int>(i / row_vecs);
-        Vec<T> v, q;
-        v.v = ld_volatile_v4(src + i);
-        if (inv) q.v = ld_volatile_v4(inv + t);
-        if (has_sentinel<T>(v) && !wait_vec<T>(a, src + i, v, kStepGather, t / chunk, t)) return false;
-        if (inv && has_sentinel<T>(q) && !wait_vec<T>(a, inv + t, q, kStepGather, t / chunk, t)) return false;
-        use(i, v, q);
-    }
-    return true;
-}
-
 // s = s + bias (if any) + residual piece r, each add rounded as torch adds two tensors of the element type:
 // residual_out's value.
 template <typename T>
@@ -406,6 +388,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     const int64_t data = R;  // the header's R pieces come first
     const int4* x = static_cast<const int4*>(a.x);
     const int4* weight = static_cast<const int4*>(a.weight);
+    const int4* residual = static_cast<const int4*>(a.residual);
     int4* residual_out = static_cast<int4*>(a.residual_out);
 
     // 1. Send: the header to every peer (block 0), then this rank's rows.
@@ -492,9 +475,9 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                 };
                 auto done = [&](float inv) {
                     if (threadIdx.x < R) {
-                        const int4 first = ld_nc_v4(static_cast<const int4*>(a.residual) + static_cast<int64_t>(t) * row_vecs);
-                        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t,
-                                       encode_inv(inv, residual_fingerprint(first)));
+                        const int64_t row = static_cast<int64_t>(t) * row_vecs;
+                        const int fingerprint = residual_fingerprint(ld_nc_v4(residual + row));
+                        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t, encode_inv(inv, fingerprint));
                     }
                 };
                 ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
@@ -509,27 +492,31 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
             }
         }
         ok = !__syncthreads_or(!ok);
-        // Every piece of every row from its owner: the sum, or residual_out's value and the row's 1/rms.
         if (ok && !norm) {
-            ok = gather_pieces<T>(a, mine + gather, nullptr, first_piece, stride, total, row_vecs, chunk,
-                                  [&](int64_t i, Vec<T> s, const Vec<T>&) {
-                                      if (a.bias) add_bias<T>(a, i % row_vecs, s);
-                                      st_na_v4(static_cast<int4*>(a.out) + i, s.v);
-                                  });
-        } else if (ok) {
-            ok = gather_pieces<T>(a, mine + gather, mine + inv_at, first_piece, stride, total, row_vecs, chunk,
-                                  [&](int64_t i, const Vec<T>& r, const Vec<T>& q) {
-                                      const int v = static_cast<int>(i % row_vecs);
-                                      if (v == 0 && q.v.w != residual_fingerprint(ld_nc_v4(
-                                                                  static_cast<const int4*>(a.residual) + i))) {
-                                          const int t = static_cast<int>(i / row_vecs);
-                                          record_error(a, kArErrResidual, kStepGather, t / chunk, t, nullptr, nullptr);
-                                      }
-                                      Vec<T> w;
-                                      w.v = ld_nc_v4(weight + v);
-                                      st_na_v4(residual_out + i, r.v);
-                                      store_norm_piece<T>(a, i, r, w, decode_inv(q.v), inv_scale);
-                                  });
+            ok = finish_flat<T>(a, first_piece, stride, total, row_vecs, [&](int64_t i, Vec<T>& s) {
+                const int t = static_cast<int>(i / row_vecs);
+                return wait_vec<T>(a, mine + gather + i, s, kStepGather, t / chunk, t);
+            });
+        }
+        // Every piece of every row: residual_out's value and the row's 1/rms, from their owner. One load per
+        // piece in flight before its wait (two measured slower on an H100: more spills). A row's first piece
+        // also checks the owner's residual fingerprint against this rank's.
+        for (int64_t i = first_piece; i < total && ok && norm; i += stride) {
+            const int t = static_cast<int>(i / row_vecs);
+            const int v = static_cast<int>(i - static_cast<int64_t>(t) * row_vecs);
+            Vec<T> r, q, w;
+            r.v = ld_volatile_v4(mine + gather + i);
+            q.v = ld_volatile_v4(mine + inv_at + t);
+            if ((has_sentinel<T>(r) && !wait_vec<T>(a, mine + gather + i, r, kStepGather, t / chunk, t)) ||
+                (has_sentinel<T>(q) && !wait_vec<T>(a, mine + inv_at + t, q, kStepGather, t / chunk, t))) {
+                ok = false;
+                break;
+            }
+            if (v == 0 && q.v.w != residual_fingerprint(ld_nc_v4(residual + i)))
+                record_error(a, kArErrResidual, kStepGather, t / chunk, t, nullptr, nullptr);
+            w.v = ld_nc_v4(weight + v);
+            st_na_v4(residual_out + i, r.v);
+            store_norm_piece<T>(a, i, r, w, decode_inv(q.v), inv_scale);
         }
     }
 
