@@ -12,7 +12,8 @@ of ``--row-bytes`` in ``--mib`` MiB between a local tensor and the buffers' stag
   to / from rank ``i % ranks`` (every rank's area, the own one included): the sender-written dispatch's and the
   zero-copy pull's access pattern without their logic.
 * ``multicast``: each row read once and written to ``--fanout`` ranks' areas (rank ``i % ranks`` and the next
-  ones): the sender-written dispatch's fan-out (a token reaches 5.25 of 8 ranks at top-8 of 256).
+  ones), packed per source rank as the dispatch's receive rows are: the sender-written dispatch's fan-out (a
+  token reaches 5.25 of 8 ranks at top-8 of 256).
 * ``reduce``: each row summed (BF16 channels, float32) over the ``--fanout`` copies ``multicast`` left and
   written here: the zero-copy combine's fan-in.
 * ``copy engine``: each rank copies its slice within its own memory with the copy engine, all ranks at once.
@@ -74,14 +75,14 @@ def _check(name: str, rank: int, num_ranks: int, args, staging: torch.Tensor, ou
                          for s in range(num_ranks)])
         want = torch.cat([_words(s, nbytes, out.device).view(rows, rw)[rank::num_ranks].reshape(-1)
                           for s in range(num_ranks)])
-    elif name == "multicast":  # source s's row i is here where rank is one of (i + j) % R, j < fanout
+    elif name == "multicast":  # source s's row i is here, at row (i // R) * fanout + j of s's region, where
+        # this rank is (i + j) % R, j < fanout
         rows, rw = nbytes // row, row // 4
-        got, want = [], []
-        for s in range(num_ranks):
-            mine = [i for i in range(rows) if (rank - i) % num_ranks < args.fanout]
-            got.append(staging[s * rows * rw:(s + 1) * rows * rw].view(rows, rw)[mine])
-            want.append(_words(s, nbytes, out.device).view(rows, rw)[mine])
-        got, want = torch.cat(got), torch.cat(want)
+        region = -(-rows // num_ranks) * args.fanout
+        mine = [i for i in range(rows) if (rank - i) % num_ranks < args.fanout]
+        at = [i // num_ranks * args.fanout + (rank - i) % num_ranks for i in mine]
+        got = torch.cat([staging[s * region * rw:(s + 1) * region * rw].view(region, rw)[at] for s in range(num_ranks)])
+        want = torch.cat([_words(s, nbytes, out.device).view(rows, rw)[mine] for s in range(num_ranks)])
     elif name == "reduce":  # fanout identical copies of this rank's rows, summed exactly in float32
         got = out
         x = _words(rank, nbytes, out.device).view(torch.bfloat16)
@@ -101,7 +102,7 @@ def _rank(rank: int, num_ranks: int, args) -> List[Dict]:
     device = torch.device("cuda", torch.cuda.current_device())
     nbytes = _slice_bytes(args)
     rows = nbytes // args.row_bytes
-    area = max(nbytes * num_ranks, -(-rows // num_ranks) * num_ranks * args.row_bytes)
+    area = -(-rows // num_ranks) * num_ranks * args.row_bytes * num_ranks  # the most any pattern needs
     kern = intranode.IntranodeBackend(rank, num_ranks, dist.group.WORLD, area, gather, 60.0)
     staging = kern.get_local_buffer_tensor(torch.int32)
     src = _words(rank, nbytes, device)

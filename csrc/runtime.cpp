@@ -477,8 +477,10 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         }
         if (pattern == kProbeScatter || pattern == kProbeGather)
             area = (bytes / row_bytes + num_ranks_ - 1) / num_ranks_ * num_ranks_ * row_bytes;
-        if (pattern == kProbeMulticast || pattern == kProbeReduce)
+        if (pattern == kProbeMulticast || pattern == kProbeReduce) {
             MOE_A2A_CHECK(fanout >= 1 && fanout <= num_ranks_, "fanout must be in [1, ", num_ranks_, "], got ", fanout);
+            area = (bytes / row_bytes + num_ranks_ - 1) / num_ranks_ * num_ranks_ * fanout * row_bytes;
+        }
         MOE_A2A_CHECK(area <= num_nvl_bytes_, "the probe needs ", area, " bytes of staging area, the buffer has ",
                       num_nvl_bytes_);
         launch_copy_probe(ctx(), local.data_ptr(), bytes / 16, static_cast<int>(peer), static_cast<int>(pattern),

@@ -65,7 +65,8 @@ def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes, fanout):
     """The sm-copy benchmark's check accepts exactly the layout the probe kernel documents: a write lands at byte
     rank * size of the target's area, scattered row i of a source lands on rank i % R at row
     source * ceil(rows / R) + i // R, multicast row i of a source on ranks (i + j) % R, j < fanout, at row
-    source * rows + i, and a reduce sums fanout copies; one wrong word anywhere is reported."""
+    source * ceil(rows / R) * fanout + (i // R) * fanout + j (packed per source), and a reduce sums fanout
+    copies; one wrong word anywhere is reported."""
     from types import SimpleNamespace
 
     from benchmarks import sm_copy
@@ -97,12 +98,13 @@ def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes, fanout):
         out[-1] += 1
         with pytest.raises(RuntimeError, match="sm-copy read peer"):
             sm_copy._check("read peer", rank, num_ranks, args, written, out)
-        multicast = torch.zeros(num_ranks * words, dtype=torch.int32)
+        multicast = torch.zeros(num_ranks * per * fanout * rw, dtype=torch.int32)
         for s in range(num_ranks):
             for i in range(rows):
-                if rank in [(i + j) % num_ranks for j in range(fanout)]:
-                    at = (s * rows + i) * rw
-                    multicast[at:at + rw] = src[s][i * rw:(i + 1) * rw]
+                for j in range(fanout):
+                    if (i + j) % num_ranks == rank:
+                        at = (s * per * fanout + i // num_ranks * fanout + j) * rw
+                        multicast[at:at + rw] = src[s][i * rw:(i + 1) * rw]
         sm_copy._check("multicast", rank, num_ranks, args, multicast, out)
         bf16 = src[rank].view(torch.bfloat16)
         assert torch.isfinite(bf16).all() and (bf16 != 0).float().mean() > 0.99
@@ -111,7 +113,8 @@ def test_sm_copy_checks_the_probe_layout(num_ranks, mib, row_bytes, fanout):
             total += bf16.float()
         out.copy_(total.to(torch.bfloat16).view(torch.int32))
         sm_copy._check("reduce", rank, num_ranks, args, multicast, out)
-        multicast[(rank - fanout + 1) % num_ranks * rw] += 1  # row (rank - fanout + 1) % R of source 0 reaches rank
+        j = fanout - 1  # source 0's row (rank - j) % R reaches this rank as its copy j
+        multicast[(((rank - j) % num_ranks) // num_ranks * fanout + j) * rw] += 1
         with pytest.raises(RuntimeError, match=f"sm-copy multicast: rank {rank} found 1 of"):
             sm_copy._check("multicast", rank, num_ranks, args, multicast, out)
 
