@@ -156,8 +156,7 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
     write the rows into the buffer (``dispatch_in_buffer_us``), where they fit on every rank. Backends whose
     staging copy engine can be turned off also time the cached dispatch with the kernel staging its input
     (``dispatch_sm_staging_us``), and those with a pipelined combine its other schedules (``combine_windows{n}_us``:
-    n = 0, one barrier after the copy engine staged the input; 4 or 16 token windows), and those with an
-    asynchronous pull the combines pulled that way (``combine_async_us``, ``combine_zero_copy_async_us``)."""
+    n = 0, one barrier after the copy engine staged the input; 4 or 16 token windows)."""
     from moe_a2a.backends import intranode
     from moe_a2a.backends.base import CombineRequest, DispatchRequest
     from moe_a2a.config import combine_input_bytes
@@ -204,16 +203,6 @@ def time_kernels(kern, x, scales, idx, weights, layout, num_experts, num_ranks, 
         view.copy_(y)  # stays valid over repeated combines: no dispatch runs in between
         times["combine_zero_copy_us"] = time_us(
             lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
-    if hasattr(kern, "set_combine_async_pull"):  # the same combines pulled through shared memory
-        kern.set_combine_async_pull(True)
-        times["combine_async_us"] = time_us(lambda: kern.combine(CombineRequest(y, handle, cfg, recv_weights)),
-                                            warmup, loops, iters)
-        if "combine_zero_copy_us" in times:
-            view = kern.get_next_combine_buffer(handle, hidden)  # the staged combine above wrote over the area
-            view.copy_(y)
-            times["combine_zero_copy_async_us"] = time_us(
-                lambda: kern.combine(CombineRequest(view, handle, cfg, recv_weights)), warmup, loops, iters)
-        kern.set_combine_async_pull(False)
     return handle, times
 
 

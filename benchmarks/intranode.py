@@ -10,8 +10,6 @@ kernels on DeepEP's shapes and reports, per shape and SM count:
   then the pull; ``combine_windows4`` / ``16``: other window counts (``set_combine_windows``);
 * ``combine_zero_copy``: the same combine with its input written into the buffer beforehand, outside the
   timed region (``get_next_combine_buffer``, as the expert or un-permute kernel writing it would);
-* ``combine_async`` / ``combine_zero_copy_async``: those two combines pulling through shared memory
-  (``set_combine_async_pull``);
 * ``floor``: the copy engine moving the same bytes, measured in the same run; ``x floor`` is the kernel
   time over it. Ranks sharing one GPU: one device-to-device copy of every rank's bytes (they share its
   memory). One rank per GPU: every rank copies, at once, the bytes it sends to each peer straight into
@@ -190,8 +188,6 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
                                ("dispatch_sm_staging", "dispatch_sm_staging_us", "dispatch_bytes"),
                                ("combine", "combine_us", "combine_bytes"),
                                ("combine_zero_copy", "combine_zero_copy_us", "combine_bytes"),
-                               ("combine_async", "combine_async_us", "combine_bytes"),
-                               ("combine_zero_copy_async", "combine_zero_copy_async_us", "combine_bytes"),
                                # the combine with one barrier (copy-engine staging) or in 4 / 16 windows
                                *((f"combine_windows{n}", f"combine_windows{n}_us", "combine_bytes") for n in (0, 4, 16))):
         if not all(key in m for m in everyone):  # the zero-copy input did not fit num_nvl_bytes
@@ -202,8 +198,7 @@ def _rows(num_ranks, dtype, hidden, num_tokens, num_sms, everyone, floors, ref_u
         combine = op.startswith("combine")
         floor = floors["combine" if combine else "dispatch"] if moves else 0
         nccl = floors.get("nccl_combine" if combine else "nccl_dispatch")
-        same_call = ("combine" if op.startswith("combine_windows") or op == "combine_async"
-                     else op.replace("_sm_staging", ""))
+        same_call = "combine" if op.startswith("combine_windows") else op.replace("_sm_staging", "")
         deepep = floors.get(f"deepep_{same_call}")  # DeepEP's same call
         out.append(dict(ranks=num_ranks, dtype=dtype, hidden=hidden, tokens=num_tokens, num_sms=num_sms, op=op,
                         time_us=round(slowest, 1), algbw_gbps=round(bw, 1) if moves else None,

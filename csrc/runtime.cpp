@@ -365,7 +365,6 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
         // With few SMs the copy engine stages faster than the kernel's blocks can: one barrier then.
         const int windows = num_sms >= kMinWindowSms ? combine_windows_ : 0;
         a.num_windows = windows;
-        a.async_pull = combine_async_pull_ && a.format == kLLFormatBF16Combine;
         signature_[5] = windows;  // the ranks must run the same schedule (see launch_combine)
         MOE_A2A_CHECK(a.capacity > 0, "num_nvl_bytes (", num_nvl_bytes_, ") cannot stage one token per rank of ",
                     hidden_bytes, " bytes; use Config.get_nvl_buffer_size_hint");
@@ -441,10 +440,6 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
                       "], got ", n);
         combine_windows_ = static_cast<int>(n);
     }
-
-    // Whether a BF16 combine pulls the rows through a cp.async ring in shared memory (kPullStages chunks per
-    // rank and lane in flight) instead of registers (two). Same results; each rank chooses for itself.
-    void set_combine_async_pull(bool on) { combine_async_pull_ = on; }
 
     // What the next operation's peers must agree with (see kSignatureInts); set before notify/dispatch/combine.
     void set_signature(int op, int64_t row_bytes, int64_t num_scales, int64_t num_topk, int64_t num_experts) {
@@ -524,7 +519,6 @@ class Runtime : public IpcRuntime<HostInfo, kMaxRanks> {
     int64_t num_nvl_bytes_;
     int64_t bulk_min_rows_ = 8192;
     bool copy_engine_staging_ = true;
-    bool combine_async_pull_ = false;
     int combine_windows_ = 0;
     int signature_[kSignatureInts] = {};
 };
@@ -560,7 +554,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("set_bulk_min_rows", &Runtime::set_bulk_min_rows)
         .def("set_copy_engine_staging", &Runtime::set_copy_engine_staging)
         .def("set_combine_windows", &Runtime::set_combine_windows)
-        .def("set_combine_async_pull", &Runtime::set_combine_async_pull)
         .def("encode_rows", &Runtime::encode_rows)
         .def("wait_peers_done", &Runtime::wait_peers_done)
         .def("set_signature", &Runtime::set_signature)

@@ -147,13 +147,8 @@ struct CombineArgs {
     int num_windows;                                // > 0: when every token fits one round, stage and pull
                                                     // in this many token windows, a flag per window instead
                                                     // of a barrier (same on every rank: in the signature)
-    int async_pull;                                 // BF16 rows: pull through a cp.async ring in shared
-                                                    // memory (kPullStages chunks per rank in flight)
 };
 
-// Depth of the async pull's ring: 16-byte chunks per rank and lane in flight (shared memory per block:
-// kCombineThreads / 32 warps x kPullStages x ranks x 512 bytes, 192 KiB at 8 ranks).
-constexpr int kPullStages = 3;
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream);
 // Encodes `rows` BF16 rows of `hidden` channels from src into the first bytes of the same rows of dst
 // (2 * hidden bytes apart; dst may be src) in combine format `format` (wire_format.cuh). One warp a row.

@@ -733,53 +733,6 @@ __device__ __forceinline__ void store_combined(const CombineArgs& a, float (&acc
     st_na_v4(static_cast<int4*>(a.out) + at, pack_bf16x8(acc));
 }
 
-// cp.async (sm_80+): 16 bytes from global to shared memory, cached in L2 only. A thread that waits for its
-// own groups (cp_async_wait) sees their bytes; the async pull reads back only what the same lane copied.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
-    const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// Token t's BF16 row as the sum of its copies at row_ptr[r] (r in `ranks`, rank order, float32) plus the
-// biases, into out: the pull of pull_tokens through a per-warp ring in shared memory. Step k moves chunk
-// lane + 32 k of every copy; kPullStages steps are in flight (cp.async, no registers held), so a warp keeps
-// more bytes in flight than the register pull. Same sums, same order: bit-identical results.
-__device__ void sum_row_async(const CombineArgs& a, const int4* const* row_ptr, unsigned ranks, int64_t t, int R,
-                              int lane) {
-    const int H4 = a.hidden_int4, steps = (H4 + 31) / 32;
-    const int64_t stage_bytes = static_cast<int64_t>(R) * 512;  // a chunk per rank and lane
-    char* ring = s_dyn + (threadIdx.x / 32) * kPullStages * stage_bytes + lane * 16;
-    auto issue = [&](int k) {
-        const int c = lane + 32 * k;
-        if (k < steps && c < H4) {
-            char* stage = ring + (k % kPullStages) * stage_bytes;
-#pragma unroll
-            for (int r = 0; r < kMaxRanks; ++r)
-                if (ranks >> r & 1) cp_async_16(stage + r * 512, row_ptr[r] + c);
-        }
-        cp_async_commit();  // empty groups too: group k is always the k-th committed
-    };
-    for (int k = 0; k < kPullStages - 1; ++k) issue(k);
-    for (int k = 0; k < steps; ++k) {
-        issue(k + kPullStages - 1);  // into the stage step k - 1 read (its values are in registers by now)
-        cp_async_wait<kPullStages - 1>();  // group k landed
-        const int c = lane + 32 * k;
-        if (c >= H4) continue;
-        const char* stage = ring + (k % kPullStages) * stage_bytes;
-        float acc[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
-#pragma unroll
-        for (int r = 0; r < kMaxRanks; ++r)
-            if (ranks >> r & 1) add_bf16x8(acc, *reinterpret_cast<const int4*>(stage + r * 512));
-        store_combined(a, acc, t, c);
-    }
-    cp_async_wait<0>();  // nothing in flight into the ring when the next token reuses it
-}
-
 // Token t's row as the sum of its copies at row_ptr[r] (r in `ranks`, rank order, float32, decoded from
 // kFormat) plus the biases, into out: two 16-byte chunks per lane and rank in flight, up to 2 * R loads
 // before the first add.
@@ -842,10 +795,7 @@ __device__ void pull_tokens(const PeerCtx& c, const CombineArgs& a, CombineShare
         // Row addresses in shared memory: kept in registers they would spill.
         if (my_row >= 0) row_ptr[lane] = reinterpret_cast<const int4*>(staging(c, lane) + L.data) + my_row * H4;
         __syncwarp();
-        if (kFormat == kLLFormatBF16Combine && a.async_pull)
-            sum_row_async(a, row_ptr, ranks, t, R, lane);
-        else
-            sum_row_registers<kFormat>(a, row_ptr, ranks, t, lane);
+        sum_row_registers<kFormat>(a, row_ptr, ranks, t, lane);
         if (a.out_weights) {
             float sum = 0.0f;
             for (int r = 0; r < R; ++r) {
@@ -1118,19 +1068,10 @@ void launch_dispatch(const PeerCtx& ctx, const DispatchArgs& a, int num_blocks, 
 }
 
 void launch_combine(const PeerCtx& ctx, const CombineArgs& a, int num_blocks, cudaStream_t stream) {
-    if (a.format == kLLFormatFP8Combine) {
+    if (a.format == kLLFormatFP8Combine)
         combine_kernel<kLLFormatFP8Combine><<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
-    } else {
-        constexpr int kMaxPullSmem = kCombineThreads / 32 * kPullStages * kMaxRanks * 512;
-        static const bool once = [] {  // an attribute of the function: set once, before the first launch
-            MOE_A2A_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel<kLLFormatBF16Combine>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxPullSmem));
-            return true;
-        }();
-        (void)once;
-        const int smem = a.async_pull ? kCombineThreads / 32 * kPullStages * ctx.num_ranks * 512 : 0;
-        combine_kernel<kLLFormatBF16Combine><<<num_blocks, kCombineThreads, smem, stream>>>(ctx, a);
-    }
+    else
+        combine_kernel<kLLFormatBF16Combine><<<num_blocks, kCombineThreads, 0, stream>>>(ctx, a);
     MOE_A2A_CUDA_CHECK(cudaGetLastError());
 }
 

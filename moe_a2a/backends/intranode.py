@@ -202,7 +202,6 @@ class IntranodeBackend:
         # (rows, hidden) of the combine input view handed out and still intact, else None.
         self._combine_input: Optional[tuple] = None
         self.set_combine_windows(COMBINE_WINDOWS)
-        self.set_combine_async_pull(False)
         _native.track(self)
 
     def set_bulk_min_rows(self, rows: int) -> None:
@@ -228,16 +227,6 @@ class IntranodeBackend:
             raise ValueError(f"combine windows must be an int in [0, {MAX_COMBINE_WINDOWS}], got {n!r}")
         self.runtime.set_combine_windows(n)
         self.combine_windows = n
-
-    def set_combine_async_pull(self, on: bool) -> None:
-        """Pull a BF16 combine's rows through a ring of asynchronous copies in shared memory (True: three
-        16-byte chunks per rank and lane in flight, no registers held) or through registers (False, the
-        default: two chunks). Same sums in the same order, so the same results; each rank chooses for itself.
-        ``benchmarks intranode`` times both (``combine_async``, ``combine_zero_copy_async``)."""
-        if not isinstance(on, bool):
-            raise ValueError(f"combine async pull must be True or False, got {on!r}")
-        self.runtime.set_combine_async_pull(on)
-        self.combine_async_pull = on
 
     # ------------------------------------------------------------------ helpers
     def _check_usable(self) -> None:

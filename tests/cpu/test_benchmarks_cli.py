@@ -137,12 +137,3 @@ def test_sm_copy_fanout_defaults_to_the_rank_count_below_five():
         sm_copy.main(["--ranks", "2", "--fanout", "3"])
     with pytest.raises(SystemExit, match="needs a CUDA device"):  # past the argument checks
         sm_copy.main(["--ranks", "2"])
-
-
-def test_combine_async_pull_takes_a_bool():
-    """The pull switch refuses anything but True / False before it reaches the extension."""
-    from moe_a2a.backends.intranode import IntranodeBackend
-
-    for bad in (1, "on", None):
-        with pytest.raises(ValueError, match="combine async pull must be True or False"):
-            IntranodeBackend.set_combine_async_pull(None, bad)

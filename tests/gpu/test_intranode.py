@@ -185,21 +185,18 @@ def _correctness(rank, num_ranks):
     # shared memory: the middle configuration of every case takes the bulk path whatever its size. The last
     # one has the kernels stage their inputs instead of the copy engine. Combines run with the default
     # schedule (pipelined in token windows), then with one barrier (the copy engine staging), then in 3
-    # windows; the last two pull BF16 rows through shared memory (set_combine_async_pull), odd ranks only in
-    # the middle one (each rank chooses for itself).
+    # windows.
     default_windows = kern.combine_windows
-    assert default_windows > 0 and kern.combine_async_pull is False
+    assert default_windows > 0
     for i, spec in enumerate(round_trip_cases(rank, num_ranks, 7, 4096)):
         case = Case(rank, num_ranks, i, **spec)
         for j, (align, worst, bias) in enumerate(((1, 0, 0), (128, 0, 1), (4, 4200 * num_ranks, 2))):
             kern.set_bulk_min_rows(0 if j == 1 else intranode.BULK_MIN_ROWS)
             kern.set_copy_engine_staging(j != 2)
             kern.set_combine_windows((default_windows, 0, 3)[j])
-            kern.set_combine_async_pull(j == 2 or (j == 1 and rank % 2 == 1))
             _round_trip(kern, ref, case, dcfg, align, worst, bias)
     kern.set_copy_engine_staging(True)
     kern.set_combine_windows(default_windows)
-    kern.set_combine_async_pull(False)
     # Default settings on 8 SMs, fewer than COMBINE_WINDOWS_MIN_SMS: the combine stages with the copy engine
     # and meets the peers once, whatever the window setting.
     assert 8 < intranode.COMBINE_WINDOWS_MIN_SMS
@@ -228,9 +225,6 @@ def _correctness(rank, num_ranks):
     kern.set_combine_windows(0)  # zero-copy inputs with one barrier
     _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=20)
     kern.set_combine_windows(default_windows)
-    kern.set_combine_async_pull(True)  # and pulled through shared memory
-    _zero_copy_race(rank, num_ranks, kern, dcfg, ccfg, iterations=20)
-    kern.set_combine_async_pull(False)
     kern.set_bulk_min_rows(0)  # the bulk pull under 1000 repeats and CUDA graph replay
     _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg)
     kern.destroy()
