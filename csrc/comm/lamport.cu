@@ -465,10 +465,6 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
         if (norm) {
             for (int l = blockIdx.x; l < my_rows && ok; l += gridDim.x) {
                 const int t = me * chunk + l;
-                // The row's first residual piece, whose fingerprint goes with the 1/rms: loaded before the
-                // reduce's waits so its latency overlaps them, not after the block sum.
-                const int4 first_residual =
-                    threadIdx.x < R ? ld_nc_v4(residual + static_cast<int64_t>(t) * row_vecs) : make_int4(0, 0, 0, 0);
                 auto sums = [&](int v, Vec<T>& s) {
                     return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(l) * row_vecs + v, slot, s,
                                            kStepScatter, t);
@@ -478,9 +474,11 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                     for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + at, out.v);
                 };
                 auto done = [&](float inv) {
-                    if (threadIdx.x < R)
-                        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t,
-                                       encode_inv(inv, residual_fingerprint(first_residual)));
+                    if (threadIdx.x < R) {
+                        const int64_t row = static_cast<int64_t>(t) * row_vecs;
+                        const int fingerprint = residual_fingerprint(ld_nc_v4(residual + row));
+                        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t, encode_inv(inv, fingerprint));
+                    }
                 };
                 ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
             }
