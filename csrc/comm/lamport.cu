@@ -9,8 +9,9 @@
 // norm takes each row's bias and residual from the rank that owns the row (see 4b): equal to the reference
 // where they are the same on every rank, as in tensor parallelism.
 //
-// Work split: a block takes whole rows (tokens), block-strided; its threads take the 16-byte pieces of a
-// row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what it wrote.
+// Work split: a team of warps (see Team) takes whole rows (tokens), team-strided; its threads take the 16-byte
+// pieces of a row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what
+// it wrote. Passes without per-row work (no norm) are one flat range over all the grid's threads.
 // Blocks never wait on another block of the same rank except through peers' data, and every block sends
 // before it waits, so any number of resident blocks makes progress.
 #include <cuda_bf16.h>
