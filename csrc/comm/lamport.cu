@@ -9,9 +9,8 @@
 // norm takes each row's bias and residual from the rank that owns the row (see 4b): equal to the reference
 // where they are the same on every rank, as in tensor parallelism.
 //
-// Work split: a team of warps (see Team) takes whole rows (tokens), team-strided; its threads take the 16-byte
-// pieces of a row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what
-// it wrote. Passes without per-row work (no norm) are one flat range over all the grid's threads.
+// Work split: a block takes whole rows (tokens), block-strided; its threads take the 16-byte pieces of a
+// row, thread-strided, and keep the same pieces in every pass, so a thread reads back only what it wrote.
 // Blocks never wait on another block of the same rank except through peers' data, and every block sends
 // before it waits, so any number of resident blocks makes progress.
 #include <cuda_bf16.h>
@@ -200,58 +199,17 @@ __device__ __forceinline__ void advance_flags(const ArArgs& a, int buf, int64_t 
     }
 }
 
-// The threads that finish one row together: `warps` consecutive warps of a block (a power-of-two share of
-// it), chosen per call so that the grid has about one team per row it finishes. With many rows a team is a
-// single warp: a row's sum of squares then takes shuffles only, and the warps of a block never wait on one
-// another's loads at a barrier. With few rows a team is the whole block, so every thread has a piece.
-struct Team {
-    int index;   // in the grid
-    int count;   // in the grid
-    int thread;  // in the team
-    int size;    // threads
-    int warps;
-    int first_warp;  // in the block
-
-    __device__ static Team for_rows(int64_t rows) {
-        const int block_warps = blockDim.x / 32;
-        int warps = block_warps;
-        while (warps % 2 == 0 && static_cast<int64_t>(gridDim.x) * (block_warps / (warps / 2)) <= rows) warps /= 2;
-        Team t;
-        t.warps = warps;
-        t.size = warps * 32;
-        t.thread = threadIdx.x % t.size;
-        t.first_warp = threadIdx.x / t.size * warps;
-        t.index = blockIdx.x * (block_warps / warps) + threadIdx.x / t.size;
-        t.count = gridDim.x * (block_warps / warps);
-        return t;
-    }
-
-    // Named barrier of this team (id 0 is __syncthreads'); a one-warp team needs none.
-    __device__ void sync() const {
-        if (warps > 1) asm volatile("bar.sync %0, %1;" ::"r"(1 + first_warp / warps), "r"(size) : "memory");
-    }
-};
-
-// The sum of v over the team and whether any of its threads failed, returned to every thread of the team
-// (each adds the warps' sums in the same order). `red` holds kArMaxThreads / 32 floats, `bad` as many ints.
-__device__ __forceinline__ float team_sum(const Team& team, float v, bool& failed, float* red, int* bad) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// The sum of v over the block, returned to every thread (each adds the warps' sums in the same order).
+// `red` holds kArMaxThreads / 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = (blockDim.x + 31) / 32;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    failed = __any_sync(0xffffffffu, failed);
-    if (team.warps == 1) return v;
-    team.sync();  // `red` may still be read from the previous row
-    if (lane == 0) {
-        red[warp] = v;
-        bad[warp] = failed;
-    }
-    team.sync();
+    __syncthreads();  // `red` may still be read from the previous row
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
     float total = 0.f;
-    failed = false;
-    for (int w = team.first_warp; w < team.first_warp + team.warps; ++w) {
-        total += red[w];
-        failed |= bad[w] != 0;
-    }
+    for (int w = 0; w < num_warps; ++w) total += red[w];
     return total;
 }
 
@@ -377,24 +335,24 @@ __device__ __forceinline__ void store_norm_piece(const ArArgs& a, int64_t at, co
 
 __device__ __forceinline__ float inverse_scale(const ArArgs& a) { return a.scale ? 1.0f / __ldg(a.scale) : 0.f; }
 
-// Row t by one team: piece v's sum over ranks (`sums(v, s)` fills s, waiting for it; false when a wait failed)
-// plus bias and residual is residual_out's value, handed to keep(at, r) with `at` its index in [tokens,
-// hidden / N]; after the team's sum the row's 1/rms is handed to done(inv) in every thread of the team.
-// Serves the one-shot's rows and the two-shot's owner.
+// Row t: piece v's sum over ranks (`sums(v, s)` fills s, waiting for it; false when a wait failed) plus bias
+// and residual is residual_out's value, handed to keep(at, r) with `at` its index in [tokens, hidden / N];
+// after the block sum the row's 1/rms is handed to done(inv) in every thread. Serves the one-shot's rows and
+// the two-shot's owner, so both add a row's values and squares in the same order.
 template <typename T, typename SumFn, typename KeepFn, typename DoneFn>
-__device__ __forceinline__ bool norm_row(const ArArgs& a, const Team& team, int t, int row_vecs, SumFn sums,
-                                         KeepFn keep, DoneFn done, float* red, int* bad) {
+__device__ __forceinline__ bool norm_row(const ArArgs& a, int t, int row_vecs, SumFn sums, KeepFn keep, DoneFn done,
+                                         float* red) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
     const int4* residual = static_cast<const int4*>(a.residual);
     const int64_t row = static_cast<int64_t>(t) * row_vecs;
     float ss = 0.f;
-    bool failed = false;
-    for (int v = team.thread; v < row_vecs; v += team.size) {
+    bool ok = true;
+    for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
         Vec<T> r, s;
         r.v = ld_nc_v4(residual + row + v);  // before the waits for the peers' data, so its latency overlaps them
         if (!sums(v, s)) {
-            failed = true;
+            ok = false;
             break;
         }
         add_bias_residual<T>(a, v, s, r);
@@ -405,9 +363,9 @@ __device__ __forceinline__ bool norm_row(const ArArgs& a, const Team& team, int 
         }
         keep(row + v, s);
     }
-    // Every thread of the team reaches the sum, failed or not, so the team never splits at a barrier.
-    ss = team_sum(team, ss, failed, red, bad);
-    if (failed) return false;
+    // Every thread reaches the block sum, failed or not, so the block never splits at a barrier.
+    ss = block_sum(ss, red);
+    if (__syncthreads_or(!ok)) return false;
     done(rsqrtf(ss / static_cast<float>(a.hidden) + a.eps));
     return true;
 }
@@ -422,7 +380,6 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
     using E = Elem<T>;
     constexpr int N = E::kPerVec;
     __shared__ float red[kArMaxThreads / 32];
-    __shared__ int bad[kArMaxThreads / 32];
     const int R = a.num_ranks, me = a.rank, T_ = a.tokens;
     const int row_vecs = a.hidden / N;
     const int buf = a.flags[kFlagBuffer];
@@ -465,12 +422,11 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
             return reduce_ranks<T>(a, mine + data + i, total, s, kStepOneShot, static_cast<int>(i / row_vecs));
         });
     } else if (ok && !a.two_shot) {
-        // 4a'. The same, row by row, with the norm. With at most one piece per thread (rows up to a team's
-        // threads) the thread keeps its residual_out piece in registers across the team's sum; otherwise it
-        // reads back its own stores.
-        const Team team = Team::for_rows(T_);
-        const bool one_piece = row_vecs <= team.size;
-        for (int t = team.index; t < T_ && ok; t += team.count) {
+        // 4a'. The same, row by row, with the norm. With at most one piece per thread (rows up to
+        // blockDim.x pieces) the thread keeps its residual_out piece in registers across the block sum;
+        // otherwise it reads back its own stores.
+        const bool one_piece = row_vecs <= static_cast<int>(blockDim.x);
+        for (int t = blockIdx.x; t < T_ && ok; t += gridDim.x) {
             Vec<T> kept;
             auto sums = [&](int v, Vec<T>& s) {
                 return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(t) * row_vecs + v, total, s,
@@ -482,7 +438,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
             };
             auto done = [&](float inv) {
                 const int64_t row = static_cast<int64_t>(t) * row_vecs;
-                for (int v = team.thread; v < row_vecs; v += team.size) {
+                for (int v = threadIdx.x; v < row_vecs; v += blockDim.x) {
                     Vec<T> r, w;
                     w.v = ld_nc_v4(weight + v);
                     if (one_piece) {
@@ -493,7 +449,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                     store_norm_piece<T>(a, row + v, r, w, inv, inv_scale);
                 }
             };
-            ok = norm_row<T>(a, team, t, row_vecs, sums, keep, done, red, bad);
+            ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
         }
     } else if (ok) {
         // 4b. Two-shot: reduce this rank's chunk and send each sum to every rank; then finish every row.
@@ -507,8 +463,7 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
         const int64_t inv_at = gather + R * slot;  // one piece per row after the gathered rows: its 1/rms
         const int my_rows = max(0, min(chunk, T_ - me * chunk));
         if (norm) {
-            const Team team = Team::for_rows(my_rows);
-            for (int l = team.index; l < my_rows && ok; l += team.count) {
+            for (int l = blockIdx.x; l < my_rows && ok; l += gridDim.x) {
                 const int t = me * chunk + l;
                 auto sums = [&](int v, Vec<T>& s) {
                     return reduce_ranks<T>(a, mine + data + static_cast<int64_t>(l) * row_vecs + v, slot, s,
@@ -519,13 +474,13 @@ __global__ void __launch_bounds__(kArMaxThreads, 2) allreduce_kernel(ArArgs a) {
                     for (int p = 0; p < R; ++p) st_volatile_v4(buffer_of(a, p, buf) + gather + at, out.v);
                 };
                 auto done = [&](float inv) {
-                    if (team.thread < R) {
+                    if (threadIdx.x < R) {
                         const int64_t row = static_cast<int64_t>(t) * row_vecs;
                         const int fingerprint = residual_fingerprint(ld_nc_v4(residual + row));
-                        st_volatile_v4(buffer_of(a, team.thread, buf) + inv_at + t, encode_inv(inv, fingerprint));
+                        st_volatile_v4(buffer_of(a, threadIdx.x, buf) + inv_at + t, encode_inv(inv, fingerprint));
                     }
                 };
-                ok = norm_row<T>(a, team, t, row_vecs, sums, keep, done, red, bad);
+                ok = norm_row<T>(a, t, row_vecs, sums, keep, done, red);
             }
         } else {
             for (int64_t i = first_piece; i < static_cast<int64_t>(my_rows) * row_vecs; i += stride) {

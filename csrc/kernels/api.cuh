@@ -27,7 +27,7 @@ constexpr int kDispatchThreads = 512;   // threads of a dispatch block (one bloc
 constexpr int kMaxCombineWindows = 32; // token windows of a pipelined combine (CombineArgs::num_windows)
 constexpr int kMinWindowTokens = 128;  // fewer tokens per window cost more in waits than they overlap
 constexpr int kMinWindowSms = 16;      // fewer SMs stage slower than the copy engine: no pipeline then
-constexpr int kCombineThreads = 384;    // combine keeps two 16-byte loads per rank and lane in registers: fewer, fatter threads
+constexpr int kCombineThreads = 512;    // combine keeps a register per rank and lane: fewer, fatter threads
 // Dispatch's bulk pull: rows move global -> shared -> global by bulk copies (TMA), never through
 // registers, so a block keeps about as many bytes in flight as kBulkSmemBytes.
 constexpr int kBulkSmemBytes = 192 * 1024;
