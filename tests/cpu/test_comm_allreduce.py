@@ -18,7 +18,7 @@ ST = AllReduceStrategy
 FP8 = torch.float8_e4m3fn
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OPS = (OP.NONE, OP.RESIDUAL_RMS_NORM, OP.RESIDUAL_RMS_NORM_QUANT_FP8, OP.RESIDUAL_RMS_NORM_OUT_QUANT_FP8)
-SHAPES = ((1, 128), (7, 200), (300, 128), (2, 16384), (33, 1000), (64, 4096), (5, 136))
+SHAPES = ((1, 128), (7, 200), (300, 128), (2, 16384), (33, 1000), (64, 4096), (5, 136), (8192, 160))
 STRATEGIES = (ST.AUTO, ST.ONESHOT, ST.TWOSHOT, ST.NCCL, ST.MIN_LATENCY)
 TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
 
