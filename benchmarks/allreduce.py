@@ -21,8 +21,8 @@ Columns: time (median of timed loops, CUDA events), bus bandwidth ``bytes * 2 (N
 definition), the copy floor and the ratio to it, and ``launch``: the time of an empty kernel launch. The
 floor: ranks sharing one GPU, a device-to-device copy of ``N * bytes`` by one rank while the others wait (every
 rank's input read once and its output written once, the least memory traffic of any all-reduce); one rank per
-GPU, each rank copying ``2 * bytes / N`` into every peer at once (the bus bytes over NVLink). ``--write-table`` writes the measured
-one-shot/two-shot times to the table ``AUTO`` reads (``moe_a2a/data/allreduce_tuning.json``).
+GPU, each rank copying ``2 * bytes / N`` into every peer at once (the bus bytes over NVLink). ``--write-table``
+writes the measured one-shot/two-shot times to the table ``AUTO`` reads (``moe_a2a/data/allreduce_tuning.json``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ from moe_a2a.comm import workspace as ws_mod
 
 from moe_a2a.launch import ranks_per_gpu
 
-from .common import commit, copy_floor_us, gather, ints, one_rank_per_gpu, peer_copy_floor_us, run_ranks, time_us, write_report
+from .common import (commit, copy_floor_us, gather, ints, one_rank_per_gpu, peer_copy_floor_us, run_ranks, time_us,
+                     write_report)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -132,7 +133,7 @@ def _worker(rank: int, num_ranks: int, opts: Dict) -> Dict:
             floor = peer_copy_floor_us([0 if d == rank else max(16, 2 * nbytes // num_ranks)
                                         for d in range(num_ranks)])
         else:
-            # Rank 0 alone, the others idle at the gather: copies of 8 ranks at once would time their contention.
+            # Rank 0 alone, the others idle at the gather: every rank copying at once would time their contention.
             torch.cuda.synchronize()
             dist.barrier()
             floor = max(gather(copy_floor_us(num_ranks * nbytes) if rank == 0 else 0.0))

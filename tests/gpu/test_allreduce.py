@@ -84,7 +84,7 @@ CASES = [  # (op, dtype, tokens, hidden, bias)
     (OP.RESIDUAL_RMS_NORM_OUT_QUANT_FP8, torch.bfloat16, 9, 1000, True),
     (OP.RESIDUAL_RMS_NORM_OUT_QUANT_FP8, torch.float32, 2, 128, False),
     (OP.RESIDUAL_RMS_NORM, torch.bfloat16, 2048, 4096, False),  # two-shot territory, grows the workspace
-    (OP.RESIDUAL_RMS_NORM, torch.float16, 8192, 136, True),    # 8k short rows: many rows per block and warp
+    (OP.RESIDUAL_RMS_NORM, torch.float16, 8192, 136, True),    # 8k short rows: one-warp blocks, many rows each
 ]
 
 
