@@ -12,6 +12,7 @@ the abandoned collective may still complete later and mix with a new one.
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 from typing import Optional
 
@@ -89,11 +90,13 @@ def _missing_peers(group, op_key: str, timeout_s: float) -> str:
     return "; ".join(parts) if parts else "every peer reported itself stuck as well"
 
 
-def wait(work, group, timeout_s: float, operation: str, seq: int) -> None:
+def wait(work, group, timeout_s: float, operation: str, seq: int,
+         setting: str = "Buffer(timeout_s=...) or MOE_A2A_TIMEOUT_S") -> None:
     """Wait for ``work`` (an async collective of ``group``) at most ``timeout_s`` seconds.
 
     Raises:
-        CollectiveError: naming ``operation``, this rank and, where it can be known, the missing rank.
+        CollectiveError: naming ``operation``, this rank and, where it can be known, the missing rank; the
+            message says that ``setting`` sets the deadline.
     """
     failure: Optional[str] = None
     try:
@@ -119,9 +122,22 @@ def wait(work, group, timeout_s: float, operation: str, seq: int) -> None:
     who = _missing_peers(group, f"{operation}#{seq}", timeout_s)
     if failure == "timed out":
         raise CollectiveError(f"{operation} on rank {me} timed out after {timeout_s:g} s waiting for its peers: "
-                              f"{who} (Buffer(timeout_s=...) or MOE_A2A_TIMEOUT_S sets the deadline)")
+                              f"{who} ({setting} sets the deadline)")
     raise CollectiveError(f"{operation} on rank {me} lost a peer ({who}); the transport said: "
                           f"{failure[len('failed: '):]}")
+
+
+_barriers = itertools.count(1)
+
+
+def barrier(group, timeout_s: float, operation: str, setting: str) -> None:
+    """Meet every rank of ``group``, each waiting at most ``timeout_s`` seconds (``monitored_barrier`` bounds
+    only rank 0's wait: its other ranks wait for rank 0 as long as rank 0 lives).
+
+    Raises:
+        CollectiveError: as ``wait``, naming the ranks that did not arrive.
+    """
+    wait(dist.barrier(group=group, async_op=True), group, timeout_s, operation, next(_barriers), setting)
 
 
 class Deadline:

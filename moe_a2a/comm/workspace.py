@@ -18,7 +18,6 @@ sums, written to every rank; with the fused norm the owners' residual_out), and 
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ..backends import waits
 from ..limits import MAX_NVL_PEERS
 from ..tuning import read_table
 from .fd_share import share_fds
@@ -187,6 +187,7 @@ class LamportWorkspace:
             raise ValueError(f"buffer_size_in_bytes must be a positive int, got {buffer_size_in_bytes!r}")
         self.timeout_s = float(timeout_s)
         self.element_size = _element_size(dtype)
+        self._barrier("create")  # a rank creating one alone raises here, not in the exchanges below
         device = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(device)
         me = (socket.gethostname(), str(getattr(props, "uuid", device)))
@@ -273,16 +274,10 @@ class LamportWorkspace:
         agree("map its peers' buffers", why)
 
     def _barrier(self, why: str) -> None:
-        """Meet every rank; on gloo with a deadline, so a rank left alone (its peers passed other shapes and
-        did not grow) raises instead of waiting for the process group's timeout."""
-        if dist.get_backend(self.group) != "gloo":
-            dist.barrier(group=self.group)
-            return
-        try:
-            dist.monitored_barrier(group=self.group, timeout=datetime.timedelta(seconds=max(self.timeout_s, 1.0)))
-        except RuntimeError as e:
-            raise RuntimeError(f"LamportWorkspace.{why}: rank {self.rank} waited {self.timeout_s:.0f} s for its peers, "
-                               f"which did not {why} (do all ranks pass the same shape?): {e}") from None
+        """Meet every rank, each with the deadline, so a rank left alone (its peers passed other shapes and did
+        not ``why``) raises instead of waiting for the process group's timeout."""
+        waits.barrier(self.group, self.timeout_s, f"LamportWorkspace.{why} (every rank must {why}: do all ranks "
+                      "pass the same shape?)", "AllReduce(timeout_s=...)")
 
     def grow(self, required_bytes: int) -> None:
         """Reallocate (collectively) to hold ``required_bytes`` per buffer, rounded up to ``GROWTH_BYTES``."""

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from moe_a2a import Buffer, agreement
+from moe_a2a.backends import waits
 from moe_a2a.backends.waits import CollectiveError
 
 HIDDEN = 128
@@ -163,6 +164,29 @@ def _stall_body(rank, num_ranks, mode):
 @pytest.mark.parametrize("mode", ["stall", "dead"])
 def test_stalled_or_dead_peer_is_named_within_the_deadline(mode):
     run_distributed(_stall_body, 2, mode, timeout=60)
+
+
+def _barrier_body(rank, num_ranks, alone):
+    """``waits.barrier`` (the all-reduce workspaces' meeting point): the rank left alone raises within its
+    deadline, naming the rank that did not arrive, whether it is rank 0 or not (``monitored_barrier`` bounds
+    only rank 0's wait)."""
+    if rank != alone:
+        time.sleep(8)  # never arrives, and lives past the lone rank's deadline and report window
+        os._exit(0)
+    start = time.monotonic()
+    with pytest.raises(CollectiveError) as info:
+        waits.barrier(None, 1.0, "LamportWorkspace.grow", "AllReduce(timeout_s=...)")
+    waited = time.monotonic() - start
+    text = str(info.value)
+    assert f"LamportWorkspace.grow on rank {alone} timed out after 1 s" in text, text
+    assert f"rank {1 - alone} of the group did not arrive" in text, text
+    assert "AllReduce(timeout_s=...) sets the deadline" in text and waited < 5, (waited, text)
+    os._exit(0)
+
+
+@pytest.mark.parametrize("alone", [0, 1])
+def test_barrier_alone_raises_within_the_deadline(alone):
+    run_distributed(_barrier_body, 2, alone, timeout=60)
 
 
 def test_signature_messages():
