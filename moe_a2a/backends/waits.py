@@ -141,23 +141,27 @@ def barrier(group, timeout_s: float, operation: str, setting: str) -> None:
 
 
 class Deadline:
-    """Waits of one exchanger: numbers its operations, remembers a failure and refuses calls after it."""
+    """Waits of one exchanger: numbers its operations, remembers a failure and refuses calls after it.
 
-    def __init__(self, group, timeout_s: float):
+    ``owner`` names the exchanger in messages (``Buffer``, ``AllReduce``); ``setting`` what sets the deadline."""
+
+    def __init__(self, group, timeout_s: float, owner: str = "Buffer",
+                 setting: str = "Buffer(timeout_s=...) or MOE_A2A_TIMEOUT_S"):
         self.group = group
         self.timeout_s = float(timeout_s)
+        self.owner, self.setting = owner, setting
         self.seq = 0
         self.failed: Optional[str] = None
 
     def check_usable(self) -> None:
         if self.failed is not None:
-            raise CollectiveError(f"an earlier collective of this buffer failed, so it refuses further calls "
-                                  f"(create a new Buffer and process group): {self.failed}")
+            raise CollectiveError(f"an earlier collective of this {self.owner} failed, so it refuses further calls "
+                                  f"(create a new {self.owner} and process group): {self.failed}")
 
     def wait(self, work, operation: str) -> None:
         self.seq += 1
         try:
-            wait(work, self.group, self.timeout_s, operation, self.seq)
+            wait(work, self.group, self.timeout_s, operation, self.seq, self.setting)
         except CollectiveError as exc:
             self.failed = str(exc)
             raise

@@ -21,6 +21,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ..backends import waits
 from ..limits import MAX_NVL_PEERS
 from . import reference
 from .autograd import FusedAllReduceFunction
@@ -102,7 +103,9 @@ class AllReduce(torch.nn.Module):
         group: a ``torch.distributed`` process group (None: the default group).
         strategy: an ``AllReduceStrategy`` (see the module docstring for what runs where).
         dtype: the input dtype, when known (inputs of another dtype are rejected); None accepts any.
-        timeout_s: seconds a kernel waits on a peer before it records an error (CUDA path).
+        timeout_s: seconds a kernel waits on a peer before it records an error (CUDA path), and a host
+            collective of the reference and NCCL paths before it raises ``CollectiveError`` naming the missing
+            rank (this AllReduce then refuses further calls).
         num_blocks: blocks per kernel launch (0: ``min(tokens, SMs / ranks sharing the GPU)``, one block per
             SM at most, so the blocks of every rank on a GPU are resident together).
     """
@@ -124,6 +127,8 @@ class AllReduce(torch.nn.Module):
         self.group = group
         self.strategy = _ALIASES.get(strategy, strategy)
         self.dtype = dtype
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
@@ -131,6 +136,9 @@ class AllReduce(torch.nn.Module):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._workspaces = {}  # element size -> LamportWorkspace (created on first CUDA use)
+        # The host collectives of the reference and NCCL paths wait at most timeout_s (naming a missing rank);
+        # after a failure this AllReduce refuses further calls (an abandoned collective may still complete).
+        self._deadline = waits.Deadline(group, self.timeout_s, "AllReduce", "AllReduce(timeout_s=...)")
 
     # ------------------------------------------------------------------ public
     def forward(self, input: torch.Tensor, *, all_reduce_params: Optional[AllReduceParams] = None) -> Outputs:
@@ -164,7 +172,7 @@ class AllReduce(torch.nn.Module):
             # Every rank learns whether any rank rejected its input or disagrees, before data moves.
             sig = None if error is not None else reference.signature(input, op)
             device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
-            reference.agree("AllReduce", sig, error, self.group, device)
+            reference.agree("AllReduce", sig, error, self.group, device, self._deadline)
         elif error is not None:
             raise error
         x = input.contiguous()
@@ -222,7 +230,7 @@ class AllReduce(torch.nn.Module):
         path = self._path_of_rejected(like)
         if path not in ("oneshot", "twoshot") and self.world_size > 1:
             reference.agree("AllReduce", None, error, self.group,
-                            like.device if isinstance(like, torch.Tensor) else torch.device("cpu"))
+                            like.device if isinstance(like, torch.Tensor) else torch.device("cpu"), self._deadline)
         raise error
 
     def _kernels_unusable(self, x: torch.Tensor) -> Optional[str]:
@@ -248,11 +256,13 @@ class AllReduce(torch.nn.Module):
 
         if path == "reference":
             def run(x, bias, residual, norm_weight, scale):
-                summed = reference.ordered_sum(x, self.group) if self.world_size > 1 else x.detach().clone()
+                summed = (reference.ordered_sum(x, self.group, self._deadline) if self.world_size > 1
+                          else x.detach().clone())
                 return compose(summed, bias, residual, norm_weight, scale)
         elif path == "nccl":
             def run(x, bias, residual, norm_weight, scale):
-                summed = reference.nccl_sum(x, self.group) if self.world_size > 1 else x.detach().clone()
+                summed = (reference.nccl_sum(x, self.group, self._deadline) if self.world_size > 1
+                          else x.detach().clone())
                 return compose(summed, bias, residual, norm_weight, scale)
         else:
             two_shot = path == "twoshot"

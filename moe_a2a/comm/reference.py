@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..backends.waits import Deadline
 from .types import NORM_OPS, NVFP4_OPS, AllReduceFusionOp, AllReduceParams
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -77,13 +78,23 @@ def _comm_device(group, tensor_device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def ordered_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum of ``x`` over the ranks of ``group``, in rank order (see the module docstring), same shape/dtype."""
+def _run(collective, deadline: Optional[Deadline], operation: str) -> None:
+    """``collective(async_op)``, waited for at most the deadline's seconds (None: as long as it takes)."""
+    if deadline is None:
+        collective(False)
+    else:
+        deadline.check_usable()
+        deadline.wait(collective(True), operation)
+
+
+def ordered_sum(x: torch.Tensor, group=None, deadline: Optional[Deadline] = None) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group``, in rank order (see the module docstring), same shape/dtype.
+    ``deadline``: bounds the wait for the peers (a ``CollectiveError`` names the missing rank)."""
     world = _group_size(group)
     flat = x.detach().contiguous().reshape(-1).view(torch.uint8)
     device = _comm_device(group, x.device)
     parts = [torch.empty_like(flat, device=device) for _ in range(world)]
-    dist.all_gather(parts, flat.to(device), group=group)
+    _run(lambda a: dist.all_gather(parts, flat.to(device), group=group, async_op=a), deadline, "AllReduce (sum)")
     acc_dtype = accumulate_dtype(x.dtype)
     acc = None
     for p in parts:  # rank order: the reduction order is fixed
@@ -92,12 +103,13 @@ def ordered_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     return acc.to(x.dtype).view(x.shape)
 
 
-def nccl_sum(x: torch.Tensor, group=None) -> torch.Tensor:
-    """``torch.distributed.all_reduce`` of a copy of ``x`` (the backend's own order; float32 on gloo)."""
+def nccl_sum(x: torch.Tensor, group=None, deadline: Optional[Deadline] = None) -> torch.Tensor:
+    """``torch.distributed.all_reduce`` of a copy of ``x`` (the backend's own order; float32 on gloo);
+    ``deadline`` as for ``ordered_sum``."""
     device = _comm_device(group, x.device)
     native = dist.get_backend(group) == "nccl"
     y = x.detach().to(device, x.dtype if native else accumulate_dtype(x.dtype), copy=True)
-    dist.all_reduce(y, group=group)
+    _run(lambda a: dist.all_reduce(y, group=group, async_op=a), deadline, "AllReduce (backend all_reduce)")
     return y.to(x.device, x.dtype)
 
 
@@ -124,16 +136,17 @@ def _describe(sig: Sequence[int]) -> str:
 
 
 def agree(what: str, sig: Optional[List[int]], error: Optional[BaseException], group=None,
-          device: torch.device = torch.device("cpu")) -> None:
+          device: torch.device = torch.device("cpu"), deadline: Optional[Deadline] = None) -> None:
     """Exchange this rank's ``sig`` (None when ``error``) and raise on every rank when any rank's input was
-    rejected or the signatures differ. One small all-gather; no rank is left waiting in a later collective."""
+    rejected or the signatures differ. One small all-gather; no rank is left waiting in a later collective.
+    ``deadline`` as for ``ordered_sum``."""
     world = _group_size(group)
     width = 3 + _MAX_DIMS + 1
     code = 0 if error is None else _ERR_CODES.get(type(error), 2)
     row = [code] + (sig if sig is not None else [0] * (width - 1))
     mine = torch.tensor(row, dtype=torch.int64, device=_comm_device(group, device))
     rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
+    _run(lambda a: dist.all_gather(rows, mine, group=group, async_op=a), deadline, f"{what} (argument exchange)")
     rows = [r.tolist() for r in rows]
     if any(r[0] for r in rows):
         if error is not None:

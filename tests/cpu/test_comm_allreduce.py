@@ -1,6 +1,8 @@
 """moe_a2a.comm on CPU: every fusion op, dtype and strategy against the unfused torch composition, across
 spawned gloo ranks (many cases per spawn), autograd (gradcheck in float64), bad input, and the sizing."""
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
+from moe_a2a.backends.waits import CollectiveError
 from moe_a2a.comm import (NUM_LAMPORT_BUFFERS, AllReduce, AllReduceFusionOp, AllReduceParams, AllReduceStrategy,
                           LamportWorkspace, MoEAllReduce, MoEAllReduceParams, choose_strategy,
                           get_required_buffer_size_bytes, kernels_available, reference)
@@ -234,6 +237,7 @@ def _bad_input_body(rank, world):
            lambda: ar(x, all_reduce_params=AllReduceParams(OP.RESIDUAL_RMS_NORM_QUANT_NVFP4, residual=x,
                                                            norm_weight=torch.ones(16))))
     expect(TypeError, "built for torch.float16", lambda: AllReduce(None, dtype=torch.float16)(x))
+    expect(ValueError, "timeout_s must be a number > 0, got 0", lambda: AllReduce(None, timeout_s=0))
     expect(NotImplementedError, "UB", lambda: AllReduce(None, ST.UB))
     # MoE: a token index out of range on one rank; the peers raise too.
     p = MoEAllReduceParams(residual=torch.randn(2, 16), norm_weight=torch.ones(16),
@@ -376,3 +380,30 @@ def test_share_fds_between_ranks():
 def test_workspace_memory_kinds():
     with pytest.raises(ValueError, match="memory must be 'cuda_ipc' or 'vmm', got 'shm'"):
         ws_mod.LamportWorkspace(buffer_size_in_bytes=1 << 20, dtype=torch.bfloat16, memory="shm")
+
+
+def _stall_body(rank, num_ranks, strategy):
+    """A rank whose peer never calls raises within its deadline on the host path (reference or NCCL), naming the
+    peer; the AllReduce then refuses further calls instead of mixing a new collective with the abandoned one."""
+    ar = AllReduce(None, strategy, timeout_s=1.0)
+    x = torch.randn(4, 64)
+    ar(x)  # one call together
+    if rank == 1:
+        time.sleep(8)  # never calls again; lives past rank 0's deadline and report window
+        os._exit(0)
+    start = time.monotonic()
+    with pytest.raises(CollectiveError) as info:
+        ar(x)
+    waited = time.monotonic() - start
+    text = str(info.value)
+    assert "AllReduce (argument exchange) on rank 0 timed out after 1 s" in text, text
+    assert "rank 1 of the group did not arrive" in text and "AllReduce(timeout_s=...) sets the deadline" in text, text
+    assert waited < 5, (waited, text)
+    with pytest.raises(CollectiveError, match=r"refuses further calls \(create a new AllReduce"):
+        ar(x)
+    os._exit(0)  # the abandoned collective cannot be finished: leave without the harness's final barrier
+
+
+@pytest.mark.parametrize("strategy", [AllReduceStrategy.AUTO, AllReduceStrategy.NCCL], ids=["reference", "nccl"])
+def test_stalled_peer_is_named_within_the_deadline(strategy):
+    run_distributed(_stall_body, 2, strategy, timeout=60)
