@@ -104,8 +104,8 @@ class AllReduce(torch.nn.Module):
         strategy: an ``AllReduceStrategy`` (see the module docstring for what runs where).
         dtype: the input dtype, when known (inputs of another dtype are rejected); None accepts any.
         timeout_s: seconds a kernel waits on a peer before it records an error (CUDA path), and a host
-            collective of the reference and NCCL paths before it raises ``CollectiveError`` naming the missing
-            rank (this AllReduce then refuses further calls).
+            collective of the reference and NCCL paths on a gloo group before it raises ``CollectiveError``
+            naming the missing rank (this AllReduce then refuses further calls).
         num_blocks: blocks per kernel launch (0: ``min(tokens, SMs / ranks sharing the GPU)``, one block per
             SM at most, so the blocks of every rank on a GPU are resident together).
     """
@@ -136,8 +136,8 @@ class AllReduce(torch.nn.Module):
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._workspaces = {}  # element size -> LamportWorkspace (created on first CUDA use)
-        # The host collectives of the reference and NCCL paths wait at most timeout_s (naming a missing rank);
-        # after a failure this AllReduce refuses further calls (an abandoned collective may still complete).
+        # The host collectives of the reference and NCCL paths on gloo wait at most timeout_s (naming a missing
+        # rank); after a failure this AllReduce refuses further calls (an abandoned collective may still complete).
         self._deadline = waits.Deadline(group, self.timeout_s, "AllReduce", "AllReduce(timeout_s=...)")
 
     # ------------------------------------------------------------------ public

@@ -79,8 +79,10 @@ def _comm_device(group, tensor_device: torch.device) -> torch.device:
 
 
 def _run(collective, deadline: Optional[Deadline], operation: str) -> None:
-    """``collective(async_op)``, waited for at most the deadline's seconds (None: as long as it takes)."""
-    if deadline is None:
+    """``collective(async_op)``, waited for at most the deadline's seconds. Without a deadline, and on NCCL
+    groups (whose collectives stay asynchronous to the host and capturable; NCCL's watchdog bounds them), as
+    long as it takes."""
+    if deadline is None or dist.get_backend(deadline.group) == "nccl":
         collective(False)
     else:
         deadline.check_usable()
