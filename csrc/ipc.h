@@ -121,7 +121,12 @@ class IpcRuntime {
     bool begin_destroy() {
         if (destroyed_) return false;
         destroyed_ = true;
+        // This rank's GPU, which need not be the current device of the thread that destroys the runtime.
+        int current = -1;
+        cudaGetDevice(&current);
+        if (current != device_) cudaSetDevice(device_);
         cudaDeviceSynchronize();
+        if (current >= 0 && current != device_) cudaSetDevice(current);
         return true;
     }
 

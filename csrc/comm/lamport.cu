@@ -192,7 +192,7 @@ __device__ __forceinline__ void advance_flags(const ArArgs& a, int buf, int64_t 
         if (atomicAdd(a.flags + kFlagDone, 1) == static_cast<int>(gridDim.x) - 1) {
             a.flags[kFlagBuffer] = (buf + 1) % kArNumBuffers;
             a.flags[kFlagUsed] = static_cast<int>(used);
-            a.flags[kFlagCalls] += 1;
+            a.flags[kFlagCalls] = counter_add(a.flags[kFlagCalls], 1);
             a.flags[kFlagDone] = 0;
             __threadfence();
         }

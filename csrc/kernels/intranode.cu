@@ -41,7 +41,7 @@ __device__ void record_error(const PeerCtx& c, int code, int peer, int phase, in
 // device memory, so the sequence also holds under CUDA graph replay.
 __device__ bool rank_barrier(const PeerCtx& c, int phase, int round) {
     int* h = header(c, c.rank);
-    const int e = h[hdr::kEpoch] + 1;
+    const int e = counter_add(h[hdr::kEpoch], 1);
     h[hdr::kEpoch] = e;
     __threadfence_system();
     for (int p = 0; p < c.num_ranks; ++p)

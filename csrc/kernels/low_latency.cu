@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(LLCtx c, LLDisp
     const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
     // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
     stamp_start(c);
-    const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
+    const int tag = counter_add(ld_volatile(epoch), (phases & kLLSend) ? 1 : 0);
     if ((phases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, &sh.flag);
     if ((phases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
     stamp_end(c);
@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(LLCtx c, LLCombi
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
     stamp_start(c);
-    const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
+    const int tag = counter_add(ld_volatile(epoch), (phases & kLLSend) ? 1 : 0);
     if ((phases & kLLSend) != 0) combine_send<kFormat>(c, a, tag, sh);
     if ((phases & kLLRecv) != 0) combine_recv<kFormat>(c, a, tag, sh, dyn);
     stamp_end(c);

@@ -2,6 +2,7 @@
 // vector copies and the timeout clock.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -86,8 +87,20 @@ static __device__ __noinline__ void trap_after_error(const char* op, int rank, i
     __trap();
 }
 
-// Wrap-safe "a >= b" for monotonically increasing 32-bit counters.
-__device__ __forceinline__ bool counter_reached(int a, int b) { return a - b >= 0; }
+// Epochs, tags and call counts are 32-bit counters that wrap. They advance and compare in unsigned arithmetic,
+// where wrapping is defined: with signed ints the overflow is undefined, and the compiler folds "a - b >= 0"
+// into "a >= b", which fails once the counter passes INT_MAX (a wait then ends early or never).
+__host__ __device__ constexpr int counter_add(int a, int n) {
+    return static_cast<int>(static_cast<unsigned>(a) + static_cast<unsigned>(n));
+}
+// "a >= b" for counters less than 2^31 apart, across the wrap.
+__host__ __device__ constexpr bool counter_reached(int a, int b) {
+    return static_cast<int>(static_cast<unsigned>(a) - static_cast<unsigned>(b)) >= 0;
+}
+static_assert(counter_add(INT_MAX, 1) == INT_MIN, "counters wrap");
+static_assert(counter_reached(INT_MIN, INT_MAX), "a wrapped counter is past INT_MAX");
+static_assert(!counter_reached(INT_MAX, INT_MIN), "INT_MAX has not reached the wrapped value");
+static_assert(counter_reached(5, 5) && counter_reached(6, 5) && !counter_reached(4, 5), "plain order");
 
 // Streaming 16-byte loads of data that does not change while the kernel runs: skip L1 allocation.
 __device__ __forceinline__ int4 ld_nc_v4(const int4* p) {

@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) dispatch_kernel(const __grid_co
     __shared__ DispatchShared sh;
     const int* epoch = set_workspace(c) + kLLWsDispatchEpoch;
     // A send phase starts the next epoch; a receive alone waits for the one its send phase started.
-    const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
+    const int tag = counter_add(ld_volatile(epoch), (phases & kLLSend) ? 1 : 0);
     probe_step(c, kLLStepStart);
     if ((phases & kLLSend) != 0) dispatch_send<kFp8>(c, a, tag, s_idx, sh);
     if ((phases & kLLRecv) != 0) dispatch_recv(c, a, tag, sh);
@@ -429,7 +429,7 @@ __global__ void __launch_bounds__(kLLThreads, 1) combine_kernel(const __grid_con
     extern __shared__ int dyn[];
     __shared__ CombineShared sh;
     const int* epoch = set_workspace(c) + kLLWsCombineEpoch;
-    const int tag = ld_volatile(epoch) + ((phases & kLLSend) ? 1 : 0);
+    const int tag = counter_add(ld_volatile(epoch), (phases & kLLSend) ? 1 : 0);
     probe_step(c, kLLStepStart);
     if ((phases & kLLSend) != 0) combine_send<kFormat>(c, a, tag, sh);
     if ((phases & kLLRecv) != 0) combine_recv<kFormat>(c, a, tag, sh, dyn);

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads, 1) mixed_kernel(const __grid_constan
     constexpr int N = E::kPerVec;
     __shared__ int s_last, s_bad;
     const int R = a.num_ranks, me = a.rank, G = gridDim.x, tid = threadIdx.x;
-    const int tag = ld_volatile(a.state + kStateCalls) + 1;
+    const int tag = counter_add(ld_volatile(a.state + kStateCalls), 1);
     const int set = tag & 1;
     const int64_t row_vecs = a.hidden / N;
     const int64_t msg_vecs = static_cast<int64_t>(a.send_rows) * row_vecs;

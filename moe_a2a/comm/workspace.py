@@ -189,6 +189,7 @@ class LamportWorkspace:
         self.element_size = _element_size(dtype)
         self._barrier("create")  # a rank creating one alone raises here, not in the exchanges below
         device = torch.cuda.current_device()
+        self.device = torch.device("cuda", device)  # the buffers' GPU (syncs wait for it, not the current one)
         props = torch.cuda.get_device_properties(device)
         me = (socket.gethostname(), str(getattr(props, "uuid", device)))
         everyone = self._gather(me)
@@ -282,7 +283,7 @@ class LamportWorkspace:
     def grow(self, required_bytes: int) -> None:
         """Reallocate (collectively) to hold ``required_bytes`` per buffer, rounded up to ``GROWTH_BYTES``."""
         self.check()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         self._barrier("grow")  # no peer still runs a kernel on the old buffers
         self._runtime.destroy()
         self._allocate(_round_up(required_bytes, GROWTH_BYTES))
@@ -298,7 +299,7 @@ class LamportWorkspace:
     def destroy(self) -> None:
         """Free the buffers (after every kernel on them finished). Collective."""
         if self._runtime is not None:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             self._barrier("destroy")
             self._runtime.destroy()
             self._runtime = None
