@@ -323,6 +323,44 @@ def _repeat_and_graph(rank, num_ranks, kern, ref, dcfg, ccfg):
     kern.check()
 
 
+# Int offsets of the header before every rank's staging area (csrc/kernels/api.cuh, namespace hdr) that hold
+# barrier epochs, and its size in bytes.
+HDR_EPOCHS = ((0, 8), (8, 1), (600, 8), (760, 32))  # kSignal[8], kEpoch, kPeerDone[8], kWindowReady[32]
+HDR_EPOCH, HDR_BYTES = 8, 32768
+
+
+class _DeviceInts:
+    """Raw device memory as an int32 tensor (through the CUDA array interface, no copy)."""
+
+    def __init__(self, ptr: int, n: int):
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<i4", "data": (ptr, False), "version": 2}
+
+
+def _counters_wrap(rank, num_ranks):
+    """Barrier epochs are 32-bit counters that wrap: started just below INT_MAX on every rank, round trips across
+    the wrap still equal the reference's (with a signed comparison a wait ends early or never)."""
+    set_rank_device(rank)
+    group = dist.group.WORLD
+    ref = ReferenceBackend(rank, num_ranks, group, num_ranks)
+    dcfg = default_dispatch_config(num_ranks, rank_num_sms(num_ranks))
+    ccfg = default_combine_config(num_ranks, rank_num_sms(num_ranks))
+    nvl = max(dcfg.get_nvl_buffer_size_hint(2048 * 2, num_ranks), ccfg.get_nvl_buffer_size_hint(2048 * 2, num_ranks))
+    kern = intranode.IntranodeBackend(rank, num_ranks, group, nvl, gather, KERNEL_TIMEOUT_S)
+    header = torch.as_tensor(_DeviceInts(kern.runtime.local_buffer(0).data_ptr() - HDR_BYTES, HDR_BYTES // 4),
+                             device=kern.device)
+    for offset, n in HDR_EPOCHS:
+        header[offset:offset + n] = 2 ** 31 - 3
+    torch.cuda.synchronize()
+    dist.barrier()
+    for i in range(6):
+        case = Case(rank, num_ranks, 70 + i, num_tokens=100 + 7 * rank, hidden=2048, num_experts=32, topk=4)
+        _round_trip(kern, ref, case, dcfg)
+    assert header[HDR_EPOCH].item() < 0, "the epochs did not pass INT_MAX: the test proves nothing"
+    kern.check()
+    dist.barrier()
+    kern.destroy()
+
+
 def _timeout(rank, num_ranks):
     set_rank_device(rank)
     group = dist.group.WORLD
@@ -355,6 +393,13 @@ def test_intranode_matches_reference(num_ranks):
     if reason:
         pytest.skip(reason)
     run_ranks(_correctness, num_ranks)
+
+
+def test_intranode_counters_wrap():
+    reason = skip_reason(2)
+    if reason:
+        pytest.skip(reason)
+    run_ranks(_counters_wrap, 2)
 
 
 def test_intranode_timeout_names_the_missing_rank():
