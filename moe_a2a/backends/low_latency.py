@@ -201,7 +201,9 @@ class LowLatencyBackend:
         self.raise_if_error()
         s, call = self._set, self._calls
         self._set ^= 1
-        self._calls += 1
+        # The kernels take the call number (it names the call in error records) as a 32-bit int: wrap it, or
+        # the 2^31-th call of a long-running server would be refused by the binding.
+        self._calls = (self._calls + 1) % (1 << 31)
         return s, call
 
     def _check_allocation(self, num_max: int, hidden: int, num_experts: int) -> None:

@@ -16,3 +16,12 @@ def test_low_latency_phases_and_hook():
     with pytest.raises(RuntimeError, match="combine hook was already called"):
         hook()
     assert launched == [ll._SEND, ll._RECV]
+
+
+def test_call_numbers_wrap_within_int32():
+    """The call number goes to the kernels as a 32-bit int: it wraps to 0 after 2^31 - 1, and the buffer sets
+    keep alternating."""
+    backend = object.__new__(ll.LowLatencyBackend)  # only the call counter, no buffer
+    backend._set, backend._calls, backend._failure = 0, 2 ** 31 - 2, None
+    backend.error = lambda: ""
+    assert [backend._next_set() for _ in range(3)] == [(0, 2 ** 31 - 2), (1, 2 ** 31 - 1), (0, 0)]
