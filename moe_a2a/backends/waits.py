@@ -90,8 +90,11 @@ def _missing_peers(group, op_key: str, timeout_s: float) -> str:
     return "; ".join(parts) if parts else "every peer reported itself stuck as well"
 
 
-def wait(work, group, timeout_s: float, operation: str, seq: int,
-         setting: str = "Buffer(timeout_s=...) or MOE_A2A_TIMEOUT_S") -> None:
+#: What sets the deadline of the dispatcher's collectives (named in timeout messages).
+BUFFER_SETTING = "Buffer(timeout_s=...) or MOE_A2A_TIMEOUT_S"
+
+
+def wait(work, group, timeout_s: float, operation: str, seq: int, setting: str = BUFFER_SETTING) -> None:
     """Wait for ``work`` (an async collective of ``group``) at most ``timeout_s`` seconds.
 
     Raises:
@@ -145,8 +148,7 @@ class Deadline:
 
     ``owner`` names the exchanger in messages (``Buffer``, ``AllReduce``); ``setting`` what sets the deadline."""
 
-    def __init__(self, group, timeout_s: float, owner: str = "Buffer",
-                 setting: str = "Buffer(timeout_s=...) or MOE_A2A_TIMEOUT_S"):
+    def __init__(self, group, timeout_s: float, owner: str = "Buffer", setting: str = BUFFER_SETTING):
         self.group = group
         self.timeout_s = float(timeout_s)
         self.owner, self.setting = owner, setting
